@@ -1,0 +1,34 @@
+"""The one narrow door the harness uses: build one rank's scheduler + cache, and its seams."""
+
+from __future__ import annotations
+
+import torch
+
+from reference.hiradix_cache import CacheConfig, HiRadixCache, RankInfo
+from reference.observer import NULL_OBSERVER, Decision, Observer, StorageAccess
+from reference.pacing import FREE_RUNNING, Pacer
+from reference.scheduler import MiniScheduler, RequestOutcome
+from reference.storage.base import HiCacheStorage, StorageError
+from reference.sync import Collectives, ParallelGroups, TorchCollectives, sync_rank_sets
+from reference.variants import VARIANTS, check_variant
+
+__all__ = [
+    "CacheConfig", "Collectives", "Decision", "MiniScheduler", "Observer", "Pacer",
+    "ParallelGroups", "RankInfo", "RequestOutcome", "StorageAccess", "StorageError",
+    "TorchCollectives", "VARIANTS", "open_rank", "sync_rank_sets",
+]
+
+
+def open_rank(
+    config: CacheConfig,
+    rank: RankInfo,
+    groups: ParallelGroups,
+    collectives: Collectives,
+    storage: HiCacheStorage | None = None,
+    device: torch.device | None = None,
+    pacer: Pacer = FREE_RUNNING,
+    observer: Observer = NULL_OBSERVER,
+) -> MiniScheduler:
+    check_variant(config.variant)
+    cache = HiRadixCache(config, rank, groups, collectives, storage, device, pacer, observer)
+    return MiniScheduler(cache)

@@ -1,0 +1,437 @@
+"""HiCacheController: the per-rank IO threads, their queues and acks (SGLang's names).
+
+Threads, each with its own pace on each rank:
+- writer: device -> host copies (write-through); an ack per operation
+- loader: host -> device copies (load-back); an ack per operation
+- prefetch: L3 hit query, then agreement (MIN) on the hit count; revoke below the threshold
+- prefetch IO aux: L3 -> L2 page transfer in batches, one progress ack per batch, always the same
+  number of acks on every rank, even after an error
+- prefetch sync: agrees (MIN) on each progress ack, so every rank sees the same progress
+- backup: L2 -> L3 writes; an ack per operation
+The scheduler side (HiRadixCache) consumes acks only after agreeing how many to consume.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from reference.hashing import KeySuffix, page_hashes
+from reference.memory_pool import DeviceKVPool, HostKVPool, device_to_host, host_to_device
+from reference.observer import Decision, Observer, StorageAccess
+from reference.pacing import Pacer
+from reference.storage.base import HiCacheStorage
+from reference.sync import Collectives, ParallelGroups, SyncGroup, sync_rank_sets
+
+logger = logging.getLogger(__name__)
+
+STOP_POLICIES = ("best_effort", "wait_complete", "timeout")
+WRITE_POLICIES = ("write_through", "write_through_selective", "write_back")
+
+
+class HiCacheError(RuntimeError):
+    """The cache cannot go on safely (a peer never agreed, a thread died)."""
+
+
+class HiCacheAck:
+    """Completion of one copy: a CUDA event on GPU, a threading.Event set by the copy thread."""
+
+    def __init__(self, seq: int, node_ids: list[int]) -> None:
+        self.seq = seq
+        self.node_ids = node_ids
+        self._done = threading.Event()
+        self.cuda_event: torch.cuda.Event | None = None
+
+    def finished(self) -> bool:
+        if not self._done.is_set():
+            return False
+        return self.cuda_event is None or self.cuda_event.query()
+
+    def wait(self, timeout: float) -> bool:
+        if not self._done.wait(timeout):
+            return False
+        if self.cuda_event is not None:
+            self.cuda_event.synchronize()
+        return True
+
+
+@dataclass
+class CacheOperation:
+    seq: int
+    host_indices: torch.Tensor
+    device_indices: torch.Tensor
+    ack: HiCacheAck
+
+
+@dataclass
+class PrefetchAck:
+    """Progress of one prefetch on this rank: sent once per batch, then once with final=True."""
+
+    operation: PrefetchOperation
+    completed_tokens: int
+    final: bool = False
+
+
+@dataclass
+class StorageOperation:
+    seq: int
+    host_indices: torch.Tensor
+    token_ids: list[int]
+    last_hash: str | None
+    hash_value: list[str] = field(default_factory=list)
+    node_id: int = -1
+
+
+class PrefetchOperation(StorageOperation):
+    """One request's L3 -> L2 fetch. `completed_tokens` is local; `agreed_tokens` is agreed."""
+
+    def __init__(self, seq: int, request_id: str, host_indices: torch.Tensor,
+                 token_ids: list[int], last_hash: str | None, start_time: float) -> None:
+        super().__init__(seq, host_indices, token_ids, last_hash)
+        self.request_id = request_id
+        self.start_time = start_time
+        self.storage_hit_count = 0  # agreed, in pages
+        self.completed_tokens = 0  # this rank, contiguous prefix that landed in host memory
+        self.agreed_tokens = 0  # MIN over ranks of completed_tokens, at the last agreed ack
+        self.num_batches = 0
+        self.revoked = False
+        self.query_done = threading.Event()
+        self.final_agreed = threading.Event()
+        self._lock = threading.Lock()
+        self._terminated = False
+
+    def mark_terminate(self) -> None:
+        with self._lock:
+            self._terminated = True
+
+    def is_terminated(self) -> bool:
+        with self._lock:
+            return self._terminated
+
+
+@dataclass
+class ControllerConfig:
+    page_size: int
+    write_policy: str = "write_through"
+    prefetch_threshold: int = 0  # tokens; SGLang clamps it to at least one page
+    prefetch_batch_pages: int = 2
+    prefetch_stop_policy: str = "best_effort"
+    prefetch_timeout_s: float = 1.0
+    variant: str = "fixed"
+    agree_timeout_s: float = 60.0
+
+
+class HiCacheController:
+    def __init__(
+        self,
+        device_pool: DeviceKVPool,
+        host_pool: HostKVPool,
+        config: ControllerConfig,
+        collectives: Collectives,
+        groups: ParallelGroups,
+        key_suffix: KeySuffix,
+        storage: HiCacheStorage | None,
+        pacer: Pacer,
+        observer: Observer,
+        backup_skip: bool = False,
+    ) -> None:
+        if config.write_policy not in WRITE_POLICIES:
+            raise ValueError(f"invalid write policy: {config.write_policy}")
+        if config.prefetch_stop_policy not in STOP_POLICIES:
+            raise ValueError(f"invalid prefetch stop policy: {config.prefetch_stop_policy}")
+        self.cfg = config
+        self.page_size = config.page_size
+        self.mem_pool_device = device_pool
+        self.mem_pool_host = host_pool
+        self.storage_backend = storage
+        self.enable_storage = storage is not None
+        self.key_suffix = key_suffix
+        self.pacer = pacer
+        self.observer = observer
+        self.variant = config.variant
+        self.backup_skip = backup_skip
+        self.prefetch_threshold = max(config.prefetch_threshold, self.page_size)
+
+        rank_sets = sync_rank_sets(groups, config.variant)
+        # separate gloo groups per thread, as SGLang does: reductions of different threads
+        # must never pair up with each other
+        self.prefetch_hits_sync = SyncGroup(collectives, rank_sets, "prefetch_hits")
+        self.prefetch_completion_sync = SyncGroup(collectives, rank_sets, "prefetch_completion")
+        self.control_sync = SyncGroup(collectives, rank_sets, "control")
+
+        self.ack_write_queue: list[HiCacheAck] = []
+        self.ack_load_queue: list[HiCacheAck] = []
+        self.prefetch_revoke_queue: queue.Queue[str] = queue.Queue()
+        self.ack_backup_queue: queue.Queue[StorageOperation] = queue.Queue()
+        self.host_mem_release_queue: queue.Queue[torch.Tensor] = queue.Queue()
+
+        self._write_queue: queue.Queue[CacheOperation | None] = queue.Queue()
+        self._load_queue: queue.Queue[CacheOperation | None] = queue.Queue()
+        self.prefetch_queue: queue.Queue[PrefetchOperation | None] = queue.Queue()
+        self.prefetch_buffer: queue.Queue[PrefetchOperation | None] = queue.Queue()
+        self.prefetch_sync_queue: queue.Queue[PrefetchAck | None] = queue.Queue()
+        self.backup_queue: queue.Queue[StorageOperation | None] = queue.Queue()
+
+        self.write_seq = 0
+        self.load_seq = 0
+        self.prefetch_seq = 0
+        self.backup_seq = 0
+        self.stop_event = threading.Event()
+        self.thread_errors: list[str] = []
+
+        cuda = device_pool.device.type == "cuda"
+        self.write_stream = torch.cuda.Stream(device_pool.device) if cuda else None
+        self.load_stream = torch.cuda.Stream(device_pool.device) if cuda else None
+        if storage is not None and storage.zero_copy:
+            storage.register_mem_pool_host(host_pool.buffer)
+
+        targets: list[tuple[str, Callable[[], None]]] = [
+            ("hicache-writer", self._writer_thread_func),
+            ("hicache-loader", self._loader_thread_func),
+        ]
+        if self.enable_storage:
+            targets += [
+                ("hicache-prefetch", self.prefetch_thread_func),
+                ("hicache-prefetch-io", self.prefetch_io_aux_func),
+                ("hicache-prefetch-sync", self.prefetch_sync_thread_func),
+                ("hicache-backup", self.backup_thread_func),
+            ]
+        self.threads = [
+            threading.Thread(target=self._guard(fn), name=name, daemon=True) for name, fn in targets
+        ]
+        for t in self.threads:
+            t.start()
+
+    # -- plumbing ---------------------------------------------------------------------------
+    def _guard(self, fn: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
+            try:
+                fn()
+            except Exception as e:  # a dead IO thread must surface, not hang the scheduler
+                if not self.stop_event.is_set():
+                    self.thread_errors.append(f"{threading.current_thread().name}: {e!r}")
+                    logger.exception("HiCache thread died")
+
+        return run
+
+    def check_threads(self) -> None:
+        if self.thread_errors:
+            raise HiCacheError("; ".join(self.thread_errors))
+
+    def decide(self, channel: str, kind: str, rid: str, local: tuple[int, ...],
+               agreed: tuple[int, ...], outcome: str) -> None:
+        self.observer.on_decision(Decision(channel, kind, rid, local, agreed, outcome))
+
+    def storage_keys(self, hash_value: list[str]) -> list[list[str]]:
+        """Per page, its keys in KVShape.parts order."""
+        parts = self.mem_pool_host.shape.parts
+        return [[self.key_suffix.key(h, p) for p in parts] for h in hash_value]
+
+    def shutdown(self) -> None:
+        self.stop_event.set()
+        for q in (self._write_queue, self._load_queue, self.prefetch_queue,
+                  self.prefetch_buffer, self.prefetch_sync_queue, self.backup_queue):
+            q.put(None)
+        self.pacer.release_all()
+        for t in self.threads:
+            t.join(timeout=10)
+
+    # -- write (L1 -> L2) and load (L2 -> L1) -----------------------------------------------
+    def write(self, device_indices: torch.Tensor, node_id: int) -> torch.Tensor | None:
+        host_indices = self.mem_pool_host.allocator.alloc(device_indices.numel())
+        if host_indices is None:
+            return None
+        ack = HiCacheAck(self.write_seq, [node_id])
+        self.ack_write_queue.append(ack)
+        self._write_queue.put(CacheOperation(self.write_seq, host_indices, device_indices, ack))
+        self.write_seq += 1
+        return host_indices
+
+    def load(self, host_indices: torch.Tensor, node_id: int) -> tuple[torch.Tensor, HiCacheAck] | None:
+        device_indices = self.mem_pool_device.allocator.alloc(host_indices.numel())
+        if device_indices is None:
+            return None
+        ack = HiCacheAck(self.load_seq, [node_id])
+        self.ack_load_queue.append(ack)
+        self._load_queue.put(CacheOperation(self.load_seq, host_indices, device_indices, ack))
+        self.load_seq += 1
+        return device_indices, ack
+
+    def _copy_loop(self, q: queue.Queue, stream_name: str, copy: Callable[[CacheOperation], None],
+                   cuda_stream: torch.cuda.Stream | None) -> None:
+        while not self.stop_event.is_set():
+            op = q.get()
+            if op is None:
+                return
+            self.pacer.before(stream_name, op.seq)
+            if cuda_stream is not None:
+                with torch.cuda.stream(cuda_stream):
+                    copy(op)
+                    op.ack.cuda_event = torch.cuda.Event()
+                    op.ack.cuda_event.record(cuda_stream)
+                op.ack.cuda_event.synchronize()
+            else:
+                copy(op)
+            op.ack._done.set()
+            self.pacer.after(stream_name, op.seq)
+
+    def _writer_thread_func(self) -> None:
+        self._copy_loop(
+            self._write_queue, "write",
+            lambda op: device_to_host(self.mem_pool_device, self.mem_pool_host,
+                                      op.device_indices, op.host_indices),
+            self.write_stream,
+        )
+
+    def _loader_thread_func(self) -> None:
+        self._copy_loop(
+            self._load_queue, "load",
+            lambda op: host_to_device(self.mem_pool_host, self.mem_pool_device,
+                                      op.host_indices, op.device_indices),
+            self.load_stream,
+        )
+
+    # -- prefetch (L3 -> L2) ----------------------------------------------------------------
+    def prefetch(self, request_id: str, host_indices: torch.Tensor, token_ids: list[int],
+                 last_hash: str | None) -> PrefetchOperation:
+        op = PrefetchOperation(self.prefetch_seq, request_id, host_indices, token_ids,
+                               last_hash, self.pacer.now())
+        self.prefetch_seq += 1
+        self.prefetch_queue.put(op)
+        return op
+
+    def _storage_hit_query(self, op: PrefetchOperation) -> int:
+        """Pages of `op` whose every part exists in L3, as a contiguous prefix."""
+        op.hash_value = page_hashes(op.token_ids, self.page_size, op.last_hash)
+        keys = self.storage_keys(op.hash_value)
+        flat = [k for page in keys for k in page]
+        assert self.storage_backend is not None
+        if self.pacer.fail("exists", op.seq):
+            hit_parts = 0
+        else:
+            hit_parts = self.storage_backend.batch_exists(flat)
+        self.observer.on_storage(StorageAccess("exists", tuple(flat[: hit_parts + 1])))
+        return hit_parts // len(self.mem_pool_host.shape.parts)
+
+    def prefetch_thread_func(self) -> None:
+        while not self.stop_event.is_set():
+            op = self.prefetch_queue.get()
+            if op is None:
+                return
+            self.pacer.before("prefetch_query", op.seq)
+            local = self._storage_hit_query(op)
+            (agreed,) = self.prefetch_hits_sync.reduce([local], "min")
+            if agreed * self.page_size < self.prefetch_threshold:
+                op.revoked = True
+                op.mark_terminate()
+                self.prefetch_revoke_queue.put(op.request_id)
+                outcome = "revoke"
+            else:
+                op.storage_hit_count = agreed
+                op.hash_value = op.hash_value[:agreed]
+                bp = self.cfg.prefetch_batch_pages
+                op.num_batches = (agreed + bp - 1) // bp
+                self.prefetch_buffer.put(op)
+                outcome = f"fetch {agreed} pages"
+            self.decide("prefetch", "prefetch_hits", op.request_id, (local,), (agreed,), outcome)
+            op.query_done.set()
+            self.pacer.after("prefetch_query", op.seq)
+
+    def prefetch_io_aux_func(self) -> None:
+        """Transfer batches; emit exactly one progress ack per batch whatever happens."""
+        bp = self.cfg.prefetch_batch_pages
+        ps = self.page_size
+        while not self.stop_event.is_set():
+            op = self.prefetch_buffer.get()
+            if op is None:
+                return
+            stream = f"prefetch_io:{op.request_id}"
+            failed = False
+            for b in range(op.num_batches):
+                self.pacer.before(stream, b)
+                first, last = b * bp, min((b + 1) * bp, op.storage_hit_count)
+                if not failed and not op.is_terminated():
+                    ok = self._page_transfer(op, b, first, last)
+                    if ok:
+                        op.completed_tokens = last * ps
+                    else:
+                        failed = True  # later pages would leave a hole: stop transferring
+                self.pacer.after(stream, b)
+                if failed and self.variant == "skip_ack_on_error" and op.completed_tokens < last * ps:
+                    continue  # the bug: no ack for a failed batch
+                self.prefetch_sync_queue.put(PrefetchAck(op, op.completed_tokens))
+            self.prefetch_sync_queue.put(PrefetchAck(op, op.completed_tokens, final=True))
+
+    def _page_transfer(self, op: PrefetchOperation, batch: int, first: int, last: int) -> bool:
+        ps = self.page_size
+        dst_first = first + 1 if (self.variant == "misaligned_batch" and batch > 0) else first
+        n_pages_host = op.host_indices.numel() // ps
+        if dst_first + (last - first) > n_pages_host:
+            dst_first = first
+        host = op.host_indices[dst_first * ps : (dst_first + last - first) * ps]
+        keys = [k for page in self.storage_keys(op.hash_value[first:last]) for k in page]
+        targets = [t for page in self.mem_pool_host.page_parts(host) for t in page]
+        assert self.storage_backend is not None
+        if self.pacer.fail("get", op.seq * 1000 + batch):
+            results = [False] * len(keys)
+        else:
+            results = self.storage_backend.batch_get(keys, targets)
+        self.observer.on_storage(StorageAccess(
+            "get", tuple(keys), tuple(results),
+            tuple(_checksum(t) if ok else "" for t, ok in zip(targets, results, strict=True)),
+        ))
+        return all(results)
+
+    def prefetch_sync_thread_func(self) -> None:
+        while not self.stop_event.is_set():
+            ack = self.prefetch_sync_queue.get()
+            if ack is None:
+                return
+            op = ack.operation
+            (agreed,) = self.prefetch_completion_sync.reduce([ack.completed_tokens], "min")
+            op.agreed_tokens = agreed
+            kind = "prefetch_final" if ack.final else "prefetch_progress"
+            self.decide("prefetch_sync", kind, op.request_id, (ack.completed_tokens,), (agreed,),
+                        f"{agreed} tokens")
+            if ack.final:
+                op.final_agreed.set()
+
+    # -- backup (L2 -> L3) ------------------------------------------------------------------
+    def write_storage(self, host_indices: torch.Tensor, token_ids: list[int],
+                      hash_value: list[str], node_id: int) -> int:
+        op = StorageOperation(self.backup_seq, host_indices, token_ids, None, hash_value, node_id)
+        self.backup_seq += 1
+        self.backup_queue.put(op)
+        return op.seq
+
+    def backup_thread_func(self) -> None:
+        while not self.stop_event.is_set():
+            op = self.backup_queue.get()
+            if op is None:
+                return
+            self.pacer.before("backup", op.seq)
+            if not self.backup_skip:
+                keys = [k for page in self.storage_keys(op.hash_value) for k in page]
+                values = [t for page in self.mem_pool_host.page_parts(op.host_indices) for t in page]
+                assert self.storage_backend is not None
+                if self.pacer.fail("set", op.seq):
+                    results = [False] * len(keys)
+                else:
+                    results = self.storage_backend.batch_set(keys, values)
+                self.observer.on_storage(StorageAccess(
+                    "set", tuple(keys), tuple(results), tuple(_checksum(v) for v in values)
+                ))
+            self.ack_backup_queue.put(op)
+            self.pacer.after("backup", op.seq)
+
+
+def _checksum(t: torch.Tensor) -> str:
+    import hashlib
+
+    return hashlib.blake2b(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes(),
+                           digest_size=8).hexdigest()

@@ -1,0 +1,65 @@
+"""Chained page hashes and storage keys.
+
+A page's hash covers the previous page's hash and this page's token ids, so one key names a
+whole prefix and is identical on every rank, in every process and every run (no `hash()`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+def page_hash(token_ids: Sequence[int], prior_hash: str | None = None) -> str:
+    """SHA-256 over the prior page's hash and this page's token ids (little-endian int64)."""
+    hasher = hashlib.sha256()
+    if prior_hash is not None:
+        hasher.update(bytes.fromhex(prior_hash))
+    for t in token_ids:
+        hasher.update(int(t).to_bytes(8, "little", signed=True))
+    return hasher.hexdigest()
+
+
+def page_hashes(
+    token_ids: Sequence[int], page_size: int, prior_hash: str | None = None
+) -> list[str]:
+    """Hashes of every full page of `token_ids`; a trailing partial page gets none."""
+    hashes: list[str] = []
+    h = prior_hash
+    for start in range(0, len(token_ids) - page_size + 1, page_size):
+        h = page_hash(token_ids[start : start + page_size], h)
+        hashes.append(h)
+    return hashes
+
+
+@dataclass(frozen=True)
+class KeySuffix:
+    """What a rank appends to a page hash, following SGLang's mooncake_store naming.
+
+    MHA-style pools shard heads over TP, so each TP rank stores its own copy
+    (`{hash}_{tp_rank}_k`); MLA-style pools are replicated, so the key has no TP rank
+    (`{hash}__k`) and only TP rank 0 backs up. PP rank joins when PP > 1. The CP rank never
+    appears: CP peers hold the same page and must share its key (PR #20460).
+    """
+
+    tp_rank: int
+    pp_rank: int = 0
+    pp_size: int = 1
+    is_mla: bool = False
+    prefix: str = ""
+    #: set only by the known-bad variant `cp_rank_in_key` (the bug before PR #20460)
+    cp_rank: int | None = None
+
+    def key(self, page_hash_hex: str, part: str) -> str:
+        parts = [f"{self.prefix}{page_hash_hex}"]
+        if self.is_mla:
+            parts.append(str(self.pp_rank) if self.pp_size > 1 else "")
+        else:
+            parts.append(str(self.tp_rank))
+            if self.pp_size > 1:
+                parts.append(str(self.pp_rank))
+        if self.cp_rank is not None:
+            parts.append(f"cp{self.cp_rank}")
+        parts.append(part)
+        return "_".join(parts)

@@ -1,0 +1,385 @@
+"""HiRadixCache: the tree plus the controller, and the decision points where ranks agree.
+
+Each decision point reads a local value (what this rank's threads have finished), reduces it
+over the sync groups and acts only on the agreed value, exactly as SGLang's hiradix_cache.py:
+`writing_check`, `loading_check`, `drain_storage_control_queues`, `can_terminate_prefetch`,
+`check_prefetch_progress`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from reference.cache_controller import (
+    ControllerConfig,
+    HiCacheController,
+    HiCacheError,
+    PrefetchOperation,
+)
+from reference.hashing import KeySuffix
+from reference.memory_pool import DeviceKVPool, HostKVPool, KVShape
+from reference.observer import NULL_OBSERVER, Observer
+from reference.pacing import FREE_RUNNING, Pacer
+from reference.radix_tree import MatchResult, RadixTree, TreeNode
+from reference.storage.base import HiCacheStorage
+from reference.sync import Collectives, ParallelGroups
+
+
+@dataclass(frozen=True)
+class RankInfo:
+    tp_rank: int = 0
+    tp_size: int = 1
+    cp_rank: int = 0
+    cp_size: int = 1
+    pp_rank: int = 0
+    pp_size: int = 1
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    page_size: int = 4
+    device_pages: int = 64
+    host_pages: int = 128
+    kv: KVShape = KVShape()
+    write_policy: str = "write_through"
+    write_through_threshold: int = 2  # hits before write_through_selective writes a node
+    prefetch_threshold: int = 0
+    prefetch_batch_pages: int = 2
+    prefetch_stop_policy: str = "best_effort"
+    prefetch_timeout_s: float = 1.0
+    variant: str = "fixed"
+    key_prefix: str = ""
+    agree_timeout_s: float = 60.0
+
+
+@dataclass
+class OngoingPrefetch:
+    last_host_node: TreeNode
+    token_ids: list[int]
+    host_indices: torch.Tensor
+    operation: PrefetchOperation
+
+
+class HiRadixCache:
+    def __init__(
+        self,
+        config: CacheConfig,
+        rank: RankInfo,
+        groups: ParallelGroups,
+        collectives: Collectives,
+        storage: HiCacheStorage | None = None,
+        device: torch.device | None = None,
+        pacer: Pacer = FREE_RUNNING,
+        observer: Observer = NULL_OBSERVER,
+    ) -> None:
+        self.cfg = config
+        self.rank = rank
+        self.page_size = config.page_size
+        self.pacer = pacer
+        self.observer = observer
+        device = device or torch.device("cpu")
+        self.device_pool = DeviceKVPool(config.kv, config.device_pages, config.page_size, device)
+        self.host_pool = HostKVPool(config.kv, config.host_pages, config.page_size,
+                                    pin=device.type == "cuda")
+        self.tree = RadixTree(config.page_size)
+        self.key_suffix = KeySuffix(
+            tp_rank=rank.tp_rank, pp_rank=rank.pp_rank, pp_size=rank.pp_size,
+            is_mla=config.kv.is_mla, prefix=config.key_prefix,
+            cp_rank=rank.cp_rank if config.variant == "cp_rank_in_key" else None,
+        )
+        self.cache_controller = HiCacheController(
+            self.device_pool, self.host_pool,
+            ControllerConfig(
+                page_size=config.page_size, write_policy=config.write_policy,
+                prefetch_threshold=config.prefetch_threshold,
+                prefetch_batch_pages=config.prefetch_batch_pages,
+                prefetch_stop_policy=config.prefetch_stop_policy,
+                prefetch_timeout_s=config.prefetch_timeout_s,
+                variant=config.variant, agree_timeout_s=config.agree_timeout_s,
+            ),
+            collectives, groups, self.key_suffix, storage, pacer, observer,
+            # MLA pools are replicated over TP: only TP rank 0 backs up
+            backup_skip=config.kv.is_mla and rank.tp_rank != 0,
+        )
+        self.enable_storage = storage is not None
+        self.ongoing_write_through: dict[int, TreeNode] = {}
+        self.ongoing_load_back: dict[int, TreeNode] = {}
+        self.ongoing_prefetch: dict[str, OngoingPrefetch] = {}
+        self.ongoing_backup: dict[int, TreeNode] = {}
+
+    def _decide(self, kind: str, rid: str, local: tuple[int, ...], agreed: tuple[int, ...],
+                outcome: str) -> None:
+        self.cache_controller.decide("scheduler", kind, rid, local, agreed, outcome)
+        self.observer.on_tree_changed("scheduler", self.tree.digest)
+
+    # -- decision points --------------------------------------------------------------------
+    def writing_check(self, write_back: bool = False) -> None:
+        cc = self.cache_controller
+        if write_back:  # write-back eviction must see every write finished
+            self.pacer.need("write", cc.write_seq - 1)
+            for ack in cc.ack_write_queue:
+                if not ack.wait(self.cfg.agree_timeout_s):
+                    raise HiCacheError(f"write ack {ack.seq} not finished in time")
+        else:
+            self.pacer.at("writing_check", "write", cc.write_seq)
+        finish_count = 0
+        for ack in cc.ack_write_queue:
+            if not ack.finished():
+                break
+            finish_count += 1
+        (agreed,) = cc.control_sync.reduce([finish_count], "min")
+        for _ in range(agreed):
+            ack = cc.ack_write_queue.pop(0)
+            for node_id in ack.node_ids:
+                node = self.ongoing_write_through.pop(node_id)
+                self.tree.dec_lock_ref(node)
+                if self.enable_storage:
+                    self.write_backup_storage(node)
+        self._decide("writing_check", "", (finish_count,), (agreed,), f"ack {agreed} writes")
+
+    def loading_check(self) -> None:
+        cc = self.cache_controller
+        self.pacer.at("loading_check", "load", cc.load_seq)
+        finish_count = 0
+        for ack in cc.ack_load_queue:
+            if not ack.finished():
+                break
+            finish_count += 1
+        (agreed,) = cc.control_sync.reduce([finish_count], "min")
+        for _ in range(agreed):
+            ack = cc.ack_load_queue.pop(0)
+            for node_id in ack.node_ids:
+                self.tree.dec_lock_ref(self.ongoing_load_back.pop(node_id))
+        self._decide("loading_check", "", (finish_count,), (agreed,), f"ack {agreed} loads")
+
+    def drain_storage_control_queues(self) -> None:
+        cc = self.cache_controller
+        self.pacer.at("drain", "backup", cc.backup_seq)
+        local = (cc.prefetch_revoke_queue.qsize(), cc.ack_backup_queue.qsize(),
+                 cc.host_mem_release_queue.qsize())
+        agreed = cc.control_sync.reduce(local, "min")
+        for _ in range(agreed[0]):
+            rid = cc.prefetch_revoke_queue.get()
+            info = self.ongoing_prefetch.pop(rid, None)
+            if info is not None:
+                self._release_prefetch(info, keep_tokens=0,
+                                       leak=self.cfg.variant == "leak_on_revoke")
+        for _ in range(agreed[1]):
+            op = cc.ack_backup_queue.get()
+            node = self.ongoing_backup.pop(op.seq)
+            node.backuped_storage = True
+            self.tree.dec_host_ref(node)
+        for _ in range(agreed[2]):
+            self.host_pool.allocator.free(cc.host_mem_release_queue.get())
+        self._decide("drain", "", local, agreed,
+                     f"revoke {agreed[0]}, backup acks {agreed[1]}, release {agreed[2]}")
+
+    def check_hicache_events(self) -> None:
+        self.cache_controller.check_threads()
+        self.writing_check()
+        self.loading_check()
+        if self.enable_storage:
+            self.drain_storage_control_queues()
+
+    def can_terminate_prefetch(self, op: PrefetchOperation) -> bool:
+        policy = self.cfg.prefetch_stop_policy
+        self.pacer.at("prefetch_progress", f"prefetch_io:{op.request_id}", op.num_batches)
+        queried = op.query_done.is_set()
+        io_done = queried and (op.revoked or op.final_agreed.is_set() or
+                               op.completed_tokens == op.storage_hit_count * self.page_size)
+        if policy == "best_effort":
+            can = True
+        elif policy == "wait_complete":
+            can = io_done
+        else:
+            can = io_done or self.pacer.now() - op.start_time > self.cfg.prefetch_timeout_s
+        local = (1 - int(can), int(op.is_terminated()))
+        agreed = self.cache_controller.control_sync.reduce(local, "max")
+        decision = agreed[0] == 0 or agreed[1] == 1
+        self._decide("can_terminate", op.request_id, local, agreed,
+                     "terminate" if decision else "wait")
+        return decision
+
+    def check_prefetch_progress(self, rid: str) -> bool:
+        """True once rid's prefetch is over and its agreed pages are in the tree."""
+        info = self.ongoing_prefetch.get(rid)
+        if info is None:
+            return True
+        op = info.operation
+        if not self.can_terminate_prefetch(op):
+            return False
+        completed = self._terminate_prefetch(op)
+        self.ongoing_prefetch.pop(rid)
+        leak = op.revoked and self.cfg.variant == "leak_on_revoke"
+        self._release_prefetch(info, keep_tokens=completed, leak=leak)
+        return True
+
+    def _terminate_prefetch(self, op: PrefetchOperation) -> int:
+        """Stop the IO and return the agreed number of tokens that landed on every rank."""
+        op.mark_terminate()
+        self.pacer.need("prefetch_query", op.seq)
+        timeout = self.cfg.agree_timeout_s
+        if not op.query_done.wait(timeout):
+            raise HiCacheError(f"prefetch {op.request_id}: hit query did not finish in {timeout} s")
+        if op.revoked:
+            return 0
+        if op.num_batches:
+            self.pacer.need(f"prefetch_io:{op.request_id}", op.num_batches - 1)
+        if not op.final_agreed.wait(timeout):
+            raise HiCacheError(
+                f"prefetch {op.request_id}: final progress ack not agreed in {timeout} s "
+                "(a peer emitted a different number of acks?)"
+            )
+        completed = op.agreed_tokens
+        if self.cfg.variant == "insert_local_completed":
+            completed = op.completed_tokens
+        self._decide("prefetch_done", op.request_id, (op.completed_tokens,), (op.agreed_tokens,),
+                     f"insert {completed} tokens")
+        return completed
+
+    def _release_prefetch(self, info: OngoingPrefetch, keep_tokens: int, leak: bool = False) -> None:
+        host = info.host_indices
+        if keep_tokens:
+            node, dups = self.tree.insert(
+                info.token_ids[:keep_tokens], host_indices=host[:keep_tokens],
+                from_node=info.last_host_node,
+            )
+            for n in self._path(node, info.last_host_node):
+                n.backuped_storage = True
+            for d in dups:
+                self.cache_controller.host_mem_release_queue.put(d)
+        if not leak and keep_tokens < host.numel():
+            self.cache_controller.host_mem_release_queue.put(host[keep_tokens:])
+        self.tree.dec_host_ref(info.last_host_node)
+
+    def _path(self, node: TreeNode, stop: TreeNode) -> list[TreeNode]:
+        out = []
+        while node is not stop and node is not self.tree.root:
+            out.append(node)
+            node = node.parent  # type: ignore[assignment]
+        return out
+
+    # -- request-level operations (called by the scheduler) ---------------------------------
+    def match_prefix(self, tokens: list[int]) -> MatchResult:
+        result = self.tree.match_prefix(tokens)
+        if self.cfg.write_policy == "write_through_selective":
+            self._selective_write(result.last_device_node)
+        return result
+
+    def init_load_back(self, last_host_node: TreeNode, host_hit_length: int):
+        """Load host-only nodes on the path to last_host_node back to the device."""
+        if host_hit_length == 0:
+            return None
+        nodes = []
+        node = last_host_node
+        while node.evicted:
+            nodes.append(node)
+            node = node.parent  # type: ignore[assignment]
+        nodes.reverse()
+        host_indices = torch.cat([n.host_value for n in nodes])  # type: ignore[misc]
+        self.tree.inc_lock_ref(node)  # protect the device-resident ancestor while we evict
+        loaded = self.cache_controller.load(host_indices, last_host_node.id)
+        if loaded is None:
+            self.evict(host_indices.numel())
+            loaded = self.cache_controller.load(host_indices, last_host_node.id)
+        self.tree.dec_lock_ref(node)
+        if loaded is None:
+            return None
+        device_indices, ack = loaded
+        pos = 0
+        for n in nodes:
+            n.value = device_indices[pos : pos + len(n.key)]
+            pos += len(n.key)
+        self.tree.inc_lock_ref(last_host_node)
+        self.ongoing_load_back[last_host_node.id] = last_host_node
+        return ack
+
+    def prefetch_from_storage(self, rid: str, last_host_node: TreeNode, new_input_tokens: list[int]) -> bool:
+        n = len(new_input_tokens) // self.page_size * self.page_size
+        if not self.enable_storage or n < self.cache_controller.prefetch_threshold:
+            return False
+        host_indices = self.host_pool.allocator.alloc(n)
+        if host_indices is None:
+            self.evict_host(n)
+            host_indices = self.host_pool.allocator.alloc(n)
+            if host_indices is None:
+                return False
+        last_hash = last_host_node.hash_value[-1] if last_host_node.hash_value else None
+        self.tree.inc_host_ref(last_host_node)
+        op = self.cache_controller.prefetch(rid, host_indices, new_input_tokens[:n], last_hash)
+        self.ongoing_prefetch[rid] = OngoingPrefetch(last_host_node, new_input_tokens[:n],
+                                                     host_indices, op)
+        self.pacer.need("prefetch_query", op.seq)
+        return True
+
+    def release_aborted_request(self, rid: str) -> None:
+        info = self.ongoing_prefetch.pop(rid, None)
+        if info is None:
+            return
+        self._terminate_prefetch(info.operation)
+        self._release_prefetch(info, keep_tokens=0)
+
+    def insert(self, tokens: list[int], device_indices: torch.Tensor) -> TreeNode:
+        """Cache a finished request's page-aligned prefix; write it through to host."""
+        node, dups = self.tree.insert(tokens, device_indices=device_indices)
+        for d in dups:
+            self.device_pool.allocator.free(d)
+        if self.cfg.write_policy == "write_through":
+            for n in reversed(self._path(node, self.tree.root)):
+                if not n.backuped and n.id not in self.ongoing_write_through:
+                    self.write_backup(n)
+        return node
+
+    def _selective_write(self, node: TreeNode) -> None:
+        for n in reversed(self._path(node, self.tree.root)):
+            n_hits = getattr(n, "hit_count", 0) + 1
+            n.hit_count = n_hits  # type: ignore[attr-defined]
+            if (n_hits >= self.cfg.write_through_threshold and not n.backuped
+                    and not n.evicted and n.id not in self.ongoing_write_through):
+                self.write_backup(n)
+
+    def write_backup(self, node: TreeNode) -> bool:
+        assert node.value is not None
+        host_indices = self.cache_controller.write(node.value, node.id)
+        if host_indices is None:
+            self.evict_host(node.value.numel())
+            host_indices = self.cache_controller.write(node.value, node.id)
+        if host_indices is None:
+            return False
+        node.host_value = host_indices
+        self.ongoing_write_through[node.id] = node
+        self.tree.inc_lock_ref(node)
+        return True
+
+    def write_backup_storage(self, node: TreeNode) -> None:
+        assert node.host_value is not None
+        seq = self.cache_controller.write_storage(node.host_value, list(node.key),
+                                                  node.hash_value, node.id)
+        self.ongoing_backup[seq] = node
+        self.tree.inc_host_ref(node)
+
+    def evict(self, num_tokens: int) -> int:
+        if self.cfg.write_policy == "write_back":
+            for n in list(self.tree.nodes()):
+                if (not n.evicted and not n.backuped and n.lock_ref == 0
+                        and n.id not in self.ongoing_write_through):
+                    self.write_backup(n)
+            while self.ongoing_write_through:
+                self.writing_check(write_back=True)
+        return self.tree.evict_device(num_tokens, self.device_pool.allocator.free)
+
+    def evict_host(self, num_tokens: int) -> int:
+        return self.tree.evict_host(num_tokens, self.host_pool.allocator.free)
+
+    # -- inspection -------------------------------------------------------------------------
+    def in_flight(self) -> dict[str, int]:
+        cc = self.cache_controller
+        return {
+            "write_acks": len(cc.ack_write_queue), "load_acks": len(cc.ack_load_queue),
+            "prefetches": len(self.ongoing_prefetch), "backups": len(self.ongoing_backup),
+        }
+
+    def shutdown(self) -> None:
+        self.cache_controller.shutdown()

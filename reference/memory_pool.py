@@ -1,0 +1,146 @@
+"""Device and host KV pools with page allocators that account for every slot.
+
+Layouts follow SGLang: the device pool is layer-first (layers x parts x slots x heads x dim,
+parts = k,v for MHA or one latent part for MLA); the host pool is page-first
+(pages x parts x layers x page_size x heads x dim) so each (page, part) is one contiguous
+block that a storage backend can move without a gather.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import torch
+
+
+class AllocatorError(RuntimeError):
+    """A double free, a free of a never-allocated slot, or a malformed index set."""
+
+
+class PageAllocator:
+    """Hands out token slots a whole page at a time; frees are checked, never silent."""
+
+    def __init__(self, num_pages: int, page_size: int, name: str) -> None:
+        self.num_pages = num_pages
+        self.page_size = page_size
+        self.name = name
+        self._free: list[int] = list(range(num_pages - 1, -1, -1))  # pop() gives low pages first
+        self._in_use = [False] * num_pages
+        self._lock = threading.Lock()
+
+    @property
+    def size(self) -> int:
+        return self.num_pages * self.page_size
+
+    def available_size(self) -> int:
+        return len(self._free) * self.page_size
+
+    def used_size(self) -> int:
+        return self.size - self.available_size()
+
+    def alloc(self, num_tokens: int) -> torch.Tensor | None:
+        """Token indices for `num_tokens` (a page multiple), or None when the pool is short."""
+        if num_tokens % self.page_size:
+            raise AllocatorError(f"{self.name}: alloc of {num_tokens} tokens is not page-aligned")
+        n = num_tokens // self.page_size
+        with self._lock:
+            if n > len(self._free):
+                return None
+            pages = [self._free.pop() for _ in range(n)]
+            for p in pages:
+                self._in_use[p] = True
+        return self._pages_to_tokens(pages)
+
+    def free(self, indices: torch.Tensor) -> None:
+        if indices.numel() == 0:
+            return
+        if indices.numel() % self.page_size:
+            raise AllocatorError(f"{self.name}: free of {indices.numel()} slots is not page-aligned")
+        pages = indices.view(-1, self.page_size)[:, 0].div(self.page_size, rounding_mode="floor")
+        with self._lock:
+            page_list = pages.tolist()
+            if len(set(page_list)) != len(page_list):
+                raise AllocatorError(f"{self.name}: free names a page twice: {page_list}")
+            for p in page_list:
+                if not 0 <= p < self.num_pages or not self._in_use[p]:
+                    raise AllocatorError(f"{self.name}: double free or foreign page {p}")
+            for p in page_list:
+                self._in_use[p] = False
+                self._free.append(p)
+
+    def _pages_to_tokens(self, pages: list[int]) -> torch.Tensor:
+        base = torch.tensor(pages, dtype=torch.int64).mul_(self.page_size)
+        return (base[:, None] + torch.arange(self.page_size)[None, :]).reshape(-1)
+
+
+@dataclass(frozen=True)
+class KVShape:
+    """Per-rank KV geometry: MHA shards heads over TP, MLA keeps one latent part."""
+
+    layers: int = 2
+    heads: int = 2
+    head_dim: int = 16
+    is_mla: bool = False
+    dtype: torch.dtype = torch.float16
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        return ("k",) if self.is_mla else ("k", "v")
+
+
+class DeviceKVPool:
+    """L1: the KV the forward pass reads; on CUDA when present."""
+
+    def __init__(self, shape: KVShape, num_pages: int, page_size: int, device: torch.device):
+        self.shape = shape
+        self.page_size = page_size
+        self.device = device
+        self.allocator = PageAllocator(num_pages, page_size, "device")
+        self.buffer = torch.zeros(
+            shape.layers, len(shape.parts), num_pages * page_size, shape.heads, shape.head_dim,
+            dtype=shape.dtype, device=device,
+        )
+
+
+class HostKVPool:
+    """L2: pinned when CUDA is present, page-first so a page part is one contiguous block."""
+
+    def __init__(self, shape: KVShape, num_pages: int, page_size: int, pin: bool):
+        self.shape = shape
+        self.page_size = page_size
+        self.allocator = PageAllocator(num_pages, page_size, "host")
+        self.buffer = torch.zeros(
+            num_pages, len(shape.parts), shape.layers, page_size, shape.heads, shape.head_dim,
+            dtype=shape.dtype, pin_memory=pin,
+        )
+
+    def page_part(self, token_index: int, part: int) -> torch.Tensor:
+        """The contiguous block holding one part of the page that starts at `token_index`."""
+        return self.buffer[token_index // self.page_size, part]
+
+    def page_parts(self, host_indices: torch.Tensor) -> list[list[torch.Tensor]]:
+        """Per page of `host_indices`: its parts, in KVShape.parts order."""
+        starts = host_indices.view(-1, self.page_size)[:, 0].tolist()
+        return [[self.page_part(s, p) for p in range(len(self.shape.parts))] for s in starts]
+
+
+def device_to_host(device: DeviceKVPool, host: HostKVPool, d_idx: torch.Tensor, h_idx: torch.Tensor):
+    """Copy token slots d_idx of the device pool into host slots h_idx (page-aligned)."""
+    ps = host.page_size
+    src = device.buffer.index_select(2, d_idx.to(device.device))  # L x P x T x H x D
+    pages = h_idx.view(-1, ps)[:, 0].div(ps, rounding_mode="floor")
+    n = pages.numel()
+    src = src.view(src.shape[0], src.shape[1], n, ps, *src.shape[3:]).permute(2, 1, 0, 3, 4, 5)
+    host.buffer.index_copy_(0, pages, src.to("cpu", non_blocking=True))
+
+
+def host_to_device(host: HostKVPool, device: DeviceKVPool, h_idx: torch.Tensor, d_idx: torch.Tensor):
+    """Copy host slots h_idx into device token slots d_idx (page-aligned)."""
+    ps = host.page_size
+    pages = h_idx.view(-1, ps)[:, 0].div(ps, rounding_mode="floor")
+    src = host.buffer.index_select(0, pages)  # N x P x L x ps x H x D
+    src = src.permute(2, 1, 0, 3, 4, 5).reshape(
+        src.shape[2], src.shape[1], -1, *src.shape[4:]
+    )
+    device.buffer.index_copy_(2, d_idx.to(device.device), src.to(device.device, non_blocking=True))

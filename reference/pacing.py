@@ -1,0 +1,59 @@
+"""The pacing seam: how a harness makes each rank's IO progress an explicit choice.
+
+Production HiCache threads run free, so what a rank has finished at a decision point depends
+on timing. A pacer turns that into a value: IO threads ask `before(stream, seq)` before each
+unit of work and report `after(stream, seq)`; the scheduler calls `at(point, stream, issued)`
+at each decision point, where the pacer may let some queued units finish and wait for them,
+and `need(stream, seq)` where the scheduler cannot go on until unit `seq` is done.
+`fail(call, seq)` lets a pacer make one storage call fail on this rank; `now()` is the clock
+that prefetch timeouts read. With no pacer installed (the default) none of this runs.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Protocol
+
+
+class Pacer(Protocol):
+    def before(self, stream: str, seq: int) -> None: ...
+
+    def after(self, stream: str, seq: int) -> None: ...
+
+    def at(self, point: str, stream: str, issued: int) -> None: ...
+
+    def need(self, stream: str, seq: int) -> None: ...
+
+    def fail(self, call: str, seq: int) -> bool: ...
+
+    def now(self) -> float: ...
+
+    def release_all(self) -> None: ...
+
+
+class FreeRunning:
+    """The default: no gates, real clock, no injected faults."""
+
+    def before(self, stream: str, seq: int) -> None:
+        pass
+
+    def after(self, stream: str, seq: int) -> None:
+        pass
+
+    def at(self, point: str, stream: str, issued: int) -> None:
+        pass
+
+    def need(self, stream: str, seq: int) -> None:
+        pass
+
+    def fail(self, call: str, seq: int) -> bool:
+        return False
+
+    def now(self) -> float:
+        return time.monotonic()
+
+    def release_all(self) -> None:
+        pass
+
+
+FREE_RUNNING = FreeRunning()
