@@ -99,6 +99,7 @@ class PrefetchOperation(StorageOperation):
         self.completed_tokens = 0  # this rank, contiguous prefix that landed in host memory
         self.agreed_tokens = 0  # MIN over ranks of completed_tokens, at the last agreed ack
         self.num_batches = 0
+        self.first_batch = 0  # this op's batches are prefetch_io units first_batch.. on
         self.revoked = False
         self.query_done = threading.Event()
         self.final_agreed = threading.Event()
@@ -181,6 +182,7 @@ class HiCacheController:
         self.load_seq = 0
         self.prefetch_seq = 0
         self.backup_seq = 0
+        self.prefetch_batches_issued = 0
         self.stop_event = threading.Event()
         self.thread_errors: list[str] = []
 
@@ -336,6 +338,8 @@ class HiCacheController:
                 op.hash_value = op.hash_value[:agreed]
                 bp = self.cfg.prefetch_batch_pages
                 op.num_batches = (agreed + bp - 1) // bp
+                op.first_batch = self.prefetch_batches_issued
+                self.prefetch_batches_issued += op.num_batches
                 self.prefetch_buffer.put(op)
                 outcome = f"fetch {agreed} pages"
             self.decide("prefetch", "prefetch_hits", op.request_id, (local,), (agreed,), outcome)
@@ -350,10 +354,9 @@ class HiCacheController:
             op = self.prefetch_buffer.get()
             if op is None:
                 return
-            stream = f"prefetch_io:{op.request_id}"
             failed = False
             for b in range(op.num_batches):
-                self.pacer.before(stream, b)
+                self.pacer.before("prefetch_io", op.first_batch + b)
                 first, last = b * bp, min((b + 1) * bp, op.storage_hit_count)
                 if not failed and not op.is_terminated():
                     ok = self._page_transfer(op, b, first, last)
@@ -361,7 +364,7 @@ class HiCacheController:
                         op.completed_tokens = last * ps
                     else:
                         failed = True  # later pages would leave a hole: stop transferring
-                self.pacer.after(stream, b)
+                self.pacer.after("prefetch_io", op.first_batch + b)
                 if failed and self.variant == "skip_ack_on_error" and op.completed_tokens < last * ps:
                     continue  # the bug: no ack for a failed batch
                 self.prefetch_sync_queue.put(PrefetchAck(op, op.completed_tokens))

@@ -185,7 +185,7 @@ class HiRadixCache:
 
     def can_terminate_prefetch(self, op: PrefetchOperation) -> bool:
         policy = self.cfg.prefetch_stop_policy
-        self.pacer.at("prefetch_progress", f"prefetch_io:{op.request_id}", op.num_batches)
+        self.pacer.at("prefetch_progress", "prefetch_io", op.first_batch + op.num_batches)
         queried = op.query_done.is_set()
         io_done = queried and (op.revoked or op.final_agreed.is_set() or
                                op.completed_tokens == op.storage_hit_count * self.page_size)
@@ -226,7 +226,7 @@ class HiRadixCache:
         if op.revoked:
             return 0
         if op.num_batches:
-            self.pacer.need(f"prefetch_io:{op.request_id}", op.num_batches - 1)
+            self.pacer.need("prefetch_io", op.first_batch + op.num_batches - 1)
         if not op.final_agreed.wait(timeout):
             raise HiCacheError(
                 f"prefetch {op.request_id}: final progress ack not agreed in {timeout} s "

@@ -39,7 +39,7 @@ def key_to_filename(key: str) -> str:
             parts.append(ch)
         else:
             parts.extend(f"%{b:02X}" for b in ch.encode("utf-8"))
-    name = "".join(parts)
+    name = "".join(parts) or "%E"  # "%E" + "." is no escape: no other key maps here
     if len(name) > _MAX_NAME:
         # "%" cannot appear unescaped above, so "%H" never collides with a short name.
         name = "%H" + hashlib.sha256(key.encode("utf-8")).hexdigest()

@@ -1,0 +1,239 @@
+"""The checker: compares per-rank results and names the first place where ranks disagree.
+
+Invariants, each with a known-bad variant that trips it (see tests/test_variants_cp.py):
+  collectives  every member of a group issued the same calls (op, shape, dtype) in order
+  decisions    every rank logged the same agreed decisions, per channel, and got the same outcomes
+  tree         radix-tree digests equal on every rank after every scheduler decision
+  keys         a page maps to the same key on every CP rank, and to SGLang's key naming
+  pages        every page read from storage is what was written for that key, and device pages
+               hold what the page must hold
+  leaks        after the drain every slot is held by the tree and every prefetch terminated
+A rank that failed (timeout, exception) is reported with what it was waiting on.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+from scenarios.schedule import Schedule
+
+INVARIANTS = ("collectives", "decisions", "tree", "keys", "pages", "leaks")
+_HASH_RE = re.compile(r"([0-9a-f]{64})_(.*)$")
+
+
+@dataclass
+class Verdict:
+    ok: bool
+    invariant: str | None = None
+    message: str = "all ranks agree"
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        if self.ok:
+            return f"AGREE: {self.message}"
+        return f"DIVERGE [{self.invariant}]: {self.message}"
+
+    def to_dict(self) -> dict:
+        return {"ok": self.ok, "invariant": self.invariant, "message": self.message,
+                "failures": self.failures, "stats": self.stats}
+
+
+def _first_diff(seqs: dict[int, list]) -> tuple[int, int, int, Any, Any] | None:
+    """(index, rank_a, rank_b, value_a, value_b) of the first position where two ranks differ."""
+    ranks = sorted(seqs)
+    base = ranks[0]
+    best = None
+    for r in ranks[1:]:
+        a, b = seqs[base], seqs[r]
+        for i in range(max(len(a), len(b))):
+            va = a[i] if i < len(a) else "<nothing>"
+            vb = b[i] if i < len(b) else "<nothing>"
+            if va != vb:
+                if best is None or i < best[0]:
+                    best = (i, base, r, va, vb)
+                break
+    return best
+
+
+def check_collectives(results: list[dict]) -> list[str]:
+    by_group: dict[str, dict[int, list]] = defaultdict(dict)
+    for res in results:
+        for name, calls in res["collectives"].items():
+            by_group[name][res["rank"]] = calls
+    out = []
+    for name, seqs in sorted(by_group.items()):
+        members = [int(x) for x in re.findall(r"\d+", name.split("[", 1)[1])]
+        for m in members:
+            seqs.setdefault(m, [])
+        d = _first_diff(seqs)
+        if d:
+            i, ra, rb, va, vb = d
+            out.append(f"group {name} call #{i}: rank {ra} issued '{va}', rank {rb} issued '{vb}'")
+    return out
+
+
+def check_decisions(results: list[dict]) -> list[str]:
+    out = []
+    channels = sorted({c for r in results for c in r["decisions"]})
+    for ch in channels:
+        # what a rank decided; its local value legitimately differs
+        seqs = {r["rank"]: [[k, rid, agreed, outcome] for k, rid, _l, agreed, outcome
+                            in r["decisions"].get(ch, [])] for r in results}
+        d = _first_diff(seqs)
+        if d:
+            i, ra, rb, va, vb = d
+            local = {r["rank"]: (r["decisions"].get(ch, [])[i][2]
+                                 if i < len(r["decisions"].get(ch, [])) else None) for r in results}
+            out.append(f"channel '{ch}' decision #{i}: rank {ra} {_fmt(va)} vs rank {rb} "
+                       f"{_fmt(vb)} (local values {local})")
+    seqs = {r["rank"]: [[o["rid"], o["status"], o["device_hit"] + o["host_hit"], o["computed"]]
+                        for o in r["outcomes"]] for r in results}
+    d = _first_diff(seqs)
+    if d:
+        i, ra, rb, va, vb = d
+        out.append(f"request outcome #{i}: rank {ra} {va} vs rank {rb} {vb}")
+    return out
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, list) and len(v) == 4:
+        return f"{v[0]}({v[1]}) agreed={v[2]} -> {v[3]}"
+    return str(v)
+
+
+def check_tree(results: list[dict]) -> list[str]:
+    d = _first_diff({r["rank"]: r["digests"] for r in results})
+    if not d:
+        return []
+    i, ra, rb, va, vb = d
+    return [f"tree digest after scheduler decision #{i}: rank {ra} {va} vs rank {rb} {vb}"]
+
+
+def expected_suffix(s: Schedule, tp_rank: int, pp_rank: int, part: str) -> str:
+    """SGLang's naming (mooncake_store): MHA `{tp}_k`, MLA `_k`; PP rank when PP > 1."""
+    lay = s.layout_obj
+    if s.cache.mla:
+        return f"{pp_rank if lay.pp > 1 else ''}_{part}"
+    return f"{tp_rank}_{pp_rank}_{part}" if lay.pp > 1 else f"{tp_rank}_{part}"
+
+
+def check_keys(s: Schedule, results: list[dict]) -> list[str]:
+    out = []
+    per_rank: dict[int, dict[str, set[str]]] = {}
+    for res in results:
+        tp, _cp, pp = res["coords"]
+        pages: dict[str, set[str]] = defaultdict(set)
+        for op, keys, _ok, _sums in res["storage"]:
+            for key in keys:
+                m = _HASH_RE.search(key)
+                if m is None:
+                    out.append(f"rank {res['rank']}: key '{key}' does not start with a page hash")
+                    continue
+                suffix = m.group(2)
+                pages[m.group(1)].add(suffix)
+                part = suffix.rsplit("_", 1)[-1]
+                want = expected_suffix(s, tp, pp, part)
+                if suffix != want:
+                    out.append(f"rank {res['rank']} ({op}): key suffix '{suffix}' for page "
+                               f"{m.group(1)[:12]}…, SGLang names it '{want}'")
+                if s.cache.mla and tp != 0 and op == "set":
+                    out.append(f"rank {res['rank']}: MLA page {m.group(1)[:12]}… written by "
+                               f"TP rank {tp}; only TP rank 0 backs up")
+        per_rank[res["rank"]] = pages
+    # CP peers (same tp, pp) must name every shared page identically
+    lay = s.layout_obj
+    for res in results:
+        r = res["rank"]
+        for peer in lay.attn_cp_group(r):
+            if peer <= r or peer not in per_rank:
+                continue
+            for h in sorted(set(per_rank[r]) & set(per_rank[peer])):
+                if per_rank[r][h] != per_rank[peer][h]:
+                    out.append(f"CP peers {r} and {peer} use different keys for page {h[:12]}…: "
+                               f"{sorted(per_rank[r][h])} vs {sorted(per_rank[peer][h])}")
+                    break
+    return out[:20]
+
+
+def check_pages(results: list[dict]) -> list[str]:
+    written: dict[str, str] = {}
+    out = []
+    for res in results:
+        for op, keys, ok, sums in res["storage"]:
+            if op == "set":
+                for k, good, c in zip(keys, ok, sums, strict=False):
+                    if good and written.setdefault(k, c) != c:
+                        out.append(f"key {k[:24]}… written with different bytes by different ranks")
+    for res in results:
+        for op, keys, ok, sums in res["storage"]:
+            if op != "get":
+                continue
+            for k, good, c in zip(keys, ok, sums, strict=False):
+                if good and k in written and written[k] != c:
+                    out.append(f"rank {res['rank']}: read of {k[:24]}… returned bytes "
+                               f"{c} but {written[k]} was written")
+        for o in res["outcomes"]:
+            if o["bad_pages"]:
+                out.append(f"rank {res['rank']}: request {o['rid']} found wrong KV on the "
+                           f"device in pages {o['bad_pages']}")
+    return out[:20]
+
+
+def check_leaks(results: list[dict]) -> list[str]:
+    out = []
+    for res in results:
+        snap = res["snapshot"]
+        if "device_used" not in snap:
+            continue
+        r = res["rank"]
+        if snap["busy"]:
+            out.append(f"rank {r}: still busy after the drain: {snap['in_flight']}")
+        if snap["device_used"] != snap["tree_device_tokens"]:
+            out.append(f"rank {r}: {snap['device_used']} device slots in use, the tree holds "
+                       f"{snap['tree_device_tokens']}")
+        if snap["host_used"] != snap["tree_host_tokens"]:
+            out.append(f"rank {r}: {snap['host_used']} host slots in use, the tree holds "
+                       f"{snap['tree_host_tokens']}")
+    return out
+
+
+def check(s: Schedule, results: list[dict]) -> Verdict:
+    results = sorted(results, key=lambda r: r["rank"])
+    stats = {
+        "ranks": len(results),
+        "decisions": sum(len(v) for r in results for v in r["decisions"].values()),
+        "collectives": sum(len(v) for r in results for v in r["collectives"].values()),
+        "storage_calls": sum(len(r["storage"]) for r in results),
+        "requests": len(results[0]["outcomes"]) if results else 0,
+        "wall_s": max((r["wall_s"] for r in results), default=0.0),
+    }
+    failures: list[tuple[str, str]] = []
+    for name, fn in (
+        ("collectives", lambda: check_collectives(results)),
+        ("decisions", lambda: check_decisions(results)),
+        ("tree", lambda: check_tree(results)),
+        ("keys", lambda: check_keys(s, results)),
+        ("pages", lambda: check_pages(results)),
+        ("leaks", lambda: check_leaks(results)),
+    ):
+        failures += [(name, m) for m in fn()]
+    errors = [r for r in results if r["error"]]
+    if errors and not failures:
+        failures = [("error", _describe_error(r)) for r in errors]
+    elif errors:
+        failures += [("error", _describe_error(r)) for r in errors]
+    if not failures:
+        return Verdict(True, stats=stats, message=f"{stats['ranks']} ranks agree on "
+                       f"{stats['decisions']} decisions")
+    inv, msg = failures[0]
+    return Verdict(False, inv, msg, failures, stats)
+
+
+def _describe_error(res: dict) -> str:
+    waits = {**res.get("pending_collectives", {}), **res.get("waiting_on", {})}
+    what = "; ".join(f"{t}: {w}" for t, w in waits.items()) or "nothing pending"
+    return f"rank {res['rank']} failed after {res['ops_done']} ops: {res['error']} (waiting on: {what})"

@@ -1,0 +1,163 @@
+"""The client: execute one Schedule on one rank and return everything the checker compares.
+
+Used unchanged by the in-process runner (ranks as threads) and by torchrun workers, so both
+modes run the same code and their decision logs can be compared.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from reference.api import CacheConfig, ParallelGroups, RankInfo, open_rank
+from reference.memory_pool import KVShape
+from reference.storage.base import HiCacheStorage
+from scenarios.gates import GatedPacer, RecordingPacer
+from scenarios.recorder import Recorder, RecordingCollectives
+from scenarios.schedule import Schedule
+
+MAX_DRAIN_STEPS = 400
+
+
+@dataclass
+class RunEnv:
+    """Where and how this rank runs (not part of the Schedule: the same Schedule runs anywhere)."""
+
+    rank: int
+    run_id: str
+    device: str = "cpu"
+    storage_root: str = ""  # file backend: a directory every rank of the run shares
+    mooncake_master: str = ""  # mooncake backend: "host:port"
+    gated: bool = True
+    agree_timeout_s: float = 20.0
+    keep_storage: bool = False
+
+
+def make_storage(backend: str, env: RunEnv) -> HiCacheStorage:
+    if backend == "memory":
+        from reference.storage.memory import MemoryStorage
+
+        return MemoryStorage(namespace=env.run_id)
+    if backend == "file":
+        from reference.storage.file import FileStorage
+
+        return FileStorage(Path(env.storage_root) / env.run_id)
+    if backend == "mooncake":
+        from reference.storage.mooncake import MooncakeConfig, MooncakeStorage
+
+        return MooncakeStorage(MooncakeConfig(master_address=env.mooncake_master,
+                                              global_segment_size=32 << 20,
+                                              local_buffer_size=8 << 20))
+    raise ValueError(f"unknown backend '{backend}'")
+
+
+def cache_config(s: Schedule, env: RunEnv) -> CacheConfig:
+    c = s.cache
+    return CacheConfig(
+        page_size=c.page_size, device_pages=c.device_pages, host_pages=c.host_pages,
+        kv=KVShape(is_mla=c.mla, heads=1 if c.mla else 2),
+        write_policy=c.write_policy, prefetch_threshold=c.prefetch_threshold,
+        prefetch_batch_pages=c.prefetch_batch_pages,
+        prefetch_stop_policy=c.prefetch_stop_policy,
+        prefetch_timeout_s=float(c.prefetch_timeout_ticks) * (1.0 if env.gated else 0.05),
+        variant=s.variant, key_prefix=f"{env.run_id}_", agree_timeout_s=env.agree_timeout_s,
+    )
+
+
+def rank_groups(s: Schedule, rank: int) -> tuple[RankInfo, ParallelGroups]:
+    lay = s.layout_obj
+    tp, cp, pp = lay.coords(rank)
+    info = RankInfo(tp_rank=tp, tp_size=lay.tp, cp_rank=cp, cp_size=lay.cp, pp_rank=pp,
+                    pp_size=lay.pp)
+    attn_tp = lay.attn_tp_group(rank)
+    groups = ParallelGroups(tp=attn_tp, attn_tp=attn_tp, attn_cp=lay.attn_cp_group(rank),
+                            pp=lay.pp_group(rank) if lay.pp > 1 else None)
+    return info, groups
+
+
+def execute(s: Schedule, env: RunEnv, collectives: Any, nemesis: Any = None,
+            stop_after_s: float | None = None) -> dict:
+    """Run `s` on this rank. Never raises for a run failure: the error is part of the result."""
+    t0 = time.monotonic()
+    info, groups = rank_groups(s, env.rank)
+    rec = Recorder()
+    coll = RecordingCollectives(collectives)
+    if env.gated:
+        pacer: Any = GatedPacer(env.rank, s.choices.get(env.rank, []),
+                                s.faults.get(env.rank, []), s.clock_skew.get(env.rank, 0),
+                                wait_timeout_s=env.agree_timeout_s)
+    else:
+        pacer = RecordingPacer(env.rank, nemesis)
+    storage = None
+    sched = None
+    error = None
+    snapshot: dict = {}
+    ops_done = 0
+    try:
+        storage = make_storage(s.backend, env)
+        sched = open_rank(cache_config(s, env), info, groups, coll, storage,
+                          torch.device(env.device), pacer, rec)
+        harness_sync = coll.new_groups([tuple(range(s.layout_obj.world_size))], "harness")[0]
+        for op in s.ops:
+            _apply(sched, op)
+            ops_done += 1
+        pacer.drain = True
+        for _ in range(MAX_DRAIN_STEPS):
+            sched.step()
+            busy = torch.tensor([int(sched.busy())], dtype=torch.int64)
+            coll.all_reduce(busy, "max", harness_sync)
+            if busy.item() == 0:
+                break
+            if not env.gated:
+                time.sleep(0.002)
+        snapshot = sched.snapshot()
+    except Exception as e:  # the result carries it; the checker turns it into a verdict
+        error = f"{type(e).__name__}: {e}"
+        snapshot = {"traceback": traceback.format_exc(limit=8)}
+    finally:
+        if sched is not None:
+            try:
+                sched.shutdown()
+            except Exception:
+                pass
+        if storage is not None:
+            try:
+                storage.close()
+            except Exception:
+                pass
+    result = {
+        "rank": env.rank,
+        "coords": list(s.layout_obj.coords(env.rank)),
+        "decisions": dict(rec.decisions),
+        "digests": rec.digests,
+        "collectives": dict(coll.log),
+        "pending_collectives": dict(coll.pending),
+        "storage": rec.storage,
+        "outcomes": [asdict(o) for o in (sched.outcomes if sched else [])],
+        "snapshot": snapshot,
+        "error": error,
+        "ops_done": ops_done,
+        "waiting_on": dict(getattr(pacer, "waiting_on", {})),
+        "wall_s": time.monotonic() - t0,
+    }
+    if isinstance(pacer, RecordingPacer):
+        result["recorded"] = {"choices": pacer.choices, "faults": pacer.faults}
+    return result
+
+
+def _apply(sched: Any, op: Any) -> None:
+    if op.kind == "add":
+        sched.add_request(op.rid, op.tokens, storage_prefetch=op.prefetch)
+    elif op.kind == "step":
+        sched.step()
+    elif op.kind == "abort":
+        sched.abort(op.rid)
+    elif op.kind == "evict_device":
+        sched.evict_device(op.n)
+    elif op.kind == "evict_host":
+        sched.evict_host(op.n)

@@ -1,0 +1,64 @@
+"""Per-rank recording: the observer the harness installs and a collective-call fingerprint.
+
+The collective log is the same idea as PyTorch's desync debug (group, op, shape, dtype per
+call), but kept for every run and compared after it, not only after a hang.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from reference.api import Decision, Observer, StorageAccess
+
+
+class Recorder(Observer):
+    def __init__(self) -> None:
+        self.decisions: dict[str, list[list]] = defaultdict(list)
+        self.digests: list[str] = []
+        self.storage: list[list] = []
+        self._lock = threading.Lock()
+
+    def on_decision(self, d: Decision) -> None:
+        with self._lock:
+            self.decisions[d.channel].append([d.kind, d.rid, list(d.local), list(d.agreed), d.outcome])
+
+    def on_tree_changed(self, channel: str, digest_fn) -> None:  # noqa: ANN001
+        self.digests.append(digest_fn())
+
+    def on_storage(self, a: StorageAccess) -> None:
+        with self._lock:
+            self.storage.append([a.op, list(a.keys), list(a.ok), list(a.checksums)])
+
+    def decision_count(self) -> int:
+        return sum(len(v) for v in self.decisions.values())
+
+
+class RecordingCollectives:
+    """Wraps a Collectives; logs every call before making it, so a hang shows the pending call."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.rank = inner.rank
+        self.log: dict[str, list[str]] = defaultdict(list)
+        self.pending: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    def new_groups(self, rank_sets: Sequence[tuple[int, ...]], tag: str) -> list[Any]:
+        handles = self.inner.new_groups(rank_sets, tag)
+        return [(f"{tag}{list(r)}", h) for r, h in zip(rank_sets, handles, strict=True)]
+
+    def all_reduce(self, tensor: torch.Tensor, op: str, group: Any) -> None:
+        name, handle = group
+        entry = f"all_reduce {op.upper()} {list(tensor.shape)} {str(tensor.dtype).removeprefix('torch.')}"
+        thread = threading.current_thread().name
+        with self._lock:
+            self.log[name].append(entry)
+            self.pending[thread] = f"{entry} over {name}"
+        self.inner.all_reduce(tensor, op, handle)
+        with self._lock:
+            self.pending.pop(thread, None)

@@ -1,0 +1,146 @@
+"""A Schedule: the complete, JSON-serialisable description of one run.
+
+Everything that differs between ranks in production (how far each IO thread got at each
+decision point, which storage calls fail, whose clock runs ahead) is an explicit value here,
+so the same Schedule always produces the same run on the same code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from reference.variants import VARIANTS
+from scenarios.layout import Layout, LayoutError
+
+SCHEDULE_VERSION = 1
+Backend = Literal["memory", "file", "mooncake"]
+
+
+class ScheduleError(ValueError):
+    """A schedule or scenario that cannot describe a run; one clear line."""
+
+
+class CachePolicy(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    page_size: int = Field(4, ge=1, le=64)
+    device_pages: int = Field(32, ge=1)
+    host_pages: int = Field(64, ge=1)
+    mla: bool = False
+    write_policy: Literal["write_through", "write_through_selective", "write_back"] = "write_through"
+    prefetch_stop_policy: Literal["best_effort", "wait_complete", "timeout"] = "best_effort"
+    prefetch_threshold: int = Field(0, ge=0)
+    prefetch_batch_pages: int = Field(2, ge=1)
+    prefetch_timeout_ticks: int = Field(3, ge=0)
+
+
+class Op(BaseModel):
+    """One scheduler-level action that every rank performs in the same order."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["add", "step", "abort", "evict_device", "evict_host"]
+    rid: str | None = None
+    tokens: list[int] | None = None
+    n: int | None = Field(None, ge=0)
+    prefetch: bool = True
+
+    @model_validator(mode="after")
+    def _fields_for_kind(self) -> Op:
+        if self.kind == "add" and (self.rid is None or self.tokens is None):
+            raise ValueError("an 'add' op needs rid and tokens")
+        if self.kind == "abort" and self.rid is None:
+            raise ValueError("an 'abort' op needs rid")
+        if self.kind in ("evict_device", "evict_host") and self.n is None:
+            raise ValueError(f"an '{self.kind}' op needs n")
+        return self
+
+
+class Schedule(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    version: int = SCHEDULE_VERSION
+    name: str = "unnamed"
+    layout: str = "1x2"
+    variant: str = "fixed"
+    backend: Backend = "memory"
+    cache: CachePolicy = CachePolicy()
+    ops: list[Op] = Field(default_factory=list)
+    #: per rank: one integer per pacer decision point, consumed in order (missing = all done)
+    choices: dict[int, list[int]] = Field(default_factory=dict)
+    #: per rank: storage calls that fail there, as [call, seq] ("exists" | "get" | "set")
+    faults: dict[int, list[tuple[str, int]]] = Field(default_factory=dict)
+    #: per rank: ticks its clock runs ahead (prefetch timeouts are local)
+    clock_skew: dict[int, int] = Field(default_factory=dict)
+    seed: int = 0
+
+    @field_validator("layout")
+    @classmethod
+    def _layout(cls, v: str) -> str:
+        try:
+            return str(Layout.parse(v))
+        except LayoutError as e:
+            raise ValueError(str(e)) from None
+
+    @field_validator("variant")
+    @classmethod
+    def _variant(cls, v: str) -> str:
+        if v not in VARIANTS:
+            raise ValueError(f"unknown variant '{v}': choose one of {', '.join(VARIANTS)}")
+        return v
+
+    @field_validator("version")
+    @classmethod
+    def _version(cls, v: int) -> int:
+        if v != SCHEDULE_VERSION:
+            raise ValueError(f"schedule version {v} is not supported (this cpcheck reads {SCHEDULE_VERSION})")
+        return v
+
+    @property
+    def layout_obj(self) -> Layout:
+        return Layout.parse(self.layout)
+
+    def with_(self, **changes) -> Schedule:  # noqa: ANN003
+        return self.model_validate({**self.model_dump(), **changes})
+
+    def to_json(self) -> str:
+        return self.model_dump_json(indent=1)
+
+    def digest(self) -> str:
+        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:12]
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "<schedule>") -> Schedule:
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            err = e.errors()[0]
+            where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            raise ScheduleError(f"{source}: field '{where}': {err['msg']}") from None
+
+    @classmethod
+    def from_json_file(cls, path: str | Path) -> Schedule:
+        try:
+            data = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ScheduleError(f"{path}: no such file") from None
+        except json.JSONDecodeError as e:
+            raise ScheduleError(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from None
+        if isinstance(data, dict) and "schedule" in data:
+            data = data["schedule"]
+        return cls.from_dict(data, str(path))
+
+    def num_steps(self) -> int:
+        return len(self.ops)
+
+
+def tokens_for(shared: int, shared_len: int, own: int, own_len: int) -> list[int]:
+    """Tokens of a request: a prefix shared by every request of group `shared`, then its own."""
+    return [shared * 10_000 + i for i in range(shared_len)] + [
+        1_000_000 + own * 10_000 + i for i in range(own_len)
+    ]
