@@ -216,8 +216,9 @@ class HiCacheController:
                 fn()
             except Exception as e:  # a dead IO thread must surface, not hang the scheduler
                 if not self.stop_event.is_set():
-                    self.thread_errors.append(f"{threading.current_thread().name}: {e!r}")
-                    logger.exception("HiCache thread died")
+                    msg = f"{threading.current_thread().name}: {type(e).__name__}: {e}"
+                    self.thread_errors.append(msg)
+                    logger.warning("HiCache thread died: %s", msg)
 
         return run
 

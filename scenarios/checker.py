@@ -60,11 +60,14 @@ def _first_diff(seqs: dict[int, list]) -> tuple[int, int, int, Any, Any] | None:
 
 
 def check_collectives(results: list[dict]) -> list[str]:
+    """Per group, members' call sequences must match; the earliest divergence is listed first."""
     by_group: dict[str, dict[int, list]] = defaultdict(dict)
+    order: dict[tuple[str, int], list[int]] = {}
     for res in results:
         for name, calls in res["collectives"].items():
             by_group[name][res["rank"]] = calls
-    out = []
+            order[(name, res["rank"])] = res.get("collective_order", {}).get(name, [])
+    found = []
     for name, seqs in sorted(by_group.items()):
         members = [int(x) for x in re.findall(r"\d+", name.split("[", 1)[1])]
         for m in members:
@@ -72,8 +75,10 @@ def check_collectives(results: list[dict]) -> list[str]:
         d = _first_diff(seqs)
         if d:
             i, ra, rb, va, vb = d
-            out.append(f"group {name} call #{i}: rank {ra} issued '{va}', rank {rb} issued '{vb}'")
-    return out
+            when = min((order.get((name, r), [])[i:i + 1] or [1 << 30])[0] for r in (ra, rb))
+            found.append((when, f"group {name} call #{i}: rank {ra} issued '{va}', "
+                                f"rank {rb} issued '{vb}'"))
+    return [m for _, m in sorted(found)]
 
 
 def check_decisions(results: list[dict]) -> list[str]:

@@ -45,6 +45,9 @@ class RecordingCollectives:
         self.inner = inner
         self.rank = inner.rank
         self.log: dict[str, list[str]] = defaultdict(list)
+        #: per group, the rank-wide index of each call, to tell which divergence came first
+        self.order: dict[str, list[int]] = defaultdict(list)
+        self._count = 0
         self.pending: dict[str, str] = {}
         self._lock = threading.Lock()
 
@@ -58,6 +61,8 @@ class RecordingCollectives:
         thread = threading.current_thread().name
         with self._lock:
             self.log[name].append(entry)
+            self.order[name].append(self._count)
+            self._count += 1
             self.pending[thread] = f"{entry} over {name}"
         self.inner.all_reduce(tensor, op, handle)
         with self._lock:

@@ -1,0 +1,97 @@
+"""Executor: runs Schedules in one mode and owns what lives across runs.
+
+Modes: `inprocess` (ranks as threads over an in-memory collective: fast exploration) and
+`torchrun` (a pool of long-lived torchrun workers with gloo groups: the truth). Pools are kept
+per layout and rebuilt after any failed run, since a timed-out gloo group cannot be trusted.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import uuid
+from typing import Any
+
+from scenarios.schedule import Schedule
+
+MODES = ("inprocess", "torchrun")
+
+
+class Executor:
+    def __init__(self, mode: str = "inprocess", *, timeout_s: float = 10.0,
+                 mooncake_master: str = "", device: str = "auto",
+                 storage_root: str | None = None) -> None:
+        if mode not in MODES:
+            raise ValueError(f"unknown mode '{mode}': choose one of {', '.join(MODES)}")
+        self.mode = mode
+        self.timeout_s = timeout_s
+        self.mooncake_master = mooncake_master
+        self.device = device
+        self._own_root = storage_root is None
+        self.storage_root = storage_root or tempfile.mkdtemp(prefix="cpcheck-store-")
+        self._pools: dict[str, Any] = {}
+
+    def __enter__(self) -> Executor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _check_backend(self, s: Schedule) -> None:
+        if s.backend == "mooncake" and not self.mooncake_master:
+            raise ValueError("backend 'mooncake' needs a master: pass --mooncake-master HOST:PORT "
+                             "or let the harness start one")
+
+    def run(self, s: Schedule, *, gated: bool = True, nemesis: Any = None) -> list[dict]:
+        self._check_backend(s)
+        run_id = f"r{uuid.uuid4().hex[:10]}"
+        if self.mode == "inprocess":
+            from scenarios.runner.inprocess import run_schedule_inprocess
+
+            return run_schedule_inprocess(
+                s, gated=gated, storage_root=self.storage_root,
+                mooncake_master=self.mooncake_master, timeout_s=self.timeout_s,
+                run_id=run_id, nemesis=nemesis,
+            )
+        return self._run_torchrun(s, run_id, gated)
+
+    def pool(self, layout: str) -> Any:
+        from scenarios.runner import RankPool
+
+        pool = self._pools.get(layout)
+        if pool is None or not pool.running:
+            pool = RankPool(layout, device=self.device,
+                            collective_timeout_s=self.timeout_s * 3,
+                            env={"MC_LOG_LEVEL": "ERROR", "OMP_NUM_THREADS": "1"})
+            pool.start()
+            self._pools[layout] = pool
+        return pool
+
+    def _run_torchrun(self, s: Schedule, run_id: str, gated: bool) -> list[dict]:
+        from scenarios.runner import RankPoolError
+
+        pool = self.pool(s.layout)
+        payload = {"schedule": s.model_dump_json(), "run_id": run_id, "gated": gated,
+                   "storage_root": self.storage_root, "mooncake_master": self.mooncake_master,
+                   "collective_timeout_s": self.timeout_s}
+        try:
+            results = pool.run("scenarios.runner.jobs:run_schedule", payload,
+                               timeout_s=self.timeout_s * 6 + 30)
+        except RankPoolError:
+            pool.close()
+            self._pools.pop(s.layout, None)
+            raise
+        if any(r["error"] for r in results):
+            pool.close()  # leftover threads may still sit in gloo calls: start clean
+            self._pools.pop(s.layout, None)
+        return results
+
+    def close(self) -> None:
+        for pool in self._pools.values():
+            try:
+                pool.close()
+            except Exception:
+                pass
+        self._pools.clear()
+        if self._own_root:
+            shutil.rmtree(self.storage_root, ignore_errors=True)

@@ -1,0 +1,24 @@
+"""Job functions that torchrun workers run (see torchrun_pool.RankPool.run)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from reference.sync import TorchCollectives
+from scenarios.rank_run import RunEnv, execute
+from scenarios.schedule import Schedule
+
+
+def run_schedule(ctx: Any, payload: dict) -> dict:
+    """Execute one Schedule on this rank; the gloo sync groups persist across runs."""
+    coll = ctx.state.get("collectives")
+    if coll is None:
+        coll = ctx.state["collectives"] = TorchCollectives(payload["collective_timeout_s"])
+    s = Schedule.model_validate_json(payload["schedule"])
+    env = RunEnv(rank=ctx.rank, run_id=payload["run_id"], device=str(ctx.device),
+                 storage_root=payload.get("storage_root", ""),
+                 mooncake_master=payload.get("mooncake_master", ""),
+                 gated=payload.get("gated", True),
+                 agree_timeout_s=payload["collective_timeout_s"])
+    ctx.status.set(f"running schedule '{s.name}' ({len(s.ops)} ops)")
+    return execute(s, env, coll)
