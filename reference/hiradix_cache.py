@@ -236,7 +236,7 @@ class HiRadixCache:
         if self.cfg.variant == "insert_local_completed":
             completed = op.completed_tokens
         self._decide("prefetch_done", op.request_id, (op.completed_tokens,), (op.agreed_tokens,),
-                     f"insert {completed} tokens")
+                     f"insert {op.agreed_tokens} tokens")
         return completed
 
     def _release_prefetch(self, info: OngoingPrefetch, keep_tokens: int, leak: bool = False) -> None:

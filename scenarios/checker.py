@@ -2,8 +2,9 @@
 
 Invariants, each with a known-bad variant that trips it (see tests/test_variants_cp.py):
   collectives  every member of a group issued the same calls (op, shape, dtype) in order
-  decisions    every rank logged the same agreed decisions, per channel, and got the same outcomes
-  tree         radix-tree digests equal on every rank after every scheduler decision
+  decisions    every rank logged the same agreed decisions, per channel
+  tree         radix-tree digests equal on every rank after every scheduler decision, and
+               every request got the same cached / computed split
   keys         a page maps to the same key on every CP rank, and to SGLang's key naming
   pages        every page read from storage is what was written for that key, and device pages
                hold what the page must hold
@@ -95,12 +96,6 @@ def check_decisions(results: list[dict]) -> list[str]:
                                  if i < len(r["decisions"].get(ch, [])) else None) for r in results}
             out.append(f"channel '{ch}' decision #{i}: rank {ra} {_fmt(va)} vs rank {rb} "
                        f"{_fmt(vb)} (local values {local})")
-    seqs = {r["rank"]: [[o["rid"], o["status"], o["device_hit"] + o["host_hit"], o["computed"]]
-                        for o in r["outcomes"]] for r in results}
-    d = _first_diff(seqs)
-    if d:
-        i, ra, rb, va, vb = d
-        out.append(f"request outcome #{i}: rank {ra} {va} vs rank {rb} {vb}")
     return out
 
 
@@ -111,11 +106,20 @@ def _fmt(v: Any) -> str:
 
 
 def check_tree(results: list[dict]) -> list[str]:
+    out = []
     d = _first_diff({r["rank"]: r["digests"] for r in results})
-    if not d:
-        return []
-    i, ra, rb, va, vb = d
-    return [f"tree digest after scheduler decision #{i}: rank {ra} {va} vs rank {rb} {vb}"]
+    if d:
+        i, ra, rb, va, vb = d
+        out.append(f"tree digest after scheduler decision #{i}: rank {ra} {va} vs rank {rb} {vb}")
+    # what each request got out of the tree
+    seqs = {r["rank"]: [[o["rid"], o["status"], o["device_hit"] + o["host_hit"], o["computed"]]
+                        for o in r["outcomes"]] for r in results}
+    d = _first_diff(seqs)
+    if d:
+        i, ra, rb, va, vb = d
+        out.append(f"request outcome #{i} [rid, status, cached, computed]: rank {ra} {va} "
+                   f"vs rank {rb} {vb}")
+    return out
 
 
 def expected_suffix(s: Schedule, tp_rank: int, pp_rank: int, part: str) -> str:
@@ -226,6 +230,13 @@ def check(s: Schedule, results: list[dict]) -> Verdict:
         ("leaks", lambda: check_leaks(results)),
     ):
         failures += [(name, m) for m in fn()]
+    # the tree may diverge before any logged decision does (a decision agreed, then acted on
+    # with a local value): report whichever happened first on the scheduler's timeline
+    tree_at = _first_diff({r["rank"]: r["digests"] for r in results})
+    sched_at = _first_diff({r["rank"]: [x[:2] + x[3:] for x in r["decisions"].get("scheduler", [])]
+                            for r in results})
+    if tree_at and (sched_at is None or tree_at[0] < sched_at[0]):
+        failures.sort(key=lambda f: f[0] != "tree")
     errors = [r for r in results if r["error"]]
     if errors and not failures:
         failures = [("error", _describe_error(r)) for r in errors]
