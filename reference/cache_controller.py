@@ -101,6 +101,7 @@ class PrefetchOperation(StorageOperation):
         self.num_batches = 0
         self.first_batch = 0  # this op's batches are prefetch_io units first_batch.. on
         self.revoked = False
+        self.io_done = False  # this rank's IO thread sent its final ack
         self.query_done = threading.Event()
         self.final_agreed = threading.Event()
         self._lock = threading.Lock()
@@ -365,11 +366,20 @@ class HiCacheController:
                         op.completed_tokens = last * ps
                     else:
                         failed = True  # later pages would leave a hole: stop transferring
+                skip = (failed and self.variant == "skip_ack_on_error"
+                        and op.completed_tokens < last * ps)  # the bug: no ack for a failed batch
+                if not skip:
+                    self.prefetch_sync_queue.put(PrefetchAck(op, op.completed_tokens))
+                if b == op.num_batches - 1:
+                    self._finish_io(op)
                 self.pacer.after("prefetch_io", op.first_batch + b)
-                if failed and self.variant == "skip_ack_on_error" and op.completed_tokens < last * ps:
-                    continue  # the bug: no ack for a failed batch
-                self.prefetch_sync_queue.put(PrefetchAck(op, op.completed_tokens))
-            self.prefetch_sync_queue.put(PrefetchAck(op, op.completed_tokens, final=True))
+            if op.num_batches == 0:
+                self._finish_io(op)
+
+    def _finish_io(self, op: PrefetchOperation) -> None:
+        """The final ack; `io_done` is set before the last batch reports done to a pacer."""
+        self.prefetch_sync_queue.put(PrefetchAck(op, op.completed_tokens, final=True))
+        op.io_done = True
 
     def _page_transfer(self, op: PrefetchOperation, batch: int, first: int, last: int) -> bool:
         ps = self.page_size

@@ -187,7 +187,7 @@ class HiRadixCache:
         policy = self.cfg.prefetch_stop_policy
         self.pacer.at("prefetch_progress", "prefetch_io", op.first_batch + op.num_batches)
         queried = op.query_done.is_set()
-        io_done = queried and (op.revoked or op.final_agreed.is_set() or
+        io_done = queried and (op.revoked or op.io_done or
                                op.completed_tokens == op.storage_hit_count * self.page_size)
         if policy == "best_effort":
             can = True

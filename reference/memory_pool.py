@@ -57,7 +57,13 @@ class PageAllocator:
             return
         if indices.numel() % self.page_size:
             raise AllocatorError(f"{self.name}: free of {indices.numel()} slots is not page-aligned")
-        pages = indices.view(-1, self.page_size)[:, 0].div(self.page_size, rounding_mode="floor")
+        rows = indices.view(-1, self.page_size)
+        in_page = torch.arange(self.page_size, dtype=rows.dtype, device=rows.device)
+        if bool((rows[:, 0] % self.page_size).any()) or not torch.equal(
+            rows, rows[:, :1] + in_page
+        ):
+            raise AllocatorError(f"{self.name}: free of slots that are not whole pages")
+        pages = rows[:, 0].div(self.page_size, rounding_mode="floor")
         with self._lock:
             page_list = pages.tolist()
             if len(set(page_list)) != len(page_list):

@@ -232,6 +232,8 @@ class RadixTree:
         A node backed up on host keeps its place in the tree (`_evict_backuped`); one that is
         not is deleted (`_evict_regular`, write-through means this only happens before its
         host copy exists, and such a node's host slots are not held anywhere).
+        A node that is not backed up but is host-protected (`host_ref_counter`, a prefetch
+        will insert below it) stays: deleting it would detach the prefetched pages.
         """
         evicted = 0
         while evicted < num_tokens:
@@ -239,6 +241,7 @@ class RadixTree:
                 n for n in self.nodes()
                 if not n.evicted and n.lock_ref == 0
                 and all(c.evicted for c in n.children.values())
+                and (n.backuped or n.host_ref_counter == 0)
             ]
             if not cands:
                 break

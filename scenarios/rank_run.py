@@ -103,9 +103,14 @@ def execute(s: Schedule, env: RunEnv, collectives: Any, nemesis: Any = None,
         sched = open_rank(cache_config(s, env), info, groups, coll, storage,
                           torch.device(env.device), pacer, rec)
         harness_sync = coll.new_groups([tuple(range(s.layout_obj.world_size))], "harness")[0]
+        lockstep = torch.zeros(1, dtype=torch.int64)
         for op in s.ops:
             _apply(sched, op)
             ops_done += 1
+            # the model's forward pass keeps ranks in lockstep per scheduler step in production
+            # (its TP/CP collectives); without this a variant that drops the cache's own syncs
+            # would let one rank race ahead and make shared-storage runs timing-dependent
+            coll.all_reduce(lockstep, "max", harness_sync)
         pacer.drain = True
         for _ in range(MAX_DRAIN_STEPS):
             sched.step()

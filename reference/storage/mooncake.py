@@ -66,7 +66,7 @@ class MooncakeStats:
     zero_copy_set: int = 0
     bytes_set: int = 0
     skipped_existing_set: int = 0
-    failed: int = 0  # keys whose call returned an error code or raised
+    failed: int = 0  # keys (exists: calls) that got an error code or an exception
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def add(self, **counts: int) -> None:
@@ -118,10 +118,10 @@ class MooncakeStorage(HiCacheStorage):
         self._closed = True  # until setup succeeds: no data call may reach the client
         self._store: Any = None
 
-        _set_env_defaults(config)
-        store_mod = _import_store()
         address = config.master_address
         host, port = split_address(address)
+        _set_env_defaults(config)  # read by setup(); exported values and the first client win
+        store_mod = _import_store()
         if config.probe_timeout_s > 0:
             try:
                 socket.create_connection((host, port), timeout=config.probe_timeout_s).close()

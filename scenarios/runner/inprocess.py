@@ -39,7 +39,8 @@ class _Group:
                 if any(v.shape != vals[0].shape or v.dtype != vals[0].dtype for v in vals):
                     shapes = {r: (list(v.shape), str(v.dtype)) for r, v in self.parts.items()}
                     res: torch.Tensor | Exception = RuntimeError(
-                        f"collective mismatch on {self.name}: {shapes}")
+                        f"collective mismatch on {self.name}: {shapes}"
+                    )
                 else:
                     stacked = torch.stack(vals)
                     res = stacked.min(0).values if op == "min" else stacked.max(0).values
@@ -91,9 +92,16 @@ class ThreadCollectives:
         group.all_reduce(self.rank, tensor, op)
 
 
-def run_schedule_inprocess(schedule: Any, *, gated: bool = True, storage_root: str = "",
-                           mooncake_master: str = "", timeout_s: float = 10.0,
-                           run_id: str | None = None, nemesis: Any = None) -> list[dict]:
+def run_schedule_inprocess(
+    schedule: Any,
+    *,
+    gated: bool = True,
+    storage_root: str = "",
+    mooncake_master: str = "",
+    timeout_s: float = 10.0,
+    run_id: str | None = None,
+    nemesis: Any = None,
+) -> list[dict]:
     """Run every rank of `schedule` as a thread of this process; results in rank order."""
     import uuid
 
@@ -105,12 +113,19 @@ def run_schedule_inprocess(schedule: Any, *, gated: bool = True, storage_root: s
     results: list[dict | None] = [None] * n
 
     def one(rank: int) -> None:
-        env = RunEnv(rank=rank, run_id=run_id, storage_root=storage_root,
-                     mooncake_master=mooncake_master, gated=gated, agree_timeout_s=timeout_s)
+        env = RunEnv(
+            rank=rank,
+            run_id=run_id,
+            storage_root=storage_root,
+            mooncake_master=mooncake_master,
+            gated=gated,
+            agree_timeout_s=timeout_s,
+        )
         results[rank] = execute(schedule, env, ThreadCollectives(world, rank), nemesis)
 
-    threads = [threading.Thread(target=one, args=(r,), name=f"rank{r}", daemon=True)
-               for r in range(n)]
+    threads = [
+        threading.Thread(target=one, args=(r,), name=f"rank{r}", daemon=True) for r in range(n)
+    ]
     for t in threads:
         t.start()
     for t in threads:

@@ -15,10 +15,14 @@ def run_schedule(ctx: Any, payload: dict) -> dict:
     if coll is None:
         coll = ctx.state["collectives"] = TorchCollectives(payload["collective_timeout_s"])
     s = Schedule.model_validate_json(payload["schedule"])
-    env = RunEnv(rank=ctx.rank, run_id=payload["run_id"], device=str(ctx.device),
-                 storage_root=payload.get("storage_root", ""),
-                 mooncake_master=payload.get("mooncake_master", ""),
-                 gated=payload.get("gated", True),
-                 agree_timeout_s=payload["collective_timeout_s"])
+    env = RunEnv(
+        rank=ctx.rank,
+        run_id=payload["run_id"],
+        device=str(ctx.device),
+        storage_root=payload.get("storage_root", ""),
+        mooncake_master=payload.get("mooncake_master", ""),
+        gated=payload.get("gated", True),
+        agree_timeout_s=payload["collective_timeout_s"],
+    )
     ctx.status.set(f"running schedule '{s.name}' ({len(s.ops)} ops)")
     return execute(s, env, coll)
