@@ -26,7 +26,7 @@ def cache_policies(draw: st.DrawFn) -> CachePolicy:
                                            "write_back"])),
         prefetch_stop_policy=draw(st.sampled_from(["best_effort", "wait_complete", "timeout"])),
         prefetch_threshold=draw(st.sampled_from([0, 8])),
-        prefetch_batch_pages=draw(st.integers(1, 3)),
+        prefetch_batch_pages=draw(st.sampled_from([1, 1, 2, 3])),
         prefetch_timeout_ticks=draw(st.integers(0, 8)),
     )
 
@@ -37,15 +37,19 @@ def op_lists(draw: st.DrawFn, max_requests: int = 6) -> list[Op]:
     ops: list[Op] = []
     live: list[str] = []
     for i in range(n):
-        shared = draw(st.integers(0, 2))
-        tokens = tokens_for(shared, draw(st.sampled_from([0, 8, 16, 24])), i,
+        shared = draw(st.integers(0, 1))
+        tokens = tokens_for(shared, draw(st.sampled_from([0, 16, 24])), i,
                             draw(st.integers(1, 9)))
         rid = f"q{i}"
         ops.append(Op(kind="add", rid=rid, tokens=tokens, prefetch=draw(st.sampled_from([True, True, False]))))
         live.append(rid)
         for _ in range(draw(st.integers(0, 2))):
-            action = draw(st.sampled_from(["step", "step", "evict_device", "evict_host", "abort"]))
-            if action == "abort" and live:
+            action = draw(st.sampled_from(["step", "step", "flush", "flush", "evict_device",
+                                           "evict_host", "abort"]))
+            if action == "flush":  # finish, back up, then drop L1 and L2: next hits are in L3
+                ops += [Op(kind="step"), Op(kind="step"), Op(kind="evict_device", n=1000),
+                        Op(kind="evict_host", n=1000)]
+            elif action == "abort" and live:
                 ops.append(Op(kind="abort", rid=draw(st.sampled_from(live))))
             elif action in ("evict_device", "evict_host"):
                 ops.append(Op(kind=action, n=draw(st.sampled_from([8, 32, 1000]))))
@@ -69,7 +73,7 @@ def schedules(draw: st.DrawFn, layouts: tuple[str, ...] = ("1x2", "2x2", "1x4", 
     if draw(st.booleans()):
         r = draw(st.integers(0, world - 1))
         faults[r] = draw(st.lists(st.tuples(st.sampled_from(["get", "exists", "set"]),
-                                            st.sampled_from([0, 1, 2, 1000, 1001, 2001])),
+                                            st.sampled_from([0, 1, 1000, 1001, 2001, 3001])),
                                   max_size=2))
     skew = {r: draw(st.integers(0, 5)) for r in range(world)} if draw(st.booleans()) else {}
     return Schedule(name="generated", layout=layout, variant=variant, backend=backend,

@@ -476,42 +476,47 @@ class RankPool:
         deadline = time.monotonic() + self.start_timeout_s
         job: dict[int, tuple[Connection, RankInfo]] = {}
         ctl: dict[int, Connection] = {}
-        while len(job) < n or len(ctl) < n:
-            code = self._proc.poll()
-            if code is not None:
-                raise RankPoolStartError(
-                    f"pool '{self.layout}' failed to start: torchrun exited with code {code} "
-                    f"after {len(job)} of {n} ranks connected"
-                )
-            if time.monotonic() > deadline:
-                missing = sorted(set(range(n)) - set(job))
-                raise RankPoolStartError(
-                    f"pool '{self.layout}' did not start in {self.start_timeout_s:g} s: "
-                    f"{len(job)} of {n} ranks connected (missing {missing})"
-                )
-            try:
-                sock, _ = self._listener.accept()
-            except TimeoutError:
-                continue
-            conn = self._handshake(sock)
-            if conn is None:
-                continue
-            try:
-                hello = conn.recv() if conn.poll(10.0) else None
-            except Exception:  # died mid-hello; torchrun's exit is noticed on the next loop
-                hello = None
-            if not (isinstance(hello, tuple) and len(hello) == 5 and hello[0] == "hello"):
+        try:
+            while len(job) < n or len(ctl) < n:
+                code = self._proc.poll()
+                if code is not None:
+                    raise RankPoolStartError(
+                        f"pool '{self.layout}' failed to start: torchrun exited with code {code} "
+                        f"after {len(job)} of {n} ranks connected"
+                    )
+                if time.monotonic() > deadline:
+                    missing = sorted(set(range(n)) - set(job))
+                    raise RankPoolStartError(
+                        f"pool '{self.layout}' did not start in {self.start_timeout_s:g} s: "
+                        f"{len(job)} of {n} ranks connected (missing {missing})"
+                    )
+                try:
+                    sock, _ = self._listener.accept()
+                except TimeoutError:
+                    continue
+                conn = self._handshake(sock)
+                if conn is None:
+                    continue
+                try:
+                    hello = conn.recv() if conn.poll(10.0) else None
+                except Exception:  # died mid-hello; torchrun's exit is noticed on the next loop
+                    hello = None
+                if not (isinstance(hello, tuple) and len(hello) == 5 and hello[0] == "hello"):
+                    conn.close()
+                    continue
+                _, kind, rank, pid, device = hello
+                target = job if kind == "job" else ctl
+                if not 0 <= rank < n or rank in target:
+                    conn.close()
+                    raise RankPoolStartError(f"unexpected hello from rank {rank} (pid {pid})")
+                if kind == "job":
+                    job[rank] = (conn, RankInfo(rank, pid, device))
+                else:
+                    ctl[rank] = conn
+        except BaseException:
+            for conn in [c for c, _ in job.values()] + list(ctl.values()):
                 conn.close()
-                continue
-            _, kind, rank, pid, device = hello
-            target = job if kind == "job" else ctl
-            if not 0 <= rank < n or rank in target:
-                conn.close()
-                raise RankPoolStartError(f"unexpected hello from rank {rank} (pid {pid})")
-            if kind == "job":
-                job[rank] = (conn, RankInfo(rank, pid, device))
-            else:
-                ctl[rank] = conn
+            raise
         ranks = []
         for r in range(n):
             entry = _Rank(job[r][1])

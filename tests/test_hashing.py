@@ -1,0 +1,143 @@
+"""Page hashes and storage keys: what makes CP peers (and later runs) find the same L3 pages.
+
+A key must name a whole prefix (chained hashes), be identical in every process (no salted
+`hash()`), and follow SGLang's naming so that peers that hold the same page share its key; only
+the known-bad variant `cp_rank_in_key` may put the CP rank in it (the bug before PR #20460).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from reference.hashing import KeySuffix, page_hash, page_hashes
+
+REPO = Path(__file__).resolve().parents[1]
+PS = 4
+# at least 100 / 150; a larger Hypothesis profile (e.g. nightly) raises it
+EXAMPLES = max(100, settings.default.max_examples)
+MORE_EXAMPLES = max(150, settings.default.max_examples)
+
+tokens_st = st.lists(st.integers(-(2**40), 2**40), min_size=0, max_size=40)
+
+
+@settings(max_examples=MORE_EXAMPLES, deadline=None)
+@given(tokens=tokens_st, cut=st.integers(0, 40))
+def test_prefix_property(tokens: list[int], cut: int) -> None:
+    """Hashes of a prefix are a prefix of the hashes: a key names the prefix up to its page."""
+    full = page_hashes(tokens, PS)
+    assert full[: cut // PS] == page_hashes(tokens[: cut // PS * PS], PS)
+    assert page_hashes(tokens[:cut], PS) == full[: min(cut, len(tokens)) // PS]
+
+
+@settings(max_examples=MORE_EXAMPLES, deadline=None)
+@given(tokens=tokens_st, extra=st.lists(st.integers(0, 9), max_size=PS - 1))
+def test_partial_trailing_page_ignored(tokens: list[int], extra: list[int]) -> None:
+    aligned = tokens[: len(tokens) // PS * PS]
+    hashes = page_hashes(aligned + extra, PS)
+    assert len(hashes) == len(aligned) // PS
+    assert hashes == page_hashes(aligned, PS)
+
+
+@settings(max_examples=MORE_EXAMPLES, deadline=None)
+@given(
+    tokens=st.lists(st.integers(0, 2**31), min_size=2 * PS, max_size=40),
+    data=st.data(),
+)
+def test_chained_earlier_page_changes_every_later_hash(tokens: list[int], data) -> None:  # noqa: ANN001
+    tokens = tokens[: len(tokens) // PS * PS]
+    pos = data.draw(st.integers(0, len(tokens) - 1))
+    changed = list(tokens)
+    changed[pos] += 1
+    a, b = page_hashes(tokens, PS), page_hashes(changed, PS)
+    page = pos // PS
+    assert a[:page] == b[:page]
+    # every page from the changed one on differs, though later pages have the same tokens
+    assert all(x != y for x, y in zip(a[page:], b[page:], strict=True))
+
+
+def test_chain_uses_prior_hash() -> None:
+    tokens = list(range(3 * PS))
+    full = page_hashes(tokens, PS)
+    assert page_hashes(tokens[PS:], PS, prior_hash=full[0]) == full[1:]
+    assert page_hashes(tokens[PS:], PS) != full[1:]  # same tokens, different prefix
+    assert full[0] == page_hash(tokens[:PS])
+    assert re.fullmatch(r"[0-9a-f]{64}", full[0])
+
+
+_CHILD = (
+    "import json, sys; from reference.hashing import page_hashes; "
+    "print(json.dumps(page_hashes(json.loads(sys.argv[1]), int(sys.argv[2]))))"
+)
+
+
+def test_identical_across_processes() -> None:
+    """Two fresh interpreters (different hash seeds) compute the same hashes as this one."""
+    tokens = [7, -3, 2**40, 0, 5, 5, 5, 5, 1, 2, 3, 4, 9]
+    outs = []
+    for seed in ("1", "2"):
+        proc = subprocess.run(
+            [sys.executable, "-c", _CHILD, json.dumps(tokens), str(PS)],
+            cwd=REPO, capture_output=True, text=True, timeout=60,
+            env={"PYTHONHASHSEED": seed, "PATH": "/usr/bin:/bin"},
+        )
+        assert proc.returncode == 0, proc.stderr
+        outs.append(json.loads(proc.stdout))
+    assert outs[0] == outs[1] == page_hashes(tokens, PS)
+    assert len(outs[0]) == 3
+
+
+# -- keys --------------------------------------------------------------------------------------
+
+H = "ab" * 32
+
+
+@pytest.mark.parametrize(
+    ("suffix", "part", "want"),
+    [
+        (KeySuffix(tp_rank=0), "k", f"{H}_0_k"),
+        (KeySuffix(tp_rank=3), "v", f"{H}_3_v"),
+        (KeySuffix(tp_rank=1, pp_rank=2, pp_size=4), "k", f"{H}_1_2_k"),
+        (KeySuffix(tp_rank=1, pp_rank=0, pp_size=2), "v", f"{H}_1_0_v"),
+        (KeySuffix(tp_rank=1, pp_rank=0, pp_size=1), "v", f"{H}_1_v"),
+        (KeySuffix(tp_rank=0, is_mla=True), "k", f"{H}__k"),
+        (KeySuffix(tp_rank=5, is_mla=True), "k", f"{H}__k"),
+        (KeySuffix(tp_rank=1, pp_rank=1, pp_size=2, is_mla=True), "k", f"{H}_1_k"),
+        (KeySuffix(tp_rank=0, prefix="run7/"), "k", f"run7/{H}_0_k"),
+    ],
+)
+def test_key_follows_sglang_naming(suffix: KeySuffix, part: str, want: str) -> None:
+    assert suffix.key(H, part) == want
+
+
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(
+    tp=st.integers(0, 7), pp=st.integers(0, 3), pp_size=st.integers(1, 4),
+    mla=st.booleans(), cp=st.integers(0, 7),
+)
+def test_cp_rank_only_in_key_when_set(tp: int, pp: int, pp_size: int, mla: bool, cp: int) -> None:
+    """The fixed key never depends on the CP rank; the cp_rank_in_key variant's does."""
+    pp = min(pp, pp_size - 1)
+    base = KeySuffix(tp_rank=tp, pp_rank=pp, pp_size=pp_size, is_mla=mla)
+    key = base.key(H, "k")
+    assert "cp" not in key.removeprefix(H)
+    bad0 = KeySuffix(tp_rank=tp, pp_rank=pp, pp_size=pp_size, is_mla=mla, cp_rank=0)
+    bad1 = KeySuffix(tp_rank=tp, pp_rank=pp, pp_size=pp_size, is_mla=mla, cp_rank=1)
+    assert bad0.key(H, "k") != bad1.key(H, "k")
+    assert bad0.key(H, "k") != key and bad1.key(H, "k") != key
+    assert f"cp{cp}" in KeySuffix(tp_rank=tp, cp_rank=cp).key(H, "v")
+
+
+def test_mha_tp_ranks_have_distinct_keys_mla_share() -> None:
+    """MHA shards heads over TP (a key per TP rank); MLA is replicated (one key)."""
+    assert KeySuffix(tp_rank=0).key(H, "k") != KeySuffix(tp_rank=1).key(H, "k")
+    assert KeySuffix(tp_rank=0, is_mla=True).key(H, "k") == KeySuffix(
+        tp_rank=1, is_mla=True
+    ).key(H, "k")
