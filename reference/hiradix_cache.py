@@ -279,12 +279,16 @@ class HiRadixCache:
             node = node.parent  # type: ignore[assignment]
         nodes.reverse()
         host_indices = torch.cat([n.host_value for n in nodes])  # type: ignore[misc]
-        self.tree.inc_lock_ref(node)  # protect the device-resident ancestor while we evict
+        # protect what we load from host eviction (write-back eviction writes to host, which may
+        # evict host copies) and the device-resident ancestor from device eviction
+        self.tree.inc_host_ref(last_host_node)
+        self.tree.inc_lock_ref(node)
         loaded = self.cache_controller.load(host_indices, last_host_node.id)
         if loaded is None:
             self.evict(host_indices.numel())
             loaded = self.cache_controller.load(host_indices, last_host_node.id)
         self.tree.dec_lock_ref(node)
+        self.tree.dec_host_ref(last_host_node)
         if loaded is None:
             return None
         device_indices, ack = loaded
@@ -300,14 +304,16 @@ class HiRadixCache:
         n = len(new_input_tokens) // self.page_size * self.page_size
         if not self.enable_storage or n < self.cache_controller.prefetch_threshold:
             return False
+        # protect the node the fetched pages will hang from before evicting host memory
+        self.tree.inc_host_ref(last_host_node)
         host_indices = self.host_pool.allocator.alloc(n)
         if host_indices is None:
             self.evict_host(n)
             host_indices = self.host_pool.allocator.alloc(n)
             if host_indices is None:
+                self.tree.dec_host_ref(last_host_node)
                 return False
         last_hash = last_host_node.hash_value[-1] if last_host_node.hash_value else None
-        self.tree.inc_host_ref(last_host_node)
         op = self.cache_controller.prefetch(rid, host_indices, new_input_tokens[:n], last_hash)
         self.ongoing_prefetch[rid] = OngoingPrefetch(last_host_node, new_input_tokens[:n],
                                                      host_indices, op)
@@ -334,9 +340,8 @@ class HiRadixCache:
 
     def _selective_write(self, node: TreeNode) -> None:
         for n in reversed(self._path(node, self.tree.root)):
-            n_hits = getattr(n, "hit_count", 0) + 1
-            n.hit_count = n_hits  # type: ignore[attr-defined]
-            if (n_hits >= self.cfg.write_through_threshold and not n.backuped
+            n.hit_count += 1
+            if (n.hit_count >= self.cfg.write_through_threshold and not n.backuped
                     and not n.evicted and n.id not in self.ongoing_write_through):
                 self.write_backup(n)
 

@@ -34,6 +34,7 @@ class TreeNode:
         self.backuped_storage = False
         self.lock_ref = 0
         self.host_ref_counter = 0
+        self.hit_count = 0  # for write_through_selective
         self.last_access = 0
 
     @property
@@ -124,6 +125,7 @@ class RadixTree:
         new.lock_ref = child.lock_ref
         new.host_ref_counter = child.host_ref_counter
         new.last_access = child.last_access
+        new.hit_count = child.hit_count
         assert child.parent is not None
         child.parent.children[self._page_key(new.key)] = new
         child.parent = new

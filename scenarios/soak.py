@@ -55,10 +55,9 @@ def make_chunk(rng: random.Random, index: int, layout: str, variant: str,
     """
     cache = CachePolicy(
         page_size=PAGE,
-        # >= 2 requests' worth: with less, a host load-back followed by a failed device alloc
-        # leaks the loaded slots in reference/scheduler.py (a mini-scheduler bug, not a CP one)
-        device_pages=rng.choice([20, 24, 32]),
-        host_pages=rng.choice([32, 48, 64]),  # 16 trips a free-running-only host leak
+        # small pools on purpose: evictions under pressure are where slots leak
+        device_pages=rng.choice([12, 16, 24]),
+        host_pages=rng.choice([16, 24, 48]),
         mla=rng.random() < 0.3,
         write_policy=rng.choice(["write_through", "write_through", "write_through_selective",
                                  "write_back"]),
