@@ -8,8 +8,9 @@ file, the line and the field named.
 from __future__ import annotations
 
 import re
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 from scenarios.schedule import Schedule, ScheduleError, tokens_for
 
