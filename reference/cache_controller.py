@@ -184,6 +184,7 @@ class HiCacheController:
         self.prefetch_seq = 0
         self.backup_seq = 0
         self.prefetch_batches_issued = 0
+        self.get_calls = 0  # L3 reads by the IO thread, in order: what a pacer's faults name
         self.stop_event = threading.Event()
         self.thread_errors: list[str] = []
 
@@ -391,7 +392,8 @@ class HiCacheController:
         keys = [k for page in self.storage_keys(op.hash_value[first:last]) for k in page]
         targets = [t for page in self.mem_pool_host.page_parts(host) for t in page]
         assert self.storage_backend is not None
-        if self.pacer.fail("get", op.seq * 1000 + batch):
+        self.get_calls += 1
+        if self.pacer.fail("get", self.get_calls - 1):
             results = [False] * len(keys)
         else:
             results = self.storage_backend.batch_get(keys, targets)

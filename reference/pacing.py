@@ -5,7 +5,8 @@ on timing. A pacer turns that into a value: IO threads ask `before(stream, seq)`
 unit of work and report `after(stream, seq)`; the scheduler calls `at(point, stream, issued)`
 at each decision point, where the pacer may let some queued units finish and wait for them,
 and `need(stream, seq)` where the scheduler cannot go on until unit `seq` is done.
-`fail(call, seq)` lets a pacer make one storage call fail on this rank; `now()` is the clock
+`fail(call, seq)` lets a pacer make one storage call fail on this rank (seq counts the calls
+of that kind: prefetch queries for "exists", batch reads for "get", backups for "set"); `now()` is the clock
 that prefetch timeouts read. With no pacer installed (the default) none of this runs.
 """
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from hypothesis import HealthCheck, Phase, find, settings
+from hypothesis import HealthCheck, Phase, find, settings, target
 from hypothesis.errors import NoSuchExample
 
 from scenarios.checker import Verdict, check
@@ -27,6 +27,29 @@ class Hunt:
         return len(self.found.ops) if self.found else 0
 
 
+def interest(results: list[dict]) -> dict[str, float]:
+    """What makes a run interesting: ranks that disagreed before reducing, revokes, partial
+    prefetches. Hypothesis's `target` steers generation towards more of each."""
+    disagree = revokes = partial = 0
+    for ch in ("scheduler", "prefetch", "prefetch_sync"):
+        rows = [r["decisions"].get(ch, []) for r in results]
+        for i in range(min((len(x) for x in rows), default=0)):
+            if len({tuple(x[i][2]) for x in rows}) > 1:
+                disagree += 1
+    for d in results[0]["decisions"].get("prefetch", []) if results else []:
+        revokes += d[4] == "revoke"
+    for d in results[0]["decisions"].get("scheduler", []) if results else []:
+        if d[0] == "prefetch_done" and d[3] and 0 < d[3][0]:
+            partial += 1
+    return {"local disagreements": float(disagree), "revokes": float(revokes),
+            "prefetches with pages": float(partial)}
+
+
+def steer(results: list[dict]) -> None:
+    for label, value in interest(results).items():
+        target(value, label=label)
+
+
 def hunt(executor: Executor, variant: str, layouts: tuple[str, ...], max_examples: int = 200,
          seed: int = 0, backend: str = "memory") -> Hunt:
     t0 = time.monotonic()
@@ -34,7 +57,9 @@ def hunt(executor: Executor, variant: str, layouts: tuple[str, ...], max_example
 
     def fails(s: Schedule) -> bool:
         state["n"] += 1
-        v = check(s, executor.run(s))
+        results = executor.run(s)
+        steer(results)
+        v = check(s, results)
         if not v.ok:
             if state["first"] is None:
                 state["first"] = time.monotonic() - t0

@@ -59,22 +59,40 @@ def op_lists(draw: st.DrawFn, max_requests: int = 6) -> list[Op]:
 
 
 @st.composite
+def prefetch_op_lists(draw: st.DrawFn) -> list[Op]:
+    """Warm L3 with a prefix, drop it from L1 and L2, then have requests fetch it back: the
+    shape that reaches the prefetch decision points (hits, progress, termination, revoke)."""
+    shared_len = draw(st.sampled_from([16, 24, 32]))
+    ops = [Op(kind="add", rid="warm", tokens=tokens_for(0, shared_len, 0, 3)),
+           Op(kind="step"), Op(kind="step"),
+           Op(kind="evict_device", n=1000), Op(kind="evict_host", n=1000)]
+    for i in range(1, draw(st.integers(2, 3))):
+        ops.append(Op(kind="add", rid=f"f{i}",
+                      tokens=tokens_for(draw(st.sampled_from([0, 0, 1])), shared_len, i,
+                                        draw(st.integers(1, 9)))))
+        ops += [Op(kind="step")] * draw(st.integers(0, 2))
+        if draw(st.integers(0, 4)) == 0:
+            ops.append(Op(kind="abort", rid=f"f{i}"))
+    return ops
+
+
+@st.composite
 def schedules(draw: st.DrawFn, layouts: tuple[str, ...] = ("1x2", "2x2", "1x4", "2x1"),
               variant: str = "fixed", backend: str = "memory") -> Schedule:
     layout = draw(st.sampled_from(layouts))
     world = 1
     for x in layout.split("x"):
         world *= int(x)
-    ops = draw(op_lists())
+    ops = draw(st.one_of(op_lists(), prefetch_op_lists()))
     n_choices = 3 * sum(1 for o in ops if o.kind in ("step", "add")) + 8
     choice = st.integers(0, 4)
     choices = {r: draw(st.lists(choice, max_size=n_choices)) for r in range(world)}
     faults: dict[int, list[tuple[str, int]]] = {}
     if draw(st.booleans()):
         r = draw(st.integers(0, world - 1))
-        faults[r] = draw(st.lists(st.tuples(st.sampled_from(["get", "exists", "set"]),
-                                            st.sampled_from([0, 1, 1000, 1001, 2001, 3001])),
-                                  max_size=2))
+        faults[r] = draw(st.lists(st.tuples(st.sampled_from(["get", "get", "exists", "set"]),
+                                            st.integers(0, 3)),
+                                  min_size=1, max_size=2))
     skew = {r: draw(st.integers(0, 5)) for r in range(world)} if draw(st.booleans()) else {}
     return Schedule(name="generated", layout=layout, variant=variant, backend=backend,
                     cache=draw(cache_policies()), ops=ops, choices=choices, faults=faults,

@@ -1,0 +1,74 @@
+"""Replay files: the corpus reproduces its recorded verdicts; `cpcheck replay` is bisect-ready."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from scenarios.catalog import load_scenario
+from scenarios.checker import check
+from scenarios.cli import main
+from scenarios.replay import read_replay, write_replay
+
+CORPUS = sorted((Path(__file__).parent.parent / "scenarios" / "corpus").glob("*.json"))
+
+
+def test_corpus_is_not_empty() -> None:
+    assert len(CORPUS) >= 7
+
+
+@pytest.mark.parametrize("path", CORPUS, ids=[p.stem for p in CORPUS])
+def test_corpus_reproduces_recorded_verdict(inprocess_executor, path: Path) -> None:
+    s, data = read_replay(path)
+    verdict = check(s, inprocess_executor.run(s))
+    assert verdict.ok == data["verdict"]["ok"], verdict.summary()
+    assert verdict.invariant == data["verdict"]["invariant"]
+
+
+@pytest.mark.cp
+@pytest.mark.parametrize("path", CORPUS, ids=[p.stem for p in CORPUS])
+def test_corpus_reproduces_under_torchrun(torchrun_executor, path: Path) -> None:
+    s, data = read_replay(path)
+    verdict = check(s, torchrun_executor.run(s))
+    assert verdict.invariant == data["verdict"]["invariant"], verdict.summary()
+
+
+def test_replay_of_failing_variant_fails_the_same_way_every_time(inprocess_executor,
+                                                                  tmp_path: Path, capsys) -> None:
+    s = load_scenario("write_acks").with_(variant="tp_only_sync", layout="2x2")
+    v = check(s, inprocess_executor.run(s))
+    path = write_replay(s, v, tmp_path, "inprocess")
+    outputs = []
+    for _ in range(3):
+        assert main(["replay", str(path), "--mode", "inprocess"]) == 1
+        outputs.append(capsys.readouterr().out.splitlines()[1])
+    assert len(set(outputs)) == 1 and outputs[0] == v.summary()
+
+
+def test_replay_exit_codes(tmp_path: Path, capsys) -> None:
+    s = load_scenario("write_acks")
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps({"schedule": json.loads(s.model_dump_json())}))
+    assert main(["replay", str(good), "--mode", "inprocess"]) == 0
+    big = tmp_path / "big.json"
+    big.write_text(json.dumps({"schedule": json.loads(s.with_(layout="8x8").model_dump_json())}))
+    assert main(["replay", str(big), "--mode", "inprocess"]) == 125
+    assert "cannot run here" in capsys.readouterr().err
+    assert main(["replay", str(tmp_path / "missing.json")]) == 2
+
+
+@pytest.mark.parametrize(("text", "needle"), [
+    ('layout = "2y2"\n', "unknown layout '2y2'"),
+    ('variant = "nope"\n', "unknown variant 'nope'"),
+    ('name = "x"\nbogus = 1\n', ":2: field 'bogus'"),
+    ('name = "x"\n[cache]\npage_size = 0\n', ":3: field 'cache.page_size'"),
+    ("name = \n", "Invalid value"),
+])
+def test_bad_scenario_files_get_one_line(tmp_path: Path, capsys, text: str, needle: str) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    assert main(["run", str(path), "--mode", "inprocess"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and needle in err, err
