@@ -136,6 +136,7 @@ def check_keys(s: Schedule, results: list[dict]) -> list[str]:
     for res in results:
         tp, _cp, pp = res["coords"]
         pages: dict[str, set[str]] = defaultdict(set)
+        named_badly = False  # one naming message per rank is enough
         for op, keys, _ok, _sums in res["storage"]:
             for key in keys:
                 m = _HASH_RE.search(key)
@@ -146,15 +147,30 @@ def check_keys(s: Schedule, results: list[dict]) -> list[str]:
                 pages[m.group(1)].add(suffix)
                 part = suffix.rsplit("_", 1)[-1]
                 want = expected_suffix(s, tp, pp, part)
-                if suffix != want:
+                if suffix != want and not named_badly:
+                    named_badly = True
                     out.append(f"rank {res['rank']} ({op}): key suffix '{suffix}' for page "
                                f"{m.group(1)[:12]}…, SGLang names it '{want}'")
                 if s.cache.mla and tp != 0 and op == "set":
                     out.append(f"rank {res['rank']}: MLA page {m.group(1)[:12]}… written by "
                                f"TP rank {tp}; only TP rank 0 backs up")
         per_rank[res["rank"]] = pages
-    # CP peers (same tp, pp) must name every shared page identically
+    # what the store holds: one copy per page part (MLA) or one per TP rank (MHA), never
+    # one per CP rank
+    copies: dict[tuple[str, str], set[str]] = defaultdict(set)
+    for res in results:
+        for key in res.get("stored", []):
+            m = _HASH_RE.search(key)
+            if m:
+                copies[(m.group(1), m.group(2).rsplit("_", 1)[-1])].add(key)
     lay = s.layout_obj
+    want = lay.pp if s.cache.mla else lay.tp * lay.pp
+    for (h, part), keys in sorted(copies.items()):
+        if len(keys) > want:
+            out.append(f"the store holds {len(keys)} copies of page {h[:12]}… part {part} "
+                       f"(want at most {want}: CP-split duplicates): {sorted(keys)[:4]}")
+            break
+    # CP peers (same tp, pp) must name every shared page identically
     for res in results:
         r = res["rank"]
         for peer in lay.attn_cp_group(r):

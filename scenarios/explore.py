@@ -39,7 +39,7 @@ def interest(results: list[dict]) -> dict[str, float]:
     for d in results[0]["decisions"].get("prefetch", []) if results else []:
         revokes += d[4] == "revoke"
     for d in results[0]["decisions"].get("scheduler", []) if results else []:
-        if d[0] == "prefetch_done" and d[3] and 0 < d[3][0]:
+        if d[0] == "prefetch_done" and d[3] and d[3][0] > 0:
             partial += 1
     return {"local disagreements": float(disagree), "revokes": float(revokes),
             "prefetches with pages": float(partial)}

@@ -94,6 +94,7 @@ def execute(s: Schedule, env: RunEnv, collectives: Any, nemesis: Any = None,
     else:
         pacer = RecordingPacer(env.rank, nemesis)
     storage = None
+    stored: list[str] = []
     sched = None
     error = None
     snapshot: dict = {}
@@ -121,6 +122,10 @@ def execute(s: Schedule, env: RunEnv, collectives: Any, nemesis: Any = None,
             if not env.gated:
                 time.sleep(0.002)
         snapshot = sched.snapshot()
+        stored = _confirm_stored(storage, rec.storage)
+        # clients own their objects (Mooncake drops them on close): nobody closes until all
+        # ranks have looked
+        coll.all_reduce(torch.zeros(1, dtype=torch.int64), "max", harness_sync)
     except Exception as e:  # the result carries it; the checker turns it into a verdict
         error = f"{type(e).__name__}: {e}"
         snapshot = {"traceback": traceback.format_exc(limit=8)}
@@ -144,6 +149,7 @@ def execute(s: Schedule, env: RunEnv, collectives: Any, nemesis: Any = None,
         "collective_order": dict(coll.order),
         "pending_collectives": dict(coll.pending),
         "storage": rec.storage,
+        "stored": stored,
         "outcomes": [asdict(o) for o in (sched.outcomes if sched else [])],
         "snapshot": snapshot,
         "error": error,
@@ -154,6 +160,13 @@ def execute(s: Schedule, env: RunEnv, collectives: Any, nemesis: Any = None,
     if isinstance(pacer, RecordingPacer):
         result["recorded"] = {"choices": pacer.choices, "faults": pacer.faults}
     return result
+
+
+def _confirm_stored(storage: HiCacheStorage, accesses: list[list], limit: int = 512) -> list[str]:
+    """The keys this rank wrote that the store still holds at the end of the run."""
+    written = sorted({k for op, keys, ok, _ in accesses if op == "set"
+                      for k, good in zip(keys, ok, strict=False) if good})[:limit]
+    return [k for k in written if storage.exists(k)]
 
 
 def _apply(sched: Any, op: Any) -> None:
