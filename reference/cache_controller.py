@@ -191,7 +191,7 @@ class HiCacheController:
         cuda = device_pool.device.type == "cuda"
         self.write_stream = torch.cuda.Stream(device_pool.device) if cuda else None
         self.load_stream = torch.cuda.Stream(device_pool.device) if cuda else None
-        if storage is not None and storage.zero_copy:
+        if storage is not None:  # zero-copy backends register the host pool once, up front
             storage.register_mem_pool_host(host_pool.buffer)
 
         targets: list[tuple[str, Callable[[], None]]] = [
@@ -397,10 +397,9 @@ class HiCacheController:
             results = [False] * len(keys)
         else:
             results = self.storage_backend.batch_get(keys, targets)
-        self.observer.on_storage(StorageAccess(
-            "get", tuple(keys), tuple(results),
-            tuple(_checksum(t) if ok else "" for t, ok in zip(targets, results, strict=True)),
-        ))
+        sums = (tuple(_checksum(t) if ok else "" for t, ok in zip(targets, results, strict=True))
+                if self.observer.wants_checksums else ())
+        self.observer.on_storage(StorageAccess("get", tuple(keys), tuple(results), sums))
         return all(results)
 
     def prefetch_sync_thread_func(self) -> None:
@@ -439,9 +438,9 @@ class HiCacheController:
                     results = [False] * len(keys)
                 else:
                     results = self.storage_backend.batch_set(keys, values)
-                self.observer.on_storage(StorageAccess(
-                    "set", tuple(keys), tuple(results), tuple(_checksum(v) for v in values)
-                ))
+                sums = (tuple(_checksum(v) for v in values)
+                        if self.observer.wants_checksums else ())
+                self.observer.on_storage(StorageAccess("set", tuple(keys), tuple(results), sums))
             self.ack_backup_queue.put(op)
             self.pacer.after("backup", op.seq)
 
@@ -449,5 +448,5 @@ class HiCacheController:
 def _checksum(t: torch.Tensor) -> str:
     import hashlib
 
-    return hashlib.blake2b(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes(),
+    return hashlib.blake2b(memoryview(t.contiguous().view(-1).view(torch.uint8).numpy()),
                            digest_size=8).hexdigest()

@@ -32,6 +32,9 @@ class StorageAccess:
 class Observer:
     """Base class: every hook does nothing."""
 
+    #: page checksums cost a hash of every byte moved: computed only for observers that ask
+    wants_checksums = False
+
     def on_decision(self, decision: Decision) -> None:
         pass
 

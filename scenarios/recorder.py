@@ -17,6 +17,8 @@ from reference.api import Decision, Observer, StorageAccess
 
 
 class Recorder(Observer):
+    wants_checksums = True
+
     def __init__(self) -> None:
         self.decisions: dict[str, list[list]] = defaultdict(list)
         self.digests: list[str] = []
