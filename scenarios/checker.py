@@ -254,10 +254,11 @@ def check(s: Schedule, results: list[dict]) -> Verdict:
     if tree_at and (sched_at is None or tree_at[0] < sched_at[0]):
         failures.sort(key=lambda f: f[0] != "tree")
     errors = [r for r in results if r["error"]]
-    if errors and not failures:
-        failures = [("error", _describe_error(r)) for r in errors]
-    elif errors:
-        failures += [("error", _describe_error(r)) for r in errors]
+    # a rank that failed on its own (not by timing out on a peer) is the root cause: name it
+    # before the collective mismatches it caused
+    causes = [("error", _describe_error(r)) for r in errors if "Timeout" not in r["error"]]
+    failures = causes + failures + [("error", _describe_error(r)) for r in errors
+                                    if "Timeout" in r["error"]]
     if not failures:
         return Verdict(True, stats=stats, message=f"{stats['ranks']} ranks agree on "
                        f"{stats['decisions']} decisions")
