@@ -145,6 +145,9 @@ class MiniScheduler:
             "tree_host_tokens": held["host"],
             "in_flight": cache.in_flight(),
             "busy": self.busy(),
+            "device": str(cache.device_pool.device),
+            "host_pinned": bool(cache.host_pool.buffer.is_pinned()),
+            "cuda_event_acks": cache.cache_controller.write_stream is not None,
         }
 
     def shutdown(self) -> None:

@@ -51,9 +51,18 @@ class Executor:
             return run_schedule_inprocess(
                 s, gated=gated, storage_root=self.storage_root,
                 mooncake_master=self.mooncake_master, timeout_s=self.timeout_s,
-                run_id=run_id, nemesis=nemesis,
+                run_id=run_id, nemesis=nemesis, device=self.resolved_device,
             )
         return self._run_torchrun(s, run_id, gated)
+
+    @property
+    def resolved_device(self) -> str:
+        """'auto' means CUDA where present: ranks share the GPUs, sync groups stay gloo."""
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
 
     def pool(self, layout: str) -> Any:
         from scenarios.runner import RankPool
