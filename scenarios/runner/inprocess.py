@@ -101,6 +101,7 @@ def run_schedule_inprocess(
     timeout_s: float = 10.0,
     run_id: str | None = None,
     nemesis: Any = None,
+    device: str = "cpu",
 ) -> list[dict]:
     """Run every rank of `schedule` as a thread of this process; results in rank order."""
     import uuid
@@ -116,6 +117,7 @@ def run_schedule_inprocess(
         env = RunEnv(
             rank=rank,
             run_id=run_id,
+            device=device,
             storage_root=storage_root,
             mooncake_master=mooncake_master,
             gated=gated,
