@@ -256,14 +256,22 @@ def check(s: Schedule, results: list[dict]) -> Verdict:
     errors = [r for r in results if r["error"]]
     # a rank that failed on its own (not by timing out on a peer) is the root cause: name it
     # before the collective mismatches it caused
-    causes = [("error", _describe_error(r)) for r in errors if "Timeout" not in r["error"]]
+    causes = [("error", _describe_error(r)) for r in errors if not _waited(r["error"])]
     failures = causes + failures + [("error", _describe_error(r)) for r in errors
-                                    if "Timeout" in r["error"]]
+                                    if _waited(r["error"])]
     if not failures:
         return Verdict(True, stats=stats, message=f"{stats['ranks']} ranks agree on "
                        f"{stats['decisions']} decisions")
     inv, msg = failures[0]
     return Verdict(False, inv, msg, failures, stats)
+
+
+_WAITING = ("Timeout", "timed out", "Timed out", "not agreed", "did not finish", "never joined")
+
+
+def _waited(error: str) -> bool:
+    """An error that only says a peer never came: a consequence, not a cause."""
+    return any(w in error for w in _WAITING)
 
 
 def _describe_error(res: dict) -> str:
