@@ -275,6 +275,8 @@ class HiCacheController:
                 return
             self.pacer.before(stream_name, op.seq)
             if cuda_stream is not None:
+                # the KV was produced on the scheduler's stream: order the copy after it
+                cuda_stream.wait_stream(torch.cuda.default_stream(cuda_stream.device))
                 with torch.cuda.stream(cuda_stream):
                     copy(op)
                     op.ack.cuda_event = torch.cuda.Event()

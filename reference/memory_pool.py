@@ -138,7 +138,9 @@ def device_to_host(device: DeviceKVPool, host: HostKVPool, d_idx: torch.Tensor, 
     pages = h_idx.view(-1, ps)[:, 0].div(ps, rounding_mode="floor")
     n = pages.numel()
     src = src.view(src.shape[0], src.shape[1], n, ps, *src.shape[3:]).permute(2, 1, 0, 3, 4, 5)
-    host.buffer.index_copy_(0, pages, src.to("cpu", non_blocking=True))
+    # blocking: index_copy_ runs on the CPU at once, so the bytes must have arrived (on GPU this
+    # waits only for the caller's copy stream, which is what the write ack measures anyway)
+    host.buffer.index_copy_(0, pages, src.to("cpu"))
 
 
 def host_to_device(host: HostKVPool, device: DeviceKVPool, h_idx: torch.Tensor, d_idx: torch.Tensor):
