@@ -67,16 +67,13 @@ def mooncake_available(need_binary: bool = True) -> tuple[bool, str]:
 
     `need_binary=False` is for runs against an existing master, where only clients run here.
     """
+    from reference.storage.base import StorageError
+    from reference.storage.mooncake import _import_store
+
     try:
-        importlib.import_module("mooncake.store")
-    except ImportError as e:
-        try:
-            installed = importlib.util.find_spec("mooncake") is not None
-        except (ImportError, ValueError):
-            installed = False
-        if not installed:
-            return False, "mooncake is not installed: pip install 'cpcheck[mooncake-cpu]'"
-        return False, f"mooncake is installed but `import mooncake.store` failed: {e}"
+        _import_store()
+    except StorageError as e:
+        return False, str(e)
     if need_binary and find_master_binary() is None:
         return False, "mooncake_master not found on PATH nor in the mooncake package"
     return True, ""

@@ -32,6 +32,7 @@ from scenarios.mooncake_master import (
     mooncake_available,
 )
 from tests.mooncake_fixtures import close_all
+from tests.test_storage_backends import random_page, same_bytes
 
 pytestmark = pytest.mark.mooncake
 
@@ -62,16 +63,7 @@ def bounded(fn: Callable[[], T], seconds: float) -> T:
 
 
 def page(seed: int, shape: tuple[int, ...] = (2, 16, 2, 64), dtype=torch.bfloat16) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    n = 1
-    for d in shape:
-        n *= d
-    raw = torch.randint(0, 256, (n * dtype.itemsize,), dtype=torch.uint8, generator=g)
-    return raw.view(dtype).reshape(shape)
-
-
-def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.nbytes == b.nbytes and torch.equal(as_bytes(a), as_bytes(b))
+    return random_page(shape, dtype, seed)
 
 
 def keys_for(n: int, tag: str = "") -> list[str]:

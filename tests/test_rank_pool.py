@@ -35,6 +35,7 @@ from scenarios.runner import (
     max_ranks_here,
     pool_processes,
 )
+from scenarios.runner.torchrun_pool import _alive
 
 pytestmark = pytest.mark.cp
 
@@ -45,13 +46,6 @@ REPO = Path(__file__).resolve().parents[1]
 # -- helpers -------------------------------------------------------------------------------------
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read().decode(errors="replace")
-    except OSError:
-        return False
-    return stat[stat.rfind(")") + 2 :].split()[0] != "Z"
 
 
 def assert_no_pool_processes(pool_id: str, pids: Iterable[int], timeout_s: float = 10.0) -> None:

@@ -23,6 +23,7 @@ from reference.api import CacheConfig, MiniScheduler, ParallelGroups, RankInfo, 
 from reference.hashing import page_hashes
 from reference.memory_pool import KVShape
 from reference.model import page_kv
+from reference.pacing import FreeRunning
 from reference.storage.base import HiCacheStorage
 from reference.storage.file import FileStorage
 from reference.storage.memory import MemoryStorage, clear_namespace, namespace_keys
@@ -289,7 +290,7 @@ def test_mla_only_tp_rank_0_backs_up(tp_rank: int) -> None:
 # -- a prefetch's anchor node must survive device eviction -------------------------------------
 
 
-class PrefetchIOGate:
+class PrefetchIOGate(FreeRunning):
     """A pacer that holds the prefetch IO thread until the test opens the gate (an Event,
     not a sleep), so a device eviction can run while the prefetch is provably in flight."""
 
@@ -301,21 +302,6 @@ class PrefetchIOGate:
         if stream == "prefetch_io":
             self.io_waiting.set()
             assert self.open.wait(DEADLINE_S), "gate never opened"
-
-    def after(self, stream: str, seq: int) -> None:
-        pass
-
-    def at(self, point: str, stream: str, issued: int) -> None:
-        pass
-
-    def need(self, stream: str, seq: int) -> None:
-        pass
-
-    def fail(self, call: str, seq: int) -> bool:
-        return False
-
-    def now(self) -> float:
-        return time.monotonic()
 
     def release_all(self) -> None:
         self.open.set()
