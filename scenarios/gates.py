@@ -110,9 +110,12 @@ class RecordingPacer:
     nemesis go through `fail` and are recorded as they fire.
     """
 
-    def __init__(self, rank: int, nemesis=None) -> None:  # noqa: ANN001
+    def __init__(self, rank: int, nemesis=None, wait_timeout_s: float = 20.0) -> None:  # noqa: ANN001
         self.rank = rank
+        self._timeout = wait_timeout_s
         self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._released = False
         self._done: dict[str, int] = defaultdict(int)
         self._seen: dict[str, int] = defaultdict(int)
         self.choices: list[int] = []
@@ -126,8 +129,9 @@ class RecordingPacer:
             self.nemesis.io_delay(self.rank, stream)
 
     def after(self, stream: str, seq: int) -> None:
-        with self._lock:
+        with self._cond:
             self._done[stream] = max(self._done[stream], seq + 1)
+            self._cond.notify_all()
 
     def fail(self, call: str, seq: int) -> bool:
         if self.nemesis is not None and self.nemesis.storage_fails(self.rank, call):
@@ -145,8 +149,18 @@ class RecordingPacer:
             self._seen[stream] = max(self._seen[stream], done)
 
     def need(self, stream: str, seq: int) -> None:
-        with self._lock:
+        """Wait, as a gated replay does, for unit `seq`: the threads run free meanwhile, but
+        the scheduler reads nothing before it, so the recorded choices replay faithfully."""
+        deadline = time.monotonic() + self._timeout
+        with self._cond:
+            while self._done[stream] <= seq and not self._released:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break  # the reference's own timeout names what is missing
+                self._cond.wait(min(left, 0.5))
             self._seen[stream] = max(self._seen[stream], seq + 1)
 
     def release_all(self) -> None:
-        pass
+        with self._cond:
+            self._released = True
+            self._cond.notify_all()

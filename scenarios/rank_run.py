@@ -100,7 +100,7 @@ def execute(s: Schedule, env: RunEnv, collectives: Any, nemesis: Any = None,
                                 s.faults.get(env.rank, []), s.clock_skew.get(env.rank, 0),
                                 wait_timeout_s=env.agree_timeout_s)
     else:
-        pacer = RecordingPacer(env.rank, nemesis)
+        pacer = RecordingPacer(env.rank, nemesis, wait_timeout_s=env.agree_timeout_s)
     storage = None
     stored: list[str] = []
     sched = None
