@@ -35,7 +35,6 @@ class RunEnv:
     mooncake_master: str = ""  # mooncake backend: "host:port"
     gated: bool = True
     agree_timeout_s: float = 20.0
-    keep_storage: bool = False
 
 
 def make_storage(backend: str, env: RunEnv) -> HiCacheStorage:
@@ -88,8 +87,7 @@ def rank_groups(s: Schedule, rank: int) -> tuple[RankInfo, ParallelGroups]:
     return info, groups
 
 
-def execute(s: Schedule, env: RunEnv, collectives: Any, nemesis: Any = None,
-            stop_after_s: float | None = None) -> dict:
+def execute(s: Schedule, env: RunEnv, collectives: Any, nemesis: Any = None) -> dict:
     """Run `s` on this rank. Never raises for a run failure: the error is part of the result."""
     t0 = time.monotonic()
     info, groups = rank_groups(s, env.rank)
