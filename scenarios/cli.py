@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import sys
 from collections.abc import Iterator
+from typing import Any
 
 from scenarios import __version__
 
@@ -70,22 +71,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 @contextlib.contextmanager
-def mooncake_for(backend: str | None, address: str) -> Iterator[str]:
-    """The master to use: the one given, one the harness starts and always stops, or none."""
+def mooncake_for(backend: str | None, address: str) -> Iterator[tuple[str, Any]]:
+    """(address, master) to use: the address given (master None), a master the harness starts
+    and always stops (so a nemesis may restart it), or ("", None) for other backends."""
     if backend != "mooncake":
-        yield address
+        yield address, None
         return
     from scenarios.mooncake_master import MooncakeMaster, check_master_reachable, mooncake_available
 
     if address:
         check_master_reachable(address, timeout=3.0)
-        yield address
+        yield address, None
         return
     ok, why = mooncake_available()
     if not ok:
         raise CannotRun(f"backend 'mooncake' is not available here: {why}")
     with MooncakeMaster() as master:
-        yield master.address
+        yield master.address, master
 
 
 class CannotRun(Exception):
@@ -108,7 +110,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                                  ("backend", args.backend)) if v}
     if changes:
         s = s.from_dict({**s.model_dump(), **changes}, args.scenario)
-    with mooncake_for(s.backend, args.mooncake_master) as master, \
+    with mooncake_for(s.backend, args.mooncake_master) as (master, _), \
             _executor(args, master, args.mode) as ex:
         verdict = check(s, ex.run(s))
     print(f"{s.name} layout={s.layout} variant={s.variant} backend={s.backend} mode={args.mode}")
@@ -134,7 +136,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     if s.layout_obj.world_size > max_ranks_here():
         raise CannotRun(f"layout {s.layout} needs {s.layout_obj.world_size} ranks; "
                         f"this machine runs at most {max_ranks_here()}")
-    with mooncake_for(s.backend, args.mooncake_master) as master, \
+    with mooncake_for(s.backend, args.mooncake_master) as (master, _), \
             _executor(args, master, mode) as ex:
         verdict = check(s, ex.run(s))
     print(f"replay {args.file}: layout={s.layout} variant={s.variant} mode={mode}")
@@ -150,7 +152,7 @@ def cmd_explore(args: argparse.Namespace) -> int:
     from scenarios.replay import write_replay
 
     layouts = tuple(args.layout or ["1x2", "2x2", "1x4", "2x1"])
-    with mooncake_for(args.backend, args.mooncake_master) as master, \
+    with mooncake_for(args.backend, args.mooncake_master) as (master, _), \
             _executor(args, master, args.mode) as ex:
         h = hunt(ex, args.variant, layouts, args.examples, args.seed, args.backend or "memory")
     if h.found is None or h.verdict is None:

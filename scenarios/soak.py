@@ -216,29 +216,16 @@ def cmd_soak(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
 
     with ExitStack() as stack:
-        master = args.mooncake_master
-        if args.backend == "mooncake":
-            from scenarios.mooncake_master import (
-                MooncakeMaster,
-                check_master_reachable,
-                mooncake_available,
-            )
+        from scenarios.cli import CannotRun, mooncake_for
 
-            if master:
-                try:
-                    check_master_reachable(master, timeout=3.0)
-                except Exception as e:  # unreachable master: nothing to soak against
-                    print(f"cpcheck: cannot run here: {e}", file=sys.stderr)
-                    return EXIT_CANNOT_RUN
-            else:
-                ok, why = mooncake_available()
-                if not ok:
-                    print(f"cpcheck: cannot run here: backend 'mooncake' is not available: {why}",
-                          file=sys.stderr)
-                    return EXIT_CANNOT_RUN
-                mm = stack.enter_context(MooncakeMaster())
-                master = mm.address
-                nem.restart = mm.restart
+        try:
+            master, mm = stack.enter_context(mooncake_for(args.backend, args.mooncake_master))
+        except (CannotRun, OSError, RuntimeError, ValueError) as e:
+            # no master to soak against (unreachable, or Mooncake not installed)
+            print(f"cpcheck: cannot run here: {e}", file=sys.stderr)
+            return EXIT_CANNOT_RUN
+        if mm is not None:
+            nem.restart = mm.restart
         ex = stack.enter_context(Executor(args.mode, timeout_s=args.timeout,
                                           mooncake_master=master, device=args.device))
         return _loop(args, ex, nem if use_nemesis else None, seed, layout, world, out,
