@@ -359,6 +359,7 @@ class HiCacheController:
             op = self.prefetch_buffer.get()
             if op is None:
                 return
+            assert op.num_batches >= 1  # revoked below the threshold (>= one page) otherwise
             failed = False
             for b in range(op.num_batches):
                 self.pacer.before("prefetch_io", op.first_batch + b)
@@ -376,8 +377,6 @@ class HiCacheController:
                 if b == op.num_batches - 1:
                     self._finish_io(op)
                 self.pacer.after("prefetch_io", op.first_batch + b)
-            if op.num_batches == 0:
-                self._finish_io(op)
 
     def _finish_io(self, op: PrefetchOperation) -> None:
         """The final ack; `io_done` is set before the last batch reports done to a pacer."""

@@ -110,20 +110,24 @@ def execute(s: Schedule, env: RunEnv, collectives: Any, nemesis: Any = None) -> 
         sched = open_rank(cache_config(s, env), info, groups, coll, storage,
                           torch.device(env.device), pacer, rec)
         harness_sync = coll.new_groups([tuple(range(s.layout_obj.world_size))], "harness")[0]
-        lockstep = torch.zeros(1, dtype=torch.int64)
+
+        def any_rank(flag: int) -> int:
+            """MAX over every rank: the harness's own barrier and agreement."""
+            t = torch.tensor([flag], dtype=torch.int64)
+            coll.all_reduce(t, "max", harness_sync)
+            return int(t.item())
+
         for op in s.ops:
             _apply(sched, op)
             ops_done += 1
             # the model's forward pass keeps ranks in lockstep per scheduler step in production
             # (its TP/CP collectives); without this a variant that drops the cache's own syncs
             # would let one rank race ahead and make shared-storage runs timing-dependent
-            coll.all_reduce(lockstep, "max", harness_sync)
+            any_rank(0)
         pacer.drain = True
         for _ in range(MAX_DRAIN_STEPS):
             sched.step()
-            busy = torch.tensor([int(sched.busy())], dtype=torch.int64)
-            coll.all_reduce(busy, "max", harness_sync)
-            if busy.item() == 0:
+            if not any_rank(int(sched.busy())):
                 break
             if not env.gated:
                 time.sleep(0.002)
@@ -131,7 +135,7 @@ def execute(s: Schedule, env: RunEnv, collectives: Any, nemesis: Any = None) -> 
         stored = _confirm_stored(storage, rec.storage)
         # clients own their objects (Mooncake drops them on close): nobody closes until all
         # ranks have looked
-        coll.all_reduce(torch.zeros(1, dtype=torch.int64), "max", harness_sync)
+        any_rank(0)
     except Exception as e:  # the result carries it; the checker turns it into a verdict
         error = f"{type(e).__name__}: {e}"
         snapshot = {"traceback": traceback.format_exc(limit=8)}
@@ -160,7 +164,7 @@ def execute(s: Schedule, env: RunEnv, collectives: Any, nemesis: Any = None) -> 
         "snapshot": snapshot,
         "error": error,
         "ops_done": ops_done,
-        "waiting_on": dict(getattr(pacer, "waiting_on", {})),
+        "waiting_on": dict(pacer.waiting_on),
         "wall_s": time.monotonic() - t0,
     }
     if isinstance(pacer, RecordingPacer):
