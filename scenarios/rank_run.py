@@ -154,6 +154,7 @@ def execute(s: Schedule, env: RunEnv, collectives: Any, nemesis: Any = None) -> 
         "rank": env.rank,
         "coords": list(s.layout_obj.coords(env.rank)),
         "decisions": dict(rec.decisions),
+        "effects": dict(rec.effects), "actions": rec.actions,
         "digests": rec.digests,
         "collectives": dict(coll.log),
         "collective_order": dict(coll.order),
