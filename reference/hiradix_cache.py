@@ -139,7 +139,7 @@ class HiRadixCache:
                 if self.enable_storage:
                     self.write_backup_storage(node)
         self._decide("writing_check", "", (finish_count,), (agreed,), f"ack {agreed} writes",
-                     (queued - len(cc.ack_write_queue),))
+                     (queued - len(cc.ack_write_queue), queued))
 
     def loading_check(self) -> None:
         cc = self.cache_controller
@@ -156,7 +156,7 @@ class HiRadixCache:
             for node_id in ack.node_ids:
                 self.tree.dec_lock_ref(self.ongoing_load_back.pop(node_id))
         self._decide("loading_check", "", (finish_count,), (agreed,), f"ack {agreed} loads",
-                     (queued - len(cc.ack_load_queue),))
+                     (queued - len(cc.ack_load_queue), queued))
 
     def drain_storage_control_queues(self) -> None:
         cc = self.cache_controller
