@@ -1,0 +1,160 @@
+"""Workload shaping: Schedules and soak chunks that reach every prefetch outcome class.
+
+Plain generation mostly prefetches pages that were never stored, so almost every prefetch ends
+revoked (94-97% in soaks) and the paths where CP ranks can disagree (partial progress, a policy
+stopping IO mid-transfer, storage errors mid-batch) are rare. Here each prefetch is drawn with an
+*intent* (one of coverage.PREFETCH_CLASSES) and the Schedule is built to realise it:
+
+- a warm-up writes a shared prefix through to host and storage, then drops it from L1 and L2,
+  so the prefix is in L3 only;
+- each fetch re-adds the prefix: `revoked` uses a prefix that was never stored, `aborted` aborts
+  before the next step, `complete` opens every IO batch before the progress point, `partial` and
+  `terminated` open some / none on some rank under best_effort or an expired timeout,
+  `storage_error` opens every batch but fails one `get` on one rank;
+- every other decision point gets the choice "all queued units done" (ALL), so the warm-up and
+  the flushes between fetches are deterministic and the intent choice lands on the progress point.
+"""
+
+from __future__ import annotations
+
+import random
+
+from hypothesis import strategies as st
+
+from scenarios.coverage import PREFETCH_CLASSES
+from scenarios.schedule import CachePolicy, Op, Schedule, tokens_for
+
+PAGE = 4
+#: a choice c opens c % (pending + 1) more units: 2519 = lcm(1..10) - 1 opens all of <= 9 pending
+ALL = 2519
+#: the at-points of one scheduler step with storage: writing_check, loading_check, drain
+STEP_POINTS = 3
+#: intents a stop policy can realise (wait_complete never stops with IO outstanding)
+INTENTS = {
+    "best_effort": PREFETCH_CLASSES,
+    "timeout": PREFETCH_CLASSES,
+    "wait_complete": ("revoked", "aborted", "complete", "storage_error"),
+}
+
+
+def build_prefetch_schedule(layout: str, policy: str, intents: list[str], *, shared_len: int,
+                            batch_pages: int, mla: bool, picks: list[list[int]],
+                            fault_batch: list[int], fault_rank: list[int],
+                            variant: str = "fixed", backend: str = "memory",
+                            timeout_ticks: int = 2, seed: int = 0) -> Schedule:
+    """A gated Schedule whose k-th fetch realises intents[k].
+
+    picks[k][r]: for partial / terminated, how many IO batches rank r has done at the progress
+    point (clamped so the intent holds); fault_batch[k] / fault_rank[k]: which batch fails where.
+    """
+    world = 1
+    for x in layout.split("x"):
+        world *= int(x)
+    hits = shared_len // PAGE
+    nb = -(-hits // batch_pages)
+    ops = [Op(kind="add", rid="warm", tokens=tokens_for(0, shared_len, 0, 3), prefetch=False),
+           Op(kind="step"), Op(kind="step"), Op(kind="step"),
+           Op(kind="evict_device", n=1000), Op(kind="evict_host", n=1000)]
+    choices: dict[int, list[int]] = {r: [ALL] * (3 * STEP_POINTS) for r in range(world)}
+    faults: dict[int, list[tuple[str, int]]] = {}
+    gets = [0] * world  # get calls so far per rank: a fault names the call by its index
+    for k, intent in enumerate(intents):
+        rid = f"f{k}"
+        shared = 0 if intent != "revoked" else 100 + k  # a prefix nobody stored
+        ops.append(Op(kind="add", rid=rid, tokens=tokens_for(shared, shared_len, k + 1, 5)))
+        if intent == "aborted":
+            ops.append(Op(kind="abort", rid=rid))
+        ops.append(Op(kind="step"))
+        progress: list[int | None] = [None] * world  # None: no progress point this step
+        if intent == "complete":
+            progress = [ALL] * world
+            for r in range(world):
+                gets[r] += nb
+        elif intent in ("partial", "terminated"):
+            want = [max(1, min(nb - 1, p)) for p in picks[k][:world]]
+            want += [want[-1]] * (world - len(want))
+            if intent == "terminated":
+                want[fault_rank[k] % world] = 0
+            progress = list(want)
+            for r in range(world):
+                gets[r] += want[r]
+        elif intent == "storage_error":
+            progress = [ALL] * world
+            fr, fb = fault_rank[k] % world, fault_batch[k] % nb
+            faults.setdefault(fr, []).append(("get", gets[fr] + fb))
+            for r in range(world):
+                gets[r] += fb + 1 if r == fr else nb
+        for r in range(world):
+            choices[r] += [ALL] * STEP_POINTS + ([] if progress[r] is None else [progress[r]])
+            choices[r] += [ALL] * (2 * STEP_POINTS)  # the two flush steps below
+        ops += [Op(kind="step"), Op(kind="step"),
+                Op(kind="evict_device", n=1000), Op(kind="evict_host", n=1000)]
+    cache = CachePolicy(page_size=PAGE, device_pages=64, host_pages=96, mla=mla,
+                        write_policy="write_through", prefetch_stop_policy=policy,
+                        prefetch_threshold=0, prefetch_batch_pages=batch_pages,
+                        prefetch_timeout_ticks=timeout_ticks)
+    return Schedule(name="shaped", layout=layout, variant=variant, backend=backend, cache=cache,
+                    ops=ops, choices=choices, faults=faults, seed=seed)
+
+
+@st.composite
+def prefetch_workloads(draw: st.DrawFn, layouts: tuple[str, ...] = ("1x2", "2x2"),
+                       variant: str = "fixed", backend: str = "memory") -> Schedule:
+    """One Schedule of 1-4 fetches, each drawn with an outcome intent (see the module doc)."""
+    layout = draw(st.sampled_from(layouts))
+    policy = draw(st.sampled_from(["best_effort", "timeout", "wait_complete"]))
+    n = draw(st.integers(1, 4))
+    intents = draw(st.lists(st.sampled_from(INTENTS[policy]), min_size=n, max_size=n))
+    ints = st.integers(0, 7)
+    return build_prefetch_schedule(
+        layout, policy, intents,
+        shared_len=draw(st.sampled_from([16, 24, 32])),
+        batch_pages=draw(st.sampled_from([1, 1, 2])),
+        mla=draw(st.booleans()),
+        picks=[draw(st.lists(ints, min_size=4, max_size=4)) for _ in range(n)],
+        fault_batch=[draw(ints) for _ in range(n)],
+        fault_rank=[draw(ints) for _ in range(n)],
+        variant=variant, backend=backend,
+        # a timeout expires by the progress point (4 ticks after the add) unless it is long
+        timeout_ticks=draw(st.integers(0, 3)),
+    )
+
+
+# -- free-running soak chunks ------------------------------------------------------------------
+def shape_chunk(rng: random.Random, s: Schedule) -> Schedule:
+    """Reshape a soak chunk so its prefetches spread over the outcome classes.
+
+    Free-running runs have no gates, so intents are realised by timing: the shared prefixes are
+    warmed into storage and dropped from L1/L2 first; fetches of long prefixes in one-page
+    batches race the next step's progress point (partial / terminated under best_effort or a
+    short timeout, complete under wait_complete or a slow step); some are aborted at once;
+    some ask for a prefix nobody stored (revoked).
+    """
+    groups = 3
+    shared_len = rng.choice([32, 48])
+    ops: list[Op] = []
+    for g in range(groups):  # warm: in storage, then only there
+        ops += [Op(kind="add", rid=f"{s.name}w{g}", tokens=tokens_for(g, shared_len, 900 + g, 3),
+                   prefetch=False), Op(kind="step")]
+    ops += [Op(kind="step")] * 4 + [Op(kind="evict_device", n=1000),
+                                    Op(kind="evict_host", n=1000)]
+    for i in range(rng.randint(6, 10)):
+        rid = f"{s.name}q{i}"
+        roll = rng.random()
+        shared = rng.randrange(groups) if roll >= 0.2 else 50 + i  # ~20% never stored
+        ops.append(Op(kind="add", rid=rid, tokens=tokens_for(shared, shared_len, i,
+                                                             rng.randint(1, 9))))
+        if rng.random() < 0.2:
+            ops.append(Op(kind="abort", rid=rid))
+        ops += [Op(kind="step")] * rng.randint(1, 2)
+        if rng.random() < 0.5:  # back to L3 only, so the next fetch of this prefix hits again
+            ops += [Op(kind="step"), Op(kind="evict_device", n=1000),
+                    Op(kind="evict_host", n=1000)]
+    cache = s.cache.model_copy(update={
+        "device_pages": 96, "host_pages": 128, "write_policy": "write_through",
+        "prefetch_threshold": 0, "prefetch_batch_pages": 1,
+        "prefetch_stop_policy": rng.choice(["best_effort", "best_effort", "timeout",
+                                            "wait_complete"]),
+        "prefetch_timeout_ticks": rng.choice([0, 1]),
+    })
+    return s.with_(ops=ops, cache=cache.model_dump())
