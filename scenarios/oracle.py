@@ -23,7 +23,8 @@ Rules (each violation names the rule, the decision, the ranks, the locals, expec
                 prefetch or an aborted request), and the count the scheduler acts on is the
                 final progress ack's agreed count where per-batch acks exist (0.5.20)
   terminate     can_terminate terminates iff the agreed [1 - can, terminated] says every rank
-                can stop or some rank already terminated
+                can stop or some rank already terminated, both as logged and as acted on (a
+                prefetch that stops right after an agreed "wait" violates it)
   wait_complete with wait_complete, no termination while a member rank still has IO
                 outstanding (hit query pending, or pages missing before its final ack), unless
                 a member already terminated (revoked)
@@ -276,9 +277,24 @@ class Oracle:
                     self.fail("insert", f"prefetch of {rid} on rank {r}: agreed completed "
                               f"{want} tokens, expected {want} inserted, actual {got}")
 
+    def check_stops(self) -> None:
+        """A prefetch_done right after its can_terminate means the scheduler stopped it there:
+        the agreement must have allowed that (an aborted request stops regardless)."""
+        for r, res in sorted(self.results.items()):
+            sched = res.get("decisions", {}).get("scheduler", [])
+            for i in range(1, len(sched)):
+                prev, cur = sched[i - 1], sched[i]
+                if (cur[0] == "prefetch_done" and prev[0] == "can_terminate"
+                        and prev[1] == cur[1] and cur[1] not in self.aborted
+                        and len(prev[3]) == 2 and prev[3][0] != 0 and prev[3][1] == 0):
+                    self.fail("terminate", f"scheduler decision #{i - 1} can_terminate({cur[1]}) "
+                              f"on rank {r}: local {prev[2]}, agreed [1-can, terminated]="
+                              f"{prev[3]}, expected wait, actual stopped (prefetch_done follows)")
+
     def run(self) -> list[tuple[str, str]]:
         self.check_agreements()
         self.check_inserts()
+        self.check_stops()
         return self.out
 
 
