@@ -348,7 +348,7 @@ class HiCacheController:
                 self.prefetch_buffer.put(op)
                 outcome = f"fetch {agreed} pages"
             self.decide("prefetch", "prefetch_hits", op.request_id, (local,), (agreed,), outcome,
-                        (int(op.revoked), op.storage_hit_count))
+                        (int(op.revoked), op.storage_hit_count, len(op.token_ids) // self.page_size))
             op.query_done.set()
             self.pacer.after("prefetch_query", op.seq)
 

@@ -7,9 +7,10 @@ so a soak report, an explore summary and a test can say which classes were never
 Prefetch classes (one per prefetch, from the agreed values, identical on every rank):
   revoked          agreed hits below the threshold
   aborted          the request was aborted while its prefetch ran
-  complete         every agreed hit page entered the tree
-  partial          stopped by the stop policy with IO outstanding on some rank; some pages in
-  terminated       stopped by the stop policy with IO outstanding; no page in on every rank
+  complete         storage held every requested page, and all of them entered the tree
+  partial          storage held a prefix of the requested pages; all of those entered the tree
+  terminated       the stop policy stopped it with IO outstanding on some rank, before every
+                   agreed page was in (best_effort, or timeout after its deadline)
   storage_error    IO finished on every rank, but a batch failed: fewer pages than agreed hits
 """
 
@@ -33,14 +34,15 @@ def prefetch_classes(s: Any, results: list[dict]) -> dict[str, str]:
         return {}
     page = s.cache.page_size
     dec = base.get("decisions", {})
-    hits = {rid: (outcome, agreed) for k, rid, _l, agreed, outcome in dec.get("prefetch", [])
-            if k == "prefetch_hits"}
+    effs = base.get("effects", {}).get("prefetch", [])
+    hits = {e[1]: (e[4], e[3], effs[i] if i < len(effs) else [])
+            for i, e in enumerate(dec.get("prefetch", [])) if e[0] == "prefetch_hits"}
     sched = dec.get("scheduler", [])
     done = {e[1]: int(e[3][0]) for e in sched if e[0] == "prefetch_done" and e[3]}
     term_at = {e[1]: i for i, e in enumerate(sched)
                if e[0] == "can_terminate" and e[4] == "terminate"}
     out: dict[str, str] = {}
-    for rid, (outcome, agreed) in hits.items():
+    for rid, (outcome, agreed, eff) in hits.items():
         if outcome == "revoke":
             out[rid] = "revoked"
             continue
@@ -50,9 +52,10 @@ def prefetch_classes(s: Any, results: list[dict]) -> dict[str, str]:
         if rid not in term_at:
             out[rid] = "aborted"
         elif done[rid] >= hit_tokens:
-            out[rid] = "complete"
+            whole = len(eff) >= 3 and int(agreed[0]) >= int(eff[2])
+            out[rid] = "complete" if whole else "partial"
         elif _io_outstanding(results, term_at[rid]):
-            out[rid] = "partial" if done[rid] > 0 else "terminated"
+            out[rid] = "terminated"
         else:
             out[rid] = "storage_error"
     return out

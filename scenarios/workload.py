@@ -8,9 +8,10 @@ stopping IO mid-transfer, storage errors mid-batch) are rare. Here each prefetch
 - a warm-up writes a shared prefix through to host and storage, then drops it from L1 and L2,
   so the prefix is in L3 only;
 - each fetch re-adds the prefix: `revoked` uses a prefix that was never stored, `aborted` aborts
-  before the next step, `complete` opens every IO batch before the progress point, `partial` and
-  `terminated` open some / none on some rank under best_effort or an expired timeout,
-  `storage_error` opens every batch but fails one `get` on one rank;
+  before the next step, `complete` asks for exactly the stored pages and `partial` for the
+  stored prefix plus pages of its own, both with every IO batch open before the progress point;
+  `terminated` opens fewer than all batches on every rank under best_effort or an expired
+  timeout; `storage_error` opens every batch but fails one `get` on one rank;
 - every other decision point gets the choice "all queued units done" (ALL), so the warm-up and
   the flushes between fetches are deterministic and the intent choice lands on the progress point.
 """
@@ -33,7 +34,7 @@ STEP_POINTS = 3
 INTENTS = {
     "best_effort": PREFETCH_CLASSES,
     "timeout": PREFETCH_CLASSES,
-    "wait_complete": ("revoked", "aborted", "complete", "storage_error"),
+    "wait_complete": ("revoked", "aborted", "complete", "partial", "storage_error"),
 }
 
 
@@ -44,15 +45,16 @@ def build_prefetch_schedule(layout: str, policy: str, intents: list[str], *, sha
                             timeout_ticks: int = 2, seed: int = 0) -> Schedule:
     """A gated Schedule whose k-th fetch realises intents[k].
 
-    picks[k][r]: for partial / terminated, how many IO batches rank r has done at the progress
-    point (clamped so the intent holds); fault_batch[k] / fault_rank[k]: which batch fails where.
+    picks[k][r]: for terminated, how many IO batches rank r has done at the progress point
+    (clamped below all); fault_batch[k] / fault_rank[k]: which batch fails where.
     """
     world = 1
     for x in layout.split("x"):
         world *= int(x)
     hits = shared_len // PAGE
     nb = -(-hits // batch_pages)
-    ops = [Op(kind="add", rid="warm", tokens=tokens_for(0, shared_len, 0, 3), prefetch=False),
+    warm = tokens_for(0, shared_len, 0, 3)
+    ops = [Op(kind="add", rid="warm", tokens=warm, prefetch=False),
            Op(kind="step"), Op(kind="step"), Op(kind="step"),
            Op(kind="evict_device", n=1000), Op(kind="evict_host", n=1000)]
     choices: dict[int, list[int]] = {r: [ALL] * (3 * STEP_POINTS) for r in range(world)}
@@ -61,20 +63,19 @@ def build_prefetch_schedule(layout: str, policy: str, intents: list[str], *, sha
     for k, intent in enumerate(intents):
         rid = f"f{k}"
         shared = 0 if intent != "revoked" else 100 + k  # a prefix nobody stored
-        ops.append(Op(kind="add", rid=rid, tokens=tokens_for(shared, shared_len, k + 1, 5)))
+        tokens = warm if intent == "complete" else tokens_for(shared, shared_len, k + 1, 5)
+        ops.append(Op(kind="add", rid=rid, tokens=tokens))
         if intent == "aborted":
             ops.append(Op(kind="abort", rid=rid))
         ops.append(Op(kind="step"))
         progress: list[int | None] = [None] * world  # None: no progress point this step
-        if intent == "complete":
+        if intent in ("complete", "partial"):
             progress = [ALL] * world
             for r in range(world):
                 gets[r] += nb
-        elif intent in ("partial", "terminated"):
-            want = [max(1, min(nb - 1, p)) for p in picks[k][:world]]
+        elif intent == "terminated":
+            want = [min(nb - 1, p) for p in picks[k][:world]]
             want += [want[-1]] * (world - len(want))
-            if intent == "terminated":
-                want[fault_rank[k] % world] = 0
             progress = list(want)
             for r in range(world):
                 gets[r] += want[r]
@@ -124,34 +125,44 @@ def prefetch_workloads(draw: st.DrawFn, layouts: tuple[str, ...] = ("1x2", "2x2"
 def shape_chunk(rng: random.Random, s: Schedule) -> Schedule:
     """Reshape a soak chunk so its prefetches spread over the outcome classes.
 
-    Free-running runs have no gates, so intents are realised by timing: the shared prefixes are
-    warmed into storage and dropped from L1/L2 first; fetches of long prefixes in one-page
-    batches race the next step's progress point (partial / terminated under best_effort or a
-    short timeout, complete under wait_complete or a slow step); some are aborted at once;
-    some ask for a prefix nobody stored (revoked).
+    The chunk's own ops stay (writes, evictions, aborts under its pools and write policy) but
+    add without prefetch; then a fetch section follows. Free-running runs have no gates, so
+    intents are realised by timing: shared prefixes are warmed into storage and dropped from L1
+    and L2; long prefixes fetched in one-page batches race the next step's progress point
+    (partial / terminated under best_effort or an expired timeout, complete under wait_complete
+    or when the IO wins); about a fifth are aborted at once, a fifth ask for a prefix nobody
+    stored (revoked). A storage error mid-batch needs the nemesis (`--faults storage_errors`).
     """
-    groups = 3
-    shared_len = rng.choice([32, 48])
-    ops: list[Op] = []
+    groups = 2
+    shared_len = rng.choice([128, 192])
+    ops = [o.model_copy(update={"prefetch": False}) if o.kind == "add" else o for o in s.ops]
+    ops += [Op(kind="step")] * 3
     for g in range(groups):  # warm: in storage, then only there
-        ops += [Op(kind="add", rid=f"{s.name}w{g}", tokens=tokens_for(g, shared_len, 900 + g, 3),
+        ops += [Op(kind="add", rid=f"w{g}", tokens=tokens_for(g, shared_len, 900 + g, 3),
                    prefetch=False), Op(kind="step")]
-    ops += [Op(kind="step")] * 4 + [Op(kind="evict_device", n=1000),
-                                    Op(kind="evict_host", n=1000)]
-    for i in range(rng.randint(6, 10)):
-        rid = f"{s.name}q{i}"
-        roll = rng.random()
-        shared = rng.randrange(groups) if roll >= 0.2 else 50 + i  # ~20% never stored
-        ops.append(Op(kind="add", rid=rid, tokens=tokens_for(shared, shared_len, i,
-                                                             rng.randint(1, 9))))
-        if rng.random() < 0.2:
-            ops.append(Op(kind="abort", rid=rid))
-        ops += [Op(kind="step")] * rng.randint(1, 2)
-        if rng.random() < 0.5:  # back to L3 only, so the next fetch of this prefix hits again
-            ops += [Op(kind="step"), Op(kind="evict_device", n=1000),
-                    Op(kind="evict_host", n=1000)]
+    flush = [Op(kind="step")] * 3 + [Op(kind="evict_device", n=1000)] + \
+        [Op(kind="step")] * 3 + [Op(kind="evict_host", n=1000)]
+    ops += flush
+    i = 0
+    for _ in range(rng.randint(3, 4)):
+        # a burst of fetches before one step: the IO thread serves them in order, so the later
+        # ones are still queued or mid-transfer when the step's progress point comes
+        for _ in range(rng.choice([1, 2, 3])):
+            rid = f"f{i}"
+            unstored = rng.random() < 0.2
+            shared = 50 + i if unstored else rng.randrange(groups)
+            ops.append(Op(kind="add", rid=rid, tokens=tokens_for(shared, shared_len, 500 + i,
+                                                                 rng.randint(1, 9))))
+            if not unstored and rng.random() < 0.22:
+                ops.append(Op(kind="abort", rid=rid))
+            i += 1
+        ops.append(Op(kind="step"))
+        ops += flush  # back to L3 only, so the next fetch of these prefixes hits again
+    policy = s.cache.write_policy
     cache = s.cache.model_copy(update={
-        "device_pages": 96, "host_pages": 128, "write_policy": "write_through",
+        "device_pages": max(s.cache.device_pages, 512), "host_pages": max(s.cache.host_pages, 512),
+        # selective write-through only writes a node after two hits: the warm-up would not stick
+        "write_policy": "write_through" if policy == "write_through_selective" else policy,
         "prefetch_threshold": 0, "prefetch_batch_pages": 1,
         "prefetch_stop_policy": rng.choice(["best_effort", "best_effort", "timeout",
                                             "wait_complete"]),

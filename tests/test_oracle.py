@@ -46,12 +46,12 @@ CASES = {
     "hits_max": (lambda lay: exists_fault(lay), "reduce"),
     "terminate_min": (lambda lay: one_rank_behind(lay, "wait_complete"), "reduce"),
     "acks_one_short": (lambda lay: load_scenario("write_acks").with_(layout=lay), "acks"),
-    "threshold": (lambda lay: shaped(lay, "best_effort", "complete"), "revoke"),
+    "threshold": (lambda lay: shaped(lay, "best_effort", "partial"), "revoke"),
     "insert_short": (lambda lay: shaped(lay, "best_effort", "complete"), "insert"),
     "terminate_ignored": (lambda lay: one_rank_behind(lay, "wait_complete"), "terminate"),
     "wait_complete_early": (lambda lay: one_rank_behind(lay, "wait_complete"), "wait_complete"),
-    "timeout_early": (lambda lay: shaped(lay, "timeout", "partial", timeout_ticks=8), "timeout"),
-    "best_effort_waits": (lambda lay: shaped(lay, "best_effort", "partial"), "best_effort"),
+    "timeout_early": (lambda lay: shaped(lay, "timeout", "terminated", timeout_ticks=8), "timeout"),
+    "best_effort_waits": (lambda lay: shaped(lay, "best_effort", "terminated"), "best_effort"),
 }
 
 
@@ -151,7 +151,7 @@ def test_free_running_tick_matches_the_runner() -> None:
 
 @pytest.mark.cp
 def test_a_planted_bug_is_reported_by_the_oracle_under_torchrun(torchrun_executor) -> None:
-    s = shaped("1x2", "best_effort", "complete")
+    s = shaped("1x2", "best_effort", "partial")
     pool = torchrun_executor.pool(s.layout)
     payload = {"schedule": s.model_dump_json(), "run_id": f"r{uuid.uuid4().hex[:10]}",
                "gated": True, "storage_root": torchrun_executor.storage_root,
