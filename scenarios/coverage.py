@@ -134,6 +134,13 @@ class Coverage:
         total = sum(c.values())
         return {k: (c.get(k, 0) / total if total else 0.0) for k in PREFETCH_CLASSES}
 
+    def lagging(self, share: float, min_total: int = 20) -> list[str]:
+        """Prefetch classes below `share` of the prefetches so far (none before `min_total`)."""
+        total = sum(self.counts.get("prefetch", Counter()).values())
+        if total < min_total:
+            return []
+        return [k for k, v in self.prefetch_shares().items() if v < share]
+
     def missing(self) -> list[str]:
         c = self.counts.get("prefetch", Counter())
         return [k for k in PREFETCH_CLASSES if not c.get(k)]

@@ -20,7 +20,7 @@ from typing import Any
 from reference.variants import VARIANTS
 from scenarios.coverage import Coverage
 from scenarios.schedule import CachePolicy, Op, Schedule, tokens_for
-from scenarios.workload import shape_chunk
+from scenarios.workload import soak_chunk
 
 EXIT_AGREE, EXIT_DIVERGE, EXIT_USAGE, EXIT_CANNOT_RUN = 0, 1, 2, 125
 PAGE = 4
@@ -250,14 +250,15 @@ def _loop(args: argparse.Namespace, ex: Any, nem: Any, seed: int, layout: str, w
     progress = Progress(budget)
     try:
         while time.monotonic() - t0 < budget:
-            s = shape_chunk(rng, make_chunk(rng, runs, layout, args.variant, args.backend))
+            s, gated = soak_chunk(rng, runs, layout, args.variant, args.backend, make_chunk,
+                                  coverage)
             before = nem.total() if nem else 0
             faults_before = dict(nem.counts()) if nem else {}
             if nem:
                 nem.begin_run(world)
             rt0 = time.monotonic()
             try:
-                results = ex.run(s, gated=False, nemesis=nem)
+                results = ex.run(s, gated=gated, nemesis=None if gated else nem)
                 verdict = check(s, results)
             except Exception as e:  # the run itself broke (ranks never finished): a finding
                 results = []

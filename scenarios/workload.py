@@ -19,10 +19,11 @@ stopping IO mid-transfer, storage errors mid-batch) are rare. Here each prefetch
 from __future__ import annotations
 
 import random
+from typing import Any
 
 from hypothesis import strategies as st
 
-from scenarios.coverage import PREFETCH_CLASSES
+from scenarios.coverage import PREFETCH_CLASSES, Coverage
 from scenarios.schedule import CachePolicy, Op, Schedule, tokens_for
 
 PAGE = 4
@@ -30,6 +31,8 @@ PAGE = 4
 ALL = 2519
 #: the at-points of one scheduler step with storage: writing_check, loading_check, drain
 STEP_POINTS = 3
+#: a prefetch class below this share of the prefetches so far gets a gated soak chunk
+LAGGING = 0.16  # just under 1/6: six classes can all stay above it
 #: intents a stop policy can realise (wait_complete never stops with IO outstanding)
 INTENTS = {
     "best_effort": PREFETCH_CLASSES,
@@ -129,12 +132,14 @@ def shape_chunk(rng: random.Random, s: Schedule) -> Schedule:
     add without prefetch; then a fetch section follows. Free-running runs have no gates, so
     intents are realised by timing: shared prefixes are warmed into storage and dropped from L1
     and L2; long prefixes fetched in one-page batches race the next step's progress point
-    (partial / terminated under best_effort or an expired timeout, complete under wait_complete
-    or when the IO wins); about a fifth are aborted at once, a fifth ask for a prefix nobody
-    stored (revoked). A storage error mid-batch needs the nemesis (`--faults storage_errors`).
+    (terminated under best_effort or an expired timeout when the IO loses: with in-memory storage
+    it needs `--faults storage_latency`); a fifth ask for a prefix nobody stored (revoked), about
+    a fifth are aborted at once, the rest ask for exactly the stored pages (complete) or for the
+    stored prefix plus pages of their own (partial). A storage error mid-batch needs
+    `--faults storage_errors`.
     """
     groups = 2
-    shared_len = rng.choice([128, 192])
+    shared_len = rng.choice([32, 48])
     ops = [o.model_copy(update={"prefetch": False}) if o.kind == "add" else o for o in s.ops]
     ops += [Op(kind="step")] * 3
     for g in range(groups):  # warm: in storage, then only there
@@ -149,18 +154,24 @@ def shape_chunk(rng: random.Random, s: Schedule) -> Schedule:
         # ones are still queued or mid-transfer when the step's progress point comes
         for _ in range(rng.choice([1, 2, 3])):
             rid = f"f{i}"
-            unstored = rng.random() < 0.2
-            shared = 50 + i if unstored else rng.randrange(groups)
-            ops.append(Op(kind="add", rid=rid, tokens=tokens_for(shared, shared_len, 500 + i,
-                                                                 rng.randint(1, 9))))
-            if not unstored and rng.random() < 0.22:
+            roll = rng.random()
+            unstored = roll < 0.2
+            g = rng.randrange(groups)
+            if unstored:  # revoked: nobody stored this prefix
+                tokens = tokens_for(50 + i, shared_len, 500 + i, 5)
+            elif roll < 0.6:  # complete: exactly the stored pages
+                tokens = tokens_for(g, shared_len, 900 + g, 3)
+            else:  # partial: the stored prefix, then pages of its own
+                tokens = tokens_for(g, shared_len, 500 + i, rng.randint(4, 12))
+            ops.append(Op(kind="add", rid=rid, tokens=tokens))
+            if not unstored and rng.random() < 0.25:
                 ops.append(Op(kind="abort", rid=rid))
             i += 1
         ops.append(Op(kind="step"))
         ops += flush  # back to L3 only, so the next fetch of these prefixes hits again
     policy = s.cache.write_policy
     cache = s.cache.model_copy(update={
-        "device_pages": max(s.cache.device_pages, 512), "host_pages": max(s.cache.host_pages, 512),
+        "device_pages": max(s.cache.device_pages, 96), "host_pages": max(s.cache.host_pages, 128),
         # selective write-through only writes a node after two hits: the warm-up would not stick
         "write_policy": "write_through" if policy == "write_through_selective" else policy,
         "prefetch_threshold": 0, "prefetch_batch_pages": 1,
@@ -169,3 +180,32 @@ def shape_chunk(rng: random.Random, s: Schedule) -> Schedule:
         "prefetch_timeout_ticks": rng.choice([0, 1]),
     })
     return s.with_(ops=ops, cache=cache.model_dump())
+
+
+def soak_chunk(rng: random.Random, index: int, layout: str, variant: str, backend: str,
+               make_chunk: Any, coverage: Coverage) -> tuple[Schedule, bool]:
+    """The soak's next chunk and whether to run it gated.
+
+    Coverage-guided: while some prefetch class is below LAGGING of the prefetches counted so
+    far, the chunk is a gated Schedule built to reach the lagging classes (timing alone rarely
+    stops IO mid-transfer, and storage errors need faults); otherwise a shaped free-running
+    chunk.
+    """
+    low = coverage.lagging(LAGGING)
+    if low:
+        n = 6
+        intents = [low[k % len(low)] for k in range(n)]
+        rng.shuffle(intents)
+        policy = rng.choice([p for p, ok in INTENTS.items() if set(intents) <= set(ok)])
+        s = build_prefetch_schedule(
+            layout, policy, intents, shared_len=rng.choice([16, 24, 32]),
+            batch_pages=rng.choice([1, 2]), mla=rng.random() < 0.3,
+            picks=[[rng.randrange(8) for _ in range(4)] for _ in range(n)],
+            fault_batch=[rng.randrange(8) for _ in range(n)],
+            fault_rank=[rng.randrange(8) for _ in range(n)],
+            variant=variant, backend=backend, timeout_ticks=rng.randrange(4),
+            seed=rng.randrange(1 << 30))
+        coverage.counts["soak chunks"]["gated, built for lagging classes"] += 1
+        return s.with_(name=f"soak-{index}-shaped"), True
+    coverage.counts["soak chunks"]["free-running, shaped"] += 1
+    return shape_chunk(rng, make_chunk(rng, index, layout, variant, backend)), False
