@@ -41,3 +41,42 @@ def test_ci_profile_reaches_every_prefetch_class(inprocess_executor) -> None:
     run()
     assert cov.missing() == [], cov.table()
     assert set(cov.prefetch_shares()) == set(PREFETCH_CLASSES)
+
+
+def test_soak_chunk_is_gated_and_aimed_while_a_class_lags(inprocess_executor) -> None:
+    import random
+
+    from scenarios.soak import make_chunk
+    from scenarios.workload import soak_chunk
+
+    cov = Coverage()
+    rng = random.Random(0)
+    s, gated = soak_chunk(rng, 0, "2x2", "fixed", "memory", make_chunk, cov)
+    assert not gated  # nothing counted yet: a shaped free-running chunk
+    cov.counts["prefetch"].update({"revoked": 10, "aborted": 10, "complete": 10, "partial": 10})
+    s, gated = soak_chunk(rng, 1, "2x2", "fixed", "memory", make_chunk, cov)
+    assert gated and cov.lagging(0.16) == ["terminated", "storage_error"]
+    results = inprocess_executor.run(s)
+    assert check(s, results).ok
+    assert set(prefetch_classes(s, results).values()) == {"terminated", "storage_error"}
+
+
+def test_soak_report_and_plot_carry_coverage(tmp_path) -> None:  # noqa: ANN001
+    import json
+
+    from scenarios.cli import main
+
+    out = tmp_path / "soak"
+    assert main(["soak", "--minutes", "0.1", "--seed", "1", "--out", str(out)]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert sum(rep["coverage"]["prefetch"].values()) > 0
+    assert set(rep["coverage"]["prefetch_shares"]) == set(PREFETCH_CLASSES)
+    assert (out / "coverage.png").stat().st_size > 0
+
+
+def test_explore_summary_prints_coverage(capsys) -> None:  # noqa: ANN001
+    from scenarios.cli import main
+
+    assert main(["explore", "--examples", "15", "--layout", "1x2", "--mode", "inprocess"]) == 0
+    out = capsys.readouterr().out
+    assert "outcome coverage over 15 schedules" in out and "| prefetch |" in out
