@@ -41,6 +41,7 @@ def prefetch_classes(s: Any, results: list[dict]) -> dict[str, str]:
     done = {e[1]: int(e[3][0]) for e in sched if e[0] == "prefetch_done" and e[3]}
     term_at = {e[1]: i for i, e in enumerate(sched)
                if e[0] == "can_terminate" and e[4] == "terminate"}
+    aborted = {o.rid for o in s.ops if o.kind == "abort"}
     out: dict[str, str] = {}
     for rid, (outcome, agreed, eff) in hits.items():
         if outcome == "revoke":
@@ -49,12 +50,12 @@ def prefetch_classes(s: Any, results: list[dict]) -> dict[str, str]:
         if rid not in done:
             continue  # never ended in the logs (a failed run)
         hit_tokens = int(agreed[0]) * page
-        if rid not in term_at:
-            out[rid] = "aborted"
+        if rid not in term_at and rid in aborted:
+            out[rid] = "aborted"  # stopped by the abort, not by a can_terminate
         elif done[rid] >= hit_tokens:
             whole = len(eff) >= 3 and int(agreed[0]) >= int(eff[2])
             out[rid] = "complete" if whole else "partial"
-        elif _io_outstanding(results, term_at[rid]):
+        elif rid not in term_at or _io_outstanding(results, term_at[rid]):
             out[rid] = "terminated"
         else:
             out[rid] = "storage_error"
