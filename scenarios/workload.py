@@ -31,6 +31,8 @@ PAGE = 4
 ALL = 2519
 #: the at-points of one scheduler step with storage: writing_check, loading_check, drain
 STEP_POINTS = 3
+#: steps after the warm-up add: run it and write it through, then ack and back it up
+WARM_STEPS = 2
 #: a prefetch class below this share of the prefetches so far gets a gated soak chunk
 LAGGING = 0.16  # just under 1/6: six classes can all stay above it
 #: intents a stop policy can realise (wait_complete never stops with IO outstanding)
@@ -58,9 +60,9 @@ def build_prefetch_schedule(layout: str, policy: str, intents: list[str], *, sha
     nb = -(-hits // batch_pages)
     warm = tokens_for(0, shared_len, 0, 3)
     ops = [Op(kind="add", rid="warm", tokens=warm, prefetch=False),
-           Op(kind="step"), Op(kind="step"), Op(kind="step"),
+           *[Op(kind="step")] * WARM_STEPS,
            Op(kind="evict_device", n=1000), Op(kind="evict_host", n=1000)]
-    choices: dict[int, list[int]] = {r: [ALL] * (3 * STEP_POINTS) for r in range(world)}
+    choices: dict[int, list[int]] = {r: [ALL] * (WARM_STEPS * STEP_POINTS) for r in range(world)}
     faults: dict[int, list[tuple[str, int]]] = {}
     gets = [0] * world  # get calls so far per rank: a fault names the call by its index
     for k, intent in enumerate(intents):
@@ -91,8 +93,9 @@ def build_prefetch_schedule(layout: str, policy: str, intents: list[str], *, sha
         for r in range(world):
             choices[r] += [ALL] * STEP_POINTS + ([] if progress[r] is None else [progress[r]])
             choices[r] += [ALL] * (2 * STEP_POINTS)  # the two flush steps below
-        ops += [Op(kind="step"), Op(kind="step"),
-                Op(kind="evict_device", n=1000), Op(kind="evict_host", n=1000)]
+        if k < len(intents) - 1:  # back to L3 only for the next fetch
+            ops += [Op(kind="step"), Op(kind="step"),
+                    Op(kind="evict_device", n=1000), Op(kind="evict_host", n=1000)]
     cache = CachePolicy(page_size=PAGE, device_pages=64, host_pages=96, mla=mla,
                         write_policy="write_through", prefetch_stop_policy=policy,
                         prefetch_threshold=0, prefetch_batch_pages=batch_pages,

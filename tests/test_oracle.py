@@ -14,10 +14,10 @@ from scenarios.layout import Layout
 from scenarios.oracle import FREE_RUNNING_TICK_S, check_oracle, reduce_over, sync_stages
 from scenarios.rank_run import RunEnv, cache_config
 from scenarios.schedule import Schedule
-from scenarios.workload import ALL, STEP_POINTS, build_prefetch_schedule
+from scenarios.workload import ALL, STEP_POINTS, WARM_STEPS, build_prefetch_schedule
 from tests.oracle_plants import planted
 
-PROGRESS_AT = 3 * STEP_POINTS + STEP_POINTS  # warm-up steps, then the first fetch's step
+PROGRESS_AT = WARM_STEPS * STEP_POINTS + STEP_POINTS  # warm-up steps, then the first fetch's
 
 
 def shaped(layout: str, policy: str, intent: str, **kw) -> Schedule:  # noqa: ANN003
