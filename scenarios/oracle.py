@@ -189,9 +189,9 @@ class Oracle:
             want = reduce_over(self.stages, comp, locals_, op)
             bad = [r for r in comp if tuple(agreed[r]) != want[r]]
             if bad:
-                groups = [[list(f(bad[0])) for _n, f in self.stages]]
+                groups = [list(f(bad[0])) for _n, f in self.stages]
                 self.fail("reduce", f"{where} on ranks {bad}: locals {locals_} reduced with "
-                          f"{op.upper()} over {groups[0]} ({self.protocol}) expects "
+                          f"{op.upper()} over {groups} ({self.protocol}) expects "
                           f"{list(want[bad[0]])}, actual {agreed[bad[0]]}")
         for r in comp:
             self._consequences(where, kind, r, ents, effs, locals_, agreed, comp)
