@@ -80,3 +80,17 @@ def test_explore_summary_prints_coverage(capsys) -> None:  # noqa: ANN001
     assert main(["explore", "--examples", "15", "--layout", "1x2", "--mode", "inprocess"]) == 0
     out = capsys.readouterr().out
     assert "outcome coverage over 15 schedules" in out and "| prefetch |" in out
+
+
+@pytest.mark.soak
+@pytest.mark.parametrize("layout", ["1x2", "2x2"])
+def test_one_minute_soak_keeps_every_prefetch_class_above_15_percent(tmp_path,  # noqa: ANN001
+                                                                     layout: str) -> None:
+    import json
+
+    from scenarios.cli import main
+
+    out = tmp_path / "soak"
+    assert main(["soak", "--minutes", "1", "--layout", layout, "--out", str(out)]) == 0
+    shares = json.loads((out / "report.json").read_text())["coverage"]["prefetch_shares"]
+    assert min(shares.values()) >= 0.15, shares
