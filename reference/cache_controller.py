@@ -229,8 +229,8 @@ class HiCacheController:
             raise HiCacheError("; ".join(self.thread_errors))
 
     def decide(self, channel: str, kind: str, rid: str, local: tuple[int, ...],
-               agreed: tuple[int, ...], outcome: str) -> None:
-        self.observer.on_decision(Decision(channel, kind, rid, local, agreed, outcome))
+               agreed: tuple[int, ...], outcome: str, effect: tuple = ()) -> None:
+        self.observer.on_decision(Decision(channel, kind, rid, local, agreed, outcome, effect))
 
     def storage_keys(self, hash_value: list[str]) -> list[list[str]]:
         """Per page, its keys in KVShape.parts order."""
@@ -347,7 +347,8 @@ class HiCacheController:
                 self.prefetch_batches_issued += op.num_batches
                 self.prefetch_buffer.put(op)
                 outcome = f"fetch {agreed} pages"
-            self.decide("prefetch", "prefetch_hits", op.request_id, (local,), (agreed,), outcome)
+            self.decide("prefetch", "prefetch_hits", op.request_id, (local,), (agreed,), outcome,
+                        (int(op.revoked), op.storage_hit_count, len(op.token_ids) // self.page_size))
             op.query_done.set()
             self.pacer.after("prefetch_query", op.seq)
 

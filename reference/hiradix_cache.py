@@ -110,8 +110,8 @@ class HiRadixCache:
         self.ongoing_backup: dict[int, TreeNode] = {}
 
     def _decide(self, kind: str, rid: str, local: tuple[int, ...], agreed: tuple[int, ...],
-                outcome: str) -> None:
-        self.cache_controller.decide("scheduler", kind, rid, local, agreed, outcome)
+                outcome: str, effect: tuple = ()) -> None:
+        self.cache_controller.decide("scheduler", kind, rid, local, agreed, outcome, effect)
         self.observer.on_tree_changed("scheduler", self.tree.digest)
 
     # -- decision points --------------------------------------------------------------------
@@ -130,6 +130,7 @@ class HiRadixCache:
                 break
             finish_count += 1
         (agreed,) = cc.control_sync.reduce([finish_count], "min")
+        queued = len(cc.ack_write_queue)
         for _ in range(agreed):
             ack = cc.ack_write_queue.pop(0)
             for node_id in ack.node_ids:
@@ -137,7 +138,8 @@ class HiRadixCache:
                 self.tree.dec_lock_ref(node)
                 if self.enable_storage:
                     self.write_backup_storage(node)
-        self._decide("writing_check", "", (finish_count,), (agreed,), f"ack {agreed} writes")
+        self._decide("writing_check", "", (finish_count,), (agreed,), f"ack {agreed} writes",
+                     (queued - len(cc.ack_write_queue), queued))
 
     def loading_check(self) -> None:
         cc = self.cache_controller
@@ -148,11 +150,13 @@ class HiRadixCache:
                 break
             finish_count += 1
         (agreed,) = cc.control_sync.reduce([finish_count], "min")
+        queued = len(cc.ack_load_queue)
         for _ in range(agreed):
             ack = cc.ack_load_queue.pop(0)
             for node_id in ack.node_ids:
                 self.tree.dec_lock_ref(self.ongoing_load_back.pop(node_id))
-        self._decide("loading_check", "", (finish_count,), (agreed,), f"ack {agreed} loads")
+        self._decide("loading_check", "", (finish_count,), (agreed,), f"ack {agreed} loads",
+                     (queued - len(cc.ack_load_queue), queued))
 
     def drain_storage_control_queues(self) -> None:
         cc = self.cache_controller
@@ -160,21 +164,26 @@ class HiRadixCache:
         local = (cc.prefetch_revoke_queue.qsize(), cc.ack_backup_queue.qsize(),
                  cc.host_mem_release_queue.qsize())
         agreed = cc.control_sync.reduce(local, "min")
+        popped = [0, 0, 0]
         for _ in range(agreed[0]):
             rid = cc.prefetch_revoke_queue.get()
+            popped[0] += 1
             info = self.ongoing_prefetch.pop(rid, None)
             if info is not None:
                 self._release_prefetch(info, keep_tokens=0,
                                        leak=self.cfg.variant == "leak_on_revoke")
         for _ in range(agreed[1]):
             op = cc.ack_backup_queue.get()
+            popped[1] += 1
             node = self.ongoing_backup.pop(op.seq)
             node.backuped_storage = True
             self.tree.dec_host_ref(node)
         for _ in range(agreed[2]):
             self.host_pool.allocator.free(cc.host_mem_release_queue.get())
+            popped[2] += 1
         self._decide("drain", "", local, agreed,
-                     f"revoke {agreed[0]}, backup acks {agreed[1]}, release {agreed[2]}")
+                     f"revoke {agreed[0]}, backup acks {agreed[1]}, release {agreed[2]}",
+                     tuple(popped))
 
     def check_hicache_events(self) -> None:
         self.cache_controller.check_threads()
@@ -196,10 +205,12 @@ class HiRadixCache:
         else:
             can = io_done or self.pacer.now() - op.start_time > self.cfg.prefetch_timeout_s
         local = (1 - int(can), int(op.is_terminated()))
+        seen = (int(queried), int(op.revoked), int(op.io_done), op.completed_tokens,
+                op.storage_hit_count * self.page_size, self.pacer.now() - op.start_time)
         agreed = self.cache_controller.control_sync.reduce(local, "max")
         decision = agreed[0] == 0 or agreed[1] == 1
         self._decide("can_terminate", op.request_id, local, agreed,
-                     "terminate" if decision else "wait")
+                     "terminate" if decision else "wait", seen)
         return decision
 
     def check_prefetch_progress(self, rid: str) -> bool:
@@ -241,6 +252,7 @@ class HiRadixCache:
 
     def _release_prefetch(self, info: OngoingPrefetch, keep_tokens: int, leak: bool = False) -> None:
         host = info.host_indices
+        self.observer.on_effect("prefetch_insert", info.operation.request_id, (keep_tokens,))
         if keep_tokens:
             node, dups = self.tree.insert(
                 info.token_ids[:keep_tokens], host_indices=host[:keep_tokens],

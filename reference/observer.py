@@ -19,6 +19,8 @@ class Decision:
     local: tuple[int, ...]
     agreed: tuple[int, ...]
     outcome: str
+    #: what this rank did with the agreed value (acks popped, IO state seen): for an oracle
+    effect: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,9 @@ class Observer:
 
     def on_storage(self, access: StorageAccess) -> None:
         pass
+
+    def on_effect(self, kind: str, rid: str, values: tuple) -> None:
+        """An action taken on an agreed value outside its decision (tokens a prefetch inserted)."""
 
 
 NULL_OBSERVER = Observer()

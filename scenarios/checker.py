@@ -10,6 +10,8 @@ Invariants, each with a known-bad variant that trips it (see tests/test_variants
                hold what the page must hold
   leaks        after the drain every slot is held by the tree and every prefetch terminated
 A rank that failed (timeout, exception) is reported with what it was waiting on.
+A seventh check, `oracle` (scenarios/oracle.py), judges every agreed value against the protocol
+itself; it reports after the six cross-rank invariants and the rank failures.
 """
 
 from __future__ import annotations
@@ -19,9 +21,10 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
+from scenarios.oracle import check_oracle
 from scenarios.schedule import Schedule
 
-INVARIANTS = ("collectives", "decisions", "tree", "keys", "pages", "leaks")
+INVARIANTS = ("collectives", "decisions", "tree", "keys", "pages", "leaks", "oracle")
 _HASH_RE = re.compile(r"([0-9a-f]{64})_(.*)$")
 
 
@@ -259,6 +262,7 @@ def check(s: Schedule, results: list[dict]) -> Verdict:
     causes = [("error", _describe_error(r)) for r in errors if not _waited(r["error"])]
     failures = causes + failures + [("error", _describe_error(r)) for r in errors
                                     if _waited(r["error"])]
+    failures += [("oracle", m) for _rule, m in check_oracle(s, results)]
     if not failures:
         return Verdict(True, stats=stats, message=f"{stats['ranks']} ranks agree on "
                        f"{stats['decisions']} decisions")

@@ -155,6 +155,8 @@ def cmd_explore(args: argparse.Namespace) -> int:
     with mooncake_for(args.backend, args.mooncake_master) as (master, _), \
             _executor(args, master, args.mode) as ex:
         h = hunt(ex, args.variant, layouts, args.examples, args.seed, args.backend or "memory")
+    if h.coverage is not None:  # which outcomes the schedules reached
+        print(f"outcome coverage over {h.examples} schedules:\n{h.coverage.table()}")
     if h.found is None or h.verdict is None:
         print(f"no divergence in {h.examples} schedules ({h.seconds_total:.1f} s)")
         return EXIT_AGREE

@@ -9,6 +9,7 @@ from hypothesis import HealthCheck, Phase, find, settings, target
 from hypothesis.errors import NoSuchExample
 
 from scenarios.checker import Verdict, check
+from scenarios.coverage import Coverage, prefetch_classes
 from scenarios.executor import Executor
 from scenarios.schedule import Schedule
 from scenarios.strategies import schedules
@@ -21,6 +22,7 @@ class Hunt:
     examples: int
     seconds_to_first: float | None
     seconds_total: float
+    coverage: Coverage | None = None
 
     @property
     def steps(self) -> int:
@@ -45,20 +47,25 @@ def interest(results: list[dict]) -> dict[str, float]:
             "prefetches with pages": float(partial)}
 
 
-def steer(results: list[dict]) -> None:
+def steer(results: list[dict], s: Schedule | None = None) -> None:
     for label, value in interest(results).items():
         target(value, label=label)
+    if s is not None:  # towards runs whose prefetches end in many different ways
+        target(float(len(set(prefetch_classes(s, results).values()))),
+               label="prefetch outcome classes")
 
 
 def hunt(executor: Executor, variant: str, layouts: tuple[str, ...], max_examples: int = 200,
          seed: int = 0, backend: str = "memory") -> Hunt:
     t0 = time.monotonic()
     state: dict = {"n": 0, "first": None, "last": None}
+    cov = Coverage()
 
     def fails(s: Schedule) -> bool:
         state["n"] += 1
         results = executor.run(s)
-        steer(results)
+        steer(results, s)
+        cov.add(s, results)
         v = check(s, results)
         if not v.ok:
             if state["first"] is None:
@@ -78,4 +85,4 @@ def hunt(executor: Executor, variant: str, layouts: tuple[str, ...], max_example
         verdict = check(found, executor.run(found))
     except NoSuchExample:
         found, verdict = None, None
-    return Hunt(found, verdict, state["n"], state["first"], time.monotonic() - t0)
+    return Hunt(found, verdict, state["n"], state["first"], time.monotonic() - t0, cov)

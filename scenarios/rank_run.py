@@ -105,6 +105,7 @@ def execute(s: Schedule, env: RunEnv, collectives: Any, nemesis: Any = None) -> 
     error = None
     snapshot: dict = {}
     ops_done = 0
+    evictions: list[list] = []
     try:
         storage = make_storage(s.backend, env)
         sched = open_rank(cache_config(s, env), info, groups, coll, storage,
@@ -118,6 +119,8 @@ def execute(s: Schedule, env: RunEnv, collectives: Any, nemesis: Any = None) -> 
             return int(t.item())
 
         for op in s.ops:
+            if op.kind.startswith("evict"):  # for coverage: eviction with IO in flight
+                evictions.append([op.kind, int(sched.busy())])
             _apply(sched, op)
             ops_done += 1
             # the model's forward pass keeps ranks in lockstep per scheduler step in production
@@ -154,6 +157,7 @@ def execute(s: Schedule, env: RunEnv, collectives: Any, nemesis: Any = None) -> 
         "rank": env.rank,
         "coords": list(s.layout_obj.coords(env.rank)),
         "decisions": dict(rec.decisions),
+        "effects": dict(rec.effects), "actions": rec.actions, "evictions": evictions,
         "digests": rec.digests,
         "collectives": dict(coll.log),
         "collective_order": dict(coll.order),

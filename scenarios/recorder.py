@@ -23,11 +23,16 @@ class Recorder(Observer):
         self.decisions: dict[str, list[list]] = defaultdict(list)
         self.digests: list[str] = []
         self.storage: list[list] = []
+        #: per channel, parallel to `decisions`: what the rank did with each agreed value
+        self.effects: dict[str, list[list]] = defaultdict(list)
+        #: [kind, rid, values] of actions taken outside a decision (see scenarios/oracle.py)
+        self.actions: list[list] = []
         self._lock = threading.Lock()
 
     def on_decision(self, d: Decision) -> None:
         with self._lock:
             self.decisions[d.channel].append([d.kind, d.rid, list(d.local), list(d.agreed), d.outcome])
+            self.effects[d.channel].append(list(getattr(d, "effect", ())))
 
     def on_tree_changed(self, channel: str, digest_fn) -> None:  # noqa: ANN001
         self.digests.append(digest_fn())
@@ -35,6 +40,10 @@ class Recorder(Observer):
     def on_storage(self, a: StorageAccess) -> None:
         with self._lock:
             self.storage.append([a.op, list(a.keys), list(a.ok), list(a.checksums)])
+
+    def on_effect(self, kind: str, rid: str, values: tuple) -> None:
+        with self._lock:
+            self.actions.append([kind, rid, list(values)])
 
     def decision_count(self) -> int:
         return sum(len(v) for v in self.decisions.values())

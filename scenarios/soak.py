@@ -18,7 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from reference.variants import VARIANTS
+from scenarios.coverage import Coverage
 from scenarios.schedule import CachePolicy, Op, Schedule, tokens_for
+from scenarios.workload import soak_chunk
 
 EXIT_AGREE, EXIT_DIVERGE, EXIT_USAGE, EXIT_CANNOT_RUN = 0, 1, 2, 125
 PAGE = 4
@@ -240,6 +242,7 @@ def _loop(args: argparse.Namespace, ex: Any, nem: Any, seed: int, layout: str, w
     runs = decisions = 0
     timeline: list[dict] = []
     outcomes: Counter = Counter()
+    coverage = Coverage()
     host_used: list[int] = []
     verdict_d: dict = {"ok": True, "invariant": None, "message": "all runs agree"}
     replay_path: Path | None = None
@@ -247,13 +250,15 @@ def _loop(args: argparse.Namespace, ex: Any, nem: Any, seed: int, layout: str, w
     progress = Progress(budget)
     try:
         while time.monotonic() - t0 < budget:
-            s = make_chunk(rng, runs, layout, args.variant, args.backend)
+            s, gated = soak_chunk(rng, runs, layout, args.variant, args.backend, make_chunk,
+                                  coverage)
             before = nem.total() if nem else 0
+            faults_before = dict(nem.counts()) if nem else {}
             if nem:
                 nem.begin_run(world)
             rt0 = time.monotonic()
             try:
-                results = ex.run(s, gated=False, nemesis=nem)
+                results = ex.run(s, gated=gated, nemesis=None if gated else nem)
                 verdict = check(s, results)
             except Exception as e:  # the run itself broke (ranks never finished): a finding
                 results = []
@@ -267,6 +272,8 @@ def _loop(args: argparse.Namespace, ex: Any, nem: Any, seed: int, layout: str, w
             n_dec = int(verdict.stats.get("decisions", 0))
             decisions += n_dec
             outcomes.update(_prefetch_outcomes(results))
+            coverage.add(s, results, {k: v - faults_before.get(k, 0)
+                                      for k, v in (nem.counts() if nem else {}).items()})
             host_used.append(_host_used(results))
             elapsed = time.monotonic() - t0
             fired = (nem.total() if nem else 0) - before
@@ -297,10 +304,13 @@ def _loop(args: argparse.Namespace, ex: Any, nem: Any, seed: int, layout: str, w
         "runs_per_s": round(runs / elapsed, 2) if elapsed else 0.0,
         "faults": faults, "verdict": verdict_d, "seconds_to_divergence": first_s,
         "replay": str(replay_path) if replay_path else None,
-        "prefetch_outcomes": dict(outcomes), "timeline": timeline,
+        "prefetch_outcomes": dict(outcomes), "coverage": coverage.to_dict(),
+        "timeline": timeline,
     }
     (out / "report.json").write_text(json.dumps(report, indent=1))
     _plots(out, timeline, outcomes, host_used)
+    coverage.plot(out / "coverage.png")
+    print(f"outcome coverage ({runs} runs):\n{coverage.table()}")
     print(f"soak layout={layout} variant={args.variant} backend={args.backend} mode={args.mode} "
           f"seed={seed}: {runs} runs, {decisions} decisions in {elapsed:.1f} s "
           f"({report['decisions_per_s']:.0f}/s); faults {faults or 'none'}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 from hypothesis import strategies as st
 
 from scenarios.schedule import CachePolicy, Op, Schedule, tokens_for
+from scenarios.workload import prefetch_workloads
 
 PAGE = 4
 
@@ -83,6 +84,8 @@ def schedules(draw: st.DrawFn, layouts: tuple[str, ...] = ("1x2", "2x2", "1x4", 
     world = 1
     for x in layout.split("x"):
         world *= int(x)
+    if draw(st.integers(0, 2)) == 2:  # a third: prefetches shaped to reach every outcome class
+        return draw(prefetch_workloads(layouts=(layout,), variant=variant, backend=backend))
     ops = draw(st.one_of(op_lists(), prefetch_op_lists()))
     n_choices = 3 * sum(1 for o in ops if o.kind in ("step", "add")) + 8
     choice = st.integers(0, 4)

@@ -23,7 +23,8 @@ TRIPS = [
 
 
 def test_every_invariant_has_a_variant_that_trips_it() -> None:
-    assert {inv for _, _, inv in TRIPS} == set(INVARIANTS)
+    # the seventh check, the oracle, is proven rule by rule in tests/test_oracle.py
+    assert {inv for _, _, inv in TRIPS} == set(INVARIANTS) - {"oracle"}
 
 
 @pytest.mark.cp

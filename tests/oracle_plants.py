@@ -1,0 +1,111 @@
+"""Bugs planted for the oracle's tests: each keeps every rank in agreement, so only the oracle
+can see it. Test-local patches (never named variants); also a torchrun job that plants one
+inside the workers, since a monkeypatch in the test process does not reach them."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from typing import Any
+from unittest import mock
+
+from reference.hiradix_cache import HiRadixCache
+from reference.sync import SyncGroup
+from scenarios import rank_run
+
+_reduce = SyncGroup.reduce
+_cache_config = rank_run.cache_config
+_writing_check = HiRadixCache.writing_check
+_release_prefetch = HiRadixCache._release_prefetch
+
+
+def _flip(tag: str, frm: str, to: str):  # noqa: ANN202
+    def reduce(self: SyncGroup, values: Any, op: str = "min") -> tuple[int, ...]:
+        return _reduce(self, values, to if (self.tag == tag and op == frm) else op)
+    return reduce
+
+
+def _config(**changes: Any):  # noqa: ANN202
+    def cache_config(s: Any, env: Any) -> Any:
+        return dataclasses.replace(_cache_config(s, env), **changes)
+    return cache_config
+
+
+def _writing_check_one_short(self: HiRadixCache, write_back: bool = False) -> None:
+    """writing_check as in reference/, except that it pops one ack fewer than agreed (>= 2)."""
+    if write_back:
+        return _writing_check(self, write_back)
+    cc = self.cache_controller
+    self.pacer.at("writing_check", "write", cc.write_seq)
+    finish_count = 0
+    for ack in cc.ack_write_queue:
+        if not ack.finished():
+            break
+        finish_count += 1
+    (agreed,) = cc.control_sync.reduce([finish_count], "min")
+    queued = len(cc.ack_write_queue)
+    for _ in range(agreed - 1 if agreed >= 2 else agreed):  # the bug
+        ack = cc.ack_write_queue.pop(0)
+        for node_id in ack.node_ids:
+            node = self.ongoing_write_through.pop(node_id)
+            self.tree.dec_lock_ref(node)
+            if self.enable_storage:
+                self.write_backup_storage(node)
+    self._decide("writing_check", "", (finish_count,), (agreed,), f"ack {agreed} writes",
+                 (queued - len(cc.ack_write_queue), queued))
+    return None
+
+
+def _release_one_page_short(self: HiRadixCache, info: Any, keep_tokens: int,
+                            leak: bool = False) -> None:
+    return _release_prefetch(self, info, max(keep_tokens - self.page_size, 0), leak)
+
+
+def _terminate_always(self: HiRadixCache, op: Any) -> bool:
+    """can_terminate_prefetch that logs the agreed decision but stops whatever it says."""
+    _can_terminate(self, op)
+    return True
+
+
+_can_terminate = HiRadixCache.can_terminate_prefetch
+
+#: plant name -> the patches that plant it
+PLANTS: dict[str, list[tuple[Any, str, Any]]] = {
+    # hit counts reduced with MAX instead of MIN on every rank
+    "hits_max": [(SyncGroup, "reduce", _flip("prefetch_hits", "min", "max"))],
+    # [1 - can, terminated] reduced with MIN instead of MAX on every rank
+    "terminate_min": [(SyncGroup, "reduce", _flip("control", "max", "min"))],
+    # writing_check pops one ack fewer than agreed
+    "acks_one_short": [(HiRadixCache, "writing_check", _writing_check_one_short)],
+    # the revoke threshold is applied to the wrong number (28 tokens, not the configured one)
+    "threshold": [(rank_run, "cache_config", _config(prefetch_threshold=28))],
+    # a prefetch inserts one page fewer than agreed
+    "insert_short": [(HiRadixCache, "_release_prefetch", _release_one_page_short)],
+    # wait_complete read as best_effort: stops with IO outstanding on every rank
+    "wait_complete_early": [(rank_run, "cache_config",
+                             _config(prefetch_stop_policy="best_effort"))],
+    # the deadline read as 0 s: timeout stops before any deadline passed
+    "timeout_early": [(rank_run, "cache_config", _config(prefetch_timeout_s=-1.0))],
+    # the agreement says wait, the scheduler stops anyway
+    "terminate_ignored": [(HiRadixCache, "can_terminate_prefetch", _terminate_always)],
+    # best_effort read as wait_complete: waits for IO
+    "best_effort_waits": [(rank_run, "cache_config",
+                           _config(prefetch_stop_policy="wait_complete"))],
+}
+
+
+@contextmanager
+def planted(name: str) -> Iterator[None]:
+    with ExitStack() as stack:
+        for obj, attr, value in PLANTS[name]:
+            stack.enter_context(mock.patch.object(obj, attr, value))
+        yield
+
+
+def run_planted(ctx: Any, payload: dict) -> dict:
+    """Torchrun job: run_schedule with a plant active in this worker, then undone."""
+    from scenarios.runner.jobs import run_schedule
+
+    with planted(payload["plant"]):
+        return run_schedule(ctx, payload)

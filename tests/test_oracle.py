@@ -1,0 +1,162 @@
+"""The protocol oracle: silent on correct runs, and each rule fires on a planted bug that keeps
+every rank in agreement (so none of the six cross-rank invariants can see it)."""
+
+from __future__ import annotations
+
+import uuid
+from types import SimpleNamespace
+
+import pytest
+
+from scenarios.catalog import catalog_names, load_scenario
+from scenarios.checker import INVARIANTS, check
+from scenarios.layout import Layout
+from scenarios.oracle import FREE_RUNNING_TICK_S, check_oracle, reduce_over, sync_stages
+from scenarios.rank_run import RunEnv, cache_config
+from scenarios.schedule import Schedule
+from scenarios.workload import ALL, STEP_POINTS, WARM_STEPS, build_prefetch_schedule
+from tests.oracle_plants import planted
+
+PROGRESS_AT = WARM_STEPS * STEP_POINTS + STEP_POINTS  # warm-up steps, then the first fetch's
+
+
+def shaped(layout: str, policy: str, intent: str, **kw) -> Schedule:  # noqa: ANN003
+    args = dict(shared_len=24, batch_pages=1, mla=False, picks=[[2, 3, 2, 3]],
+                fault_batch=[1], fault_rank=[1])
+    args.update(kw)
+    return build_prefetch_schedule(layout, policy, [intent], **args)
+
+
+def one_rank_behind(layout: str, policy: str, **kw) -> Schedule:  # noqa: ANN003
+    """Every rank has all its IO batches in at the progress point except rank 1 (one batch)."""
+    s = shaped(layout, policy, "complete", **kw)
+    choices = {r: list(c) for r, c in s.choices.items()}
+    assert choices[1][PROGRESS_AT] == ALL
+    choices[1][PROGRESS_AT] = 1
+    return s.with_(choices=choices)
+
+
+def exists_fault(layout: str) -> Schedule:
+    """Rank 1's hit query fails: its local hit count is 0, the other ranks' is 6 pages."""
+    return shaped(layout, "best_effort", "complete").with_(faults={1: [["exists", 0]]})
+
+
+#: plant -> (schedule, the rule that must report it)
+CASES = {
+    "hits_max": (lambda lay: exists_fault(lay), "reduce"),
+    "terminate_min": (lambda lay: one_rank_behind(lay, "wait_complete"), "reduce"),
+    "acks_one_short": (lambda lay: load_scenario("write_acks").with_(layout=lay), "acks"),
+    "threshold": (lambda lay: shaped(lay, "best_effort", "partial"), "revoke"),
+    "insert_short": (lambda lay: shaped(lay, "best_effort", "complete"), "insert"),
+    "terminate_ignored": (lambda lay: one_rank_behind(lay, "wait_complete"), "terminate"),
+    "wait_complete_early": (lambda lay: one_rank_behind(lay, "wait_complete"), "wait_complete"),
+    "timeout_early": (lambda lay: shaped(lay, "timeout", "terminated", timeout_ticks=8), "timeout"),
+    "best_effort_waits": (lambda lay: shaped(lay, "best_effort", "terminated"), "best_effort"),
+}
+
+
+def rules_of(verdict) -> set[str]:  # noqa: ANN001
+    return {m.split("'")[1] for inv, m in verdict.failures if inv == "oracle"}
+
+
+def test_oracle_is_the_seventh_check() -> None:
+    assert INVARIANTS[-1] == "oracle" and len(INVARIANTS) == 7
+
+
+@pytest.mark.parametrize("layout", ["1x2", "2x2"])
+@pytest.mark.parametrize("plant", sorted(CASES))
+def test_each_rule_fires_on_a_bug_that_keeps_ranks_in_agreement(inprocess_executor, plant: str,
+                                                                layout: str) -> None:
+    make, rule = CASES[plant]
+    s = make(layout)
+    clean = check(s, inprocess_executor.run(s))
+    assert clean.ok, f"without the bug: {clean.summary()}"
+    with planted(plant):
+        v = check(s, inprocess_executor.run(s))
+    assert not v.ok, f"{plant} went unnoticed"
+    assert {inv for inv, _ in v.failures} == {"oracle"}, v.failures[:3]
+    assert v.invariant == "oracle" and rule in rules_of(v), v.failures[:3]
+    assert f"rule '{rule}'" in v.message or any(f"rule '{rule}'" in m for _, m in v.failures)
+
+
+@pytest.mark.parametrize("name", catalog_names())
+@pytest.mark.parametrize("layout", ["1x2", "2x2", "2x1"])
+def test_oracle_silent_on_the_catalog(inprocess_executor, name: str, layout: str) -> None:
+    s = load_scenario(name).with_(layout=layout)
+    assert check_oracle(s, inprocess_executor.run(s)) == []
+
+
+def test_violation_names_decision_ranks_locals_expected_actual(inprocess_executor) -> None:
+    s = exists_fault("1x2")
+    with planted("hits_max"):
+        v = check(s, inprocess_executor.run(s))
+    msg = next(m for inv, m in v.failures if inv == "oracle" and "'reduce'" in m)
+    for part in ("prefetch_hits(f0)", "ranks [0, 1]", "locals {0: [6], 1: [0]}",
+                 "MIN", "expects [0]", "actual [6]"):
+        assert part in msg, msg
+
+
+class _Profiled:
+    """A Schedule seen under another protocol profile (the Schedule fields come with p9)."""
+
+    def __init__(self, s: Schedule, protocol: str, dp_attention: bool = True) -> None:
+        self._s, self.protocol, self.dp_attention = s, protocol, dp_attention
+
+    def __getattr__(self, name: str):  # noqa: ANN204
+        return getattr(self._s, name)
+
+
+def test_profiles_pick_the_sync_groups() -> None:
+    def names(layout: str, protocol: str, dp: bool = True) -> list[tuple[str, tuple[int, ...]]]:
+        s = SimpleNamespace(layout_obj=Layout.parse(layout), protocol=protocol, dp_attention=dp)
+        return [(n, f(0)) for n, f in sync_stages(s)]
+
+    assert names("2x2", "sglang-0.5.10") == [("attn_tp", (0, 1))]
+    assert names("2x2", "sglang-0.5.10", dp=False) == [("tp", (0, 1, 2, 3))]
+    assert names("1x2", "sglang-0.5.10") == []  # a TP world of one: no reduce at all
+    assert names("2x2", "sglang-0.5.11") == [("attn_cp", (0, 2)), ("attn_tp", (0, 1))]
+    assert names("2x2", "sglang-0.5.20", dp=False) == [("attn_cp", (0, 2)), ("attn_tp", (0, 1))]
+    assert names("1x2x2", "sglang-0.5.11") == [("attn_cp", (0, 1))]
+    assert names("1x2x2", "sglang-0.5.20") == [("attn_cp", (0, 1)), ("pp", (0, 2))]
+    assert names("1x2x2", "sglang-0.5.13")[-1][0] == "pp_forward"
+    assert names("2x2", "no-version-here") == names("2x2", "sglang-0.5.20")
+
+
+def test_reduce_runs_the_groups_in_order() -> None:
+    s = SimpleNamespace(layout_obj=Layout.parse("2x2"), protocol="sglang-0.5.20")
+    got = reduce_over(sync_stages(s), (0, 1, 2, 3), {0: [5], 1: [3], 2: [7], 3: [4]}, "min")
+    assert got == {r: (3,) for r in range(4)}
+    s10 = SimpleNamespace(layout_obj=Layout.parse("2x2"), protocol="sglang-0.5.10")
+    assert reduce_over(sync_stages(s10), (0, 1), {0: [5], 1: [3]}, "max") == {0: (5,), 1: (5,)}
+
+
+def test_tp_only_sync_is_right_for_0_5_10_and_wrong_for_0_5_20(inprocess_executor) -> None:
+    """A TP-only reduce is sglang-0.5.10's protocol: under that profile the oracle accepts each
+    TP group's reduction (the cross-rank invariants catch the CP divergence); under 0.5.20 the
+    same logs break the reduce rule."""
+    s = one_rank_behind("2x2", "best_effort").with_(variant="tp_only_sync")
+    results = inprocess_executor.run(s)
+    assert check(s, results).invariant == "decisions"
+    assert [r for r, _ in check_oracle(_Profiled(s, "sglang-0.5.10"), results)
+            if r == "reduce"] == []
+    assert "reduce" in {r for r, _ in check_oracle(_Profiled(s, "sglang-0.5.20"), results)}
+
+
+def test_free_running_tick_matches_the_runner() -> None:
+    s = shaped("1x2", "timeout", "complete", timeout_ticks=3)
+    free = cache_config(s, RunEnv(rank=0, run_id="x", gated=False))
+    assert free.prefetch_timeout_s == pytest.approx(3 * FREE_RUNNING_TICK_S)
+    assert cache_config(s, RunEnv(rank=0, run_id="x")).prefetch_timeout_s == 3.0
+
+
+@pytest.mark.cp
+def test_a_planted_bug_is_reported_by_the_oracle_under_torchrun(torchrun_executor) -> None:
+    s = shaped("1x2", "best_effort", "partial")
+    pool = torchrun_executor.pool(s.layout)
+    payload = {"schedule": s.model_dump_json(), "run_id": f"r{uuid.uuid4().hex[:10]}",
+               "gated": True, "storage_root": torchrun_executor.storage_root,
+               "mooncake_master": "", "collective_timeout_s": torchrun_executor.timeout_s,
+               "plant": "threshold"}
+    v = check(s, pool.run("tests.oracle_plants:run_planted", payload, timeout_s=120))
+    assert {inv for inv, _ in v.failures} == {"oracle"} and "revoke" in rules_of(v), v.failures[:3]
+    assert check(s, torchrun_executor.run(s)).ok  # the workers are clean again
