@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from reference.variants import VARIANTS
+from scenarios.contract import UsageError
+from scenarios.protocol_args import add_protocol_arguments, protocol_changes
 from scenarios.schedule import CachePolicy, Op, Schedule, tokens_for
 
 EXIT_AGREE, EXIT_DIVERGE, EXIT_USAGE, EXIT_CANNOT_RUN = 0, 1, 2, 125
@@ -43,6 +45,7 @@ def add_soak_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=10.0,
                    help="seconds any rank may wait on a peer before the run fails")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    add_protocol_arguments(p)
 
 
 # -- chunk generation ----------------------------------------------------------------------
@@ -198,6 +201,11 @@ def cmd_soak(args: argparse.Namespace) -> int:
         print(f"cpcheck: unknown variant '{args.variant}': choose one of {', '.join(VARIANTS)}",
               file=sys.stderr)
         return EXIT_USAGE
+    try:
+        args.protocol_changes = protocol_changes(args)
+    except UsageError as e:
+        print(f"cpcheck: {e}", file=sys.stderr)
+        return EXIT_USAGE
     if args.minutes <= 0:
         print("cpcheck: --minutes must be positive", file=sys.stderr)
         return EXIT_USAGE
@@ -248,6 +256,8 @@ def _loop(args: argparse.Namespace, ex: Any, nem: Any, seed: int, layout: str, w
     try:
         while time.monotonic() - t0 < budget:
             s = make_chunk(rng, runs, layout, args.variant, args.backend)
+            if args.protocol_changes:
+                s = s.with_(**args.protocol_changes)
             before = nem.total() if nem else 0
             if nem:
                 nem.begin_run(world)
@@ -291,6 +301,7 @@ def _loop(args: argparse.Namespace, ex: Any, nem: Any, seed: int, layout: str, w
     faults = nem.counts() if nem else {}
     report = {
         "layout": layout, "variant": args.variant, "backend": args.backend, "mode": args.mode,
+        "protocol": s.protocol if runs else None, "dp_attention": s.dp_attention if runs else None,
         "seed": seed, "minutes": args.minutes, "runs": runs, "decisions": decisions,
         "seconds": round(elapsed, 2),
         "decisions_per_s": round(decisions / elapsed, 1) if elapsed else 0.0,
