@@ -46,6 +46,7 @@ def main() -> None:
     ap.add_argument("--out", default="cpcheck-out/profile-table")
     ap.add_argument("--corpus", action="store_true", help="copy each divergence into the corpus")
     ap.add_argument("--json", default="", help="also write the cells here")
+    ap.add_argument("--timeout", type=float, default=5.0, help="seconds a rank waits on a peer")
     args = ap.parse_args()
     logging.disable(logging.WARNING)
     budget = args.examples or ci_budget()
@@ -56,7 +57,7 @@ def main() -> None:
     print("| protocol | dp attention | " + " | ".join(layouts) + " |")
     print("|---|---|" + "---|" * len(layouts))
     cells = []
-    with Executor("inprocess", timeout_s=1.5) as ex:
+    with Executor("inprocess", timeout_s=args.timeout) as ex:
         for protocol in protocols:
             for dp in (True, False):
                 row = []

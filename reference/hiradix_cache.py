@@ -9,6 +9,7 @@ over the sync groups and acts only on the agreed value, exactly as SGLang's hira
 
 from __future__ import annotations
 
+import queue
 from dataclasses import dataclass
 
 import torch
@@ -121,6 +122,7 @@ class HiRadixCache:
         self.ongoing_load_back: dict[int, TreeNode] = {}
         self.ongoing_prefetch: dict[str, OngoingPrefetch] = {}
         self.ongoing_backup: dict[int, TreeNode] = {}
+        self._backup_acks_taken = 0
 
     def _decide(self, kind: str, rid: str, local: tuple[int, ...], agreed: tuple[int, ...],
                 outcome: str) -> None:
@@ -188,20 +190,32 @@ class HiRadixCache:
                  cc.host_mem_release_queue.qsize())
         agreed = cc.control_sync.reduce(local, "min")
         for _ in range(agreed[0]):
-            rid = cc.prefetch_revoke_queue.get()
+            rid = self._take(cc.prefetch_revoke_queue, "revoke")
             info = self.ongoing_prefetch.pop(rid, None)
             if info is not None:
                 self._release_prefetch(info, keep_tokens=0,
                                        leak=self.cfg.variant == "leak_on_revoke")
         for _ in range(agreed[1]):
-            op = cc.ack_backup_queue.get()
+            op = self._take(cc.ack_backup_queue, "backup ack", "backup", self._backup_acks_taken)
+            self._backup_acks_taken += 1
             node = self.ongoing_backup.pop(op.seq)
             node.backuped_storage = True
             self.tree.dec_host_ref(node)
         for _ in range(agreed[2]):
-            self.host_pool.allocator.free(cc.host_mem_release_queue.get())
+            self.host_pool.allocator.free(self._take(cc.host_mem_release_queue, "host release"))
         self._decide("drain", "", local, agreed,
                      f"revoke {agreed[0]}, backup acks {agreed[1]}, release {agreed[2]}")
+
+    def _take(self, q: queue.Queue, what: str, stream: str = "", seq: int = 0):  # noqa: ANN202
+        """One queued item; blocks, as SGLang's `get()` does, when the agreed count is above
+        this rank's (PP rank 0 decided it), but never forever."""
+        if q.empty() and stream:
+            self.pacer.need(stream, seq)
+        try:
+            return q.get(timeout=self.cfg.agree_timeout_s)
+        except queue.Empty:
+            raise HiCacheError(f"agreed to drain a {what} this rank never queued "
+                               f"(waited {self.cfg.agree_timeout_s:.0f} s)") from None
 
     def check_hicache_events(self) -> None:
         self.cache_controller.check_threads()
