@@ -312,7 +312,8 @@ def _loop(args: argparse.Namespace, ex: Any, nem: Any, seed: int, layout: str, w
     }
     (out / "report.json").write_text(json.dumps(report, indent=1))
     _plots(out, timeline, outcomes, host_used)
-    print(f"soak layout={layout} variant={args.variant} backend={args.backend} mode={args.mode} "
+    print(f"soak layout={layout} variant={args.variant} protocol={report['protocol']} "
+          f"dp_attention={report['dp_attention']} backend={args.backend} mode={args.mode} "
           f"seed={seed}: {runs} runs, {decisions} decisions in {elapsed:.1f} s "
           f"({report['decisions_per_s']:.0f}/s); faults {faults or 'none'}")
     if replay_path is not None:
