@@ -298,3 +298,38 @@ def test_local_skip_mispairing_is_diagnosed_under_torchrun(torchrun_executor, pr
     verdict = check(s, torchrun_executor.run(s))
     _assert_mispair_diagnosed(verdict, time.monotonic() - t0,
                               torchrun_executor.timeout_s * 6 + 60)
+
+
+# -- generated Schedules, every profile x configuration ---------------------------------------
+
+AGREEING = [(p, dp) for p in RELEASES for dp in (True, False)
+            if (p, dp) != ("sglang-0.5.10", True)]
+
+
+@pytest.mark.parametrize(("protocol", "dp"), AGREEING)
+def test_generated_schedules_agree_without_pp(inprocess_executor, protocol, dp) -> None:
+    """Budget: 15 generated Schedules per configuration on 1x2 / 2x2 / 2x1 (the README table
+    runs the `ci` budget of 60 per layout, with PP)."""
+    from hypothesis import given, settings
+
+    from scenarios.strategies import schedules
+
+    @settings(max_examples=15, deadline=None)
+    @given(s=schedules(layouts=("1x2", "2x2", "2x1"), protocol=protocol, dp_attention=dp))
+    def run(s: Schedule) -> None:
+        verdict = check(s, inprocess_executor.run(s))
+        assert verdict.ok, verdict.summary()
+
+    run()
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_generation_finds_sglang_0_5_10_with_dp_attention(seed: int) -> None:
+    from scenarios.executor import Executor
+    from scenarios.explore import hunt
+
+    with Executor("inprocess", timeout_s=1.5) as ex:
+        h = hunt(ex, "fixed", ("1x2", "2x2"), max_examples=60, seed=seed,
+                 protocol="sglang-0.5.10", dp_attention=True)
+    assert h.found is not None and h.verdict is not None
+    assert h.verdict.invariant == "decisions", h.verdict.summary()
