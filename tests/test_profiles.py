@@ -333,3 +333,54 @@ def test_generation_finds_sglang_0_5_10_with_dp_attention(seed: int) -> None:
                  protocol="sglang-0.5.10", dp_attention=True)
     assert h.found is not None and h.verdict is not None
     assert h.verdict.invariant == "decisions", h.verdict.summary()
+
+
+# -- Mooncake and soak, every profile x configuration -----------------------------------------
+
+
+@pytest.mark.cp
+@pytest.mark.mooncake
+@pytest.mark.parametrize("dp", [True, False])
+@pytest.mark.parametrize("protocol", RELEASES[1:])
+def test_mooncake_store_holds_the_keys_of_the_configuration(mooncake_master: str, protocol: str,
+                                                             dp: bool) -> None:
+    from scenarios.executor import Executor
+
+    s = load_scenario("write_acks").with_(layout="2x2", backend="mooncake", protocol=protocol,
+                                          dp_attention=dp)
+    with Executor("torchrun", timeout_s=10.0, mooncake_master=mooncake_master) as ex:
+        results = ex.run(s)
+    assert check(s, results).ok
+    stored = {r["rank"]: set(r["stored"]) for r in results}
+    assert all(stored.values()), "no rank confirmed a stored key"
+    # ranks 0 and 2 are CP peers (tp 0); with DP attention they share every key
+    assert (stored[0] == stored[2]) is dp
+    if not dp:
+        assert not stored[0] & stored[2]
+
+
+@pytest.mark.parametrize(("protocol", "dp"), [("sglang-0.5.11", False), ("sglang-0.5.13", True),
+                                              ("sglang-0.5.10", False)])
+def test_soak_agrees_per_profile(tmp_path, protocol: str, dp: bool, capsys) -> None:
+    import json
+
+    rc = main(["soak", "--layout", "2x2", "--minutes", "0.1", "--faults", "storage_errors",
+               "--protocol", protocol, "--dp-attention", "on" if dp else "off",
+               "--out", str(tmp_path), "--seed", "1"])
+    out = capsys.readouterr()
+    assert rc == 0, out.out + out.err
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert (report["protocol"], report["dp_attention"]) == (protocol, dp)
+    assert report["runs"] >= 1
+
+
+def test_soak_finds_sglang_0_5_10_with_dp_attention_and_replay_reproduces(tmp_path) -> None:
+    rc = main(["soak", "--layout", "2x2", "--minutes", "0.5", "--protocol", "sglang-0.5.10",
+               "--dp-attention", "on", "--out", str(tmp_path), "--seed", "0"])
+    assert rc == 1
+    (replay,) = tmp_path.glob("replay-*.json")
+    from scenarios.replay import read_replay
+
+    s, _ = read_replay(replay)
+    assert (s.protocol, s.dp_attention) == ("sglang-0.5.10", True)
+    assert main(["replay", str(replay), "--mode", "inprocess"]) == 1
