@@ -384,3 +384,30 @@ def test_soak_finds_sglang_0_5_10_with_dp_attention_and_replay_reproduces(tmp_pa
     s, _ = read_replay(replay)
     assert (s.protocol, s.dp_attention) == ("sglang-0.5.10", True)
     assert main(["replay", str(replay), "--mode", "inprocess"]) == 1
+
+
+# -- the README table's divergences are in the corpus ------------------------------------------
+
+TABLE_DIVERGENCES = {  # (protocol, dp_attention, layout) -> invariant (benchmarks/profile_table.py)
+    ("sglang-0.5.10", True, "1x2"): "decisions",
+    ("sglang-0.5.10", True, "2x2"): "decisions",
+    ("sglang-0.5.10", True, "2x2x2"): "decisions",
+    ("sglang-0.5.10", False, "2x2x2"): "decisions",
+    ("sglang-0.5.11", True, "2x2x2"): "decisions",
+    ("sglang-0.5.11", False, "2x2x2"): "decisions",
+    ("sglang-0.5.13", True, "2x2x2"): "pages",
+    ("sglang-0.5.13", False, "2x2x2"): "pages",
+}
+
+
+def test_every_table_divergence_has_a_corpus_file() -> None:
+    from pathlib import Path
+
+    from scenarios.replay import read_replay
+
+    corpus = Path(__file__).parent.parent / "scenarios" / "corpus"
+    found = {}
+    for path in corpus.glob("replay-sglang-*.json"):
+        s, data = read_replay(path)
+        found[(s.protocol, s.dp_attention, s.layout)] = data["verdict"]["invariant"]
+    assert found == TABLE_DIVERGENCES
