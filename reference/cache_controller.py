@@ -174,6 +174,8 @@ class HiCacheController:
 
         self.profile = config.profile
         plan = sync_plan(groups, config.profile)
+        #: SGLang's name for the rank sets every agreement all-reduces over, in order
+        self.prefetch_sync_groups = plan.all_reduce
         # separate gloo groups per thread, as SGLang does: reductions of different threads
         # must never pair up with each other. Every scheduler-thread agreement shares `control`
         # (in SGLang the scheduler's groups, shared with its request broadcast): one skipped
