@@ -411,3 +411,20 @@ def test_every_table_divergence_has_a_corpus_file() -> None:
         s, data = read_replay(path)
         found[(s.protocol, s.dp_attention, s.layout)] = data["verdict"]["invariant"]
     assert found == TABLE_DIVERGENCES
+
+
+@pytest.mark.parametrize("mode", ["inprocess", pytest.param("torchrun", marks=pytest.mark.cp)])
+def test_same_shape_mispairing_is_named_by_the_collectives_invariant(mode: str) -> None:
+    """0.5.13: the skipped writing_check MIN [1] silently pairs with a peer's loading_check
+    MIN [1] (same shape, no gloo error); the collectives invariant names both calls."""
+    from scenarios.executor import Executor
+
+    s = load_scenario("write_acks").with_(layout="2x2", protocol="sglang-0.5.13",
+                                          variant="writing_check_local_skip")
+    t0 = time.monotonic()
+    with Executor(mode, timeout_s=MISPAIR_TIMEOUT_S) as ex:
+        verdict = check(s, ex.run(s))
+    assert time.monotonic() - t0 < MISPAIR_TIMEOUT_S * 6 + 60
+    named = [m for inv, m in verdict.failures if inv == "collectives"
+             and "in writing_check" in m and "in loading_check" in m]
+    assert named, verdict.failures
