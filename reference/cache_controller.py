@@ -4,9 +4,10 @@ Threads, each with its own pace on each rank:
 - writer: device -> host copies (write-through); an ack per operation
 - loader: host -> device copies (load-back); an ack per operation
 - prefetch: L3 hit query, then agreement (MIN) on the hit count; revoke below the threshold
-- prefetch IO aux: L3 -> L2 page transfer in batches, one progress ack per batch, always the same
+- prefetch IO aux: L3 -> L2 page transfer in batches; counts the tokens that landed. With the
+  profile's per_batch_acks (0.5.20) it also sends one progress ack per batch, always the same
   number of acks on every rank, even after an error
-- prefetch sync: agrees (MIN) on each progress ack, so every rank sees the same progress
+- prefetch sync (per_batch_acks only): agrees (MIN) on each progress ack
 - backup: L2 -> L3 writes; an ack per operation
 The scheduler side (HiRadixCache) consumes acks only after agreeing how many to consume.
 """
@@ -25,8 +26,9 @@ from reference.hashing import KeySuffix, page_hashes
 from reference.memory_pool import DeviceKVPool, HostKVPool, device_to_host, host_to_device
 from reference.observer import Decision, Observer, StorageAccess
 from reference.pacing import Pacer
+from reference.profiles import DEFAULT_PROFILE, ProtocolProfile, get_profile
 from reference.storage.base import HiCacheStorage
-from reference.sync import Collectives, ParallelGroups, SyncGroup, sync_rank_sets
+from reference.sync import Collectives, ParallelGroups, SyncGroup, sync_plan
 
 logger = logging.getLogger(__name__)
 
@@ -107,9 +109,19 @@ class PrefetchOperation(StorageOperation):
         self._lock = threading.Lock()
         self._terminated = False
 
-    def mark_terminate(self) -> None:
+    def mark_terminate(self) -> int:
+        """Stop the IO; returns the completed tokens frozen at that moment."""
         with self._lock:
             self._terminated = True
+            return self.completed_tokens
+
+    def increment(self, completed_tokens: int) -> bool:
+        """The IO thread counts a landed batch, unless the op was terminated meanwhile."""
+        with self._lock:
+            if self._terminated:
+                return False
+            self.completed_tokens = completed_tokens
+            return True
 
     def is_terminated(self) -> bool:
         with self._lock:
@@ -126,6 +138,7 @@ class ControllerConfig:
     prefetch_timeout_s: float = 1.0
     variant: str = "fixed"
     agree_timeout_s: float = 60.0
+    profile: ProtocolProfile = field(default_factory=lambda: get_profile(DEFAULT_PROFILE))
 
 
 class HiCacheController:
@@ -159,12 +172,19 @@ class HiCacheController:
         self.backup_skip = backup_skip
         self.prefetch_threshold = max(config.prefetch_threshold, self.page_size)
 
-        rank_sets = sync_rank_sets(groups, config.variant)
+        self.profile = config.profile
+        plan = sync_plan(groups, config.profile)
+        #: SGLang's name for the rank sets every agreement all-reduces over, in order
+        self.prefetch_sync_groups = plan.all_reduce
         # separate gloo groups per thread, as SGLang does: reductions of different threads
-        # must never pair up with each other
-        self.prefetch_hits_sync = SyncGroup(collectives, rank_sets, "prefetch_hits")
-        self.prefetch_completion_sync = SyncGroup(collectives, rank_sets, "prefetch_completion")
-        self.control_sync = SyncGroup(collectives, rank_sets, "control")
+        # must never pair up with each other. Every scheduler-thread agreement shares `control`
+        # (in SGLang the scheduler's groups, shared with its request broadcast): one skipped
+        # there mispairs with the next one.
+        self.prefetch_hits_sync = SyncGroup(collectives, plan, "prefetch_hits")
+        self.per_batch_acks = config.profile.prefetch_progress == "per_batch_acks"
+        if self.per_batch_acks:
+            self.prefetch_completion_sync = SyncGroup(collectives, plan, "prefetch_completion")
+        self.control_sync = SyncGroup(collectives, plan, "control")
 
         self.ack_write_queue: list[HiCacheAck] = []
         self.ack_load_queue: list[HiCacheAck] = []
@@ -202,9 +222,10 @@ class HiCacheController:
             targets += [
                 ("hicache-prefetch", self.prefetch_thread_func),
                 ("hicache-prefetch-io", self.prefetch_io_aux_func),
-                ("hicache-prefetch-sync", self.prefetch_sync_thread_func),
                 ("hicache-backup", self.backup_thread_func),
             ]
+            if self.per_batch_acks:
+                targets.append(("hicache-prefetch-sync", self.prefetch_sync_thread_func))
         self.threads = [
             threading.Thread(target=self._guard(fn), name=name, daemon=True) for name, fn in targets
         ]
@@ -353,7 +374,8 @@ class HiCacheController:
             self.pacer.after("prefetch_query", op.seq)
 
     def prefetch_io_aux_func(self) -> None:
-        """Transfer batches; emit exactly one progress ack per batch whatever happens."""
+        """Transfer batches; with per_batch_acks, exactly one progress ack per batch whatever
+        happens. Otherwise only count: a failed batch marks the op terminated."""
         bp = self.cfg.prefetch_batch_pages
         ps = self.page_size
         while not self.stop_event.is_set():
@@ -368,20 +390,24 @@ class HiCacheController:
                 if not failed and not op.is_terminated():
                     ok = self._page_transfer(op, b, first, last)
                     if ok:
-                        op.completed_tokens = last * ps
+                        op.increment(last * ps)
                     else:
                         failed = True  # later pages would leave a hole: stop transferring
-                skip = (failed and self.variant == "skip_ack_on_error"
-                        and op.completed_tokens < last * ps)  # the bug: no ack for a failed batch
-                if not skip:
-                    self.prefetch_sync_queue.put(PrefetchAck(op, op.completed_tokens))
+                        if not self.per_batch_acks:
+                            op.mark_terminate()
+                if self.per_batch_acks:
+                    skip = (failed and self.variant == "skip_ack_on_error"
+                            and op.completed_tokens < last * ps)  # the bug: no ack for it
+                    if not skip:
+                        self.prefetch_sync_queue.put(PrefetchAck(op, op.completed_tokens))
                 if b == op.num_batches - 1:
                     self._finish_io(op)
                 self.pacer.after("prefetch_io", op.first_batch + b)
 
     def _finish_io(self, op: PrefetchOperation) -> None:
         """The final ack; `io_done` is set before the last batch reports done to a pacer."""
-        self.prefetch_sync_queue.put(PrefetchAck(op, op.completed_tokens, final=True))
+        if self.per_batch_acks:
+            self.prefetch_sync_queue.put(PrefetchAck(op, op.completed_tokens, final=True))
         op.io_done = True
 
     def _page_transfer(self, op: PrefetchOperation, batch: int, first: int, last: int) -> bool:

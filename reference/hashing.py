@@ -33,6 +33,12 @@ def page_hashes(
     return hashes
 
 
+def storage_tp_rank(tp_rank: int, tp_size: int, cp_rank: int, dp_attention: bool) -> int:
+    """The TP rank in MHA keys (SGLang's _generate_storage_config): the attention-TP rank with
+    DP attention, else the global TP rank, so CP peers then write different keys."""
+    return tp_rank if dp_attention else cp_rank * tp_size + tp_rank
+
+
 @dataclass(frozen=True)
 class KeySuffix:
     """What a rank appends to a page hash, following SGLang's mooncake_store naming.

@@ -3,11 +3,13 @@
 Each decision point reads a local value (what this rank's threads have finished), reduces it
 over the sync groups and acts only on the agreed value, exactly as SGLang's hiradix_cache.py:
 `writing_check`, `loading_check`, `drain_storage_control_queues`, `can_terminate_prefetch`,
-`check_prefetch_progress`.
+`check_prefetch_progress`. Where releases differ, the code reads `self.profile.<field>`
+(reference/profiles.py lists every difference in one table).
 """
 
 from __future__ import annotations
 
+import queue
 from dataclasses import dataclass
 
 import torch
@@ -18,13 +20,15 @@ from reference.cache_controller import (
     HiCacheError,
     PrefetchOperation,
 )
-from reference.hashing import KeySuffix
+from reference.hashing import KeySuffix, storage_tp_rank
 from reference.memory_pool import DeviceKVPool, HostKVPool, KVShape
 from reference.observer import NULL_OBSERVER, Observer
 from reference.pacing import FREE_RUNNING, Pacer
+from reference.profiles import DEFAULT_PROFILE
 from reference.radix_tree import MatchResult, RadixTree, TreeNode
 from reference.storage.base import HiCacheStorage
 from reference.sync import Collectives, ParallelGroups
+from reference.variants import effective_configuration
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,10 @@ class CacheConfig:
     prefetch_stop_policy: str = "best_effort"
     prefetch_timeout_s: float = 1.0
     variant: str = "fixed"
+    protocol: str = DEFAULT_PROFILE  # a name in reference.profiles.PROFILES
+    #: SGLang's --enable-dp-attention: the cache's TP group is the attention-TP group and MHA
+    #: keys carry the attention-TP rank; without it, the full TP group and the global TP rank
+    enable_dp_attention: bool = True
     key_prefix: str = ""
     agree_timeout_s: float = 60.0
 
@@ -84,8 +92,13 @@ class HiRadixCache:
         self.host_pool = HostKVPool(config.kv, config.host_pages, config.page_size,
                                     pin=device.type == "cuda")
         self.tree = RadixTree(config.page_size)
+        self.profile, dp_attention = effective_configuration(
+            config.protocol, config.enable_dp_attention, config.variant)
+        # SGLang's _generate_storage_config: attention-TP rank with DP attention, else global
+        self.storage_tp_rank = storage_tp_rank(rank.tp_rank, rank.tp_size, rank.cp_rank,
+                                               dp_attention)
         self.key_suffix = KeySuffix(
-            tp_rank=rank.tp_rank, pp_rank=rank.pp_rank, pp_size=rank.pp_size,
+            tp_rank=self.storage_tp_rank, pp_rank=rank.pp_rank, pp_size=rank.pp_size,
             is_mla=config.kv.is_mla, prefix=config.key_prefix,
             cp_rank=rank.cp_rank if config.variant == "cp_rank_in_key" else None,
         )
@@ -98,16 +111,18 @@ class HiRadixCache:
                 prefetch_stop_policy=config.prefetch_stop_policy,
                 prefetch_timeout_s=config.prefetch_timeout_s,
                 variant=config.variant, agree_timeout_s=config.agree_timeout_s,
+                profile=self.profile,
             ),
             collectives, groups, self.key_suffix, storage, pacer, observer,
             # MLA pools are replicated over TP: only TP rank 0 backs up
-            backup_skip=config.kv.is_mla and rank.tp_rank != 0,
+            backup_skip=config.kv.is_mla and self.storage_tp_rank != 0,
         )
         self.enable_storage = storage is not None
         self.ongoing_write_through: dict[int, TreeNode] = {}
         self.ongoing_load_back: dict[int, TreeNode] = {}
         self.ongoing_prefetch: dict[str, OngoingPrefetch] = {}
         self.ongoing_backup: dict[int, TreeNode] = {}
+        self._backup_acks_taken = 0
 
     def _decide(self, kind: str, rid: str, local: tuple[int, ...], agreed: tuple[int, ...],
                 outcome: str, effect: tuple = ()) -> None:
@@ -117,29 +132,42 @@ class HiRadixCache:
     # -- decision points --------------------------------------------------------------------
     def writing_check(self, write_back: bool = False) -> None:
         cc = self.cache_controller
-        if write_back:  # write-back eviction must see every write finished
+        if write_back:  # write-back eviction blocks until every write finished: no collective
             self.pacer.need("write", cc.write_seq - 1)
             for ack in cc.ack_write_queue:
                 if not ack.wait(self.cfg.agree_timeout_s):
                     raise HiCacheError(f"write ack {ack.seq} not finished in time")
-        else:
-            self.pacer.at("writing_check", "write", cc.write_seq)
+            n = len(cc.ack_write_queue)
+            effect = self._ack_writes(n)
+            self._decide("writing_check", "", (n,), (n,), f"ack {n} writes (write-back)", effect)
+            return
+        self.pacer.at("writing_check", "write", cc.write_seq)
+        if not self.ongoing_write_through:  # the same on every rank: nothing to agree on
+            return
         finish_count = 0
         for ack in cc.ack_write_queue:
             if not ack.finished():
                 break
             finish_count += 1
+        if self.cfg.variant == "writing_check_local_skip" and finish_count == 0:
+            return  # the bug: an early return on LOCAL state; the peers issue the MIN below
         (agreed,) = cc.control_sync.reduce([finish_count], "min")
+        effect = self._ack_writes(agreed)
+        self._decide("writing_check", "", (finish_count,), (agreed,), f"ack {agreed} writes",
+                     effect)
+
+    def _ack_writes(self, n: int) -> tuple[int, int]:
+        """Pop n write acks; returns (popped, queued before) for the observer."""
+        cc = self.cache_controller
         queued = len(cc.ack_write_queue)
-        for _ in range(agreed):
+        for _ in range(n):
             ack = cc.ack_write_queue.pop(0)
             for node_id in ack.node_ids:
                 node = self.ongoing_write_through.pop(node_id)
                 self.tree.dec_lock_ref(node)
                 if self.enable_storage:
                     self.write_backup_storage(node)
-        self._decide("writing_check", "", (finish_count,), (agreed,), f"ack {agreed} writes",
-                     (queued - len(cc.ack_write_queue), queued))
+        return queued - len(cc.ack_write_queue), queued
 
     def loading_check(self) -> None:
         cc = self.cache_controller
@@ -149,7 +177,10 @@ class HiRadixCache:
             if not ack.finished():
                 break
             finish_count += 1
-        (agreed,) = cc.control_sync.reduce([finish_count], "min")
+        if self.profile.loading_check_agrees:
+            (agreed,) = cc.control_sync.reduce([finish_count], "min")
+        else:  # before 0.5.13: no collective ("batch forwarding is synced")
+            agreed = finish_count
         queued = len(cc.ack_load_queue)
         for _ in range(agreed):
             ack = cc.ack_load_queue.pop(0)
@@ -166,24 +197,36 @@ class HiRadixCache:
         agreed = cc.control_sync.reduce(local, "min")
         popped = [0, 0, 0]
         for _ in range(agreed[0]):
-            rid = cc.prefetch_revoke_queue.get()
+            rid = self._take(cc.prefetch_revoke_queue, "revoke")
             popped[0] += 1
             info = self.ongoing_prefetch.pop(rid, None)
             if info is not None:
                 self._release_prefetch(info, keep_tokens=0,
                                        leak=self.cfg.variant == "leak_on_revoke")
         for _ in range(agreed[1]):
-            op = cc.ack_backup_queue.get()
+            op = self._take(cc.ack_backup_queue, "backup ack", "backup", self._backup_acks_taken)
+            self._backup_acks_taken += 1
             popped[1] += 1
             node = self.ongoing_backup.pop(op.seq)
             node.backuped_storage = True
             self.tree.dec_host_ref(node)
         for _ in range(agreed[2]):
-            self.host_pool.allocator.free(cc.host_mem_release_queue.get())
+            self.host_pool.allocator.free(self._take(cc.host_mem_release_queue, "host release"))
             popped[2] += 1
         self._decide("drain", "", local, agreed,
                      f"revoke {agreed[0]}, backup acks {agreed[1]}, release {agreed[2]}",
                      tuple(popped))
+
+    def _take(self, q: queue.Queue, what: str, stream: str = "", seq: int = 0):  # noqa: ANN202
+        """One queued item; blocks, as SGLang's `get()` does, when the agreed count is above
+        this rank's (PP rank 0 decided it), but never forever."""
+        if q.empty() and stream:
+            self.pacer.need(stream, seq)
+        try:
+            return q.get(timeout=self.cfg.agree_timeout_s)
+        except queue.Empty:
+            raise HiCacheError(f"agreed to drain a {what} this rank never queued "
+                               f"(waited {self.cfg.agree_timeout_s:.0f} s)") from None
 
     def check_hicache_events(self) -> None:
         self.cache_controller.check_threads()
@@ -198,9 +241,10 @@ class HiRadixCache:
         queried = op.query_done.is_set()
         io_done = queried and (op.revoked or op.io_done or
                                op.completed_tokens == op.storage_hit_count * self.page_size)
-        if policy == "best_effort":
-            can = True
-        elif policy == "wait_complete":
+        if policy == "best_effort":  # every rank may stop: no collective
+            self._decide("can_terminate", op.request_id, (0, 0), (0, 0), "terminate")
+            return True
+        if policy == "wait_complete":
             can = io_done
         else:
             can = io_done or self.pacer.now() - op.start_time > self.cfg.prefetch_timeout_s
@@ -227,15 +271,29 @@ class HiRadixCache:
         self._release_prefetch(info, keep_tokens=completed, leak=leak)
         return True
 
-    def _terminate_prefetch(self, op: PrefetchOperation) -> int:
-        """Stop the IO and return the agreed number of tokens that landed on every rank."""
-        op.mark_terminate()
+    def _terminate_prefetch(self, op: PrefetchOperation, agree: bool = True) -> int:
+        """Stop the IO and return the agreed number of tokens that landed on every rank
+        (`agree=False`: this rank's own frozen count, as an abort takes it)."""
+        frozen = op.mark_terminate()
         self.pacer.need("prefetch_query", op.seq)
         timeout = self.cfg.agree_timeout_s
         if not op.query_done.wait(timeout):
             raise HiCacheError(f"prefetch {op.request_id}: hit query did not finish in {timeout} s")
         if op.revoked:
             return 0
+        if self.profile.prefetch_progress == "at_termination":
+            # the IO thread never reduces: one MIN of the count frozen when the op terminated
+            if agree:
+                (agreed,) = self.cache_controller.control_sync.reduce([frozen], "min")
+            else:
+                agreed = frozen
+            if op.num_batches:  # let the IO thread pass the op's remaining (skipped) batches
+                self.pacer.need("prefetch_io", op.first_batch + op.num_batches - 1)
+            if not agree:
+                return agreed
+            self._decide("prefetch_done", op.request_id, (frozen,), (agreed,),
+                         f"insert {agreed} tokens")
+            return frozen if self.cfg.variant == "insert_local_completed" else agreed
         if op.num_batches:
             self.pacer.need("prefetch_io", op.first_batch + op.num_batches - 1)
         if not op.final_agreed.wait(timeout):
@@ -336,7 +394,9 @@ class HiRadixCache:
         info = self.ongoing_prefetch.pop(rid, None)
         if info is None:
             return
-        self._terminate_prefetch(info.operation)
+        self._terminate_prefetch(info.operation,
+                                 agree=self.profile.prefetch_progress == "per_batch_acks")
+        self.cache_controller.control_sync.barrier()  # no rank frees before every rank stopped
         self._release_prefetch(info, keep_tokens=0)
 
     def insert(self, tokens: list[int], device_indices: torch.Tensor) -> TreeNode:

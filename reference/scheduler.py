@@ -3,7 +3,7 @@
 Every rank runs the same requests in the same order (they serve the same batch); what differs
 per rank is only how far its IO threads got, which the cache's decision points agree on. A
 request: match the prefix, load host hits back to the device, prefetch the rest from storage,
-wait (head of line) until the prefetch terminates, then "forward" the uncached pages and cache
+stay in the waiting queue (skipped, never blocking) until its prefetch terminates, then "forward" the uncached pages and cache
 the result, which writes it through to host and, after the write ack, backs it up to storage.
 """
 
@@ -73,12 +73,10 @@ class MiniScheduler:
     def step(self) -> None:
         """One scheduler iteration: agree on finished IO, admit requests, run them."""
         self.cache.check_hicache_events()
-        while self.waiting:
-            rid, req = next(iter(self.waiting.items()))
-            if not self.cache.check_prefetch_progress(rid):
-                break  # head of line: later prefetches sit behind it in the IO thread too
-            self.waiting.pop(rid)
-            self.ready[rid] = req
+        for rid in list(self.waiting):
+            if self.cache.check_prefetch_progress(rid):
+                self.ready[rid] = self.waiting.pop(rid)
+            # else: SGLang skips a request whose prefetch cannot terminate yet and goes on
         while self.ready:
             _, req = self.ready.popitem(last=False)
             self._run(req)

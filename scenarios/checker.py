@@ -5,7 +5,8 @@ Invariants, each with a known-bad variant that trips it (see tests/test_variants
   decisions    every rank logged the same agreed decisions, per channel
   tree         radix-tree digests equal on every rank after every scheduler decision, and
                every request got the same cached / computed split
-  keys         a page maps to the same key on every CP rank, and to SGLang's key naming
+  keys         SGLang's key naming; with DP attention CP peers share every key, without it
+               (global TP rank in MHA keys) they must not
   pages        every page read from storage is what was written for that key, and device pages
                hold what the page must hold
   leaks        after the drain every slot is held by the tree and every prefetch terminated
@@ -21,6 +22,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
+from reference.api import effective_configuration, storage_tp_rank
 from scenarios.oracle import check_oracle
 from scenarios.schedule import Schedule
 
@@ -125,8 +127,19 @@ def check_tree(results: list[dict]) -> list[str]:
     return out
 
 
+def _dp_attention(s: Schedule) -> bool:
+    return effective_configuration(s.protocol, s.dp_attention, s.variant)[1]
+
+
+def key_tp_rank(s: Schedule, coords: list[int] | tuple[int, ...]) -> int:
+    """The TP rank SGLang puts in this rank's MHA keys (attention-TP or global TP rank)."""
+    tp, cp, _ = coords
+    return storage_tp_rank(tp, s.layout_obj.tp, cp, _dp_attention(s))
+
+
 def expected_suffix(s: Schedule, tp_rank: int, pp_rank: int, part: str) -> str:
-    """SGLang's naming (mooncake_store): MHA `{tp}_k`, MLA `_k`; PP rank when PP > 1."""
+    """SGLang's naming (mooncake_store): MHA `{tp}_k`, MLA `_k`; PP rank when PP > 1.
+    `tp_rank` is the key TP rank (see key_tp_rank)."""
     lay = s.layout_obj
     if s.cache.mla:
         return f"{pp_rank if lay.pp > 1 else ''}_{part}"
@@ -136,8 +149,10 @@ def expected_suffix(s: Schedule, tp_rank: int, pp_rank: int, part: str) -> str:
 def check_keys(s: Schedule, results: list[dict]) -> list[str]:
     out = []
     per_rank: dict[int, dict[str, set[str]]] = {}
+    dp_attention = _dp_attention(s)
     for res in results:
-        tp, _cp, pp = res["coords"]
+        _, _, pp = res["coords"]
+        tp = key_tp_rank(s, res["coords"])
         pages: dict[str, set[str]] = defaultdict(set)
         named_badly = False  # one naming message per rank is enough
         for op, keys, _ok, _sums in res["storage"]:
@@ -158,8 +173,8 @@ def check_keys(s: Schedule, results: list[dict]) -> list[str]:
                     out.append(f"rank {res['rank']}: MLA page {m.group(1)[:12]}… written by "
                                f"TP rank {tp}; only TP rank 0 backs up")
         per_rank[res["rank"]] = pages
-    # what the store holds: one copy per page part (MLA) or one per TP rank (MHA), never
-    # one per CP rank
+    # what the store holds: one copy per page part (MLA) or one per key TP rank (MHA): with DP
+    # attention never one per CP rank; without it the global TP rank spans CP too
     copies: dict[tuple[str, str], set[str]] = defaultdict(set)
     for res in results:
         for key in res.get("stored", []):
@@ -167,22 +182,32 @@ def check_keys(s: Schedule, results: list[dict]) -> list[str]:
             if m:
                 copies[(m.group(1), m.group(2).rsplit("_", 1)[-1])].add(key)
     lay = s.layout_obj
-    want = lay.pp if s.cache.mla else lay.tp * lay.pp
+    key_tp_ranks = lay.tp if dp_attention else lay.tp * lay.cp
+    want = lay.pp if s.cache.mla else key_tp_ranks * lay.pp
     for (h, part), keys in sorted(copies.items()):
         if len(keys) > want:
             out.append(f"the store holds {len(keys)} copies of page {h[:12]}… part {part} "
                        f"(want at most {want}: CP-split duplicates): {sorted(keys)[:4]}")
             break
-    # CP peers (same tp, pp) must name every shared page identically
+    # CP peers (same tp, pp): with DP attention they name every shared page identically;
+    # without it their MHA keys carry different global TP ranks, so they must differ
+    must_share = dp_attention or s.cache.mla
     for res in results:
         r = res["rank"]
         for peer in lay.attn_cp_group(r):
             if peer <= r or peer not in per_rank:
                 continue
             for h in sorted(set(per_rank[r]) & set(per_rank[peer])):
-                if per_rank[r][h] != per_rank[peer][h]:
+                same = per_rank[r][h] == per_rank[peer][h]
+                if must_share and not same:
                     out.append(f"CP peers {r} and {peer} use different keys for page {h[:12]}…: "
                                f"{sorted(per_rank[r][h])} vs {sorted(per_rank[peer][h])}")
+                    break
+                if not must_share and per_rank[r][h] & per_rank[peer][h]:
+                    out.append(f"CP peers {r} and {peer} share key suffixes "
+                               f"{sorted(per_rank[r][h] & per_rank[peer][h])} for page "
+                               f"{h[:12]}… without DP attention (SGLang keys MHA pages by the "
+                               f"global TP rank)")
                     break
     return out[:20]
 

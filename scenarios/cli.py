@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from scenarios import __version__
+from scenarios.protocol_args import add_protocol_arguments, protocol_changes
 
 EXIT_AGREE, EXIT_DIVERGE, EXIT_USAGE, EXIT_CANNOT_RUN = 0, 1, 2, 125
 
@@ -45,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--variant", help="fixed or a known-bad variant (default: the scenario's)")
     run.add_argument("--replay-dir", default="cpcheck-out", help="where a failure's replay goes")
     _add_common(run)
+    add_protocol_arguments(run)
 
     rep = sub.add_parser("replay", help="rerun a replay file: exit 0 agree, 1 diverge, 125 cannot run")
     rep.add_argument("file")
@@ -58,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--seed", type=int, default=0)
     ex.add_argument("--replay-dir", default="cpcheck-out")
     _add_common(ex)
+    add_protocol_arguments(ex)
     ex.set_defaults(mode="inprocess")
 
     soak = sub.add_parser("soak", help="free-running soak with faults, a report and plots")
@@ -105,15 +108,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     from scenarios.checker import check
     from scenarios.replay import write_replay
 
+    proto = protocol_changes(args)
     s = load_scenario(args.scenario)
     changes = {k: v for k, v in (("layout", args.layout), ("variant", args.variant),
                                  ("backend", args.backend)) if v}
+    changes.update(proto)
     if changes:
         s = s.from_dict({**s.model_dump(), **changes}, args.scenario)
     with mooncake_for(s.backend, args.mooncake_master) as (master, _), \
             _executor(args, master, args.mode) as ex:
         verdict = check(s, ex.run(s))
-    print(f"{s.name} layout={s.layout} variant={s.variant} backend={s.backend} mode={args.mode}")
+    print(f"{s.name} layout={s.layout} variant={s.variant} protocol={s.protocol} "
+          f"dp_attention={'on' if s.dp_attention else 'off'} backend={s.backend} mode={args.mode}")
     print(verdict.summary())
     if not verdict.ok:
         for inv, msg in verdict.failures[1:6]:
@@ -139,7 +145,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
     with mooncake_for(s.backend, args.mooncake_master) as (master, _), \
             _executor(args, master, mode) as ex:
         verdict = check(s, ex.run(s))
-    print(f"replay {args.file}: layout={s.layout} variant={s.variant} mode={mode}")
+    print(f"replay {args.file}: layout={s.layout} variant={s.variant} protocol={s.protocol} "
+          f"dp_attention={'on' if s.dp_attention else 'off'} mode={mode}")
     print(verdict.summary())
     was = data.get("verdict", {})
     if was:
@@ -151,10 +158,12 @@ def cmd_explore(args: argparse.Namespace) -> int:
     from scenarios.explore import hunt
     from scenarios.replay import write_replay
 
+    proto = protocol_changes(args)
     layouts = tuple(args.layout or ["1x2", "2x2", "1x4", "2x1"])
     with mooncake_for(args.backend, args.mooncake_master) as (master, _), \
             _executor(args, master, args.mode) as ex:
-        h = hunt(ex, args.variant, layouts, args.examples, args.seed, args.backend or "memory")
+        h = hunt(ex, args.variant, layouts, args.examples, args.seed, args.backend or "memory",
+                 **proto)
     if h.coverage is not None:  # which outcomes the schedules reached
         print(f"outcome coverage over {h.examples} schedules:\n{h.coverage.table()}")
     if h.found is None or h.verdict is None:
@@ -169,12 +178,15 @@ def cmd_explore(args: argparse.Namespace) -> int:
 
 
 def cmd_list(_: argparse.Namespace) -> int:
+    from reference.api import DEFAULT_PROFILE, PROFILES
     from reference.variants import VARIANTS
     from scenarios.catalog import catalog_names
 
     print("scenarios: " + " ".join(catalog_names()))
     for name, what in VARIANTS.items():
         print(f"variant {name}: {what}")
+    for p in PROFILES.values():
+        print(f"protocol {p.name}{' (default)' if p.name == DEFAULT_PROFILE else ''}: {p.summary}")
     return 0
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from hypothesis import HealthCheck, Phase, find, settings, target
 from hypothesis.errors import NoSuchExample
 
+from reference.api import DEFAULT_PROFILE
 from scenarios.checker import Verdict, check
 from scenarios.coverage import Coverage, prefetch_classes
 from scenarios.executor import Executor
@@ -56,7 +57,8 @@ def steer(results: list[dict], s: Schedule | None = None) -> None:
 
 
 def hunt(executor: Executor, variant: str, layouts: tuple[str, ...], max_examples: int = 200,
-         seed: int = 0, backend: str = "memory") -> Hunt:
+         seed: int = 0, backend: str = "memory", protocol: str = DEFAULT_PROFILE,
+         dp_attention: bool = True) -> Hunt:
     t0 = time.monotonic()
     state: dict = {"n": 0, "first": None, "last": None}
     cov = Coverage()
@@ -80,7 +82,8 @@ def hunt(executor: Executor, variant: str, layouts: tuple[str, ...], max_example
 
     random.seed(seed)
     try:
-        found = find(schedules(layouts=layouts, variant=variant, backend=backend), fails,
+        found = find(schedules(layouts=layouts, variant=variant, backend=backend,
+                               protocol=protocol, dp_attention=dp_attention), fails,
                      settings=cfg, random=random.Random(seed))
         verdict = check(found, executor.run(found))
     except NoSuchExample:

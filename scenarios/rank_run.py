@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from reference.api import CacheConfig, ParallelGroups, RankInfo, open_rank
+from reference.api import CacheConfig, ParallelGroups, RankInfo, effective_configuration, open_rank
 from reference.memory_pool import KVShape
 from reference.storage.base import HiCacheStorage
 from scenarios.gates import GatedPacer, RecordingPacer
@@ -73,6 +73,7 @@ def cache_config(s: Schedule, env: RunEnv) -> CacheConfig:
         prefetch_stop_policy=c.prefetch_stop_policy,
         prefetch_timeout_s=float(c.prefetch_timeout_ticks) * (1.0 if env.gated else 0.05),
         variant=s.variant, key_prefix=f"{env.run_id}_", agree_timeout_s=env.agree_timeout_s,
+        protocol=s.protocol, enable_dp_attention=s.dp_attention,
     )
 
 
@@ -82,7 +83,10 @@ def rank_groups(s: Schedule, rank: int) -> tuple[RankInfo, ParallelGroups]:
     info = RankInfo(tp_rank=tp, tp_size=lay.tp, cp_rank=cp, cp_size=lay.cp, pp_rank=pp,
                     pp_size=lay.pp)
     attn_tp = lay.attn_tp_group(rank)
-    groups = ParallelGroups(tp=attn_tp, attn_tp=attn_tp, attn_cp=lay.attn_cp_group(rank),
+    _, dp_attention = effective_configuration(s.protocol, s.dp_attention, s.variant)
+    # SGLang's tp_cache_group: attn_tp_cpu_group with DP attention, else the stage's tp_cpu_group
+    tp_cache_group = attn_tp if dp_attention else lay.tp_group(rank)
+    groups = ParallelGroups(tp=tp_cache_group, attn_tp=attn_tp, attn_cp=lay.attn_cp_group(rank),
                             pp=lay.pp_group(rank) if lay.pp > 1 else None)
     return info, groups
 

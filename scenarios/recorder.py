@@ -6,6 +6,7 @@ call), but kept for every run and compared after it, not only after a hang.
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections import defaultdict
 from collections.abc import Sequence
@@ -66,15 +67,45 @@ class RecordingCollectives:
         handles = self.inner.new_groups(rank_sets, tag)
         return [(f"{tag}{list(r)}", h) for r, h in zip(rank_sets, handles, strict=True)]
 
-    def all_reduce(self, tensor: torch.Tensor, op: str, group: Any) -> None:
-        name, handle = group
-        entry = f"all_reduce {op.upper()} {list(tensor.shape)} {str(tensor.dtype).removeprefix('torch.')}"
+    def _log(self, name: str, entry: str) -> str:
         thread = threading.current_thread().name
         with self._lock:
             self.log[name].append(entry)
             self.order[name].append(self._count)
             self._count += 1
             self.pending[thread] = f"{entry} over {name}"
+        return thread
+
+    def all_reduce(self, tensor: torch.Tensor, op: str, group: Any) -> None:
+        name, handle = group
+        thread = self._log(name, f"all_reduce {op.upper()} {_shape(tensor)} in {_call_site()}")
         self.inner.all_reduce(tensor, op, handle)
         with self._lock:
             self.pending.pop(thread, None)
+
+    def forward(self, tensor: torch.Tensor, src: int, group: Any) -> None:
+        """PP rank 0 sends, the others receive: logged alike on both ends, so they compare."""
+        name, handle = group
+        thread = self._log(name, f"forward {_shape(tensor)} from rank {src} in {_call_site()}")
+        self.inner.forward(tensor, src, handle)
+        with self._lock:
+            self.pending.pop(thread, None)
+
+
+def _shape(t: torch.Tensor) -> str:
+    return f"{list(t.shape)} {str(t.dtype).removeprefix('torch.')}"
+
+
+_SYNC_FILE = "sync.py"
+
+
+def _call_site() -> str:
+    """The reference function that issued the collective (e.g. `writing_check`), so a
+    mispaired call is named, as PyTorch's desync debug names the pending call."""
+    f = sys._getframe(2)
+    while f is not None:
+        path = f.f_code.co_filename.replace("\\", "/")
+        if "/reference/" in path and not path.endswith(_SYNC_FILE):
+            return f.f_code.co_name
+        f = f.f_back
+    return "?"

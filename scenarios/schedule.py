@@ -14,7 +14,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from reference.variants import VARIANTS
+from reference.api import DEFAULT_PROFILE, PROFILES, VARIANTS
 from scenarios.layout import Layout, LayoutError
 
 SCHEDULE_VERSION = 1
@@ -68,6 +68,10 @@ class Schedule(BaseModel):
     name: str = "unnamed"
     layout: str = "1x2"
     variant: str = "fixed"
+    #: which SGLang release's agreement protocol the reference follows (reference/profiles.py)
+    protocol: str = DEFAULT_PROFILE
+    #: SGLang's --enable-dp-attention (the cache's TP group and the TP rank in MHA keys)
+    dp_attention: bool = True
     backend: Backend = "memory"
     cache: CachePolicy = CachePolicy()
     ops: list[Op] = Field(default_factory=list)
@@ -92,6 +96,13 @@ class Schedule(BaseModel):
     def _variant(cls, v: str) -> str:
         if v not in VARIANTS:
             raise ValueError(f"unknown variant '{v}': choose one of {', '.join(VARIANTS)}")
+        return v
+
+    @field_validator("protocol")
+    @classmethod
+    def _protocol(cls, v: str) -> str:
+        if v not in PROFILES:
+            raise ValueError(f"unknown protocol '{v}': choose one of {', '.join(PROFILES)}")
         return v
 
     @field_validator("version")

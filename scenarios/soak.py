@@ -18,7 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from reference.variants import VARIANTS
+from scenarios.contract import UsageError
 from scenarios.coverage import Coverage
+from scenarios.protocol_args import add_protocol_arguments, protocol_changes
 from scenarios.schedule import CachePolicy, Op, Schedule, tokens_for
 from scenarios.workload import soak_chunk
 
@@ -45,6 +47,7 @@ def add_soak_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=10.0,
                    help="seconds any rank may wait on a peer before the run fails")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    add_protocol_arguments(p)
 
 
 # -- chunk generation ----------------------------------------------------------------------
@@ -200,6 +203,11 @@ def cmd_soak(args: argparse.Namespace) -> int:
         print(f"cpcheck: unknown variant '{args.variant}': choose one of {', '.join(VARIANTS)}",
               file=sys.stderr)
         return EXIT_USAGE
+    try:
+        args.protocol_changes = protocol_changes(args)
+    except UsageError as e:
+        print(f"cpcheck: {e}", file=sys.stderr)
+        return EXIT_USAGE
     if args.minutes <= 0:
         print("cpcheck: --minutes must be positive", file=sys.stderr)
         return EXIT_USAGE
@@ -252,6 +260,8 @@ def _loop(args: argparse.Namespace, ex: Any, nem: Any, seed: int, layout: str, w
         while time.monotonic() - t0 < budget:
             s, gated = soak_chunk(rng, runs, layout, args.variant, args.backend, make_chunk,
                                   coverage)
+            if args.protocol_changes:
+                s = s.with_(**args.protocol_changes)
             before = nem.total() if nem else 0
             faults_before = dict(nem.counts()) if nem else {}
             if nem:
@@ -298,6 +308,7 @@ def _loop(args: argparse.Namespace, ex: Any, nem: Any, seed: int, layout: str, w
     faults = nem.counts() if nem else {}
     report = {
         "layout": layout, "variant": args.variant, "backend": args.backend, "mode": args.mode,
+        "protocol": s.protocol if runs else None, "dp_attention": s.dp_attention if runs else None,
         "seed": seed, "minutes": args.minutes, "runs": runs, "decisions": decisions,
         "seconds": round(elapsed, 2),
         "decisions_per_s": round(decisions / elapsed, 1) if elapsed else 0.0,
@@ -311,7 +322,8 @@ def _loop(args: argparse.Namespace, ex: Any, nem: Any, seed: int, layout: str, w
     _plots(out, timeline, outcomes, host_used)
     coverage.plot(out / "coverage.png")
     print(f"outcome coverage ({runs} runs):\n{coverage.table()}")
-    print(f"soak layout={layout} variant={args.variant} backend={args.backend} mode={args.mode} "
+    print(f"soak layout={layout} variant={args.variant} protocol={report['protocol']} "
+          f"dp_attention={report['dp_attention']} backend={args.backend} mode={args.mode} "
           f"seed={seed}: {runs} runs, {decisions} decisions in {elapsed:.1f} s "
           f"({report['decisions_per_s']:.0f}/s); faults {faults or 'none'}")
     if replay_path is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from hypothesis import strategies as st
 
+from reference.api import DEFAULT_PROFILE
 from scenarios.schedule import CachePolicy, Op, Schedule, tokens_for
 from scenarios.workload import prefetch_workloads
 
@@ -79,7 +80,8 @@ def prefetch_op_lists(draw: st.DrawFn) -> list[Op]:
 
 @st.composite
 def schedules(draw: st.DrawFn, layouts: tuple[str, ...] = ("1x2", "2x2", "1x4", "2x1"),
-              variant: str = "fixed", backend: str = "memory") -> Schedule:
+              variant: str = "fixed", backend: str = "memory",
+              protocol: str = DEFAULT_PROFILE, dp_attention: bool = True) -> Schedule:
     layout = draw(st.sampled_from(layouts))
     world = 1
     for x in layout.split("x"):
@@ -98,5 +100,6 @@ def schedules(draw: st.DrawFn, layouts: tuple[str, ...] = ("1x2", "2x2", "1x4", 
                                   min_size=1, max_size=2))
     skew = {r: draw(st.integers(0, 5)) for r in range(world)} if draw(st.booleans()) else {}
     return Schedule(name="generated", layout=layout, variant=variant, backend=backend,
+                    protocol=protocol, dp_attention=dp_attention,
                     cache=draw(cache_policies()), ops=ops, choices=choices, faults=faults,
                     clock_skew=skew)

@@ -47,6 +47,7 @@ HUNTS = {
     "misaligned_batch": (1, 250),
     "skip_ack_on_error": (1, 250),
     "insert_local_completed": (1, 250),
+    "writing_check_local_skip": (0, 100),
 }
 
 

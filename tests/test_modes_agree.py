@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from reference.api import PROFILES
 from scenarios.catalog import catalog_names, load_scenario
 
 
@@ -12,13 +13,25 @@ def _decisions(results: list[dict]) -> list:
 
 
 @pytest.mark.cp
+@pytest.mark.parametrize("protocol", list(PROFILES))
 @pytest.mark.parametrize("scenario", catalog_names())
 def test_inprocess_and_torchrun_give_identical_logs(inprocess_executor, torchrun_executor,
-                                                    scenario) -> None:
-    s = load_scenario(scenario).with_(layout="2x2", backend="file")
+                                                    scenario, protocol) -> None:
+    s = load_scenario(scenario).with_(layout="2x2", backend="file", protocol=protocol)
     a = inprocess_executor.run(s)
     b = torchrun_executor.run(s)
     assert _decisions(a) == _decisions(b)
+
+
+@pytest.mark.cp
+@pytest.mark.parametrize("protocol", list(PROFILES))
+def test_modes_agree_without_dp_attention_and_with_pp(inprocess_executor, torchrun_executor,
+                                                      protocol) -> None:
+    """Both configurations, and PP (0.5.13's send/recv forward), log alike in both modes."""
+    for layout, dp in (("2x2", False), ("2x1x2", True)):
+        s = load_scenario("prefetch_partial").with_(layout=layout, backend="file",
+                                                    protocol=protocol, dp_attention=dp)
+        assert _decisions(inprocess_executor.run(s)) == _decisions(torchrun_executor.run(s))
 
 
 @pytest.mark.parametrize("scenario", catalog_names())

@@ -8,7 +8,8 @@ import pytest
 
 from scenarios.cli import main
 
-FAST = ["cp_rank_in_key", "leak_on_revoke", "misaligned_batch", "tp_only_sync"]
+FAST = ["cp_rank_in_key", "leak_on_revoke", "misaligned_batch", "tp_only_sync",
+        "writing_check_local_skip"]
 SLOW = ["insert_local_completed", "skip_ack_on_error"]
 
 

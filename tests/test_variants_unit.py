@@ -105,10 +105,12 @@ GRID = ParallelGroups(tp=(0, 1), attn_tp=(0, 1), attn_cp=(0, 2))
 def test_sync_rank_sets(groups: ParallelGroups, fixed: list[RankSet],
                         tp_only: list[RankSet]) -> None:
     assert sync_rank_sets(groups) == fixed
-    assert sync_rank_sets(groups, "fixed") == fixed
-    assert sync_rank_sets(groups, "tp_only_sync") == tp_only
-    for other in set(VARIANTS) - {"tp_only_sync"}:  # only tp_only_sync changes the groups
-        assert sync_rank_sets(groups, other) == fixed
+    assert sync_rank_sets(groups, "sglang-0.5.20") == fixed
+    assert sync_rank_sets(groups, "sglang-0.5.10") == tp_only
+    # 0.5.11 and 0.5.13 all-reduce over the attention groups only (no PP in the groups)
+    pp = tuple(sorted(groups.pp)) if groups.pp and len(groups.pp) > 1 else None
+    for name in ("sglang-0.5.11", "sglang-0.5.13"):
+        assert sync_rank_sets(groups, name) == [g for g in fixed if g != pp]
 
 
 def grid_groups(tp: int, cp: int, pp: int, rank: int) -> ParallelGroups:
@@ -150,7 +152,7 @@ def test_fixed_groups_agree_over_the_whole_grid(tp: int, cp: int, pp: int,
     groups = [grid_groups(tp, cp, pp, r) for r in range(world)]
     fixed = simulate_reduce(world, [sync_rank_sets(g) for g in groups], values)
     assert fixed == [min(values)] * world
-    tp_only = simulate_reduce(world, [sync_rank_sets(g, "tp_only_sync") for g in groups], values)
+    tp_only = simulate_reduce(world, [sync_rank_sets(g, "sglang-0.5.10") for g in groups], values)
     for r in range(world):
         assert tp_only[r] == min(values[m] for m in groups[r].tp)
     if cp == 1 and pp == 1:

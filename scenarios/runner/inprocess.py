@@ -28,6 +28,7 @@ class _Group:
         self.gen = 0
         self.parts: dict[int, torch.Tensor] = {}
         self.results: dict[int, torch.Tensor | Exception] = {}
+        self.mail: dict[int, list[torch.Tensor]] = {}
 
     def all_reduce(self, rank: int, tensor: torch.Tensor, op: str) -> None:
         deadline = time.monotonic() + self.timeout_s
@@ -62,6 +63,30 @@ class _Group:
         tensor.copy_(res)
 
 
+    def forward(self, rank: int, tensor: torch.Tensor, src: int) -> None:
+        """send/recv from `src` to every other member: a mailbox per receiver, FIFO like gloo."""
+        if rank == src:
+            with self.cond:
+                for dst in self.ranks:
+                    if dst != src:
+                        self.mail.setdefault(dst, []).append(tensor.clone())
+                self.cond.notify_all()
+            return
+        deadline = time.monotonic() + self.timeout_s
+        with self.cond:
+            while not self.mail.get(rank):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise CollectiveTimeout(f"recv from rank {src} on {self.name} timed out "
+                                            f"after {self.timeout_s:.0f} s")
+                self.cond.wait(left)
+            got = self.mail[rank].pop(0)
+        if got.shape != tensor.shape or got.dtype != tensor.dtype:
+            raise RuntimeError(f"collective mismatch on {self.name}: recv {list(tensor.shape)} "
+                               f"got {list(got.shape)} from rank {src}")
+        tensor.copy_(got)
+
+
 class ThreadWorld:
     """Shared by all rank threads of one run."""
 
@@ -90,6 +115,9 @@ class ThreadCollectives:
 
     def all_reduce(self, tensor: torch.Tensor, op: str, group: Any) -> None:
         group.all_reduce(self.rank, tensor, op)
+
+    def forward(self, tensor: torch.Tensor, src: int, group: Any) -> None:
+        group.forward(self.rank, tensor, src)
 
 
 def run_schedule_inprocess(

@@ -1,0 +1,85 @@
+"""Protocol profiles: how each SGLang release's HiCache agrees across ranks, in one place.
+
+Each profile is named after the release whose semantics it models (read from the released
+wheels; facts in design/protocol-versions.md). Every release shares the shape of the decision
+points (`writing_check` returns before its collective when nothing is in flight, best_effort
+`can_terminate_prefetch` returns with no collective, `release_aborted_request` barriers, the
+scheduler skips a request whose prefetch cannot terminate yet); a profile lists only what
+differs. The cache reads `self.profile.<field>` at the one place each behaviour lives.
+
+    field                     0.5.10           0.5.11 (#20460)   0.5.13            0.5.20
+    sync_groups               tp_cache_group   attn_cp, attn_tp  attn_cp, attn_tp  attn_cp, attn_tp
+    loading_check_agrees      no               no                MIN               MIN
+    prefetch_progress         at_termination   at_termination    at_termination    per_batch_acks
+    pp_agreement              none             none              pp0_forwards      in_groups
+
+`tp_cache_group` is what the scheduler hands the cache: the attention-TP group with
+`--enable-dp-attention`, else the full TP group of the stage (which holds the CP peers).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+SyncGroups = Literal["tp_cache_group", "attn_cp_then_attn_tp"]
+PrefetchProgress = Literal["at_termination", "per_batch_acks"]
+PPAgreement = Literal["none", "pp0_forwards", "in_groups"]
+
+
+@dataclass(frozen=True)
+class ProtocolProfile:
+    name: str
+    #: which groups every agreement reduces over (single-rank groups skipped, duplicates dropped)
+    sync_groups: SyncGroups
+    #: `loading_check` agrees (MIN) on the finished load acks; else each rank pops its own
+    loading_check_agrees: bool
+    #: at_termination: the IO thread only counts pages; `check_prefetch_progress` freezes the
+    #: local count and agrees once (MIN). per_batch_acks: the IO thread sends one progress ack
+    #: per batch and the prefetch-sync thread agrees (MIN) on each one.
+    prefetch_progress: PrefetchProgress
+    #: none: each pipeline stage agrees on its own. pp0_forwards: PP rank 0's agreed value is
+    #: sent to the other stages (send/recv). in_groups: the PP group is one more all-reduce.
+    pp_agreement: PPAgreement
+    summary: str = ""
+
+
+PROFILES: dict[str, ProtocolProfile] = {p.name: p for p in (
+    ProtocolProfile(
+        "sglang-0.5.10", sync_groups="tp_cache_group", loading_check_agrees=False,
+        prefetch_progress="at_termination", pp_agreement="none",
+        summary="before PR #20460: every agreement over the cache's TP group only",
+    ),
+    ProtocolProfile(
+        "sglang-0.5.11", sync_groups="attn_cp_then_attn_tp", loading_check_agrees=False,
+        prefetch_progress="at_termination", pp_agreement="none",
+        summary="PR #20460: reduce over attn-CP then attn-TP; loading_check unsynchronised",
+    ),
+    ProtocolProfile(
+        "sglang-0.5.13", sync_groups="attn_cp_then_attn_tp", loading_check_agrees=True,
+        prefetch_progress="at_termination", pp_agreement="pp0_forwards",
+        summary="+ loading_check MIN; PP rank 0 decides and forwards",
+    ),
+    ProtocolProfile(
+        "sglang-0.5.20", sync_groups="attn_cp_then_attn_tp", loading_check_agrees=True,
+        prefetch_progress="per_batch_acks", pp_agreement="in_groups",
+        summary="per-batch prefetch progress acks via the prefetch-sync thread; PP in the groups",
+    ),
+)}
+
+#: the newest release with HiRadixCache; the one today's serving stacks run
+DEFAULT_PROFILE = "sglang-0.5.20"
+DP_ATTENTION_CHOICES = ("on", "off")
+
+
+class UnknownProfileError(ValueError):
+    pass
+
+
+def get_profile(name: str) -> ProtocolProfile:
+    try:
+        return PROFILES[name]
+    except KeyError:
+        raise UnknownProfileError(
+            f"unknown protocol '{name}': choose one of {', '.join(PROFILES)}"
+        ) from None
