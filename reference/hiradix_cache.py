@@ -162,12 +162,22 @@ class HiRadixCache:
         queued = len(cc.ack_write_queue)
         for _ in range(n):
             ack = cc.ack_write_queue.pop(0)
+            self._synchronize(ack, "write")
             for node_id in ack.node_ids:
                 node = self.ongoing_write_through.pop(node_id)
                 self.tree.dec_lock_ref(node)
                 if self.enable_storage:
                     self.write_backup_storage(node)
         return queued - len(cc.ack_write_queue), queued
+
+    def _synchronize(self, ack, stream: str) -> None:  # noqa: ANN001
+        """SGLang's `finish_event.synchronize()` after popping an agreed ack: the agreed count
+        can exceed this rank's own finished count (0.5.13 forwards PP rank 0's), so a rank
+        blocks on its own copy before acting on it."""
+        if not ack.finished():
+            self.pacer.need(stream, ack.seq)
+            if not ack.wait(self.cfg.agree_timeout_s):
+                raise HiCacheError(f"{stream} ack {ack.seq} not finished in time")
 
     def loading_check(self) -> None:
         cc = self.cache_controller
@@ -184,6 +194,7 @@ class HiRadixCache:
         queued = len(cc.ack_load_queue)
         for _ in range(agreed):
             ack = cc.ack_load_queue.pop(0)
+            self._synchronize(ack, "load")
             for node_id in ack.node_ids:
                 self.tree.dec_lock_ref(self.ongoing_load_back.pop(node_id))
         self._decide("loading_check", "", (finish_count,), (agreed,), f"ack {agreed} loads",

@@ -395,8 +395,6 @@ TABLE_DIVERGENCES = {  # (protocol, dp_attention, layout) -> invariant (benchmar
     ("sglang-0.5.10", False, "2x2x2"): "decisions",
     ("sglang-0.5.11", True, "2x2x2"): "decisions",
     ("sglang-0.5.11", False, "2x2x2"): "decisions",
-    ("sglang-0.5.13", True, "2x2x2"): "pages",
-    ("sglang-0.5.13", False, "2x2x2"): "pages",
 }
 
 
