@@ -102,10 +102,14 @@ class MiniScheduler:
             if new is None:
                 self.outcomes.append(RequestOutcome(req.rid, "rejected", prefix.numel(), host_hit))
                 return
-            if ack is not None:
-                cache.pacer.need("load", ack.seq)
-                if not ack.wait(cache.cfg.agree_timeout_s):
-                    raise HiCacheError(f"load ack {ack.seq} not finished in time")
+            # the forward waits for every load issued so far (one FIFO load stream, SGLang's
+            # consumer index): a prefix may have been loaded by a request that was then rejected
+            pending = cache.cache_controller.ack_load_queue
+            last = pending[-1] if pending else ack
+            if last is not None:
+                cache.pacer.need("load", last.seq)
+                if not last.wait(cache.cfg.agree_timeout_s):
+                    raise HiCacheError(f"load ack {last.seq} not finished in time")
             indices = torch.cat([prefix, new])
             forward_fill(cache.device_pool, tokens, indices, prefix.numel(), cache.rank.tp_rank)
             bad = verify_device_pages(cache.device_pool, tokens, indices, cache.rank.tp_rank)
