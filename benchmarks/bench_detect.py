@@ -10,7 +10,7 @@ import argparse
 import logging
 import statistics
 
-from reference.variants import VARIANTS
+from reference.api import VARIANTS
 from scenarios.executor import Executor
 from scenarios.explore import hunt
 

@@ -7,12 +7,10 @@ for `git bisect run`.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
-from collections.abc import Iterator
-from typing import Any
 
 from scenarios import __version__
+from scenarios.mooncake_session import CannotRun, mooncake_for
 
 EXIT_AGREE, EXIT_DIVERGE, EXIT_USAGE, EXIT_CANNOT_RUN = 0, 1, 2, 125
 
@@ -68,30 +66,6 @@ def build_parser() -> argparse.ArgumentParser:
     if add_soak_arguments is not None:
         add_soak_arguments(soak)
     return ap
-
-
-@contextlib.contextmanager
-def mooncake_for(backend: str | None, address: str) -> Iterator[tuple[str, Any]]:
-    """(address, master) to use: the address given (master None), a master the harness starts
-    and always stops (so a nemesis may restart it), or ("", None) for other backends."""
-    if backend != "mooncake":
-        yield address, None
-        return
-    from scenarios.mooncake_master import MooncakeMaster, check_master_reachable, mooncake_available
-
-    if address:
-        check_master_reachable(address, timeout=3.0)
-        yield address, None
-        return
-    ok, why = mooncake_available()
-    if not ok:
-        raise CannotRun(f"backend 'mooncake' is not available here: {why}")
-    with MooncakeMaster() as master:
-        yield master.address, master
-
-
-class CannotRun(Exception):
-    pass
 
 
 def _executor(args: argparse.Namespace, master: str, mode: str):  # noqa: ANN202
@@ -167,7 +141,7 @@ def cmd_explore(args: argparse.Namespace) -> int:
 
 
 def cmd_list(_: argparse.Namespace) -> int:
-    from reference.variants import VARIANTS
+    from reference.api import VARIANTS
     from scenarios.catalog import catalog_names
 
     print("scenarios: " + " ".join(catalog_names()))

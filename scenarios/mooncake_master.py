@@ -67,8 +67,8 @@ def mooncake_available(need_binary: bool = True) -> tuple[bool, str]:
 
     `need_binary=False` is for runs against an existing master, where only clients run here.
     """
-    from reference.storage.base import StorageError
-    from reference.storage.mooncake import _import_store
+    from reference.api import StorageError
+    from reference.api import import_mooncake_store as _import_store
 
     try:
         _import_store()

@@ -14,7 +14,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from reference.variants import VARIANTS
+from reference.api import VARIANTS
 from scenarios.layout import Layout, LayoutError
 
 SCHEDULE_VERSION = 1

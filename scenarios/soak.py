@@ -17,7 +17,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from reference.variants import VARIANTS
+from reference.api import VARIANTS
 from scenarios.schedule import CachePolicy, Op, Schedule, tokens_for
 
 EXIT_AGREE, EXIT_DIVERGE, EXIT_USAGE, EXIT_CANNOT_RUN = 0, 1, 2, 125
@@ -216,7 +216,7 @@ def cmd_soak(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
 
     with ExitStack() as stack:
-        from scenarios.cli import CannotRun, mooncake_for
+        from scenarios.mooncake_session import CannotRun, mooncake_for
 
         try:
             master, mm = stack.enter_context(mooncake_for(args.backend, args.mooncake_master))

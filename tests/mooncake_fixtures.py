@@ -80,7 +80,7 @@ def mooncake_client_factory(mooncake_master: str) -> Iterator[Callable[..., Any]
 
     Keyword arguments override MooncakeConfig fields; `address=` picks another master.
     """
-    from reference.storage.mooncake import MooncakeConfig, MooncakeStorage
+    from reference.api import MooncakeConfig, MooncakeStorage
 
     made: list[Any] = []
 
