@@ -7,9 +7,10 @@ for `git bisect run`.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 
-from scenarios import __version__
+from scenarios.cli_conventions import HelpFormatter, VersionAction, variant_help, version_text
 from scenarios.mooncake_session import CannotRun, mooncake_for
 
 EXIT_AGREE, EXIT_DIVERGE, EXIT_USAGE, EXIT_CANNOT_RUN = 0, 1, 2, 125
@@ -32,15 +33,17 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="cpcheck", description=__doc__)
-    sub = ap.add_subparsers(dest="cmd", required=True)
+    ap = argparse.ArgumentParser(prog="cpcheck", description=__doc__, formatter_class=HelpFormatter)
+    ap.add_argument("--version", action=VersionAction)
+    sub = ap.add_subparsers(dest="cmd", required=True, parser_class=functools.partial(
+        argparse.ArgumentParser, formatter_class=HelpFormatter))
     sub.add_parser("version", help="print the version")
     sub.add_parser("list", help="list named scenarios and variants")
 
     run = sub.add_parser("run", help="run one scenario on N ranks and print the verdict")
     run.add_argument("scenario", help="a catalog name or a .toml / .json file")
     run.add_argument("--layout", help="TPxCP[xPP], e.g. 2x2 (default: the scenario's)")
-    run.add_argument("--variant", help="fixed or a known-bad variant (default: the scenario's)")
+    run.add_argument("--variant", help=variant_help("default: the scenario's"))
     run.add_argument("--replay-dir", default="cpcheck-out", help="where a failure's replay goes")
     _add_common(run)
 
@@ -50,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.set_defaults(mode=None)
 
     ex = sub.add_parser("explore", help="let Hypothesis hunt for a divergence")
-    ex.add_argument("--variant", default="fixed")
+    ex.add_argument("--variant", default="fixed", help=variant_help("variant to hunt in"))
     ex.add_argument("--layout", action="append", help="repeatable; default 1x2 2x2 1x4 2x1")
     ex.add_argument("--examples", type=int, default=200)
     ex.add_argument("--seed", type=int, default=0)
@@ -154,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     from scenarios.schedule import ScheduleError
 
     args = build_parser().parse_args(argv)
-    handlers = {"version": lambda a: print(f"cpcheck {__version__}") or 0, "list": cmd_list,
+    handlers = {"version": lambda a: print(version_text()) or 0, "list": cmd_list,
                 "run": cmd_run, "replay": cmd_replay, "explore": cmd_explore}
     if args.cmd == "soak":
         from scenarios.soak import cmd_soak

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from reference.api import VARIANTS
+from scenarios.cli_conventions import variant_help
 from scenarios.schedule import CachePolicy, Op, Schedule, tokens_for
 
 EXIT_AGREE, EXIT_DIVERGE, EXIT_USAGE, EXIT_CANNOT_RUN = 0, 1, 2, 125
@@ -29,7 +30,7 @@ def add_soak_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layout", default="1x2", help="TPxCP[xPP] (default 1x2)")
     p.add_argument("--backend", choices=["memory", "file", "mooncake"], default="memory")
     p.add_argument("--minutes", type=float, default=1.0, help="wall-clock budget (default 1)")
-    p.add_argument("--variant", default="fixed", help="fixed or a known-bad variant")
+    p.add_argument("--variant", default="fixed", help=variant_help("fixed or a known-bad variant"))
     p.add_argument("--faults", default="", metavar="LIST",
                    help="comma list of slow_rank,storage_latency,storage_errors,master_restart,"
                         "kill_rank (default: none)")
