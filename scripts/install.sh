@@ -10,7 +10,7 @@
 #   CPCHECK_TORCH_INDEX=URL       index torch comes from, e.g. PyTorch's CPU wheels
 #                                 https://download.pytorch.org/whl/cpu (see the README)
 #   CPCHECK_GPU=1                 GPU host: the venv sees the system's CUDA torch (it is not
-#                                 replaced) and takes Mooncake's CUDA build
+#                                 replaced), takes Mooncake's CUDA build, and skips the pins
 #   CPCHECK_CONSTRAINTS=0         resolve freely instead of installing the pins in constraints.txt
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -51,21 +51,19 @@ fi
 PIP=("$VENV/bin/python" -m pip install -q)
 
 cons=()
-if [ "${CPCHECK_CONSTRAINTS:-1}" != "0" ] && [ -f constraints.txt ]; then
-  if [ "$GPU" = "1" ]; then  # the host's CUDA torch stays; everything else keeps its pin
-    grep -v -E '^(torch|triton|nvidia-[a-z0-9-]+)==' constraints.txt > "$VENV/constraints-gpu.txt"
-    cons=(-c "$VENV/constraints-gpu.txt")
-  else
-    cons=(-c constraints.txt)
-  fi
+# The pins are CI's (a CPU host). A GPU host keeps its own CUDA torch, whose exact requirements
+# (sympy, triton, nvidia-*...) the pins could contradict, so it resolves against that torch.
+if [ "${CPCHECK_CONSTRAINTS:-1}" != "0" ] && [ "$GPU" != "1" ] && [ -f constraints.txt ]; then
+  cons=(-c constraints.txt)
 fi
 
 if [ "$GPU" = "1" ]; then
   "${PIP[@]}" "${cons[@]}" -e '.[test,mooncake]'
 else
   torch_from=()
-  if [ -n "${CPCHECK_TORCH_INDEX:-}" ]; then torch_from=(--index-url "$CPCHECK_TORCH_INDEX"); fi
-  # torch first and on its own, so that only torch comes from CPCHECK_TORCH_INDEX
+  # PyTorch's CPU index names its builds 2.13.0+cpu, which outranks PyPI's (CUDA) 2.13.0 for
+  # the pin torch==2.13.0; torch's own dependencies still resolve from PyPI as well
+  if [ -n "${CPCHECK_TORCH_INDEX:-}" ]; then torch_from=(--extra-index-url "$CPCHECK_TORCH_INDEX"); fi
   "${PIP[@]}" "${cons[@]}" "${torch_from[@]}" 'torch==2.13.0'
   "${PIP[@]}" "${cons[@]}" -e '.[test,mooncake-cpu]' 'torch==2.13.0'
 fi
