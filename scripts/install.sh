@@ -29,10 +29,17 @@ apt_install() {  # apt_install PKG...: Debian packages, best effort (false when 
 
 command -v "$PY" >/dev/null || { echo "install.sh: no '$PY' on PATH (set CPCHECK_PYTHON)" >&2; exit 2; }
 
-if ! ldconfig -p 2>/dev/null | grep -q libibverbs.so.1; then
-  # mooncake.store and mooncake_master link against libibverbs even over TCP
-  apt_install libibverbs1 \
-    || echo "install.sh: could not install libibverbs1; Mooncake tests will be skipped" >&2
+# mooncake.store and mooncake_master link against these even over TCP (a minimal Debian 12
+# lacks all three: without them every Mooncake test is skipped, not run)
+missing=()
+if command -v dpkg-query >/dev/null; then
+  for pkg in libibverbs1 libcurl4 libnuma1; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing+=("$pkg")
+  done
+fi
+if [ "${#missing[@]}" -gt 0 ]; then
+  apt_install "${missing[@]}" \
+    || echo "install.sh: could not install ${missing[*]}; Mooncake tests will be skipped" >&2
 fi
 
 if [ ! -x "$VENV/bin/python" ]; then
