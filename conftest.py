@@ -1,4 +1,8 @@
-"""Root fixtures: markers, Hypothesis profiles, rank executors and the Mooncake master.
+"""Root fixtures: Hypothesis profiles, rank executors and the Mooncake master.
+
+Markers are declared in pyproject.toml (with --strict-markers). Under pytest-xdist each worker
+has its own executors and master (ports are picked by the kernel, names are unique per run), and
+the executors' rank timeouts grow with the number of workers sharing the cores.
 
 Profiles: `dev` (quick), `ci` (derandomized, bounded: the default under CI=true), `nightly`
 (many examples). Pick one with `--hypothesis-profile NAME` or CPCHECK_HYPOTHESIS_PROFILE.
@@ -25,14 +29,10 @@ settings.load_profile(os.environ.get("CPCHECK_HYPOTHESIS_PROFILE",
                                      "ci" if os.environ.get("CI") else "dev"))
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    for name, what in (
-        ("cp", "multi-rank runs under torchrun (uses the GPUs on GPU runners)"),
-        ("soak", "long free-running soak runs (excluded by default)"),
-        ("gpu", "needs a CUDA device"),
-        ("mooncake", "needs Mooncake and starts a real master on 127.0.0.1"),
-    ):
-        config.addinivalue_line("markers", f"{name}: {what}")
+def rank_timeout(seconds: float) -> float:
+    """A rank timeout for this run: under pytest-xdist the workers share the cores, so each
+    waits as many times longer as there are workers (PYTEST_XDIST_WORKER_COUNT)."""
+    return seconds * max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -50,7 +50,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def inprocess_executor() -> Iterator:
     from scenarios.executor import Executor
 
-    with Executor("inprocess", timeout_s=3.0) as ex:
+    with Executor("inprocess", timeout_s=rank_timeout(3.0)) as ex:
         yield ex
 
 
@@ -59,5 +59,5 @@ def torchrun_executor() -> Iterator:
     """One executor for the session: its rank pools live across tests (starting one costs s)."""
     from scenarios.executor import Executor
 
-    with Executor("torchrun", timeout_s=5.0) as ex:
+    with Executor("torchrun", timeout_s=rank_timeout(5.0)) as ex:
         yield ex

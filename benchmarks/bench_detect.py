@@ -17,7 +17,7 @@ from unittest import mock
 
 from hypothesis import HealthCheck, given, settings
 
-from reference.variants import VARIANTS
+from reference.api import VARIANTS
 from scenarios import checker
 from scenarios.executor import Executor
 from scenarios.explore import hunt

@@ -10,10 +10,16 @@ import argparse
 import logging
 import time
 
-from reference.api import CacheConfig, ParallelGroups, RankInfo, open_rank
-from reference.hashing import page_hashes
-from reference.memory_pool import KVShape
-from reference.storage.mooncake import MooncakeConfig, MooncakeStorage
+from reference.api import (
+    CacheConfig,
+    KVShape,
+    MooncakeConfig,
+    MooncakeStorage,
+    ParallelGroups,
+    RankInfo,
+    open_rank,
+    page_hashes,
+)
 from scenarios.mooncake_master import MooncakeMaster
 
 

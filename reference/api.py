@@ -1,13 +1,20 @@
-"""The one narrow door the harness uses: build one rank's scheduler + cache, and its seams."""
+"""The one narrow door the harness uses: build one rank's scheduler + cache, and its seams.
+
+Everything the harness (`scenarios/`, `benchmarks/`, harness tests) takes from `reference/` comes
+from here; `lint-imports` (contracts in pyproject.toml) fails CI on a direct import of an
+internal module. Besides `open_rank`: the two seams (pacing, observer), the variants, the
+storage backends a rank may be given, the KV shape, and the page hashing the keys derive from.
+"""
 
 from __future__ import annotations
 
 import torch
 
-from reference.hashing import storage_tp_rank
+from reference.hashing import KeySuffix, page_hash, page_hashes, storage_tp_rank
 from reference.hiradix_cache import CacheConfig, HiRadixCache, RankInfo
+from reference.memory_pool import KVShape
 from reference.observer import NULL_OBSERVER, Decision, Observer, StorageAccess
-from reference.pacing import FREE_RUNNING, Pacer
+from reference.pacing import FREE_RUNNING, FreeRunning, Pacer
 from reference.profiles import (
     DEFAULT_PROFILE,
     DP_ATTENTION_CHOICES,
@@ -18,15 +25,28 @@ from reference.profiles import (
 )
 from reference.scheduler import MiniScheduler, RequestOutcome
 from reference.storage.base import HiCacheStorage, StorageError
+from reference.storage.file import FileStorage
+from reference.storage.memory import MemoryStorage, clear_namespace, namespace_keys
+from reference.storage.mooncake import MooncakeConfig, MooncakeStorage
+from reference.storage.mooncake import _import_store as import_mooncake_store
 from reference.sync import Collectives, ParallelGroups, TorchCollectives, sync_rank_sets
-from reference.variants import KNOWN, VARIANTS, check_variant, effective_configuration
+from reference.variants import (
+    KNOWN,
+    VARIANTS,
+    UnknownVariantError,
+    check_variant,
+    effective_configuration,
+)
 
 __all__ = [
-    "CacheConfig", "Collectives", "DEFAULT_PROFILE", "DP_ATTENTION_CHOICES", "Decision", "KNOWN",
-    "MiniScheduler", "Observer", "PROFILES", "Pacer", "ParallelGroups", "ProtocolProfile",
+    "CacheConfig", "Collectives", "DEFAULT_PROFILE", "DP_ATTENTION_CHOICES", "Decision",
+    "FREE_RUNNING", "FileStorage", "FreeRunning", "HiCacheStorage", "KNOWN", "KVShape",
+    "KeySuffix", "MemoryStorage", "MiniScheduler", "MooncakeConfig", "MooncakeStorage",
+    "NULL_OBSERVER", "Observer", "PROFILES", "Pacer", "ParallelGroups", "ProtocolProfile",
     "RankInfo", "RequestOutcome", "StorageAccess", "StorageError", "TorchCollectives",
-    "UnknownProfileError", "VARIANTS", "effective_configuration", "get_profile", "open_rank",
-    "storage_tp_rank", "sync_rank_sets",
+    "UnknownProfileError", "UnknownVariantError", "VARIANTS", "check_variant", "clear_namespace",
+    "effective_configuration", "get_profile", "import_mooncake_store", "namespace_keys",
+    "open_rank", "page_hash", "page_hashes", "storage_tp_rank", "sync_rank_sets",
 ]
 
 

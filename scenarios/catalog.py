@@ -8,9 +8,13 @@ file, the line and the field named.
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 
-import tomllib
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10: the same parser, from PyPI
+    import tomli as tomllib
 
 from scenarios.schedule import Schedule, ScheduleError, tokens_for
 

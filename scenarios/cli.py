@@ -7,12 +7,11 @@ for `git bisect run`.
 from __future__ import annotations
 
 import argparse
-import contextlib
+import functools
 import sys
-from collections.abc import Iterator
-from typing import Any
 
-from scenarios import __version__
+from scenarios.cli_conventions import HelpFormatter, VersionAction, variant_help, version_text
+from scenarios.mooncake_session import CannotRun, mooncake_for
 from scenarios.protocol_args import add_protocol_arguments, protocol_changes
 
 EXIT_AGREE, EXIT_DIVERGE, EXIT_USAGE, EXIT_CANNOT_RUN = 0, 1, 2, 125
@@ -35,15 +34,17 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="cpcheck", description=__doc__)
-    sub = ap.add_subparsers(dest="cmd", required=True)
+    ap = argparse.ArgumentParser(prog="cpcheck", description=__doc__, formatter_class=HelpFormatter)
+    ap.add_argument("--version", action=VersionAction)
+    sub = ap.add_subparsers(dest="cmd", required=True, parser_class=functools.partial(
+        argparse.ArgumentParser, formatter_class=HelpFormatter))
     sub.add_parser("version", help="print the version")
     sub.add_parser("list", help="list named scenarios and variants")
 
     run = sub.add_parser("run", help="run one scenario on N ranks and print the verdict")
     run.add_argument("scenario", help="a catalog name or a .toml / .json file")
     run.add_argument("--layout", help="TPxCP[xPP], e.g. 2x2 (default: the scenario's)")
-    run.add_argument("--variant", help="fixed or a known-bad variant (default: the scenario's)")
+    run.add_argument("--variant", help=variant_help("default: the scenario's"))
     run.add_argument("--replay-dir", default="cpcheck-out", help="where a failure's replay goes")
     _add_common(run)
     add_protocol_arguments(run)
@@ -54,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.set_defaults(mode=None)
 
     ex = sub.add_parser("explore", help="let Hypothesis hunt for a divergence")
-    ex.add_argument("--variant", default="fixed")
+    ex.add_argument("--variant", default="fixed", help=variant_help("variant to hunt in"))
     ex.add_argument("--layout", action="append", help="repeatable; default 1x2 2x2 1x4 2x1")
     ex.add_argument("--examples", type=int, default=200)
     ex.add_argument("--seed", type=int, default=0)
@@ -71,30 +72,6 @@ def build_parser() -> argparse.ArgumentParser:
     if add_soak_arguments is not None:
         add_soak_arguments(soak)
     return ap
-
-
-@contextlib.contextmanager
-def mooncake_for(backend: str | None, address: str) -> Iterator[tuple[str, Any]]:
-    """(address, master) to use: the address given (master None), a master the harness starts
-    and always stops (so a nemesis may restart it), or ("", None) for other backends."""
-    if backend != "mooncake":
-        yield address, None
-        return
-    from scenarios.mooncake_master import MooncakeMaster, check_master_reachable, mooncake_available
-
-    if address:
-        check_master_reachable(address, timeout=3.0)
-        yield address, None
-        return
-    ok, why = mooncake_available()
-    if not ok:
-        raise CannotRun(f"backend 'mooncake' is not available here: {why}")
-    with MooncakeMaster() as master:
-        yield master.address, master
-
-
-class CannotRun(Exception):
-    pass
 
 
 def _executor(args: argparse.Namespace, master: str, mode: str):  # noqa: ANN202
@@ -178,8 +155,7 @@ def cmd_explore(args: argparse.Namespace) -> int:
 
 
 def cmd_list(_: argparse.Namespace) -> int:
-    from reference.api import DEFAULT_PROFILE, PROFILES
-    from reference.variants import VARIANTS
+    from reference.api import DEFAULT_PROFILE, PROFILES, VARIANTS
     from scenarios.catalog import catalog_names
 
     print("scenarios: " + " ".join(catalog_names()))
@@ -194,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     from scenarios.schedule import ScheduleError
 
     args = build_parser().parse_args(argv)
-    handlers = {"version": lambda a: print(f"cpcheck {__version__}") or 0, "list": cmd_list,
+    handlers = {"version": lambda a: print(version_text()) or 0, "list": cmd_list,
                 "run": cmd_run, "replay": cmd_replay, "explore": cmd_explore}
     if args.cmd == "soak":
         from scenarios.soak import cmd_soak

@@ -25,6 +25,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+import psutil
+
 __all__ = [
     "MooncakeMaster",
     "MooncakeMasterError",
@@ -67,8 +69,8 @@ def mooncake_available(need_binary: bool = True) -> tuple[bool, str]:
 
     `need_binary=False` is for runs against an existing master, where only clients run here.
     """
-    from reference.storage.base import StorageError
-    from reference.storage.mooncake import _import_store
+    from reference.api import StorageError
+    from reference.api import import_mooncake_store as _import_store
 
     try:
         _import_store()
@@ -97,7 +99,7 @@ def check_master_reachable(address: str, timeout: float = 2.0) -> None:
         raise MooncakeMasterError(f"Mooncake master {host}:{port} unreachable ({reason})") from None
 
 
-# ------------------------------------------------------------------ /proc helpers
+# ------------------------------------------------------------------ ports and processes
 
 
 def _free_port(host: str) -> int:
@@ -106,72 +108,30 @@ def _free_port(host: str) -> int:
         return int(s.getsockname()[1])
 
 
-def _listen_inodes(port: int) -> set[int] | None:
-    """Inodes of sockets listening on `port` (any address), or None without /proc."""
-    found: set[int] = set()
-    seen_table = False
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            with open(table) as f:
-                lines = f.readlines()[1:]
-        except OSError:
-            continue
-        seen_table = True
-        for line in lines:
-            cols = line.split()
-            if len(cols) > 9 and cols[3] == "0A" and int(cols[1].rsplit(":", 1)[1], 16) == port:
-                found.add(int(cols[9]))
-    return found if seen_table else None
-
-
-def _socket_inodes(pid: int) -> set[int] | None:
-    """Inodes of the sockets `pid` holds open, or None when /proc/PID/fd is unreadable."""
-    fd_dir = f"/proc/{pid}/fd"
-    try:
-        names = os.listdir(fd_dir)
-    except OSError:
-        return None
-    out: set[int] = set()
-    for name in names:
-        try:
-            link = os.readlink(f"{fd_dir}/{name}")
-        except OSError:
-            continue
-        if link.startswith("socket:["):
-            out.add(int(link[8:-1]))
-    return out
-
-
 def _owns_listener(pid: int, port: int) -> bool | None:
-    """Whether `pid` itself listens on `port` (None: cannot tell on this system)."""
-    listeners = _listen_inodes(port)
-    mine = _socket_inodes(pid)
-    if listeners is None or mine is None:
+    """Whether `pid` itself listens on TCP `port` (None: this system will not tell us)."""
+    try:
+        conns = psutil.Process(pid).net_connections(kind="tcp")
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        return False  # gone: the caller's poll() reports how it exited
+    except (psutil.AccessDenied, NotImplementedError):
         return None
-    return bool(listeners & mine)
+    return any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port for c in conns)
 
 
 def master_pids(rpc_port: int | None = None) -> list[int]:
-    """PIDs of running mooncake_master processes (optionally only those on `rpc_port`).
-
-    Reads /proc directly, so tests can prove no master was left behind without psutil.
-    """
+    """PIDs of running mooncake_master processes (optionally only those on `rpc_port`),
+    so tests can prove no master was left behind."""
     out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
+    for proc in psutil.process_iter(["cmdline", "status"]):
+        argv = proc.info["cmdline"] or []
+        if proc.info["status"] == psutil.STATUS_ZOMBIE:
             continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                state = f.read().rsplit(b")", 1)[1].split()[0]
-        except OSError:
+        if not any(a.endswith("mooncake_master") for a in argv[:5]):
             continue
-        if state == b"Z" or not any(a.endswith(b"mooncake_master") for a in argv[:5]):
+        if rpc_port is not None and f"--rpc_port={rpc_port}" not in argv:
             continue
-        if rpc_port is not None and f"--rpc_port={rpc_port}".encode() not in argv:
-            continue
-        out.append(int(entry))
+        out.append(proc.pid)
     return out
 
 
@@ -408,8 +368,8 @@ class MooncakeMaster:
             if all(o is True for o in owns):
                 return
             if None in owns:
-                # No /proc: fall back to a probe plus a grace period long enough for a
-                # master that lost the bind race to exit (about 1 s, measured).
+                # psutil cannot see its sockets here: fall back to a probe plus a grace
+                # period long enough for a master that lost the bind race to exit (about 1 s).
                 try:
                     socket.create_connection((self.host, self.rpc_port), timeout=0.2).close()
                     probe_ok_since = probe_ok_since or time.monotonic()

@@ -14,9 +14,15 @@ from typing import Any
 
 import torch
 
-from reference.api import CacheConfig, ParallelGroups, RankInfo, effective_configuration, open_rank
-from reference.memory_pool import KVShape
-from reference.storage.base import HiCacheStorage
+from reference.api import (
+    CacheConfig,
+    HiCacheStorage,
+    KVShape,
+    ParallelGroups,
+    RankInfo,
+    effective_configuration,
+    open_rank,
+)
 from scenarios.gates import GatedPacer, RecordingPacer
 from scenarios.recorder import Recorder, RecordingCollectives
 from scenarios.schedule import Schedule
@@ -39,16 +45,15 @@ class RunEnv:
 
 def make_storage(backend: str, env: RunEnv) -> HiCacheStorage:
     if backend == "memory":
-        from reference.storage.memory import MemoryStorage
+        from reference.api import MemoryStorage
 
         return MemoryStorage(namespace=env.run_id)
     if backend == "file":
-        from reference.storage.file import FileStorage
+        from reference.api import FileStorage
 
         return FileStorage(Path(env.storage_root) / env.run_id)
     if backend == "mooncake":
-        from reference.storage.base import StorageError
-        from reference.storage.mooncake import MooncakeConfig, MooncakeStorage
+        from reference.api import MooncakeConfig, MooncakeStorage, StorageError
 
         cfg = MooncakeConfig(master_address=env.mooncake_master, global_segment_size=32 << 20,
                              local_buffer_size=8 << 20)

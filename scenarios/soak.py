@@ -17,7 +17,8 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from reference.variants import VARIANTS
+from reference.api import VARIANTS
+from scenarios.cli_conventions import variant_help
 from scenarios.contract import UsageError
 from scenarios.coverage import Coverage
 from scenarios.protocol_args import add_protocol_arguments, protocol_changes
@@ -33,7 +34,7 @@ def add_soak_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layout", default="1x2", help="TPxCP[xPP] (default 1x2)")
     p.add_argument("--backend", choices=["memory", "file", "mooncake"], default="memory")
     p.add_argument("--minutes", type=float, default=1.0, help="wall-clock budget (default 1)")
-    p.add_argument("--variant", default="fixed", help="fixed or a known-bad variant")
+    p.add_argument("--variant", default="fixed", help=variant_help("fixed or a known-bad variant"))
     p.add_argument("--faults", default="", metavar="LIST",
                    help="comma list of slow_rank,storage_latency,storage_errors,master_restart,"
                         "kill_rank (default: none)")
@@ -226,7 +227,7 @@ def cmd_soak(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
 
     with ExitStack() as stack:
-        from scenarios.cli import CannotRun, mooncake_for
+        from scenarios.mooncake_session import CannotRun, mooncake_for
 
         try:
             master, mm = stack.enter_context(mooncake_for(args.backend, args.mooncake_master))

@@ -31,11 +31,6 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    # Harmless if the root conftest registers it too; keeps --strict-markers happy alone.
-    config.addinivalue_line("markers", "mooncake: needs Mooncake (a real master and clients)")
-
-
 def _require_mooncake(need_binary: bool = True) -> None:
     ok, reason = mooncake_available(need_binary=need_binary)
     if not ok:
@@ -80,7 +75,7 @@ def mooncake_client_factory(mooncake_master: str) -> Iterator[Callable[..., Any]
 
     Keyword arguments override MooncakeConfig fields; `address=` picks another master.
     """
-    from reference.storage.mooncake import MooncakeConfig, MooncakeStorage
+    from reference.api import MooncakeConfig, MooncakeStorage
 
     made: list[Any] = []
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings
 
-from reference.variants import VARIANTS
+from reference.api import VARIANTS
 from scenarios.checker import check
 from scenarios.executor import Executor
 from scenarios.explore import hunt, steer

@@ -164,7 +164,7 @@ def run_schedule_inprocess(
     if missing:
         raise CollectiveTimeout(f"in-process ranks {missing} did not finish")
     if schedule.backend == "memory":
-        from reference.storage.memory import clear_namespace
+        from reference.api import clear_namespace
 
         clear_namespace(run_id)
     return results  # type: ignore[return-value]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from reference.sync import TorchCollectives
+from reference.api import TorchCollectives
 from scenarios.rank_run import RunEnv, execute
 from scenarios.schedule import Schedule
 

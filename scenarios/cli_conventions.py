@@ -1,0 +1,70 @@
+"""argparse conventions for `cpcheck`: `--version`, defaults shown in every help text.
+
+Kept out of `cli.py` so the command definitions there stay about commands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import platform
+from typing import Any
+
+
+def version_text() -> str:
+    """`cpcheck X (torch Y, Python Z)`: what a bug report or a replay needs to name."""
+    from scenarios import __version__
+
+    try:
+        import torch
+
+        torch_v = torch.__version__
+    except ImportError:  # still answer --version on a broken install
+        torch_v = "not installed"
+    return f"cpcheck {__version__} (torch {torch_v}, Python {platform.python_version()})"
+
+
+class VersionAction(argparse.Action):
+    """`--version`: print `version_text()` and exit 0 (torch is imported only when asked)."""
+
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS,
+                 default: Any = argparse.SUPPRESS, help: str = "print versions and exit") -> None:
+        super().__init__(option_strings, dest, nargs=0, default=default, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        print(version_text())
+        parser.exit(0)
+
+
+def _meaningful(default: Any) -> bool:
+    # identity, not ==: a default of 0 is meaningful although 0 == False
+    return not (default is None or default is False or default == "" or default == argparse.SUPPRESS)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows `(default: X)` for every option with a real default, even one without a help text;
+    leaves alone help that already names its default and options whose default is unset."""
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if not action.help and action.option_strings and _meaningful(action.default):
+            action = copy.copy(action)
+            action.help = "(default: %(default)s)"
+        return super()._format_action(action)
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "default" in text or not _meaningful(action.default):
+            return text
+        return super()._get_help_string(action)
+
+
+def variant_help(what: str) -> str:
+    """Help text for `--variant` that lists every variant this commit knows.
+
+    Choices are listed, not enforced by argparse: a variant unknown at this commit is the
+    command's to judge (a replay from a newer commit is 'cannot judge here', not bad usage).
+    """
+    from reference.api import VARIANTS
+
+    return f"{what}; one of: {', '.join(VARIANTS)}"

@@ -1,0 +1,48 @@
+"""CLI conventions: `--version` exits 0 naming cpcheck, torch and Python; help shows defaults;
+`--variant` lists every variant this commit knows."""
+
+from __future__ import annotations
+
+import platform
+
+import pytest
+import torch
+
+from reference.api import VARIANTS
+from scenarios import __version__
+from scenarios.cli import build_parser, main
+
+
+def _help(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args([*argv, "--help"])
+    assert e.value.code == 0
+    return " ".join(capsys.readouterr().out.split())  # undo argparse's line wrapping
+
+
+def test_version_flag_exits_0_with_every_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert out.strip() == (f"cpcheck {__version__} (torch {torch.__version__}, "
+                           f"Python {platform.python_version()})")
+    assert main(["version"]) == 0
+    assert capsys.readouterr().out == out
+
+
+@pytest.mark.parametrize("cmd", ["run", "explore", "soak"])
+def test_variant_help_lists_every_variant(capsys: pytest.CaptureFixture[str], cmd: str) -> None:
+    argv = [cmd, "write_acks"] if cmd == "run" else [cmd]
+    text = _help(capsys, *argv)
+    assert "one of: " + ", ".join(VARIANTS) in text.replace("- ", "-")
+
+
+@pytest.mark.parametrize("cmd", ["run", "replay", "explore", "soak"])
+def test_help_shows_defaults(capsys: pytest.CaptureFixture[str], cmd: str) -> None:
+    text = _help(capsys, cmd)
+    assert "(default: 10.0)" in text  # --timeout, which names no default in its help
+    assert "(default: auto)" in text  # --device, which has no help text at all
+    assert "(default: None)" not in text  # unset defaults are not shown as None
+    if cmd in ("explore", "soak"):
+        assert "(default: 0)" in text  # --seed 0 is a real default although 0 == False
