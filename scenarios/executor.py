@@ -102,5 +102,9 @@ class Executor:
             except Exception:
                 pass
         self._pools.clear()
+        if self.mooncake_master:  # in-process ranks' clients outlive runs (storage_clients)
+            from scenarios.storage_clients import close_all
+
+            close_all()
         if self._own_root:
             shutil.rmtree(self.storage_root, ignore_errors=True)

@@ -234,6 +234,37 @@ class MooncakeStorage(HiCacheStorage):
         self._regions.append((start, start + nbytes, buffer))
         self.zero_copy = True
 
+    def unregister_mem_pool_host(self, buffer: torch.Tensor) -> None:
+        """Forget a host pool registered earlier, so a client outliving its cache frees it."""
+        start = buffer.data_ptr()
+        keep = [r for r in self._regions if r[0] != start]
+        if len(keep) == len(self._regions):
+            return
+        with self._op() as ok:
+            if ok:
+                try:
+                    rc = self._store.unregister_buffer(start)
+                    if rc != 0:
+                        logger.debug("Mooncake unregister_buffer returned %s", rc)
+                except Exception as e:
+                    logger.debug("Mooncake unregister_buffer raised %s", e)
+        self._regions = keep
+        self.zero_copy = bool(keep)
+
+    def remove_prefix(self, prefix: str) -> int:
+        """Drop every object whose key starts with `prefix` (a finished run's keys), leases
+        ignored; the number removed, or a negative Mooncake code."""
+        import re
+
+        with self._op() as ok:
+            if not ok:
+                return 0
+            try:
+                return int(self._store.remove_by_regex("^" + re.escape(prefix), True))
+            except Exception as e:
+                logger.debug("Mooncake remove_by_regex raised %s", e)
+                return -1
+
     def _registered(self, tensors: Sequence[torch.Tensor]) -> bool:
         """True when every tensor lies inside one registered region (zero-copy is safe)."""
         if not self._regions:
