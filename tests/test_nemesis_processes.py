@@ -128,3 +128,19 @@ def test_torchrun_soak_with_process_faults_agrees_and_judges_kills_unknown(tmp_p
     assert (out / "faults.png").stat().st_size > 0
     kinds = {e["kind"] for e in rep["fault_events"]}
     assert {"slow_rank", "kill_rank"} <= kinds
+
+
+@pytest.mark.cp
+def test_torchrun_soak_with_faults_finds_a_bad_variant_and_its_replay_reproduces(
+        tmp_path) -> None:
+    from scenarios.cli import main
+
+    out = tmp_path / "soak"
+    rc = main(["soak", "--mode", "torchrun", "--layout", "1x2", "--variant", "leak_on_revoke",
+               "--minutes", "1", "--seed", "2", "--faults", "slow_rank,storage_errors",
+               "--out", str(out)])
+    assert rc == 1, "the torchrun soak did not find leak_on_revoke"
+    rep = json.loads((out / "report.json").read_text())
+    replay = Path(rep["replay"])
+    assert json.loads(replay.read_text())["mode"] == "torchrun"
+    assert main(["replay", str(replay), "--mode", "torchrun"]) == 1
