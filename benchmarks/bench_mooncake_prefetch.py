@@ -139,7 +139,8 @@ def main() -> None:
     print("| page part | reference prefetch GB/s | raw batch_get GB/s | ratio |")
     print("|---|---|---|---|")
     rows = []
-    with MooncakeMaster() as m:
+    # a long client TTL: on a loaded box a late heartbeat must not drop the segment mid-run
+    with MooncakeMaster(client_ttl_s=30) as m:
         for kib in (64, 256, 1024):
             ref, raw, ph = run(m.address, kib << 10, args.pages, args.rounds, args.batch_pages)
             rows.append((kib, ph))
