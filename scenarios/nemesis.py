@@ -113,6 +113,13 @@ class Nemesis:
         self.master = master
         self.restart = master.restart
 
+    def unsupported(self) -> str | None:
+        """What this nemesis was asked for but cannot do here (call after `attach_master`)."""
+        if "master_restart" in self.kinds and self.restart is None:
+            return ("fault 'master_restart' needs a Mooncake master this soak starts itself "
+                    "(--backend mooncake without --mooncake-master)")
+        return None
+
     def now(self) -> float:
         """Seconds since the nemesis was made (the soak's clock for events)."""
         return round(time.monotonic() - self._created, 3)

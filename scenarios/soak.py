@@ -226,6 +226,9 @@ def cmd_soak(args: argparse.Namespace) -> int:
             return EXIT_CANNOT_RUN
         if mm is not None:
             nem.attach_master(mm)
+        if nem.unsupported():
+            print(f"cpcheck: {nem.unsupported()}", file=sys.stderr)
+            return EXIT_USAGE
         ex = stack.enter_context(Executor(args.mode, timeout_s=args.timeout,
                                           mooncake_master=master, device=args.device))
         return _loop(args, ex, nem if nem.active else None, seed, layout, world, out,
