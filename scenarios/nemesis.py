@@ -54,6 +54,9 @@ class Window:
         return (self.rank < 0 or self.rank == rank) and self.start_s <= t < self.end_s
 
 
+#: fault events kept for the report (counts keep counting past it)
+MAX_EVENTS = 20_000
+
 #: faults the torchrun workers apply themselves (the rest act on processes from the controller)
 WORKER_KINDS = ("storage_errors", "storage_latency")
 
@@ -126,7 +129,9 @@ class Nemesis:
 
     def _event(self, kind: str, rank: int, detail: str) -> None:
         with self._lock:
-            self.events.append({"t": self.now(), "kind": kind, "rank": rank, "detail": detail})
+            if len(self.events) < MAX_EVENTS:  # a long in-process soak fires ~10^5 windows
+                self.events.append({"t": self.now(), "kind": kind, "rank": rank,
+                                    "detail": detail})
 
     # -- soak side -------------------------------------------------------------------------
     def begin_run(self, world_size: int, expected_s: float | None = None) -> list[Window]:
