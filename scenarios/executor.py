@@ -98,6 +98,9 @@ class Executor:
                 nemesis.disarm()
         if nemesis is not None:
             nemesis.collect(results)
+            if nemesis.explain():  # a kill landed as the job finished: that pool is broken
+                pool.close()
+                self._pools.pop(s.layout, None)
         if any(r["error"] for r in results):
             pool.close()  # leftover threads may still sit in gloo calls: start clean
             self._pools.pop(s.layout, None)

@@ -113,21 +113,58 @@ def test_kills_are_spaced_under_torchrun() -> None:
 
 
 @pytest.mark.cp
-def test_torchrun_soak_with_process_faults_agrees_and_judges_kills_unknown(tmp_path) -> None:
+def test_process_faults_hit_real_torchrun_workers_and_a_killed_pool_comes_back() -> None:
+    from scenarios.catalog import load_scenario
+    from scenarios.checker import check
+    from scenarios.executor import Executor
+    from scenarios.runner import RankDiedError
+
+    s = load_scenario("prefetch_batches").with_(layout="1x2")
+    nem = Nemesis(kinds=("slow_rank", "kill_rank", "storage_errors"), seed=3)
+    nem.for_torchrun()
+    with Executor("torchrun", timeout_s=10.0) as ex:
+        # a SIGSTOP from the run's first instant: it always lands inside the run
+        nem.plan = [Window("slow_rank", 1, 0.0, 0.3),
+                    Window("storage_errors", 0, 0.0, 60.0, probability=1.0)]
+        results = ex.run(s, gated=False, nemesis=nem)
+        nem.end_run()
+        assert check(s, results).ok
+        assert nem.counts()["slow_rank"] == 1
+        assert nem.counts()["storage_errors"] >= 1  # fired inside worker 0, counted here
+        assert results[0]["recorded"]["faults"] and not results[1]["recorded"]["faults"]
+        pids = [r.pid for r in ex.pool("1x2").ranks]
+        nem.begin_run(2)
+        nem.plan = [Window("kill_rank", 0, 0.0, 1e9)]
+        with pytest.raises(RankDiedError):
+            ex.run(s, gated=False, nemesis=nem)
+        nem.end_run()
+        assert "SIGKILLed rank 0" in (nem.explain() or "")
+        assert nem.counts()["kill_rank"] == 1
+        nem.begin_run(2)
+        nem.plan = []
+        assert check(s, ex.run(s, gated=False, nemesis=nem)).ok  # a fresh pool took over
+        nem.end_run()
+        assert not set(pids) & {r.pid for r in ex.pool("1x2").ranks}
+        assert nem.explain() is None
+
+
+@pytest.mark.cp
+def test_torchrun_soak_with_process_faults_writes_faults_to_report_and_plot(tmp_path) -> None:
     from scenarios.cli import main
 
     out = tmp_path / "soak"
-    rc = main(["soak", "--mode", "torchrun", "--layout", "1x2", "--minutes", "0.5", "--seed",
+    rc = main(["soak", "--mode", "torchrun", "--layout", "1x2", "--minutes", "0.3", "--seed",
                "4", "--faults", "slow_rank,storage_latency,kill_rank", "--out", str(out)])
     rep = json.loads((out / "report.json").read_text())
     assert rc == 0, rep["verdict"]
-    assert rep["faults"]["slow_rank"] > 0 and rep["faults"]["kill_rank"] >= 1
-    assert rep["unknown_runs"] and "SIGKILLed" in rep["unknown_runs"][0]["diagnosis"]
-    assert "RankDiedError" in rep["unknown_runs"][0]["error"]
-    assert rep["runs"] > len(rep["unknown_runs"])  # the pool came back after the kill
+    assert rep["mode"] == "torchrun" and rep["seed"] == 4
+    assert set(rep["faults"]) == {"slow_rank", "storage_latency", "kill_rank"}
+    # how many fire depends on this machine's speed (tested exactly above); each one is logged
+    assert len(rep["fault_events"]) >= rep["faults"]["slow_rank"] + rep["faults"]["kill_rank"]
+    # a kill that lands as a run finishes leaves that run judged (and the pool restarted)
+    assert len(rep["unknown_runs"]) <= rep["faults"]["kill_rank"]
+    assert all("SIGKILLed" in u["diagnosis"] for u in rep["unknown_runs"])
     assert (out / "faults.png").stat().st_size > 0
-    kinds = {e["kind"] for e in rep["fault_events"]}
-    assert {"slow_rank", "kill_rank"} <= kinds
 
 
 @pytest.mark.cp
