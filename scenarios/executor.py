@@ -53,7 +53,7 @@ class Executor:
                 mooncake_master=self.mooncake_master, timeout_s=self.timeout_s,
                 run_id=run_id, nemesis=nemesis, device=self.resolved_device,
             )
-        return self._run_torchrun(s, run_id, gated)
+        return self._run_torchrun(s, run_id, gated, nemesis)
 
     @property
     def resolved_device(self) -> str:
@@ -76,13 +76,16 @@ class Executor:
             self._pools[layout] = pool
         return pool
 
-    def _run_torchrun(self, s: Schedule, run_id: str, gated: bool) -> list[dict]:
+    def _run_torchrun(self, s: Schedule, run_id: str, gated: bool,
+                      nemesis: Any = None) -> list[dict]:
         from scenarios.runner import RankPoolError
 
         pool = self.pool(s.layout)
         payload = {"schedule": s.model_dump_json(), "run_id": run_id, "gated": gated,
                    "storage_root": self.storage_root, "mooncake_master": self.mooncake_master,
                    "collective_timeout_s": self.timeout_s}
+        if nemesis is not None:  # faults on the real workers / master (scenarios.nemesis)
+            payload["nemesis"] = nemesis.arm([r.pid for r in pool.ranks])
         try:
             results = pool.run("scenarios.runner.jobs:run_schedule", payload,
                                timeout_s=self.timeout_s * 6 + 30)
@@ -90,6 +93,14 @@ class Executor:
             pool.close()
             self._pools.pop(s.layout, None)
             raise
+        finally:
+            if nemesis is not None:
+                nemesis.disarm()
+        if nemesis is not None:
+            nemesis.collect(results)
+            if nemesis.explain():  # a kill landed as the job finished: that pool is broken
+                pool.close()
+                self._pools.pop(s.layout, None)
         if any(r["error"] for r in results):
             pool.close()  # leftover threads may still sit in gloo calls: start clean
             self._pools.pop(s.layout, None)
@@ -102,5 +113,9 @@ class Executor:
             except Exception:
                 pass
         self._pools.clear()
+        if self.mooncake_master:  # in-process ranks' clients outlive runs (storage_clients)
+            from scenarios.storage_clients import close_all
+
+            close_all()
         if self._own_root:
             shutil.rmtree(self.storage_root, ignore_errors=True)

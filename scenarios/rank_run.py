@@ -53,18 +53,10 @@ def make_storage(backend: str, env: RunEnv) -> HiCacheStorage:
 
         return FileStorage(Path(env.storage_root) / env.run_id)
     if backend == "mooncake":
-        from reference.api import MooncakeConfig, MooncakeStorage, StorageError
+        from scenarios.storage_clients import lease
 
-        cfg = MooncakeConfig(master_address=env.mooncake_master, global_segment_size=32 << 20,
-                             local_buffer_size=8 << 20)
-        # a client that starts while its master restarts retries, as a serving rank would
-        for attempt in range(4):
-            try:
-                return MooncakeStorage(cfg)
-            except StorageError:
-                if attempt == 3:
-                    raise
-                time.sleep(1.0)
+        # one client per rank for the life of the process; the run only borrows it
+        return lease(env.mooncake_master, env.rank, env.run_id)
     raise ValueError(f"unknown backend '{backend}'")
 
 

@@ -38,10 +38,11 @@ def add_soak_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--faults", default="", metavar="LIST",
                    help="comma list of slow_rank,storage_latency,storage_errors,master_restart,"
                         "kill_rank (default: none)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None,
+                   help="pin the run (default: a fresh random seed, printed and in the report)")
     p.add_argument("--mode", choices=["inprocess", "torchrun"], default="inprocess",
-                   help="inprocess (ranks as threads, faults injected) or torchrun (no nemesis: "
-                        "--faults is ignored there)")
+                   help="inprocess (ranks as threads) or torchrun (faults act on the real "
+                        "worker processes and master)")
     p.add_argument("--out", default="cpcheck-out/soak", help="report, plots and replay go here")
     p.add_argument("--mooncake-master", metavar="HOST:PORT", default="",
                    help="use this Mooncake master instead of starting one")
@@ -218,10 +219,9 @@ def cmd_soak(args: argparse.Namespace) -> int:
     except NemesisError as e:
         print(f"cpcheck: {e}", file=sys.stderr)
         return EXIT_USAGE
-    if args.mode == "torchrun" and nem.active:
-        print("cpcheck: note: torchrun mode runs without a nemesis; --faults ignored",
-              file=sys.stderr)
-    use_nemesis = args.mode == "inprocess"
+    if args.mode == "torchrun":
+        nem.for_torchrun()
+    print(f"cpcheck soak: seed {seed}", file=sys.stderr, flush=True)
     world = Layout.parse(layout).world_size
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -236,10 +236,13 @@ def cmd_soak(args: argparse.Namespace) -> int:
             print(f"cpcheck: cannot run here: {e}", file=sys.stderr)
             return EXIT_CANNOT_RUN
         if mm is not None:
-            nem.restart = mm.restart
+            nem.attach_master(mm)
+        if nem.unsupported():
+            print(f"cpcheck: {nem.unsupported()}", file=sys.stderr)
+            return EXIT_USAGE
         ex = stack.enter_context(Executor(args.mode, timeout_s=args.timeout,
                                           mooncake_master=master, device=args.device))
-        return _loop(args, ex, nem if use_nemesis else None, seed, layout, world, out,
+        return _loop(args, ex, nem if nem.active else None, seed, layout, world, out,
                      check, write_replay, Verdict)
 
 
@@ -256,6 +259,7 @@ def _loop(args: argparse.Namespace, ex: Any, nem: Any, seed: int, layout: str, w
     verdict_d: dict = {"ok": True, "invariant": None, "message": "all runs agree"}
     replay_path: Path | None = None
     first_s: float | None = None
+    unknown: list[dict] = []  # runs broken by a kill we injected: not judged
     progress = Progress(budget)
     try:
         while time.monotonic() - t0 < budget:
@@ -293,7 +297,11 @@ def _loop(args: argparse.Namespace, ex: Any, nem: Any, seed: int, layout: str, w
                              "run_decisions_per_s": round(n_dec / run_s, 1) if run_s else 0.0,
                              "faults_in_run": fired})
             progress.update(elapsed, runs, decisions, nem.total() if nem else 0)
-            if not verdict.ok:
+            why = nem.explain() if nem and not verdict.ok else None
+            if why:
+                unknown.append({"run": runs, "t": round(elapsed, 3), "diagnosis": why,
+                                "error": verdict.message[:300]})
+            elif not verdict.ok:
                 first_s = elapsed
                 verdict_d = verdict.to_dict()
                 rep = s
@@ -301,7 +309,7 @@ def _loop(args: argparse.Namespace, ex: Any, nem: Any, seed: int, layout: str, w
                     rep = s.with_(choices={r["rank"]: r["recorded"]["choices"] for r in results},
                                   faults={r["rank"]: [list(f) for f in r["recorded"]["faults"]]
                                           for r in results})
-                replay_path = write_replay(rep, verdict, out, "inprocess")
+                replay_path = write_replay(rep, verdict, out, args.mode)
                 break
     finally:
         progress.close()
@@ -318,10 +326,15 @@ def _loop(args: argparse.Namespace, ex: Any, nem: Any, seed: int, layout: str, w
         "replay": str(replay_path) if replay_path else None,
         "prefetch_outcomes": dict(outcomes), "coverage": coverage.to_dict(),
         "timeline": timeline,
+        "unknown_runs": unknown, "fault_events": nem.events if nem else [],
     }
     (out / "report.json").write_text(json.dumps(report, indent=1))
     _plots(out, timeline, outcomes, host_used)
     coverage.plot(out / "coverage.png")
+    if nem:
+        from scenarios.nemesis import plot_events
+
+        plot_events(out / "faults.png", nem.events, elapsed)
     print(f"outcome coverage ({runs} runs):\n{coverage.table()}")
     print(f"soak layout={layout} variant={args.variant} protocol={report['protocol']} "
           f"dp_attention={report['dp_attention']} backend={args.backend} mode={args.mode} "
@@ -329,8 +342,11 @@ def _loop(args: argparse.Namespace, ex: Any, nem: Any, seed: int, layout: str, w
           f"({report['decisions_per_s']:.0f}/s); faults {faults or 'none'}")
     if replay_path is not None:
         print(f"DIVERGE [{verdict_d['invariant']}] after {first_s:.1f} s: {verdict_d['message']}")
-        print(f"replay: cpcheck replay {replay_path} --mode inprocess")
+        print(f"replay: cpcheck replay {replay_path} --mode {args.mode}")
         print(f"report: {out / 'report.json'}")
         return EXIT_DIVERGE
+    if unknown:
+        print(f"{len(unknown)} run(s) broken by an injected kill were not judged "
+              f"(unknown): {unknown[0]['diagnosis']}")
     print(f"AGREE: every run agreed; report: {out / 'report.json'}")
     return EXIT_AGREE

@@ -234,18 +234,40 @@ class MooncakeStorage(HiCacheStorage):
         self._regions.append((start, start + nbytes, buffer))
         self.zero_copy = True
 
+    def unregister_mem_pool_host(self, buffer: torch.Tensor) -> None:
+        """Forget a host pool registered earlier, so a client outliving its cache frees it."""
+        start = buffer.data_ptr()
+        keep = [r for r in self._regions if r[0] != start]
+        if len(keep) == len(self._regions):
+            return
+        with self._op() as ok:
+            if ok:
+                try:
+                    rc = self._store.unregister_buffer(start)
+                    if rc != 0:
+                        logger.debug("Mooncake unregister_buffer returned %s", rc)
+                except Exception as e:
+                    logger.debug("Mooncake unregister_buffer raised %s", e)
+        self._regions = keep
+        self.zero_copy = bool(keep)
+
+    def remove_prefix(self, prefix: str) -> int:
+        """Drop every object whose key starts with `prefix` (a finished run's keys), leases
+        ignored; the number removed, or a negative Mooncake code."""
+        import re
+
+        with self._op() as ok:
+            if not ok:
+                return 0
+            try:
+                return int(self._store.remove_by_regex("^" + re.escape(prefix), True))
+            except Exception as e:
+                logger.debug("Mooncake remove_by_regex raised %s", e)
+                return -1
+
     def _registered(self, tensors: Sequence[torch.Tensor]) -> bool:
         """True when every tensor lies inside one registered region (zero-copy is safe)."""
-        if not self._regions:
-            return False
-        for t in tensors:
-            if t.device.type != "cpu" or not t.is_contiguous():
-                return False
-            p = t.data_ptr()
-            n = t.numel() * t.element_size()
-            if not any(s <= p and p + n <= e for s, e, _ in self._regions):
-                return False
-        return True
+        return self._spans(tensors) is not None
 
     # ---------------------------------------------------------------- data calls
 
@@ -277,27 +299,52 @@ class MooncakeStorage(HiCacheStorage):
             self.stats.add(failed=1)
         return hits
 
+    def _spans(self, tensors: Sequence[torch.Tensor]) -> tuple[list[int], list[int]] | None:
+        """(pointers, byte sizes) when every tensor lies inside one registered region, so the
+        zero-copy calls can take them as they are; else None (the bytes path).
+
+        One pass over plain attributes: on the prefetch path this runs once per batch, and
+        building byte views first cost as much as a small transfer."""
+        regions = self._regions
+        if not regions:
+            return None
+        ptrs: list[int] = []
+        sizes: list[int] = []
+        for t in tensors:
+            if not t.is_contiguous() or t.is_cuda:
+                return None
+            p = t.data_ptr()
+            n = t.numel() * t.element_size()
+            for s, e, _ in regions:
+                if s <= p and p + n <= e:
+                    break
+            else:
+                return None
+            ptrs.append(p)
+            sizes.append(n)
+        return ptrs, sizes
+
     def batch_get(self, keys: Sequence[str], targets: Sequence[torch.Tensor]) -> list[bool]:
         if len(keys) != len(targets):
             raise ValueError(f"{len(keys)} keys but {len(targets)} targets")
         if not keys:
             return []
-        views = [as_bytes(t) for t in targets]  # raises on non-contiguous, like every backend
+        spans = self._spans(targets)
+        views = [as_bytes(t) for t in targets] if spans is None else []  # raises if strided
         with self._op() as ok:
             if not ok:
                 return [False] * len(keys)
-            if self._registered(targets):
-                out = self._get_into(list(keys), views)
+            if spans is not None:
+                out = self._get_into(list(keys), *spans)
                 self.stats.add(zero_copy_get=len(keys))
             else:
                 out = self._get_bytes(list(keys), views)
                 self.stats.add(bytes_get=len(keys))
         return out
 
-    def _get_into(self, keys: list[str], views: list[torch.Tensor]) -> list[bool]:
-        sizes = [v.numel() for v in views]
+    def _get_into(self, keys: list[str], ptrs: list[int], sizes: list[int]) -> list[bool]:
         try:
-            codes = list(self._store.batch_get_into(keys, [v.data_ptr() for v in views], sizes))
+            codes = list(self._store.batch_get_into(keys, ptrs, sizes))
         except Exception as e:
             logger.debug("Mooncake batch_get_into raised %s", e)
             codes = []
@@ -339,7 +386,8 @@ class MooncakeStorage(HiCacheStorage):
             raise ValueError(f"{len(keys)} keys but {len(values)} values")
         if not keys:
             return []
-        views = [as_bytes(v) for v in values]
+        spans = self._spans(values)
+        views = [as_bytes(v) for v in values] if spans is None else []
         with self._op() as ok:
             if not ok:
                 return [False] * len(keys)
@@ -351,12 +399,12 @@ class MooncakeStorage(HiCacheStorage):
             self.stats.add(skipped_existing_set=sum(out), failed=sum(c < 0 for c in codes))
             if todo:
                 todo_keys = [keys[i] for i in todo]
-                todo_views = [views[i] for i in todo]
-                if self._registered([values[i] for i in todo]):
-                    stored = self._put_from(todo_keys, todo_views)
+                if spans is not None:
+                    stored = self._put_from(todo_keys, [spans[0][i] for i in todo],
+                                            [spans[1][i] for i in todo])
                     self.stats.add(zero_copy_set=len(todo))
                 else:
-                    stored = self._put_bytes(todo_keys, todo_views)
+                    stored = self._put_bytes(todo_keys, [views[i] for i in todo])
                     self.stats.add(bytes_set=len(todo))
                 for i, good in zip(todo, stored, strict=True):
                     out[i] = good
@@ -366,13 +414,9 @@ class MooncakeStorage(HiCacheStorage):
     def _stored(code: int) -> bool:
         return code in (0, OBJECT_ALREADY_EXISTS)  # another writer won the race: stored
 
-    def _put_from(self, keys: list[str], views: list[torch.Tensor]) -> list[bool]:
+    def _put_from(self, keys: list[str], ptrs: list[int], sizes: list[int]) -> list[bool]:
         try:
-            codes = list(
-                self._store.batch_put_from(
-                    keys, [v.data_ptr() for v in views], [v.numel() for v in views]
-                )
-            )
+            codes = list(self._store.batch_put_from(keys, ptrs, sizes))
         except Exception as e:
             logger.debug("Mooncake batch_put_from raised %s", e)
             codes = []

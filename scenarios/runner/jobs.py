@@ -25,4 +25,10 @@ def run_schedule(ctx: Any, payload: dict) -> dict:
         agree_timeout_s=payload["collective_timeout_s"],
     )
     ctx.status.set(f"running schedule '{s.name}' ({len(s.ops)} ops)")
-    return execute(s, env, coll)
+    from scenarios.nemesis import Nemesis
+
+    nem = Nemesis.from_wire(payload.get("nemesis"))  # the faults this worker applies itself
+    result = execute(s, env, coll, nem)
+    if nem is not None:
+        result["nemesis_injected"] = dict(nem.injected)
+    return result

@@ -291,6 +291,17 @@ def _one_liner(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
+def _close_storage_clients() -> None:
+    """On a graceful exit, close the Mooncake clients jobs kept open (storage_clients), so the
+    master unmounts their segments now instead of placing objects on them until its TTL."""
+    mod = sys.modules.get("scenarios.storage_clients")
+    if mod is not None:
+        try:
+            mod.close_all()
+        except Exception as exc:  # exiting anyway; say why the master may keep a segment
+            print(f"cpcheck worker: closing storage clients failed: {exc}", file=sys.stderr)
+
+
 def _hard_exit(code: int) -> None:
     """Leave now, without atexit hooks or ProcessGroup destructors that could block on peers."""
     for stream in (sys.stdout, sys.stderr):
@@ -394,6 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     threading.Thread(target=worker.control_loop, name="cpcheck-control", daemon=True).start()
     worker.job_loop()
     worker.exiting = True
+    _close_storage_clients()
     _hard_exit(0)
     return 0  # pragma: no cover - _hard_exit does not return
 
