@@ -72,6 +72,31 @@ soak() {
   grep -v '^[IWE][0-9]\{4\} ' "$OUT/soak-log.txt" | tail -4
 }
 
+# issue 15: eight ranks sharing the host's GPUs (rank r -> GPU r % n): the gloo floor at 2/4/8
+# ranks, the generated budget per profile on 2x4, 4x2 and 2x2x2 under torchrun, a 2x4 soak
+wide() {
+  timeout 120 python3 benchmarks/bench_allreduce_floor.py --ranks 2 4 8 --iters 1000 \
+    | tee "$OUT/allreduce-floor.md"
+  : > "$OUT/wide-explore.txt"
+  for layout in 2x4 4x2 2x2x2; do
+    for p in sglang-0.5.10 sglang-0.5.11 sglang-0.5.13 sglang-0.5.20; do
+      local t0=$SECONDS
+      timeout 100 python3 -m scenarios.cli explore --mode torchrun --device cuda --layout "$layout" \
+        --protocol "$p" --examples "${WIDE_EXAMPLES:-60}" --seed 0 --replay-dir /tmp/wide \
+        > /tmp/wide.log 2>&1
+      echo "$layout $p exit=$? $((SECONDS - t0))s $(grep -E 'DIVERGE|no divergence|UNKNOWN' /tmp/wide.log | head -1)" \
+        | tee -a "$OUT/wide-explore.txt"
+    done
+  done
+  local tmp=/tmp/wide-soak
+  rm -rf "$tmp"
+  SOAK_TESTS=0 SOAK_DEVICE=cuda SOAK_MINUTES="${WIDE_SOAK_MINUTES:-3}" SOAK_LAYOUT=2x4 \
+    timeout 330 bash scripts/nightly.sh "$tmp" > "$OUT/wide-soak-log.txt" 2>&1
+  echo "wide soak exit $?" | tee -a "$OUT/wide-soak-log.txt"
+  cp "$tmp/report.json" "$OUT/wide-soak-report.json" 2>/dev/null
+  grep -v '^[IWE][0-9]\{4\} ' "$OUT/wide-soak-log.txt" | tail -4
+}
+
 copies() {
   timeout 120 python3 benchmarks/bench_copies.py --device cuda | tee "$OUT/copies.md"
 }
@@ -81,6 +106,7 @@ case "${1:-all}" in
   tests) setup; tests ;;
   soak) setup; soak ;;
   copies) setup; copies ;;
+  wide) setup; wide ;;
   all) setup; copies; soak; tests ;;
-  *) echo "usage: $0 fetch|tests|soak|copies|all" >&2; exit 2 ;;
+  *) echo "usage: $0 fetch|tests|soak|copies|wide|all" >&2; exit 2 ;;
 esac
