@@ -131,24 +131,47 @@ class HostKVPool:
         return [[self.page_part(s, p) for p in range(len(self.shape.parts))] for s in starts]
 
 
+def _page_runs(pages: torch.Tensor) -> list[tuple[int, int, int]]:
+    """(first host page, page count, offset) per run of consecutive host pages: one copy each."""
+    p = pages.tolist()
+    runs, start = [], 0
+    for i in range(1, len(p) + 1):
+        if i == len(p) or p[i] != p[i - 1] + 1:
+            runs.append((p[start], i - start, start))
+            start = i
+    return runs
+
+
+def _host_pages(host: HostKVPool, h_idx: torch.Tensor) -> torch.Tensor:
+    return h_idx.view(-1, host.page_size)[:, 0].div(host.page_size, rounding_mode="floor")
+
+
 def device_to_host(device: DeviceKVPool, host: HostKVPool, d_idx: torch.Tensor, h_idx: torch.Tensor):
-    """Copy token slots d_idx of the device pool into host slots h_idx (page-aligned)."""
+    """Copy token slots d_idx of the device pool into host slots h_idx (page-aligned).
+
+    The layer-first -> page-first transpose runs where the data is (on the GPU, as SGLang's
+    transfer kernels do), so each run of consecutive host pages is one copy into the pool.
+    """
     ps = host.page_size
-    src = device.buffer.index_select(2, d_idx.to(device.device))  # L x P x T x H x D
-    pages = h_idx.view(-1, ps)[:, 0].div(ps, rounding_mode="floor")
+    pages = _host_pages(host, h_idx)
     n = pages.numel()
-    src = src.view(src.shape[0], src.shape[1], n, ps, *src.shape[3:]).permute(2, 1, 0, 3, 4, 5)
-    # blocking: index_copy_ runs on the CPU at once, so the bytes must have arrived (on GPU this
-    # waits only for the caller's copy stream, which is what the write ack measures anyway)
-    host.buffer.index_copy_(0, pages, src.to("cpu"))
+    src = device.buffer.index_select(2, d_idx.to(device.device))  # L x P x T x H x D
+    src = src.view(src.shape[0], src.shape[1], n, ps, *src.shape[3:])
+    src = src.permute(2, 1, 0, 3, 4, 5).contiguous()  # N x P x L x ps x H x D, still on device
+    # blocking: the bytes must have arrived before the ack (on GPU this waits only for the
+    # caller's copy stream, which is what the write ack measures anyway)
+    for first, count, off in _page_runs(pages):
+        host.buffer[first:first + count].copy_(src[off:off + count])
 
 
 def host_to_device(host: HostKVPool, device: DeviceKVPool, h_idx: torch.Tensor, d_idx: torch.Tensor):
-    """Copy host slots h_idx into device token slots d_idx (page-aligned)."""
-    ps = host.page_size
-    pages = h_idx.view(-1, ps)[:, 0].div(ps, rounding_mode="floor")
-    src = host.buffer.index_select(0, pages)  # N x P x L x ps x H x D
+    """Copy host slots h_idx into device token slots d_idx (page-aligned): the pages go over as
+    they lie in the (pinned) pool, and the page-first -> layer-first transpose runs on the device."""
+    pages = _host_pages(host, h_idx)
+    parts = [host.buffer[first:first + count].to(device.device, non_blocking=True)
+             for first, count, _ in _page_runs(pages)]
+    src = parts[0] if len(parts) == 1 else torch.cat(parts)  # N x P x L x ps x H x D
     src = src.permute(2, 1, 0, 3, 4, 5).reshape(
         src.shape[2], src.shape[1], -1, *src.shape[4:]
     )
-    device.buffer.index_copy_(2, d_idx.to(device.device), src.to(device.device, non_blocking=True))
+    device.buffer.index_copy_(2, d_idx.to(device.device), src)

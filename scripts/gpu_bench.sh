@@ -55,7 +55,7 @@ setup() {
 }
 
 tests() {
-  timeout 300 python3 -m pytest -p no:cacheprovider -q -m cp -x --timeout 240 2>&1 \
+  timeout "${TESTS_TIMEOUT:-420}" python3 -m pytest -p no:cacheprovider -q -m cp -n "${TESTS_WORKERS:-8}" --timeout 300 2>&1 \
     | tail -40 > "$OUT/cp-tests.txt"
   tail -3 "$OUT/cp-tests.txt"
 }
