@@ -81,7 +81,7 @@ wide() {
   for layout in 2x4 4x2 2x2x2; do
     for p in sglang-0.5.10 sglang-0.5.11 sglang-0.5.13 sglang-0.5.20; do
       local t0=$SECONDS
-      timeout 100 python3 -m scenarios.cli explore --mode torchrun --device cuda --layout "$layout" \
+      timeout "${WIDE_CELL_TIMEOUT:-100}" python3 -m scenarios.cli explore --mode torchrun --device cuda --layout "$layout" \
         --protocol "$p" --examples "${WIDE_EXAMPLES:-60}" --seed 0 --replay-dir /tmp/wide \
         > /tmp/wide.log 2>&1
       echo "$layout $p exit=$? $((SECONDS - t0))s $(grep -E 'DIVERGE|no divergence|UNKNOWN' /tmp/wide.log | head -1)" \
