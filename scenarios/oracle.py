@@ -57,8 +57,21 @@ REDUCE_OP = {"prefetch_hits": "min", "prefetch_progress": "min", "prefetch_final
 Stage = Callable[[int], tuple[int, ...]]
 
 
+#: variant names that stand for a whole configuration (README, "Known-bad variants"): a run
+#: with one follows that protocol and DP-attention setting whatever the Schedule says
+ALIASES = {"tp_only_sync": ("sglang-0.5.10", True)}
+
+
 def protocol_of(s: Any) -> str:
+    alias = ALIASES.get(getattr(s, "variant", ""))
+    if alias is not None:
+        return alias[0]
     return getattr(s, "protocol", DEFAULT_PROTOCOL) or DEFAULT_PROTOCOL
+
+
+def dp_attention_of(s: Any) -> bool:
+    alias = ALIASES.get(getattr(s, "variant", ""))
+    return alias[1] if alias is not None else bool(getattr(s, "dp_attention", True))
 
 
 def version_of(protocol: str) -> tuple[int, ...]:
@@ -70,7 +83,7 @@ def sync_stages(s: Any) -> list[tuple[str, Stage]]:
     """The profile's reduction stages, in order: (name, rank -> that rank's group)."""
     lay: Layout = s.layout_obj
     ver = version_of(protocol_of(s))
-    dp = bool(getattr(s, "dp_attention", True))
+    dp = dp_attention_of(s)
     cache_tp: Stage = lay.attn_tp_group if dp else lay.tp_group
     stages: list[tuple[str, Stage]]
     if ver < (0, 5, 11):
