@@ -154,3 +154,28 @@ def test_a_planted_bug_is_reported_by_the_oracle_under_torchrun(torchrun_executo
     v = check(s, pool.run("tests.oracle_plants:run_planted", payload, timeout_s=120))
     assert {inv for inv, _ in v.failures} == {"oracle"} and "revoke" in rules_of(v), v.failures[:3]
     assert check(s, torchrun_executor.run(s)).ok  # the workers are clean again
+
+
+def _logs(kind: str, rows: dict[int, tuple[list[int], list[int], str]]) -> list[dict]:
+    return [{"rank": r, "decisions": {"scheduler": [[kind, "", local, agreed, outcome]]},
+             "effects": {"scheduler": [[agreed[0], agreed[0]]]}}
+            for r, (local, agreed, outcome) in rows.items()]
+
+
+@pytest.mark.parametrize(("kind", "protocol", "outcome"), [
+    ("loading_check", "sglang-0.5.11", "ack {} loads"),
+    ("writing_check", "sglang-0.5.20", "ack {} writes (write-back)"),
+])
+def test_decisions_without_a_collective_are_judged_locally(kind: str, protocol: str,
+                                                           outcome: str) -> None:
+    """No collective: each rank acts on its own count (different counts are fine), and an
+    agreed value that is not the local one breaks the reduce rule."""
+    s = load_scenario("write_acks").with_(protocol=protocol)
+    own = _logs(kind, {0: ([2], [2], outcome.format(2)), 1: ([3], [3], outcome.format(3))})
+    assert check_oracle(s, own) == []
+    off = _logs(kind, {0: ([2], [1], outcome.format(1)), 1: ([3], [3], outcome.format(3))})
+    assert [r for r, m in check_oracle(s, off) if "on rank 0" in m] == ["reduce"]
+    # the same counts from a decision that reduces (MIN) must agree
+    synced = s.with_(protocol="sglang-0.5.20")
+    reduced = _logs(kind, {0: ([2], [2], "ack 2"), 1: ([3], [3], "ack 3")})
+    assert "reduce" in {r for r, _ in check_oracle(synced, reduced)}
