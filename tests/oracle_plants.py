@@ -21,9 +21,12 @@ _ack_writes = HiRadixCache._ack_writes
 _release_prefetch = HiRadixCache._release_prefetch
 
 
-def _flip(tag: str, frm: str, to: str):  # noqa: ANN202
+def _flip(tag: str, frm: str, to: str, width: int | None = None):  # noqa: ANN202
+    """Reduce with `to` instead of `frm` on the `tag` groups (only vectors of `width` values:
+    `control` also carries the abort barrier, a one-value MAX that must stay as it is)."""
     def reduce(self: SyncGroup, values: Any, op: str = "min") -> tuple[int, ...]:
-        return _reduce(self, values, to if (self.tag == tag and op == frm) else op)
+        hit = self.tag == tag and op == frm and (width is None or len(values) == width)
+        return _reduce(self, values, to if hit else op)
     return reduce
 
 
@@ -67,7 +70,7 @@ PLANTS: dict[str, list[tuple[Any, str, Any]]] = {
     # hit counts reduced with MAX instead of MIN on every rank
     "hits_max": [(SyncGroup, "reduce", _flip("prefetch_hits", "min", "max"))],
     # [1 - can, terminated] reduced with MIN instead of MAX on every rank
-    "terminate_min": [(SyncGroup, "reduce", _flip("control", "max", "min"))],
+    "terminate_min": [(SyncGroup, "reduce", _flip("control", "max", "min", width=2))],
     # writing_check pops one ack fewer than agreed
     "acks_one_short": [(HiRadixCache, "writing_check", _writing_check_one_short)],
     # the revoke threshold is applied to the wrong number (28 tokens, not the configured one)
