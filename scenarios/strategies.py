@@ -87,7 +87,8 @@ def schedules(draw: st.DrawFn, layouts: tuple[str, ...] = ("1x2", "2x2", "1x4", 
     for x in layout.split("x"):
         world *= int(x)
     if draw(st.integers(0, 2)) == 2:  # a third: prefetches shaped to reach every outcome class
-        return draw(prefetch_workloads(layouts=(layout,), variant=variant, backend=backend))
+        return draw(prefetch_workloads(layouts=(layout,), variant=variant, backend=backend,
+                                       protocol=protocol, dp_attention=dp_attention))
     ops = draw(st.one_of(op_lists(), prefetch_op_lists()))
     n_choices = 3 * sum(1 for o in ops if o.kind in ("step", "add")) + 8
     choice = st.integers(0, 4)

@@ -23,6 +23,7 @@ from typing import Any
 
 from hypothesis import strategies as st
 
+from reference.api import DEFAULT_PROFILE
 from scenarios.coverage import PREFETCH_CLASSES, Coverage
 from scenarios.schedule import CachePolicy, Op, Schedule, tokens_for
 
@@ -47,7 +48,9 @@ def build_prefetch_schedule(layout: str, policy: str, intents: list[str], *, sha
                             batch_pages: int, mla: bool, picks: list[list[int]],
                             fault_batch: list[int], fault_rank: list[int],
                             variant: str = "fixed", backend: str = "memory",
-                            timeout_ticks: int = 2, seed: int = 0) -> Schedule:
+                            timeout_ticks: int = 2, seed: int = 0,
+                            protocol: str = DEFAULT_PROFILE, dp_attention: bool = True
+                            ) -> Schedule:
     """A gated Schedule whose k-th fetch realises intents[k].
 
     picks[k][r]: for terminated, how many IO batches rank r has done at the progress point
@@ -101,12 +104,14 @@ def build_prefetch_schedule(layout: str, policy: str, intents: list[str], *, sha
                         prefetch_threshold=0, prefetch_batch_pages=batch_pages,
                         prefetch_timeout_ticks=timeout_ticks)
     return Schedule(name="shaped", layout=layout, variant=variant, backend=backend, cache=cache,
-                    ops=ops, choices=choices, faults=faults, seed=seed)
+                    ops=ops, choices=choices, faults=faults, seed=seed, protocol=protocol,
+                    dp_attention=dp_attention)
 
 
 @st.composite
 def prefetch_workloads(draw: st.DrawFn, layouts: tuple[str, ...] = ("1x2", "2x2"),
-                       variant: str = "fixed", backend: str = "memory") -> Schedule:
+                       variant: str = "fixed", backend: str = "memory",
+                       protocol: str = DEFAULT_PROFILE, dp_attention: bool = True) -> Schedule:
     """One Schedule of 1-4 fetches, each drawn with an outcome intent (see the module doc)."""
     layout = draw(st.sampled_from(layouts))
     policy = draw(st.sampled_from(["best_effort", "timeout", "wait_complete"]))
@@ -121,7 +126,7 @@ def prefetch_workloads(draw: st.DrawFn, layouts: tuple[str, ...] = ("1x2", "2x2"
         picks=[draw(st.lists(ints, min_size=4, max_size=4)) for _ in range(n)],
         fault_batch=[draw(ints) for _ in range(n)],
         fault_rank=[draw(ints) for _ in range(n)],
-        variant=variant, backend=backend,
+        variant=variant, backend=backend, protocol=protocol, dp_attention=dp_attention,
         # a timeout expires by the progress point (4 ticks after the add) unless it is long
         timeout_ticks=draw(st.integers(0, 3)),
     )

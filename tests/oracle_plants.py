@@ -17,12 +17,16 @@ from scenarios import rank_run
 _reduce = SyncGroup.reduce
 _cache_config = rank_run.cache_config
 _writing_check = HiRadixCache.writing_check
+_ack_writes = HiRadixCache._ack_writes
 _release_prefetch = HiRadixCache._release_prefetch
 
 
-def _flip(tag: str, frm: str, to: str):  # noqa: ANN202
+def _flip(tag: str, frm: str, to: str, width: int | None = None):  # noqa: ANN202
+    """Reduce with `to` instead of `frm` on the `tag` groups (only vectors of `width` values:
+    `control` also carries the abort barrier, a one-value MAX that must stay as it is)."""
     def reduce(self: SyncGroup, values: Any, op: str = "min") -> tuple[int, ...]:
-        return _reduce(self, values, to if (self.tag == tag and op == frm) else op)
+        hit = self.tag == tag and op == frm and (width is None or len(values) == width)
+        return _reduce(self, values, to if hit else op)
     return reduce
 
 
@@ -33,28 +37,19 @@ def _config(**changes: Any):  # noqa: ANN202
 
 
 def _writing_check_one_short(self: HiRadixCache, write_back: bool = False) -> None:
-    """writing_check as in reference/, except that it pops one ack fewer than agreed (>= 2)."""
+    """reference/'s writing_check itself, except that the agreed branch pops one ack fewer
+    than agreed (when it agreed on 2 or more); write-back eviction is left alone."""
     if write_back:
         return _writing_check(self, write_back)
-    cc = self.cache_controller
-    self.pacer.at("writing_check", "write", cc.write_seq)
-    finish_count = 0
-    for ack in cc.ack_write_queue:
-        if not ack.finished():
-            break
-        finish_count += 1
-    (agreed,) = cc.control_sync.reduce([finish_count], "min")
-    queued = len(cc.ack_write_queue)
-    for _ in range(agreed - 1 if agreed >= 2 else agreed):  # the bug
-        ack = cc.ack_write_queue.pop(0)
-        for node_id in ack.node_ids:
-            node = self.ongoing_write_through.pop(node_id)
-            self.tree.dec_lock_ref(node)
-            if self.enable_storage:
-                self.write_backup_storage(node)
-    self._decide("writing_check", "", (finish_count,), (agreed,), f"ack {agreed} writes",
-                 (queued - len(cc.ack_write_queue), queued))
-    return None
+
+    def ack_writes(n: int) -> tuple[int, int]:
+        return _ack_writes(self, n - 1 if n >= 2 else n)  # the bug
+
+    self._ack_writes = ack_writes  # type: ignore[method-assign]
+    try:
+        return _writing_check(self, write_back)
+    finally:
+        del self._ack_writes
 
 
 def _release_one_page_short(self: HiRadixCache, info: Any, keep_tokens: int,
@@ -75,7 +70,7 @@ PLANTS: dict[str, list[tuple[Any, str, Any]]] = {
     # hit counts reduced with MAX instead of MIN on every rank
     "hits_max": [(SyncGroup, "reduce", _flip("prefetch_hits", "min", "max"))],
     # [1 - can, terminated] reduced with MIN instead of MAX on every rank
-    "terminate_min": [(SyncGroup, "reduce", _flip("control", "max", "min"))],
+    "terminate_min": [(SyncGroup, "reduce", _flip("control", "max", "min", width=2))],
     # writing_check pops one ack fewer than agreed
     "acks_one_short": [(HiRadixCache, "writing_check", _writing_check_one_short)],
     # the revoke threshold is applied to the wrong number (28 tokens, not the configured one)

@@ -96,16 +96,6 @@ def test_violation_names_decision_ranks_locals_expected_actual(inprocess_executo
         assert part in msg, msg
 
 
-class _Profiled:
-    """A Schedule seen under another protocol profile (the Schedule fields come with p9)."""
-
-    def __init__(self, s: Schedule, protocol: str, dp_attention: bool = True) -> None:
-        self._s, self.protocol, self.dp_attention = s, protocol, dp_attention
-
-    def __getattr__(self, name: str):  # noqa: ANN204
-        return getattr(self._s, name)
-
-
 def test_profiles_pick_the_sync_groups() -> None:
     def names(layout: str, protocol: str, dp: bool = True) -> list[tuple[str, tuple[int, ...]]]:
         s = SimpleNamespace(layout_obj=Layout.parse(layout), protocol=protocol, dp_attention=dp)
@@ -120,6 +110,9 @@ def test_profiles_pick_the_sync_groups() -> None:
     assert names("1x2x2", "sglang-0.5.20") == [("attn_cp", (0, 1)), ("pp", (0, 2))]
     assert names("1x2x2", "sglang-0.5.13")[-1][0] == "pp_forward"
     assert names("2x2", "no-version-here") == names("2x2", "sglang-0.5.20")
+    alias = SimpleNamespace(layout_obj=Layout.parse("2x2"), protocol="sglang-0.5.20",
+                            dp_attention=False, variant="tp_only_sync")
+    assert [(n, f(0)) for n, f in sync_stages(alias)] == names("2x2", "sglang-0.5.10")
 
 
 def test_reduce_runs_the_groups_in_order() -> None:
@@ -131,15 +124,16 @@ def test_reduce_runs_the_groups_in_order() -> None:
 
 
 def test_tp_only_sync_is_right_for_0_5_10_and_wrong_for_0_5_20(inprocess_executor) -> None:
-    """A TP-only reduce is sglang-0.5.10's protocol: under that profile the oracle accepts each
-    TP group's reduction (the cross-rank invariants catch the CP divergence); under 0.5.20 the
-    same logs break the reduce rule."""
+    """`tp_only_sync` is an alias of sglang-0.5.10 with DP attention: the oracle judges its run
+    under that profile and accepts each TP group's reduction (the cross-rank invariants catch
+    the CP divergence); the same logs judged as a sglang-0.5.20 run break the reduce rule."""
     s = one_rank_behind("2x2", "best_effort").with_(variant="tp_only_sync")
     results = inprocess_executor.run(s)
     assert check(s, results).invariant == "decisions"
-    assert [r for r, _ in check_oracle(_Profiled(s, "sglang-0.5.10"), results)
-            if r == "reduce"] == []
-    assert "reduce" in {r for r, _ in check_oracle(_Profiled(s, "sglang-0.5.20"), results)}
+    assert check_oracle(s, results) == []
+    assert check_oracle(s.with_(variant="fixed", protocol="sglang-0.5.10"), results) == []
+    as_0_5_20 = s.with_(variant="fixed", protocol="sglang-0.5.20")
+    assert "reduce" in {r for r, _ in check_oracle(as_0_5_20, results)}
 
 
 def test_free_running_tick_matches_the_runner() -> None:
@@ -160,3 +154,28 @@ def test_a_planted_bug_is_reported_by_the_oracle_under_torchrun(torchrun_executo
     v = check(s, pool.run("tests.oracle_plants:run_planted", payload, timeout_s=120))
     assert {inv for inv, _ in v.failures} == {"oracle"} and "revoke" in rules_of(v), v.failures[:3]
     assert check(s, torchrun_executor.run(s)).ok  # the workers are clean again
+
+
+def _logs(kind: str, rows: dict[int, tuple[list[int], list[int], str]]) -> list[dict]:
+    return [{"rank": r, "decisions": {"scheduler": [[kind, "", local, agreed, outcome]]},
+             "effects": {"scheduler": [[agreed[0], agreed[0]]]}}
+            for r, (local, agreed, outcome) in rows.items()]
+
+
+@pytest.mark.parametrize(("kind", "protocol", "outcome"), [
+    ("loading_check", "sglang-0.5.11", "ack {} loads"),
+    ("writing_check", "sglang-0.5.20", "ack {} writes (write-back)"),
+])
+def test_decisions_without_a_collective_are_judged_locally(kind: str, protocol: str,
+                                                           outcome: str) -> None:
+    """No collective: each rank acts on its own count (different counts are fine), and an
+    agreed value that is not the local one breaks the reduce rule."""
+    s = load_scenario("write_acks").with_(protocol=protocol)
+    own = _logs(kind, {0: ([2], [2], outcome.format(2)), 1: ([3], [3], outcome.format(3))})
+    assert check_oracle(s, own) == []
+    off = _logs(kind, {0: ([2], [1], outcome.format(1)), 1: ([3], [3], outcome.format(3))})
+    assert [r for r, m in check_oracle(s, off) if "on rank 0" in m] == ["reduce"]
+    # the same counts from a decision that reduces (MIN) must agree
+    synced = s.with_(protocol="sglang-0.5.20")
+    reduced = _logs(kind, {0: ([2], [2], "ack 2"), 1: ([3], [3], "ack 3")})
+    assert "reduce" in {r for r, _ in check_oracle(synced, reduced)}
