@@ -61,12 +61,23 @@ def in_range(version: str) -> bool:
 def check_runnable(version: str) -> None:
     """Exit-code contract: not a release number -> 2; outside 0.5.9 .. 0.5.20 -> 125."""
     v = parse_release(version)
+    if not FIRST <= v[:3] <= LAST and not on_index(version):
+        raise UsageError(f"sglang {version}: no such release on the package index")
     if v[:3] > LAST:
         raise CannotJudge(f"sglang {version} has no HiRadixCache (replaced by UnifiedRadixCache "
                           f"from 0.5.21): cannot run here")
     if v[:3] < FIRST:
         raise CannotJudge(f"sglang {version} is older than 0.5.9, the first release this "
                           f"harness drives: cannot run here")
+
+
+def on_index(version: str) -> bool:
+    """Whether the package index has this sglang release (one metadata-only query)."""
+    try:
+        resolve([f"sglang=={version}"], no_deps=True)
+        return True
+    except EnvBuildError:
+        return False
 
 
 def _pip(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
