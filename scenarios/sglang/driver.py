@@ -166,6 +166,8 @@ class Driver:
 
             def drain() -> Any:
                 self.pacer.io("drain", "set")
+                if self.pacer.drain:  # the end of the run: every IO thread finishes its work
+                    self.pacer.io("drain", "get")
                 self.gates.settle("get")
                 self._local_q = (cc.prefetch_revoke_queue.qsize(), cc.ack_backup_queue.qsize(),
                                  cc.host_mem_release_queue.qsize())
@@ -368,7 +370,9 @@ class Driver:
     # -- end of run ------------------------------------------------------------------------
     def busy(self) -> bool:
         cache, cc = self.cache, self.cc
-        return bool(self.waiting or self.ready or cache.ongoing_write_through
+        g = self.gates
+        io = any(g.ops_in[k] != g.ops_out[k] for k in ("query", "get", "set"))
+        return bool(io or self.waiting or self.ready or cache.ongoing_write_through
                     or cache.ongoing_load_back or cache.ongoing_prefetch
                     or getattr(cache, "ongoing_backup", None)
                     or cc.prefetch_revoke_queue.qsize() or cc.ack_backup_queue.qsize()
