@@ -31,6 +31,8 @@ def pytest_configure(config: pytest.Config) -> None:
         ("soak", "long free-running soak runs (excluded by default)"),
         ("gpu", "needs a CUDA device"),
         ("mooncake", "needs Mooncake and starts a real master on 127.0.0.1"),
+        ("sglang", "SGLang's own HiCache as the SUT (needs build/sglang-envs: "
+                   "python -m scenarios.sglang.envs 0.5.10.post1 0.5.11)"),
     ):
         config.addinivalue_line("markers", f"{name}: {what}")
 
