@@ -211,6 +211,11 @@ def add_subcommands(sub: Any, common: Callable[[argparse.ArgumentParser], None])
     common(b)
     e = sub.add_parser("sglang-envs", help="build and cache the per-release environments")
     e.add_argument("release", nargs="*")
+    d = sub.add_parser("diff", help="one Schedule on the reference profile of a release and "
+                       "on that release: the first scheduler decision where they differ")
+    from scenarios.sglang.differential import add_diff_arguments
+
+    add_diff_arguments(d)
     m = sub.add_parser("matrix", help="release x dp-attention x layout: agree / diverge")
     from scenarios.sglang.matrix import add_matrix_arguments
 
@@ -224,9 +229,10 @@ def add_sut_flags(p: argparse.ArgumentParser) -> None:
 
 
 def handlers() -> dict[str, Callable[[argparse.Namespace], int]]:
+    from scenarios.sglang.differential import cmd_diff
     from scenarios.sglang.matrix import cmd_matrix
 
-    return {"bisect-releases": cmd_bisect_releases, "sglang-envs": cmd_envs,
+    return {"diff": contract(cmd_diff), "bisect-releases": cmd_bisect_releases, "sglang-envs": cmd_envs,
             "matrix": contract(cmd_matrix)}
 
 
