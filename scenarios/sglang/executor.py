@@ -81,6 +81,11 @@ class SglangExecutor:
         if s.backend not in ("memory", "file"):
             raise CannotJudge(f"backend '{s.backend}' is not wired to the SGLang SUT yet "
                               "(it runs SGLang's file backend)")
+        if s.layout_obj.pp > 1:
+            raise CannotJudge(f"layout {s.layout}: pipeline parallelism is not driven on the "
+                              "SGLang SUT yet (TPxCP layouts only)")
+        if s.cache.mla:
+            raise CannotJudge("MLA schedules are not driven on the SGLang SUT yet (MHA only)")
         pool = self.pool(s.layout, dp)
         payload = {"schedule": s.model_dump_json(), "run_id": f"r{uuid.uuid4().hex[:10]}",
                    "storage_root": self.storage_root, "collective_timeout_s": self.timeout_s,
