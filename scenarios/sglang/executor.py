@@ -48,7 +48,7 @@ class SglangExecutor:
             raise CannotJudge(f"no built environment for sglang {version}: run "
                               f"python -m scenarios.sglang.envs {version}")
         self.storage_root = tempfile.mkdtemp(prefix="cpcheck-sgl-store-")
-        self._pools: dict[tuple[str, bool], Any] = {}
+        self._pools: dict[str, Any] = {}
 
     def __enter__(self) -> SglangExecutor:
         return self
@@ -59,7 +59,7 @@ class SglangExecutor:
     def pool(self, layout: str, dp_attention: bool) -> Any:
         from scenarios.runner import RankPool
 
-        key = (layout, dp_attention)
+        key = layout  # DP attention is per run: the parallel state is the same either way
         pool = self._pools.get(key)
         if pool is None or not pool.running:
             pp = os.pathsep.join([str(_REPO), envs.pythonpath(self.version)]
@@ -94,11 +94,11 @@ class SglangExecutor:
             results = pool.run(JOB, payload, timeout_s=self.timeout_s * 6 + 60)
         except RankPoolError:
             pool.close()
-            self._pools.pop((s.layout, dp), None)
+            self._pools.pop(s.layout, None)
             raise
         if any(r["error"] for r in results):
             pool.close()
-            self._pools.pop((s.layout, dp), None)
+            self._pools.pop(s.layout, None)
         return results
 
     def check(self, s: Any, dp_attention: bool | None = None) -> Verdict:
