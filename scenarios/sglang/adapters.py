@@ -35,10 +35,10 @@ def cache_init_params(**kwargs: Any) -> Any:
 def server_args(model_dir: str, *, dp_attention: bool, tp: int, **hicache: Any) -> Any:
     from sglang.srt.server_args import ServerArgs
 
-    fields = {f.name for f in dataclasses.fields(ServerArgs)}
     kw = {"model_path": model_dir, "skip_tokenizer_init": True, "device": "cpu",
           "enable_hierarchical_cache": True, "tp_size": tp, **hicache}
-    args = ServerArgs(**{k: v for k, v in kw.items() if k in fields})
+    # a dataclass up to 0.5.19, a plain class with a keyword constructor in 0.5.20
+    args = call_filtered(ServerArgs, **kw)
     try:
         import sglang.srt.server_args as sa
 

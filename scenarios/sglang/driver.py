@@ -55,6 +55,12 @@ class Driver:
 
         cc_mod = self.st["cc_mod"]
         cc_mod.device_module = self.dev  # before construction: the layer counter makes events
+        try:  # 0.5.20 records the L1<->L2 copy events in its own transfer engine
+            import sglang.srt.mem_cache.l2_transfer as l2
+
+            l2.device_module = self.dev
+        except ImportError:
+            pass
         dpa._ENABLE_DP_ATTENTION_FLAG = bool(dp_attention)
         if getattr(dpa, "_ATTN_DP_RANK", None) is None:
             dpa._ATTN_DP_RANK = 0
@@ -99,7 +105,11 @@ class Driver:
         self.cache = cache = hr.HiRadixCache(params, server_args)
         cc = cache.cache_controller
         self.cc = cc
-        self.dev.name_streams(cc.write_stream, cc.load_stream)
+        engine = getattr(cc, "l2_transfer_engine", None)
+        if engine is not None:  # 0.5.20
+            self.dev.name_streams(engine.device_to_host_stream, engine.host_to_device_stream)
+        else:
+            self.dev.name_streams(cc.write_stream, cc.load_stream)
         self._hook(cache, cc)
 
     def _hook(self, cache: Any, cc: Any) -> None:
