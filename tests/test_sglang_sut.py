@@ -172,3 +172,18 @@ def test_replay_exit_codes(capsys) -> None:
     assert main(["replay", f, "--sut", f"sglang=={PRE}"]) == 1
     assert main(["replay", f, "--sut", "sglang==0.5.21"]) == 125
     assert main(["replay", f, "--sut", "sglang==0.5.99"]) == 2
+
+
+def test_env_failure_names_the_package(monkeypatch) -> None:
+    """pip's own failure line is turned into one line that names the package."""
+    def failing_pip(*args: str, timeout: float = 0):
+        return type("P", (), {"returncode": 1, "stdout": "", "stderr":
+                              "ERROR: Could not find a version that satisfies the requirement "
+                              "tokenizers==9.9 (from versions: none)\n"
+                              "ERROR: No matching distribution found for tokenizers==9.9\n"})()
+
+    monkeypatch.setattr(envs, "_pip", failing_pip)
+    with pytest.raises(envs.EnvBuildError, match=r"cannot resolve tokenizers==9\.9"):
+        envs.resolve(["transformers==5.6.0"])
+    with pytest.raises(envs.EnvBuildError, match=r"installing tokenizers==9\.9 failed"):
+        envs._install_target(Path("/nonexistent"), ["transformers==5.6.0"])
