@@ -415,6 +415,9 @@ class Driver:
             self.cache.shutdown()
         except Exception:
             pass
+        import atexit
+
+        atexit.unregister(self.cache.shutdown)  # a long-lived worker must not keep every cache
 
 
 def _leading(acks: list) -> Any:
