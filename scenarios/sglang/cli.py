@@ -108,7 +108,8 @@ def _dp(args: argparse.Namespace) -> bool | None:
 
 
 def hunt(version: str, dp: bool, layouts: tuple[str, ...], examples: int, seed: int,
-         timeout: float = 20.0, ex: SglangExecutor | None = None) -> dict:
+         timeout: float = 20.0, ex: SglangExecutor | None = None,
+         shrink_s: float | None = None) -> dict:
     """Generate, run on the release, shrink: the same loop as scenarios.explore.hunt, with
     SGLang's verdict (annotated for what it cannot observe) and MHA pools only."""
     import random
@@ -131,6 +132,11 @@ def hunt(version: str, dp: bool, layouts: tuple[str, ...], examples: int, seed: 
         return s.with_(cache={**s.cache.model_dump(), "mla": False}, sut=sut, dp_attention=dp)
 
     def fails(s: Any) -> bool:
+        # a shrink budget: once spent, further candidates count as passing, so Hypothesis
+        # returns the smallest failing Schedule it has (still a real, replayable failure)
+        if shrink_s is not None and state["first"] is not None and \
+                time.monotonic() - t0 - state["first"] > shrink_s:
+            return False
         state["n"] += 1
         results = ex.run(s, dp)
         steer(results)

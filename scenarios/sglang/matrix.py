@@ -28,6 +28,7 @@ def add_matrix_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--examples", type=int, default=30, help="generated schedules per cell")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=20.0)
+    p.add_argument("--shrink-s", type=float, default=90.0, help="shrinking budget per cell")
     p.add_argument("--replay-dir", default="cpcheck-out/matrix")
     p.add_argument("--json", default="", help="also write the table as JSON here")
 
@@ -45,7 +46,7 @@ def corpus_for(layout: str) -> list[Any]:
 
 
 def run_cell(ex: Any, version: str, dp: bool, layout: str, examples: int, seed: int,
-             replay_dir: str) -> dict:
+             replay_dir: str, shrink_s: float | None = 90.0) -> dict:
     from scenarios.sglang.cli import hunt, write_sglang_replay
 
     t0 = time.monotonic()
@@ -59,7 +60,7 @@ def run_cell(ex: Any, version: str, dp: bool, layout: str, examples: int, seed: 
             corpus_div.append(name)
     n = len(corpus_for(layout))
     row["corpus"] = f"{len(corpus_div)}/{n} diverge" if corpus_div else f"{n}/{n} agree"
-    h = hunt(version, dp, (layout,), examples, seed, ex=ex)
+    h = hunt(version, dp, (layout,), examples, seed, ex=ex, shrink_s=shrink_s)
     row["examples"] = h["examples"]
     if h["found"] is not None:
         row["verdict"] = "diverge"
@@ -95,7 +96,7 @@ def cmd_matrix(args: argparse.Namespace) -> int:
                 for lay in layouts:
                     try:
                         row = run_cell(ex, v, dp, lay, args.examples, args.seed,
-                                       args.replay_dir)
+                                       args.replay_dir, args.shrink_s)
                     except Exception as e:  # one broken cell must not hide the others
                         row = {"release": v, "dp_attention": dp, "layout": lay,
                                "verdict": f"error: {type(e).__name__}: {str(e)[:80]}"}
