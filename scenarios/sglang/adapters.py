@@ -104,10 +104,14 @@ def evict(cache: Any, n: int) -> None:
         cache.evict(n)
 
 
-def init_load_back(cache: Any, last_host_node: Any, host_hit_length: int) -> Any:
+def init_load_back(cache: Any, m: Any, host_hit_length: int) -> Any:
+    """`m` is the match result: 0.5.13 loads back from its `best_match_node`."""
+    last_host_node = m.last_host_node
     if _takes_params(cache.init_load_back):
-        return cache.init_load_back(_params("InitLoadBackParams", last_host_node=last_host_node,
-                                            host_hit_length=host_hit_length))
+        return cache.init_load_back(_params(
+            "InitLoadBackParams", last_host_node=last_host_node,
+            best_match_node=getattr(m, "best_match_node", last_host_node),
+            host_hit_length=host_hit_length))
     return call_filtered(cache.init_load_back, last_node=last_host_node,
                          host_hit_length=host_hit_length, prefix_len=host_hit_length)
 

@@ -320,7 +320,7 @@ class Driver:
         host_hit = m.host_hit_length
         loaded = 0
         if host_hit:
-            adapters.init_load_back(cache, m.last_host_node, host_hit)
+            adapters.init_load_back(cache, m, host_hit)
             cache.ready_to_load_host_cache()
             m2 = adapters.match(cache, tokens)
             loaded = len(m2.device_indices) - len(m.device_indices)

@@ -207,6 +207,12 @@ def pythonpath(version: str, root: Path = ROOT) -> str:
     return os.pathsep.join([str(release_dir(version, root)), str(base_dir(root))])
 
 
+def torch_extensions_dir(version: str, root: Path = ROOT) -> str:
+    """Where a release JIT-compiles its C++ helpers (0.5.15+ page hashing): compiled once by
+    the import check, so no run ever waits on a compile or on another rank's compile lock."""
+    return str(release_dir(version, root) / ".torch_extensions")
+
+
 def load_manifest(version: str, root: Path = ROOT) -> Manifest | None:
     p = root / f"{version}.json"
     return Manifest(**json.loads(p.read_text())) if p.exists() else None
@@ -280,6 +286,11 @@ try:
     import sglang.srt.mem_cache.hiradix_cache  # noqa: F401
 except ModuleNotFoundError as e:
     print("MISSING", e.name.split(".")[0]); sys.exit(3)
+try:
+    from sglang.srt.mem_cache.utils import get_hash_str
+except ImportError:
+    from sglang.srt.mem_cache.hicache_storage import get_hash_str
+get_hash_str([1, 2, 3, 4], None)
 print("OK", time.monotonic() - t)
 """
 
@@ -287,7 +298,8 @@ print("OK", time.monotonic() - t)
 def import_check(version: str, root: Path = ROOT) -> tuple[str | None, float]:
     """(missing top-level module or None, import seconds) of the HiCache chain under the shim."""
     repo = str(Path(__file__).resolve().parents[2])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": torch_extensions_dir(version, root),
+           "PYTHONPATH": os.pathsep.join(
         [repo, pythonpath(version, root)] + ([os.environ["PYTHONPATH"]]
                                              if os.environ.get("PYTHONPATH") else []))}
     p = subprocess.run([sys.executable, "-c", _CHECK], capture_output=True, text=True, env=env,

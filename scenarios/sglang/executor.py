@@ -69,6 +69,7 @@ class SglangExecutor:
             pool = RankPool(layout, device="cpu", collective_timeout_s=self.timeout_s * 3,
                             start_timeout_s=240,
                             env={"PYTHONPATH": pp, "OMP_NUM_THREADS": "1",
+                                 "TORCH_EXTENSIONS_DIR": envs.torch_extensions_dir(self.version),
                                  "SGLANG_LOG_LEVEL": "error", "PYTHONWARNINGS": "ignore",
                                  "TOKENIZERS_PARALLELISM": "false"})
             pool.start()

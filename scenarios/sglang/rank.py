@@ -136,10 +136,27 @@ def setup_worker(ctx: Any, version: str, dp_attention: bool, timeout_s: float) -
     from sglang.srt.distributed import parallel_state as ps
 
     shim.patch_loaded()
+    # from 0.5.15 page hashes come from a C++ extension JIT-compiled on first use (minutes on a
+    # busy box, one compile shared through ~/.cache/torch_extensions): do it now, not in a run
+    try:
+        from sglang.srt.mem_cache.utils import get_hash_str
+    except ImportError:
+        from sglang.srt.mem_cache.hicache_storage import get_hash_str
+    get_hash_str([1, 2, 3, 4], None)
     for g in (ctx.groups.attn_tp_group, ctx.groups.attn_cp_group, ctx.groups.tp_group,
               ctx.groups.pp_group):
         _HARNESS.add(id(g))
     _install_recorders()
+
+    def thread_died(args: Any) -> None:
+        run = CURRENT
+        line = f"{args.thread.name if args.thread else '?'}: {args.exc_type.__name__}: " \
+               f"{args.exc_value}"
+        if run is not None:
+            run.gates.thread_errors.append(line)
+            with run.gates.cond:
+                run.gates.cond.notify_all()
+    threading.excepthook = thread_died
     lay = ctx.layout
     ps.init_distributed_environment(world_size=ctx.world_size, rank=ctx.rank,
                                     local_rank=ctx.rank, backend="gloo",

@@ -143,6 +143,8 @@ class IoGates:
         self.ops_out: dict[str, int] = defaultdict(int)
         self.released = False
         self.waiting_on: dict[str, str] = {}
+        #: exceptions that ended one of SGLang's IO threads (threading.excepthook)
+        self.thread_errors: list[str] = []
 
     # IO thread side
     def before(self, stream: str) -> int:
@@ -196,7 +198,9 @@ class IoGates:
                         f"rank {self.rank}: {stream} thread did not settle in "
                         f"{self.timeout_s:.0f} s (ops in {self.ops_in[stream]}, out "
                         f"{self.ops_out[stream]}, arrived {self.arrived[stream]}, done "
-                        f"{self.done[stream]}); IO threads: {self.waiting_on or 'none at a gate'}")
+                        f"{self.done[stream]}); IO threads: {self.waiting_on or 'none at a gate'}"
+                        + (f"; died: {self.thread_errors}" if self.thread_errors else "")
+                        + f"; stacks: {io_stacks()}")
                 self.cond.wait(min(left, 0.5))
 
     def open_one(self, stream: str) -> None:
@@ -216,6 +220,21 @@ class IoGates:
         with self.cond:
             self.released = True
             self.cond.notify_all()
+
+
+def io_stacks() -> str:
+    """Innermost frames of SGLang's IO threads: where a thread that never settled sits."""
+    import sys
+    import traceback
+
+    names = {t.ident: t.name for t in threading.enumerate()}
+    out = []
+    for ident, frame in sys._current_frames().items():
+        name = names.get(ident, "")
+        if "func" in name:  # SGLang's threads are named after their target functions
+            fr = traceback.extract_stack(frame)[-3:]
+            out.append(f"{name} at " + " <- ".join(f"{f.name}:{f.lineno}" for f in reversed(fr)))
+    return "; ".join(out) or "no IO thread alive"
 
 
 class SglangPacer:
