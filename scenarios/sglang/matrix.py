@@ -62,7 +62,10 @@ def run_cell(ex: Any, version: str, dp: bool, layout: str, examples: int, seed: 
     row["corpus"] = f"{len(corpus_div)}/{n} diverge" if corpus_div else f"{n}/{n} agree"
     h = hunt(version, dp, (layout,), examples, seed, ex=ex, shrink_s=shrink_s)
     row["examples"] = h["examples"]
-    if h["found"] is not None:
+    if h["found"] is not None and h.get("flaky"):
+        row["verdict"] = "flaky (diverged once, agreed on rerun)"
+        row["replay"] = str(write_sglang_replay(h["found"], h["verdict"], replay_dir))
+    elif h["found"] is not None:
         row["verdict"] = "diverge"
         row["first_s"] = round(h["first_s"], 1)
         row["shrunk_ops"] = len(h["found"].ops)
