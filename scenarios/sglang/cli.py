@@ -182,6 +182,9 @@ def cmd_explore(args: argparse.Namespace) -> int:
     if h["found"] is None:
         print(f"no divergence in {h['examples']} schedules ({h['total_s']:.1f} s)")
         return int(ExitCode.AGREE)
+    if h["flaky"]:
+        _print_verdict(h["verdict"])
+        return int(ExitCode.UNKNOWN)
     print(f"divergence after {h['first_s']:.2f} s; shrunk to {len(h['found'].ops)} ops "
           f"({h['examples']} schedules, {h['total_s']:.1f} s)")
     _print_verdict(h["verdict"])
