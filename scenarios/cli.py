@@ -31,6 +31,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=10.0,
                    help="seconds any rank may wait on a peer before the run fails")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    from scenarios.sglang.cli import add_sut_flags
+
+    add_sut_flags(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
         add_soak_arguments = None
     if add_soak_arguments is not None:
         add_soak_arguments(soak)
+    from scenarios.sglang.cli import add_subcommands
+
+    add_subcommands(sub, _add_common)
     return ap
 
 
@@ -92,6 +98,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     changes.update(proto)
     if changes:
         s = s.from_dict({**s.model_dump(), **changes}, args.scenario)
+    if (args.sut or s.sut) != "reference":
+        from scenarios.sglang import cli as sglang_cli
+
+        return sglang_cli.cmd_run(args, s)
     with mooncake_for(s.backend, args.mooncake_master) as (master, _), \
             _executor(args, master, args.mode) as ex:
         verdict = check(s, ex.run(s))
@@ -115,6 +125,10 @@ def cmd_replay(args: argparse.Namespace) -> int:
     s, data = read_replay(args.file)
     if args.backend:
         s = s.with_(backend=args.backend)
+    if (args.sut or s.sut) != "reference":
+        from scenarios.sglang import cli as sglang_cli
+
+        return sglang_cli.cmd_replay(args, s, data)
     mode = args.mode or data.get("mode", "torchrun")
     if s.layout_obj.world_size > max_ranks_here():
         raise CannotRun(f"layout {s.layout} needs {s.layout_obj.world_size} ranks; "
@@ -136,6 +150,10 @@ def cmd_explore(args: argparse.Namespace) -> int:
     from scenarios.replay import write_replay
 
     proto = protocol_changes(args)
+    if args.sut and args.sut != "reference":
+        from scenarios.sglang import cli as sglang_cli
+
+        return sglang_cli.cmd_explore(args)
     layouts = tuple(args.layout or ["1x2", "2x2", "1x4", "2x1"])
     with mooncake_for(args.backend, args.mooncake_master) as (master, _), \
             _executor(args, master, args.mode) as ex:
@@ -172,6 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {"version": lambda a: print(version_text()) or 0, "list": cmd_list,
                 "run": cmd_run, "replay": cmd_replay, "explore": cmd_explore}
+    from scenarios.sglang.cli import handlers as sglang_handlers
+
+    handlers.update(sglang_handlers())
     if args.cmd == "soak":
         from scenarios.soak import cmd_soak
 

@@ -82,6 +82,18 @@ class Schedule(BaseModel):
     #: per rank: ticks its clock runs ahead (prefetch timeouts are local)
     clock_skew: dict[int, int] = Field(default_factory=dict)
     seed: int = 0
+    #: the system under test: "reference" or "sglang==VERSION" (scenarios/sglang)
+    sut: str = "reference"
+
+    @field_validator("sut")
+    @classmethod
+    def _sut(cls, v: str) -> str:
+        import re
+
+        if v != "reference" and not re.fullmatch(r"sglang==\d+\.\d+\.\d+(\.post\d+)?", v):
+            raise ValueError(f"unknown system under test '{v}': use 'reference' or "
+                             "'sglang==VERSION'")
+        return v
 
     @field_validator("layout")
     @classmethod

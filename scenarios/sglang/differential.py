@@ -1,0 +1,107 @@
+"""Differential mode: one Schedule on the reference (the profile that models a release) and on
+that SGLang release; name the first scheduler decision where they differ.
+
+Both SUTs log the scheduler's decisions under the same kinds and outcome texts
+(writing_check "ack N writes", loading_check "ack N loads", drain "revoke a, backup acks b,
+release c", can_terminate "terminate"/"wait", prefetch_done "insert N tokens"), and both read the
+Schedule's choices in the same order per step (write, load, storage backup, prefetch IO), so the
+decision sequences are comparable rank by rank. The agreed tuple of can_terminate is not
+compared (the reference logs the MAX pair, SGLang only exposes the boolean).
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from scenarios.contract import ExitCode
+
+#: reference profile (branch p9's Schedule.protocol) that models each release family
+PROFILE_FOR = (("0.5.20", "sglang-0.5.20"), ("0.5.13", "sglang-0.5.13"),
+               ("0.5.11", "sglang-0.5.11"), ("0.5.9", "sglang-0.5.10"))
+
+
+def profile_for(version: str) -> str:
+    from scenarios.sglang.envs import parse_release
+
+    v = parse_release(version)
+    for start, name in PROFILE_FOR:
+        if v >= parse_release(start):
+            return name
+    return PROFILE_FOR[-1][1]
+
+
+def _rows(results: list[dict]) -> dict[int, list[tuple]]:
+    return {r["rank"]: [(d[0], d[1], d[4]) for d in r["decisions"].get("scheduler", [])]
+            for r in results}
+
+
+def first_difference(ref: list[dict], sgl: list[dict]) -> tuple[int, int, Any, Any] | None:
+    """(rank, index, reference row, sglang row) of the earliest differing decision."""
+    a, b = _rows(ref), _rows(sgl)
+    best = None
+    for rank in sorted(set(a) & set(b)):
+        x, y = a[rank], b[rank]
+        for i in range(max(len(x), len(y))):
+            vx = x[i] if i < len(x) else "<nothing>"
+            vy = y[i] if i < len(y) else "<nothing>"
+            if vx != vy:
+                if best is None or i < best[1]:
+                    best = (rank, i, vx, vy)
+                break
+    return best
+
+
+def differential(s: Any, version: str, protocol: str | None = None,
+                 timeout: float = 20.0) -> tuple[bool, str]:
+    from scenarios.executor import Executor
+    from scenarios.schedule import Schedule
+    from scenarios.sglang.executor import SglangExecutor
+
+    protocol = protocol or profile_for(version)
+    ref_s = s.with_(sut="reference")
+    if "protocol" in Schedule.model_fields:
+        ref_s = ref_s.with_(protocol=protocol)
+        label = f"reference {protocol}"
+    else:  # the profiles land with branch p9; until then the reference models main
+        label = "reference (no release profiles at this commit: models main)"
+    with Executor("inprocess", timeout_s=timeout) as ex:
+        ref = ex.run(ref_s)
+    with SglangExecutor(version, timeout_s=timeout) as sx:
+        sgl = sx.run(s.with_(sut=f"sglang=={version}"))
+    d = first_difference(ref, sgl)
+    if d is None:
+        n = len(_rows(sgl).get(0, []))
+        return True, f"{label} and SGLang {version} agree on all {n} scheduler decisions"
+    rank, i, x, y = d
+    return False, (f"{label} and SGLang {version} disagree at scheduler decision #{i} on rank "
+                   f"{rank}: reference {x} vs SGLang {y}")
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    from scenarios.catalog import load_scenario
+    from scenarios.sglang.executor import parse_sut
+
+    s = load_scenario(args.scenario)
+    if args.layout:
+        s = s.with_(layout=args.layout)
+    if args.dp_attention:
+        s = s.with_(dp_attention=args.dp_attention == "on")
+    version = parse_sut(args.sut)
+    if version is None:
+        from scenarios.contract import UsageError
+
+        raise UsageError("diff needs --sut sglang==VERSION")
+    same, msg = differential(s, version, args.protocol, args.timeout)
+    print(msg)
+    return int(ExitCode.AGREE if same else ExitCode.DIVERGE)
+
+
+def add_diff_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("scenario", help="a catalog name, .toml, or a replay .json")
+    p.add_argument("--sut", required=True, help="sglang==VERSION")
+    p.add_argument("--protocol", default=None, help="reference profile (default: the one "
+                   "modelling the release)")
+    p.add_argument("--layout")
+    p.add_argument("--dp-attention", choices=["on", "off"], default=None)
+    p.add_argument("--timeout", type=float, default=20.0)

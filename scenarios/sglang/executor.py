@@ -1,0 +1,172 @@
+"""Run Schedules against one SGLang release: a pool of long-lived workers per layout.
+
+The workers are the harness's own torchrun pool (scenarios/runner), started with the release's
+environment in front of PYTHONPATH; SGLang's import (~5-25 s) and parallel state happen once per
+worker, and each run builds a fresh cache. A pool is dropped after any failed run (a gloo group
+that timed out cannot be trusted).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any
+
+from scenarios.checker import Verdict, check
+from scenarios.contract import CannotJudge
+from scenarios.sglang import envs
+
+JOB = "scenarios.sglang.rank:run_schedule"
+_REPO = Path(__file__).resolve().parents[2]
+
+
+def parse_sut(sut: str) -> str | None:
+    """'reference' -> None; 'sglang==V' -> 'V'. Anything else is a usage error."""
+    from scenarios.contract import UsageError
+
+    if sut == "reference":
+        return None
+    if sut.startswith("sglang=="):
+        v = sut.split("==", 1)[1]
+        envs.parse_release(v)
+        return v
+    raise UsageError(f"unknown system under test '{sut}': use 'reference' or 'sglang==VERSION'")
+
+
+class SglangExecutor:
+    def __init__(self, version: str, *, timeout_s: float = 20.0, build: bool = True,
+                 log: Any = print) -> None:
+        envs.check_runnable(version)
+        self.version = version
+        self.timeout_s = timeout_s
+        if build:
+            envs.build_release(version, log=log)
+        elif envs.load_manifest(version) is None or not envs.load_manifest(version).ok:
+            raise CannotJudge(f"no built environment for sglang {version}: run "
+                              f"python -m scenarios.sglang.envs {version}")
+        check_pipeline(version)
+        self.storage_root = tempfile.mkdtemp(prefix="cpcheck-sgl-store-")
+        self._pools: dict[str, Any] = {}
+
+    def __enter__(self) -> SglangExecutor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def pool(self, layout: str, dp_attention: bool) -> Any:
+        from scenarios.runner import RankPool
+
+        key = layout  # DP attention is per run: the parallel state is the same either way
+        pool = self._pools.get(key)
+        if pool is None or not pool.running:
+            pp = os.pathsep.join([str(_REPO), envs.pythonpath(self.version)]
+                                 + ([os.environ["PYTHONPATH"]]
+                                    if os.environ.get("PYTHONPATH") else []))
+            pool = RankPool(layout, device="cpu", collective_timeout_s=self.timeout_s * 3,
+                            start_timeout_s=240,
+                            env={"PYTHONPATH": pp, "OMP_NUM_THREADS": "1",
+                                 "TORCH_EXTENSIONS_DIR": envs.torch_extensions_dir(self.version),
+                                 "SGLANG_LOG_LEVEL": "error", "PYTHONWARNINGS": "ignore",
+                                 "TOKENIZERS_PARALLELISM": "false"})
+            pool.start()
+            self._pools[key] = pool
+            # SGLang's imports, parallel state and first cache happen in a first job: run an
+            # empty Schedule now, so no measured run pays for them (or times out on them)
+            from scenarios.schedule import Schedule
+
+            warm = Schedule(layout=layout, sut=f"sglang=={self.version}")
+            pool.run(JOB, self._payload(warm, dp_attention), timeout_s=self.timeout_s * 12 + 120)
+        return pool
+
+    def _payload(self, s: Any, dp: bool) -> dict:
+        return {"schedule": s.model_dump_json(), "run_id": f"r{uuid.uuid4().hex[:10]}",
+                "storage_root": self.storage_root, "collective_timeout_s": self.timeout_s,
+                "version": self.version, "dp_attention": dp}
+
+    def run(self, s: Any, dp_attention: bool | None = None) -> list[dict]:
+        from scenarios.runner import RankPoolError
+
+        dp = s_dp_attention(s) if dp_attention is None else dp_attention
+        if s.backend not in ("memory", "file"):
+            raise CannotJudge(f"backend '{s.backend}' is not wired to the SGLang SUT yet "
+                              "(it runs SGLang's file backend)")
+        if s.layout_obj.pp > 1:
+            raise CannotJudge(f"layout {s.layout}: pipeline parallelism is not driven on the "
+                              "SGLang SUT yet (TPxCP layouts only)")
+        if s.cache.mla:
+            raise CannotJudge("MLA schedules are not driven on the SGLang SUT yet (MHA only)")
+        pool = self.pool(s.layout, dp)
+        payload = self._payload(s, dp)
+        try:
+            results = pool.run(JOB, payload, timeout_s=self.timeout_s * 6 + 60)
+        except RankPoolError:
+            pool.close()
+            self._pools.pop(s.layout, None)
+            raise
+        if any(r["error"] for r in results):
+            pool.close()
+            self._pools.pop(s.layout, None)
+        return results
+
+    def check(self, s: Any, dp_attention: bool | None = None) -> Verdict:
+        dp = s_dp_attention(s) if dp_attention is None else dp_attention
+        results = self.run(s, dp)
+        return annotate(check(s, results), dp)
+
+    def close(self) -> None:
+        for pool in self._pools.values():
+            try:
+                pool.close()
+            except Exception:
+                pass
+        self._pools.clear()
+        shutil.rmtree(self.storage_root, ignore_errors=True)
+
+
+def check_pipeline(version: str) -> None:
+    """The seams map the controller of 0.5.9 .. 0.5.15.post1 (revoke queue; the prefetch
+    thread agrees on hits and revokes). From 0.5.16 a hit queue and per-batch progress acks
+    with a sync thread replace it: not mapped yet, so those releases cannot be judged here."""
+    src = envs.release_dir(version) / "sglang" / "srt" / "managers" / "cache_controller.py"
+    try:
+        text = src.read_text()
+    except OSError:
+        return
+    if "prefetch_hit_queue" in text or "prefetch_revoke_queue" not in text:
+        raise CannotJudge(f"sglang {version}: its prefetch pipeline (hit queue, per-batch "
+                          "progress acks) is not mapped onto cpcheck's seams yet "
+                          "(driven: 0.5.9 .. 0.5.15.post1)")
+
+
+def s_dp_attention(s: Any) -> bool:
+    return bool(getattr(s, "dp_attention", True))
+
+
+#: what SGLang does not report that the reference does (stated in every verdict)
+NOT_OBSERVED = ("no per-thread decision channels (SGLang's prefetch-thread agreements are "
+                "seen as collectives only)", "no store-side copy count (the file backend is "
+                "read back through the keys each rank wrote)")
+
+
+def annotate(v: Verdict, dp_attention: bool) -> Verdict:
+    """Drop the key findings that are SGLang's documented behaviour without DP attention
+    (CP peers use their global TP rank in keys) and say what was not observable."""
+    notes = list(NOT_OBSERVED)
+    if not dp_attention:
+        keep = [(i, m) for i, m in v.failures
+                if not (i == "keys" and ("CP peers" in m or "copies of page" in m
+                                         or "SGLang names it" in m))]
+        if len(keep) != len(v.failures):
+            notes.append("without DP attention SGLang keys pages by global TP rank, so CP peers "
+                         "write different keys: the key invariant is not applied")
+        if not keep:
+            v = Verdict(True, stats=v.stats, message=f"{v.stats.get('ranks')} ranks agree on "
+                        f"{v.stats.get('decisions')} decisions")
+        elif keep != v.failures:
+            v = Verdict(False, keep[0][0], keep[0][1], keep, v.stats)
+    v.stats["not_observed"] = notes
+    return v

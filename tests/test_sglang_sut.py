@@ -1,0 +1,189 @@
+"""SGLang's own HiCache as the system under test.
+
+Unit tests (always run): the shim's plain-torch KV copies, the gated device events, the IO
+gates, the env builder's CUDA refusal and the exit-code contract for releases.
+`sglang`-marked tests drive real releases (pre-fix 0.5.10.post1, post-fix 0.5.11) and are
+skipped, with the command that builds them, when their environment is not built here.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from scenarios.contract import CannotJudge, UsageError
+from scenarios.sglang import envs, shim
+from scenarios.sglang.seams import GatedDevice, IoGates
+
+CORPUS = sorted((Path(__file__).parent.parent / "scenarios" / "corpus" / "sglang").glob("*.json"))
+PRE, POST = "0.5.10.post1", "0.5.11"
+
+
+def test_kvcacheio_direct_copies_roundtrip() -> None:
+    layers, size, ps = 2, 16, 4
+    dev_k = [torch.randn(size, 2, 3) for _ in range(layers)]
+    dev_v = [torch.randn(size, 2, 3) for _ in range(layers)]
+    # layer_first host: index copy per layer
+    host = [torch.zeros(size, 2, 3) for _ in range(2 * layers)]
+    src, dst = torch.tensor([4, 5, 6, 7]), torch.tensor([8, 9, 10, 11])
+    shim.transfer_kv_direct(dev_k + dev_v, host, src, dst, page_size=ps)
+    assert torch.equal(host[0][dst], dev_k[0][src]) and torch.equal(host[3][dst], dev_v[1][src])
+    # page_first_direct host [page, layer, page_size, ...]: device -> host -> device
+    hk, hv = torch.zeros(4, layers, ps, 2, 3), torch.zeros(4, layers, ps, 2, 3)
+    shim.transfer_kv_all_layer_direct_lf_pf(dev_k + dev_v, [hk, hv], src, dst, page_size=ps)
+    back = torch.zeros(size, 2, 3)
+    shim.transfer_kv_per_layer_direct_pf_lf([hk, hv], [back, torch.zeros(size, 2, 3)], dst,
+                                            src, layer_id=1, page_size=ps)
+    assert torch.equal(back[src], dev_k[1][src])
+
+
+def test_gated_events_complete_only_when_opened() -> None:
+    dev = GatedDevice()
+    s = dev.Stream()
+    dev.name_streams(s, dev.Stream())
+    events = []
+    with dev.stream(s):
+        for _ in range(3):
+            e = dev.Event()
+            e.record()
+            events.append(e)
+    assert [e.query() for e in events] == [False, False, False]
+    dev.opened["write"] = 1
+    assert [e.query() for e in events] == [True, False, False]
+    events[2].synchronize()  # a blocking wait completes everything up to it
+    assert all(e.query() for e in events)
+    off = dev.Event()
+    off.record()  # on the default stream: nothing gates it (CPU semantics)
+    assert off.query()
+
+
+def test_io_gates_hold_a_call_until_opened_and_settle() -> None:
+    gates = IoGates(0, timeout_s=5)
+    gates.op_in("get")
+    ran: list[int] = []
+
+    def io() -> None:
+        gates.before("get")
+        ran.append(1)
+        gates.after("get")
+        gates.op_out("get")
+
+    t = threading.Thread(target=io)
+    t.start()
+    assert gates.settle("get") is True and ran == []  # at the gate, nothing ran
+    gates.open_one("get")
+    t.join(5)
+    assert ran == [1] and gates.settle("get") is False
+
+
+def test_env_builder_refuses_cuda_wheels(monkeypatch) -> None:
+    """A resolution that would pull a CUDA-only package is refused before installing."""
+    def fake_pip(*args: str, timeout: float = 0):
+        report = Path(args[args.index("--report") + 1])
+        report.write_text(json.dumps({"install": [
+            {"metadata": {"name": "einops", "version": "0.8.2"}},
+            {"metadata": {"name": "nvidia-cublas-cu12", "version": "12.8"}}]}))
+        return type("P", (), {"returncode": 0, "stderr": "", "stdout": ""})()
+
+    monkeypatch.setattr(envs, "_pip", fake_pip)
+    with pytest.raises(envs.EnvBuildError, match="nvidia-cublas-cu12"):
+        envs.resolve(["einops"])
+
+
+def test_release_numbers_and_range() -> None:
+    with pytest.raises(UsageError):
+        envs.parse_release("latest")
+    with pytest.raises(CannotJudge, match="older than 0.5.9"):
+        envs.check_runnable("0.5.8")  # a real release, out of range: cannot run here
+    assert envs.in_range("0.5.10.post1") and envs.in_range("0.5.20")
+    assert not envs.in_range("0.5.21")
+
+
+def _built(version: str) -> bool:
+    m = envs.load_manifest(version)
+    return m is not None and m.ok and envs.release_dir(version).is_dir()
+
+
+def _need(*versions: str) -> None:
+    missing = [v for v in versions if not _built(v)]
+    if missing:
+        pytest.skip(f"sglang env not built here: python -m scenarios.sglang.envs {' '.join(missing)}")
+
+
+@pytest.fixture(scope="module")
+def executors():
+    from scenarios.sglang.executor import SglangExecutor
+
+    _need(PRE, POST)
+    exs = {v: SglangExecutor(v, timeout_s=20, build=False) for v in (PRE, POST)}
+    yield exs
+    for ex in exs.values():
+        ex.close()
+
+
+@pytest.mark.sglang
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("path", CORPUS, ids=[p.stem for p in CORPUS])
+def test_corpus_keeps_its_verdict_per_release(executors, path: Path) -> None:
+    from scenarios.replay import read_replay
+
+    s, data = read_replay(path)
+    for sut, invariant in data["expect_by_release"].items():
+        version = sut.split("==")[1]
+        if version not in executors:
+            continue
+        v = executors[version].check(s.with_(sut=sut))
+        assert v.invariant == invariant, f"{sut}: {v.summary()}"
+
+
+@pytest.mark.sglang
+@pytest.mark.timeout(600)
+def test_write_acks_split_cp_peers_before_the_fix_only(executors) -> None:
+    """The catalog's write-ack interleaving on CP=2 with DP attention: 0.5.10.post1 issues no
+    collective at all (its TP group is the attention-TP group, size 1) and the peers ack
+    different writes; 0.5.11 reduces over the attention-CP group and agrees."""
+    from scenarios.catalog import load_scenario
+
+    s = load_scenario("write_acks").with_(layout="1x2")
+    pre = executors[PRE].run(s, True)
+    post = executors[POST].run(s, True)
+    from scenarios.checker import check
+
+    assert check(s, pre).invariant == "decisions"
+    assert all(not r["collectives"] for r in pre)
+    v = check(s, post)
+    assert v.ok, v.summary()
+    assert any(name.startswith("attn_cp") for name in post[0]["collectives"])
+    assert post[0]["collectives"] == post[1]["collectives"]
+
+
+@pytest.mark.sglang
+@pytest.mark.timeout(900)
+def test_replay_exit_codes(capsys) -> None:
+    from scenarios.cli import main
+
+    _need(PRE, POST)
+    f = str(CORPUS[0])
+    assert main(["replay", f, "--sut", f"sglang=={POST}"]) == 0
+    assert main(["replay", f, "--sut", f"sglang=={PRE}"]) == 1
+    assert main(["replay", f, "--sut", "sglang==0.5.21"]) == 125
+    assert main(["replay", f, "--sut", "sglang==0.5.99"]) == 2
+
+
+def test_env_failure_names_the_package(monkeypatch) -> None:
+    """pip's own failure line is turned into one line that names the package."""
+    def failing_pip(*args: str, timeout: float = 0):
+        return type("P", (), {"returncode": 1, "stdout": "", "stderr":
+                              "ERROR: Could not find a version that satisfies the requirement "
+                              "tokenizers==9.9 (from versions: none)\n"
+                              "ERROR: No matching distribution found for tokenizers==9.9\n"})()
+
+    monkeypatch.setattr(envs, "_pip", failing_pip)
+    with pytest.raises(envs.EnvBuildError, match=r"cannot resolve tokenizers==9\.9"):
+        envs.resolve(["transformers==5.6.0"])
+    with pytest.raises(envs.EnvBuildError, match=r"installing tokenizers==9\.9 failed"):
+        envs._install_target(Path("/nonexistent"), ["transformers==5.6.0"])
