@@ -26,8 +26,8 @@ def warm(ex, layout: str = "1x2") -> float:  # noqa: ANN001
 
 
 def detect(version: str, seeds: int) -> list[tuple[float | None, int]]:
-    from scenarios.sglang.cli import hunt
     from scenarios.sglang.executor import SglangExecutor
+    from scenarios.sglang.hunting import hunt
 
     out = []
     with SglangExecutor(version, timeout_s=20, build=False) as ex:

@@ -47,7 +47,7 @@ def corpus_for(layout: str) -> list[Any]:
 
 def run_cell(ex: Any, version: str, dp: bool, layout: str, examples: int, seed: int,
              replay_dir: str, shrink_s: float | None = 90.0) -> dict:
-    from scenarios.sglang.cli import hunt, write_sglang_replay
+    from scenarios.sglang.hunting import hunt, write_sglang_replay
 
     t0 = time.monotonic()
     row: dict = {"release": version, "dp_attention": dp, "layout": layout}
