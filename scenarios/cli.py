@@ -1,24 +1,57 @@
 """cpcheck's command line: run, replay, explore, soak, list, version.
 
-Bad input ends with one line naming the problem and exit code 2; `replay` exits 0 / 1 / 125
-for `git bisect run`.
+Every subcommand ends with one exit code of the contract in scenarios/contract.py (table below):
+bad input is one line and exit 2 before any work starts; a run that infrastructure broke is
+`unknown` (125, which `git bisect run` skips); a divergence is replayed once before it is
+reported (exit 1). `--json` prints the verdict as one JSON object on stdout.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
+import math
+import os
+import signal
 import sys
 from collections.abc import Iterator
-from typing import Any
+from pathlib import Path
+from typing import Any, TextIO
 
 from scenarios import __version__
+from scenarios.contract import CannotJudge, ExitCode, Interrupted, UsageError, classify, epilog
 
-EXIT_AGREE, EXIT_DIVERGE, EXIT_USAGE, EXIT_CANNOT_RUN = 0, 1, 2, 125
+# Mooncake's clients log ~70 INFO lines per run to stderr; read once, at its import
+os.environ.setdefault("MC_LOG_LEVEL", "WARNING")
 
 
-class UsageError(Exception):
-    """A one-line user error."""
+# -- argument types: NaN, inf, zero and negatives are usage errors, not a 0-run "AGREE" --------
+def positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(v) or v <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
+    return v
+
+
+def positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
+    return v
+
+
+def add_output_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true",
+                   help="print the verdict as one JSON object on stdout (human lines go to stderr)")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="show Mooncake's own log and tracebacks of internal errors")
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -28,104 +61,170 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="storage backend (default: the scenario's)")
     p.add_argument("--mooncake-master", metavar="HOST:PORT", default="",
                    help="use this Mooncake master instead of starting one")
-    p.add_argument("--timeout", type=float, default=10.0,
+    p.add_argument("--timeout", type=positive_float, default=10.0,
                    help="seconds any rank may wait on a peer before the run fails")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    add_output_flags(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="cpcheck", description=__doc__)
+    sub_kw: dict[str, Any] = {"epilog": epilog(),
+                              "formatter_class": argparse.RawDescriptionHelpFormatter}
+    ap = argparse.ArgumentParser(prog="cpcheck", description=__doc__, **sub_kw)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("version", help="print the version")
-    sub.add_parser("list", help="list named scenarios and variants")
+    sub.add_parser("version", help="print the version", **sub_kw)
+    sub.add_parser("list", help="list named scenarios and variants", **sub_kw)
 
-    run = sub.add_parser("run", help="run one scenario on N ranks and print the verdict")
+    run = sub.add_parser("run", help="run one scenario on N ranks and print the verdict", **sub_kw)
     run.add_argument("scenario", help="a catalog name or a .toml / .json file")
     run.add_argument("--layout", help="TPxCP[xPP], e.g. 2x2 (default: the scenario's)")
     run.add_argument("--variant", help="fixed or a known-bad variant (default: the scenario's)")
     run.add_argument("--replay-dir", default="cpcheck-out", help="where a failure's replay goes")
     _add_common(run)
 
-    rep = sub.add_parser("replay", help="rerun a replay file: exit 0 agree, 1 diverge, 125 cannot run")
+    rep = sub.add_parser("replay", help="rerun a replay file: exit 0 agree, 1 diverge, 125 "
+                                        "cannot judge", **sub_kw)
     rep.add_argument("file")
     _add_common(rep)
     rep.set_defaults(mode=None)
 
-    ex = sub.add_parser("explore", help="let Hypothesis hunt for a divergence")
+    ex = sub.add_parser("explore", help="let Hypothesis hunt for a divergence", **sub_kw)
     ex.add_argument("--variant", default="fixed")
     ex.add_argument("--layout", action="append", help="repeatable; default 1x2 2x2 1x4 2x1")
-    ex.add_argument("--examples", type=int, default=200)
+    ex.add_argument("--examples", type=positive_int, default=200)
     ex.add_argument("--seed", type=int, default=0)
     ex.add_argument("--replay-dir", default="cpcheck-out")
     _add_common(ex)
     ex.set_defaults(mode="inprocess")
 
-    soak = sub.add_parser("soak", help="free-running soak with faults, a report and plots")
-    try:
-        from scenarios.soak import add_soak_arguments
-    except ImportError:  # pragma: no cover - soak lands separately
-        add_soak_arguments = None
-    if add_soak_arguments is not None:
-        add_soak_arguments(soak)
+    soak = sub.add_parser("soak", help="free-running soak with faults, a report and plots",
+                          **sub_kw)
+    from scenarios.soak import add_soak_arguments
+
+    add_soak_arguments(soak)
     return ap
 
 
+# -- what every subcommand shares ------------------------------------------------------------
+def probe_master(address: str) -> None:
+    """CannotJudge unless `address` answers as a Mooncake master (a client can register)."""
+    from scenarios.mooncake_master import check_master_reachable, mooncake_available
+
+    check_master_reachable(address, timeout=3.0)
+    ok, _ = mooncake_available(need_binary=False)
+    if not ok:  # no client here (torchrun workers may have one): TCP is all we can check
+        return
+    from reference.storage.base import StorageError
+    from reference.storage.mooncake import MooncakeConfig, MooncakeStorage
+
+    try:
+        MooncakeStorage(MooncakeConfig(master_address=address, global_segment_size=4 << 20,
+                                       local_buffer_size=4 << 20)).close()
+    except StorageError as e:
+        raise CannotJudge(f"{address} does not answer as a Mooncake master: {e}") from None
+
+
 @contextlib.contextmanager
-def mooncake_for(backend: str | None, address: str) -> Iterator[tuple[str, Any]]:
+def mooncake_for(backend: str | None, address: str,
+                 log_dir: Path | None = None) -> Iterator[tuple[str, Any]]:
     """(address, master) to use: the address given (master None), a master the harness starts
-    and always stops (so a nemesis may restart it), or ("", None) for other backends."""
+    and always stops (so a nemesis may restart it), or ("", None) for other backends.
+    With `log_dir`, the master's own log is kept there as mooncake_master.log."""
     if backend != "mooncake":
         yield address, None
         return
-    from scenarios.mooncake_master import MooncakeMaster, check_master_reachable, mooncake_available
+    from scenarios.mooncake_master import MooncakeMaster, mooncake_available
 
     if address:
-        check_master_reachable(address, timeout=3.0)
+        probe_master(address)
         yield address, None
         return
     ok, why = mooncake_available()
     if not ok:
-        raise CannotRun(f"backend 'mooncake' is not available here: {why}")
-    with MooncakeMaster() as master:
+        raise CannotJudge(f"backend 'mooncake' is not available here: {why}")
+    master = MooncakeMaster(keep_log=log_dir is not None)
+    if log_dir is not None:
+        master.log_path = str(Path(log_dir) / "mooncake_master.log")
+    with master:
         yield master.address, master
 
 
-class CannotRun(Exception):
-    pass
+def check_device(device: str) -> None:
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise CannotJudge("--device cuda, but this host has no usable CUDA device")
 
 
 def _executor(args: argparse.Namespace, master: str, mode: str):  # noqa: ANN202
     from scenarios.executor import Executor
 
+    check_device(args.device)
     return Executor(mode, timeout_s=args.timeout, mooncake_master=master, device=args.device)
 
 
+def human(args: argparse.Namespace) -> TextIO:
+    """Where human lines go: stdout, or stderr when stdout carries --json."""
+    return sys.stderr if getattr(args, "json", False) else sys.stdout
+
+
+def emit_json(args: argparse.Namespace, payload: dict) -> None:
+    if getattr(args, "json", False):
+        print(json.dumps({"command": args.cmd, **payload}, default=str), flush=True)
+
+
+def finish(args: argparse.Namespace, verdict: Any, replay: Path | None) -> int:
+    """Print the verdict (and the JSON object); return its exit code."""
+    out = human(args)
+    print(verdict.summary(), file=out)
+    if verdict.status == "diverge":
+        for inv, msg in verdict.failures[1:6]:
+            print(f"  also [{inv}]: {msg}", file=out)
+        print("confirmed by replay", file=out)
+    if replay is not None:
+        print(f"replay: cpcheck replay {replay}", file=out)
+    emit_json(args, {"status": verdict.status, "invariant": verdict.invariant,
+                     "message": verdict.message, "diagnosis": verdict.diagnosis,
+                     "exit_code": verdict.exit_code,
+                     "confirmed_by_replay": verdict.stats.get("confirmed_by_replay"),
+                     "replay": str(replay) if replay else None})
+    return verdict.exit_code
+
+
+def _write_if_found(args: argparse.Namespace, s: Any, verdict: Any, mode: str) -> Path | None:
+    """A replay file for a confirmed divergence, or an `unknown-...` one for a flaky one."""
+    from scenarios.replay import write_replay
+
+    if verdict.status == "diverge" or "confirmation" in verdict.stats:
+        return write_replay(s, verdict, args.replay_dir, mode,
+                            confirmation=verdict.stats.get("confirmation"))
+    return None
+
+
+# -- subcommands ---------------------------------------------------------------------------
 def cmd_run(args: argparse.Namespace) -> int:
     from scenarios.catalog import load_scenario
-    from scenarios.checker import check
-    from scenarios.replay import write_replay
+    from scenarios.judge import confirm, run_checked
+    from scenarios.report import check_writable
 
     s = load_scenario(args.scenario)
     changes = {k: v for k, v in (("layout", args.layout), ("variant", args.variant),
                                  ("backend", args.backend)) if v}
     if changes:
         s = s.from_dict({**s.model_dump(), **changes}, args.scenario)
+    check_writable(Path(args.replay_dir), "--replay-dir")
     with mooncake_for(s.backend, args.mooncake_master) as (master, _), \
             _executor(args, master, args.mode) as ex:
-        verdict = check(s, ex.run(s))
-    print(f"{s.name} layout={s.layout} variant={s.variant} backend={s.backend} mode={args.mode}")
-    print(verdict.summary())
-    if not verdict.ok:
-        for inv, msg in verdict.failures[1:6]:
-            print(f"  also [{inv}]: {msg}")
-        path = write_replay(s, verdict, args.replay_dir, args.mode)
-        print(f"replay: cpcheck replay {path}")
-        return EXIT_DIVERGE
-    return EXIT_AGREE
+        _, verdict = run_checked(ex, s)
+        verdict = confirm(ex, s, verdict)
+    print(f"{s.name} layout={s.layout} variant={s.variant} backend={s.backend} mode={args.mode}",
+          file=human(args))
+    return finish(args, verdict, _write_if_found(args, s, verdict, args.mode))
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from scenarios.checker import check
+    from scenarios.judge import confirm, run_checked
     from scenarios.replay import read_replay
     from scenarios.runner import max_ranks_here
 
@@ -134,75 +233,130 @@ def cmd_replay(args: argparse.Namespace) -> int:
         s = s.with_(backend=args.backend)
     mode = args.mode or data.get("mode", "torchrun")
     if s.layout_obj.world_size > max_ranks_here():
-        raise CannotRun(f"layout {s.layout} needs {s.layout_obj.world_size} ranks; "
-                        f"this machine runs at most {max_ranks_here()}")
+        raise CannotJudge(f"layout {s.layout} needs {s.layout_obj.world_size} ranks; "
+                          f"this machine runs at most {max_ranks_here()}")
     with mooncake_for(s.backend, args.mooncake_master) as (master, _), \
             _executor(args, master, mode) as ex:
-        verdict = check(s, ex.run(s))
-    print(f"replay {args.file}: layout={s.layout} variant={s.variant} mode={mode}")
-    print(verdict.summary())
-    was = data.get("verdict", {})
+        _, verdict = run_checked(ex, s)
+        verdict = confirm(ex, s, verdict)
+    out = human(args)
+    print(f"replay {args.file}: layout={s.layout} variant={s.variant} mode={mode}", file=out)
+    was = data.get("verdict") or {}
     if was:
-        print(f"recorded: {'AGREE' if was.get('ok') else 'DIVERGE [' + str(was.get('invariant')) + ']'}")
-    return EXIT_AGREE if verdict.ok else EXIT_DIVERGE
+        status = was.get("status") or ("agree" if was.get("ok") else "diverge")
+        print(f"recorded: {status.upper()}"
+              f"{' [' + str(was.get('invariant')) + ']' if status != 'agree' else ''}", file=out)
+    return finish(args, verdict, None)
 
 
 def cmd_explore(args: argparse.Namespace) -> int:
     from scenarios.explore import hunt
-    from scenarios.replay import write_replay
+    from scenarios.judge import confirm
+    from scenarios.report import check_writable
 
+    check_writable(Path(args.replay_dir), "--replay-dir")
     layouts = tuple(args.layout or ["1x2", "2x2", "1x4", "2x1"])
+    from scenarios.layout import Layout
+
+    for lay in layouts:
+        Layout.parse(lay)  # a bad --layout is a usage error before Hypothesis starts
+    from reference.variants import VARIANTS
+
+    if args.variant not in VARIANTS:
+        raise UsageError(f"unknown variant '{args.variant}': choose one of {', '.join(VARIANTS)}")
+    out = human(args)
     with mooncake_for(args.backend, args.mooncake_master) as (master, _), \
             _executor(args, master, args.mode) as ex:
         h = hunt(ex, args.variant, layouts, args.examples, args.seed, args.backend or "memory")
-    if h.found is None or h.verdict is None:
-        print(f"no divergence in {h.examples} schedules ({h.seconds_total:.1f} s)")
-        return EXIT_AGREE
+        if h.found is None or h.verdict is None:
+            print(f"no divergence in {h.examples} schedules ({h.seconds_total:.1f} s)", file=out)
+            from scenarios.checker import Verdict
+
+            return finish(args, Verdict(True, message=f"no divergence in {h.examples} "
+                                                      f"schedules"), None)
+        verdict = confirm(ex, h.found, h.verdict)
     print(f"divergence after {h.seconds_to_first:.2f} s; shrunk to {h.steps} ops "
-          f"({h.examples} schedules, {h.seconds_total:.1f} s)")
-    print(h.verdict.summary())
-    path = write_replay(h.found, h.verdict, args.replay_dir, args.mode)
-    print(f"replay: cpcheck replay {path}")
-    return EXIT_DIVERGE
+          f"({h.examples} schedules, {h.seconds_total:.1f} s)", file=out)
+    return finish(args, verdict, _write_if_found(args, h.found, verdict, args.mode))
 
 
-def cmd_list(_: argparse.Namespace) -> int:
+def cmd_list(args: argparse.Namespace) -> int:
     from reference.variants import VARIANTS
     from scenarios.catalog import catalog_names
 
     print("scenarios: " + " ".join(catalog_names()))
     for name, what in VARIANTS.items():
         print(f"variant {name}: {what}")
-    return 0
+    return int(ExitCode.AGREE)
+
+
+def cmd_version(args: argparse.Namespace) -> int:
+    print(f"cpcheck {__version__}")
+    return int(ExitCode.AGREE)
+
+
+# -- signals -------------------------------------------------------------------------------
+def _raise_interrupted(signum: int, frame: Any) -> None:
+    raise Interrupted(f"signal {signal.Signals(signum).name}")
+
+
+@contextlib.contextmanager
+def sigterm_unwinds() -> Iterator[None]:
+    """SIGTERM raises in the main thread like Ctrl-C, so temp dirs and children are cleaned."""
+    try:
+        previous = signal.signal(signal.SIGTERM, _raise_interrupted)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        with contextlib.suppress(ValueError):
+            if signal.getsignal(signal.SIGTERM) is _raise_interrupted:
+                signal.signal(signal.SIGTERM, previous)
 
 
 def main(argv: list[str] | None = None) -> int:
-    from scenarios.schedule import ScheduleError
+    """Parse, run one subcommand, map whatever ended it to the exit-code contract.
 
+    `argv=None` means this is the process (the `cpcheck` script): after an interrupt it exits
+    at once (`os._exit`) rather than wait for Mooncake clients retrying in rank threads.
+    """
     args = build_parser().parse_args(argv)
-    handlers = {"version": lambda a: print(f"cpcheck {__version__}") or 0, "list": cmd_list,
-                "run": cmd_run, "replay": cmd_replay, "explore": cmd_explore}
+    handlers = {"version": cmd_version, "list": cmd_list, "run": cmd_run,
+                "replay": cmd_replay, "explore": cmd_explore}
     if args.cmd == "soak":
         from scenarios.soak import cmd_soak
 
         handlers["soak"] = cmd_soak
     try:
-        return handlers[args.cmd](args)
-    except CannotRun as e:
-        print(f"cpcheck: cannot run here: {e}", file=sys.stderr)
-        return EXIT_CANNOT_RUN
-    except KeyboardInterrupt:
-        print("cpcheck: interrupted; every child process was stopped", file=sys.stderr)
-        return 130
-    except (ScheduleError, UsageError, ValueError, OSError) as e:
-        print(f"cpcheck: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
-        return EXIT_USAGE
-    except RuntimeError as e:
-        print(f"cpcheck: {type(e).__name__}: {str(e).splitlines()[0]}", file=sys.stderr)
-        return EXIT_CANNOT_RUN if "start" in str(e).lower() else EXIT_USAGE
+        with sigterm_unwinds():
+            return handlers[args.cmd](args)
+    except BaseException as e:  # noqa: BLE001 - every ending maps to the contract
+        if isinstance(e, SystemExit):
+            raise
+        code, line = classify(e)
+        status = {ExitCode.USAGE: "usage", ExitCode.UNKNOWN: "unknown",
+                  ExitCode.INTERRUPTED: "interrupted"}.get(code, "unknown")
+        if code == ExitCode.INTERRUPTED:
+            print("cpcheck: interrupted; every child process was stopped", file=sys.stderr)
+        elif code == ExitCode.USAGE:
+            print(f"cpcheck: {line}", file=sys.stderr)
+        else:
+            print(f"cpcheck: cannot judge here: {line}", file=sys.stderr)
+            if getattr(args, "verbose", False):
+                import traceback
+
+                traceback.print_exception(e, file=sys.stderr)
+        emit_json(args, {"status": status, "invariant": None, "message": line,
+                         "diagnosis": line if code == ExitCode.UNKNOWN else None,
+                         "exit_code": int(code), "confirmed_by_replay": None, "replay": None})
+        if code == ExitCode.INTERRUPTED and argv is None:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(int(code))
+        return int(code)
 
 
 if __name__ == "__main__":
     sys.exit(main())
-
-
