@@ -203,10 +203,13 @@ def _install_signal_handlers() -> None:
         previous = signal.getsignal(sig)
 
         def handler(signum: int, frame: FrameType | None, previous: Any = previous) -> None:
-            _stop_all()
             if callable(previous):
+                # a Python handler (Ctrl-C's KeyboardInterrupt): the unwinding stops clients,
+                # then masters; stopping masters first left clients retrying for seconds
                 previous(signum, frame)
-            elif previous == signal.SIG_IGN:
+                return
+            _stop_all()
+            if previous == signal.SIG_IGN:
                 return
             else:  # SIG_DFL (or unknown): die of the same signal, as without us
                 signal.signal(signum, signal.SIG_DFL)

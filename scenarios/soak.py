@@ -8,7 +8,6 @@ timing alone still ends as a replay Schedule that `cpcheck replay` reruns determ
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 import time
@@ -18,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from reference.variants import VARIANTS
+from scenarios.contract import STATUS_EXIT, ExitCode, UsageError
 from scenarios.schedule import CachePolicy, Op, Schedule, tokens_for
 
-EXIT_AGREE, EXIT_DIVERGE, EXIT_USAGE, EXIT_CANNOT_RUN = 0, 1, 2, 125
 PAGE = 4
 
 
@@ -28,7 +27,10 @@ def add_soak_arguments(p: argparse.ArgumentParser) -> None:
     """Options of `cpcheck soak` (cli.py builds the subparser and calls this)."""
     p.add_argument("--layout", default="1x2", help="TPxCP[xPP] (default 1x2)")
     p.add_argument("--backend", choices=["memory", "file", "mooncake"], default="memory")
-    p.add_argument("--minutes", type=float, default=1.0, help="wall-clock budget (default 1)")
+    from scenarios.cli import add_output_flags, positive_float
+
+    p.add_argument("--minutes", type=positive_float, default=1.0,
+                   help="wall-clock budget (default 1)")
     p.add_argument("--variant", default="fixed", help="fixed or a known-bad variant")
     p.add_argument("--faults", default="", metavar="LIST",
                    help="comma list of slow_rank,storage_latency,storage_errors,master_restart,"
@@ -40,9 +42,10 @@ def add_soak_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="cpcheck-out/soak", help="report, plots and replay go here")
     p.add_argument("--mooncake-master", metavar="HOST:PORT", default="",
                    help="use this Mooncake master instead of starting one")
-    p.add_argument("--timeout", type=float, default=10.0,
+    p.add_argument("--timeout", type=positive_float, default=10.0,
                    help="seconds any rank may wait on a peer before the run fails")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    add_output_flags(p)
 
 
 # -- chunk generation ----------------------------------------------------------------------
@@ -135,46 +138,6 @@ def _prefetch_outcomes(results: list[dict]) -> Counter:
     return c
 
 
-def _plots(out: Path, timeline: list[dict], outcomes: Counter, host_used: list[int]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    ts = [p["t"] for p in timeline]
-    ax.plot(ts, [p["run_decisions_per_s"] for p in timeline], lw=1, label="per run")
-    ax.plot(ts, [p["decisions_per_s"] for p in timeline], lw=1.5, label="cumulative")
-    first = True
-    for p in timeline:
-        if p["faults_in_run"]:
-            ax.axvline(p["t"], color="red", alpha=0.25, lw=0.8,
-                       label="faults injected" if first else None)
-            first = False
-    ax.set_xlabel("seconds")
-    ax.set_ylabel("decisions / s")
-    ax.legend(loc="best", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "decisions_per_s.png", dpi=90)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    names = sorted(outcomes) or ["none"]
-    ax.bar(names, [outcomes.get(n, 0) for n in names])
-    ax.set_ylabel("prefetch decisions (all ranks)")
-    fig.tight_layout()
-    fig.savefig(out / "prefetch_outcomes.png", dpi=90)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    ax.plot(range(1, len(host_used) + 1), host_used, marker=".", lw=1)
-    ax.set_xlabel("run")
-    ax.set_ylabel("host slots used at end (max over ranks)")
-    fig.tight_layout()
-    fig.savefig(out / "host_pool.png", dpi=90)
-    plt.close(fig)
-
-
 def _host_used(results: list[dict]) -> int:
     vals = [r.get("snapshot", {}).get("host_used") for r in results]
     return max((int(v) for v in vals if isinstance(v, (int, float))), default=0)
@@ -182,58 +145,64 @@ def _host_used(results: list[dict]) -> int:
 
 # -- the command ---------------------------------------------------------------------------
 def cmd_soak(args: argparse.Namespace) -> int:
-    """Run chunks until the budget is spent; 0 agree, 1 diverge, 2 bad input, 125 cannot run."""
-    from scenarios.checker import Verdict, check
+    """Run chunks until the budget is spent; exit codes from scenarios/contract.py."""
+    from scenarios.cli import check_device, mooncake_for
     from scenarios.executor import Executor
-    from scenarios.layout import Layout, LayoutError
-    from scenarios.nemesis import Nemesis, NemesisError
-    from scenarios.replay import write_replay
+    from scenarios.layout import Layout
+    from scenarios.nemesis import Nemesis
+    from scenarios.report import check_writable, native_stderr_to
 
-    try:
-        layout = str(Layout.parse(args.layout))
-    except LayoutError as e:
-        print(f"cpcheck: {e}", file=sys.stderr)
-        return EXIT_USAGE
+    layout = str(Layout.parse(args.layout))
     if args.variant not in VARIANTS:
-        print(f"cpcheck: unknown variant '{args.variant}': choose one of {', '.join(VARIANTS)}",
-              file=sys.stderr)
-        return EXIT_USAGE
-    if args.minutes <= 0:
-        print("cpcheck: --minutes must be positive", file=sys.stderr)
-        return EXIT_USAGE
+        raise UsageError(f"unknown variant '{args.variant}': choose one of {', '.join(VARIANTS)}")
     seed = args.seed if args.seed is not None else random.randrange(1 << 31)
-    try:
-        nem = Nemesis.parse(args.faults, seed=seed)
-    except NemesisError as e:
-        print(f"cpcheck: {e}", file=sys.stderr)
-        return EXIT_USAGE
+    nem = Nemesis.parse(args.faults, seed=seed)
+    check_device(args.device)
+    out = check_writable(Path(args.out))  # before the first run, not after the budget
     if args.mode == "torchrun" and nem.active:
         print("cpcheck: note: torchrun mode runs without a nemesis; --faults ignored",
               file=sys.stderr)
     use_nemesis = args.mode == "inprocess"
     world = Layout.parse(layout).world_size
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
 
     with ExitStack() as stack:
-        from scenarios.cli import CannotRun, mooncake_for
-
-        try:
-            master, mm = stack.enter_context(mooncake_for(args.backend, args.mooncake_master))
-        except (CannotRun, OSError, RuntimeError, ValueError) as e:
-            # no master to soak against (unreachable, or Mooncake not installed)
-            print(f"cpcheck: cannot run here: {e}", file=sys.stderr)
-            return EXIT_CANNOT_RUN
+        if args.backend == "mooncake" and not args.verbose:  # its log goes to --out, not here
+            stack.enter_context(native_stderr_to(out / "mooncake.log"))
+        master, mm = stack.enter_context(mooncake_for(args.backend, args.mooncake_master,
+                                                      log_dir=out))
         if mm is not None:
             nem.restart = mm.restart
         ex = stack.enter_context(Executor(args.mode, timeout_s=args.timeout,
                                           mooncake_master=master, device=args.device))
-        return _loop(args, ex, nem if use_nemesis else None, seed, layout, world, out,
-                     check, write_replay, Verdict)
+        return _loop(args, ex, nem if use_nemesis else None, seed, layout, world, out, mm)
+
+
+def _infrastructure(args: argparse.Namespace, nem: Any, mm: Any, killed: int) -> tuple[str, bool]:
+    """(diagnosis, asked) when something outside the system under test broke this run; asked
+    means the user's --faults did it (kill_rank), so the soak goes on. ("", False) if nothing."""
+    if mm is not None and not mm.running:
+        asked = "with" if nem is not None and "master_restart" in nem.kinds else "without"
+        return (f"the soak's Mooncake master (pid {mm.pid}) is gone, {asked} a master_restart "
+                f"fault asked; log: {mm.log_path}", False)
+    if args.backend == "mooncake" and args.mooncake_master:
+        from scenarios.mooncake_master import MooncakeMasterError, check_master_reachable
+
+        try:
+            check_master_reachable(args.mooncake_master, timeout=2.0)
+        except MooncakeMasterError as e:
+            return f"Mooncake master lost: {e}", False
+    if killed:
+        return f"the nemesis killed {killed} rank(s) (kill_rank): the run is not judged", True
+    return "", False
 
 
 def _loop(args: argparse.Namespace, ex: Any, nem: Any, seed: int, layout: str, world: int,
-          out: Path, check: Any, write_replay: Any, Verdict: Any) -> int:  # noqa: N803
+          out: Path, mm: Any) -> int:
+    from scenarios.checker import Verdict
+    from scenarios.judge import confirm, run_checked
+    from scenarios.replay import write_replay
+    from scenarios.report import SoakReport
+
     rng = random.Random(seed)
     budget = args.minutes * 60.0
     t0 = time.monotonic()
@@ -241,30 +210,49 @@ def _loop(args: argparse.Namespace, ex: Any, nem: Any, seed: int, layout: str, w
     timeline: list[dict] = []
     outcomes: Counter = Counter()
     host_used: list[int] = []
-    verdict_d: dict = {"ok": True, "invariant": None, "message": "all runs agree"}
+    verdict = Verdict(True, message="all runs agree")
     replay_path: Path | None = None
     first_s: float | None = None
+    interrupted = False
+    unknown_runs: list[str] = []
+    candidate: Schedule | None = None  # a divergence not yet confirmed by replay
+    writer = SoakReport(out)
+
+    def report() -> dict:
+        elapsed = time.monotonic() - t0
+        return {
+            "layout": layout, "variant": args.variant, "backend": args.backend,
+            "mode": args.mode, "seed": seed, "minutes": args.minutes, "runs": runs,
+            "decisions": decisions, "seconds": round(elapsed, 2),
+            "decisions_per_s": round(decisions / elapsed, 1) if elapsed else 0.0,
+            "runs_per_s": round(runs / elapsed, 2) if elapsed else 0.0,
+            "faults": nem.counts() if nem else {}, "status": verdict.status,
+            "verdict": verdict.to_dict(), "seconds_to_divergence": first_s,
+            "confirmed_by_replay": verdict.stats.get("confirmed_by_replay"),
+            "interrupted": interrupted, "unknown_runs": len(unknown_runs),
+            "unknown_diagnoses": unknown_runs[:20],
+            "replay": str(replay_path) if replay_path else None,
+            "prefetch_outcomes": dict(outcomes), "timeline": timeline,
+        }
+
     progress = Progress(budget)
     try:
+        writer.write(report(), timeline, outcomes, host_used)
         while time.monotonic() - t0 < budget:
             s = make_chunk(rng, runs, layout, args.variant, args.backend)
             before = nem.total() if nem else 0
+            killed_before = nem.counts().get("kill_rank", 0) if nem else 0
             if nem:
                 nem.begin_run(world)
             rt0 = time.monotonic()
             try:
-                results = ex.run(s, gated=False, nemesis=nem)
-                verdict = check(s, results)
-            except Exception as e:  # the run itself broke (ranks never finished): a finding
-                results = []
-                verdict = Verdict(False, "error", f"{type(e).__name__}: {e}",
-                                  [("error", f"{type(e).__name__}: {e}")])
+                results, v = run_checked(ex, s, gated=False, nemesis=nem)
             finally:
                 if nem:
                     nem.end_run()
             run_s = time.monotonic() - rt0
             runs += 1
-            n_dec = int(verdict.stats.get("decisions", 0))
+            n_dec = int(v.stats.get("decisions", 0))
             decisions += n_dec
             outcomes.update(_prefetch_outcomes(results))
             host_used.append(_host_used(results))
@@ -275,39 +263,87 @@ def _loop(args: argparse.Namespace, ex: Any, nem: Any, seed: int, layout: str, w
                              "run_decisions_per_s": round(n_dec / run_s, 1) if run_s else 0.0,
                              "faults_in_run": fired})
             progress.update(elapsed, runs, decisions, nem.total() if nem else 0)
-            if not verdict.ok:
+            if v.status != "agree":
+                killed = (nem.counts().get("kill_rank", 0) if nem else 0) - killed_before
+                broke, asked = _infrastructure(args, nem, mm, killed)
+                if asked:  # the fault the user asked for: record it, keep soaking
+                    unknown_runs.append(f"run {runs}: {broke}; {v.summary()}")
+                    writer.write(report(), timeline, outcomes, host_used)
+                    continue
+                if broke or v.status == "unknown":
+                    verdict = v if not broke else Verdict.unknown(
+                        f"{broke}; the run said: {v.summary()}")
+                    break
                 first_s = elapsed
-                verdict_d = verdict.to_dict()
                 rep = s
                 if results and all("recorded" in r for r in results):
                     rep = s.with_(choices={r["rank"]: r["recorded"]["choices"] for r in results},
                                   faults={r["rank"]: [list(f) for f in r["recorded"]["faults"]]
                                           for r in results})
-                replay_path = write_replay(rep, verdict, out, "inprocess")
+                verdict, candidate = v, rep  # kept even if interrupted while confirming
+                writer.write(report(), timeline, outcomes, host_used)
+                verdict = confirm(ex, rep, v)  # a divergence is replayed once before it counts
+                replay_path = write_replay(rep, verdict, out, "inprocess",
+                                           confirmation=verdict.stats.get("confirmation"))
                 break
+            writer.write(report(), timeline, outcomes, host_used)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: keep what was found, say so, stop
+        interrupted = True
+        if candidate is not None and replay_path is None:
+            verdict = Verdict.unknown(f"interrupted before the divergence was confirmed by "
+                                      f"replay: {verdict.summary()}", invariant=verdict.invariant,
+                                      failures=verdict.failures, stats=verdict.stats)
+            replay_path = write_replay(candidate, verdict, out, "inprocess")
+    except Exception as e:  # an internal error is no verdict on the system under test
+        verdict = Verdict.unknown(f"internal error: {type(e).__name__}: {e}")
+        if args.verbose:
+            import traceback
+
+            traceback.print_exc()
     finally:
         progress.close()
-    elapsed = time.monotonic() - t0
-    faults = nem.counts() if nem else {}
-    report = {
-        "layout": layout, "variant": args.variant, "backend": args.backend, "mode": args.mode,
-        "seed": seed, "minutes": args.minutes, "runs": runs, "decisions": decisions,
-        "seconds": round(elapsed, 2),
-        "decisions_per_s": round(decisions / elapsed, 1) if elapsed else 0.0,
-        "runs_per_s": round(runs / elapsed, 2) if elapsed else 0.0,
-        "faults": faults, "verdict": verdict_d, "seconds_to_divergence": first_s,
-        "replay": str(replay_path) if replay_path else None,
-        "prefetch_outcomes": dict(outcomes), "timeline": timeline,
-    }
-    (out / "report.json").write_text(json.dumps(report, indent=1))
-    _plots(out, timeline, outcomes, host_used)
-    print(f"soak layout={layout} variant={args.variant} backend={args.backend} mode={args.mode} "
-          f"seed={seed}: {runs} runs, {decisions} decisions in {elapsed:.1f} s "
-          f"({report['decisions_per_s']:.0f}/s); faults {faults or 'none'}")
-    if replay_path is not None:
-        print(f"DIVERGE [{verdict_d['invariant']}] after {first_s:.1f} s: {verdict_d['message']}")
-        print(f"replay: cpcheck replay {replay_path} --mode inprocess")
-        print(f"report: {out / 'report.json'}")
-        return EXIT_DIVERGE
-    print(f"AGREE: every run agreed; report: {out / 'report.json'}")
-    return EXIT_AGREE
+        try:
+            writer.write(report(), timeline, outcomes, host_used, final=True)
+        finally:
+            _print_verdict(args, report(), verdict, replay_path, out, first_s)
+    if interrupted and verdict.status == "agree":
+        return int(ExitCode.INTERRUPTED)
+    return int(STATUS_EXIT[verdict.status or "unknown"])
+
+
+def _print_verdict(args: argparse.Namespace, rep: dict, verdict: Any, replay_path: Path | None,
+                   out: Path, first_s: float | None) -> None:
+    """The verdict line, always (also after Ctrl-C, SIGTERM or an internal error)."""
+    from scenarios.cli import emit_json, human
+
+    o = human(args)
+    faults = rep["faults"]
+    print(f"soak layout={rep['layout']} variant={args.variant} backend={args.backend} "
+          f"mode={args.mode} seed={rep['seed']}: {rep['runs']} runs, {rep['decisions']} decisions "
+          f"in {rep['seconds']:.1f} s ({rep['decisions_per_s']:.0f}/s); faults {faults or 'none'}"
+          f"{'; INTERRUPTED' if rep['interrupted'] else ''}", file=o)
+    if rep["unknown_runs"]:
+        print(f"{rep['unknown_runs']} run(s) not judged (kill_rank): {rep['unknown_diagnoses'][0]}",
+              file=o)
+    if verdict.status == "diverge":
+        print(f"DIVERGE [{verdict.invariant}] after {first_s:.1f} s: {verdict.message}", file=o)
+        print("confirmed by replay", file=o)
+        print(f"replay: cpcheck replay {replay_path} --mode inprocess", file=o)
+    elif verdict.status == "unknown":
+        print(verdict.summary(), file=o)
+        if replay_path is not None:
+            print(f"not reproduced; both verdicts in {replay_path}", file=o)
+    elif rep["interrupted"]:
+        print(f"INTERRUPTED: every run so far agreed; report: {out / 'report.json'}", file=o)
+    else:
+        print(f"AGREE: every run agreed; report: {out / 'report.json'}", file=o)
+    if verdict.status != "agree":
+        print(f"report: {out / 'report.json'}", file=o)
+    code = (ExitCode.INTERRUPTED if rep["interrupted"] and verdict.status == "agree"
+            else STATUS_EXIT[verdict.status or "unknown"])
+    emit_json(args, {"status": "interrupted" if code == ExitCode.INTERRUPTED else verdict.status,
+                     "invariant": verdict.invariant, "message": verdict.message,
+                     "diagnosis": verdict.diagnosis, "exit_code": int(code),
+                     "confirmed_by_replay": verdict.stats.get("confirmed_by_replay"),
+                     "replay": str(replay_path) if replay_path else None,
+                     "report": str(out / "report.json")})
