@@ -331,7 +331,10 @@ def main(argv: list[str] | None = None) -> int:
         handlers["soak"] = cmd_soak
     try:
         with sigterm_unwinds():
-            return handlers[args.cmd](args)
+            code = handlers[args.cmd](args)
+        if code == ExitCode.INTERRUPTED and argv is None:
+            _exit_now(code)  # the soak wrote its report; the `with` blocks cleaned up
+        return code
     except BaseException as e:  # noqa: BLE001 - every ending maps to the contract
         if isinstance(e, SystemExit):
             raise
@@ -352,10 +355,17 @@ def main(argv: list[str] | None = None) -> int:
                          "diagnosis": line if code == ExitCode.UNKNOWN else None,
                          "exit_code": int(code), "confirmed_by_replay": None, "replay": None})
         if code == ExitCode.INTERRUPTED and argv is None:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(int(code))
+            _exit_now(code)
         return int(code)
+
+
+def _exit_now(code: int) -> None:
+    """Exit without the interpreter's teardown: rank threads may still sit in Mooncake client
+    calls that retry for seconds, and tearing those clients down is what made Ctrl-C slow."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(int(code))
 
 
 if __name__ == "__main__":

@@ -311,6 +311,16 @@ class MooncakeMaster:
             self._stop_process()
             self._discard_log()
 
+    def kill_now(self) -> None:
+        """SIGKILL without waiting: on the way out after Ctrl-C nothing it holds is needed, and
+        the kernel reaps it (a later `stop()` finds nothing to do)."""
+        with self._lock:
+            proc, self._proc = self._proc, None
+            if proc is not None and proc.poll() is None:
+                self._signal_group(proc, signal.SIGKILL)
+            with _LIVE_LOCK:
+                _LIVE.discard(self)
+
     def restart(self) -> None:
         """Stop, then start again on the same ports (all stored data is lost)."""
         with self._lock:

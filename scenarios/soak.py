@@ -289,6 +289,8 @@ def _loop(args: argparse.Namespace, ex: Any, nem: Any, seed: int, layout: str, w
             writer.write(report(), timeline, outcomes, host_used)
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: keep what was found, say so, stop
         interrupted = True
+        if mm is not None:  # its data is not needed any more: no grace period on the way out
+            mm.kill_now()
         if candidate is not None and replay_path is None:
             verdict = Verdict.unknown(f"interrupted before the divergence was confirmed by "
                                       f"replay: {verdict.summary()}", invariant=verdict.invariant,
@@ -302,10 +304,13 @@ def _loop(args: argparse.Namespace, ex: Any, nem: Any, seed: int, layout: str, w
             traceback.print_exc()
     finally:
         progress.close()
-        try:
-            writer.write(report(), timeline, outcomes, host_used, final=True)
+        try:  # the report and the verdict line first, the slower plots last
+            writer.write(report(), timeline, outcomes, host_used, plots=False)
         finally:
             _print_verdict(args, report(), verdict, replay_path, out, first_s)
+            # after Ctrl-C the plots are redrawn only if older than PLOT_EVERY_S: stop in 3 s
+            writer.write(report(), timeline, outcomes, host_used,
+                         plots=None if interrupted else True)
     if interrupted and verdict.status == "agree":
         return int(ExitCode.INTERRUPTED)
     return int(STATUS_EXIT[verdict.status or "unknown"])
