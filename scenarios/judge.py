@@ -8,24 +8,24 @@ divergence is replayed once before it is reported; one that does not reproduce i
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from scenarios.checker import Verdict, check
 from scenarios.schedule import Schedule
 
 
-def _frozen_types() -> tuple[type, ...]:
-    """Exceptions that mean ranks did not finish in time: a hang of the system under test."""
-    from scenarios.runner.inprocess import CollectiveTimeout
-    from scenarios.runner.torchrun_pool import RankTimeoutError
+def _loaded(where: str) -> type | None:
+    """A class by "module:Name" if its module is loaded (else no exception can be of it).
 
-    return (CollectiveTimeout, RankTimeoutError)
+    Never imports: this runs while an exception (maybe Ctrl-C) is on its way out."""
+    module, name = where.split(":")
+    cls = getattr(sys.modules.get(module), name, None)
+    return cls if isinstance(cls, type) else None
 
 
-def _infrastructure_types() -> tuple[type, ...]:
-    from scenarios.runner.torchrun_pool import RankPoolError
-
-    return (RankPoolError,)
+def _is(exc: BaseException, *where: str) -> bool:
+    return any(c is not None and isinstance(exc, c) for c in map(_loaded, where))
 
 
 def infrastructure(results: list[dict]) -> str | None:
@@ -39,11 +39,16 @@ def run_checked(ex: Any, s: Schedule, **run_kw: Any) -> tuple[list[dict], Verdic
     """Run `s` on `ex` and judge it; never raises for a broken run (the verdict says)."""
     try:
         results = ex.run(s, **run_kw)
-    except _frozen_types() as e:
-        msg = f"ranks did not finish: {type(e).__name__}: {str(e).splitlines()[0]}"
-        return [], Verdict(False, "error", msg, [("error", msg)])
-    except _infrastructure_types() as e:
-        return [], Verdict.unknown(f"{type(e).__name__}: {str(e).splitlines()[0]}")
+    except Exception as e:
+        line = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+        if _is(e, "scenarios.runner.inprocess:CollectiveTimeout",
+               "scenarios.runner.torchrun_pool:RankTimeoutError"):
+            # ranks froze: a hang of the system under test (confirmed by replay like any other)
+            return [], Verdict(False, "error", f"ranks did not finish: {line}",
+                               [("error", f"ranks did not finish: {line}")])
+        if _is(e, "scenarios.runner.torchrun_pool:RankPoolError"):
+            return [], Verdict.unknown(line)  # a rank killed by the OS, a pool that never started
+        raise
     broke = infrastructure(results)
     if broke:
         return results, Verdict.unknown(broke)

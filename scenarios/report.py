@@ -120,6 +120,11 @@ class SoakReport:
         self.path = self.out / "report.json"
         self._last_plot = 0.0
 
+    @property
+    def plotted(self) -> bool:
+        """Whether the plots were drawn at least once (they are redrawn every PLOT_EVERY_S)."""
+        return self._last_plot > 0.0
+
     def write(self, report: dict, timeline: list[dict], outcomes: Counter,
               host_used: list[int], *, plots: bool | None = None) -> None:
         """report.json every call; plots when asked, else at most every PLOT_EVERY_S seconds."""

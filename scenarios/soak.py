@@ -308,9 +308,9 @@ def _loop(args: argparse.Namespace, ex: Any, nem: Any, seed: int, layout: str, w
             writer.write(report(), timeline, outcomes, host_used, plots=False)
         finally:
             _print_verdict(args, report(), verdict, replay_path, out, first_s)
-            # after Ctrl-C the plots are redrawn only if older than PLOT_EVERY_S: stop in 3 s
+            # after Ctrl-C the plots stay as last drawn (at most PLOT_EVERY_S old): stop in 3 s
             writer.write(report(), timeline, outcomes, host_used,
-                         plots=None if interrupted else True)
+                         plots=not (interrupted and writer.plotted))
     if interrupted and verdict.status == "agree":
         return int(ExitCode.INTERRUPTED)
     return int(STATUS_EXIT[verdict.status or "unknown"])
