@@ -362,10 +362,6 @@ def main(argv: list[str] | None = None) -> int:
 def _exit_now(code: int) -> None:
     """Exit without the interpreter's teardown: rank threads may still sit in Mooncake client
     calls that retry for seconds, and tearing those clients down is what made Ctrl-C slow."""
-<<<<<<< Updated upstream
-=======
-    import time as _t; os.write(os.open("/tmp/p12/trace", os.O_WRONLY|os.O_APPEND|os.O_CREAT), f"exit_now {_t.monotonic()}\n".encode())
->>>>>>> Stashed changes
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()

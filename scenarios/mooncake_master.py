@@ -308,9 +308,7 @@ class MooncakeMaster:
     def stop(self) -> None:
         """SIGTERM the master's process group, SIGKILL after `stop_timeout_s`. Idempotent."""
         with self._lock:
-            import time as _t; _T=_t.monotonic()
             self._stop_process()
-            os.write(os.open("/tmp/p12/trace", os.O_WRONLY|os.O_APPEND|os.O_CREAT), f"master stop {_t.monotonic()-_T:.2f} at {_t.monotonic()}\n".encode())
             self._discard_log()
 
     def kill_now(self) -> None:

@@ -303,16 +303,9 @@ def _loop(args: argparse.Namespace, ex: Any, nem: Any, seed: int, layout: str, w
 
             traceback.print_exc()
     finally:
-        import os as _o; _T=time.monotonic(); _o.write(_o.open("/tmp/p12/trace", _o.O_WRONLY|_o.O_APPEND|_o.O_CREAT), f"finally start\n".encode())
         progress.close()
-<<<<<<< Updated upstream
         try:  # the report and the verdict line first, the slower plots last
             writer.write(report(), timeline, outcomes, host_used, plots=False)
-=======
-        try:
-            writer.write(report(), timeline, outcomes, host_used, final=True)
-            _o.write(_o.open("/tmp/p12/trace", _o.O_WRONLY|_o.O_APPEND|_o.O_CREAT), f"written {time.monotonic()-_T:.2f}\n".encode())
->>>>>>> Stashed changes
         finally:
             _print_verdict(args, report(), verdict, replay_path, out, first_s)
             # after Ctrl-C the plots stay as last drawn (at most PLOT_EVERY_S old): stop in 3 s
