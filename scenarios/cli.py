@@ -213,7 +213,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                                  ("backend", args.backend)) if v}
     if changes:
         s = s.from_dict({**s.model_dump(), **changes}, args.scenario)
-    check_writable(Path(args.replay_dir), "--replay-dir")
+    check_writable(Path(args.replay_dir), "--replay-dir", create=False)
     with mooncake_for(s.backend, args.mooncake_master) as (master, _), \
             _executor(args, master, args.mode) as ex:
         _, verdict = run_checked(ex, s)
@@ -254,7 +254,7 @@ def cmd_explore(args: argparse.Namespace) -> int:
     from scenarios.judge import confirm
     from scenarios.report import check_writable
 
-    check_writable(Path(args.replay_dir), "--replay-dir")
+    check_writable(Path(args.replay_dir), "--replay-dir", create=False)
     layouts = tuple(args.layout or ["1x2", "2x2", "1x4", "2x1"])
     from scenarios.layout import Layout
 
