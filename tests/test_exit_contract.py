@@ -269,3 +269,31 @@ def test_replay_file_records_commit_sut_profile_schema(inprocess_executor, tmp_p
     read_replay(path)
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "from_a_newer_cpcheck" in err[0] and "warning" in err[0]
+
+
+def test_rank_killed_by_the_os_is_unknown_a_frozen_rank_diverges(monkeypatch, tmp_path: Path,
+                                                                capsys) -> None:
+    """Today both exit 125 because both messages end with "call start() to run again"."""
+    from scenarios.executor import Executor
+    from scenarios.runner.torchrun_pool import RankDiedError, RankTimeoutError
+
+    def killed(self, s, **kw):  # noqa: ANN001, ANN003, ANN202
+        raise RankDiedError("rank 1 killed by SIGKILL; call start() to run again", 1, -9)
+
+    monkeypatch.setattr(Executor, "run", killed)
+    assert main(["run", "write_acks", "--mode", "inprocess", "--replay-dir", str(tmp_path),
+                 "--json"]) == 125
+    d = _one_json(capsys)
+    assert d["status"] == "unknown" and "killed by SIGKILL" in d["diagnosis"]
+    assert not list(tmp_path.iterdir())  # no replay file for infrastructure
+
+    def frozen(self, s, **kw):  # noqa: ANN001, ANN003, ANN202
+        raise RankTimeoutError("rank 0 did not finish; call start() to run again", "job", [0],
+                               {0: "in all_reduce"})
+
+    monkeypatch.setattr(Executor, "run", frozen)
+    assert main(["run", "write_acks", "--mode", "inprocess", "--replay-dir", str(tmp_path),
+                 "--json"]) == 1  # a hang of the system under test, reproduced by the replay
+    d = _one_json(capsys)
+    assert d["status"] == "diverge" and d["invariant"] == "error"
+    assert d["confirmed_by_replay"] is True and Path(d["replay"]).exists()
