@@ -20,7 +20,15 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from scenarios import __version__
-from scenarios.contract import CannotJudge, ExitCode, Interrupted, UsageError, classify, epilog
+from scenarios.contract import (
+    CannotJudge,
+    ExitCode,
+    Interrupted,
+    UsageError,
+    classify,
+    epilog,
+    stop_requested,
+)
 
 # Mooncake's clients log ~70 INFO lines per run to stderr; read once, at its import
 os.environ.setdefault("MC_LOG_LEVEL", "WARNING")
@@ -297,23 +305,30 @@ def cmd_version(args: argparse.Namespace) -> int:
 
 # -- signals -------------------------------------------------------------------------------
 def _raise_interrupted(signum: int, frame: Any) -> None:
+    stop_requested.set()  # seen by long loops even if this exception gets swallowed
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
     raise Interrupted(f"signal {signal.Signals(signum).name}")
 
 
 @contextlib.contextmanager
-def sigterm_unwinds() -> Iterator[None]:
-    """SIGTERM raises in the main thread like Ctrl-C, so temp dirs and children are cleaned."""
+def signals_unwind() -> Iterator[None]:
+    """SIGINT and SIGTERM raise in the main thread (and set `stop_requested`), so temp dirs
+    and children are cleaned up by the `with` blocks."""
+    stop_requested.clear()
+    previous: dict[int, Any] = {}
     try:
-        previous = signal.signal(signal.SIGTERM, _raise_interrupted)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, _raise_interrupted)
     except ValueError:  # not the main thread: leave signals alone
-        yield
-        return
+        pass
     try:
         yield
     finally:
-        with contextlib.suppress(ValueError):
-            if signal.getsignal(signal.SIGTERM) is _raise_interrupted:
-                signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            with contextlib.suppress(ValueError):
+                if signal.getsignal(sig) is _raise_interrupted:
+                    signal.signal(sig, handler)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -330,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
 
         handlers["soak"] = cmd_soak
     try:
-        with sigterm_unwinds():
+        with signals_unwind():
             code = handlers[args.cmd](args)
         if code == ExitCode.INTERRUPTED and argv is None:
             _exit_now(code)  # the soak wrote its report; the `with` blocks cleaned up

@@ -9,6 +9,7 @@ internal error of the harness, not a verdict on the system under test: it exits 
 from __future__ import annotations
 
 import sys
+import threading
 from enum import IntEnum
 from typing import Literal
 
@@ -70,6 +71,11 @@ class CannotJudge(RuntimeError):
 
 class Interrupted(KeyboardInterrupt):
     """SIGTERM, raised in the main thread like Ctrl-C so that every `with` block cleans up."""
+
+
+#: set by the CLI's SIGINT / SIGTERM handler; long loops check it, because the exception the
+#: handler raises can be swallowed (a handler that runs inside a GC callback, e.g. Hypothesis's)
+stop_requested = threading.Event()
 
 
 #: exception types of other modules, by "module:Class"; looked up only if the module is loaded

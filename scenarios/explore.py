@@ -9,6 +9,7 @@ from hypothesis import HealthCheck, Phase, find, settings, target
 from hypothesis.errors import NoSuchExample
 
 from scenarios.checker import Verdict, check
+from scenarios.contract import stop_requested
 from scenarios.executor import Executor
 from scenarios.schedule import Schedule
 from scenarios.strategies import schedules
@@ -56,6 +57,8 @@ def hunt(executor: Executor, variant: str, layouts: tuple[str, ...], max_example
     state: dict = {"n": 0, "first": None, "last": None}
 
     def fails(s: Schedule) -> bool:
+        if stop_requested.is_set():  # Ctrl-C / SIGTERM whose exception Hypothesis swallowed
+            raise KeyboardInterrupt
         state["n"] += 1
         results = executor.run(s)
         steer(results)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from reference.variants import VARIANTS
-from scenarios.contract import STATUS_EXIT, ExitCode, UsageError
+from scenarios.contract import STATUS_EXIT, ExitCode, UsageError, stop_requested
 from scenarios.schedule import CachePolicy, Op, Schedule, tokens_for
 
 PAGE = 4
@@ -239,6 +239,8 @@ def _loop(args: argparse.Namespace, ex: Any, nem: Any, seed: int, layout: str, w
     try:
         writer.write(report(), timeline, outcomes, host_used)
         while time.monotonic() - t0 < budget:
+            if stop_requested.is_set():  # a signal whose exception was swallowed somewhere
+                raise KeyboardInterrupt
             s = make_chunk(rng, runs, layout, args.variant, args.backend)
             before = nem.total() if nem else 0
             killed_before = nem.counts().get("kill_rank", 0) if nem else 0

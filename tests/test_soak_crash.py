@@ -222,3 +222,28 @@ def test_a_port_that_is_not_a_master_is_125(tmp_path: Path, capsys) -> None:
     finally:
         srv.close()
     assert not list(tmp_path.glob("replay-*"))
+
+
+@pytest.mark.parametrize(("argv", "sig"), [
+    (["explore", "--examples", "100000", "--layout", "1x2"], signal.SIGTERM),
+    (["explore", "--examples", "100000", "--layout", "1x2"], signal.SIGINT),
+    (["run", "write_acks", "--mode", "torchrun"], signal.SIGTERM),
+])
+def test_every_mode_stops_fast_and_removes_temp_dirs(tmp_path: Path, argv: list[str],
+                                                     sig: int) -> None:
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "scenarios.cli", *argv,
+                             "--replay-dir", str(tmp_path / "out")], cwd=REPO,
+                            env=child_env(TMPDIR=str(tmpdir)), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not list(tmpdir.iterdir()) and time.monotonic() < deadline:  # work has started
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    time.sleep(1.0)
+    took, stdout, stderr = _stop(proc, sig)
+    assert took < STOP_WITHIN_S, f"{took:.1f} s to stop"
+    assert proc.returncode == 130, stdout + stderr
+    assert "interrupted" in stderr
+    assert list(tmpdir.iterdir()) == [], "temp directories left behind"
