@@ -237,7 +237,7 @@ def _loop(args: argparse.Namespace, ex: Any, nem: Any, seed: int, layout: str, w
 
     progress = Progress(budget)
     try:
-        writer.write(report(), timeline, outcomes, host_used)
+        writer.write(report(), timeline, outcomes, host_used, plots=False)
         while time.monotonic() - t0 < budget:
             if stop_requested.is_set():  # a signal whose exception was swallowed somewhere
                 raise KeyboardInterrupt
@@ -289,6 +289,9 @@ def _loop(args: argparse.Namespace, ex: Any, nem: Any, seed: int, layout: str, w
                                            confirmation=verdict.stats.get("confirmation"))
                 break
             writer.write(report(), timeline, outcomes, host_used)
+        if runs == len(unknown_runs) and verdict.status == "agree":  # nothing was judged
+            verdict = Verdict.unknown(f"no run was judged within the {budget:.0f} s budget "
+                                      f"({runs} run(s), {len(unknown_runs)} cut by kill_rank)")
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: keep what was found, say so, stop
         interrupted = True
         if mm is not None:  # its data is not needed any more: no grace period on the way out
