@@ -169,6 +169,10 @@ def _executor(args: argparse.Namespace, master: str, mode: str):  # noqa: ANN202
     from scenarios.executor import Executor
 
     check_device(args.device)
+    if mode == "torchrun":
+        # import it before any temp dir exists: a Ctrl-C landing inside this import's C++
+        # callbacks aborts the process (pybind11 cannot carry the exception)
+        import torch.distributed  # noqa: F401
     return Executor(mode, timeout_s=args.timeout, mooncake_master=master, device=args.device)
 
 

@@ -118,12 +118,11 @@ class SoakReport:
     def __init__(self, out: Path) -> None:
         self.out = Path(out)
         self.path = self.out / "report.json"
-        self._last_plot = 0.0
-
-    @property
-    def plotted(self) -> bool:
-        """Whether the plots were drawn at least once (they are redrawn every PLOT_EVERY_S)."""
-        return self._last_plot > 0.0
+        # the first plots come PLOT_EVERY_S in (or at the end): a short soak spends its
+        # budget on runs, not on drawing
+        self._last_plot = time.monotonic()
+        self.plotted = False
+        _figure(1, 1)  # import matplotlib now: an import cut by Ctrl-C leaves a broken module
 
     def write(self, report: dict, timeline: list[dict], outcomes: Counter,
               host_used: list[int], *, plots: bool | None = None) -> None:
@@ -133,7 +132,12 @@ class SoakReport:
         now = time.monotonic()
         if plots or (plots is None and now - self._last_plot >= PLOT_EVERY_S):
             self._last_plot = now
-            write_plots(self.out, timeline, outcomes, host_used)
+            try:
+                write_plots(self.out, timeline, outcomes, host_used)
+                self.plotted = True
+            except Exception as e:  # plots are a view of report.json, never worth a verdict
+                print(f"cpcheck: warning: plots not written: {type(e).__name__}: {e}",
+                      file=sys.stderr)
 
 
 def _figure(w: float, h: float) -> tuple[Any, Any]:

@@ -41,7 +41,10 @@ def test_kill_rank_ends_with_a_diagnosis(tmp_path: Path) -> None:
     assert rep["unknown_runs"] >= 1
     assert "nemesis killed" in rep["unknown_diagnoses"][0]
     assert rep["replay"] is None and not list((tmp_path / "soak").glob("replay-*"))
-    assert rc == 0 and rep["status"] == "agree", rep["verdict"]
+    if rep["runs"] > rep["unknown_runs"]:  # some runs were judged, and they agreed
+        assert rc == 0 and rep["status"] == "agree", rep["verdict"]
+    else:  # every run was cut (a loaded host gets few runs in 3 s): nothing judged
+        assert rc == 125 and "no run was judged" in rep["verdict"]["diagnosis"]
 
 
 def test_kill_rank_raises_in_io_thread() -> None:
