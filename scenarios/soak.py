@@ -210,6 +210,7 @@ def _loop(args: argparse.Namespace, ex: Any, nem: Any, seed: int, layout: str, w
 
     rng = random.Random(seed)
     budget = args.minutes * 60.0
+    writer = SoakReport(out)  # imports matplotlib: setup, not part of the budget
     t0 = time.monotonic()
     runs = decisions = 0
     timeline: list[dict] = []
@@ -223,7 +224,6 @@ def _loop(args: argparse.Namespace, ex: Any, nem: Any, seed: int, layout: str, w
     unknown: list[dict] = []  # runs broken by a kill_rank we injected: not judged, soak goes on
     candidate: Schedule | None = None  # a divergence not yet confirmed by replay
     protocol: dict = {"protocol": None, "dp_attention": None}  # of the chunks run
-    writer = SoakReport(out)
 
     def report() -> dict:
         """The one place the report is built (written after every chunk and at the end)."""
