@@ -252,16 +252,17 @@ class HiRadixCache:
         queried = op.query_done.is_set()
         io_done = queried and (op.revoked or op.io_done or
                                op.completed_tokens == op.storage_hit_count * self.page_size)
+        # what this rank's IO had done when it decided: for an oracle, whatever the policy
+        seen = (int(queried), int(op.revoked), int(op.io_done), op.completed_tokens,
+                op.storage_hit_count * self.page_size, self.pacer.now() - op.start_time)
         if policy == "best_effort":  # every rank may stop: no collective
-            self._decide("can_terminate", op.request_id, (0, 0), (0, 0), "terminate")
+            self._decide("can_terminate", op.request_id, (0, 0), (0, 0), "terminate", seen)
             return True
         if policy == "wait_complete":
             can = io_done
         else:
-            can = io_done or self.pacer.now() - op.start_time > self.cfg.prefetch_timeout_s
+            can = io_done or seen[5] > self.cfg.prefetch_timeout_s
         local = (1 - int(can), int(op.is_terminated()))
-        seen = (int(queried), int(op.revoked), int(op.io_done), op.completed_tokens,
-                op.storage_hit_count * self.page_size, self.pacer.now() - op.start_time)
         agreed = self.cache_controller.control_sync.reduce(local, "max")
         decision = agreed[0] == 0 or agreed[1] == 1
         self._decide("can_terminate", op.request_id, local, agreed,
