@@ -37,11 +37,34 @@ def resolve(name_or_path: str) -> Path:
                         f"{', '.join(catalog_names())}")
 
 
-def _line_of(text: str, field: str) -> int | None:
-    for i, line in enumerate(text.splitlines(), 1):
-        if re.match(rf"\s*{re.escape(field)}\s*=", line) or f"[{field}]" in line:
+def _line_of(text: str, field: str, start: int = 0) -> int | None:
+    for i, line in enumerate(text.splitlines()[start:], start + 1):
+        if re.match(rf"\s*\"?{re.escape(field)}\"?\s*=", line) or f"[{field}]" in line:
             return i
     return None
+
+
+def _line_of_loc(text: str, loc: tuple) -> int | None:
+    """The line of a field given its path: `ops.3.rid` is `rid` under the 4th `[[ops]]`."""
+    lines = text.splitlines()
+    if len(loc) >= 2 and loc[0] == "ops" and isinstance(loc[1], int):
+        heads = [i for i, ln in enumerate(lines) if ln.strip() == "[[ops]]"]
+        if loc[1] < len(heads):
+            start = heads[loc[1]]
+            end = heads[loc[1] + 1] if loc[1] + 1 < len(heads) else len(lines)
+            if len(loc) > 2:
+                line = _line_of("\n".join(lines[:end]), str(loc[2]), start)
+                if line is not None:
+                    return line
+            return start + 1
+    if not loc:
+        return None
+    top = _line_of(text, str(loc[0]))
+    if top is None:
+        return _line_of(text, str(loc[-1]))
+    if len(loc) > 1 and lines[top - 1].strip().startswith("["):  # a table: its key's line
+        return _line_of(text, str(loc[1]), top) or top
+    return top
 
 
 def load_scenario(name_or_path: str) -> Schedule:
@@ -49,6 +72,8 @@ def load_scenario(name_or_path: str) -> Schedule:
     if path.suffix == ".json":
         return Schedule.from_json_file(path)
     text = path.read_text()
+    if not text.strip():
+        raise ScheduleError(f"{path}: empty file (a scenario needs at least one op)")
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
@@ -63,6 +88,11 @@ def load_scenario(name_or_path: str) -> Schedule:
             except KeyError as e:
                 raise ScheduleError(f"{path}: ops[{i}]: needs all of shared, shared_len, own_len "
                                     f"(missing {e})") from None
+            for k, v in zip(_SUGAR, (shared, shared_len, own_len), strict=True):
+                if v < 0:
+                    line = _line_of_loc(text, ("ops", i, k))
+                    raise ScheduleError(f"{path}:{line}: field 'ops.{i}.{k}': must be >= 0 "
+                                        f"(got {v})", ("ops", i, k), "greater_than_equal")
             op["tokens"] = tokens_for(shared, shared_len, i, own_len)
         ops.append(op)
     if ops:
@@ -70,9 +100,8 @@ def load_scenario(name_or_path: str) -> Schedule:
     try:
         return Schedule.from_dict(data, str(path))
     except ScheduleError as e:
-        m = re.search(r"field '([^']+)'", str(e))
-        field = m.group(1).split(".")[-1] if m else ""
-        line = _line_of(text, field) if field else None
+        line = _line_of_loc(text, e.loc)
         if line is not None:
-            raise ScheduleError(str(e).replace(f"{path}:", f"{path}:{line}:", 1)) from None
+            raise ScheduleError(str(e).replace(f"{path}:", f"{path}:{line}:", 1), e.loc, e.kind,
+                                e.cause) from None
         raise

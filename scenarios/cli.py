@@ -1,24 +1,48 @@
 """cpcheck's command line: run, replay, explore, soak, list, version.
 
-Bad input ends with one line naming the problem and exit code 2; `replay` exits 0 / 1 / 125
-for `git bisect run`.
+Every subcommand ends with one exit code of the contract in scenarios/contract.py (table below):
+bad input is one line and exit 2 before any work starts; a run that infrastructure broke is
+`unknown` (125, which `git bisect run` skips); a divergence is replayed once before it is
+reported (exit 1). `--json` prints the verdict as one JSON object on stdout.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
+import contextlib
+import os
+import signal
 import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
-from scenarios.cli_conventions import HelpFormatter, VersionAction, variant_help, version_text
-from scenarios.mooncake_session import CannotRun, mooncake_for
+from scenarios.cli_conventions import (
+    HelpFormatter,
+    VersionAction,
+    add_output_flags,
+    check_device,
+    emit_json,
+    human,
+    positive_float,
+    positive_int,
+    variant_help,
+    version_text,
+)
+from scenarios.contract import (
+    CannotJudge,
+    ExitCode,
+    Interrupted,
+    UsageError,
+    classify,
+    epilog,
+    stop_requested,
+)
+from scenarios.mooncake_session import mooncake_for
 from scenarios.protocol_args import add_protocol_arguments, protocol_changes
 
-EXIT_AGREE, EXIT_DIVERGE, EXIT_USAGE, EXIT_CANNOT_RUN = 0, 1, 2, 125
-
-
-class UsageError(Exception):
-    """A one-line user error."""
+# Mooncake's clients log ~70 INFO lines per run to stderr; read once, at its import
+os.environ.setdefault("MC_LOG_LEVEL", "WARNING")
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -28,23 +52,28 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="storage backend (default: the scenario's)")
     p.add_argument("--mooncake-master", metavar="HOST:PORT", default="",
                    help="use this Mooncake master instead of starting one")
-    p.add_argument("--timeout", type=float, default=10.0,
+    p.add_argument("--timeout", type=positive_float, default=10.0,
                    help="seconds any rank may wait on a peer before the run fails")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    add_output_flags(p)
     from scenarios.sglang.cli import add_sut_flags
 
     add_sut_flags(p)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="cpcheck", description=__doc__, formatter_class=HelpFormatter)
-    ap.add_argument("--version", action=VersionAction)
-    sub = ap.add_subparsers(dest="cmd", required=True, parser_class=functools.partial(
-        argparse.ArgumentParser, formatter_class=HelpFormatter))
-    sub.add_parser("version", help="print the version")
-    sub.add_parser("list", help="list named scenarios and variants")
+class CliFormatter(HelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown (cli_conventions) and the exit-code epilog kept line by line."""
 
-    run = sub.add_parser("run", help="run one scenario on N ranks and print the verdict")
+
+def build_parser() -> argparse.ArgumentParser:
+    sub_kw: dict[str, Any] = {"epilog": epilog(), "formatter_class": CliFormatter}
+    ap = argparse.ArgumentParser(prog="cpcheck", description=__doc__, **sub_kw)
+    ap.add_argument("--version", action=VersionAction)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("version", help="print the version", **sub_kw)
+    sub.add_parser("list", help="list named scenarios and variants", **sub_kw)
+
+    run = sub.add_parser("run", help="run one scenario on N ranks and print the verdict", **sub_kw)
     run.add_argument("scenario", help="a catalog name or a .toml / .json file")
     run.add_argument("--layout", help="TPxCP[xPP], e.g. 2x2 (default: the scenario's)")
     run.add_argument("--variant", help=variant_help("default: the scenario's"))
@@ -52,28 +81,27 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(run)
     add_protocol_arguments(run)
 
-    rep = sub.add_parser("replay", help="rerun a replay file: exit 0 agree, 1 diverge, 125 cannot run")
+    rep = sub.add_parser("replay", help="rerun a replay file: exit 0 agree, 1 diverge, 125 "
+                                        "cannot judge", **sub_kw)
     rep.add_argument("file")
     _add_common(rep)
     rep.set_defaults(mode=None)
 
-    ex = sub.add_parser("explore", help="let Hypothesis hunt for a divergence")
+    ex = sub.add_parser("explore", help="let Hypothesis hunt for a divergence", **sub_kw)
     ex.add_argument("--variant", default="fixed", help=variant_help("variant to hunt in"))
     ex.add_argument("--layout", action="append", help="repeatable; default 1x2 2x2 1x4 2x1")
-    ex.add_argument("--examples", type=int, default=200)
+    ex.add_argument("--examples", type=positive_int, default=200)
     ex.add_argument("--seed", type=int, default=0)
     ex.add_argument("--replay-dir", default="cpcheck-out")
     _add_common(ex)
     add_protocol_arguments(ex)
     ex.set_defaults(mode="inprocess")
 
-    soak = sub.add_parser("soak", help="free-running soak with faults, a report and plots")
-    try:
-        from scenarios.soak import add_soak_arguments
-    except ImportError:  # pragma: no cover - soak lands separately
-        add_soak_arguments = None
-    if add_soak_arguments is not None:
-        add_soak_arguments(soak)
+    soak = sub.add_parser("soak", help="free-running soak with faults, a report and plots",
+                          **sub_kw)
+    from scenarios.soak import add_soak_arguments
+
+    add_soak_arguments(soak)
     from scenarios.sglang.cli import add_subcommands
 
     add_subcommands(sub, _add_common)
@@ -83,13 +111,47 @@ def build_parser() -> argparse.ArgumentParser:
 def _executor(args: argparse.Namespace, master: str, mode: str):  # noqa: ANN202
     from scenarios.executor import Executor
 
+    check_device(args.device)
+    if mode == "torchrun":
+        # import it before any temp dir exists: a Ctrl-C landing inside this import's C++
+        # callbacks aborts the process (pybind11 cannot carry the exception)
+        import torch.distributed  # noqa: F401
     return Executor(mode, timeout_s=args.timeout, mooncake_master=master, device=args.device)
 
 
+def finish(args: argparse.Namespace, verdict: Any, replay: Path | None) -> int:
+    """Print the verdict (and the JSON object); return its exit code."""
+    out = human(args)
+    print(verdict.summary(), file=out)
+    if verdict.status == "diverge":
+        for inv, msg in verdict.failures[1:6]:
+            print(f"  also [{inv}]: {msg}", file=out)
+        print("confirmed by replay", file=out)
+    if replay is not None:
+        print(f"replay: cpcheck replay {replay}", file=out)
+    emit_json(args, {"status": verdict.status, "invariant": verdict.invariant,
+                     "message": verdict.message, "diagnosis": verdict.diagnosis,
+                     "exit_code": verdict.exit_code,
+                     "confirmed_by_replay": verdict.stats.get("confirmed_by_replay"),
+                     "replay": str(replay) if replay else None})
+    return verdict.exit_code
+
+
+def _write_if_found(args: argparse.Namespace, s: Any, verdict: Any, mode: str) -> Path | None:
+    """A replay file for a confirmed divergence, or an `unknown-...` one for a flaky one."""
+    from scenarios.replay import write_replay
+
+    if verdict.status == "diverge" or "confirmation" in verdict.stats:
+        return write_replay(s, verdict, args.replay_dir, mode,
+                            confirmation=verdict.stats.get("confirmation"))
+    return None
+
+
+# -- subcommands ---------------------------------------------------------------------------
 def cmd_run(args: argparse.Namespace) -> int:
     from scenarios.catalog import load_scenario
-    from scenarios.checker import check
-    from scenarios.replay import write_replay
+    from scenarios.judge import confirm, run_checked
+    from scenarios.report import check_writable
 
     proto = protocol_changes(args)
     s = load_scenario(args.scenario)
@@ -102,23 +164,19 @@ def cmd_run(args: argparse.Namespace) -> int:
         from scenarios.sglang import cli as sglang_cli
 
         return sglang_cli.cmd_run(args, s)
+    check_writable(Path(args.replay_dir), "--replay-dir", create=False)
     with mooncake_for(s.backend, args.mooncake_master) as (master, _), \
             _executor(args, master, args.mode) as ex:
-        verdict = check(s, ex.run(s))
+        _, verdict = run_checked(ex, s)
+        verdict = confirm(ex, s, verdict)
     print(f"{s.name} layout={s.layout} variant={s.variant} protocol={s.protocol} "
-          f"dp_attention={'on' if s.dp_attention else 'off'} backend={s.backend} mode={args.mode}")
-    print(verdict.summary())
-    if not verdict.ok:
-        for inv, msg in verdict.failures[1:6]:
-            print(f"  also [{inv}]: {msg}")
-        path = write_replay(s, verdict, args.replay_dir, args.mode)
-        print(f"replay: cpcheck replay {path}")
-        return EXIT_DIVERGE
-    return EXIT_AGREE
+          f"dp_attention={'on' if s.dp_attention else 'off'} backend={s.backend} mode={args.mode}",
+          file=human(args))
+    return finish(args, verdict, _write_if_found(args, s, verdict, args.mode))
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from scenarios.checker import check
+    from scenarios.judge import confirm, run_checked
     from scenarios.replay import read_replay
     from scenarios.runner import max_ranks_here
 
@@ -131,48 +189,63 @@ def cmd_replay(args: argparse.Namespace) -> int:
         return sglang_cli.cmd_replay(args, s, data)
     mode = args.mode or data.get("mode", "torchrun")
     if s.layout_obj.world_size > max_ranks_here():
-        raise CannotRun(f"layout {s.layout} needs {s.layout_obj.world_size} ranks; "
-                        f"this machine runs at most {max_ranks_here()}")
+        raise CannotJudge(f"layout {s.layout} needs {s.layout_obj.world_size} ranks; "
+                          f"this machine runs at most {max_ranks_here()}")
     with mooncake_for(s.backend, args.mooncake_master) as (master, _), \
             _executor(args, master, mode) as ex:
-        verdict = check(s, ex.run(s))
+        _, verdict = run_checked(ex, s)
+        verdict = confirm(ex, s, verdict)
+    out = human(args)
     print(f"replay {args.file}: layout={s.layout} variant={s.variant} protocol={s.protocol} "
-          f"dp_attention={'on' if s.dp_attention else 'off'} mode={mode}")
-    print(verdict.summary())
-    was = data.get("verdict", {})
+          f"dp_attention={'on' if s.dp_attention else 'off'} mode={mode}", file=out)
+    was = data.get("verdict") or {}
     if was:
-        print(f"recorded: {'AGREE' if was.get('ok') else 'DIVERGE [' + str(was.get('invariant')) + ']'}")
-    return EXIT_AGREE if verdict.ok else EXIT_DIVERGE
+        status = was.get("status") or ("agree" if was.get("ok") else "diverge")
+        print(f"recorded: {status.upper()}"
+              f"{' [' + str(was.get('invariant')) + ']' if status != 'agree' else ''}", file=out)
+    return finish(args, verdict, None)
 
 
 def cmd_explore(args: argparse.Namespace) -> int:
     from scenarios.explore import hunt
-    from scenarios.replay import write_replay
+    from scenarios.judge import confirm
+    from scenarios.report import check_writable
 
     proto = protocol_changes(args)
     if args.sut and args.sut != "reference":
         from scenarios.sglang import cli as sglang_cli
 
         return sglang_cli.cmd_explore(args)
+    check_writable(Path(args.replay_dir), "--replay-dir", create=False)
     layouts = tuple(args.layout or ["1x2", "2x2", "1x4", "2x1"])
+    from scenarios.layout import Layout
+
+    for lay in layouts:
+        Layout.parse(lay)  # a bad --layout is a usage error before Hypothesis starts
+    from reference.api import VARIANTS
+
+    if args.variant not in VARIANTS:
+        raise UsageError(f"unknown variant '{args.variant}': choose one of {', '.join(VARIANTS)}")
+    out = human(args)
     with mooncake_for(args.backend, args.mooncake_master) as (master, _), \
             _executor(args, master, args.mode) as ex:
         h = hunt(ex, args.variant, layouts, args.examples, args.seed, args.backend or "memory",
                  **proto)
-    if h.coverage is not None:  # which outcomes the schedules reached
-        print(f"outcome coverage over {h.examples} schedules:\n{h.coverage.table()}")
-    if h.found is None or h.verdict is None:
-        print(f"no divergence in {h.examples} schedules ({h.seconds_total:.1f} s)")
-        return EXIT_AGREE
+        if h.coverage is not None:  # which outcomes the schedules reached
+            print(f"outcome coverage over {h.examples} schedules:\n{h.coverage.table()}", file=out)
+        if h.found is None or h.verdict is None:
+            print(f"no divergence in {h.examples} schedules ({h.seconds_total:.1f} s)", file=out)
+            from scenarios.checker import Verdict
+
+            return finish(args, Verdict(True, message=f"no divergence in {h.examples} "
+                                                      f"schedules"), None)
+        verdict = confirm(ex, h.found, h.verdict)
     print(f"divergence after {h.seconds_to_first:.2f} s; shrunk to {h.steps} ops "
-          f"({h.examples} schedules, {h.seconds_total:.1f} s)")
-    print(h.verdict.summary())
-    path = write_replay(h.found, h.verdict, args.replay_dir, args.mode)
-    print(f"replay: cpcheck replay {path}")
-    return EXIT_DIVERGE
+          f"({h.examples} schedules, {h.seconds_total:.1f} s)", file=out)
+    return finish(args, verdict, _write_if_found(args, h.found, verdict, args.mode))
 
 
-def cmd_list(_: argparse.Namespace) -> int:
+def cmd_list(args: argparse.Namespace) -> int:
     from reference.api import DEFAULT_PROFILE, PROFILES, VARIANTS
     from scenarios.catalog import catalog_names
 
@@ -181,15 +254,51 @@ def cmd_list(_: argparse.Namespace) -> int:
         print(f"variant {name}: {what}")
     for p in PROFILES.values():
         print(f"protocol {p.name}{' (default)' if p.name == DEFAULT_PROFILE else ''}: {p.summary}")
-    return 0
+    return int(ExitCode.AGREE)
+
+
+def cmd_version(args: argparse.Namespace) -> int:
+    print(version_text())
+    return int(ExitCode.AGREE)
+
+
+# -- signals -------------------------------------------------------------------------------
+def _raise_interrupted(signum: int, frame: Any) -> None:
+    stop_requested.set()  # seen by long loops even if this exception gets swallowed
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    raise Interrupted(f"signal {signal.Signals(signum).name}")
+
+
+@contextlib.contextmanager
+def signals_unwind() -> Iterator[None]:
+    """SIGINT and SIGTERM raise in the main thread (and set `stop_requested`), so temp dirs
+    and children are cleaned up by the `with` blocks."""
+    stop_requested.clear()
+    previous: dict[int, Any] = {}
+    try:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, _raise_interrupted)
+    except ValueError:  # not the main thread: leave signals alone
+        pass
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            with contextlib.suppress(ValueError):
+                if signal.getsignal(sig) is _raise_interrupted:
+                    signal.signal(sig, handler)
 
 
 def main(argv: list[str] | None = None) -> int:
-    from scenarios.schedule import ScheduleError
+    """Parse, run one subcommand, map whatever ended it to the exit-code contract.
 
+    `argv=None` means this is the process (the `cpcheck` script): after an interrupt it exits
+    at once (`os._exit`) rather than wait for Mooncake clients retrying in rank threads.
+    """
     args = build_parser().parse_args(argv)
-    handlers = {"version": lambda a: print(version_text()) or 0, "list": cmd_list,
-                "run": cmd_run, "replay": cmd_replay, "explore": cmd_explore}
+    handlers = {"version": cmd_version, "list": cmd_list, "run": cmd_run,
+                "replay": cmd_replay, "explore": cmd_explore}
     from scenarios.sglang.cli import handlers as sglang_handlers
 
     handlers.update(sglang_handlers())
@@ -198,22 +307,43 @@ def main(argv: list[str] | None = None) -> int:
 
         handlers["soak"] = cmd_soak
     try:
-        return handlers[args.cmd](args)
-    except CannotRun as e:
-        print(f"cpcheck: cannot run here: {e}", file=sys.stderr)
-        return EXIT_CANNOT_RUN
-    except KeyboardInterrupt:
-        print("cpcheck: interrupted; every child process was stopped", file=sys.stderr)
-        return 130
-    except (ScheduleError, UsageError, ValueError, OSError) as e:
-        print(f"cpcheck: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
-        return EXIT_USAGE
-    except RuntimeError as e:
-        print(f"cpcheck: {type(e).__name__}: {str(e).splitlines()[0]}", file=sys.stderr)
-        return EXIT_CANNOT_RUN if "start" in str(e).lower() else EXIT_USAGE
+        with signals_unwind():
+            code = handlers[args.cmd](args)
+        if code == ExitCode.INTERRUPTED and argv is None:
+            _exit_now(code)  # the soak wrote its report; the `with` blocks cleaned up
+        return code
+    except BaseException as e:  # noqa: BLE001 - every ending maps to the contract
+        if isinstance(e, SystemExit):
+            raise
+        code, line = classify(e)
+        status = {ExitCode.USAGE: "usage", ExitCode.UNKNOWN: "unknown",
+                  ExitCode.INTERRUPTED: "interrupted"}.get(code, "unknown")
+        if code == ExitCode.INTERRUPTED:
+            print("cpcheck: interrupted; every child process was stopped", file=sys.stderr)
+        elif code == ExitCode.USAGE:
+            print(f"cpcheck: {line}", file=sys.stderr)
+        else:
+            print(f"cpcheck: cannot judge here: {line}", file=sys.stderr)
+            if getattr(args, "verbose", False):
+                import traceback
+
+                traceback.print_exception(e, file=sys.stderr)
+        emit_json(args, {"status": status, "invariant": None, "message": line,
+                         "diagnosis": line if code == ExitCode.UNKNOWN else None,
+                         "exit_code": int(code), "confirmed_by_replay": None, "replay": None})
+        if code == ExitCode.INTERRUPTED and argv is None:
+            _exit_now(code)
+        return int(code)
+
+
+def _exit_now(code: int) -> None:
+    """Exit without the interpreter's teardown: rank threads may still sit in Mooncake client
+    calls that retry for seconds, and tearing those clients down is what made Ctrl-C slow."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(int(code))
 
 
 if __name__ == "__main__":
     sys.exit(main())
-
-

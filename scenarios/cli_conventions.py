@@ -7,8 +7,13 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
+import math
 import platform
-from typing import Any
+import sys
+from typing import Any, TextIO
+
+from scenarios.contract import CannotJudge
 
 
 def version_text() -> str:
@@ -68,3 +73,50 @@ def variant_help(what: str) -> str:
     from reference.api import VARIANTS
 
     return f"{what}; one of: {', '.join(VARIANTS)}"
+
+
+# -- argument types: NaN, inf, zero and negatives are usage errors, not a 0-run "AGREE" --------
+def positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(v) or v <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
+    return v
+
+
+def positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
+    return v
+
+
+def add_output_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true",
+                   help="print the verdict as one JSON object on stdout (human lines go to stderr)")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="show Mooncake's own log and tracebacks of internal errors")
+
+
+def human(args: argparse.Namespace) -> TextIO:
+    """Where human lines go: stdout, or stderr when stdout carries --json."""
+    return sys.stderr if getattr(args, "json", False) else sys.stdout
+
+
+def emit_json(args: argparse.Namespace, payload: dict) -> None:
+    if getattr(args, "json", False):
+        print(json.dumps({"command": args.cmd, **payload}, default=str), flush=True)
+
+
+def check_device(device: str) -> None:
+    """CannotJudge (exit 125) for --device cuda on a host without CUDA, before any run."""
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise CannotJudge("--device cuda, but this host has no usable CUDA device")

@@ -164,14 +164,12 @@ class Coverage:
         return "\n".join(lines)
 
     def plot(self, path: Any) -> None:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        """One bar row per decision point (the soak's coverage.png), written atomically."""
+        from scenarios.report import new_figure, save_figure
 
         points = sorted(self.counts)
-        fig, axes = plt.subplots(len(points) or 1, 1, figsize=(7, 1.6 * max(len(points), 1)),
-                                 squeeze=False)
+        fig = new_figure(7, 1.6 * max(len(points), 1))
+        axes = fig.subplots(len(points) or 1, 1, squeeze=False)
         for ax, point in zip(axes[:, 0], points, strict=False):
             c = self.counts[point]
             keys = list(PREFETCH_CLASSES) if point == "prefetch" else sorted(c)
@@ -179,5 +177,4 @@ class Coverage:
             ax.set_title(point, fontsize=9, loc="left")
             ax.tick_params(labelsize=7)
         fig.tight_layout()
-        fig.savefig(path, dpi=90)
-        plt.close(fig)
+        save_figure(fig, path)

@@ -12,6 +12,7 @@ import tempfile
 import uuid
 from typing import Any
 
+from scenarios.contract import stop_requested
 from scenarios.schedule import Schedule
 
 MODES = ("inprocess", "torchrun")
@@ -113,7 +114,10 @@ class Executor:
             except Exception:
                 pass
         self._pools.clear()
-        if self.mooncake_master:  # in-process ranks' clients outlive runs (storage_clients)
+        if self.mooncake_master and not stop_requested.is_set():
+            # in-process ranks' clients outlive runs (storage_clients). After Ctrl-C / SIGTERM
+            # they are left to die with the process: the soak has killed its master by then,
+            # and closing a client of a dead master retries for seconds (the 3 s stop limit)
             from scenarios.storage_clients import close_all
 
             close_all()

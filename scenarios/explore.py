@@ -10,6 +10,7 @@ from hypothesis.errors import NoSuchExample
 
 from reference.api import DEFAULT_PROFILE
 from scenarios.checker import Verdict, check
+from scenarios.contract import stop_requested
 from scenarios.coverage import Coverage, prefetch_classes
 from scenarios.executor import Executor
 from scenarios.schedule import Schedule
@@ -64,6 +65,8 @@ def hunt(executor: Executor, variant: str, layouts: tuple[str, ...], max_example
     cov = Coverage()
 
     def fails(s: Schedule) -> bool:
+        if stop_requested.is_set():  # Ctrl-C / SIGTERM whose exception Hypothesis swallowed
+            raise KeyboardInterrupt
         state["n"] += 1
         results = executor.run(s)
         steer(results, s)

@@ -163,10 +163,13 @@ def _install_signal_handlers() -> None:
         previous = signal.getsignal(sig)
 
         def handler(signum: int, frame: FrameType | None, previous: Any = previous) -> None:
-            _stop_all()
             if callable(previous):
+                # a Python handler (Ctrl-C's KeyboardInterrupt): the unwinding stops clients,
+                # then masters; stopping masters first left clients retrying for seconds
                 previous(signum, frame)
-            elif previous == signal.SIG_IGN:
+                return
+            _stop_all()
+            if previous == signal.SIG_IGN:
                 return
             else:  # SIG_DFL (or unknown): die of the same signal, as without us
                 signal.signal(signum, signal.SIG_DFL)
@@ -267,6 +270,16 @@ class MooncakeMaster:
         with self._lock:
             self._stop_process()
             self._discard_log()
+
+    def kill_now(self) -> None:
+        """SIGKILL without waiting: on the way out after Ctrl-C nothing it holds is needed, and
+        the kernel reaps it (a later `stop()` finds nothing to do)."""
+        with self._lock:
+            proc, self._proc = self._proc, None
+            if proc is not None and proc.poll() is None:
+                self._signal_group(proc, signal.SIGKILL)
+            with _LIVE_LOCK:
+                _LIVE.discard(self)
 
     def restart(self) -> None:
         """Stop, then start again on the same ports (all stored data is lost)."""

@@ -385,12 +385,10 @@ def _signal(pid: int, sig: int) -> bool:
 
 def plot_events(path: Any, events: list[dict], seconds: float) -> None:
     """One row per fault kind, a mark at each time it fired (the soak's faults.png)."""
-    import matplotlib
+    from scenarios.report import new_figure, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 2.8))
+    fig = new_figure(7, 2.8)
+    ax = fig.add_subplot()
     for row, kind in enumerate(KINDS):
         ts = [e["t"] for e in events if e["kind"] == kind]
         ax.scatter(ts, [row] * len(ts), s=14 if kind != "kill_rank" else 40,
@@ -400,5 +398,4 @@ def plot_events(path: Any, events: list[dict], seconds: float) -> None:
     ax.set_xlabel("seconds into the soak")
     ax.set_title("faults injected", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    save_figure(fig, path)

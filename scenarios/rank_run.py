@@ -107,8 +107,13 @@ def execute(s: Schedule, env: RunEnv, collectives: Any, nemesis: Any = None) -> 
     snapshot: dict = {}
     ops_done = 0
     evictions: list[list] = []
+    infrastructure = None  # what broke outside the system under test (a verdict of `unknown`)
     try:
-        storage = make_storage(s.backend, env)
+        try:
+            storage = make_storage(s.backend, env)
+        except Exception as e:
+            infrastructure = f"storage backend '{s.backend}' unavailable: {type(e).__name__}: {e}"
+            raise
         sched = open_rank(cache_config(s, env), info, groups, coll, storage,
                           torch.device(env.device), pacer, rec)
         harness_sync = coll.new_groups([tuple(range(s.layout_obj.world_size))], "harness")[0]
@@ -168,6 +173,7 @@ def execute(s: Schedule, env: RunEnv, collectives: Any, nemesis: Any = None) -> 
         "outcomes": [asdict(o) for o in (sched.outcomes if sched else [])],
         "snapshot": snapshot,
         "error": error,
+        "infrastructure": infrastructure,
         "ops_done": ops_done,
         "waiting_on": dict(pacer.waiting_on),
         "wall_s": time.monotonic() - t0,

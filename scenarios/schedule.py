@@ -10,19 +10,56 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from reference.api import DEFAULT_PROFILE, PROFILES, VARIANTS
+from scenarios.contract import UsageError
 from scenarios.layout import Layout, LayoutError
 
 SCHEDULE_VERSION = 1
 Backend = Literal["memory", "file", "mooncake"]
+#: the storage calls a Schedule may fail (reference/cache_controller.py asks the pacer for these)
+StorageCall = Literal["exists", "get", "set"]
+#: fields that name something that exists only at some commits (a replay file from a newer
+#: commit may name a variant, profile or SUT this one does not know: cannot judge, not bad input)
+NAMED_AT_SOME_COMMITS = ("variant", "protocol", "sut")
 
 
-class ScheduleError(ValueError):
-    """A schedule or scenario that cannot describe a run; one clear line."""
+class ScheduleError(UsageError):
+    """A schedule or scenario that cannot describe a run; one clear line.
+
+    `loc` is the field's path, `kind` pydantic's error type and `cause` the validator's own
+    exception, so callers classify by type and field, never by the message.
+    """
+
+    def __init__(self, message: str, loc: tuple = (), kind: str = "",
+                 cause: BaseException | None = None) -> None:
+        super().__init__(message)
+        self.loc = loc
+        self.kind = kind
+        self.cause = cause
+
+
+class FieldProblem(ValueError):
+    """A whole-Schedule check that names the field it is about (`loc`)."""
+
+    def __init__(self, loc: tuple, message: str) -> None:
+        super().__init__(message)
+        self.loc = loc
+
+
+class NotAtThisCommit(ValueError):
+    """A name or schema version this commit does not know (it may exist at another)."""
 
 
 class CachePolicy(BaseModel):
@@ -45,8 +82,8 @@ class Op(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     kind: Literal["add", "step", "abort", "evict_device", "evict_host"]
-    rid: str | None = None
-    tokens: list[int] | None = None
+    rid: str | None = Field(None, min_length=1)
+    tokens: list[NonNegativeInt] | None = Field(None, min_length=1)
     n: int | None = Field(None, ge=0)
     prefetch: bool = True
 
@@ -76,11 +113,12 @@ class Schedule(BaseModel):
     cache: CachePolicy = CachePolicy()
     ops: list[Op] = Field(default_factory=list)
     #: per rank: one integer per pacer decision point, consumed in order (missing = all done)
-    choices: dict[int, list[int]] = Field(default_factory=dict)
+    choices: dict[NonNegativeInt, list[NonNegativeInt]] = Field(default_factory=dict)
     #: per rank: storage calls that fail there, as [call, seq] ("exists" | "get" | "set")
-    faults: dict[int, list[tuple[str, int]]] = Field(default_factory=dict)
+    faults: dict[NonNegativeInt, list[tuple[StorageCall, NonNegativeInt]]] = Field(
+        default_factory=dict)
     #: per rank: ticks its clock runs ahead (prefetch timeouts are local)
-    clock_skew: dict[int, int] = Field(default_factory=dict)
+    clock_skew: dict[NonNegativeInt, NonNegativeInt] = Field(default_factory=dict)
     seed: int = 0
     #: the system under test: "reference" or "sglang==VERSION" (scenarios/sglang)
     sut: str = "reference"
@@ -107,22 +145,44 @@ class Schedule(BaseModel):
     @classmethod
     def _variant(cls, v: str) -> str:
         if v not in VARIANTS:
-            raise ValueError(f"unknown variant '{v}': choose one of {', '.join(VARIANTS)}")
+            raise NotAtThisCommit(f"unknown variant '{v}': choose one of {', '.join(VARIANTS)}")
         return v
 
     @field_validator("protocol")
     @classmethod
     def _protocol(cls, v: str) -> str:
         if v not in PROFILES:
-            raise ValueError(f"unknown protocol '{v}': choose one of {', '.join(PROFILES)}")
+            raise NotAtThisCommit(f"unknown protocol '{v}': choose one of {', '.join(PROFILES)}")
         return v
 
     @field_validator("version")
     @classmethod
     def _version(cls, v: int) -> int:
+        if v > SCHEDULE_VERSION:
+            raise NotAtThisCommit(f"schedule version {v} is newer than this cpcheck reads "
+                                  f"({SCHEDULE_VERSION})")
         if v != SCHEDULE_VERSION:
             raise ValueError(f"schedule version {v} is not supported (this cpcheck reads {SCHEDULE_VERSION})")
         return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Schedule:
+        """Ops to run, unique request ids, and per-rank fields only for ranks of the layout."""
+        if not self.ops:
+            raise FieldProblem(("ops",), "no ops: a schedule must do something")
+        seen: set[str] = set()
+        for i, op in enumerate(self.ops):
+            if op.kind == "add":
+                if op.rid in seen:
+                    raise FieldProblem(("ops", i, "rid"), f"duplicate request id '{op.rid}'")
+                seen.add(op.rid or "")
+        world = Layout.parse(self.layout).world_size
+        for name in ("choices", "faults", "clock_skew"):
+            bad = sorted(r for r in getattr(self, name) if r >= world)
+            if bad:
+                raise FieldProblem((name, bad[0]), f"rank {bad[0]} is outside layout "
+                                   f"{self.layout} (ranks 0..{world - 1})")
+        return self
 
     @property
     def layout_obj(self) -> Layout:
@@ -142,16 +202,28 @@ class Schedule(BaseModel):
         try:
             return cls.model_validate(data)
         except ValidationError as e:
-            err = e.errors()[0]
-            where = ".".join(str(p) for p in err["loc"]) or "(top level)"
-            raise ScheduleError(f"{source}: field '{where}': {err['msg']}") from None
+            err: Any = e.errors()[0]
+            loc = tuple(err["loc"])
+            cause = (err.get("ctx") or {}).get("error")
+            if not loc and isinstance(cause, FieldProblem):
+                loc = cause.loc
+            where = ".".join(str(p) for p in loc) or "(top level)"
+            msg = str(err["msg"]).removeprefix("Value error, ")
+            raise ScheduleError(f"{source}: field '{where}': {msg}", loc, err["type"],
+                                cause if isinstance(cause, BaseException) else None) from None
 
     @classmethod
     def from_json_file(cls, path: str | Path) -> Schedule:
         try:
-            data = json.loads(Path(path).read_text())
+            text = Path(path).read_text()
         except FileNotFoundError:
             raise ScheduleError(f"{path}: no such file") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ScheduleError(f"{path}: cannot read ({type(e).__name__})") from None
+        if not text.strip():
+            raise ScheduleError(f"{path}: empty file")
+        try:
+            data = json.loads(text)
         except json.JSONDecodeError as e:
             raise ScheduleError(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from None
         if isinstance(data, dict) and "schedule" in data:

@@ -8,7 +8,6 @@ timing alone still ends as a replay Schedule that `cpcheck replay` reruns determ
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 import time
@@ -18,14 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from reference.api import VARIANTS
-from scenarios.cli_conventions import variant_help
-from scenarios.contract import UsageError
+from scenarios.cli_conventions import add_output_flags, positive_float, variant_help
+from scenarios.contract import STATUS_EXIT, ExitCode, UsageError, stop_requested
 from scenarios.coverage import Coverage
 from scenarios.protocol_args import add_protocol_arguments, protocol_changes
 from scenarios.schedule import CachePolicy, Op, Schedule, tokens_for
 from scenarios.workload import soak_chunk
 
-EXIT_AGREE, EXIT_DIVERGE, EXIT_USAGE, EXIT_CANNOT_RUN = 0, 1, 2, 125
 PAGE = 4
 
 
@@ -33,7 +31,8 @@ def add_soak_arguments(p: argparse.ArgumentParser) -> None:
     """Options of `cpcheck soak` (cli.py builds the subparser and calls this)."""
     p.add_argument("--layout", default="1x2", help="TPxCP[xPP] (default 1x2)")
     p.add_argument("--backend", choices=["memory", "file", "mooncake"], default="memory")
-    p.add_argument("--minutes", type=float, default=1.0, help="wall-clock budget (default 1)")
+    p.add_argument("--minutes", type=positive_float, default=1.0,
+                   help="wall-clock budget (default 1)")
     p.add_argument("--variant", default="fixed", help=variant_help("fixed or a known-bad variant"))
     p.add_argument("--faults", default="", metavar="LIST",
                    help="comma list of slow_rank,storage_latency,storage_errors,master_restart,"
@@ -46,10 +45,11 @@ def add_soak_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="cpcheck-out/soak", help="report, plots and replay go here")
     p.add_argument("--mooncake-master", metavar="HOST:PORT", default="",
                    help="use this Mooncake master instead of starting one")
-    p.add_argument("--timeout", type=float, default=10.0,
+    p.add_argument("--timeout", type=positive_float, default=10.0,
                    help="seconds any rank may wait on a peer before the run fails")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     add_protocol_arguments(p)
+    add_output_flags(p)
 
 
 # -- chunk generation ----------------------------------------------------------------------
@@ -142,46 +142,6 @@ def _prefetch_outcomes(results: list[dict]) -> Counter:
     return c
 
 
-def _plots(out: Path, timeline: list[dict], outcomes: Counter, host_used: list[int]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    ts = [p["t"] for p in timeline]
-    ax.plot(ts, [p["run_decisions_per_s"] for p in timeline], lw=1, label="per run")
-    ax.plot(ts, [p["decisions_per_s"] for p in timeline], lw=1.5, label="cumulative")
-    first = True
-    for p in timeline:
-        if p["faults_in_run"]:
-            ax.axvline(p["t"], color="red", alpha=0.25, lw=0.8,
-                       label="faults injected" if first else None)
-            first = False
-    ax.set_xlabel("seconds")
-    ax.set_ylabel("decisions / s")
-    ax.legend(loc="best", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "decisions_per_s.png", dpi=90)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    names = sorted(outcomes) or ["none"]
-    ax.bar(names, [outcomes.get(n, 0) for n in names])
-    ax.set_ylabel("prefetch decisions (all ranks)")
-    fig.tight_layout()
-    fig.savefig(out / "prefetch_outcomes.png", dpi=90)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    ax.plot(range(1, len(host_used) + 1), host_used, marker=".", lw=1)
-    ax.set_xlabel("run")
-    ax.set_ylabel("host slots used at end (max over ranks)")
-    fig.tight_layout()
-    fig.savefig(out / "host_pool.png", dpi=90)
-    plt.close(fig)
-
-
 def _host_used(results: list[dict]) -> int:
     vals = [r.get("snapshot", {}).get("host_used") for r in results]
     return max((int(v) for v in vals if isinstance(v, (int, float))), default=0)
@@ -189,106 +149,141 @@ def _host_used(results: list[dict]) -> int:
 
 # -- the command ---------------------------------------------------------------------------
 def cmd_soak(args: argparse.Namespace) -> int:
-    """Run chunks until the budget is spent; 0 agree, 1 diverge, 2 bad input, 125 cannot run."""
-    from scenarios.checker import Verdict, check
+    """Run chunks until the budget is spent; exit codes from scenarios/contract.py."""
+    from scenarios.cli_conventions import check_device
     from scenarios.executor import Executor
-    from scenarios.layout import Layout, LayoutError
-    from scenarios.nemesis import Nemesis, NemesisError
-    from scenarios.replay import write_replay
+    from scenarios.layout import Layout
+    from scenarios.mooncake_session import mooncake_for
+    from scenarios.nemesis import Nemesis
+    from scenarios.report import check_writable, native_stderr_to
 
-    try:
-        layout = str(Layout.parse(args.layout))
-    except LayoutError as e:
-        print(f"cpcheck: {e}", file=sys.stderr)
-        return EXIT_USAGE
+    layout = str(Layout.parse(args.layout))
     if args.variant not in VARIANTS:
-        print(f"cpcheck: unknown variant '{args.variant}': choose one of {', '.join(VARIANTS)}",
-              file=sys.stderr)
-        return EXIT_USAGE
-    try:
-        args.protocol_changes = protocol_changes(args)
-    except UsageError as e:
-        print(f"cpcheck: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    if args.minutes <= 0:
-        print("cpcheck: --minutes must be positive", file=sys.stderr)
-        return EXIT_USAGE
+        raise UsageError(f"unknown variant '{args.variant}': choose one of {', '.join(VARIANTS)}")
+    args.protocol_changes = protocol_changes(args)
     seed = args.seed if args.seed is not None else random.randrange(1 << 31)
-    try:
-        nem = Nemesis.parse(args.faults, seed=seed)
-    except NemesisError as e:
-        print(f"cpcheck: {e}", file=sys.stderr)
-        return EXIT_USAGE
+    nem = Nemesis.parse(args.faults, seed=seed)
     if args.mode == "torchrun":
-        nem.for_torchrun()
+        nem.for_torchrun()  # faults act on the real worker processes and the master
+    check_device(args.device)
+    out = check_writable(Path(args.out))  # before the first run, not after the budget
     print(f"cpcheck soak: seed {seed}", file=sys.stderr, flush=True)
     world = Layout.parse(layout).world_size
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
 
     with ExitStack() as stack:
-        from scenarios.mooncake_session import CannotRun, mooncake_for
-
-        try:
-            master, mm = stack.enter_context(mooncake_for(args.backend, args.mooncake_master))
-        except (CannotRun, OSError, RuntimeError, ValueError) as e:
-            # no master to soak against (unreachable, or Mooncake not installed)
-            print(f"cpcheck: cannot run here: {e}", file=sys.stderr)
-            return EXIT_CANNOT_RUN
+        if args.backend == "mooncake" and not args.verbose:  # its log goes to --out, not here
+            stack.enter_context(native_stderr_to(out / "mooncake.log"))
+        master, mm = stack.enter_context(mooncake_for(args.backend, args.mooncake_master,
+                                                      log_dir=out))
         if mm is not None:
             nem.attach_master(mm)
         if nem.unsupported():
-            print(f"cpcheck: {nem.unsupported()}", file=sys.stderr)
-            return EXIT_USAGE
+            raise UsageError(str(nem.unsupported()))
         ex = stack.enter_context(Executor(args.mode, timeout_s=args.timeout,
                                           mooncake_master=master, device=args.device))
-        return _loop(args, ex, nem if nem.active else None, seed, layout, world, out,
-                     check, write_replay, Verdict)
+        return _loop(args, ex, nem if nem.active else None, seed, layout, world, out, mm)
+
+
+def _infrastructure(args: argparse.Namespace, nem: Any, mm: Any) -> str:
+    """What broke outside the system under test and was not asked for ("" if nothing): the
+    run is `unknown` and the soak stops (a kill_rank the user asked for is handled apart)."""
+    if mm is not None and not mm.running:
+        asked = "with" if nem is not None and "master_restart" in nem.kinds else "without"
+        return (f"the soak's Mooncake master (pid {mm.pid}) is gone, {asked} a master_restart "
+                f"fault asked; log: {mm.log_path}")
+    if args.backend == "mooncake" and args.mooncake_master:
+        from scenarios.mooncake_master import MooncakeMasterError, check_master_reachable
+
+        try:
+            check_master_reachable(args.mooncake_master, timeout=2.0)
+        except MooncakeMasterError as e:
+            return f"Mooncake master lost: {e}"
+    return ""
 
 
 def _loop(args: argparse.Namespace, ex: Any, nem: Any, seed: int, layout: str, world: int,
-          out: Path, check: Any, write_replay: Any, Verdict: Any) -> int:  # noqa: N803
+          out: Path, mm: Any) -> int:
+    from scenarios.checker import Verdict
+    from scenarios.judge import confirm, run_checked
+    from scenarios.replay import write_replay
+    from scenarios.report import SoakReport
+
     rng = random.Random(seed)
     budget = args.minutes * 60.0
+    writer = SoakReport(out)  # imports matplotlib: setup, not part of the budget
     t0 = time.monotonic()
     runs = decisions = 0
     timeline: list[dict] = []
     outcomes: Counter = Counter()
     coverage = Coverage()
     host_used: list[int] = []
-    verdict_d: dict = {"ok": True, "invariant": None, "message": "all runs agree"}
+    verdict = Verdict(True, message="all runs agree")
     replay_path: Path | None = None
     first_s: float | None = None
-    unknown: list[dict] = []  # runs broken by a kill we injected: not judged
+    interrupted = False
+    unknown: list[dict] = []  # runs broken by a kill_rank we injected: not judged, soak goes on
+    candidate: Schedule | None = None  # a divergence not yet confirmed by replay
+    protocol: dict = {"protocol": None, "dp_attention": None}  # of the chunks run
+
+    def report() -> dict:
+        """The one place the report is built (written after every chunk and at the end)."""
+        elapsed = time.monotonic() - t0
+        return {
+            "layout": layout, "variant": args.variant, "backend": args.backend,
+            "mode": args.mode, **protocol, "seed": seed, "minutes": args.minutes, "runs": runs,
+            "decisions": decisions, "seconds": round(elapsed, 2),
+            "decisions_per_s": round(decisions / elapsed, 1) if elapsed else 0.0,
+            "runs_per_s": round(runs / elapsed, 2) if elapsed else 0.0,
+            "faults": nem.counts() if nem else {}, "status": verdict.status,
+            "verdict": verdict.to_dict(), "seconds_to_divergence": first_s,
+            "confirmed_by_replay": verdict.stats.get("confirmed_by_replay"),
+            "interrupted": interrupted, "unknown_runs": unknown,
+            "unknown_diagnoses": [u["diagnosis"] for u in unknown[:20]],
+            "fault_events": nem.events if nem else [],
+            "replay": str(replay_path) if replay_path else None,
+            "prefetch_outcomes": dict(outcomes), "coverage": coverage.to_dict(),
+            "timeline": timeline,
+        }
+
+    extra_plots: dict = {"coverage.png": coverage.plot}
+    if nem is not None:
+        from scenarios.nemesis import plot_events
+
+        extra_plots["faults.png"] = lambda path: plot_events(path, nem.events,
+                                                              time.monotonic() - t0)
+
+    def write(plots: bool | None = None) -> None:
+        writer.write(report(), timeline, outcomes, host_used, plots=plots,
+                     extra_plots=extra_plots)
+
     progress = Progress(budget)
     try:
+        write(plots=False)
         while time.monotonic() - t0 < budget:
+            if stop_requested.is_set():  # a signal whose exception was swallowed somewhere
+                raise KeyboardInterrupt
             s, gated = soak_chunk(rng, runs, layout, args.variant, args.backend, make_chunk,
                                   coverage)
             if args.protocol_changes:
                 s = s.with_(**args.protocol_changes)
+            protocol.update(protocol=s.protocol, dp_attention=s.dp_attention)
             before = nem.total() if nem else 0
             faults_before = dict(nem.counts()) if nem else {}
             if nem:
                 nem.begin_run(world)
             rt0 = time.monotonic()
             try:
-                results = ex.run(s, gated=gated, nemesis=None if gated else nem)
-                verdict = check(s, results)
-            except Exception as e:  # the run itself broke (ranks never finished): a finding
-                results = []
-                verdict = Verdict(False, "error", f"{type(e).__name__}: {e}",
-                                  [("error", f"{type(e).__name__}: {e}")])
+                results, v = run_checked(ex, s, gated=gated, nemesis=None if gated else nem)
             finally:
                 if nem:
                     nem.end_run()
             run_s = time.monotonic() - rt0
             runs += 1
-            n_dec = int(verdict.stats.get("decisions", 0))
+            n_dec = int(v.stats.get("decisions", 0))
             decisions += n_dec
             outcomes.update(_prefetch_outcomes(results))
-            coverage.add(s, results, {k: v - faults_before.get(k, 0)
-                                      for k, v in (nem.counts() if nem else {}).items()})
+            coverage.add(s, results, {k: n - faults_before.get(k, 0)
+                                      for k, n in (nem.counts() if nem else {}).items()})
             host_used.append(_host_used(results))
             elapsed = time.monotonic() - t0
             fired = (nem.total() if nem else 0) - before
@@ -297,56 +292,98 @@ def _loop(args: argparse.Namespace, ex: Any, nem: Any, seed: int, layout: str, w
                              "run_decisions_per_s": round(n_dec / run_s, 1) if run_s else 0.0,
                              "faults_in_run": fired})
             progress.update(elapsed, runs, decisions, nem.total() if nem else 0)
-            why = nem.explain() if nem and not verdict.ok else None
-            if why:
-                unknown.append({"run": runs, "t": round(elapsed, 3), "diagnosis": why,
-                                "error": verdict.message[:300]})
-            elif not verdict.ok:
+            if v.status != "agree":
+                broke = _infrastructure(args, nem, mm)
+                killed = nem.explain() if nem else None
+                if killed and not broke:  # the kill_rank the user asked for: record, go on
+                    unknown.append({"run": runs, "t": round(elapsed, 3),
+                                    "diagnosis": f"{killed} (kill_rank): the run is not judged",
+                                    "error": v.summary()[:300]})
+                    write()
+                    continue
+                if broke or v.status == "unknown":
+                    verdict = v if not broke else Verdict.unknown(
+                        f"{broke}; the run said: {v.summary()}")
+                    break
                 first_s = elapsed
-                verdict_d = verdict.to_dict()
                 rep = s
                 if results and all("recorded" in r for r in results):
                     rep = s.with_(choices={r["rank"]: r["recorded"]["choices"] for r in results},
                                   faults={r["rank"]: [list(f) for f in r["recorded"]["faults"]]
                                           for r in results})
-                replay_path = write_replay(rep, verdict, out, args.mode)
+                verdict, candidate = v, rep  # kept even if interrupted while confirming
+                write()
+                verdict = confirm(ex, rep, v)  # a divergence is replayed once before it counts
+                replay_path = write_replay(rep, verdict, out, args.mode,
+                                           confirmation=verdict.stats.get("confirmation"))
                 break
+            write()
+        if runs == len(unknown) and verdict.status == "agree":  # nothing was judged
+            verdict = Verdict.unknown(f"no run was judged within the {budget:.0f} s budget "
+                                      f"({runs} run(s), {len(unknown)} cut by kill_rank)")
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: keep what was found, say so, stop
+        interrupted = True
+        if mm is not None:  # its data is not needed any more: no grace period on the way out
+            mm.kill_now()
+        if candidate is not None and replay_path is None:
+            verdict = Verdict.unknown(f"interrupted before the divergence was confirmed by "
+                                      f"replay: {verdict.summary()}", invariant=verdict.invariant,
+                                      failures=verdict.failures, stats=verdict.stats)
+            replay_path = write_replay(candidate, verdict, out, args.mode)
+    except Exception as e:  # an internal error is no verdict on the system under test
+        verdict = Verdict.unknown(f"internal error: {type(e).__name__}: {e}")
+        if args.verbose:
+            import traceback
+
+            traceback.print_exc()
     finally:
         progress.close()
-    elapsed = time.monotonic() - t0
-    faults = nem.counts() if nem else {}
-    report = {
-        "layout": layout, "variant": args.variant, "backend": args.backend, "mode": args.mode,
-        "protocol": s.protocol if runs else None, "dp_attention": s.dp_attention if runs else None,
-        "seed": seed, "minutes": args.minutes, "runs": runs, "decisions": decisions,
-        "seconds": round(elapsed, 2),
-        "decisions_per_s": round(decisions / elapsed, 1) if elapsed else 0.0,
-        "runs_per_s": round(runs / elapsed, 2) if elapsed else 0.0,
-        "faults": faults, "verdict": verdict_d, "seconds_to_divergence": first_s,
-        "replay": str(replay_path) if replay_path else None,
-        "prefetch_outcomes": dict(outcomes), "coverage": coverage.to_dict(),
-        "timeline": timeline,
-        "unknown_runs": unknown, "fault_events": nem.events if nem else [],
-    }
-    (out / "report.json").write_text(json.dumps(report, indent=1))
-    _plots(out, timeline, outcomes, host_used)
-    coverage.plot(out / "coverage.png")
-    if nem:
-        from scenarios.nemesis import plot_events
+        try:  # the report and the verdict line first, the slower plots last
+            write(plots=False)
+        finally:
+            _print_verdict(args, report(), verdict, replay_path, out, first_s, coverage)
+            # after Ctrl-C the plots stay as last drawn (at most PLOT_EVERY_S old): stop in 3 s
+            write(plots=not (interrupted and writer.plotted))
+    if interrupted and verdict.status == "agree":
+        return int(ExitCode.INTERRUPTED)
+    return int(STATUS_EXIT[verdict.status or "unknown"])
 
-        plot_events(out / "faults.png", nem.events, elapsed)
-    print(f"outcome coverage ({runs} runs):\n{coverage.table()}")
-    print(f"soak layout={layout} variant={args.variant} protocol={report['protocol']} "
-          f"dp_attention={report['dp_attention']} backend={args.backend} mode={args.mode} "
-          f"seed={seed}: {runs} runs, {decisions} decisions in {elapsed:.1f} s "
-          f"({report['decisions_per_s']:.0f}/s); faults {faults or 'none'}")
-    if replay_path is not None:
-        print(f"DIVERGE [{verdict_d['invariant']}] after {first_s:.1f} s: {verdict_d['message']}")
-        print(f"replay: cpcheck replay {replay_path} --mode {args.mode}")
-        print(f"report: {out / 'report.json'}")
-        return EXIT_DIVERGE
-    if unknown:
-        print(f"{len(unknown)} run(s) broken by an injected kill were not judged "
-              f"(unknown): {unknown[0]['diagnosis']}")
-    print(f"AGREE: every run agreed; report: {out / 'report.json'}")
-    return EXIT_AGREE
+
+def _print_verdict(args: argparse.Namespace, rep: dict, verdict: Any, replay_path: Path | None,
+                   out: Path, first_s: float | None, coverage: Coverage) -> None:
+    """The verdict line, always (also after Ctrl-C, SIGTERM or an internal error)."""
+    from scenarios.cli_conventions import emit_json, human
+
+    o = human(args)
+    faults = rep["faults"]
+    print(f"outcome coverage ({rep['runs']} runs):\n{coverage.table()}", file=o)
+    print(f"soak layout={rep['layout']} variant={args.variant} protocol={rep['protocol']} "
+          f"dp_attention={rep['dp_attention']} backend={args.backend} mode={args.mode} "
+          f"seed={rep['seed']}: {rep['runs']} runs, {rep['decisions']} decisions "
+          f"in {rep['seconds']:.1f} s ({rep['decisions_per_s']:.0f}/s); faults {faults or 'none'}"
+          f"{'; INTERRUPTED' if rep['interrupted'] else ''}", file=o)
+    if rep["unknown_runs"]:
+        print(f"{len(rep['unknown_runs'])} run(s) broken by an injected kill were not judged "
+              f"(unknown): {rep['unknown_runs'][0]['diagnosis']}", file=o)
+    if verdict.status == "diverge":
+        print(f"DIVERGE [{verdict.invariant}] after {first_s:.1f} s: {verdict.message}", file=o)
+        print("confirmed by replay", file=o)
+        print(f"replay: cpcheck replay {replay_path} --mode {args.mode}", file=o)
+    elif verdict.status == "unknown":
+        print(verdict.summary(), file=o)
+        if replay_path is not None:
+            print(f"not reproduced; both verdicts in {replay_path}", file=o)
+    elif rep["interrupted"]:
+        print(f"INTERRUPTED: every run so far agreed; report: {out / 'report.json'}", file=o)
+    else:
+        print(f"AGREE: every run agreed; report: {out / 'report.json'}", file=o)
+    if verdict.status != "agree":
+        print(f"report: {out / 'report.json'}", file=o)
+    code = (ExitCode.INTERRUPTED if rep["interrupted"] and verdict.status == "agree"
+            else STATUS_EXIT[verdict.status or "unknown"])
+    emit_json(args, {"status": "interrupted" if code == ExitCode.INTERRUPTED else verdict.status,
+                     "invariant": verdict.invariant, "message": verdict.message,
+                     "diagnosis": verdict.diagnosis, "exit_code": int(code),
+                     "confirmed_by_replay": verdict.stats.get("confirmed_by_replay"),
+                     "replay": str(replay_path) if replay_path else None,
+                     "report": str(out / "report.json")})

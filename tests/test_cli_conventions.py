@@ -44,5 +44,7 @@ def test_help_shows_defaults(capsys: pytest.CaptureFixture[str], cmd: str) -> No
     assert "(default: 10.0)" in text  # --timeout, which names no default in its help
     assert "(default: auto)" in text  # --device, which has no help text at all
     assert "(default: None)" not in text  # unset defaults are not shown as None
-    if cmd in ("explore", "soak"):
+    if cmd == "explore":
         assert "(default: 0)" in text  # --seed 0 is a real default although 0 == False
+    if cmd == "soak":  # --seed has no fixed default there (a fresh random one): help says so
+        assert "default: a fresh random seed" in " ".join(text.split())

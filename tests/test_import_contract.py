@@ -24,7 +24,10 @@ def _lint(root: Path) -> subprocess.CompletedProcess[str]:
     code = "import sys; from importlinter.cli import lint_imports_command as c; sys.exit(c())"
     return subprocess.run(
         [sys.executable, "-c", code, "--no-cache", "--no-logo"], cwd=root, text=True,
-        capture_output=True, timeout=120, env={**os.environ, "PYTHONPATH": str(root)},
+        capture_output=True, timeout=120,
+        # `root` first (it may be a planted copy), what the caller had kept after it
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(
+            [str(root), *filter(None, [os.environ.get("PYTHONPATH")])])},
     )
 
 

@@ -32,6 +32,7 @@ from scenarios.mooncake_master import (
     mooncake_available,
 )
 from tests.mooncake_fixtures import close_all
+from tests.subprocess_env import child_env
 from tests.test_storage_backends import random_page, same_bytes
 
 pytestmark = pytest.mark.mooncake
@@ -232,7 +233,7 @@ def test_two_processes_see_each_others_keys(
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
-        env=dict(os.environ, PYTHONPATH=str(REPO)),
+        env=child_env(),
     )
     try:
         assert child.stdout is not None and child.stdin is not None
@@ -437,7 +438,7 @@ def test_master_dies_with_its_owner(sig: signal.Signals) -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
-        env=dict(os.environ, PYTHONPATH=str(REPO)),
+        env=child_env(),
     )
     port, log_path = None, None
     try:

@@ -27,7 +27,7 @@ from reference.variants import KNOWN, effective_configuration
 from scenarios.catalog import load_scenario
 from scenarios.checker import check
 from scenarios.cli import main
-from scenarios.schedule import Schedule, ScheduleError
+from scenarios.schedule import Op, Schedule, ScheduleError
 
 RELEASES = ["sglang-0.5.10", "sglang-0.5.11", "sglang-0.5.13", "sglang-0.5.20"]
 
@@ -67,7 +67,8 @@ def test_profile_names_and_default() -> None:
     from reference.profiles import DEFAULT_PROFILE
 
     assert DEFAULT_PROFILE == "sglang-0.5.20"
-    assert Schedule().protocol == DEFAULT_PROFILE and Schedule().dp_attention is True
+    s = Schedule(ops=[Op(kind="step")])  # the smallest valid Schedule (an empty one is refused)
+    assert s.protocol == DEFAULT_PROFILE and s.dp_attention is True
 
 
 def test_each_release_differs_from_the_next_in_what_the_table_says() -> None:
@@ -323,13 +324,15 @@ def test_generated_schedules_agree_without_pp(inprocess_executor, protocol, dp) 
     run()
 
 
-@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("seed", [0, 1, 2])
 def test_generation_finds_sglang_0_5_10_with_dp_attention(seed: int) -> None:
+    """Budget: 100 Schedules per seed. The hunt also steers towards prefetch outcome classes
+    (coverage), which costs seed 0 more than the ci profile's 60 (found at 80 when measured)."""
     from scenarios.executor import Executor
     from scenarios.explore import hunt
 
     with Executor("inprocess", timeout_s=1.5) as ex:
-        h = hunt(ex, "fixed", ("1x2", "2x2"), max_examples=60, seed=seed,
+        h = hunt(ex, "fixed", ("1x2", "2x2"), max_examples=100, seed=seed,
                  protocol="sglang-0.5.10", dp_attention=True)
     assert h.found is not None and h.verdict is not None
     assert h.verdict.invariant == "decisions", h.verdict.summary()

@@ -36,6 +36,7 @@ from scenarios.runner import (
     pool_processes,
 )
 from scenarios.runner.torchrun_pool import _alive
+from tests.subprocess_env import child_env
 
 pytestmark = pytest.mark.cp
 
@@ -332,7 +333,7 @@ def _spawn_controller(mode: str) -> tuple[subprocess.Popen[str], str, list[int]]
     proc = subprocess.Popen(
         [sys.executable, "-c", _CONTROLLER, mode],
         cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
+        env=child_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -39,12 +39,19 @@ def test_master_restart_without_a_master_of_our_own_is_refused(tmp_path: Path, c
 
 
 def test_kill_rank_run_is_unknown_with_a_diagnosis_not_a_divergence(tmp_path: Path) -> None:
+    """A killed rank is infrastructure: its run is `unknown` (with a diagnosis), never a
+    divergence with a replay file; the kill was asked for, so the soak goes on."""
     rc, rep = _soak(tmp_path, "--faults", "kill_rank", "--timeout", "2")
     assert rep["faults"]["kill_rank"] >= 1
-    assert rc == 0, rep["verdict"]  # a run broken by a kill we injected is not a divergence
-    assert rep["unknown_runs"] and "killed rank" in rep["unknown_runs"][0]["diagnosis"]
-    assert rep["replay"] is None
+    assert len(rep["unknown_runs"]) >= 1
+    assert "killed rank" in rep["unknown_runs"][0]["diagnosis"]
+    assert "nemesis killed" in rep["unknown_diagnoses"][0]
+    assert rep["replay"] is None and not list((tmp_path / "soak").glob("replay-*"))
     assert any(e["kind"] == "kill_rank" for e in rep["fault_events"])
+    if rep["runs"] > len(rep["unknown_runs"]):  # some runs were judged, and they agreed
+        assert rc == 0 and rep["status"] == "agree", rep["verdict"]
+    else:  # every run was cut (a loaded host gets few runs in 3 s): nothing judged
+        assert rc == 125 and "no run was judged" in rep["verdict"]["diagnosis"]
 
 
 def test_kill_rank_raises_in_io_thread() -> None:

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from reference.storage.base import HiCacheStorage, as_bytes
 from reference.storage.file import FileStorage, key_to_filename
 from reference.storage.memory import MemoryStorage, clear_namespace, namespace_keys
+from tests.subprocess_env import child_env
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -348,7 +349,7 @@ def test_reference_imports_without_mooncake() -> None:
         "except m.StorageError as e:\n"
         "    print('ERR', e)\n"
     )
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env = child_env()
     proc = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env
     )

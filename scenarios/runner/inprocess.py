@@ -19,6 +19,10 @@ class CollectiveTimeout(RuntimeError):
     pass
 
 
+class RunAborted(RuntimeError):
+    """The harness stopped the run (Ctrl-C, SIGTERM): every collective raises at once."""
+
+
 class _Group:
     def __init__(self, ranks: tuple[int, ...], tag: str, timeout_s: float) -> None:
         self.ranks = ranks
@@ -29,10 +33,13 @@ class _Group:
         self.parts: dict[int, torch.Tensor] = {}
         self.results: dict[int, torch.Tensor | Exception] = {}
         self.mail: dict[int, list[torch.Tensor]] = {}
+        self.aborted = False
 
     def all_reduce(self, rank: int, tensor: torch.Tensor, op: str) -> None:
         deadline = time.monotonic() + self.timeout_s
         with self.cond:
+            if self.aborted:
+                raise RunAborted(f"all_reduce on {self.name}: the run was stopped")
             gen = self.gen
             self.parts[rank] = tensor.clone()
             if len(self.parts) == len(self.ranks):
@@ -50,6 +57,8 @@ class _Group:
                 self.gen += 1
                 self.cond.notify_all()
             while gen not in self.results:
+                if self.aborted:
+                    raise RunAborted(f"all_reduce on {self.name}: the run was stopped")
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise CollectiveTimeout(
@@ -61,7 +70,6 @@ class _Group:
         if isinstance(res, Exception):
             raise res
         tensor.copy_(res)
-
 
     def forward(self, rank: int, tensor: torch.Tensor, src: int) -> None:
         """send/recv from `src` to every other member: a mailbox per receiver, FIFO like gloo."""
@@ -75,6 +83,8 @@ class _Group:
         deadline = time.monotonic() + self.timeout_s
         with self.cond:
             while not self.mail.get(rank):
+                if self.aborted:
+                    raise RunAborted(f"recv on {self.name}: the run was stopped")
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise CollectiveTimeout(f"recv from rank {src} on {self.name} timed out "
@@ -94,6 +104,16 @@ class ThreadWorld:
         self.timeout_s = timeout_s
         self._groups: dict[tuple[tuple[int, ...], str], _Group] = {}
         self._lock = threading.Lock()
+
+    def abort(self) -> None:
+        """Make every collective of this run raise now, so rank threads stop competing with
+        the main thread (which is writing the report) and end on their own."""
+        with self._lock:
+            groups = list(self._groups.values())
+        for g in groups:
+            with g.cond:
+                g.aborted = True
+                g.cond.notify_all()
 
     def group(self, ranks: tuple[int, ...], tag: str) -> _Group:
         with self._lock:
@@ -158,8 +178,16 @@ def run_schedule_inprocess(
     ]
     for t in threads:
         t.start()
-    for t in threads:
-        t.join(timeout=timeout_s * 6 + 60)
+    deadline = time.monotonic() + timeout_s * 6 + 60
+    try:
+        for t in threads:
+            # short joins: a signal the kernel hands to another thread (Mooncake's own) is
+            # only seen when the main thread wakes, so Ctrl-C must not wait for a whole join
+            while t.is_alive() and time.monotonic() < deadline:
+                t.join(timeout=0.1)
+    except BaseException:  # Ctrl-C / SIGTERM: stop the ranks, let the caller clean up
+        world.abort()
+        raise
     missing = [r for r, res in enumerate(results) if res is None]
     if missing:
         raise CollectiveTimeout(f"in-process ranks {missing} did not finish")

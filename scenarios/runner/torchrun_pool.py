@@ -336,6 +336,7 @@ class RankPool:
         self._listener: socket.socket | None = None
         self._ranks: list[_Rank] = []
         self._log_dir: str | None = None
+        self._tmp_dir: str | None = None  # TMPDIR of torchrun and its workers, removed at teardown
         self._log_file: Any = None
         self._log_name = "torchrun.log"
         self._job_ids = itertools.count(1)
@@ -431,6 +432,10 @@ class RankPool:
         if "GLOO_SOCKET_IFNAME" not in env and os.path.exists("/sys/class/net/lo"):
             env["GLOO_SOCKET_IFNAME"] = "lo"  # single host: never depend on hostname resolution
         env.setdefault("OMP_NUM_THREADS", "1")
+        # torchrun's agent makes torchelastic_* temp dirs and removes them only when it exits
+        # normally; under a TMPDIR of the pool's own, a SIGKILLed agent leaves nothing behind
+        self._tmp_dir = tempfile.mkdtemp(prefix=f"cpcheck-pool-{self.pool_id}-tmp-")
+        env["TMPDIR"] = self._tmp_dir
         for key, value in self.env.items():
             if value is None:
                 env.pop(key, None)
@@ -735,7 +740,8 @@ class RankPool:
 
     def _teardown(self, *, graceful: bool, reason: str, grace_s: float = 10.0) -> None:
         proc = self._proc
-        if proc is None and not self._ranks and self._listener is None and not self._log_dir:
+        if (proc is None and not self._ranks and self._listener is None and not self._log_dir
+                and not self._tmp_dir):
             return
         if reason != "restart":
             self.last_teardown_reason = reason
@@ -765,6 +771,9 @@ class RankPool:
             if self._log_dir != self.keep_log_dir:
                 shutil.rmtree(self._log_dir, ignore_errors=True)
             self._log_dir = None
+        if self._tmp_dir is not None:  # after the kill: nothing writes there any more
+            shutil.rmtree(self._tmp_dir, ignore_errors=True)
+            self._tmp_dir = None
         if self._atexit_registered:
             atexit.unregister(self.close)
             self._atexit_registered = False
