@@ -68,6 +68,13 @@ ALIASES = {"tp_only_sync": ("sglang-0.5.10", True)}
 
 
 def protocol_of(s: Any) -> str:
+    """The protocol the run followed: a release's own (SGLang as the SUT), else the alias's or
+    the Schedule's profile."""
+    from scenarios.releases import profile_of_sut
+
+    release = profile_of_sut(getattr(s, "sut", "reference") or "reference")
+    if release is not None:
+        return release
     alias = ALIASES.get(getattr(s, "variant", ""))
     if alias is not None:
         return alias[0]
@@ -191,6 +198,8 @@ class Oracle:
     def _one(self, ch: str, i: int, kind: str, rid: str, ents: dict[int, list],
              effs: dict[int, list], comp: tuple[int, ...], finals: dict[int, dict]) -> None:
         where = f"channel '{ch}' decision #{i} {kind}" + (f"({rid})" if rid else "")
+        if any(v is None for e in ents.values() for v in (*e[2], *e[3])):
+            return  # a value this SUT does not expose (SGLang): nothing to judge here
         locals_ = {r: [int(v) for v in e[2]] for r, e in ents.items()}
         agreed = {r: [int(v) for v in e[3]] for r, e in ents.items()}
         op = REDUCE_OP.get(kind)

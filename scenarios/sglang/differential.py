@@ -15,20 +15,7 @@ import argparse
 from typing import Any
 
 from scenarios.contract import ExitCode
-
-#: reference profile (branch p9's Schedule.protocol) that models each release family
-PROFILE_FOR = (("0.5.20", "sglang-0.5.20"), ("0.5.13", "sglang-0.5.13"),
-               ("0.5.11", "sglang-0.5.11"), ("0.5.9", "sglang-0.5.10"))
-
-
-def profile_for(version: str) -> str:
-    from scenarios.sglang.envs import parse_release
-
-    v = parse_release(version)
-    for start, name in PROFILE_FOR:
-        if v >= parse_release(start):
-            return name
-    return PROFILE_FOR[-1][1]
+from scenarios.releases import profile_for
 
 
 def _rows(results: list[dict]) -> dict[int, list[tuple]]:

@@ -76,9 +76,9 @@ class SglangExecutor:
             self._pools[key] = pool
             # SGLang's imports, parallel state and first cache happen in a first job: run an
             # empty Schedule now, so no measured run pays for them (or times out on them)
-            from scenarios.schedule import Schedule
+            from scenarios.schedule import Op, Schedule
 
-            warm = Schedule(layout=layout, sut=f"sglang=={self.version}")
+            warm = Schedule(layout=layout, sut=f"sglang=={self.version}", ops=[Op(kind="step")])
             pool.run(JOB, self._payload(warm, dp_attention), timeout_s=self.timeout_s * 12 + 120)
         return pool
 

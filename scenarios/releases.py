@@ -1,0 +1,33 @@
+"""Which reference protocol profile models each SGLang release (one table, shared by the oracle
+and differential mode): the profiles are named after the first release of each generation."""
+
+from __future__ import annotations
+
+import re
+
+#: (first release, profile), newest first; 0.5.9 .. 0.5.10.post1 predate PR #20460
+PROFILE_FOR: tuple[tuple[str, str], ...] = (
+    ("0.5.20", "sglang-0.5.20"), ("0.5.13", "sglang-0.5.13"),
+    ("0.5.11", "sglang-0.5.11"), ("0.5.9", "sglang-0.5.10"),
+)
+
+
+def release_tuple(version: str) -> tuple[int, ...]:
+    """'0.5.10.post1' -> (0, 5, 10, 1); '0.5.11' -> (0, 5, 11, 0)."""
+    m = re.fullmatch(r"(\d+)\.(\d+)\.(\d+)(?:\.post(\d+))?", version)
+    if m is None:
+        raise ValueError(f"not a release number: '{version}'")
+    return tuple(int(g or 0) for g in m.groups())
+
+
+def profile_for(version: str) -> str:
+    v = release_tuple(version)
+    for start, name in PROFILE_FOR:
+        if v >= release_tuple(start):
+            return name
+    return PROFILE_FOR[-1][1]
+
+
+def profile_of_sut(sut: str) -> str | None:
+    """The profile modelling `sglang==V`, None for the reference itself."""
+    return profile_for(sut.split("==", 1)[1]) if sut.startswith("sglang==") else None
