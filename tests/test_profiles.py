@@ -75,7 +75,7 @@ def test_each_release_differs_from_the_next_in_what_the_table_says() -> None:
     assert p10.sync_groups == "tp_cache_group" != p11.sync_groups
     assert not p11.loading_check_agrees and p13.loading_check_agrees
     assert (p11.pp_agreement, p13.pp_agreement, p20.pp_agreement) == (
-        "none", "pp0_forwards", "in_groups")
+        "none", "pp0_forwards_acks", "in_groups")
     assert p13.prefetch_progress == "at_termination" != p20.prefetch_progress
 
 
@@ -124,8 +124,14 @@ def test_pp_agreement_per_release() -> None:
     g = ParallelGroups(tp=(0, 1), attn_tp=(0, 1), attn_cp=(0, 2), pp=(0, 4))
     assert sync_plan(g, "sglang-0.5.11") .pp_forward is None
     assert sync_plan(g, "sglang-0.5.11").all_reduce == [(0, 2), (0, 1)]
-    assert sync_plan(g, "sglang-0.5.13").pp_forward == (0, 4)
+    # 0.5.13: only writing_check / loading_check (`_all_reduce`) forward PP rank 0's value;
+    # every other agreement (`_all_reduce_attn_groups`) stays inside the stage
+    assert sync_plan(g, "sglang-0.5.13", acks=True).pp_forward == (0, 4)
+    assert sync_plan(g, "sglang-0.5.13").pp_forward is None
     assert sync_plan(g, "sglang-0.5.13").all_reduce == [(0, 2), (0, 1)]
+    assert sync_plan(g, "sglang-0.5.13", acks=True).all_reduce == [(0, 2), (0, 1)]
+    for other in ("sglang-0.5.10", "sglang-0.5.11", "sglang-0.5.20"):
+        assert sync_plan(g, other, acks=True) == sync_plan(g, other)
     assert sync_plan(g, "sglang-0.5.20").pp_forward is None
     assert sync_plan(g, "sglang-0.5.20").all_reduce == [(0, 2), (0, 1), (0, 4)]
 
