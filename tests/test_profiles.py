@@ -146,6 +146,29 @@ def test_sglang_0_5_13_forwards_from_pp_rank_0() -> None:
         sched.cache.loading_check()
         assert coll.calls == [("all_reduce", "control", [1]),
                               ("forward from 0", "control_pp", [1])]
+        coll.calls.clear()
+        sched.cache.writing_check()
+        assert coll.calls[-1] == ("forward from 0", "control_pp", [1])
+        # the wheel's drain (`_all_reduce_attn_groups`) has no PP agreement: inside the stage
+        coll.calls.clear()
+        sched.cache.drain_storage_control_queues()
+        assert coll.calls == [("all_reduce", "control", [3])]
+        cc = sched.cache.cache_controller
+        assert cc.ack_sync is not cc.control_sync
+        assert cc.prefetch_hits_sync.plan.pp_forward is None
+    finally:
+        sched.shutdown()
+
+
+@pytest.mark.parametrize("protocol", ["sglang-0.5.10", "sglang-0.5.11", "sglang-0.5.20"])
+def test_ack_agreements_share_the_control_group_outside_0_5_13(protocol: str) -> None:
+    """Only 0.5.13 gives the write / load acks their own plan; elsewhere `ack_sync` is the very
+    `control_sync` (same groups, same collective log as before it existed)."""
+    groups = ParallelGroups(tp=(0,), attn_tp=(0,), attn_cp=(0, 1), pp=(0, 2))
+    sched, _coll = _cache(protocol, groups)
+    try:
+        cc = sched.cache.cache_controller
+        assert cc.ack_sync is cc.control_sync
     finally:
         sched.shutdown()
 
