@@ -185,6 +185,11 @@ class HiCacheController:
         if self.per_batch_acks:
             self.prefetch_completion_sync = SyncGroup(collectives, plan, "prefetch_completion")
         self.control_sync = SyncGroup(collectives, plan, "control")
+        #: `writing_check` / `loading_check`: the same groups, plus (0.5.13 only) PP rank 0's
+        #: count forwarded down the pipeline; the very same SyncGroup for every other profile
+        ack_plan = sync_plan(groups, config.profile, acks=True)
+        self.ack_sync = (self.control_sync if ack_plan == plan
+                         else SyncGroup(collectives, ack_plan, "control"))
 
         self.ack_write_queue: list[HiCacheAck] = []
         self.ack_load_queue: list[HiCacheAck] = []

@@ -151,7 +151,7 @@ class HiRadixCache:
             finish_count += 1
         if self.cfg.variant == "writing_check_local_skip" and finish_count == 0:
             return  # the bug: an early return on LOCAL state; the peers issue the MIN below
-        (agreed,) = cc.control_sync.reduce([finish_count], "min")
+        (agreed,) = cc.ack_sync.reduce([finish_count], "min")
         effect = self._ack_writes(agreed)
         self._decide("writing_check", "", (finish_count,), (agreed,), f"ack {agreed} writes",
                      effect)
@@ -188,7 +188,7 @@ class HiRadixCache:
                 break
             finish_count += 1
         if self.profile.loading_check_agrees:
-            (agreed,) = cc.control_sync.reduce([finish_count], "min")
+            (agreed,) = cc.ack_sync.reduce([finish_count], "min")
         else:  # before 0.5.13: no collective ("batch forwarding is synced")
             agreed = finish_count
         queued = len(cc.ack_load_queue)

@@ -11,7 +11,28 @@ differs. The cache reads `self.profile.<field>` at the one place each behaviour 
     sync_groups               tp_cache_group   attn_cp, attn_tp  attn_cp, attn_tp  attn_cp, attn_tp
     loading_check_agrees      no               no                MIN               MIN
     prefetch_progress         at_termination   at_termination    at_termination    per_batch_acks
-    pp_agreement              none             none              pp0_forwards      in_groups
+    pp_agreement              none             none              pp0_forwards_acks in_groups
+
+pp0_forwards_acks (0.5.13): only `writing_check` and `loading_check` call `_all_reduce`, which
+reduces over the attention groups on PP rank 0 alone and sends the value down the pipeline
+(`_pp_sync`, recv / isend); the drain, the storage hit count, `can_terminate_prefetch`,
+`check_prefetch_progress` and the abort barrier call `_all_reduce_attn_groups`: no PP
+agreement, each stage agrees on its own as in 0.5.11. We model the forward as every stage
+reducing over its own attention groups, then PP rank 0's value overwriting the others': the
+same agreed values, one extra (discarded) reduce per later stage in the collective log.
+
+in_groups (0.5.20) approximates two mechanisms of the wheel with one. The
+scheduler's `writing_check` / `loading_check` / drain / `can_terminate_prefetch` still call
+`_all_reduce` (PP rank 0 reduces, `_pp_sync` forwards); the controller's prefetch hit and
+completion groups (`_create_sync_groups`) contain the PP group, a real all-reduce. Modelling
+the scheduler's forward as a PP all-reduce changes the value only where PP rank 0's reduction
+differs from the reduction over all stages. Write / load acks: MIN over all stages pops no more
+than PP rank 0's count, and the wheel's later stages `finish_event.synchronize()` on their own
+copy before acting, so both end with the same acks popped, at most a round apart. The drain
+and `can_terminate` can differ in value (the wheel pops PP rank 0's queue counts, a later stage
+blocking on its own queue; it terminates when stage 0 can, where the model waits for the
+slowest stage). In both every stage acts on one value, so cross-stage agreement holds in both;
+the table's "agree" for 0.5.20 under PP is about that agreement, not about the exact value.
 
 `tp_cache_group` is what the scheduler hands the cache: the attention-TP group with
 `--enable-dp-attention`, else the full TP group of the stage (which holds the CP peers).
@@ -24,7 +45,7 @@ from typing import Literal
 
 SyncGroups = Literal["tp_cache_group", "attn_cp_then_attn_tp"]
 PrefetchProgress = Literal["at_termination", "per_batch_acks"]
-PPAgreement = Literal["none", "pp0_forwards", "in_groups"]
+PPAgreement = Literal["none", "pp0_forwards_acks", "in_groups"]
 
 
 @dataclass(frozen=True)
@@ -38,8 +59,9 @@ class ProtocolProfile:
     #: local count and agrees once (MIN). per_batch_acks: the IO thread sends one progress ack
     #: per batch and the prefetch-sync thread agrees (MIN) on each one.
     prefetch_progress: PrefetchProgress
-    #: none: each pipeline stage agrees on its own. pp0_forwards: PP rank 0's agreed value is
-    #: sent to the other stages (send/recv). in_groups: the PP group is one more all-reduce.
+    #: none: each pipeline stage agrees on its own. pp0_forwards_acks: for the write / load ack
+    #: agreements only, PP rank 0's agreed value is sent to the other stages (send/recv); every
+    #: other agreement is per stage. in_groups: the PP group is one more all-reduce, everywhere.
     pp_agreement: PPAgreement
     summary: str = ""
 
@@ -57,8 +79,8 @@ PROFILES: dict[str, ProtocolProfile] = {p.name: p for p in (
     ),
     ProtocolProfile(
         "sglang-0.5.13", sync_groups="attn_cp_then_attn_tp", loading_check_agrees=True,
-        prefetch_progress="at_termination", pp_agreement="pp0_forwards",
-        summary="+ loading_check MIN; PP rank 0 decides and forwards",
+        prefetch_progress="at_termination", pp_agreement="pp0_forwards_acks",
+        summary="+ loading_check MIN; PP rank 0 decides and forwards the write / load acks",
     ),
     ProtocolProfile(
         "sglang-0.5.20", sync_groups="attn_cp_then_attn_tp", loading_check_agrees=True,

@@ -55,7 +55,7 @@ class ParallelGroups:
 
 @dataclass(frozen=True)
 class SyncPlan:
-    """Where one agreement goes: all-reduces in order, then PP rank 0 forwards (0.5.13)."""
+    """Where one agreement goes: all-reduces in order, then PP rank 0 forwards (0.5.13 acks)."""
 
     all_reduce: list[RankSet]
     pp_forward: RankSet | None = None
@@ -75,8 +75,13 @@ def _dedup(base: Sequence[RankSet | None]) -> list[RankSet]:
     return out
 
 
-def sync_plan(groups: ParallelGroups, profile: ProtocolProfile | str = DEFAULT_PROFILE) -> SyncPlan:
-    """The groups every agreement reduces over (SGLang's `_create_sync_groups`, per release)."""
+def sync_plan(groups: ParallelGroups, profile: ProtocolProfile | str = DEFAULT_PROFILE,
+              acks: bool = False) -> SyncPlan:
+    """The groups an agreement reduces over (SGLang's `_create_sync_groups`, per release).
+
+    `acks`: the plan of the write / load ack agreements (`writing_check`, `loading_check`),
+    the only ones 0.5.13 forwards from PP rank 0; for every other profile the same plan.
+    """
     if isinstance(profile, str):
         profile = get_profile(profile)
     if profile.sync_groups == "tp_cache_group":
@@ -88,7 +93,8 @@ def sync_plan(groups: ParallelGroups, profile: ProtocolProfile | str = DEFAULT_P
     pp = groups.pp if groups.pp is not None and len(groups.pp) > 1 else None
     if profile.pp_agreement == "in_groups":
         base.append(pp)
-    forward = tuple(sorted(pp)) if pp is not None and profile.pp_agreement == "pp0_forwards" else None
+    forwards = acks and profile.pp_agreement == "pp0_forwards_acks"
+    forward = tuple(sorted(pp)) if pp is not None and forwards else None
     return SyncPlan(_dedup(base), forward)
 
 

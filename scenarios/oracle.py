@@ -13,7 +13,10 @@ Rules (each violation names the rule, the decision, the ranks, the locals, expec
                 sglang-0.5.10 reduces over the cache's TP group only (the attention-TP group
                 with DP attention, the stage's full TP group without); 0.5.11+ over attention
                 CP then attention TP (the cache's TP group if both are single ranks); 0.5.13
-                forwards PP stage 0's value; 0.5.20 adds the PP group to the reduce. Before
+                forwards PP stage 0's value for `writing_check` / `loading_check` only (a
+                later stage's agreed ack count is its stage-0 counterpart's, decision by
+                decision), every other agreement stays inside the stage as in 0.5.11; 0.5.20
+                adds the PP group to every reduce. Before
                 0.5.13 `loading_check` is local: its agreed value is the local one; so is
                 `writing_check` under write-back eviction (it waits for every write, no
                 collective). best_effort `can_terminate` issues no collective (checked by
@@ -60,6 +63,10 @@ REDUCE_OP = {"prefetch_hits": "min", "prefetch_progress": "min", "prefetch_final
              "can_terminate": "max", "prefetch_done": "min"}
 
 Stage = Callable[[int], tuple[int, ...]]
+
+#: the agreements 0.5.13 forwards from PP stage 0 (its `_all_reduce`); the rest of its
+#: agreements reduce over the stage's attention groups only (`_all_reduce_attn_groups`)
+FORWARDED_KINDS = ("writing_check", "loading_check")
 
 
 #: variant names that stand for a whole configuration (README, "Known-bad variants"): a run
@@ -152,8 +159,12 @@ class Oracle:
         self.protocol = protocol_of(s)
         self.ver = version_of(self.protocol)
         self.stages = sync_stages(s)
+        #: 0.5.13 under PP: every agreement is checked inside its stage; the forwarded ack
+        #: counts of later stages are checked against stage 0 by check_forwarded_acks
+        self.forward = next((f for n, f in self.stages if n == "pp_forward"), None)
+        self.stage_stages = [(n, f) for n, f in self.stages if n != "pp_forward"]
         self.world = s.layout_obj.world_size
-        self.comps = _components(self.world, self.stages)
+        self.comps = _components(self.world, self.stage_stages)
         self.page = s.cache.page_size
         self.policy = s.cache.prefetch_stop_policy
         gated = not any("recorded" in r for r in results)
@@ -215,11 +226,14 @@ class Oracle:
                     self.fail("reduce", f"{where} on rank {r}: {self.protocol} takes {local_only} "
                               f"locally; local {locals_[r]}, expected {locals_[r]}, actual "
                               f"{agreed[r]}")
-        elif not skip_reduce:
-            want = reduce_over(self.stages, comp, locals_, op)
+        elif skip_reduce or (self.forward is not None and kind in FORWARDED_KINDS
+                             and self.forward(comp[0])[0] != comp[0]):
+            pass  # a later stage's forwarded ack count: check_forwarded_acks judges it
+        else:
+            want = reduce_over(self.stage_stages, comp, locals_, op)
             bad = [r for r in comp if tuple(agreed[r]) != want[r]]
             if bad:
-                groups = [list(f(bad[0])) for _n, f in self.stages]
+                groups = [list(f(bad[0])) for _n, f in self.stage_stages]
                 self.fail("reduce", f"{where} on ranks {bad}: locals {locals_} reduced with "
                           f"{op.upper()} over {groups} ({self.protocol}) expects "
                           f"{list(want[bad[0]])}, actual {agreed[bad[0]]}")
@@ -285,6 +299,26 @@ class Oracle:
                           f"{self.timeout_s:g} deadline; locals {locals_}, expected wait, "
                           f"actual {outcome}")
 
+    def check_forwarded_acks(self) -> None:
+        """0.5.13 under PP: the n-th agreed write (load) ack count of a later stage is the n-th
+        one its stage-0 counterpart agreed (recv of PP rank 0's value, in order)."""
+        if self.forward is None:
+            return
+        for r in sorted(self.results):
+            src = self.forward(r)[0]
+            if src == r or src not in self.results:
+                continue
+            for kind in FORWARDED_KINDS:
+                mine, theirs = (
+                    [e for e in self._entries(x, "scheduler")[0]
+                     if e[0] == kind and "write-back" not in str(e[4])] for x in (r, src))
+                for i, (e, f) in enumerate(zip(mine, theirs, strict=False)):
+                    if [int(v) for v in e[3]] != [int(v) for v in f[3]]:
+                        self.fail("reduce", f"{kind} #{i} on rank {r}: {self.protocol} forwards "
+                                  f"PP stage 0's count; local {list(e[2])}, rank {src} agreed "
+                                  f"{list(f[3])}, expected {list(f[3])}, actual {list(e[3])}")
+                        break
+
     # -- per-rank rules --------------------------------------------------------------------
     def check_inserts(self) -> None:
         for r, res in sorted(self.results.items()):
@@ -323,6 +357,7 @@ class Oracle:
 
     def run(self) -> list[tuple[str, str]]:
         self.check_agreements()
+        self.check_forwarded_acks()
         self.check_inserts()
         self.check_stops()
         return self.out

@@ -179,3 +179,33 @@ def test_decisions_without_a_collective_are_judged_locally(kind: str, protocol: 
     synced = s.with_(protocol="sglang-0.5.20")
     reduced = _logs(kind, {0: ([2], [2], "ack 2"), 1: ([3], [3], "ack 3")})
     assert "reduce" in {r for r, _ in check_oracle(synced, reduced)}
+
+
+def _pp_logs(kind: str, locals_: dict[int, list[int]], agreed: dict[int, list[int]]) -> list[dict]:
+    return [{"rank": r, "decisions": {"scheduler": [[kind, "", locals_[r], agreed[r], "x"]]},
+             "effects": {"scheduler": [list(agreed[r])]}} for r in locals_]
+
+
+def test_0_5_13_forwards_stage_0_only_for_the_ack_checks() -> None:
+    """1x2x2 (ranks 0, 1 = stage 0; 2, 3 = stage 1). writing_check / loading_check: a later
+    stage's agreed count is stage 0's (its own MIN would break the rule); the drain is agreed
+    inside each stage (stage 0's value on stage 1 breaks it)."""
+    s = load_scenario("write_acks").with_(layout="1x2x2", protocol="sglang-0.5.13")
+    locals_ = {0: [2], 1: [3], 2: [1], 3: [4]}
+    for kind in ("writing_check", "loading_check"):
+        forwarded = {0: [2], 1: [2], 2: [2], 3: [2]}
+        assert check_oracle(s, _pp_logs(kind, locals_, forwarded)) == []
+        per_stage = {0: [2], 1: [2], 2: [1], 3: [1]}
+        found = check_oracle(s, _pp_logs(kind, locals_, per_stage))
+        assert [r for r, _ in found] == ["reduce", "reduce"], found
+        assert "forwards PP stage 0's count" in found[0][1] and "on rank 2" in found[0][1]
+        # the same per-stage values are right under 0.5.11 (no PP agreement at all)
+        if kind == "writing_check":
+            assert check_oracle(s.with_(protocol="sglang-0.5.11"),
+                                _pp_logs(kind, locals_, per_stage)) == []
+    drain_locals = {r: [v[0], 0, 0] for r, v in locals_.items()}
+    per_stage = {0: [2, 0, 0], 1: [2, 0, 0], 2: [1, 0, 0], 3: [1, 0, 0]}
+    assert check_oracle(s, _pp_logs("drain", drain_locals, per_stage)) == []
+    forwarded = {r: [2, 0, 0] for r in range(4)}
+    found = check_oracle(s, _pp_logs("drain", drain_locals, forwarded))
+    assert {r for r, _ in found} == {"reduce"} and "on ranks [2, 3]" in found[0][1], found

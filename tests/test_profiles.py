@@ -76,7 +76,7 @@ def test_each_release_differs_from_the_next_in_what_the_table_says() -> None:
     assert p10.sync_groups == "tp_cache_group" != p11.sync_groups
     assert not p11.loading_check_agrees and p13.loading_check_agrees
     assert (p11.pp_agreement, p13.pp_agreement, p20.pp_agreement) == (
-        "none", "pp0_forwards", "in_groups")
+        "none", "pp0_forwards_acks", "in_groups")
     assert p13.prefetch_progress == "at_termination" != p20.prefetch_progress
 
 
@@ -125,8 +125,14 @@ def test_pp_agreement_per_release() -> None:
     g = ParallelGroups(tp=(0, 1), attn_tp=(0, 1), attn_cp=(0, 2), pp=(0, 4))
     assert sync_plan(g, "sglang-0.5.11") .pp_forward is None
     assert sync_plan(g, "sglang-0.5.11").all_reduce == [(0, 2), (0, 1)]
-    assert sync_plan(g, "sglang-0.5.13").pp_forward == (0, 4)
+    # 0.5.13: only writing_check / loading_check (`_all_reduce`) forward PP rank 0's value;
+    # every other agreement (`_all_reduce_attn_groups`) stays inside the stage
+    assert sync_plan(g, "sglang-0.5.13", acks=True).pp_forward == (0, 4)
+    assert sync_plan(g, "sglang-0.5.13").pp_forward is None
     assert sync_plan(g, "sglang-0.5.13").all_reduce == [(0, 2), (0, 1)]
+    assert sync_plan(g, "sglang-0.5.13", acks=True).all_reduce == [(0, 2), (0, 1)]
+    for other in ("sglang-0.5.10", "sglang-0.5.11", "sglang-0.5.20"):
+        assert sync_plan(g, other, acks=True) == sync_plan(g, other)
     assert sync_plan(g, "sglang-0.5.20").pp_forward is None
     assert sync_plan(g, "sglang-0.5.20").all_reduce == [(0, 2), (0, 1), (0, 4)]
 
@@ -141,6 +147,29 @@ def test_sglang_0_5_13_forwards_from_pp_rank_0() -> None:
         sched.cache.loading_check()
         assert coll.calls == [("all_reduce", "control", [1]),
                               ("forward from 0", "control_pp", [1])]
+        coll.calls.clear()
+        sched.cache.writing_check()
+        assert coll.calls[-1] == ("forward from 0", "control_pp", [1])
+        # the wheel's drain (`_all_reduce_attn_groups`) has no PP agreement: inside the stage
+        coll.calls.clear()
+        sched.cache.drain_storage_control_queues()
+        assert coll.calls == [("all_reduce", "control", [3])]
+        cc = sched.cache.cache_controller
+        assert cc.ack_sync is not cc.control_sync
+        assert cc.prefetch_hits_sync.plan.pp_forward is None
+    finally:
+        sched.shutdown()
+
+
+@pytest.mark.parametrize("protocol", ["sglang-0.5.10", "sglang-0.5.11", "sglang-0.5.20"])
+def test_ack_agreements_share_the_control_group_outside_0_5_13(protocol: str) -> None:
+    """Only 0.5.13 gives the write / load acks their own plan; elsewhere `ack_sync` is the very
+    `control_sync` (same groups, same collective log as before it existed)."""
+    groups = ParallelGroups(tp=(0,), attn_tp=(0,), attn_cp=(0, 1), pp=(0, 2))
+    sched, _coll = _cache(protocol, groups)
+    try:
+        cc = sched.cache.cache_controller
+        assert cc.ack_sync is cc.control_sync
     finally:
         sched.shutdown()
 
@@ -398,6 +427,9 @@ TABLE_DIVERGENCES = {  # (protocol, dp_attention, layout) -> invariant (benchmar
     ("sglang-0.5.10", False, "2x2x2"): "decisions",
     ("sglang-0.5.11", True, "2x2x2"): "decisions",
     ("sglang-0.5.11", False, "2x2x2"): "decisions",
+    # 0.5.13 forwards only the write / load acks: prefetch decisions are per stage
+    ("sglang-0.5.13", True, "2x2x2"): "decisions",
+    ("sglang-0.5.13", False, "2x2x2"): "decisions",
 }
 
 
