@@ -191,12 +191,14 @@ def test_sigkill_of_the_soaks_own_master_is_unknown(tmp_path: Path, capsys) -> N
     from scenarios.mooncake_master import master_pids
 
     killed: list[int] = []
+    # under pytest-xdist this process may already own a session fixture's master: not the soak's
+    before = set(master_pids())
 
     def kill_my_master() -> None:
         # inside the soak's 2-min budget; a loaded CI box can take a minute to the first run
         deadline = time.monotonic() + 110
         while time.monotonic() < deadline:
-            mine = [p for p in master_pids() if _parent(p) == os.getpid()]
+            mine = [p for p in master_pids() if _parent(p) == os.getpid() and p not in before]
             if mine and (tmp_path / "report.json").exists() and json.loads(
                     (tmp_path / "report.json").read_text()).get("runs", 0) >= 1:
                 os.kill(mine[0], signal.SIGKILL)
