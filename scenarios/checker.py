@@ -71,20 +71,25 @@ class Verdict:
                 "failures": self.failures, "stats": self.stats}
 
 
+def first_mismatch(a: list, b: list) -> tuple[int, Any, Any] | None:
+    """(index, value_a, value_b) where two logs first differ; a shorter log reads "<nothing>"."""
+    for i in range(max(len(a), len(b))):
+        va = a[i] if i < len(a) else "<nothing>"
+        vb = b[i] if i < len(b) else "<nothing>"
+        if va != vb:
+            return i, va, vb
+    return None
+
+
 def _first_diff(seqs: dict[int, list]) -> tuple[int, int, int, Any, Any] | None:
     """(index, rank_a, rank_b, value_a, value_b) of the first position where two ranks differ."""
     ranks = sorted(seqs)
     base = ranks[0]
     best = None
     for r in ranks[1:]:
-        a, b = seqs[base], seqs[r]
-        for i in range(max(len(a), len(b))):
-            va = a[i] if i < len(a) else "<nothing>"
-            vb = b[i] if i < len(b) else "<nothing>"
-            if va != vb:
-                if best is None or i < best[0]:
-                    best = (i, base, r, va, vb)
-                break
+        m = first_mismatch(seqs[base], seqs[r])
+        if m is not None and (best is None or m[0] < best[0]):
+            best = (m[0], base, r, m[1], m[2])
     return best
 
 

@@ -25,17 +25,14 @@ def _rows(results: list[dict]) -> dict[int, list[tuple]]:
 
 def first_difference(ref: list[dict], sgl: list[dict]) -> tuple[int, int, Any, Any] | None:
     """(rank, index, reference row, sglang row) of the earliest differing decision."""
+    from scenarios.checker import first_mismatch
+
     a, b = _rows(ref), _rows(sgl)
     best = None
     for rank in sorted(set(a) & set(b)):
-        x, y = a[rank], b[rank]
-        for i in range(max(len(x), len(y))):
-            vx = x[i] if i < len(x) else "<nothing>"
-            vy = y[i] if i < len(y) else "<nothing>"
-            if vx != vy:
-                if best is None or i < best[1]:
-                    best = (rank, i, vx, vy)
-                break
+        m = first_mismatch(a[rank], b[rank])
+        if m is not None and (best is None or m[0] < best[1]):
+            best = (rank, m[0], m[1], m[2])
     return best
 
 
