@@ -142,22 +142,42 @@ def _page_runs(pages: torch.Tensor) -> list[tuple[int, int, int]]:
     return runs
 
 
-def _host_pages(host: HostKVPool, h_idx: torch.Tensor) -> torch.Tensor:
-    return h_idx.view(-1, host.page_size)[:, 0].div(host.page_size, rounding_mode="floor")
+def _pages(idx: torch.Tensor, page_size: int) -> torch.Tensor:
+    """Page numbers of whole-page token indices (what PageAllocator hands out), in order.
+
+    Checked where it costs no device sync (indices on the CPU): a copy of part of a page would
+    otherwise move the wrong slots silently.
+    """
+    rows = idx.view(-1, page_size)
+    if rows.device.type == "cpu" and (
+        bool((rows[:, 0] % page_size).any())
+        or not torch.equal(rows, rows[:, :1] + torch.arange(page_size, dtype=rows.dtype))
+    ):
+        raise AllocatorError(f"copy of slots that are not whole pages of {page_size}")
+    return rows[:, 0].div(page_size, rounding_mode="floor")
+
+
+def _page_major(device: DeviceKVPool) -> torch.Tensor:
+    """The layer-first device pool seen page-first (pages x parts x layers x page_size x H x D).
+
+    A view, not a copy: gathering or scattering whole pages through it is one device pass that
+    does the layout transpose on the way, as SGLang's fused transfer kernels do.
+    """
+    b = device.buffer
+    return b.view(b.shape[0], b.shape[1], -1, device.page_size, *b.shape[3:]).permute(
+        2, 1, 0, 3, 4, 5
+    )
 
 
 def device_to_host(device: DeviceKVPool, host: HostKVPool, d_idx: torch.Tensor, h_idx: torch.Tensor):
-    """Copy token slots d_idx of the device pool into host slots h_idx (page-aligned).
+    """Copy the whole pages at token slots d_idx of the device pool into host slots h_idx.
 
-    The layer-first -> page-first transpose runs where the data is (on the GPU, as SGLang's
-    transfer kernels do), so each run of consecutive host pages is one copy into the pool.
+    One gather on the device puts the pages in the host pool's page-first layout, then each run
+    of consecutive host pages is one DMA into the (pinned) pool.
     """
     ps = host.page_size
-    pages = _host_pages(host, h_idx)
-    n = pages.numel()
-    src = device.buffer.index_select(2, d_idx.to(device.device))  # L x P x T x H x D
-    src = src.view(src.shape[0], src.shape[1], n, ps, *src.shape[3:])
-    src = src.permute(2, 1, 0, 3, 4, 5).contiguous()  # N x P x L x ps x H x D, still on device
+    pages = _pages(h_idx, ps)
+    src = _page_major(device).index_select(0, _pages(d_idx, ps).to(device.device))
     # blocking: the bytes must have arrived before the ack (on GPU this waits only for the
     # caller's copy stream, which is what the write ack measures anyway)
     for first, count, off in _page_runs(pages):
@@ -165,13 +185,13 @@ def device_to_host(device: DeviceKVPool, host: HostKVPool, d_idx: torch.Tensor, 
 
 
 def host_to_device(host: HostKVPool, device: DeviceKVPool, h_idx: torch.Tensor, d_idx: torch.Tensor):
-    """Copy host slots h_idx into device token slots d_idx (page-aligned): the pages go over as
-    they lie in the (pinned) pool, and the page-first -> layer-first transpose runs on the device."""
-    pages = _host_pages(host, h_idx)
-    parts = [host.buffer[first:first + count].to(device.device, non_blocking=True)
-             for first, count, _ in _page_runs(pages)]
-    src = parts[0] if len(parts) == 1 else torch.cat(parts)  # N x P x L x ps x H x D
-    src = src.permute(2, 1, 0, 3, 4, 5).reshape(
-        src.shape[2], src.shape[1], -1, *src.shape[4:]
-    )
-    device.buffer.index_copy_(2, d_idx.to(device.device), src)
+    """Copy host slots h_idx into the whole device pages at token slots d_idx: each run of
+    consecutive host pages is one DMA into a staging buffer, then one scatter on the device
+    writes them layer-first."""
+    ps = host.page_size
+    pages = _pages(h_idx, ps)
+    staged = torch.empty((pages.numel(), *host.buffer.shape[1:]), dtype=host.buffer.dtype,
+                         device=device.device)
+    for first, count, off in _page_runs(pages):
+        staged[off:off + count].copy_(host.buffer[first:first + count], non_blocking=True)
+    _page_major(device).index_copy_(0, _pages(d_idx, ps).to(device.device), staged)
