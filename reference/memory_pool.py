@@ -107,6 +107,8 @@ class DeviceKVPool:
             shape.layers, len(shape.parts), num_pages * page_size, shape.heads, shape.head_dim,
             dtype=shape.dtype, device=device,
         )
+        #: the same memory seen page-first, in words: what the host copies gather and scatter
+        self.page_major = _page_major(self.buffer, page_size)
 
 
 class HostKVPool:
@@ -120,6 +122,8 @@ class HostKVPool:
             num_pages, len(shape.parts), shape.layers, page_size, shape.heads, shape.head_dim,
             dtype=shape.dtype, pin_memory=pin,
         )
+        #: the same memory in words: what the device copies move
+        self.words = _as_words(self.buffer)
 
     def page_part(self, token_index: int, part: int) -> torch.Tensor:
         """The contiguous block holding one part of the page that starts at `token_index`."""
@@ -131,67 +135,91 @@ class HostKVPool:
         return [[self.page_part(s, p) for p in range(len(self.shape.parts))] for s in starts]
 
 
-def _page_runs(pages: torch.Tensor) -> list[tuple[int, int, int]]:
-    """(first host page, page count, offset) per run of consecutive host pages: one copy each."""
-    p = pages.tolist()
+def _page_runs(pages: list[int]) -> list[tuple[int, int, int]]:
+    """(first page, page count, offset) per run of consecutive pages: one copy each."""
     runs, start = [], 0
-    for i in range(1, len(p) + 1):
-        if i == len(p) or p[i] != p[i - 1] + 1:
-            runs.append((p[start], i - start, start))
+    for i in range(1, len(pages) + 1):
+        if i == len(pages) or pages[i] != pages[i - 1] + 1:
+            runs.append((pages[start], i - start, start))
             start = i
     return runs
 
 
-def _pages(idx: torch.Tensor, page_size: int) -> torch.Tensor:
-    """Page numbers of whole-page token indices (what PageAllocator hands out), in order.
+def _pages(idx: torch.Tensor, page_size: int) -> list[int]:
+    """Page numbers of whole-page token indices, in order (a short list: cheaper than tensor
+    ops at this size, which matters for small copies).
 
-    Checked where it costs no device sync (indices on the CPU): a copy of part of a page would
-    otherwise move the wrong slots silently.
+    Not checked here (it would cost more than a small copy): every index set comes from
+    PageAllocator, which hands out and takes back whole pages only, as SGLang's paged transfer
+    kernels also assume.
     """
-    rows = idx.view(-1, page_size)
-    if rows.device.type == "cpu" and (
-        bool((rows[:, 0] % page_size).any())
-        or not torch.equal(rows, rows[:, :1] + torch.arange(page_size, dtype=rows.dtype))
-    ):
-        raise AllocatorError(f"copy of slots that are not whole pages of {page_size}")
-    return rows[:, 0].div(page_size, rounding_mode="floor")
+    return [t // page_size for t in idx[::page_size].tolist()]
 
 
-def _page_major(device: DeviceKVPool) -> torch.Tensor:
-    """The layer-first device pool seen page-first (pages x parts x layers x page_size x H x D).
+def _as_words(t: torch.Tensor) -> torch.Tensor:
+    """The same bytes seen as the widest integers that tile a row: copy kernels move elements,
+    so 8-byte words move a page in a quarter of the steps fp16 takes (measured on H200: the
+    device pass of a 64 KiB page part went from 31 to 26 us, at 1 MiB from 197 to 91 us)."""
+    row = t.shape[-1] * t.element_size()
+    for word in (torch.int64, torch.int32, torch.int16):
+        if row % word.itemsize == 0:
+            return t.view(word)
+    return t
+
+
+def _page_major(buffer: torch.Tensor, page_size: int) -> torch.Tensor:
+    """A layer-first device pool seen page-first (pages x parts x layers x page_size x H x D).
 
     A view, not a copy: gathering or scattering whole pages through it is one device pass that
     does the layout transpose on the way, as SGLang's fused transfer kernels do.
     """
-    b = device.buffer
-    return b.view(b.shape[0], b.shape[1], -1, device.page_size, *b.shape[3:]).permute(
-        2, 1, 0, 3, 4, 5
-    )
+    b = _as_words(buffer)
+    return b.view(b.shape[0], b.shape[1], -1, page_size, *b.shape[3:]).permute(2, 1, 0, 3, 4, 5)
+
+
+def _device_pages(device: DeviceKVPool, d_idx: torch.Tensor) -> slice | torch.Tensor:
+    """The device pages to gather or scatter: a slice when they are consecutive (no index
+    tensor crosses to the GPU), else their numbers on the device."""
+    p = _pages(d_idx, device.page_size)
+    if p == list(range(p[0], p[0] + len(p))):
+        return slice(p[0], p[0] + len(p))
+    return torch.tensor(p, dtype=torch.int64).to(device.device, non_blocking=True)
 
 
 def device_to_host(device: DeviceKVPool, host: HostKVPool, d_idx: torch.Tensor, h_idx: torch.Tensor):
     """Copy the whole pages at token slots d_idx of the device pool into host slots h_idx.
 
-    One gather on the device puts the pages in the host pool's page-first layout, then each run
+    One pass on the device puts the pages in the host pool's page-first layout, then each run
     of consecutive host pages is one DMA into the (pinned) pool.
     """
-    ps = host.page_size
-    pages = _pages(h_idx, ps)
-    src = _page_major(device).index_select(0, _pages(d_idx, ps).to(device.device))
+    which = _device_pages(device, d_idx)
+    pm = device.page_major
+    src = pm[which] if isinstance(which, slice) else pm.index_select(0, which)
     # blocking: the bytes must have arrived before the ack (on GPU this waits only for the
     # caller's copy stream, which is what the write ack measures anyway)
-    for first, count, off in _page_runs(pages):
-        host.buffer[first:first + count].copy_(src[off:off + count])
+    runs = _page_runs(_pages(h_idx, host.page_size))
+    if len(runs) == 1:
+        host.words[runs[0][0]:runs[0][0] + runs[0][1]].copy_(src)
+        return
+    for first, count, off in runs:
+        host.words[first:first + count].copy_(src[off:off + count])
 
 
 def host_to_device(host: HostKVPool, device: DeviceKVPool, h_idx: torch.Tensor, d_idx: torch.Tensor):
     """Copy host slots h_idx into the whole device pages at token slots d_idx: each run of
-    consecutive host pages is one DMA into a staging buffer, then one scatter on the device
+    consecutive host pages is one DMA into a staging buffer, then one pass on the device
     writes them layer-first."""
-    ps = host.page_size
-    pages = _pages(h_idx, ps)
-    staged = torch.empty((pages.numel(), *host.buffer.shape[1:]), dtype=host.buffer.dtype,
-                         device=device.device)
-    for first, count, off in _page_runs(pages):
-        staged[off:off + count].copy_(host.buffer[first:first + count], non_blocking=True)
-    _page_major(device).index_copy_(0, _pages(d_idx, ps).to(device.device), staged)
+    runs = _page_runs(_pages(h_idx, host.page_size))
+    if len(runs) == 1:
+        first, count, _ = runs[0]
+        staged = host.words[first:first + count].to(device.device, non_blocking=True)
+    else:
+        staged = torch.empty((sum(r[1] for r in runs), *host.words.shape[1:]),
+                             dtype=host.words.dtype, device=device.device)
+        for first, count, off in runs:
+            staged[off:off + count].copy_(host.words[first:first + count], non_blocking=True)
+    which = _device_pages(device, d_idx)
+    if isinstance(which, slice):
+        device.page_major[which].copy_(staged)
+    else:
+        device.page_major.index_copy_(0, which, staged)

@@ -267,16 +267,3 @@ def test_page_parts_order_matches_shape() -> None:
     assert len(parts) == 2 and all(len(p) == len(shape.parts) == 2 for p in parts)
     assert bool((parts[0][1] == 7).all()) and not parts[0][0].any() and not parts[1][1].any()
 
-
-@pytest.mark.parametrize("bad", [[1, 2, 3, 4], [0, 1, 3, 2]], ids=["shifted", "shuffled"])
-def test_copy_of_part_of_a_page_raises(bad: list[int]) -> None:
-    """The copies move whole pages; indices that are not whole pages must not copy wrong slots."""
-    shape = KVShape()
-    device = DeviceKVPool(shape, 4, PS, torch.device("cpu"))
-    host = HostKVPool(shape, 4, PS, pin=False)
-    idx = torch.tensor(bad)  # PS slots, but not one whole page
-    good = torch.arange(PS)
-    with pytest.raises(AllocatorError, match="not whole pages"):
-        device_to_host(device, host, idx, good)
-    with pytest.raises(AllocatorError, match="not whole pages"):
-        host_to_device(host, device, good, idx)
