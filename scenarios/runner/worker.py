@@ -38,7 +38,7 @@ __all__ = ["Diagnosis", "RankContext", "RankGroups", "RankStatus", "main"]
 ENV_ADDRESS = "CPCHECK_POOL_ADDRESS"
 ENV_AUTHKEY = "CPCHECK_POOL_AUTHKEY"
 
-#: Exit codes the controller recognises in torchrun's failure summary.
+#: Exit codes of a worker that leaves by itself (torch elastic's failure record carries them).
 EXIT_BAD_SETUP = 3
 EXIT_ORPHANED = 4
 
@@ -347,7 +347,19 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Worker entry point; returns the process exit code."""
+    """Worker entry point; returns the process exit code.
+
+    Runs under torch elastic's ``@record``: an exception that escapes writes the error file
+    torchrun named in ``TORCHELASTIC_ERROR_FILE``, so its traceback reaches the controller's
+    ``RankPoolStartError`` / ``RankDiedError`` through the launcher's failure record.
+    """
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    code = record(_main)(argv)
+    return 0 if code is None else code
+
+
+def _main(argv: list[str] | None) -> int:
     args = _parse_args(argv)
     try:
         rank = int(os.environ["RANK"])
