@@ -924,7 +924,8 @@ def _note_failures(exc: BaseException, report: FailureReport) -> None:
     lines = ["failed ranks (torch elastic, root cause first):"]
     for r in order:
         f: RankFailure = report.failures[r]
-        lines.append(f"  rank {r} (pid {f.pid}): {f.describe()}: {f.message}")
+        said = f": {f.message}" if f.traceback or f.exitcode < 0 else ""  # else torch's filler
+        lines.append(f"  rank {r} (pid {f.pid}): {f.describe()}{said}")
     _add_note(exc, "\n".join(lines))
     if report.first.traceback:
         _add_note(exc, f"--- rank {report.root_cause} traceback ---\n{report.first.traceback.rstrip()}")
