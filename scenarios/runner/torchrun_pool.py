@@ -3,13 +3,16 @@
 Why a pool: starting torchrun and importing torch on every rank costs seconds, a job round trip
 costs about a millisecond, and a property-based search runs hundreds of examples.
 
-Lifecycle: :meth:`RankPool.start` launches ``python -m torch.distributed.run ... -m
-scenarios.runner.worker`` in its own session, each worker connects back twice (job + control
-connection) over ``multiprocessing.connection`` with a random authkey. :meth:`RankPool.run` sends
-one job to every rank and returns the results in rank order. A job error on some rank raises
-:class:`RankJobError` and keeps the pool. A timeout (:class:`RankTimeoutError`, with every
-stuck rank's own status line and stacks), a dead rank (:class:`RankDiedError`) or a
-KeyboardInterrupt tear the pool down: every worker and torchrun are killed and waited for. The
+Lifecycle: :meth:`RankPool.start` launches ``python -m scenarios.runner.launch ... -m
+scenarios.runner.worker`` (torchrun's own parser and ``run``, see :mod:`.launch`) in its own
+session; each worker connects back twice (job + control connection) to a
+``multiprocessing.connection.Listener`` with a random authkey, accepted by a daemon thread so a
+silent stray client cannot wedge the start. :meth:`RankPool.run` sends one job to every rank and
+returns the results in rank order. A job error on some rank raises :class:`RankJobError` and
+keeps the pool. A timeout (:class:`RankTimeoutError`, with every stuck rank's own status line and
+stacks), a dead rank (:class:`RankDiedError`, its rank and exit code taken from torch elastic's
+failure record that the launcher writes, never from log text) or a KeyboardInterrupt tear the
+pool down: every worker and torchrun are killed and waited for (process trees via psutil). The
 pool does NOT restart by itself (per-rank state set up by earlier jobs would silently vanish);
 ``run`` then raises :class:`PoolNotRunningError` until you call :meth:`RankPool.start` again.
 
