@@ -292,6 +292,8 @@ class _Acceptor:
                 conn = self.listener.accept()
             except Exception:  # a stray or wrong authkey, a reaped handshake, or close()
                 self._done_peer = self._peer()
+                if not self._closing:
+                    time.sleep(0.01)  # never spin if accept(2) itself keeps failing (EMFILE)
                 continue
             self._done_peer = self._peer()
             hello = self._read_hello(conn)
@@ -782,12 +784,12 @@ class RankPool:
             f = report.first
             rank, code = f.rank, f.exitcode
             msg = f"rank {rank} (pid {f.pid}) died ({f.describe()}) during job '{name}'"
-        elif rc is not None and rc != 0:
+        elif (rc is not None and rc != 0) or first_rank is None:
             rank, code = None, None
             msg = f"torchrun (pid {self.torchrun_pid}) exited ({_describe_exit(rc)}) during job '{name}'"
         else:  # torchrun still running (or exited 0): all we know is which connection closed
             rank, code = first_rank, None
-            pid = self._ranks[rank].info.pid if rank is not None and rank < len(self._ranks) else "?"
+            pid = self._ranks[rank].info.pid if rank < len(self._ranks) else "?"
             msg = f"rank {rank} (pid {pid}) died ({_describe_exit(code)}) during job '{name}'"
         msg += "; pool torn down, call start() to run again"
         tail = self.log_tail(15)
