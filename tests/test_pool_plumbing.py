@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -34,6 +35,7 @@ pytestmark = pytest.mark.cp
 
 JOBS = "scenarios.runner.jobs_builtin"
 ACCEPT_THREAD = "cpcheck-pool-accept"
+NOTES = sys.version_info >= (3, 11)  # exception notes (the failure record's details) are 3.11+
 
 
 def _accept_threads() -> list[threading.Thread]:
@@ -125,9 +127,10 @@ def test_sigkilled_rank_is_named_with_its_signal(pool_1x2: RankPool) -> None:
     assert str(err).startswith(
         f"rank 1 (pid {pids[2]}) died (killed by SIGKILL) during job '{JOBS}:signal_on_rank'"
     )
-    notes = "\n".join(getattr(err, "__notes__", []))
-    assert "failed ranks (torch elastic, root cause first):\n  rank 1 (pid" in notes
-    assert "torchrun log" not in notes  # the log was blanked: nothing was read from it
+    if NOTES:
+        notes = "\n".join(err.__notes__)
+        assert "failed ranks (torch elastic, root cause first):\n  rank 1 (pid" in notes
+        assert "torchrun log" not in notes  # the log was blanked: nothing was read from it
     assert not pool_1x2.running
     _assert_gone(pool_id, pids)
 
@@ -149,9 +152,10 @@ def test_worker_exception_traceback_reaches_the_start_error() -> None:
     msg = str(info.value)
     assert "torchrun exited with code 1 after 0 of 2 ranks connected; rank " in msg
     assert "failed first (exit code 1): RuntimeError: " in msg and "nosuchif0" in msg
-    notes = "\n".join(getattr(info.value, "__notes__", []))
-    assert "traceback ---\nTraceback (most recent call last):" in notes
-    assert "init_process_group" in notes  # the worker's own frame, from its @record error file
+    if NOTES:
+        notes = "\n".join(info.value.__notes__)
+        assert "traceback ---\nTraceback (most recent call last):" in notes
+        assert "init_process_group" in notes  # the worker's own frame, from its @record file
     assert pool.torchrun_pid is None
     _assert_gone(pool.pool_id, [])
 
