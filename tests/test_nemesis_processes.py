@@ -7,14 +7,16 @@ import subprocess
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from scenarios.nemesis import Nemesis, Window
 
 
 def _state(pid: int) -> str:
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    return stat[stat.rfind(")") + 2:].split()[0]
+    """"T" while the process is stopped (SIGSTOP), else psutil's status name."""
+    status = psutil.Process(pid).status()
+    return "T" if status == psutil.STATUS_STOPPED else status
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ so they pickle anywhere. Group names accepted where a ``group`` is asked for: ``
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +25,7 @@ __all__ = [
     "ping",
     "raise_before_collective_on_rank",
     "raise_on_rank",
+    "signal_on_rank",
     "sleep_forever_on_rank",
 ]
 
@@ -115,4 +117,14 @@ def exit_on_rank(ctx: RankContext, payload: dict[str, Any]) -> int:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(int(payload.get("code", 3)))
+    return ctx.rank
+
+
+def signal_on_rank(ctx: RankContext, payload: dict[str, Any]) -> int:
+    """Rank ``payload["rank"]`` sends itself ``payload["signal"]`` (default SIGKILL) mid-job."""
+    if ctx.rank == payload.get("rank", 0):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.kill(os.getpid(), int(payload.get("signal", signal.SIGKILL)))
+        signal.pause()  # a signal that does not kill at once still never lets the job return
     return ctx.rank

@@ -3,13 +3,16 @@
 Why a pool: starting torchrun and importing torch on every rank costs seconds, a job round trip
 costs about a millisecond, and a property-based search runs hundreds of examples.
 
-Lifecycle: :meth:`RankPool.start` launches ``python -m torch.distributed.run ... -m
-scenarios.runner.worker`` in its own session, each worker connects back twice (job + control
-connection) over ``multiprocessing.connection`` with a random authkey. :meth:`RankPool.run` sends
-one job to every rank and returns the results in rank order. A job error on some rank raises
-:class:`RankJobError` and keeps the pool. A timeout (:class:`RankTimeoutError`, with every
-stuck rank's own status line and stacks), a dead rank (:class:`RankDiedError`) or a
-KeyboardInterrupt tear the pool down: every worker and torchrun are killed and waited for. The
+Lifecycle: :meth:`RankPool.start` launches ``python -m scenarios.runner.launch ... -m
+scenarios.runner.worker`` (torchrun's own parser and ``run``, see :mod:`.launch`) in its own
+session; each worker connects back twice (job + control connection) to a
+``multiprocessing.connection.Listener`` with a random authkey, accepted by a daemon thread so a
+silent stray client cannot wedge the start. :meth:`RankPool.run` sends one job to every rank and
+returns the results in rank order. A job error on some rank raises :class:`RankJobError` and
+keeps the pool. A timeout (:class:`RankTimeoutError`, with every stuck rank's own status line and
+stacks), a dead rank (:class:`RankDiedError`, its rank and exit code taken from torch elastic's
+failure record that the launcher writes, never from log text) or a KeyboardInterrupt tear the
+pool down: every worker and torchrun are killed and waited for (process trees via psutil). The
 pool does NOT restart by itself (per-rank state set up by earlier jobs would silently vanish);
 ``run`` then raises :class:`PoolNotRunningError` until you call :meth:`RankPool.start` again.
 
@@ -26,24 +29,28 @@ import contextlib
 import itertools
 import os
 import pickle
+import queue
 import re
 import secrets
 import shutil
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from multiprocessing.connection import Connection, answer_challenge, deliver_challenge, wait
+from multiprocessing.connection import Connection, Listener, wait
 from pathlib import Path
 from typing import Any, Literal, NoReturn
 
+import psutil
+
 from scenarios.layout import Layout
+from scenarios.runner.launch import ENV_FAILURES, FailureReport, RankFailure, read_failures
 from scenarios.runner.worker import ENV_ADDRESS, ENV_AUTHKEY, Diagnosis
 
 __all__ = [
@@ -65,9 +72,11 @@ Device = Literal["auto", "cpu", "cuda"]
 
 _REPO_ROOT = Path(__file__).resolve().parents[2]
 _WORKER_MODULE = "scenarios.runner.worker"
+_LAUNCH_MODULE = "scenarios.runner.launch"  # torchrun + a JSON record of failed ranks
 _POLL_S = 0.5  # slice for waits, so a dead torchrun is noticed while results are awaited
 _ERROR_GRACE_S = 5.0  # after a rank errors, how long the other ranks get to finish
 _DIAGNOSE_TIMEOUT_S = 3.0
+_HANDSHAKE_TIMEOUT_S = 10.0  # a connection still silent after this is a stray: shut it down
 _LOG_TAIL_LINES = 25
 
 
@@ -168,85 +177,180 @@ def _port_in_use(port: int) -> bool:
     return False
 
 
-def _bind_listener(attempts: int = 5) -> socket.socket:
-    """Listening socket on a kernel-chosen free port of 127.0.0.1 (retry on EADDRINUSE)."""
-    last: OSError | None = None
-    for _ in range(attempts):
-        try:
-            return socket.create_server(("127.0.0.1", 0), backlog=64)
-        except OSError as exc:  # pragma: no cover - only under ephemeral-port exhaustion
-            last = exc
-            time.sleep(0.05)
-    raise RankPoolStartError(f"cannot bind a free port on 127.0.0.1: {last}")
-
-
-def _set_rcvtimeo(sock: socket.socket, seconds: float) -> None:
-    """Kernel-level receive timeout, which still applies after the fd moves to a Connection."""
-    sec = int(seconds)
-    usec = int((seconds - sec) * 1e6)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", sec, usec))
-
-
-def _proc_table() -> dict[int, tuple[int, str]]:
-    """pid -> (ppid, state) from /proc (Linux)."""
-    table: dict[int, tuple[int, str]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                stat = f.read().decode(errors="replace")
-        except OSError:
-            continue
-        rest = stat[stat.rfind(")") + 2 :].split()
-        if len(rest) >= 2:
-            table[int(entry)] = (int(rest[1]), rest[0])
-    return table
-
-
-def _descendants(root: int) -> list[int]:
-    table = _proc_table()
-    children: dict[int, list[int]] = {}
-    for pid, (ppid, _) in table.items():
-        children.setdefault(ppid, []).append(pid)
-    out: list[int] = []
-    todo = list(children.get(root, []))
-    while todo:
-        pid = todo.pop()
-        out.append(pid)
-        todo.extend(children.get(pid, []))
-    return out
-
-
-def _cmdline_has(pid: int, token: str) -> bool:
+def _live(proc: psutil.Process) -> bool:
+    """Running and not a zombie (a zombie has exited; only its parent's wait is missing)."""
     try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return token.encode() in f.read()
-    except OSError:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs and is not a zombie."""
+    try:
+        return _live(psutil.Process(pid))
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _wait_gone(procs: Iterable[psutil.Process], timeout_s: float) -> list[psutil.Process]:
+    """Wait until every process has exited (zombies count as exited); return those still live."""
+    live = list(procs)
+    deadline = time.monotonic() + timeout_s
+    while live:
+        live = [p for p in live if _live(p)]
+        if not live or time.monotonic() >= deadline:
+            break
+        psutil.wait_procs(live, timeout=0.05)  # returns early for our own children
+    return live
+
+
+def _carries_token(proc: psutil.Process, token: str) -> bool:
+    try:
+        return token in proc.cmdline()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
         return False
 
 
 def pool_processes(pool_id: str) -> list[int]:
     """Live (non-zombie) processes whose command line carries this pool id: torchrun + workers."""
+    token = f"--pool-id={pool_id}"
+    me = os.getpid()
     live = []
-    for pid, (_, state) in _proc_table().items():
-        if state != "Z" and pid != os.getpid() and _cmdline_has(pid, f"--pool-id={pool_id}"):
-            live.append(pid)
+    for proc in psutil.process_iter(["cmdline", "status"]):
+        if proc.pid == me or proc.info["status"] in (None, psutil.STATUS_ZOMBIE):
+            continue
+        if token in (proc.info["cmdline"] or ()):
+            live.append(proc.pid)
     return sorted(live)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read().decode(errors="replace")
-    except OSError:
-        return False
-    return stat[stat.rfind(")") + 2 :].split()[0] != "Z"
+def _shutdown_sockets(port: int, peer: tuple[str, int] | None) -> int:
+    """shutdown(2) this process's TCP socket on ``127.0.0.1:port``: the listening one when
+    ``peer`` is None, else the connection accepted from ``peer``.
+
+    Why: a thread blocked in accept(2) or in a handshake's read on a socket is woken by
+    shutdown(2) but not by close(2). psutil finds the socket's fd; the fd is checked again after
+    dup so a number reused in between is left alone. Returns how many sockets were shut down.
+    """
+    done = 0
+    for c in psutil.Process().net_connections(kind="tcp4"):
+        if c.fd < 0 or not c.laddr or c.laddr.port != port:
+            continue
+        if peer is None and c.status != psutil.CONN_LISTEN:
+            continue
+        if peer is not None and (not c.raddr or tuple(c.raddr) != tuple(peer)):
+            continue
+        try:
+            sock = socket.socket(fileno=os.dup(c.fd))
+        except OSError:
+            continue
+        with sock:
+            try:
+                if sock.getsockname()[1] != port:
+                    continue
+                if peer is not None and sock.getpeername() != tuple(peer):
+                    continue
+                sock.shutdown(socket.SHUT_RDWR)
+                done += 1
+            except OSError:
+                continue
+    return done
 
 
-_FAILURE_RE = re.compile(
-    r"rank\s*:\s*(\d+)\s*\(local_rank:\s*\d+\)\s*\n\s*exitcode\s*:\s*(-?\d+)\s*\(pid:\s*(\d+)\)"
-)
+class _Acceptor:
+    """``Listener.accept`` and each worker's hello in a daemon thread, feeding a queue.
+
+    Why a thread: ``Listener.accept`` blocks in accept(2) and then in the authkey handshake,
+    which never returns when a stray client connects and stays silent. The pool's main thread
+    reads the queue in ``_POLL_S`` slices (so it notices torchrun's exit and its own deadline)
+    and calls :meth:`reap_stuck`, which shuts down a connection that has sat in the handshake
+    for ``_HANDSHAKE_TIMEOUT_S``; :meth:`close` wakes and joins the thread.
+    """
+
+    def __init__(self, authkey: bytes, n_expected: int) -> None:
+        self.listener = Listener(("127.0.0.1", 0), authkey=authkey, backlog=max(64, n_expected))
+        self.address: tuple[str, int] = self.listener.address  # type: ignore[assignment]
+        self.hellos: queue.SimpleQueue[tuple[Connection, tuple[Any, ...]]] = queue.SimpleQueue()
+        self._closing = False
+        self._done_peer: Any = None  # peer of the last accept() that returned or raised
+        self._stuck: tuple[Any, float] | None = None  # (peer, since) seen mid-handshake
+        self.thread = threading.Thread(
+            target=self._serve, name=f"cpcheck-pool-accept-{self.address[1]}", daemon=True
+        )
+        self.thread.start()
+
+    def _peer(self) -> Any:
+        try:
+            return self.listener.last_accepted
+        except AttributeError:  # listener closed
+            return None
+
+    def _serve(self) -> None:
+        while not self._closing:
+            try:
+                conn = self.listener.accept()
+            except Exception:  # a stray or wrong authkey, a reaped handshake, or close()
+                self._done_peer = self._peer()
+                if not self._closing:
+                    time.sleep(0.01)  # never spin if accept(2) itself keeps failing (EMFILE)
+                continue
+            self._done_peer = self._peer()
+            hello = self._read_hello(conn)
+            if hello is None or self._closing:
+                conn.close()
+                continue
+            self.hellos.put((conn, hello))
+
+    def _read_hello(self, conn: Connection) -> tuple[Any, ...] | None:
+        """The worker's ``("hello", kind, rank, pid, device)``, sent right after the handshake."""
+        deadline = time.monotonic() + _HANDSHAKE_TIMEOUT_S
+        try:
+            while not conn.poll(_POLL_S):
+                if self._closing or time.monotonic() > deadline:
+                    return None
+            hello = conn.recv()
+        except Exception:  # died mid-hello; torchrun's exit is noticed by the main thread
+            return None
+        ok = isinstance(hello, tuple) and len(hello) == 5 and hello[0] == "hello"
+        return hello if ok and hello[1] in ("job", "ctl") and isinstance(hello[2], int) else None
+
+    def get(self, timeout_s: float) -> tuple[Connection, tuple[Any, ...]] | None:
+        try:
+            return self.hellos.get(timeout=timeout_s)
+        except queue.Empty:
+            return None
+
+    def reap_stuck(self) -> None:
+        """Shut down the connection the thread has been handshaking with for too long."""
+        peer = self._peer()
+        if peer is None or peer == self._done_peer:
+            self._stuck = None
+            return
+        now = time.monotonic()
+        if self._stuck is None or self._stuck[0] != peer:
+            self._stuck = (peer, now)
+        elif now - self._stuck[1] >= _HANDSHAKE_TIMEOUT_S:
+            _shutdown_sockets(self.address[1], peer)
+            self._stuck = None
+
+    def close(self) -> None:
+        """Stop the thread (wake it from accept(2) or a handshake), close the port, drain."""
+        self._closing = True
+        port = self.address[1]
+        with contextlib.suppress(OSError, psutil.Error):
+            _shutdown_sockets(port, None)
+            peer = self._peer()
+            if peer is not None and peer != self._done_peer:
+                _shutdown_sockets(port, peer)
+        self.thread.join(timeout=5.0)
+        self.listener.close()
+        while True:
+            try:
+                conn, _ = self.hellos.get_nowait()
+            except queue.Empty:
+                break
+            conn.close()
 
 
 def _describe_exit(code: int | None) -> str:
@@ -333,7 +437,7 @@ class RankPool:
 
         self.pool_id = ""
         self._proc: subprocess.Popen[bytes] | None = None
-        self._listener: socket.socket | None = None
+        self._acceptor: _Acceptor | None = None
         self._ranks: list[_Rank] = []
         self._log_dir: str | None = None
         self._tmp_dir: str | None = None  # TMPDIR of torchrun and its workers, removed at teardown
@@ -411,10 +515,8 @@ class RankPool:
     def _launch(self) -> None:
         self.pool_id = secrets.token_hex(6)
         authkey = secrets.token_bytes(32)
-        self._authkey = authkey
-        self._listener = _bind_listener()
-        self._listener.settimeout(_POLL_S)
-        host, port = self._listener.getsockname()[:2]
+        self._acceptor = _Acceptor(authkey, 2 * self.world_size)
+        host, port = self._acceptor.address
         if self.keep_log_dir is not None:
             os.makedirs(self.keep_log_dir, exist_ok=True)
             self._log_dir = self.keep_log_dir
@@ -443,11 +545,12 @@ class RankPool:
                 env[key] = str(value)
         env[ENV_ADDRESS] = f"{host}:{port}"
         env[ENV_AUTHKEY] = authkey.hex()
+        env[ENV_FAILURES] = self._failures_path()
 
         cmd = [
             self.python,
             "-m",
-            "torch.distributed.run",
+            _LAUNCH_MODULE,
             "--nnodes=1",
             f"--nproc-per-node={self.world_size}",
             "--rdzv-backend=c10d",
@@ -476,7 +579,7 @@ class RankPool:
             self._atexit_registered = True
 
     def _accept_all(self) -> None:
-        assert self._listener is not None and self._proc is not None
+        assert self._acceptor is not None and self._proc is not None
         n = self.world_size
         deadline = time.monotonic() + self.start_timeout_s
         job: dict[int, tuple[Connection, RankInfo]] = {}
@@ -485,31 +588,18 @@ class RankPool:
             while len(job) < n or len(ctl) < n:
                 code = self._proc.poll()
                 if code is not None:
-                    raise RankPoolStartError(
-                        f"pool '{self.layout}' failed to start: torchrun exited with code {code} "
-                        f"after {len(job)} of {n} ranks connected"
-                    )
+                    self._raise_start_failed(code, len(job))
                 if time.monotonic() > deadline:
                     missing = sorted(set(range(n)) - set(job))
                     raise RankPoolStartError(
                         f"pool '{self.layout}' did not start in {self.start_timeout_s:g} s: "
                         f"{len(job)} of {n} ranks connected (missing {missing})"
                     )
-                try:
-                    sock, _ = self._listener.accept()
-                except TimeoutError:
+                got = self._acceptor.get(_POLL_S)
+                self._acceptor.reap_stuck()
+                if got is None:
                     continue
-                conn = self._handshake(sock)
-                if conn is None:
-                    continue
-                try:
-                    hello = conn.recv() if conn.poll(10.0) else None
-                except Exception:  # died mid-hello; torchrun's exit is noticed on the next loop
-                    hello = None
-                if not (isinstance(hello, tuple) and len(hello) == 5 and hello[0] == "hello"):
-                    conn.close()
-                    continue
-                _, kind, rank, pid, device = hello
+                conn, (_, kind, rank, pid, device) = got
                 target = job if kind == "job" else ctl
                 if not 0 <= rank < n or rank in target:
                     conn.close()
@@ -528,23 +618,32 @@ class RankPool:
             entry.job_conn, entry.ctl_conn = job[r][0], ctl[r]
             ranks.append(entry)
         self._ranks = ranks
-        self._listener.close()  # every rank is in; free the port now
-        self._listener = None
+        self._acceptor.close()  # every rank is in; free the port and the thread now
+        self._acceptor = None
 
-    def _handshake(self, sock: socket.socket) -> Connection | None:
-        """multiprocessing's authkey challenge, both ways (what ``Listener.accept`` does)."""
-        sock.setblocking(True)
-        _set_rcvtimeo(sock, 10.0)  # a stray client that never answers cannot wedge start()
-        conn = Connection(sock.detach())
-        try:
-            deliver_challenge(conn, self._authkey)
-            answer_challenge(conn, self._authkey)
-        except Exception:
-            conn.close()
-            return None
-        with socket.fromfd(conn.fileno(), socket.AF_INET, socket.SOCK_STREAM) as dup:
-            _set_rcvtimeo(dup, 0.0)  # back to blocking reads (always preceded by poll/wait)
-        return conn
+    def _raise_start_failed(self, code: int, connected: int) -> NoReturn:
+        msg = (
+            f"pool '{self.layout}' failed to start: torchrun exited with code {code} "
+            f"after {connected} of {self.world_size} ranks connected"
+        )
+        report = self._failures()
+        if report is not None:
+            f = report.first
+            msg += f"; rank {f.rank} (pid {f.pid}) failed first ({f.describe()})"
+            if f.traceback:
+                msg += f": {f.message}"
+        exc = RankPoolStartError(msg)
+        if report is not None:
+            _note_failures(exc, report)
+        raise exc
+
+    def _failures_path(self) -> str:
+        assert self._tmp_dir is not None
+        return os.path.join(self._tmp_dir, "rank-failures.json")
+
+    def _failures(self) -> FailureReport | None:
+        """The launcher's record of failed ranks, once torchrun has exited after a failure."""
+        return read_failures(self._failures_path()) if self._tmp_dir is not None else None
 
     # -- run -------------------------------------------------------------------------------
 
@@ -667,34 +766,39 @@ class RankPool:
         raise exc
 
     def _raise_died(self, name: str, first_rank: int | None) -> NoReturn:
-        """Collect exit codes from torchrun's failure summary, tear down, raise RankDiedError."""
+        """Tear down and raise RankDiedError with the root cause from torch elastic's record.
+
+        torchrun (our launcher) notices the dead worker, stops the others and writes every failed
+        rank's exit code and pid before it exits; the first failure by torch's timestamp is the
+        root cause, whatever order we saw the connections close in. Without that record torchrun
+        itself died (its workers then exit as orphans): ``rank=None``.
+        """
         proc = self._proc
         if proc is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=10.0)  # torchrun reaps the rest and prints who failed
-        tail = self.log_tail(200)
-        codes = {int(m.group(1)): int(m.group(2)) for m in _FAILURE_RE.finditer(tail)}
-        cause = tail.rfind("Root Cause")
-        root = _FAILURE_RE.search(tail, cause) if cause >= 0 else None
+                proc.wait(timeout=10.0)  # torchrun reaps the rest and writes who failed
+        report = self._failures()
         rc = proc.poll() if proc is not None else None
-        rank: int | None = first_rank
-        if root is not None:
-            rank = int(root.group(1))  # torchrun's first observed failure beats our EOF order
-        elif codes:
-            rank = min(codes)
-        elif rc is not None and rc != 0:
-            rank = None  # torchrun itself died (its workers then exit as orphans)
-        code = codes.get(rank) if rank is not None else None
-        if rank is None:
+        rank: int | None
+        if report is not None:
+            f = report.first
+            rank, code = f.rank, f.exitcode
+            msg = f"rank {rank} (pid {f.pid}) died ({f.describe()}) during job '{name}'"
+        elif (rc is not None and rc != 0) or first_rank is None:
+            rank, code = None, None
             msg = f"torchrun (pid {self.torchrun_pid}) exited ({_describe_exit(rc)}) during job '{name}'"
-        else:
+        else:  # torchrun still running (or exited 0): all we know is which connection closed
+            rank, code = first_rank, None
             pid = self._ranks[rank].info.pid if rank < len(self._ranks) else "?"
             msg = f"rank {rank} (pid {pid}) died ({_describe_exit(code)}) during job '{name}'"
         msg += "; pool torn down, call start() to run again"
+        tail = self.log_tail(15)
         self._teardown(graceful=False, reason=msg)
         exc = RankDiedError(msg, rank, code)
+        if report is not None:
+            _note_failures(exc, report)
         if tail:
-            _add_note(exc, "torchrun log (last lines):\n" + "\n".join(tail.splitlines()[-15:]))
+            _add_note(exc, "torchrun log (last lines):\n" + tail)
         raise exc
 
     # -- diagnosis -------------------------------------------------------------------------
@@ -740,7 +844,7 @@ class RankPool:
 
     def _teardown(self, *, graceful: bool, reason: str, grace_s: float = 10.0) -> None:
         proc = self._proc
-        if (proc is None and not self._ranks and self._listener is None and not self._log_dir
+        if (proc is None and not self._ranks and self._acceptor is None and not self._log_dir
                 and not self._tmp_dir):
             return
         if reason != "restart":
@@ -761,9 +865,9 @@ class RankPool:
         if proc is not None:
             self._kill_tree(proc, worker_pids)
             self._proc = None
-        if self._listener is not None:
-            self._listener.close()
-            self._listener = None
+        if self._acceptor is not None:
+            self._acceptor.close()
+            self._acceptor = None
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None
@@ -780,21 +884,26 @@ class RankPool:
 
     def _kill_tree(self, proc: subprocess.Popen[bytes], worker_pids: list[int]) -> None:
         """SIGKILL workers (own sessions, so killpg alone misses them) and torchrun's group."""
-        victims = set(_descendants(proc.pid))
-        victims.update(p for p in worker_pids if _cmdline_has(p, f"--pool-id={self.pool_id}"))
+        victims: dict[int, psutil.Process] = {}
+        with contextlib.suppress(psutil.Error):
+            victims.update((p.pid, p) for p in psutil.Process(proc.pid).children(recursive=True))
+        token = f"--pool-id={self.pool_id}"
+        for pid in worker_pids:  # orphaned when torchrun died first: no longer its children
+            with contextlib.suppress(psutil.Error):
+                p = psutil.Process(pid)
+                if pid not in victims and _carries_token(p, token):
+                    victims[pid] = p
         if proc.poll() is None or victims:
-            for pid in victims:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.kill(pid, signal.SIGKILL)
+            for p in victims.values():
+                with contextlib.suppress(psutil.Error):
+                    p.kill()  # psutil refuses if the pid was reused meanwhile
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(proc.pid, signal.SIGKILL)
         try:
             proc.wait(timeout=10.0)
         except subprocess.TimeoutExpired:  # pragma: no cover - SIGKILL cannot be ignored
             pass
-        deadline = time.monotonic() + 5.0
-        while any(_alive(p) for p in victims) and time.monotonic() < deadline:
-            time.sleep(0.02)
+        _wait_gone(victims.values(), 5.0)
 
     # -- context manager -------------------------------------------------------------------
 
@@ -812,6 +921,19 @@ class RankPool:
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"
         return f"RankPool('{self.layout}', device={self.device!r}, {state})"
+
+
+def _note_failures(exc: BaseException, report: FailureReport) -> None:
+    """torch elastic's record of every failed rank, root cause first, with its traceback."""
+    order = [report.root_cause] + sorted(r for r in report.failures if r != report.root_cause)
+    lines = ["failed ranks (torch elastic, root cause first):"]
+    for r in order:
+        f: RankFailure = report.failures[r]
+        said = f": {f.message}" if f.traceback or f.exitcode < 0 else ""  # else torch's filler
+        lines.append(f"  rank {r} (pid {f.pid}): {f.describe()}{said}")
+    _add_note(exc, "\n".join(lines))
+    if report.first.traceback:
+        _add_note(exc, f"--- rank {report.root_cause} traceback ---\n{report.first.traceback.rstrip()}")
 
 
 def _summary(d: Diagnosis | str | None) -> str:
