@@ -279,6 +279,10 @@ class HiCacheController:
         parts = self.mem_pool_host.shape.parts
         return [[self.key_suffix.key(h, p) for p in parts] for h in hash_value]
 
+    def flat_storage_keys(self, hash_value: list[str]) -> list[str]:
+        """`storage_keys` flattened (page by page), the order every storage call takes."""
+        return self.key_suffix.keys(hash_value, self.mem_pool_host.shape.parts)
+
     def shutdown(self) -> None:
         self.stop_event.set()
         for q in (self._write_queue, self._load_queue, self.prefetch_queue,
@@ -357,8 +361,7 @@ class HiCacheController:
     def _storage_hit_query(self, op: PrefetchOperation) -> int:
         """Pages of `op` whose every part exists in L3, as a contiguous prefix."""
         op.hash_value = page_hashes(op.token_ids, self.page_size, op.last_hash)
-        keys = self.storage_keys(op.hash_value)
-        flat = [k for page in keys for k in page]
+        flat = self.flat_storage_keys(op.hash_value)
         assert self.storage_backend is not None
         if self.pacer.fail("exists", op.seq):
             hit_parts = 0
@@ -438,7 +441,7 @@ class HiCacheController:
         if dst_first + (last - first) > n_pages_host:
             dst_first = first
         host = op.host_indices[dst_first * ps : (dst_first + last - first) * ps]
-        keys = [k for page in self.storage_keys(op.hash_value[first:last]) for k in page]
+        keys = self.flat_storage_keys(op.hash_value[first:last])
         targets = [t for page in self.host_page_parts(host) for t in page]
         assert self.storage_backend is not None
         self.get_calls += 1
@@ -480,7 +483,7 @@ class HiCacheController:
                 return
             self.pacer.before("backup", op.seq)
             if not self.backup_skip:
-                keys = [k for page in self.storage_keys(op.hash_value) for k in page]
+                keys = self.flat_storage_keys(op.hash_value)
                 values = [t for page in self.host_page_parts(op.host_indices) for t in page]
                 assert self.storage_backend is not None
                 if self.pacer.fail("set", op.seq):
