@@ -442,17 +442,29 @@ class HiCacheController:
             dst_first = first
         host = op.host_indices[dst_first * ps : (dst_first + last - first) * ps]
         keys = self.flat_storage_keys(op.hash_value[first:last])
-        targets = [t for page in self.host_page_parts(host) for t in page]
         assert self.storage_backend is not None
+        zero_copy = self.storage_backend.zero_copy
+        wants_sums = self.observer.wants_checksums
+        targets = ([t for page in self.host_page_parts(host) for t in page]
+                   if wants_sums or not zero_copy else [])
         self.get_calls += 1
         if self.pacer.fail("get", self.get_calls - 1):
             results = [False] * len(keys)
-        else:
+        elif zero_copy:
+            results = self._page_get_zero_copy(keys, host)
+        else:  # SGLang's _generic_page_get: through each page part's tensor
             results = self.storage_backend.batch_get(keys, targets)
         sums = (tuple(_checksum(t) if ok else "" for t, ok in zip(targets, results, strict=True))
-                if self.observer.wants_checksums else ())
+                if wants_sums else ())
         self.observer.on_storage(StorageAccess("get", tuple(keys), tuple(results), sums))
         return all(results)
+
+    def _page_get_zero_copy(self, keys: list[str], host: torch.Tensor) -> list[bool]:
+        """SGLang's `_page_get_zero_copy` (`batch_get_v1`): one read straight into the host
+        pool, addresses from `get_page_buffer_meta`, no per-page tensors."""
+        assert self.storage_backend is not None
+        ptrs, sizes = self.mem_pool_host.get_page_buffer_meta(host)
+        return self.storage_backend.batch_get_into(keys, ptrs, sizes)
 
     def prefetch_sync_thread_func(self) -> None:
         while not self.stop_event.is_set():

@@ -120,6 +120,20 @@ class HostKVPool:
             num_pages, len(shape.parts), shape.layers, page_size, shape.heads, shape.head_dim,
             dtype=shape.dtype, pin_memory=pin,
         )
+        self._part_bytes = self.buffer[0, 0].numel() * self.buffer.element_size()
+
+    def get_page_buffer_meta(self, host_indices: torch.Tensor) -> tuple[list[int], list[int]]:
+        """SGLang's name: (addresses, byte sizes) of every part of every page of
+        `host_indices`, page by page in KVShape.parts order, as zero-copy backends take them.
+        Arithmetic on the page-first layout, no tensor views: per 32-page batch, building
+        views and reading their pointers cost ~60 us (bench_mooncake_prefetch)."""
+        ps = self.page_size
+        n_parts = len(self.shape.parts)
+        nbytes = self._part_bytes
+        base = self.buffer.data_ptr()
+        ptrs = [base + (start // ps * n_parts + p) * nbytes
+                for start in host_indices.view(-1, ps)[:, 0].tolist() for p in range(n_parts)]
+        return ptrs, [nbytes] * len(ptrs)
 
     def page_part(self, token_index: int, part: int) -> torch.Tensor:
         """The contiguous block holding one part of the page that starts at `token_index`."""
