@@ -102,6 +102,7 @@ class PrefetchOperation(StorageOperation):
         self.agreed_tokens = 0  # MIN over ranks of completed_tokens, at the last agreed ack
         self.num_batches = 0
         self.first_batch = 0  # this op's batches are prefetch_io units first_batch.. on
+        self.keys: list[str] = []  # hash_value's storage keys, page by page: built once
         self.revoked = False
         self.io_done = False  # this rank's IO thread sent its final ack
         self.query_done = threading.Event()
@@ -361,7 +362,7 @@ class HiCacheController:
     def _storage_hit_query(self, op: PrefetchOperation) -> int:
         """Pages of `op` whose every part exists in L3, as a contiguous prefix."""
         op.hash_value = page_hashes(op.token_ids, self.page_size, op.last_hash)
-        flat = self.flat_storage_keys(op.hash_value)
+        flat = op.keys = self.flat_storage_keys(op.hash_value)
         assert self.storage_backend is not None
         if self.pacer.fail("exists", op.seq):
             hit_parts = 0
@@ -441,7 +442,8 @@ class HiCacheController:
         if dst_first + (last - first) > n_pages_host:
             dst_first = first
         host = op.host_indices[dst_first * ps : (dst_first + last - first) * ps]
-        keys = self.flat_storage_keys(op.hash_value[first:last])
+        n_parts = len(self.mem_pool_host.shape.parts)
+        keys = op.keys[first * n_parts : last * n_parts]  # built by the hit query
         assert self.storage_backend is not None
         zero_copy = self.storage_backend.zero_copy
         wants_sums = self.observer.wants_checksums
