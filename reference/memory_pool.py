@@ -76,8 +76,13 @@ class PageAllocator:
                 self._free.append(p)
 
     def _pages_to_tokens(self, pages: list[int]) -> torch.Tensor:
-        base = torch.tensor(pages, dtype=torch.int64).mul_(self.page_size)
-        return (base[:, None] + torch.arange(self.page_size)[None, :]).reshape(-1)
+        """One tensor op (as SGLang's slice of its free slots): this runs on every prefetch
+        and write, and each small op costs tens of microseconds when the caches are cold."""
+        ps = self.page_size
+        if pages and pages[-1] - pages[0] == len(pages) - 1 and pages == list(
+                range(pages[0], pages[-1] + 1)):
+            return torch.arange(pages[0] * ps, (pages[-1] + 1) * ps, dtype=torch.int64)
+        return torch.tensor([p * ps + i for p in pages for i in range(ps)], dtype=torch.int64)
 
 
 @dataclass(frozen=True)
@@ -131,8 +136,9 @@ class HostKVPool:
         n_parts = len(self.shape.parts)
         nbytes = self._part_bytes
         base = self.buffer.data_ptr()
+        starts = host_indices.tolist()[::ps]  # one tensor op
         ptrs = [base + (start // ps * n_parts + p) * nbytes
-                for start in host_indices.view(-1, ps)[:, 0].tolist() for p in range(n_parts)]
+                for start in starts for p in range(n_parts)]
         return ptrs, [nbytes] * len(ptrs)
 
     def page_part(self, token_index: int, part: int) -> torch.Tensor:
