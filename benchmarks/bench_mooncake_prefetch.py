@@ -229,13 +229,22 @@ def main() -> None:
     print("| page part | reference GB/s | raw batch_get GB/s | exists + batch_get GB/s "
           "| reference / raw | floor / raw | reference / floor |")
     print("|---|---|---|---|---|---|---|")
-    rows = []
+    rows: list[dict] = []
+
+    def save() -> None:  # after every size: a client that crashes on close loses nothing
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"args": vars(args), "load_before": load0,
+                           "load_after": os.getloadavg(), **_versions(), "rows": rows}, f,
+                          indent=1)
+
     # a long client TTL: on a loaded box a late heartbeat must not drop the segment mid-run
     with MooncakeMaster(client_ttl_s=30) as m:
         for kib in sizes:
             row = run(m.address, kib << 10, args.pages, args.rounds, args.batch_pages,
                       args.settle_ms / 1e3)
             rows.append(row)
+            save()
             print(f"| {kib} KiB | {row['ref_gbs']:.2f} | {row['raw_gbs']:.2f} | "
                   f"{row['floor_gbs']:.2f} | {row['ratio']:.0%} | {row['floor_ratio']:.0%} | "
                   f"{row['ref_vs_floor']:.0%} |", flush=True)
@@ -246,12 +255,9 @@ def main() -> None:
     for row in rows:
         ph = row["breakdown_ms"]
         print(f"| {row['part_kib']} KiB | " + " | ".join(f"{ph[n]:.2f}" for n in names) + " |")
-    load1 = os.getloadavg()
-    print(f"\nload average after: {load1[0]:.2f}")
+    print(f"\nload average after: {os.getloadavg()[0]:.2f}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "load_before": load0, "load_after": load1,
-                       **_versions(), "rows": rows}, f, indent=1)
+        save()
         print(f"wrote {args.json}")
 
 
