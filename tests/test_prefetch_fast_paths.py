@@ -16,10 +16,10 @@ from reference.api import (
     ParallelGroups,
     RankInfo,
     StorageAccess,
+    clear_namespace,
     open_rank,
 )
 from reference.memory_pool import HostKVPool
-from reference.storage.memory import clear_namespace
 from reference.sync import SyncGroup, sync_plan
 
 
