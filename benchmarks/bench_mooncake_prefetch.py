@@ -41,9 +41,11 @@ from reference.api import (
     MooncakeStorage,
     ParallelGroups,
     RankInfo,
+    StorageError,
     open_rank,
     page_hashes,
 )
+from scenarios.contract import ExitCode
 from scenarios.mooncake_master import MooncakeMaster
 
 #: SGLang's STORAGE_BATCH_SIZE (mem_cache/hicache_storage.py, 0.5.16-0.5.20): pages per L3 read
@@ -230,7 +232,20 @@ def _versions() -> dict:
             "cpus": os.cpu_count(), "host": platform.node()}
 
 
+def _usage(message: str) -> None:
+    print(f"bench_mooncake_prefetch: {message}", file=sys.stderr)
+    sys.exit(ExitCode.USAGE)
+
+
 def main() -> None:
+    try:
+        _main()
+    except (RuntimeError, StorageError) as e:  # a round that cannot be compared, no master
+        print(f"bench_mooncake_prefetch: cannot measure here: {e}", file=sys.stderr)
+        sys.exit(ExitCode.UNKNOWN)
+
+
+def _main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pages", type=int, default=32)
@@ -248,9 +263,9 @@ def main() -> None:
     try:
         sizes = [int(s) for s in args.sizes.split(",")]
     except ValueError:
-        sys.exit(f"--sizes: want KiB numbers separated by commas, got {args.sizes!r}")
+        _usage(f"--sizes: want KiB numbers separated by commas, got {args.sizes!r}")
     if min(args.pages, args.rounds, args.batch_pages, args.inflight, *sizes) < 1:
-        sys.exit("--pages, --rounds, --batch-pages, --inflight and --sizes must be positive")
+        _usage("--pages, --rounds, --batch-pages, --inflight and --sizes must be positive")
     logging.disable(logging.WARNING)
     load0 = os.getloadavg()
     print(f"{args.inflight} request(s) in flight, each "

@@ -146,7 +146,7 @@ def main() -> None:
     ap.add_argument("--settle-ms", type=float, default=20.0)
     args = ap.parse_args()
     if min(args.part_kib, args.pages, args.rounds, args.batch_pages) < 1:
-        sys.exit("--part-kib, --pages, --rounds and --batch-pages must be positive")
+        bench._usage("--part-kib, --pages, --rounds and --batch-pages must be positive")
     logging.disable(logging.WARNING)
     instrument()
     with MooncakeMaster(client_ttl_s=30) as m:
