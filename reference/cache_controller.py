@@ -102,6 +102,7 @@ class PrefetchOperation(StorageOperation):
         self.agreed_tokens = 0  # MIN over ranks of completed_tokens, at the last agreed ack
         self.num_batches = 0
         self.first_batch = 0  # this op's batches are prefetch_io units first_batch.. on
+        self.keys: list[str] = []  # hash_value's storage keys, page by page: built once
         self.revoked = False
         self.io_done = False  # this rank's IO thread sent its final ack
         self.query_done = threading.Event()
@@ -279,6 +280,10 @@ class HiCacheController:
         parts = self.mem_pool_host.shape.parts
         return [[self.key_suffix.key(h, p) for p in parts] for h in hash_value]
 
+    def flat_storage_keys(self, hash_value: list[str]) -> list[str]:
+        """`storage_keys` flattened (page by page), the order every storage call takes."""
+        return self.key_suffix.keys(hash_value, self.mem_pool_host.shape.parts)
+
     def shutdown(self) -> None:
         self.stop_event.set()
         for q in (self._write_queue, self._load_queue, self.prefetch_queue,
@@ -357,8 +362,7 @@ class HiCacheController:
     def _storage_hit_query(self, op: PrefetchOperation) -> int:
         """Pages of `op` whose every part exists in L3, as a contiguous prefix."""
         op.hash_value = page_hashes(op.token_ids, self.page_size, op.last_hash)
-        keys = self.storage_keys(op.hash_value)
-        flat = [k for page in keys for k in page]
+        flat = op.keys = self.flat_storage_keys(op.hash_value)
         assert self.storage_backend is not None
         if self.pacer.fail("exists", op.seq):
             hit_parts = 0
@@ -438,18 +442,31 @@ class HiCacheController:
         if dst_first + (last - first) > n_pages_host:
             dst_first = first
         host = op.host_indices[dst_first * ps : (dst_first + last - first) * ps]
-        keys = [k for page in self.storage_keys(op.hash_value[first:last]) for k in page]
-        targets = [t for page in self.host_page_parts(host) for t in page]
+        n_parts = len(self.mem_pool_host.shape.parts)
+        keys = op.keys[first * n_parts : last * n_parts]  # built by the hit query
         assert self.storage_backend is not None
+        zero_copy = self.storage_backend.zero_copy
+        wants_sums = self.observer.wants_checksums
+        targets = ([t for page in self.host_page_parts(host) for t in page]
+                   if wants_sums or not zero_copy else [])
         self.get_calls += 1
         if self.pacer.fail("get", self.get_calls - 1):
             results = [False] * len(keys)
-        else:
+        elif zero_copy:
+            results = self._page_get_zero_copy(keys, host)
+        else:  # SGLang's _generic_page_get: through each page part's tensor
             results = self.storage_backend.batch_get(keys, targets)
         sums = (tuple(_checksum(t) if ok else "" for t, ok in zip(targets, results, strict=True))
-                if self.observer.wants_checksums else ())
+                if wants_sums else ())
         self.observer.on_storage(StorageAccess("get", tuple(keys), tuple(results), sums))
         return all(results)
+
+    def _page_get_zero_copy(self, keys: list[str], host: torch.Tensor) -> list[bool]:
+        """SGLang's `_page_get_zero_copy` (`batch_get_v1`): one read straight into the host
+        pool, addresses from `get_page_buffer_meta`, no per-page tensors."""
+        assert self.storage_backend is not None
+        ptrs, sizes = self.mem_pool_host.get_page_buffer_meta(host)
+        return self.storage_backend.batch_get_into(keys, ptrs, sizes)
 
     def prefetch_sync_thread_func(self) -> None:
         while not self.stop_event.is_set():
@@ -480,7 +497,7 @@ class HiCacheController:
                 return
             self.pacer.before("backup", op.seq)
             if not self.backup_skip:
-                keys = [k for page in self.storage_keys(op.hash_value) for k in page]
+                keys = self.flat_storage_keys(op.hash_value)
                 values = [t for page in self.host_page_parts(op.host_indices) for t in page]
                 assert self.storage_backend is not None
                 if self.pacer.fail("set", op.seq):

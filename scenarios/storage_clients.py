@@ -111,6 +111,10 @@ class LeasedMooncake(HiCacheStorage):
     def batch_get(self, keys: Sequence[str], targets: Sequence[torch.Tensor]) -> list[bool]:
         return self.inner.batch_get(keys, targets)
 
+    def batch_get_into(self, keys: Sequence[str], ptrs: Sequence[int],
+                       sizes: Sequence[int]) -> list[bool]:
+        return self.inner.batch_get_into(keys, ptrs, sizes)
+
     def batch_set(self, keys: Sequence[str], values: Sequence[torch.Tensor]) -> list[bool]:
         return self.inner.batch_set(keys, values)
 

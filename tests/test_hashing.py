@@ -141,3 +141,43 @@ def test_mha_tp_ranks_have_distinct_keys_mla_share() -> None:
     assert KeySuffix(tp_rank=0, is_mla=True).key(H, "k") == KeySuffix(
         tp_rank=1, is_mla=True
     ).key(H, "k")
+
+
+def _per_token_page_hash(token_ids: list, prior_hash: str | None) -> str:
+    """The definition: one SHA-256 update per token (what page_hash packs into one)."""
+    import hashlib
+
+    hasher = hashlib.sha256()
+    if prior_hash is not None:
+        hasher.update(bytes.fromhex(prior_hash))
+    for t in token_ids:
+        hasher.update(int(t).to_bytes(8, "little", signed=True))
+    return hasher.hexdigest()
+
+
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(tokens=st.lists(st.integers(-(2**63), 2**63 - 1), max_size=40),
+       prior=st.none() | st.binary(min_size=32, max_size=32).map(bytes.hex))
+def test_packed_hash_is_the_per_token_definition(tokens: list[int], prior: str | None) -> None:
+    """Packing the tokens at once keeps every digest, hence every key of earlier runs."""
+    assert page_hash(tokens, prior) == _per_token_page_hash(tokens, prior)
+    # int-likes hash as the ints they are: bools, and floats (int() of them, as before)
+    assert page_hash([bool(t % 2) for t in tokens], prior) == _per_token_page_hash(
+        [t % 2 for t in tokens], prior)
+    small = [t % 1000 for t in tokens]
+    assert page_hash([float(t) for t in small], prior) == _per_token_page_hash(small, prior)
+
+
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(hashes=st.lists(st.text("0123456789abcdef", min_size=1, max_size=8), max_size=6),
+       tp=st.integers(0, 7), pp=st.integers(0, 3), pp_size=st.sampled_from([1, 4]),
+       mla=st.booleans(), prefix=st.sampled_from(["", "run7_"]),
+       cp=st.none() | st.integers(0, 3))
+def test_keys_are_key_of_every_hash_and_part(hashes: list[str], tp: int, pp: int, pp_size: int,
+                                             mla: bool, prefix: str, cp: int | None) -> None:
+    s = KeySuffix(tp_rank=tp, pp_rank=pp, pp_size=pp_size, is_mla=mla, prefix=prefix, cp_rank=cp)
+    parts = ("k",) if mla else ("k", "v")
+    assert s.keys(hashes, parts) == [s.key(h, p) for h in hashes for p in parts]
+    fresh = KeySuffix(tp_rank=tp, pp_rank=pp, pp_size=pp_size, is_mla=mla, prefix=prefix,
+                      cp_rank=cp)
+    assert fresh == s and hash(fresh) == hash(s)  # the tail cache is no field

@@ -175,6 +175,42 @@ def test_zero_copy_path_inside_registered_pool(
     assert same_bytes(plain, src[3])
 
 
+def test_batch_get_into_reads_at_addresses_inside_registered_memory_only(
+    clients: tuple[MooncakeStorage, MooncakeStorage, torch.Tensor],
+) -> None:
+    """The prefetch path's zero-copy read (addresses from the host pool, no tensors) reads
+    the same bytes as batch_get, and never writes outside registered memory: misses there."""
+    a, b, pool = clients
+    n = 64 << 10
+    src = [pool[(12 + i) * n : (13 + i) * n] for i in range(3)]
+    for i, s in enumerate(src):
+        s.copy_(as_bytes(page(70 + i, (n // 2,), torch.float16)))
+    keys = keys_for(3)
+    assert bounded(lambda: a.batch_set(keys, src), 10) == [True] * 3
+    dst = [pool[(16 + i) * n : (17 + i) * n] for i in range(3)]
+    ptrs, sizes = [d.data_ptr() for d in dst], [n] * 3
+    zc_get = a.stats.zero_copy_get
+    assert bounded(lambda: a.batch_get_into(keys, ptrs, sizes), 10) == [True] * 3
+    assert a.stats.zero_copy_get == zc_get + 3
+    assert all(same_bytes(d, s) for d, s in zip(dst, src, strict=True))
+    # a missing key is a miss, its neighbours still land
+    dst[0].zero_()
+    got = bounded(lambda: a.batch_get_into([keys[0], "absent-" + keys[1]], ptrs[:2], sizes[:2]), 10)
+    assert got == [True, False] and same_bytes(dst[0], src[0])
+    # a size that is not the object's is a mismatch, not a page
+    assert bounded(lambda: a.batch_get_into(keys[:1], ptrs[:1], [n // 2]), 10) == [False]
+    # addresses outside every registered region (b registered none; a past its pool's end):
+    # misses, and nothing written there
+    outside = torch.zeros(n, dtype=torch.uint8)
+    assert bounded(lambda: b.batch_get_into(keys[:1], [outside.data_ptr()], [n]), 10) == [False]
+    end = pool.data_ptr() + pool.numel()
+    assert bounded(lambda: a.batch_get_into(keys[:1], [end - n // 2], [n]), 10) == [False]
+    assert bounded(lambda: a.batch_get_into(keys[:1], [outside.data_ptr()], [n]), 10) == [False]
+    assert not outside.any()
+    with pytest.raises(ValueError):
+        a.batch_get_into(keys[:2], ptrs[:1], sizes[:2])
+
+
 def test_write_once_and_only_missing_keys_written(
     clients: tuple[MooncakeStorage, MooncakeStorage, torch.Tensor],
 ) -> None:

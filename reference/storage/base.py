@@ -39,6 +39,13 @@ class HiCacheStorage(ABC):
     def batch_set(self, keys: Sequence[str], values: Sequence[torch.Tensor]) -> list[bool]:
         """Store each value under its key; True where stored or already present."""
 
+    def batch_get_into(self, keys: Sequence[str], ptrs: Sequence[int],
+                       sizes: Sequence[int]) -> list[bool]:
+        """Zero-copy backends only (`zero_copy` True): read each key straight into registered
+        host memory at `ptrs[i]`, `sizes[i]` bytes (Mooncake's call, as SGLang's
+        `batch_get_v1` makes it from the host pool's `get_page_buffer_meta`)."""
+        raise NotImplementedError(f"{type(self).__name__} does not read zero-copy")
+
     def exists(self, key: str) -> bool:
         return self.batch_exists([key]) == 1
 
