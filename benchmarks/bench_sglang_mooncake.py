@@ -29,6 +29,8 @@ def generated(n: int, layout: str, seed: int) -> list:
     from scenarios.strategies import schedules
 
     got: list = []
+    if n <= 0:
+        return got
 
     def take(s) -> bool:  # noqa: ANN001
         got.append(s.with_(cache={**s.cache.model_dump(), "mla": False}))
@@ -65,6 +67,7 @@ def main() -> int:
     sut = f"sglang=={args.release}"
     totals = {"file": [0, 0.0], "mooncake": [0, 0.0]}
     mismatches = 0
+    notes: list[str] = []
     with SglangExecutor(args.release, timeout_s=args.timeout, build=False,
                         log=lambda m: print(m, file=sys.stderr)) as ex:
         for layout in args.layout or ["1x2"]:
@@ -87,21 +90,28 @@ def main() -> int:
                         try:
                             res = ex.run(one, dp)
                         except Exception as e:  # one line per failed run; the table goes on
-                            row.append((f"error: {type(e).__name__}: {str(e)[:80]}", 0))
+                            row.append((f"error: {type(e).__name__}", 0, str(e)[:300]))
                             continue
                         wall = time.monotonic() - t
                         n = sum(len(v) for r in res for v in r["decisions"].values())
                         totals[backend][0] += n
                         totals[backend][1] += wall
-                        row.append((verdict_word(annotate(check(one, res), dp)), n))
+                        v = annotate(check(one, res), dp)
+                        row.append((verdict_word(v), n, v.summary()[:300]))
                     mismatches += row[0][0] != row[1][0]
                     print(f"| {name} | {len(s.ops)} | {row[0][0]} | {row[1][0]} | "
                           f"{row[0][1]} / {row[1][1]} |", flush=True)
+                    if row[0][0] != row[1][0]:  # say why, under the table row's name
+                        for backend, r in zip(("file", "mooncake"), row, strict=True):
+                            if r[0] != "agree":
+                                notes.append(f"{name} on {backend}: {r[-1]}")
     print("\n| backend | decisions/s | decisions | wall s |")
     print("|---|---|---|---|")
     for backend, (n, wall) in totals.items():
         print(f"| {backend} | {n / wall if wall else 0:.1f} | {n} | {wall:.1f} |")
     print(f"\nSchedules whose verdict differs between the backends: {mismatches}")
+    for line in notes:
+        print(f"- {line}")
     return 0
 
 

@@ -32,6 +32,11 @@ LAYOUT = "page_first_direct"
 #: what each rank contributes to the pool (SGLang divides global_segment_size by its tp size)
 SEGMENT_BYTES = 32 << 20
 WARMUP_PREFIX = "sglang_mooncake_store_warmup_key"
+#: a worker starved of CPU (four SGLang ranks on two cores) misses heartbeats for seconds; with
+#: the reference's 2 s the master dropped a live client's segment and objects mid-run (seen as
+#: SGLang's warm-up assertion failing). Runs never share keys, so a dead client's objects
+#: lingering this long change nothing.
+CLIENT_TTL_S = 30
 
 
 def worker_env() -> dict[str, str]:
@@ -64,7 +69,7 @@ class MasterHolder:
             ok, why = mooncake_available()
             if not ok:
                 raise CannotJudge(f"backend 'mooncake' is not available here: {why}")
-            self.master = MooncakeMaster().start()
+            self.master = MooncakeMaster(client_ttl_s=CLIENT_TTL_S).start()
         m = self.master
         return m.address, f"{m.host}:{m.metrics_port}"
 

@@ -121,7 +121,8 @@ def _install_recorders() -> None:
             ranks = kwargs.get("ranks", args[0] if args else None)
             counter[0] += 1
             if g is not None and not isinstance(g, int):
-                _GROUP_NAMES.setdefault(id(g), f"g{counter[0]}_{list(ranks or [])}")
+                # assign, never setdefault: a destroyed group's id is reused by a later one
+                _GROUP_NAMES[id(g)] = f"g{counter[0]}_{list(ranks or [])}"
             return g
         named_new_group._cpcheck = True  # type: ignore[attr-defined]
         dist.new_group = named_new_group
