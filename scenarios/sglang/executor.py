@@ -118,7 +118,7 @@ class SglangExecutor:
     def check(self, s: Any, dp_attention: bool | None = None) -> Verdict:
         dp = s_dp_attention(s) if dp_attention is None else dp_attention
         results = self.run(s, dp)
-        return annotate(check(s, results), dp)
+        return annotate(check(s, results), dp, s.backend)
 
     def close(self) -> None:
         for pool in self._pools.values():
@@ -156,10 +156,10 @@ NOT_OBSERVED = ("no per-thread decision channels (SGLang's prefetch-thread agree
                 "read back through the keys each rank wrote)")
 
 
-def annotate(v: Verdict, dp_attention: bool) -> Verdict:
+def annotate(v: Verdict, dp_attention: bool, backend: str = "file") -> Verdict:
     """Drop the key findings that are SGLang's documented behaviour without DP attention
     (CP peers use their global TP rank in keys) and say what was not observable."""
-    notes = list(NOT_OBSERVED)
+    notes = list(NOT_OBSERVED if backend != mooncake.BACKEND else mooncake.NOT_OBSERVED)
     if not dp_attention:
         keep = [(i, m) for i, m in v.failures
                 if not (i == "keys" and ("CP peers" in m or "copies of page" in m

@@ -36,12 +36,14 @@ def write_sglang_replay(s: Any, verdict: Any, out_dir: str) -> Path:
     return new
 
 
-def judge(s: Any, *, timeout: float = 20.0) -> tuple[int, Any]:
-    """(exit code, verdict) of one Schedule on its SUT release."""
+def judge(s: Any, *, timeout: float = 20.0, mooncake_master: str = "") -> tuple[int, Any]:
+    """(exit code, verdict) of one Schedule on its SUT release (backend mooncake: on the
+    master given, else on one started and stopped here)."""
     version = parse_sut(s.sut)
     if version is None:
         raise UsageError("judge() is for sglang SUTs")
-    with SglangExecutor(version, timeout_s=timeout, log=_log) as ex:
+    with SglangExecutor(version, timeout_s=timeout, log=_log,
+                        mooncake_master=mooncake_master) as ex:
         v = ex.check(s)
     return (int(ExitCode.AGREE) if v.ok else int(ExitCode.DIVERGE)), v
 

@@ -39,6 +39,12 @@ WARMUP_PREFIX = "sglang_mooncake_store_warmup_key"
 CLIENT_TTL_S = 30
 
 
+#: what SGLang does not report that the reference does, on this backend (stated in verdicts)
+NOT_OBSERVED = ("no per-thread decision channels (SGLang's prefetch-thread agreements are "
+                "seen as collectives only)", "no store-side copy count from the client (the keys "
+                "each rank wrote are read back from the Mooncake master, with their bytes)")
+
+
 def worker_env() -> dict[str, str]:
     """Client settings for the pool's workers: quiet logs, bounded RPC waits and set-up
     retries (a missing master answers in seconds, not the default ~90 s)."""
@@ -217,3 +223,13 @@ def end_run(run: Any) -> None:
     finally:
         for ptr in buffers:
             client.unregister_buffer(ptr)
+
+
+def close_clients() -> None:
+    """Close this process's shared clients (tests; a worker's die with it)."""
+    with _clients_lock:
+        todo = list(_clients.values())
+        _clients.clear()
+    for c in todo:
+        if c.opened:
+            c.inner.close()
