@@ -96,7 +96,7 @@ def main() -> int:
                         n = sum(len(v) for r in res for v in r["decisions"].values())
                         totals[backend][0] += n
                         totals[backend][1] += wall
-                        v = annotate(check(one, res), dp)
+                        v = annotate(check(one, res), dp, backend)
                         row.append((verdict_word(v), n, v.summary()[:300]))
                     mismatches += row[0][0] != row[1][0]
                     print(f"| {name} | {len(s.ops)} | {row[0][0]} | {row[1][0]} | "
