@@ -209,7 +209,16 @@ def test_keys_are_read_back_from_the_master(executors) -> None:
         back = [e for e in r["storage"] if e[0] == "get" and e[1] == sorted(r["stored"])]
         assert back and all(back[-1][2])
     assert check(s, on).ok
-    _, metrics = ex.mooncake.address()
+    # SGLang's own set-up arguments: P2PHANDSHAKE, its per-TP segment, tcp, this master; one
+    # client per worker, reused by every run (SGLang asked once per run)
+    info = on[0]["snapshot"]["mooncake_client"]
+    host, meta, segment, _buf, proto, _dev, master = info["setup_args"][:7]
+    master_address, metrics = ex.mooncake.address()
+    assert (host, meta, proto, master) == ("127.0.0.1", "P2PHANDSHAKE", "tcp", master_address)
+    assert segment == mooncake.SEGMENT_BYTES and info["opened"] and info["setup_calls"] >= 1
+    again = ex.run(s, True)[0]["snapshot"]["mooncake_client"]
+    assert again["setup_calls"] == info["setup_calls"] + 1 and again["setup_args"] == \
+        info["setup_args"]
     assert mooncake.master_keys(metrics, "cpcheck") == []  # the run removed its keys
 
     off = ex.run(s.with_(dp_attention=False), False)

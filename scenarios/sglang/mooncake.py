@@ -131,12 +131,14 @@ class SharedClient:
     worker's client with SGLang's own arguments, later ones (one per run) reuse it. Buffers
     registered and warm-up keys put during a run are remembered so the run can undo them."""
 
-    def __init__(self, master: str) -> None:
-        from mooncake.store import MooncakeDistributedStore
+    def __init__(self, master: str, cls: Any = None) -> None:
+        if cls is None:
+            from mooncake.store import MooncakeDistributedStore as cls
 
         self.master = master
-        self.inner = MooncakeDistributedStore()
+        self.inner = cls()
         self.setup_args: tuple | None = None
+        self.setup_calls = 0  # one per SGLang store built (per run); one real set-up
         self.opened = False
         self.lock = threading.Lock()
         self.buffers: list[int] = []
@@ -144,6 +146,7 @@ class SharedClient:
 
     def setup(self, *args: Any) -> int:
         with self.lock:
+            self.setup_calls += 1
             if self.opened:
                 return 0
             code = self.inner.setup(*args)
@@ -172,11 +175,12 @@ _clients: dict[str, SharedClient] = {}
 _clients_lock = threading.Lock()
 
 
-def shared_client(master: str) -> SharedClient:
+def shared_client(master: str, cls: Any = None) -> SharedClient:
+    """This worker's client for `master` (`cls`: the real MooncakeDistributedStore class)."""
     with _clients_lock:
         c = _clients.get(master)
         if c is None:
-            c = _clients[master] = SharedClient(master)
+            c = _clients[master] = SharedClient(master, cls)
         return c
 
 
@@ -205,6 +209,16 @@ def read_back(run: Any) -> list[str]:
         with run.lock:
             run.storage.append(["get", list(stored), [bool(d) for d in data], sums])
     return stored
+
+
+def client_info(run: Any) -> dict:
+    """How SGLang set up this worker's client (its own arguments) and how often it asked."""
+    c = _clients.get(run.mooncake_master)
+    if c is None:
+        return {}
+    args = [a if isinstance(a, str | int | float | bool) or a is None else repr(a)
+            for a in (c.setup_args or ())]
+    return {"setup_args": args, "setup_calls": c.setup_calls, "opened": c.opened}
 
 
 def end_run(run: Any) -> None:

@@ -35,10 +35,18 @@ class GatedMooncakeStore(MooncakeStore):
         self.run = run
         self._calls = threading.local()
         run.key_tp = storage_config.tp_rank
-        super().__init__(storage_config, mem_pool)
+        # SGLang makes its client with `MooncakeDistributedStore()` from mooncake.store (read
+        # at construction: in __init__ up to 0.5.9, in _import_mooncake_store later): hand it
+        # the worker's shared client for the length of the constructor
+        import mooncake.store as mstore
 
-    def _import_mooncake_store(self) -> Any:
-        return functools.partial(mooncake.shared_client, self.run.mooncake_master)
+        real = mstore.MooncakeDistributedStore
+        client = mooncake.shared_client(run.mooncake_master, real)
+        mstore.MooncakeDistributedStore = functools.partial(lambda c: c, client)
+        try:
+            super().__init__(storage_config, mem_pool)
+        finally:
+            mstore.MooncakeDistributedStore = real
 
     # -- what SGLang passes to the client, seen per calling thread ----------------------------
     @contextmanager

@@ -239,6 +239,7 @@ def run_schedule(ctx: Any, payload: dict) -> dict:
         snapshot = driver.snapshot()
         if run.mooncake_master:  # before any rank cleans up: clients own their objects
             run.stored = mooncake.read_back(run)
+            snapshot["mooncake_client"] = mooncake.client_info(run)
         _any_rank(st, 0)
     except Exception as e:
         error = f"{type(e).__name__}: {e}"
