@@ -79,7 +79,8 @@ def _dp(args: argparse.Namespace) -> bool | None:
 def cmd_explore(args: argparse.Namespace) -> int:
     version = parse_sut(args.sut)
     layouts = tuple(args.layout or ["1x2", "2x2"])
-    h = hunt(version, _dp(args) is not False, layouts, args.examples, args.seed, args.timeout)
+    h = hunt(version, _dp(args) is not False, layouts, args.examples, args.seed, args.timeout,
+             backend=getattr(args, "backend", None), mooncake_master=_master(args))
     if h["found"] is None:
         print(f"no divergence in {h['examples']} schedules ({h['total_s']:.1f} s)")
         return int(ExitCode.AGREE)

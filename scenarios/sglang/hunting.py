@@ -50,7 +50,8 @@ def judge(s: Any, *, timeout: float = 20.0, mooncake_master: str = "") -> tuple[
 
 def hunt(version: str, dp: bool, layouts: tuple[str, ...], examples: int, seed: int,
          timeout: float = 20.0, ex: SglangExecutor | None = None,
-         shrink_s: float | None = None) -> dict:
+         shrink_s: float | None = None, backend: str | None = None,
+         mooncake_master: str = "") -> dict:
     """Generate, run on the release, shrink: the same loop as scenarios.explore.hunt, with
     SGLang's verdict (annotated for what it cannot observe) and MHA pools only."""
     import random
@@ -65,12 +66,14 @@ def hunt(version: str, dp: bool, layouts: tuple[str, ...], examples: int, seed: 
 
     sut = f"sglang=={version}"
     own = ex is None
-    ex = ex or SglangExecutor(version, timeout_s=timeout, log=_log)
+    ex = ex or SglangExecutor(version, timeout_s=timeout, log=_log,
+                              mooncake_master=mooncake_master)
     t0 = time.monotonic()
     state: dict = {"n": 0, "first": None}
 
     def fix(s: Any) -> Any:
-        return s.with_(cache={**s.cache.model_dump(), "mla": False}, sut=sut, dp_attention=dp)
+        s = s.with_(cache={**s.cache.model_dump(), "mla": False}, sut=sut, dp_attention=dp)
+        return s.with_(backend=backend) if backend else s
 
     class _Spent(Exception):
         pass
@@ -83,7 +86,7 @@ def hunt(version: str, dp: bool, layouts: tuple[str, ...], examples: int, seed: 
         state["n"] += 1
         results = ex.run(s, dp)
         steer(results)
-        v = annotate(check(s, results), dp)
+        v = annotate(check(s, results), dp, s.backend)
         if not v.ok:
             if state["first"] is None:
                 state["first"] = time.monotonic() - t0
@@ -96,14 +99,14 @@ def hunt(version: str, dp: bool, layouts: tuple[str, ...], examples: int, seed: 
     try:
         found = find(schedules(layouts=layouts).map(fix), fails, settings=cfg,
                      random=random.Random(seed))
-        verdict = annotate(check(found, ex.run(found, dp)), dp)
+        verdict = annotate(check(found, ex.run(found, dp)), dp, found.backend)
     except NoSuchExample:
         found, verdict = None, None
     except Exception as e:  # budget spent, or Hypothesis saw a failure that did not recur
         found = state.get("best")
         if found is None:
             raise
-        verdict = annotate(check(found, ex.run(found, dp)), dp)
+        verdict = annotate(check(found, ex.run(found, dp)), dp, found.backend)
         if verdict.ok:  # say so rather than report a divergence that does not reproduce
             verdict.message = f"diverged once, agreed on rerun ({type(e).__name__})"
             state["flaky"] = True
