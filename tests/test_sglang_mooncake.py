@@ -225,6 +225,9 @@ def test_keys_are_read_back_from_the_master(executors) -> None:
     parts = [{KEY.match(k).group(3) for k in r["stored"]} for r in sorted(off, key=lambda r:
                                                                           r["rank"])]
     assert parts == [{"0"}, {"1"}]  # SGLang keys by the global TP rank without DP attention
+    from scenarios.sglang.executor import annotate
+
+    assert annotate(check(s.with_(dp_attention=False), off), False, "mooncake").ok
     v = check(s.with_(dp_attention=True), off)
     assert v.invariant == "keys"
     assert any("CP-split duplicates" in m for _, m in v.failures), v.failures
@@ -249,3 +252,24 @@ def test_cli_run_with_mooncake_exits_1_before_the_fix_and_leaves_no_master(capsy
     assert "DIVERGE [decisions]" in capsys.readouterr().out
     assert list(tmp_path.glob("replay-sglang-*.json"))
     assert masters() <= before, "the run left its Mooncake master behind"
+
+
+@pytest.mark.sglang
+@pytest.mark.timeout(900)
+def test_0_5_13_agrees_on_mooncake_where_it_agrees_on_files() -> None:
+    """0.5.13 (MIN over the finished loads) agrees on Mooncake: write_acks on 1x2 with and
+    without DP attention, and the 2x2 corpus file that 0.5.11 still diverges on."""
+    from scenarios.replay import read_replay
+    from scenarios.sglang.executor import SglangExecutor
+
+    _need("0.5.13")
+    sut = "sglang==0.5.13"
+    with SglangExecutor("0.5.13", timeout_s=20, build=False) as ex:
+        for dp in (True, False):
+            v = ex.check(_write_acks().with_(sut=sut, dp_attention=dp))
+            assert v.ok, f"dp_attention={dp}: {v.summary()}"
+        for path in CORPUS:
+            s, data = read_replay(path)
+            if data["expect_by_release"].get(sut, "absent") is None:
+                v = ex.check(s.with_(sut=sut, backend="mooncake"))
+                assert v.ok, f"{path.name}: {v.summary()}"
