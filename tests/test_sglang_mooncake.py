@@ -201,6 +201,9 @@ def test_keys_are_read_back_from_the_master(executors) -> None:
     on = ex.run(s, True)
     stored = {r["rank"]: set(r["stored"]) for r in on}
     assert stored[0] and stored[0] == stored[1]
+    # nothing reached the master outside the recorded (gated) calls: it holds exactly these
+    listed = next(r for r in on if r["rank"] == 0)["snapshot"]["mooncake_master_keys"]
+    assert set(listed) == stored[0] | stored[1]
     assert {KEY.match(k).group(3) for k in stored[0]} == {"0"}  # attention-TP rank 0
     tags = {KEY.match(k).group(1) for k in stored[0]}
     assert len(tags) == 1  # one run, one tag

@@ -85,8 +85,8 @@ class SglangExecutor:
         return pool
 
     def _payload(self, s: Any, dp: bool) -> dict:
-        master = self.mooncake.address()[0] if s.backend == mooncake.BACKEND else ""
-        return {"schedule": s.model_dump_json(), "run_id": f"r{uuid.uuid4().hex[:10]}",
+        master, metrics = self.mooncake.address() if s.backend == mooncake.BACKEND else ("", "")
+        return {"mooncake_metrics": metrics,"schedule": s.model_dump_json(), "run_id": f"r{uuid.uuid4().hex[:10]}",
                 "storage_root": self.storage_root, "collective_timeout_s": self.timeout_s,
                 "version": self.version, "dp_attention": dp, "mooncake_master": master}
 

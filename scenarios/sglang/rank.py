@@ -240,6 +240,9 @@ def run_schedule(ctx: Any, payload: dict) -> dict:
         if run.mooncake_master:  # before any rank cleans up: clients own their objects
             run.stored = mooncake.read_back(run)
             snapshot["mooncake_client"] = mooncake.client_info(run)
+            if rank == 0 and payload.get("mooncake_metrics"):  # all of the run's keys
+                snapshot["mooncake_master_keys"] = mooncake.master_keys(
+                    payload["mooncake_metrics"], mooncake.run_tag(run) + "_")
         _any_rank(st, 0)
     except Exception as e:
         error = f"{type(e).__name__}: {e}"
