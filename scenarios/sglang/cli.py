@@ -47,7 +47,7 @@ def _print_verdict(v: Any) -> None:
 @contract
 def cmd_run(args: argparse.Namespace, s: Any) -> int:
     s = with_sut(s, args.sut, _dp(args))
-    code, v = judge(s, timeout=args.timeout)
+    code, v = judge(s, timeout=args.timeout, mooncake_master=_master(args))
     print(f"{s.name} layout={s.layout} sut={s.sut} dp_attention={s.dp_attention}")
     _print_verdict(v)
     if not v.ok:
@@ -60,10 +60,14 @@ def cmd_replay(args: argparse.Namespace, s: Any, data: dict) -> int:
     s = with_sut(s, args.sut, _dp(args))
     if s.layout_obj.world_size > 4:
         raise CannotJudge(f"layout {s.layout}: the SGLang SUT runs at most 4 ranks here")
-    code, v = judge(s, timeout=args.timeout)
+    code, v = judge(s, timeout=args.timeout, mooncake_master=_master(args))
     print(f"replay {args.file}: layout={s.layout} sut={s.sut} dp_attention={s.dp_attention}")
     _print_verdict(v)
     return code
+
+
+def _master(args: argparse.Namespace) -> str:
+    return getattr(args, "mooncake_master", "") or ""
 
 
 def _dp(args: argparse.Namespace) -> bool | None:
@@ -75,7 +79,8 @@ def _dp(args: argparse.Namespace) -> bool | None:
 def cmd_explore(args: argparse.Namespace) -> int:
     version = parse_sut(args.sut)
     layouts = tuple(args.layout or ["1x2", "2x2"])
-    h = hunt(version, _dp(args) is not False, layouts, args.examples, args.seed, args.timeout)
+    h = hunt(version, _dp(args) is not False, layouts, args.examples, args.seed, args.timeout,
+             backend=getattr(args, "backend", None), mooncake_master=_master(args))
     if h["found"] is None:
         print(f"no divergence in {h['examples']} schedules ({h['total_s']:.1f} s)")
         return int(ExitCode.AGREE)

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from scenarios.sglang import adapters
+from scenarios.sglang.mooncake import storage_args
 from scenarios.sglang.seams import count_puts
 
 
@@ -83,11 +84,15 @@ class Driver:
         tp_group = (self.st["attn_tp"] if dp_attention else self.st["tp"]).cpu_group
         extra = {"prefetch_threshold": c.prefetch_threshold,
                  "prefetch_timeout_base": 1e9, "prefetch_timeout_per_ki_token": 0}
+        lay = self.s.layout_obj
+        store = storage_args(self.s.backend, self.run, extra,
+                             lay.tp if dp_attention else lay.tp * lay.cp)
         server_args = adapters.server_args(
             self.st["model_dir"], page_size=ps, hicache_ratio=host_tokens / device_tokens,
-            hicache_size=0, hicache_mem_layout="layer_first", hicache_io_backend="direct",
-            hicache_storage_backend="file",
-            hicache_storage_backend_extra_config=json.dumps(extra),
+            hicache_size=0, hicache_mem_layout=store["hicache_mem_layout"],
+            hicache_io_backend="direct",
+            hicache_storage_backend=store["hicache_storage_backend"],
+            hicache_storage_backend_extra_config=json.dumps(store["extra"]),
             hicache_storage_prefetch_policy=c.prefetch_stop_policy,
             hicache_write_policy=c.write_policy, dp_attention=dp_attention,
             tp=self.s.layout_obj.world_size)

@@ -17,7 +17,7 @@ from typing import Any
 
 from scenarios.checker import Verdict, check
 from scenarios.contract import CannotJudge
-from scenarios.sglang import envs
+from scenarios.sglang import envs, mooncake
 
 JOB = "scenarios.sglang.rank:run_schedule"
 _REPO = Path(__file__).resolve().parents[2]
@@ -38,7 +38,7 @@ def parse_sut(sut: str) -> str | None:
 
 class SglangExecutor:
     def __init__(self, version: str, *, timeout_s: float = 20.0, build: bool = True,
-                 log: Any = print) -> None:
+                 log: Any = print, mooncake_master: str = "") -> None:
         envs.check_runnable(version)
         self.version = version
         self.timeout_s = timeout_s
@@ -50,6 +50,7 @@ class SglangExecutor:
         check_pipeline(version)
         self.storage_root = tempfile.mkdtemp(prefix="cpcheck-sgl-store-")
         self._pools: dict[str, Any] = {}
+        self.mooncake = mooncake.MasterHolder(mooncake_master)
 
     def __enter__(self) -> SglangExecutor:
         return self
@@ -71,7 +72,8 @@ class SglangExecutor:
                             env={"PYTHONPATH": pp, "OMP_NUM_THREADS": "1",
                                  "TORCH_EXTENSIONS_DIR": envs.torch_extensions_dir(self.version),
                                  "SGLANG_LOG_LEVEL": "error", "PYTHONWARNINGS": "ignore",
-                                 "TOKENIZERS_PARALLELISM": "false"})
+                                 "TOKENIZERS_PARALLELISM": "false",
+                                 **mooncake.worker_env()})
             pool.start()
             self._pools[key] = pool
             # SGLang's imports, parallel state and first cache happen in a first job: run an
@@ -83,17 +85,18 @@ class SglangExecutor:
         return pool
 
     def _payload(self, s: Any, dp: bool) -> dict:
-        return {"schedule": s.model_dump_json(), "run_id": f"r{uuid.uuid4().hex[:10]}",
+        master, metrics = self.mooncake.address() if s.backend == mooncake.BACKEND else ("", "")
+        return {"mooncake_metrics": metrics,"schedule": s.model_dump_json(), "run_id": f"r{uuid.uuid4().hex[:10]}",
                 "storage_root": self.storage_root, "collective_timeout_s": self.timeout_s,
-                "version": self.version, "dp_attention": dp}
+                "version": self.version, "dp_attention": dp, "mooncake_master": master}
 
     def run(self, s: Any, dp_attention: bool | None = None) -> list[dict]:
         from scenarios.runner import RankPoolError
 
         dp = s_dp_attention(s) if dp_attention is None else dp_attention
-        if s.backend not in ("memory", "file"):
+        if s.backend not in ("memory", "file", mooncake.BACKEND):
             raise CannotJudge(f"backend '{s.backend}' is not wired to the SGLang SUT yet "
-                              "(it runs SGLang's file backend)")
+                              "(it runs SGLang's file backend or its MooncakeStore)")
         if s.layout_obj.pp > 1:
             raise CannotJudge(f"layout {s.layout}: pipeline parallelism is not driven on the "
                               "SGLang SUT yet (TPxCP layouts only)")
@@ -115,7 +118,7 @@ class SglangExecutor:
     def check(self, s: Any, dp_attention: bool | None = None) -> Verdict:
         dp = s_dp_attention(s) if dp_attention is None else dp_attention
         results = self.run(s, dp)
-        return annotate(check(s, results), dp)
+        return annotate(check(s, results), dp, s.backend)
 
     def close(self) -> None:
         for pool in self._pools.values():
@@ -124,6 +127,7 @@ class SglangExecutor:
             except Exception:
                 pass
         self._pools.clear()
+        self.mooncake.close()  # after the workers: their clients go first
         shutil.rmtree(self.storage_root, ignore_errors=True)
 
 
@@ -152,10 +156,10 @@ NOT_OBSERVED = ("no per-thread decision channels (SGLang's prefetch-thread agree
                 "read back through the keys each rank wrote)")
 
 
-def annotate(v: Verdict, dp_attention: bool) -> Verdict:
+def annotate(v: Verdict, dp_attention: bool, backend: str = "file") -> Verdict:
     """Drop the key findings that are SGLang's documented behaviour without DP attention
     (CP peers use their global TP rank in keys) and say what was not observable."""
-    notes = list(NOT_OBSERVED)
+    notes = list(NOT_OBSERVED if backend != mooncake.BACKEND else mooncake.NOT_OBSERVED)
     if not dp_attention:
         keep = [(i, m) for i, m in v.failures
                 if not (i == "keys" and ("CP peers" in m or "copies of page" in m

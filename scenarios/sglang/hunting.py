@@ -36,19 +36,22 @@ def write_sglang_replay(s: Any, verdict: Any, out_dir: str) -> Path:
     return new
 
 
-def judge(s: Any, *, timeout: float = 20.0) -> tuple[int, Any]:
-    """(exit code, verdict) of one Schedule on its SUT release."""
+def judge(s: Any, *, timeout: float = 20.0, mooncake_master: str = "") -> tuple[int, Any]:
+    """(exit code, verdict) of one Schedule on its SUT release (backend mooncake: on the
+    master given, else on one started and stopped here)."""
     version = parse_sut(s.sut)
     if version is None:
         raise UsageError("judge() is for sglang SUTs")
-    with SglangExecutor(version, timeout_s=timeout, log=_log) as ex:
+    with SglangExecutor(version, timeout_s=timeout, log=_log,
+                        mooncake_master=mooncake_master) as ex:
         v = ex.check(s)
     return (int(ExitCode.AGREE) if v.ok else int(ExitCode.DIVERGE)), v
 
 
 def hunt(version: str, dp: bool, layouts: tuple[str, ...], examples: int, seed: int,
          timeout: float = 20.0, ex: SglangExecutor | None = None,
-         shrink_s: float | None = None) -> dict:
+         shrink_s: float | None = None, backend: str | None = None,
+         mooncake_master: str = "") -> dict:
     """Generate, run on the release, shrink: the same loop as scenarios.explore.hunt, with
     SGLang's verdict (annotated for what it cannot observe) and MHA pools only."""
     import random
@@ -63,12 +66,14 @@ def hunt(version: str, dp: bool, layouts: tuple[str, ...], examples: int, seed: 
 
     sut = f"sglang=={version}"
     own = ex is None
-    ex = ex or SglangExecutor(version, timeout_s=timeout, log=_log)
+    ex = ex or SglangExecutor(version, timeout_s=timeout, log=_log,
+                              mooncake_master=mooncake_master)
     t0 = time.monotonic()
     state: dict = {"n": 0, "first": None}
 
     def fix(s: Any) -> Any:
-        return s.with_(cache={**s.cache.model_dump(), "mla": False}, sut=sut, dp_attention=dp)
+        s = s.with_(cache={**s.cache.model_dump(), "mla": False}, sut=sut, dp_attention=dp)
+        return s.with_(backend=backend) if backend else s
 
     class _Spent(Exception):
         pass
@@ -81,7 +86,7 @@ def hunt(version: str, dp: bool, layouts: tuple[str, ...], examples: int, seed: 
         state["n"] += 1
         results = ex.run(s, dp)
         steer(results)
-        v = annotate(check(s, results), dp)
+        v = annotate(check(s, results), dp, s.backend)
         if not v.ok:
             if state["first"] is None:
                 state["first"] = time.monotonic() - t0
@@ -94,14 +99,14 @@ def hunt(version: str, dp: bool, layouts: tuple[str, ...], examples: int, seed: 
     try:
         found = find(schedules(layouts=layouts).map(fix), fails, settings=cfg,
                      random=random.Random(seed))
-        verdict = annotate(check(found, ex.run(found, dp)), dp)
+        verdict = annotate(check(found, ex.run(found, dp)), dp, found.backend)
     except NoSuchExample:
         found, verdict = None, None
     except Exception as e:  # budget spent, or Hypothesis saw a failure that did not recur
         found = state.get("best")
         if found is None:
             raise
-        verdict = annotate(check(found, ex.run(found, dp)), dp)
+        verdict = annotate(check(found, ex.run(found, dp)), dp, found.backend)
         if verdict.ok:  # say so rather than report a divergence that does not reproduce
             verdict.message = f"diverged once, agreed on rerun ({type(e).__name__})"
             state["flaky"] = True

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from scenarios.sglang import adapters, shim
+from scenarios.sglang import adapters, mooncake, shim
 from scenarios.sglang.seams import GatedDevice, IoGates, SglangPacer
 
 MAX_DRAIN_STEPS = 200
@@ -45,6 +45,9 @@ class Run:
         self.order: dict[str, list[int]] = defaultdict(list)
         self.pending: dict[str, str] = {}
         self.count = 0
+        self.run_id = ""
+        self.mooncake_master = ""  # "host:port" when the Schedule's backend is mooncake
+        self.stored: list[str] | None = None  # read back from the store (Mooncake)
 
 
 CURRENT: Run | None = None
@@ -118,7 +121,8 @@ def _install_recorders() -> None:
             ranks = kwargs.get("ranks", args[0] if args else None)
             counter[0] += 1
             if g is not None and not isinstance(g, int):
-                _GROUP_NAMES.setdefault(id(g), f"g{counter[0]}_{list(ranks or [])}")
+                # assign, never setdefault: a destroyed group's id is reused by a later one
+                _GROUP_NAMES[id(g)] = f"g{counter[0]}_{list(ranks or [])}"
             return g
         named_new_group._cpcheck = True  # type: ignore[attr-defined]
         dist.new_group = named_new_group
@@ -185,6 +189,8 @@ def setup_worker(ctx: Any, version: str, dp_attention: bool, timeout_s: float) -
     from sglang.srt.mem_cache.storage import StorageBackendFactory
 
     StorageBackendFactory.register_backend(BACKEND_NAME, "scenarios.sglang.storage", "GatedStorage")  # noqa: E501
+    StorageBackendFactory.register_backend("mooncake", "scenarios.sglang.mooncake_store",
+                                           "GatedMooncakeStore")
     return st
 
 
@@ -213,6 +219,8 @@ def run_schedule(ctx: Any, payload: dict) -> dict:
     storage_dir = os.path.join(payload["storage_root"], payload["run_id"])
     os.makedirs(storage_dir, exist_ok=True)
     run = CURRENT = Run(rank, pacer, gates, storage_dir)
+    run.run_id = payload["run_id"]
+    run.mooncake_master = payload.get("mooncake_master", "")
     driver = None
     error = None
     snapshot: dict = {}
@@ -229,6 +237,12 @@ def run_schedule(ctx: Any, payload: dict) -> dict:
             if not _any_rank(st, int(driver.busy())):
                 break
         snapshot = driver.snapshot()
+        if run.mooncake_master:  # before any rank cleans up: clients own their objects
+            run.stored = mooncake.read_back(run)
+            snapshot["mooncake_client"] = mooncake.client_info(run)
+            if rank == 0 and payload.get("mooncake_metrics"):  # all of the run's keys
+                snapshot["mooncake_master_keys"] = mooncake.master_keys(
+                    payload["mooncake_metrics"], mooncake.run_tag(run) + "_")
         _any_rank(st, 0)
     except Exception as e:
         error = f"{type(e).__name__}: {e}"
@@ -237,6 +251,8 @@ def run_schedule(ctx: Any, payload: dict) -> dict:
         gates.release_all()
         if driver is not None:
             driver.shutdown()
+        if run.mooncake_master:
+            mooncake.end_run(run)
         CURRENT = None
     coords = list(ctx.layout.coords(rank))
     return {
@@ -245,8 +261,9 @@ def run_schedule(ctx: Any, payload: dict) -> dict:
         "digests": driver.digests if driver else [],
         "collectives": dict(run.log), "collective_order": dict(run.order),
         "pending_collectives": dict(run.pending), "storage": run.storage,
-        "stored": sorted({k for op, keys, ok, _ in run.storage if op == "set"
-                          for k, good in zip(keys, ok, strict=False) if good}),
+        "stored": run.stored if run.stored is not None else
+        sorted({k for op, keys, ok, _ in run.storage if op == "set"
+                for k, good in zip(keys, ok, strict=False) if good}),
         "outcomes": driver.outcomes if driver else [], "snapshot": snapshot, "error": error,
         "ops_done": ops_done, "waiting_on": dict(gates.waiting_on),
         "wall_s": time.monotonic() - t0, "sut": f"sglang=={st['version']}",
