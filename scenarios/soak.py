@@ -21,6 +21,7 @@ from scenarios.cli_conventions import add_output_flags, positive_float, variant_
 from scenarios.contract import STATUS_EXIT, ExitCode, UsageError, stop_requested
 from scenarios.coverage import Coverage
 from scenarios.protocol_args import add_protocol_arguments, protocol_changes
+from scenarios.records import RankResult
 from scenarios.schedule import CachePolicy, Op, Schedule, tokens_for
 from scenarios.workload import soak_chunk
 
@@ -132,18 +133,18 @@ class Progress:
 
 
 # -- report --------------------------------------------------------------------------------
-def _prefetch_outcomes(results: list[dict]) -> Counter:
+def _prefetch_outcomes(results: list[RankResult]) -> Counter:
     """Prefetch decisions by outcome's first word (revoke / fetch / terminate ...)."""
     c: Counter = Counter()
     for r in results:
-        for entry in r.get("decisions", {}).get("prefetch", []):
-            outcome = str(entry[4]) if len(entry) > 4 else "?"
-            c[outcome.split()[0] if outcome.split() else "?"] += 1
+        for d in r.decisions.get("prefetch", ()):
+            words = str(d.outcome).split()
+            c[words[0] if words else "?"] += 1
     return c
 
 
-def _host_used(results: list[dict]) -> int:
-    vals = [r.get("snapshot", {}).get("host_used") for r in results]
+def _host_used(results: list[RankResult]) -> int:
+    vals = [r.snapshot.get("host_used") for r in results]
     return max((int(v) for v in vals if isinstance(v, (int, float))), default=0)
 
 
@@ -307,9 +308,9 @@ def _loop(args: argparse.Namespace, ex: Any, nem: Any, seed: int, layout: str, w
                     break
                 first_s = elapsed
                 rep = s
-                if results and all("recorded" in r for r in results):
-                    rep = s.with_(choices={r["rank"]: r["recorded"]["choices"] for r in results},
-                                  faults={r["rank"]: [list(f) for f in r["recorded"]["faults"]]
+                if results and all(r.recorded is not None for r in results):
+                    rep = s.with_(choices={r.rank: list(r.recorded.choices) for r in results},
+                                  faults={r.rank: [list(f) for f in r.recorded.faults]
                                           for r in results})
                 verdict, candidate = v, rep  # kept even if interrupted while confirming
                 write()
