@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
+from reference.api import AgreementTimeout
 from scenarios.contract import is_a
 
 Values = tuple[int | None, ...]  # None: a value this SUT does not expose (SGLang)
@@ -46,12 +47,13 @@ class ErrorKind(str, Enum):
     STOPPED = "stopped"  # the harness stopped the run (Ctrl-C, SIGTERM)
 
 
-#: exception types by "module:Class" (looked up only if loaded: see contract.loaded), first
-#: match wins; an exception of none of them is FAILED. The exception itself is tried first,
-#: then its explicit cause (`raise ... from e`: a dead IO thread behind HiCacheError).
-ERROR_KINDS: tuple[tuple[str, ErrorKind], ...] = (
+#: exception types, as classes or by "module:Class" (looked up only if loaded: see
+#: contract.loaded), first match wins; an exception of none of them is FAILED. The exception
+#: itself is tried first, then its explicit cause (`raise ... from e`: a dead IO thread behind
+#: HiCacheError).
+ERROR_KINDS: tuple[tuple[type | str, ErrorKind], ...] = (
     ("scenarios.runner.inprocess:RunAborted", ErrorKind.STOPPED),
-    ("reference.hiradix_cache:AgreementTimeout", ErrorKind.WAITED),
+    (AgreementTimeout, ErrorKind.WAITED),
     ("scenarios.gates:GateTimeout", ErrorKind.WAITED),
     ("scenarios.sglang.seams:GateTimeout", ErrorKind.WAITED),
     ("scenarios.runner.inprocess:CollectiveTimeout", ErrorKind.WAITED),
@@ -70,7 +72,8 @@ def error_kind(exc: BaseException) -> ErrorKind:
         if seen is None:
             break
         for where, kind in ERROR_KINDS:
-            if is_a(seen, where):
+            if isinstance(where, type) and isinstance(seen, where) or (
+                    isinstance(where, str) and is_a(seen, where)):
                 return kind
         seen = seen.__cause__
     return ErrorKind.FAILED
