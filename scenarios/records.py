@@ -278,11 +278,12 @@ class RankResult:
         rec = d.get("recorded")
         return cls(
             rank=int(d["rank"]), coords=tuple(d.get("coords", (0, 0, 0))),  # type: ignore[arg-type]
-            decisions={ch: tuple(Decision(**x) if isinstance(x, dict) else Decision.of(x)
+            decisions={ch: tuple(Decision.of((x["kind"], x["rid"], x["local"], x["agreed"],
+                                              x["outcome"]) if isinstance(x, dict) else x)
                                  for x in v) for ch, v in d.get("decisions", {}).items()},
             effects={ch: tuple(tuple(e) for e in v) for ch, v in d.get("effects", {}).items()},
-            actions=tuple(Action(**a) if isinstance(a, dict) else Action(a[0], a[1], tuple(a[2]))
-                          for a in d.get("actions", ())),
+            actions=tuple(Action(a["kind"], a["rid"], tuple(a["values"])) if isinstance(a, dict)
+                          else Action(a[0], a[1], tuple(a[2])) for a in d.get("actions", ())),
             evictions=tuple(Eviction(**e) if isinstance(e, dict) else Eviction(e[0], bool(e[1]))
                             for e in d.get("evictions", ())),
             digests=tuple(d.get("digests", ())),
@@ -300,6 +301,6 @@ class RankResult:
             waiting_on=dict(d.get("waiting_on", {})), wall_s=float(d.get("wall_s", 0.0)),
             recorded=None if rec is None else Recorded(
                 tuple(seq(rec)["choices"]), tuple((str(c), int(n)) for c, n in seq(rec)["faults"])),
-            sut=str(d.get("sut", "reference")), pacer_trace=tuple(d.get("pacer_trace", ())),
+            sut=str(d.get("sut", "reference")), pacer_trace=tuple(map(tuple, d.get("pacer_trace", ()))),
             nemesis_injected=dict(d.get("nemesis_injected", {})),
         )
