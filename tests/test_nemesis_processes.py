@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from scenarios.nemesis import Nemesis, Window
+from scenarios.records import RankResult
 
 
 def _state(pid: int) -> str:
@@ -100,7 +101,7 @@ def test_storage_errors_travel_to_the_worker_and_fire_there() -> None:
     worker = Nemesis.from_wire(json.loads(json.dumps(wire)))  # as the pool pickles it
     assert worker is not None
     assert worker.storage_fails(1, "get") and not worker.storage_fails(0, "get")
-    nem.collect([{"nemesis_injected": dict(worker.injected)}, {}])
+    nem.collect([RankResult(rank=1, nemesis_injected=dict(worker.injected)), RankResult(rank=0)])
     nem.end_run()
     assert nem.counts()["storage_errors"] == 1
 
