@@ -132,7 +132,7 @@ def test_process_faults_hit_real_torchrun_workers_and_a_killed_pool_comes_back()
         assert check(s, results).ok
         assert nem.counts()["slow_rank"] == 1
         assert nem.counts()["storage_errors"] >= 1  # fired inside worker 0, counted here
-        assert results[0]["recorded"]["faults"] and not results[1]["recorded"]["faults"]
+        assert results[0].recorded.faults and not results[1].recorded.faults
         pids = [r.pid for r in ex.pool("1x2").ranks]
         nem.begin_run(2)
         nem.plan = [Window("kill_rank", 0, 0.0, 1e9)]
