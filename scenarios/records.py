@@ -39,12 +39,19 @@ def _compact(cls: type) -> type:
 
 
 class ErrorKind(str, Enum):
-    """Why a rank stopped, in the order the checker reports them (causes first)."""
+    """Why a rank stopped. The checker reports FAILED ranks (causes) before every invariant
+    and WAITED / STOPPED ones (consequences) after them; INFRASTRUCTURE makes the verdict
+    `unknown` (scenarios/judge.py)."""
 
     FAILED = "failed"  # this rank failed on its own: a cause
     INFRASTRUCTURE = "infrastructure"  # outside the system under test (storage never came up)
     WAITED = "waited"  # a peer never came: agreement, collective or gate timeout; a consequence
     STOPPED = "stopped"  # the harness stopped the run (Ctrl-C, SIGTERM)
+
+
+class CollectiveError(RuntimeError):
+    """A torch.distributed collective failed (gloo timeout, peer gone). torch raises these as a
+    bare RuntimeError; the recorder, which knows the call, re-raises them as this type."""
 
 
 #: exception types, as classes or by "module:Class" (looked up only if loaded: see
@@ -57,16 +64,12 @@ ERROR_KINDS: tuple[tuple[type | str, ErrorKind], ...] = (
     ("scenarios.gates:GateTimeout", ErrorKind.WAITED),
     ("scenarios.sglang.seams:GateTimeout", ErrorKind.WAITED),
     ("scenarios.runner.inprocess:CollectiveTimeout", ErrorKind.WAITED),
-    ("scenarios.records:CollectiveError", ErrorKind.WAITED),
+    (CollectiveError, ErrorKind.WAITED),
 )
 
 
-class CollectiveError(RuntimeError):
-    """A torch.distributed collective failed (gloo timeout, peer gone). torch raises these as a
-    bare RuntimeError; the recorder, which knows the call, re-raises them as this type."""
-
-
 def error_kind(exc: BaseException) -> ErrorKind:
+    """The kind of an exception that ended a rank's run, from its type (see ERROR_KINDS)."""
     seen: BaseException | None = exc
     for _ in range(8):  # an explicit cause chain is short; never loop on a cycle
         if seen is None:
