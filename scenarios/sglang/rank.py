@@ -203,7 +203,12 @@ def setup_worker(ctx: Any, version: str, dp_attention: bool, timeout_s: float) -
 
 def _any_rank(st: dict, flag: int) -> int:
     t = torch.tensor([flag], dtype=torch.int64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=st["harness"])
+    try:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=st["harness"])
+    except RuntimeError as e:  # a peer that never came to the harness's barrier: type it
+        if type(e) is RuntimeError:
+            raise CollectiveError(f"harness all_reduce MAX: {e}") from e
+        raise
     return int(t.item())
 
 
