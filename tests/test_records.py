@@ -207,3 +207,48 @@ def test_world_abort_stops_ranks_as_stopped() -> None:
     with pytest.raises(RunAborted) as info:
         g.all_reduce(0, torch.zeros(1), "min")
     assert RankError.of(info.value).kind is ErrorKind.STOPPED
+
+
+def run_failing_rank1(ctx: Any, payload: dict) -> RankResult:
+    """Torchrun job: run_schedule, except that rank 1 raises at its third op (planted here,
+    inside the worker, since a monkeypatch in the test process does not reach it)."""
+    from scenarios.runner.jobs import run_schedule
+
+    apply = rank_run._apply
+    seen = {"n": 0}
+
+    def planted(sched: Any, op: Any) -> None:
+        seen["n"] += 1
+        if ctx.rank == 1 and seen["n"] == 3:
+            raise RuntimeError("planted: Timed out, never joined")
+        apply(sched, op)
+
+    rank_run._apply = planted
+    try:
+        return run_schedule(ctx, payload)
+    finally:
+        rank_run._apply = apply
+
+
+@pytest.mark.cp
+def test_gloo_failures_are_typed_under_torchrun(torchrun_executor) -> None:
+    """Real gloo: rank 0 times out in a collective rank 1 never enters. torch raises a bare
+    RuntimeError; the recorder types it, so rank 0 WAITED and rank 1 (whose message has every
+    waiting word) is the cause."""
+    import uuid
+
+    s = load_scenario("write_acks")
+    pool = torchrun_executor.pool(s.layout)
+    payload = {"schedule": s.model_dump_json(), "run_id": f"r{uuid.uuid4().hex[:10]}",
+               "gated": True, "storage_root": torchrun_executor.storage_root,
+               "mooncake_master": "", "collective_timeout_s": torchrun_executor.timeout_s}
+    try:
+        results = pool.run("tests.test_records:run_failing_rank1", payload, timeout_s=120)
+    finally:  # its gloo groups saw a timeout: never reuse them
+        pool.close()
+        torchrun_executor._pools.pop(s.layout, None)
+    assert [r.error.kind if r.error else None for r in results] == [ErrorKind.WAITED,
+                                                                    ErrorKind.FAILED]
+    assert results[0].error.type == "CollectiveError", results[0].error
+    v = check(s, results)
+    assert v.invariant == "error" and v.message.startswith("rank 1 failed"), v.message
