@@ -66,7 +66,7 @@ def oracle_cost(ex: Executor, layouts: tuple[str, ...], n: int) -> None:
         runs.append(t1 - t0)
         checks.append(t2 - t1)
         oracles.append(t3 - t2)
-        decisions.append(sum(len(v) for r in results for v in r["decisions"].values()))
+        decisions.append(sum(r.decision_count() for r in results))
 
     one()
     ms = 1000.0

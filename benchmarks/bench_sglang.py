@@ -65,7 +65,7 @@ def rate(run, scheds: list) -> tuple[float, int, float]:  # noqa: ANN001
     decisions = 0
     for s in scheds:
         res = run(s)
-        decisions += sum(len(v) for r in res for v in r["decisions"].values())
+        decisions += sum(r.decision_count() for r in res)
     wall = time.monotonic() - t
     return decisions / wall, decisions, wall
 

@@ -93,7 +93,7 @@ def main() -> int:
                             row.append((f"error: {type(e).__name__}", 0, str(e)[:300]))
                             continue
                         wall = time.monotonic() - t
-                        n = sum(len(v) for r in res for v in r["decisions"].values())
+                        n = sum(len(v) for r in res for v in r.decisions.values())
                         totals[backend][0] += n
                         totals[backend][1] += wall
                         v = annotate(check(one, res), dp, backend)

@@ -3,15 +3,18 @@
 Everything the harness (`scenarios/`, `benchmarks/`, harness tests) takes from `reference/` comes
 from here; `lint-imports` (contracts in pyproject.toml) fails CI on a direct import of an
 internal module. Besides `open_rank`: the two seams (pacing, observer), the variants, the
-storage backends a rank may be given, the KV shape, and the page hashing the keys derive from.
+storage backends a rank may be given, the KV shape, the page hashing the keys derive from, and
+the names the cache accepts (write / prefetch-stop policies, backends): the harness's CLI,
+Schedules and generators take them from here, never spell their own.
 """
 
 from __future__ import annotations
 
 import torch
 
+from reference.cache_controller import STOP_POLICIES, WRITE_POLICIES, HiCacheError
 from reference.hashing import KeySuffix, page_hash, page_hashes, storage_tp_rank
-from reference.hiradix_cache import CacheConfig, HiRadixCache, RankInfo
+from reference.hiradix_cache import AgreementTimeout, CacheConfig, HiRadixCache, RankInfo
 from reference.memory_pool import KVShape
 from reference.observer import NULL_OBSERVER, Decision, Observer, StorageAccess
 from reference.pacing import FREE_RUNNING, FreeRunning, Pacer
@@ -38,13 +41,17 @@ from reference.variants import (
     effective_configuration,
 )
 
+#: the storage backends a rank may be given (`HiCacheStorage` implementations below), by name
+STORAGE_BACKENDS = ("memory", "file", "mooncake")
+
 __all__ = [
-    "CacheConfig", "Collectives", "DEFAULT_PROFILE", "DP_ATTENTION_CHOICES", "Decision",
-    "FREE_RUNNING", "FileStorage", "FreeRunning", "HiCacheStorage", "KNOWN", "KVShape",
-    "KeySuffix", "MemoryStorage", "MiniScheduler", "MooncakeConfig", "MooncakeStorage",
-    "NULL_OBSERVER", "Observer", "PROFILES", "Pacer", "ParallelGroups", "ProtocolProfile",
-    "RankInfo", "RequestOutcome", "StorageAccess", "StorageError", "TorchCollectives",
-    "UnknownProfileError", "UnknownVariantError", "VARIANTS", "check_variant", "clear_namespace",
+    "AgreementTimeout", "CacheConfig", "Collectives", "DEFAULT_PROFILE", "DP_ATTENTION_CHOICES",
+    "Decision", "FREE_RUNNING", "FileStorage", "FreeRunning", "HiCacheError", "HiCacheStorage",
+    "KNOWN", "KVShape", "KeySuffix", "MemoryStorage", "MiniScheduler", "MooncakeConfig",
+    "MooncakeStorage", "NULL_OBSERVER", "Observer", "PROFILES", "Pacer", "ParallelGroups",
+    "ProtocolProfile", "RankInfo", "RequestOutcome", "STOP_POLICIES", "STORAGE_BACKENDS",
+    "StorageAccess", "StorageError", "TorchCollectives", "UnknownProfileError",
+    "UnknownVariantError", "VARIANTS", "WRITE_POLICIES", "check_variant", "clear_namespace",
     "effective_configuration", "get_profile", "import_mooncake_store", "namespace_keys",
     "open_rank", "page_hash", "page_hashes", "storage_tp_rank", "sync_rank_sets",
 ]

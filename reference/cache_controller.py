@@ -213,6 +213,7 @@ class HiCacheController:
         self.get_calls = 0  # L3 reads by the IO thread, in order: what a pacer's faults name
         self.stop_event = threading.Event()
         self.thread_errors: list[str] = []
+        self.thread_exceptions: list[BaseException] = []  # the first is check_threads' cause
         self._host_part_views: dict[int, tuple[torch.Tensor, ...]] = {}
 
         cuda = device_pool.device.type == "cuda"
@@ -248,13 +249,14 @@ class HiCacheController:
                 if not self.stop_event.is_set():
                     msg = f"{threading.current_thread().name}: {type(e).__name__}: {e}"
                     self.thread_errors.append(msg)
+                    self.thread_exceptions.append(e)
                     logger.warning("HiCache thread died: %s", msg)
 
         return run
 
     def check_threads(self) -> None:
         if self.thread_errors:
-            raise HiCacheError("; ".join(self.thread_errors))
+            raise HiCacheError("; ".join(self.thread_errors)) from self.thread_exceptions[0]
 
     def decide(self, channel: str, kind: str, rid: str, local: tuple[int, ...],
                agreed: tuple[int, ...], outcome: str, effect: tuple = ()) -> None:

@@ -31,6 +31,10 @@ from reference.sync import Collectives, ParallelGroups
 from reference.variants import effective_configuration
 
 
+class AgreementTimeout(HiCacheError):
+    """A peer never agreed in time: this rank waited on another one, it did not fail itself."""
+
+
 @dataclass(frozen=True)
 class RankInfo:
     tp_rank: int = 0
@@ -290,7 +294,8 @@ class HiRadixCache:
         self.pacer.need("prefetch_query", op.seq)
         timeout = self.cfg.agree_timeout_s
         if not op.query_done.wait(timeout):
-            raise HiCacheError(f"prefetch {op.request_id}: hit query did not finish in {timeout} s")
+            raise AgreementTimeout(f"prefetch {op.request_id}: hit query did not finish in "
+                                   f"{timeout} s")
         if op.revoked:
             return 0
         if self.profile.prefetch_progress == "at_termination":
@@ -309,7 +314,7 @@ class HiRadixCache:
         if op.num_batches:
             self.pacer.need("prefetch_io", op.first_batch + op.num_batches - 1)
         if not op.final_agreed.wait(timeout):
-            raise HiCacheError(
+            raise AgreementTimeout(
                 f"prefetch {op.request_id}: final progress ack not agreed in {timeout} s "
                 "(a peer emitted a different number of acks?)"
             )

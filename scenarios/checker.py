@@ -25,6 +25,7 @@ from typing import Any
 from reference.api import effective_configuration, storage_tp_rank
 from scenarios.contract import STATUS_EXIT, Status
 from scenarios.oracle import check_oracle
+from scenarios.records import RankResult
 from scenarios.schedule import Schedule
 
 INVARIANTS = ("collectives", "decisions", "tree", "keys", "pages", "leaks", "oracle")
@@ -93,14 +94,14 @@ def _first_diff(seqs: dict[int, list]) -> tuple[int, int, int, Any, Any] | None:
     return best
 
 
-def check_collectives(results: list[dict]) -> list[str]:
+def check_collectives(results: list[RankResult]) -> list[str]:
     """Per group, members' call sequences must match; the earliest divergence is listed first."""
     by_group: dict[str, dict[int, list]] = defaultdict(dict)
     order: dict[tuple[str, int], list[int]] = {}
     for res in results:
-        for name, calls in res["collectives"].items():
-            by_group[name][res["rank"]] = calls
-            order[(name, res["rank"])] = res.get("collective_order", {}).get(name, [])
+        for name, calls in res.collectives.items():
+            by_group[name][res.rank] = list(calls)
+            order[(name, res.rank)] = list(res.collective_order.get(name, ()))
     found = []
     for name, seqs in sorted(by_group.items()):
         members = [int(x) for x in re.findall(r"\d+", name.split("[", 1)[1])]
@@ -115,38 +116,37 @@ def check_collectives(results: list[dict]) -> list[str]:
     return [m for _, m in sorted(found)]
 
 
-def check_decisions(results: list[dict]) -> list[str]:
+def check_decisions(results: list[RankResult]) -> list[str]:
     out = []
-    channels = sorted({c for r in results for c in r["decisions"]})
+    channels = sorted({c for r in results for c in r.decisions})
     for ch in channels:
         # what a rank decided; its local value legitimately differs
-        seqs = {r["rank"]: [[k, rid, agreed, outcome] for k, rid, _l, agreed, outcome
-                            in r["decisions"].get(ch, [])] for r in results}
+        seqs = {r.rank: [d.decided() for d in r.decisions.get(ch, ())] for r in results}
         d = _first_diff(seqs)
         if d:
             i, ra, rb, va, vb = d
-            local = {r["rank"]: (r["decisions"].get(ch, [])[i][2]
-                                 if i < len(r["decisions"].get(ch, [])) else None) for r in results}
+            local = {r.rank: (list(r.decisions[ch][i].local)
+                              if i < len(r.decisions.get(ch, ())) else None) for r in results}
             out.append(f"channel '{ch}' decision #{i}: rank {ra} {_fmt(va)} vs rank {rb} "
                        f"{_fmt(vb)} (local values {local})")
     return out
 
 
 def _fmt(v: Any) -> str:
-    if isinstance(v, list) and len(v) == 4:
-        return f"{v[0]}({v[1]}) agreed={v[2]} -> {v[3]}"
+    if isinstance(v, tuple) and len(v) == 4:  # Decision.decided()
+        return f"{v[0]}({v[1]}) agreed={list(v[2])} -> {v[3]}"
     return str(v)
 
 
-def check_tree(results: list[dict]) -> list[str]:
+def check_tree(results: list[RankResult]) -> list[str]:
     out = []
-    d = _first_diff({r["rank"]: r["digests"] for r in results})
+    d = _first_diff({r.rank: list(r.digests) for r in results})
     if d:
         i, ra, rb, va, vb = d
         out.append(f"tree digest after scheduler decision #{i}: rank {ra} {va} vs rank {rb} {vb}")
     # what each request got out of the tree
-    seqs = {r["rank"]: [[o["rid"], o["status"], o["device_hit"] + o["host_hit"], o["computed"]]
-                        for o in r["outcomes"]] for r in results}
+    seqs = {r.rank: [[o.rid, o.status, o.device_hit + o.host_hit, o.computed]
+                     for o in r.outcomes] for r in results}
     d = _first_diff(seqs)
     if d:
         i, ra, rb, va, vb = d
@@ -174,20 +174,21 @@ def expected_suffix(s: Schedule, tp_rank: int, pp_rank: int, part: str) -> str:
     return f"{tp_rank}_{pp_rank}_{part}" if lay.pp > 1 else f"{tp_rank}_{part}"
 
 
-def check_keys(s: Schedule, results: list[dict]) -> list[str]:
+def check_keys(s: Schedule, results: list[RankResult]) -> list[str]:
     out = []
     per_rank: dict[int, dict[str, set[str]]] = {}
     dp_attention = _dp_attention(s)
     for res in results:
-        _, _, pp = res["coords"]
-        tp = key_tp_rank(s, res["coords"])
+        _, _, pp = res.coords
+        tp = key_tp_rank(s, res.coords)
         pages: dict[str, set[str]] = defaultdict(set)
         named_badly = False  # one naming message per rank is enough
-        for op, keys, _ok, _sums in res["storage"]:
-            for key in keys:
+        for call in res.storage:
+            op = call.op
+            for key in call.keys:
                 m = _HASH_RE.search(key)
                 if m is None:
-                    out.append(f"rank {res['rank']}: key '{key}' does not start with a page hash")
+                    out.append(f"rank {res.rank}: key '{key}' does not start with a page hash")
                     continue
                 suffix = m.group(2)
                 pages[m.group(1)].add(suffix)
@@ -195,17 +196,17 @@ def check_keys(s: Schedule, results: list[dict]) -> list[str]:
                 want = expected_suffix(s, tp, pp, part)
                 if suffix != want and not named_badly:
                     named_badly = True
-                    out.append(f"rank {res['rank']} ({op}): key suffix '{suffix}' for page "
+                    out.append(f"rank {res.rank} ({op}): key suffix '{suffix}' for page "
                                f"{m.group(1)[:12]}…, SGLang names it '{want}'")
                 if s.cache.mla and tp != 0 and op == "set":
-                    out.append(f"rank {res['rank']}: MLA page {m.group(1)[:12]}… written by "
+                    out.append(f"rank {res.rank}: MLA page {m.group(1)[:12]}… written by "
                                f"TP rank {tp}; only TP rank 0 backs up")
-        per_rank[res["rank"]] = pages
+        per_rank[res.rank] = pages
     # what the store holds: one copy per page part (MLA) or one per key TP rank (MHA): with DP
     # attention never one per CP rank; without it the global TP rank spans CP too
     copies: dict[tuple[str, str], set[str]] = defaultdict(set)
     for res in results:
-        for key in res.get("stored", []):
+        for key in res.stored:
             m = _HASH_RE.search(key)
             if m:
                 copies[(m.group(1), m.group(2).rsplit("_", 1)[-1])].add(key)
@@ -221,7 +222,7 @@ def check_keys(s: Schedule, results: list[dict]) -> list[str]:
     # without it their MHA keys carry different global TP ranks, so they must differ
     must_share = dp_attention or s.cache.mla
     for res in results:
-        r = res["rank"]
+        r = res.rank
         for peer in lay.attn_cp_group(r):
             if peer <= r or peer not in per_rank:
                 continue
@@ -240,37 +241,37 @@ def check_keys(s: Schedule, results: list[dict]) -> list[str]:
     return out[:20]
 
 
-def check_pages(results: list[dict]) -> list[str]:
+def check_pages(results: list[RankResult]) -> list[str]:
     written: dict[str, str] = {}
     out = []
     for res in results:
-        for op, keys, ok, sums in res["storage"]:
-            if op == "set":
-                for k, good, c in zip(keys, ok, sums, strict=False):
+        for call in res.storage:
+            if call.op == "set":
+                for k, good, c in zip(call.keys, call.ok, call.checksums, strict=False):
                     if good and written.setdefault(k, c) != c:
                         out.append(f"key {k[:24]}… written with different bytes by different ranks")
     for res in results:
-        for op, keys, ok, sums in res["storage"]:
-            if op != "get":
+        for call in res.storage:
+            if call.op != "get":
                 continue
-            for k, good, c in zip(keys, ok, sums, strict=False):
+            for k, good, c in zip(call.keys, call.ok, call.checksums, strict=False):
                 if good and k in written and written[k] != c:
-                    out.append(f"rank {res['rank']}: read of {k[:24]}… returned bytes "
+                    out.append(f"rank {res.rank}: read of {k[:24]}… returned bytes "
                                f"{c} but {written[k]} was written")
-        for o in res["outcomes"]:
-            if o["bad_pages"]:
-                out.append(f"rank {res['rank']}: request {o['rid']} found wrong KV on the "
-                           f"device in pages {o['bad_pages']}")
+        for o in res.outcomes:
+            if o.bad_pages:
+                out.append(f"rank {res.rank}: request {o.rid} found wrong KV on the "
+                           f"device in pages {list(o.bad_pages)}")
     return out[:20]
 
 
-def check_leaks(results: list[dict]) -> list[str]:
+def check_leaks(results: list[RankResult]) -> list[str]:
     out = []
     for res in results:
-        snap = res["snapshot"]
+        snap = res.snapshot
         if "device_used" not in snap:
             continue
-        r = res["rank"]
+        r = res.rank
         if snap["busy"]:
             out.append(f"rank {r}: still busy after the drain: {snap['in_flight']}")
         if snap["device_used"] != snap["tree_device_tokens"]:
@@ -282,15 +283,15 @@ def check_leaks(results: list[dict]) -> list[str]:
     return out
 
 
-def check(s: Schedule, results: list[dict]) -> Verdict:
-    results = sorted(results, key=lambda r: r["rank"])
+def check(s: Schedule, results: list[RankResult]) -> Verdict:
+    results = sorted(results, key=lambda r: r.rank)
     stats = {
         "ranks": len(results),
-        "decisions": sum(len(v) for r in results for v in r["decisions"].values()),
-        "collectives": sum(len(v) for r in results for v in r["collectives"].values()),
-        "storage_calls": sum(len(r["storage"]) for r in results),
-        "requests": len(results[0]["outcomes"]) if results else 0,
-        "wall_s": max((r["wall_s"] for r in results), default=0.0),
+        "decisions": sum(r.decision_count() for r in results),
+        "collectives": sum(len(v) for r in results for v in r.collectives.values()),
+        "storage_calls": sum(len(r.storage) for r in results),
+        "requests": len(results[0].outcomes) if results else 0,
+        "wall_s": max((r.wall_s for r in results), default=0.0),
     }
     failures: list[tuple[str, str]] = []
     for name, fn in (
@@ -304,17 +305,17 @@ def check(s: Schedule, results: list[dict]) -> Verdict:
         failures += [(name, m) for m in fn()]
     # the tree may diverge before any logged decision does (a decision agreed, then acted on
     # with a local value): report whichever happened first on the scheduler's timeline
-    tree_at = _first_diff({r["rank"]: r["digests"] for r in results})
-    sched_at = _first_diff({r["rank"]: [x[:2] + x[3:] for x in r["decisions"].get("scheduler", [])]
+    tree_at = _first_diff({r.rank: list(r.digests) for r in results})
+    sched_at = _first_diff({r.rank: [d.decided() for d in r.decisions.get("scheduler", ())]
                             for r in results})
     if tree_at and (sched_at is None or tree_at[0] < sched_at[0]):
         failures.sort(key=lambda f: f[0] != "tree")
-    errors = [r for r in results if r["error"]]
+    errors = [r for r in results if r.error is not None]
     # a rank that failed on its own (not by timing out on a peer) is the root cause: name it
-    # before the collective mismatches it caused
-    causes = [("error", _describe_error(r)) for r in errors if not _waited(r["error"])]
+    # before the collective mismatches it caused. The kind comes from the exception's type.
+    causes = [("error", _describe_error(r)) for r in errors if not r.error.waited]
     failures = causes + failures + [("error", _describe_error(r)) for r in errors
-                                    if _waited(r["error"])]
+                                    if r.error.waited]
     failures += [("oracle", m) for _rule, m in check_oracle(s, results)]
     if not failures:
         return Verdict(True, stats=stats, message=f"{stats['ranks']} ranks agree on "
@@ -323,15 +324,8 @@ def check(s: Schedule, results: list[dict]) -> Verdict:
     return Verdict(False, inv, msg, failures, stats)
 
 
-_WAITING = ("Timeout", "timed out", "Timed out", "not agreed", "did not finish", "never joined")
-
-
-def _waited(error: str) -> bool:
-    """An error that only says a peer never came: a consequence, not a cause."""
-    return any(w in error for w in _WAITING)
-
-
-def _describe_error(res: dict) -> str:
-    waits = {**res.get("pending_collectives", {}), **res.get("waiting_on", {})}
+def _describe_error(res: RankResult) -> str:
+    waits = {**res.pending_collectives, **res.waiting_on}
     what = "; ".join(f"{t}: {w}" for t, w in waits.items()) or "nothing pending"
-    return f"rank {res['rank']} failed after {res['ops_done']} ops: {res['error']} (waiting on: {what})"
+    return (f"rank {res.rank} failed after {res.ops_done} ops: {res.error} [{res.error.kind.value}]"
+            f" (waiting on: {what})")

@@ -17,11 +17,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from reference.api import STORAGE_BACKENDS
 from scenarios.cli_conventions import (
     HelpFormatter,
     VersionAction,
     add_output_flags,
     check_device,
+    check_variant_arg,
     emit_json,
     human,
     positive_float,
@@ -33,11 +35,11 @@ from scenarios.contract import (
     CannotJudge,
     ExitCode,
     Interrupted,
-    UsageError,
     classify,
     epilog,
     stop_requested,
 )
+from scenarios.executor import DEVICES, MODES
 from scenarios.mooncake_session import mooncake_for
 from scenarios.protocol_args import add_protocol_arguments, protocol_changes
 
@@ -46,15 +48,15 @@ os.environ.setdefault("MC_LOG_LEVEL", "WARNING")
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--mode", choices=["inprocess", "torchrun"], default="torchrun",
+    p.add_argument("--mode", choices=MODES, default="torchrun",
                    help="ranks as threads (fast) or torchrun processes with gloo (the truth)")
-    p.add_argument("--backend", choices=["memory", "file", "mooncake"],
+    p.add_argument("--backend", choices=STORAGE_BACKENDS,
                    help="storage backend (default: the scenario's)")
     p.add_argument("--mooncake-master", metavar="HOST:PORT", default="",
                    help="use this Mooncake master instead of starting one")
     p.add_argument("--timeout", type=positive_float, default=10.0,
                    help="seconds any rank may wait on a peer before the run fails")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--device", choices=DEVICES, default="auto")
     add_output_flags(p)
     from scenarios.sglang.cli import add_sut_flags
 
@@ -81,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(run)
     add_protocol_arguments(run)
 
-    rep = sub.add_parser("replay", help="rerun a replay file: exit 0 agree, 1 diverge, 125 "
+    rep = sub.add_parser("replay", help=f"rerun a replay file: exit {ExitCode.AGREE:d} agree, "
+                                        f"{ExitCode.DIVERGE:d} diverge, {ExitCode.UNKNOWN:d} "
                                         "cannot judge", **sub_kw)
     rep.add_argument("file")
     _add_common(rep)
@@ -222,10 +225,7 @@ def cmd_explore(args: argparse.Namespace) -> int:
 
     for lay in layouts:
         Layout.parse(lay)  # a bad --layout is a usage error before Hypothesis starts
-    from reference.api import VARIANTS
-
-    if args.variant not in VARIANTS:
-        raise UsageError(f"unknown variant '{args.variant}': choose one of {', '.join(VARIANTS)}")
+    check_variant_arg(args.variant)
     out = human(args)
     with mooncake_for(args.backend, args.mooncake_master) as (master, _), \
             _executor(args, master, args.mode) as ex:

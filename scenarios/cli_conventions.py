@@ -13,7 +13,7 @@ import platform
 import sys
 from typing import Any, TextIO
 
-from scenarios.contract import CannotJudge
+from scenarios.contract import CannotJudge, UsageError
 
 
 def version_text() -> str:
@@ -73,6 +73,16 @@ def variant_help(what: str) -> str:
     from reference.api import VARIANTS
 
     return f"{what}; one of: {', '.join(VARIANTS)}"
+
+
+def check_variant_arg(name: str) -> str:
+    """`--variant`: reference.api's check (its one message), as a usage error (exit 2)."""
+    from reference.api import UnknownVariantError, check_variant
+
+    try:
+        return check_variant(name)
+    except UnknownVariantError as e:
+        raise UsageError(str(e)) from None
 
 
 # -- argument types: NaN, inf, zero and negatives are usage errors, not a 0-run "AGREE" --------

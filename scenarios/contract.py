@@ -89,6 +89,21 @@ _FOREIGN: tuple[tuple[str, ExitCode], ...] = (
 )
 
 
+def loaded(where: str) -> type | None:
+    """The class named "module:Class" if its module is loaded, else None.
+
+    Never imports (this runs while an exception, maybe Ctrl-C, is on its way out); an exception
+    of a type whose module was never imported cannot exist, so nothing is missed."""
+    module, name = where.split(":")
+    cls = getattr(sys.modules.get(module), name, None)
+    return cls if isinstance(cls, type) else None
+
+
+def is_a(exc: BaseException, *where: str) -> bool:
+    """isinstance by "module:Class" names (see `loaded`)."""
+    return any(c is not None and isinstance(exc, c) for c in map(loaded, where))
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
@@ -102,8 +117,6 @@ def classify(exc: BaseException) -> tuple[ExitCode, str]:
     if isinstance(code, int) and code in (ExitCode.USAGE, ExitCode.UNKNOWN):
         return ExitCode(code), _first_line(exc)
     for where, mapped in _FOREIGN:
-        module, name = where.split(":")
-        cls = getattr(sys.modules.get(module), name, None)
-        if isinstance(cls, type) and isinstance(exc, cls):
+        if is_a(exc, where):
             return mapped, _first_line(exc)
     return ExitCode.UNKNOWN, f"internal error: {type(exc).__name__}: {_first_line(exc)}"

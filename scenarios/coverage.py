@@ -19,28 +19,30 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from typing import Any
 
+from scenarios.records import RankResult
+
 PREFETCH_CLASSES = ("revoked", "aborted", "complete", "partial", "terminated", "storage_error")
 
 
-def _base(results: list[dict]) -> dict | None:
-    ok = [r for r in results if not r.get("error")]
-    return min(ok, key=lambda r: r["rank"]) if ok else None
+def _base(results: list[RankResult]) -> RankResult | None:
+    ok = [r for r in results if r.error is None]
+    return min(ok, key=lambda r: r.rank) if ok else None
 
 
-def prefetch_classes(s: Any, results: list[dict]) -> dict[str, str]:
+def prefetch_classes(s: Any, results: list[RankResult]) -> dict[str, str]:
     """rid -> prefetch class, for every prefetch whose end the logs show."""
     base = _base(results)
     if base is None:
         return {}
     page = s.cache.page_size
-    dec = base.get("decisions", {})
-    effs = base.get("effects", {}).get("prefetch", [])
-    hits = {e[1]: (e[4], e[3], effs[i] if i < len(effs) else [])
-            for i, e in enumerate(dec.get("prefetch", [])) if e[0] == "prefetch_hits"}
-    sched = dec.get("scheduler", [])
-    done = {e[1]: int(e[3][0]) for e in sched if e[0] == "prefetch_done" and e[3]}
-    term_at = {e[1]: i for i, e in enumerate(sched)
-               if e[0] == "can_terminate" and e[4] == "terminate"}
+    dec = base.decisions
+    effs = base.effects.get("prefetch", ())
+    hits = {e.rid: (e.outcome, e.agreed, effs[i] if i < len(effs) else ())
+            for i, e in enumerate(dec.get("prefetch", ())) if e.kind == "prefetch_hits"}
+    sched = dec.get("scheduler", ())
+    done = {e.rid: int(e.agreed[0]) for e in sched if e.kind == "prefetch_done" and e.agreed}
+    term_at = {e.rid: i for i, e in enumerate(sched)
+               if e.kind == "can_terminate" and e.outcome == "terminate"}
     aborted = {o.rid for o in s.ops if o.kind == "abort"}
     out: dict[str, str] = {}
     for rid, (outcome, agreed, eff) in hits.items():
@@ -62,10 +64,10 @@ def prefetch_classes(s: Any, results: list[dict]) -> dict[str, str]:
     return out
 
 
-def _io_outstanding(results: list[dict], index: int) -> bool:
+def _io_outstanding(results: list[RankResult], index: int) -> bool:
     """At scheduler decision #index (a can_terminate), did any rank still have IO running?"""
     for r in results:
-        effs = r.get("effects", {}).get("scheduler", [])
+        effs = r.effects.get("scheduler", ())
         if index >= len(effs) or len(effs[index]) < 6:
             continue
         queried, revoked, io_done, completed, hit_tokens = effs[index][:5]
@@ -80,7 +82,7 @@ def _ack_class(popped: int, queued: int) -> str | None:
     return "none" if popped == 0 else "all" if popped >= queued else "some"
 
 
-def count(s: Any, results: list[dict], faults: dict[str, int] | None = None) -> dict[str, Counter]:
+def count(s: Any, results: list[RankResult], faults: dict[str, int] | None = None) -> dict[str, Counter]:
     """Per decision point, a Counter of the outcomes this run reached."""
     cov: dict[str, Counter] = defaultdict(Counter)
     classes = prefetch_classes(s, results)
@@ -88,27 +90,27 @@ def count(s: Any, results: list[dict], faults: dict[str, int] | None = None) -> 
     base = _base(results)
     if base is None:
         return dict(cov)
-    sched = base.get("decisions", {}).get("scheduler", [])
-    effs = base.get("effects", {}).get("scheduler", [])
+    sched = base.decisions.get("scheduler", ())
+    effs = base.effects.get("scheduler", ())
     for i, e in enumerate(sched):
-        eff = effs[i] if i < len(effs) else []
-        if e[0] in ("writing_check", "loading_check") and len(eff) >= 2:
+        eff = effs[i] if i < len(effs) else ()
+        if e.kind in ("writing_check", "loading_check") and len(eff) >= 2:
             c = _ack_class(int(eff[0]), int(eff[1]))
             if c:
-                cov["write_acks" if e[0] == "writing_check" else "load_acks"][c] += 1
-        elif e[0] == "drain" and e[3]:
-            for name, n in zip(("revoke", "backup_ack", "host_release"), e[3], strict=False):
+                cov["write_acks" if e.kind == "writing_check" else "load_acks"][c] += 1
+        elif e.kind == "drain" and e.agreed:
+            for name, n in zip(("revoke", "backup_ack", "host_release"), e.agreed, strict=False):
                 if n:
                     cov["drain"][name] += 1
-    for o in base.get("outcomes", []):
-        if o.get("host_hit"):
+    for o in base.outcomes:
+        if o.host_hit:
             cov["load_back"]["host hit loaded"] += 1
-    for kind, busy in base.get("evictions", []):
-        cov["eviction"][f"{kind} {'with IO/requests in flight' if busy else 'idle'}"] += 1
+    for ev in base.evictions:
+        cov["eviction"][f"{ev.kind} {'with IO/requests in flight' if ev.busy else 'idle'}"] += 1
     for r in results:
-        for op, _keys, ok, _sums in r.get("storage", []):
-            if ok and not all(ok):
-                cov["storage"][f"{op} failed"] += 1
+        for call in r.storage:
+            if call.ok and not all(call.ok):
+                cov["storage"][f"{call.op} failed"] += 1
     if faults:
         for kind, n in faults.items():
             if n:
@@ -125,7 +127,7 @@ class Coverage:
         self.counts: dict[str, Counter] = defaultdict(Counter)
         self.runs = 0
 
-    def add(self, s: Any, results: list[dict], faults: dict[str, int] | None = None) -> None:
+    def add(self, s: Any, results: list[RankResult], faults: dict[str, int] | None = None) -> None:
         self.runs += 1
         for point, c in count(s, results, faults).items():
             self.counts[point].update(c)

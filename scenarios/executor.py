@@ -16,6 +16,8 @@ from scenarios.contract import stop_requested
 from scenarios.schedule import Schedule
 
 MODES = ("inprocess", "torchrun")
+#: where ranks run: "auto" is CUDA where present (see Executor.resolved_device)
+DEVICES = ("auto", "cpu", "cuda")
 
 
 class Executor:
@@ -43,7 +45,7 @@ class Executor:
             raise ValueError("backend 'mooncake' needs a master: pass --mooncake-master HOST:PORT "
                              "or let the harness start one")
 
-    def run(self, s: Schedule, *, gated: bool = True, nemesis: Any = None) -> list[dict]:
+    def run(self, s: Schedule, *, gated: bool = True, nemesis: Any = None) -> list[Any]:
         self._check_backend(s)
         run_id = f"r{uuid.uuid4().hex[:10]}"
         if self.mode == "inprocess":
@@ -78,7 +80,7 @@ class Executor:
         return pool
 
     def _run_torchrun(self, s: Schedule, run_id: str, gated: bool,
-                      nemesis: Any = None) -> list[dict]:
+                      nemesis: Any = None) -> list[Any]:
         from scenarios.runner import RankPoolError
 
         pool = self.pool(s.layout)
@@ -102,7 +104,7 @@ class Executor:
             if nemesis.explain():  # a kill landed as the job finished: that pool is broken
                 pool.close()
                 self._pools.pop(s.layout, None)
-        if any(r["error"] for r in results):
+        if any(r.error is not None for r in results):
             pool.close()  # leftover threads may still sit in gloo calls: start clean
             self._pools.pop(s.layout, None)
         return results

@@ -13,6 +13,7 @@ from scenarios.checker import Verdict, check
 from scenarios.contract import stop_requested
 from scenarios.coverage import Coverage, prefetch_classes
 from scenarios.executor import Executor
+from scenarios.records import RankResult
 from scenarios.schedule import Schedule
 from scenarios.strategies import schedules
 
@@ -31,25 +32,25 @@ class Hunt:
         return len(self.found.ops) if self.found else 0
 
 
-def interest(results: list[dict]) -> dict[str, float]:
+def interest(results: list[RankResult]) -> dict[str, float]:
     """What makes a run interesting: ranks that disagreed before reducing, revokes, partial
     prefetches. Hypothesis's `target` steers generation towards more of each."""
     disagree = revokes = partial = 0
     for ch in ("scheduler", "prefetch", "prefetch_sync"):
-        rows = [r["decisions"].get(ch, []) for r in results]
+        rows = [r.decisions.get(ch, ()) for r in results]
         for i in range(min((len(x) for x in rows), default=0)):
-            if len({tuple(x[i][2]) for x in rows}) > 1:
+            if len({x[i].local for x in rows}) > 1:
                 disagree += 1
-    for d in results[0]["decisions"].get("prefetch", []) if results else []:
-        revokes += d[4] == "revoke"
-    for d in results[0]["decisions"].get("scheduler", []) if results else []:
-        if d[0] == "prefetch_done" and d[3] and d[3][0] > 0:
+    for d in results[0].decisions.get("prefetch", ()) if results else ():
+        revokes += d.outcome == "revoke"
+    for d in results[0].decisions.get("scheduler", ()) if results else ():
+        if d.kind == "prefetch_done" and d.agreed and d.agreed[0] > 0:
             partial += 1
     return {"local disagreements": float(disagree), "revokes": float(revokes),
             "prefetches with pages": float(partial)}
 
 
-def steer(results: list[dict], s: Schedule | None = None) -> None:
+def steer(results: list[RankResult], s: Schedule | None = None) -> None:
     for label, value in interest(results).items():
         target(value, label=label)
     if s is not None:  # towards runs whose prefetches end in many different ways

@@ -8,45 +8,32 @@ divergence is replayed once before it is reported; one that does not reproduce i
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 from scenarios.checker import Verdict, check
+from scenarios.contract import is_a
+from scenarios.records import RankResult
 from scenarios.schedule import Schedule
 
 
-def _loaded(where: str) -> type | None:
-    """A class by "module:Name" if its module is loaded (else no exception can be of it).
-
-    Never imports: this runs while an exception (maybe Ctrl-C) is on its way out."""
-    module, name = where.split(":")
-    cls = getattr(sys.modules.get(module), name, None)
-    return cls if isinstance(cls, type) else None
-
-
-def _is(exc: BaseException, *where: str) -> bool:
-    return any(c is not None and isinstance(exc, c) for c in map(_loaded, where))
-
-
-def infrastructure(results: list[dict]) -> str | None:
-    """What broke outside the system under test, from the ranks' structured reports."""
-    found = [f"rank {r.get('rank')}: {r['infrastructure']}" for r in results
-             if r.get("infrastructure")]
+def infrastructure(results: list[RankResult]) -> str | None:
+    """What broke outside the system under test, from the ranks' typed errors."""
+    found = [f"rank {r.rank}: {r.infrastructure}" for r in results if r.infrastructure]
     return "; ".join(found) if found else None
 
 
-def run_checked(ex: Any, s: Schedule, **run_kw: Any) -> tuple[list[dict], Verdict]:
+def run_checked(ex: Any, s: Schedule, **run_kw: Any) -> tuple[list[RankResult], Verdict]:
     """Run `s` on `ex` and judge it; never raises for a broken run (the verdict says)."""
     try:
         results = ex.run(s, **run_kw)
     except Exception as e:
         line = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
-        if _is(e, "scenarios.runner.inprocess:CollectiveTimeout",
+        if is_a(e, "scenarios.runner.inprocess:CollectiveTimeout",
                "scenarios.runner.torchrun_pool:RankTimeoutError"):
             # ranks froze: a hang of the system under test (confirmed by replay like any other)
             return [], Verdict(False, "error", f"ranks did not finish: {line}",
                                [("error", f"ranks did not finish: {line}")])
-        if _is(e, "scenarios.runner.torchrun_pool:RankPoolError"):
+        if is_a(e, "scenarios.runner.torchrun_pool:RankPoolError"):
             return [], Verdict.unknown(line)  # a rank killed by the OS, a pool that never started
         raise
     broke = infrastructure(results)

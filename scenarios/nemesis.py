@@ -295,10 +295,10 @@ class Nemesis:
         if act is not None:
             act.stop()
 
-    def collect(self, results: list[dict]) -> None:
-        """Add the faults the workers fired (their results' `nemesis_injected`)."""
+    def collect(self, results: list[Any]) -> None:
+        """Add the faults the workers fired (their RankResults' `nemesis_injected`)."""
         for r in results:
-            for kind, n in (r.get("nemesis_injected") or {}).items():
+            for kind, n in r.nemesis_injected.items():
                 with self._lock:
                     self.injected[kind] += int(n)
 

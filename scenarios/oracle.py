@@ -48,6 +48,7 @@ from collections.abc import Callable
 from typing import Any
 
 from scenarios.layout import Layout
+from scenarios.records import Decision, RankResult
 
 DEFAULT_PROTOCOL = "sglang-0.5.20"
 #: seconds per prefetch_timeout_tick when free-running (gated runs count pacer ticks);
@@ -153,9 +154,9 @@ def reduce_over(stages: list[tuple[str, Stage]], comp: tuple[int, ...],
 
 
 class Oracle:
-    def __init__(self, s: Any, results: list[dict]) -> None:
+    def __init__(self, s: Any, results: list[RankResult]) -> None:
         self.s = s
-        self.results = {r["rank"]: r for r in results}
+        self.results = {r.rank: r for r in results}
         self.protocol = protocol_of(s)
         self.ver = version_of(self.protocol)
         self.stages = sync_stages(s)
@@ -167,7 +168,7 @@ class Oracle:
         self.comps = _components(self.world, self.stage_stages)
         self.page = s.cache.page_size
         self.policy = s.cache.prefetch_stop_policy
-        gated = not any("recorded" in r for r in results)
+        gated = not any(r.recorded is not None for r in results)
         self.timeout_s = s.cache.prefetch_timeout_ticks * (1.0 if gated else FREE_RUNNING_TICK_S)
         self.aborted = {o.rid for o in s.ops if o.kind == "abort"}
         self.out: list[tuple[str, str]] = []
@@ -176,20 +177,22 @@ class Oracle:
         if len(self.out) < MAX_VIOLATIONS:
             self.out.append((rule, f"rule '{rule}': {msg}"))
 
-    def _entries(self, rank: int, ch: str) -> tuple[list, list]:
-        res = self.results.get(rank, {})
-        return res.get("decisions", {}).get(ch, []), res.get("effects", {}).get(ch, [])
+    def _entries(self, rank: int, ch: str) -> tuple[tuple[Decision, ...], tuple[tuple, ...]]:
+        res = self.results.get(rank)
+        if res is None:
+            return (), ()
+        return res.decisions.get(ch, ()), res.effects.get(ch, ())
 
     def _final_agreed(self, rank: int) -> dict[str, int]:
         out: dict[str, int] = {}
-        for k, rid, _l, agreed, _o in self._entries(rank, "prefetch_sync")[0]:
-            if k == "prefetch_final" and agreed:
-                out[rid] = int(agreed[0])
+        for d in self._entries(rank, "prefetch_sync")[0]:
+            if d.kind == "prefetch_final" and d.agreed:
+                out[d.rid] = int(d.agreed[0])
         return out
 
     # -- the group rules -------------------------------------------------------------------
     def check_agreements(self) -> None:
-        channels = sorted({c for r in self.results.values() for c in r.get("decisions", {})})
+        channels = sorted({c for r in self.results.values() for c in r.decisions})
         finals = {r: self._final_agreed(r) for r in self.results}
         for comp in self.comps:
             if any(r not in self.results for r in comp):
@@ -199,27 +202,27 @@ class Oracle:
                 n = min(len(rows[r][0]) for r in comp)
                 for i in range(n):
                     ents = {r: rows[r][0][i] for r in comp}
-                    kinds = {(e[0], e[1]) for e in ents.values()}
+                    kinds = {(e.kind, e.rid) for e in ents.values()}
                     if len(kinds) != 1:
                         break  # the logs themselves diverge here: the cross-rank checks say so
                     kind, rid = next(iter(kinds))
                     effs = {r: (rows[r][1][i] if i < len(rows[r][1]) else []) for r in comp}
                     self._one(ch, i, kind, rid, ents, effs, comp, finals)
 
-    def _one(self, ch: str, i: int, kind: str, rid: str, ents: dict[int, list],
+    def _one(self, ch: str, i: int, kind: str, rid: str, ents: dict[int, Decision],
              effs: dict[int, list], comp: tuple[int, ...], finals: dict[int, dict]) -> None:
         where = f"channel '{ch}' decision #{i} {kind}" + (f"({rid})" if rid else "")
-        if any(v is None for e in ents.values() for v in (*e[2], *e[3])):
+        if any(v is None for e in ents.values() for v in (*e.local, *e.agreed)):
             return  # a value this SUT does not expose (SGLang): nothing to judge here
-        locals_ = {r: [int(v) for v in e[2]] for r, e in ents.items()}
-        agreed = {r: [int(v) for v in e[3]] for r, e in ents.items()}
+        locals_ = {r: [int(v) for v in e.local] for r, e in ents.items()}
+        agreed = {r: [int(v) for v in e.agreed] for r, e in ents.items()}
         op = REDUCE_OP.get(kind)
         skip_reduce = (op is None or (kind == "can_terminate" and self.policy == "best_effort")
                        or (kind == "prefetch_done" and any(rid in finals.get(r, {}) for r in comp))
                        or len({len(v) for v in locals_.values()}) != 1)
         local_only = ("loading_check" if kind == "loading_check" and self.ver < (0, 5, 13)
                       else "write-back writing_check" if kind == "writing_check"
-                      and all("write-back" in str(e[4]) for e in ents.values()) else "")
+                      and all("write-back" in str(e.outcome) for e in ents.values()) else "")
         if local_only:  # no collective: each rank acts on its own count
             for r in comp:
                 if agreed[r] != locals_[r]:
@@ -244,7 +247,7 @@ class Oracle:
                       locals_: dict, agreed: dict, comp: tuple[int, ...]) -> None:
         eff = effs.get(r) or []
         ag = agreed[r]
-        outcome = str(ents[r][4])
+        outcome = str(ents[r].outcome)
         if kind in ("writing_check", "loading_check", "drain") and eff:
             popped = [int(x) for x in eff[:len(ag)]]  # ack checks add the queue length after
             if popped != ag:
@@ -311,12 +314,13 @@ class Oracle:
             for kind in FORWARDED_KINDS:
                 mine, theirs = (
                     [e for e in self._entries(x, "scheduler")[0]
-                     if e[0] == kind and "write-back" not in str(e[4])] for x in (r, src))
+                     if e.kind == kind and "write-back" not in str(e.outcome)] for x in (r, src))
                 for i, (e, f) in enumerate(zip(mine, theirs, strict=False)):
-                    if [int(v) for v in e[3]] != [int(v) for v in f[3]]:
+                    if [int(v) for v in e.agreed] != [int(v) for v in f.agreed]:
                         self.fail("reduce", f"{kind} #{i} on rank {r}: {self.protocol} forwards "
-                                  f"PP stage 0's count; local {list(e[2])}, rank {src} agreed "
-                                  f"{list(f[3])}, expected {list(f[3])}, actual {list(e[3])}")
+                                  f"PP stage 0's count; local {list(e.local)}, rank {src} agreed "
+                                  f"{list(f.agreed)}, expected {list(f.agreed)}, actual "
+                                  f"{list(e.agreed)}")
                         break
 
     # -- per-rank rules --------------------------------------------------------------------
@@ -324,18 +328,21 @@ class Oracle:
         for r, res in sorted(self.results.items()):
             finals = self._final_agreed(r)
             done: dict[str, int] = {}
-            for k, rid, local, agreed, _o in res.get("decisions", {}).get("scheduler", []):
-                if k != "prefetch_done" or not agreed:
+            for d in res.decisions.get("scheduler", ()):
+                if d.kind != "prefetch_done" or not d.agreed:
                     continue
-                done[rid] = int(agreed[0])
+                rid = d.rid
+                done[rid] = int(d.agreed[0])
                 if rid in finals and finals[rid] != done[rid]:
-                    self.fail("insert", f"prefetch_done({rid}) on rank {r}: local {local}, the "
+                    self.fail("insert", f"prefetch_done({rid}) on rank {r}: local "
+                              f"{list(d.local)}, the "
                               f"final progress ack agreed {finals[rid]}, expected {finals[rid]}, "
                               f"actual {done[rid]}")
-            for k, rid, values in res.get("actions", []):
-                if k != "prefetch_insert" or not values:
+            for a in res.actions:
+                if a.kind != "prefetch_insert" or not a.values:
                     continue
-                got = int(values[0])
+                rid = a.rid
+                got = int(a.values[0])
                 want = done.get(rid, 0)
                 if got != want and not (rid in self.aborted and got == 0):
                     self.fail("insert", f"prefetch of {rid} on rank {r}: agreed completed "
@@ -345,15 +352,17 @@ class Oracle:
         """A prefetch_done right after its can_terminate means the scheduler stopped it there:
         the agreement must have allowed that (an aborted request stops regardless)."""
         for r, res in sorted(self.results.items()):
-            sched = res.get("decisions", {}).get("scheduler", [])
+            sched = res.decisions.get("scheduler", ())
             for i in range(1, len(sched)):
                 prev, cur = sched[i - 1], sched[i]
-                if (cur[0] == "prefetch_done" and prev[0] == "can_terminate"
-                        and prev[1] == cur[1] and cur[1] not in self.aborted
-                        and len(prev[3]) == 2 and prev[3][0] != 0 and prev[3][1] == 0):
-                    self.fail("terminate", f"scheduler decision #{i - 1} can_terminate({cur[1]}) "
-                              f"on rank {r}: local {prev[2]}, agreed [1-can, terminated]="
-                              f"{prev[3]}, expected wait, actual stopped (prefetch_done follows)")
+                if (cur.kind == "prefetch_done" and prev.kind == "can_terminate"
+                        and prev.rid == cur.rid and cur.rid not in self.aborted
+                        and len(prev.agreed) == 2 and prev.agreed[0] != 0
+                        and prev.agreed[1] == 0):
+                    self.fail("terminate", f"scheduler decision #{i - 1} can_terminate({cur.rid}) "
+                              f"on rank {r}: local {list(prev.local)}, agreed [1-can, terminated]="
+                              f"{list(prev.agreed)}, expected wait, actual stopped (prefetch_done "
+                              f"follows)")
 
     def run(self) -> list[tuple[str, str]]:
         self.check_agreements()
@@ -368,6 +377,6 @@ def _first_int(text: str) -> int:
     return int(m.group()) if m else -1
 
 
-def check_oracle(s: Any, results: list[dict]) -> list[tuple[str, str]]:
+def check_oracle(s: Any, results: list[RankResult]) -> list[tuple[str, str]]:
     """(rule, message) for every violation of the protocol, in decision order per channel."""
     return Oracle(s, results).run()

@@ -8,7 +8,13 @@ from __future__ import annotations
 
 import argparse
 
-from reference.api import DEFAULT_PROFILE, DP_ATTENTION_CHOICES, PROFILES
+from reference.api import (
+    DEFAULT_PROFILE,
+    DP_ATTENTION_CHOICES,
+    PROFILES,
+    UnknownProfileError,
+    get_profile,
+)
 from scenarios.contract import UsageError
 
 
@@ -27,8 +33,10 @@ def protocol_changes(args: argparse.Namespace) -> dict:
     changes: dict = {}
     protocol = getattr(args, "protocol", None)
     if protocol is not None:
-        if protocol not in PROFILES:
-            raise UsageError(f"unknown protocol '{protocol}': choose one of {', '.join(PROFILES)}")
+        try:
+            get_profile(protocol)  # the one check (reference/profiles.py), its one message
+        except UnknownProfileError as e:
+            raise UsageError(str(e)) from None
         changes["protocol"] = protocol
     dp = getattr(args, "dp_attention", None)
     if dp is not None:

@@ -7,8 +7,7 @@ modes run the same code and their decision logs can be compared.
 from __future__ import annotations
 
 import time
-import traceback
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +19,20 @@ from reference.api import (
     KVShape,
     ParallelGroups,
     RankInfo,
+    StorageAccess,
     effective_configuration,
     open_rank,
 )
 from scenarios.gates import GatedPacer, RecordingPacer
 from scenarios.recorder import Recorder, RecordingCollectives
+from scenarios.records import (
+    ErrorKind,
+    Eviction,
+    Outcome,
+    RankError,
+    RankResult,
+    Recorded,
+)
 from scenarios.schedule import Schedule
 
 MAX_DRAIN_STEPS = 400
@@ -88,7 +96,7 @@ def rank_groups(s: Schedule, rank: int) -> tuple[RankInfo, ParallelGroups]:
     return info, groups
 
 
-def execute(s: Schedule, env: RunEnv, collectives: Any, nemesis: Any = None) -> dict:
+def execute(s: Schedule, env: RunEnv, collectives: Any, nemesis: Any = None) -> RankResult:
     """Run `s` on this rank. Never raises for a run failure: the error is part of the result."""
     t0 = time.monotonic()
     info, groups = rank_groups(s, env.rank)
@@ -103,16 +111,16 @@ def execute(s: Schedule, env: RunEnv, collectives: Any, nemesis: Any = None) -> 
     storage = None
     stored: list[str] = []
     sched = None
-    error = None
+    error: RankError | None = None
     snapshot: dict = {}
     ops_done = 0
-    evictions: list[list] = []
-    infrastructure = None  # what broke outside the system under test (a verdict of `unknown`)
+    evictions: list[Eviction] = []
     try:
         try:
             storage = make_storage(s.backend, env)
-        except Exception as e:
-            infrastructure = f"storage backend '{s.backend}' unavailable: {type(e).__name__}: {e}"
+        except Exception as e:  # outside the system under test: a verdict of `unknown`
+            error = RankError.of(e, ErrorKind.INFRASTRUCTURE,
+                                 f"storage backend '{s.backend}' unavailable")
             raise
         sched = open_rank(cache_config(s, env), info, groups, coll, storage,
                           torch.device(env.device), pacer, rec)
@@ -126,7 +134,7 @@ def execute(s: Schedule, env: RunEnv, collectives: Any, nemesis: Any = None) -> 
 
         for op in s.ops:
             if op.kind.startswith("evict"):  # for coverage: eviction with IO in flight
-                evictions.append([op.kind, int(sched.busy())])
+                evictions.append(Eviction(op.kind, bool(sched.busy())))
             _apply(sched, op)
             ops_done += 1
             # the model's forward pass keeps ranks in lockstep per scheduler step in production
@@ -146,8 +154,9 @@ def execute(s: Schedule, env: RunEnv, collectives: Any, nemesis: Any = None) -> 
         # ranks have looked
         any_rank(0)
     except Exception as e:  # the result carries it; the checker turns it into a verdict
-        error = f"{type(e).__name__}: {e}"
-        snapshot = {"traceback": traceback.format_exc(limit=8)}
+        if error is None:
+            error = RankError.of(e)  # its kind from the exception's type (scenarios/records.py)
+        snapshot = {"traceback": error.traceback}
     finally:
         if sched is not None:
             try:
@@ -159,34 +168,37 @@ def execute(s: Schedule, env: RunEnv, collectives: Any, nemesis: Any = None) -> 
                 storage.close()
             except Exception:
                 pass
-    result = {
-        "rank": env.rank,
-        "coords": list(s.layout_obj.coords(env.rank)),
-        "decisions": dict(rec.decisions),
-        "effects": dict(rec.effects), "actions": rec.actions, "evictions": evictions,
-        "digests": rec.digests,
-        "collectives": dict(coll.log),
-        "collective_order": dict(coll.order),
-        "pending_collectives": dict(coll.pending),
-        "storage": rec.storage,
-        "stored": stored,
-        "outcomes": [asdict(o) for o in (sched.outcomes if sched else [])],
-        "snapshot": snapshot,
-        "error": error,
-        "infrastructure": infrastructure,
-        "ops_done": ops_done,
-        "waiting_on": dict(pacer.waiting_on),
-        "wall_s": time.monotonic() - t0,
-    }
+    recorded = None
     if isinstance(pacer, RecordingPacer):
-        result["recorded"] = {"choices": pacer.choices, "faults": pacer.faults}
-    return result
+        recorded = Recorded(tuple(pacer.choices), tuple((c, int(n)) for c, n in pacer.faults))
+    return RankResult(
+        rank=env.rank,
+        coords=tuple(s.layout_obj.coords(env.rank)),
+        decisions=rec.decision_records(),
+        effects=rec.effect_records(),
+        actions=rec.action_records(),
+        evictions=tuple(evictions),
+        digests=tuple(rec.digests),
+        collectives=coll.call_records(),
+        collective_order=coll.order_records(),
+        pending_collectives=coll.pending_text(),
+        storage=rec.storage_records(),
+        stored=tuple(stored),
+        outcomes=tuple(map(Outcome.of, sched.outcomes if sched else ())),
+        snapshot=snapshot,
+        error=error,
+        ops_done=ops_done,
+        waiting_on=dict(pacer.waiting_on),
+        wall_s=time.monotonic() - t0,
+        recorded=recorded,
+    )
 
 
-def _confirm_stored(storage: HiCacheStorage, accesses: list[list], limit: int = 512) -> list[str]:
+def _confirm_stored(storage: HiCacheStorage, accesses: list[StorageAccess],
+                    limit: int = 512) -> list[str]:
     """The keys this rank wrote that the store still holds at the end of the run."""
-    written = sorted({k for op, keys, ok, _ in accesses if op == "set"
-                      for k, good in zip(keys, ok, strict=False) if good})[:limit]
+    written = sorted({k for a in accesses if a.op == "set"
+                      for k, good in zip(a.keys, a.ok, strict=False) if good})[:limit]
     return [k for k in written if storage.exists(k)]
 
 

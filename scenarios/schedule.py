@@ -22,12 +22,22 @@ from pydantic import (
     model_validator,
 )
 
-from reference.api import DEFAULT_PROFILE, PROFILES, VARIANTS
+from reference.api import (
+    DEFAULT_PROFILE,
+    STOP_POLICIES,
+    STORAGE_BACKENDS,
+    WRITE_POLICIES,
+    CacheConfig,
+    UnknownProfileError,
+    UnknownVariantError,
+    check_variant,
+    get_profile,
+)
 from scenarios.contract import UsageError
 from scenarios.layout import Layout, LayoutError
 
 SCHEDULE_VERSION = 1
-Backend = Literal["memory", "file", "mooncake"]
+Backend = Literal[STORAGE_BACKENDS]  # type: ignore[valid-type]  # names from reference.api
 #: the storage calls a Schedule may fail (reference/cache_controller.py asks the pacer for these)
 StorageCall = Literal["exists", "get", "set"]
 #: fields that name something that exists only at some commits (a replay file from a newer
@@ -62,17 +72,26 @@ class NotAtThisCommit(ValueError):
     """A name or schema version this commit does not know (it may exist at another)."""
 
 
+#: the reference's own defaults: a Schedule's cache settings default to exactly these
+_CACHE = CacheConfig()
+
+
 class CachePolicy(BaseModel):
+    """The cache settings of a Schedule: `reference.api.CacheConfig`'s, with its defaults and
+    its policy names (one definition, in reference/), except the prefetch timeout, which a
+    Schedule counts in pacer ticks (seconds follow from the mode: scenarios/rank_run.py)."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    page_size: int = Field(4, ge=1, le=64)
-    device_pages: int = Field(32, ge=1)
-    host_pages: int = Field(64, ge=1)
-    mla: bool = False
-    write_policy: Literal["write_through", "write_through_selective", "write_back"] = "write_through"
-    prefetch_stop_policy: Literal["best_effort", "wait_complete", "timeout"] = "best_effort"
-    prefetch_threshold: int = Field(0, ge=0)
-    prefetch_batch_pages: int = Field(2, ge=1)
+    page_size: int = Field(_CACHE.page_size, ge=1, le=64)
+    device_pages: int = Field(_CACHE.device_pages, ge=1)
+    host_pages: int = Field(_CACHE.host_pages, ge=1)
+    mla: bool = _CACHE.kv.is_mla
+    write_policy: Literal[WRITE_POLICIES] = _CACHE.write_policy  # type: ignore[valid-type]
+    prefetch_stop_policy: Literal[STOP_POLICIES] = (  # type: ignore[valid-type]
+        _CACHE.prefetch_stop_policy)
+    prefetch_threshold: int = Field(_CACHE.prefetch_threshold, ge=0)
+    prefetch_batch_pages: int = Field(_CACHE.prefetch_batch_pages, ge=1)
     prefetch_timeout_ticks: int = Field(3, ge=0)
 
 
@@ -144,16 +163,18 @@ class Schedule(BaseModel):
     @field_validator("variant")
     @classmethod
     def _variant(cls, v: str) -> str:
-        if v not in VARIANTS:
-            raise NotAtThisCommit(f"unknown variant '{v}': choose one of {', '.join(VARIANTS)}")
-        return v
+        try:
+            return check_variant(v)  # reference's one check and message
+        except UnknownVariantError as e:
+            raise NotAtThisCommit(str(e)) from None
 
     @field_validator("protocol")
     @classmethod
     def _protocol(cls, v: str) -> str:
-        if v not in PROFILES:
-            raise NotAtThisCommit(f"unknown protocol '{v}': choose one of {', '.join(PROFILES)}")
-        return v
+        try:
+            return get_profile(v).name
+        except UnknownProfileError as e:
+            raise NotAtThisCommit(str(e)) from None
 
     @field_validator("version")
     @classmethod

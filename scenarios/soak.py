@@ -16,11 +16,18 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from reference.api import VARIANTS
-from scenarios.cli_conventions import add_output_flags, positive_float, variant_help
+from reference.api import STOP_POLICIES, STORAGE_BACKENDS, WRITE_POLICIES
+from scenarios.cli_conventions import (
+    add_output_flags,
+    check_variant_arg,
+    positive_float,
+    variant_help,
+)
 from scenarios.contract import STATUS_EXIT, ExitCode, UsageError, stop_requested
 from scenarios.coverage import Coverage
+from scenarios.executor import DEVICES, MODES
 from scenarios.protocol_args import add_protocol_arguments, protocol_changes
+from scenarios.records import RankResult
 from scenarios.schedule import CachePolicy, Op, Schedule, tokens_for
 from scenarios.workload import soak_chunk
 
@@ -30,7 +37,7 @@ PAGE = 4
 def add_soak_arguments(p: argparse.ArgumentParser) -> None:
     """Options of `cpcheck soak` (cli.py builds the subparser and calls this)."""
     p.add_argument("--layout", default="1x2", help="TPxCP[xPP] (default 1x2)")
-    p.add_argument("--backend", choices=["memory", "file", "mooncake"], default="memory")
+    p.add_argument("--backend", choices=STORAGE_BACKENDS, default="memory")
     p.add_argument("--minutes", type=positive_float, default=1.0,
                    help="wall-clock budget (default 1)")
     p.add_argument("--variant", default="fixed", help=variant_help("fixed or a known-bad variant"))
@@ -39,7 +46,7 @@ def add_soak_arguments(p: argparse.ArgumentParser) -> None:
                         "kill_rank (default: none)")
     p.add_argument("--seed", type=int, default=None,
                    help="pin the run (default: a fresh random seed, printed and in the report)")
-    p.add_argument("--mode", choices=["inprocess", "torchrun"], default="inprocess",
+    p.add_argument("--mode", choices=MODES, default="inprocess",
                    help="inprocess (ranks as threads) or torchrun (faults act on the real "
                         "worker processes and master)")
     p.add_argument("--out", default="cpcheck-out/soak", help="report, plots and replay go here")
@@ -47,7 +54,7 @@ def add_soak_arguments(p: argparse.ArgumentParser) -> None:
                    help="use this Mooncake master instead of starting one")
     p.add_argument("--timeout", type=positive_float, default=10.0,
                    help="seconds any rank may wait on a peer before the run fails")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--device", choices=DEVICES, default="auto")
     add_protocol_arguments(p)
     add_output_flags(p)
 
@@ -66,9 +73,8 @@ def make_chunk(rng: random.Random, index: int, layout: str, variant: str,
         device_pages=rng.choice([12, 16, 24]),
         host_pages=rng.choice([16, 24, 48]),
         mla=rng.random() < 0.3,
-        write_policy=rng.choice(["write_through", "write_through", "write_through_selective",
-                                 "write_back"]),
-        prefetch_stop_policy=rng.choice(["best_effort", "wait_complete", "timeout"]),
+        write_policy=rng.choice([WRITE_POLICIES[0], *WRITE_POLICIES]),  # write_through twice
+        prefetch_stop_policy=rng.choice(STOP_POLICIES),
         prefetch_threshold=rng.choice([0, 0, 8]),
         prefetch_batch_pages=rng.randint(1, 3),
         prefetch_timeout_ticks=rng.randint(1, 8),
@@ -132,18 +138,18 @@ class Progress:
 
 
 # -- report --------------------------------------------------------------------------------
-def _prefetch_outcomes(results: list[dict]) -> Counter:
+def _prefetch_outcomes(results: list[RankResult]) -> Counter:
     """Prefetch decisions by outcome's first word (revoke / fetch / terminate ...)."""
     c: Counter = Counter()
     for r in results:
-        for entry in r.get("decisions", {}).get("prefetch", []):
-            outcome = str(entry[4]) if len(entry) > 4 else "?"
-            c[outcome.split()[0] if outcome.split() else "?"] += 1
+        for d in r.decisions.get("prefetch", ()):
+            words = str(d.outcome).split()
+            c[words[0] if words else "?"] += 1
     return c
 
 
-def _host_used(results: list[dict]) -> int:
-    vals = [r.get("snapshot", {}).get("host_used") for r in results]
+def _host_used(results: list[RankResult]) -> int:
+    vals = [r.snapshot.get("host_used") for r in results]
     return max((int(v) for v in vals if isinstance(v, (int, float))), default=0)
 
 
@@ -158,8 +164,7 @@ def cmd_soak(args: argparse.Namespace) -> int:
     from scenarios.report import check_writable, native_stderr_to
 
     layout = str(Layout.parse(args.layout))
-    if args.variant not in VARIANTS:
-        raise UsageError(f"unknown variant '{args.variant}': choose one of {', '.join(VARIANTS)}")
+    check_variant_arg(args.variant)
     args.protocol_changes = protocol_changes(args)
     seed = args.seed if args.seed is not None else random.randrange(1 << 31)
     nem = Nemesis.parse(args.faults, seed=seed)
@@ -307,9 +312,9 @@ def _loop(args: argparse.Namespace, ex: Any, nem: Any, seed: int, layout: str, w
                     break
                 first_s = elapsed
                 rep = s
-                if results and all("recorded" in r for r in results):
-                    rep = s.with_(choices={r["rank"]: r["recorded"]["choices"] for r in results},
-                                  faults={r["rank"]: [list(f) for f in r["recorded"]["faults"]]
+                if results and all(r.recorded is not None for r in results):
+                    rep = s.with_(choices={r.rank: list(r.recorded.choices) for r in results},
+                                  faults={r.rank: [list(f) for f in r.recorded.faults]
                                           for r in results})
                 verdict, candidate = v, rep  # kept even if interrupted while confirming
                 write()

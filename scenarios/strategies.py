@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from hypothesis import strategies as st
 
-from reference.api import DEFAULT_PROFILE
+from reference.api import DEFAULT_PROFILE, STOP_POLICIES, WRITE_POLICIES
 from scenarios.schedule import CachePolicy, Op, Schedule, tokens_for
 from scenarios.workload import prefetch_workloads
 
@@ -24,9 +24,8 @@ def cache_policies(draw: st.DrawFn) -> CachePolicy:
         device_pages=draw(st.sampled_from([12, 24, 48])),
         host_pages=draw(st.sampled_from([16, 32, 64])),
         mla=draw(st.booleans()),
-        write_policy=draw(st.sampled_from(["write_through", "write_through_selective",
-                                           "write_back"])),
-        prefetch_stop_policy=draw(st.sampled_from(["best_effort", "wait_complete", "timeout"])),
+        write_policy=draw(st.sampled_from(WRITE_POLICIES)),
+        prefetch_stop_policy=draw(st.sampled_from(STOP_POLICIES)),
         prefetch_threshold=draw(st.sampled_from([0, 8])),
         prefetch_batch_pages=draw(st.sampled_from([1, 1, 2, 3])),
         prefetch_timeout_ticks=draw(st.integers(0, 8)),

@@ -36,7 +36,8 @@ STEP_POINTS = 3
 WARM_STEPS = 2
 #: a prefetch class below this share of the prefetches so far gets a gated soak chunk
 LAGGING = 0.16  # just under 1/6: six classes can all stay above it
-#: intents a stop policy can realise (wait_complete never stops with IO outstanding)
+#: intents a stop policy can realise (wait_complete never stops with IO outstanding); one key
+#: per name in reference.api.STOP_POLICIES (tests/test_single_source.py checks it)
 INTENTS = {
     "best_effort": PREFETCH_CLASSES,
     "timeout": PREFETCH_CLASSES,
@@ -114,7 +115,7 @@ def prefetch_workloads(draw: st.DrawFn, layouts: tuple[str, ...] = ("1x2", "2x2"
                        protocol: str = DEFAULT_PROFILE, dp_attention: bool = True) -> Schedule:
     """One Schedule of 1-4 fetches, each drawn with an outcome intent (see the module doc)."""
     layout = draw(st.sampled_from(layouts))
-    policy = draw(st.sampled_from(["best_effort", "timeout", "wait_complete"]))
+    policy = draw(st.sampled_from(list(INTENTS)))
     n = draw(st.integers(1, 4))
     intents = draw(st.lists(st.sampled_from(INTENTS[policy]), min_size=n, max_size=n))
     ints = st.integers(0, 7)
@@ -183,8 +184,7 @@ def shape_chunk(rng: random.Random, s: Schedule) -> Schedule:
         # selective write-through only writes a node after two hits: the warm-up would not stick
         "write_policy": "write_through" if policy == "write_through_selective" else policy,
         "prefetch_threshold": 0, "prefetch_batch_pages": 1,
-        "prefetch_stop_policy": rng.choice(["best_effort", "best_effort", "timeout",
-                                            "wait_complete"]),
+        "prefetch_stop_policy": rng.choice(["best_effort", *INTENTS]),  # best_effort twice
         "prefetch_timeout_ticks": rng.choice([0, 1]),
     })
     return s.with_(ops=ops, cache=cache.model_dump())

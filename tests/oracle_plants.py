@@ -98,7 +98,7 @@ def planted(name: str) -> Iterator[None]:
         yield
 
 
-def run_planted(ctx: Any, payload: dict) -> dict:
+def run_planted(ctx: Any, payload: dict) -> Any:
     """Torchrun job: run_schedule with a plant active in this worker, then undone."""
     from scenarios.runner.jobs import run_schedule
 

@@ -18,6 +18,6 @@ def test_device_pool_on_cuda_pinned_host_cuda_event_acks(torchrun_executor, inpr
     results = ex.run(s)
     assert check(s, results).ok
     for r in results:
-        snap = r["snapshot"]
+        snap = r.snapshot
         assert snap["device"].startswith("cuda"), snap
         assert snap["host_pinned"] and snap["cuda_event_acks"], snap

@@ -8,8 +8,8 @@ from reference.api import PROFILES
 from scenarios.catalog import catalog_names, load_scenario
 
 
-def _decisions(results: list[dict]) -> list:
-    return [(r["rank"], r["decisions"], r["digests"], r["outcomes"]) for r in results]
+def _decisions(results: list) -> list:
+    return [(r.rank, r.decisions, r.digests, r.outcomes) for r in results]
 
 
 @pytest.mark.cp

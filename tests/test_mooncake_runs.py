@@ -21,7 +21,7 @@ def mooncake_torchrun(mooncake_master: str):
 def _union(results: list[dict]) -> dict[tuple[str, str], set[str]]:
     pages: dict[tuple[str, str], set[str]] = {}
     for r in results:
-        for key in r["stored"]:
+        for key in r.stored:
             base, part = key.rsplit("_", 1)
             pages.setdefault((base.split("_")[1][:64], part), set()).add(key)
     return pages
@@ -35,7 +35,7 @@ def test_fixed_agrees_on_2x2_with_mooncake(mooncake_torchrun, scenario: str) -> 
     verdict = check(s, results)
     assert verdict.ok, verdict.summary()
     # every page each rank backed up is in the master, under the same key on both CP peers
-    by_rank = {r["rank"]: set(r["stored"]) for r in results}
+    by_rank = {r.rank: set(r.stored) for r in results}
     assert all(by_rank.values()), "no rank confirmed a stored key"
     assert by_rank[0] == by_rank[2] and by_rank[1] == by_rank[3]  # CP peers (tp 0, tp 1)
     assert by_rank[0] != by_rank[1]  # MHA: one copy per TP rank

@@ -11,6 +11,7 @@ import psutil
 import pytest
 
 from scenarios.nemesis import Nemesis, Window
+from scenarios.records import RankResult
 
 
 def _state(pid: int) -> str:
@@ -102,7 +103,7 @@ def test_storage_errors_travel_to_the_worker_and_fire_there() -> None:
     worker = Nemesis.from_wire(json.loads(json.dumps(wire)))  # as the pool pickles it
     assert worker is not None
     assert worker.storage_fails(1, "get") and not worker.storage_fails(0, "get")
-    nem.collect([{"nemesis_injected": dict(worker.injected)}, {}])
+    nem.collect([RankResult(rank=1, nemesis_injected=dict(worker.injected)), RankResult(rank=0)])
     nem.end_run()
     assert nem.counts()["storage_errors"] == 1
 
@@ -133,7 +134,7 @@ def test_process_faults_hit_real_torchrun_workers_and_a_killed_pool_comes_back()
         assert check(s, results).ok
         assert nem.counts()["slow_rank"] == 1
         assert nem.counts()["storage_errors"] >= 1  # fired inside worker 0, counted here
-        assert results[0]["recorded"]["faults"] and not results[1]["recorded"]["faults"]
+        assert results[0].recorded.faults and not results[1].recorded.faults
         pids = [r.pid for r in ex.pool("1x2").ranks]
         nem.begin_run(2)
         nem.plan = [Window("kill_rank", 0, 0.0, 1e9)]

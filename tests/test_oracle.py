@@ -13,6 +13,7 @@ from scenarios.checker import INVARIANTS, check
 from scenarios.layout import Layout
 from scenarios.oracle import FREE_RUNNING_TICK_S, check_oracle, reduce_over, sync_stages
 from scenarios.rank_run import RunEnv, cache_config
+from scenarios.records import Decision, RankResult
 from scenarios.schedule import Schedule
 from scenarios.workload import ALL, STEP_POINTS, WARM_STEPS, build_prefetch_schedule
 from tests.oracle_plants import planted
@@ -156,9 +157,10 @@ def test_a_planted_bug_is_reported_by_the_oracle_under_torchrun(torchrun_executo
     assert check(s, torchrun_executor.run(s)).ok  # the workers are clean again
 
 
-def _logs(kind: str, rows: dict[int, tuple[list[int], list[int], str]]) -> list[dict]:
-    return [{"rank": r, "decisions": {"scheduler": [[kind, "", local, agreed, outcome]]},
-             "effects": {"scheduler": [[agreed[0], agreed[0]]]}}
+def _logs(kind: str, rows: dict[int, tuple[list[int], list[int], str]]) -> list[RankResult]:
+    return [RankResult(rank=r, decisions={"scheduler": (Decision.of((kind, "", local, agreed,
+                                                                      outcome)),)},
+                       effects={"scheduler": ((agreed[0], agreed[0]),)})
             for r, (local, agreed, outcome) in rows.items()]
 
 
@@ -181,9 +183,12 @@ def test_decisions_without_a_collective_are_judged_locally(kind: str, protocol: 
     assert "reduce" in {r for r, _ in check_oracle(synced, reduced)}
 
 
-def _pp_logs(kind: str, locals_: dict[int, list[int]], agreed: dict[int, list[int]]) -> list[dict]:
-    return [{"rank": r, "decisions": {"scheduler": [[kind, "", locals_[r], agreed[r], "x"]]},
-             "effects": {"scheduler": [list(agreed[r])]}} for r in locals_]
+def _pp_logs(kind: str, locals_: dict[int, list[int]],
+             agreed: dict[int, list[int]]) -> list[RankResult]:
+    return [RankResult(rank=r,
+                       decisions={"scheduler": (Decision.of((kind, "", locals_[r], agreed[r],
+                                                             "x")),)},
+                       effects={"scheduler": (tuple(agreed[r]),)}) for r in locals_]
 
 
 def test_0_5_13_forwards_stage_0_only_for_the_ack_checks() -> None:

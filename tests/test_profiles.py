@@ -186,17 +186,17 @@ def test_best_effort_can_terminate_issues_no_collective(protocol: str) -> None:
         results = ex.run(s)
     assert check(s, results).ok
     for r in results:
-        entries = [e for calls in r["collectives"].values() for e in calls]
-        assert not any("can_terminate_prefetch" in e for e in entries)
-        done = [d for d in r["decisions"]["scheduler"] if d[0] == "prefetch_done"]
+        entries = [e for calls in r.collectives.values() for e in calls]
+        assert not any(e.site == "can_terminate_prefetch" for e in entries)
+        done = [d for d in r.decisions["scheduler"] if d.kind == "prefetch_done"]
         assert done, "the scenario must terminate prefetches"
-        terminations = [e for e in entries if "in _terminate_prefetch" in e]
+        terminations = [e for e in entries if e.site == "_terminate_prefetch"]
         if PROFILES[protocol].prefetch_progress == "at_termination":
             # no IO-thread collectives: one MIN of the frozen count per termination
-            assert not any(k.startswith("prefetch_completion") for k in r["collectives"])
+            assert not any(k.startswith("prefetch_completion") for k in r.collectives)
             assert len(terminations) == len(done)
         else:  # 0.5.20: the prefetch-sync thread agrees on every ack; termination waits
-            assert any(k.startswith("prefetch_completion") for k in r["collectives"])
+            assert any(k.startswith("prefetch_completion") for k in r.collectives)
             assert terminations == []
 
 
@@ -209,8 +209,8 @@ def test_dp_attention_off_keys_carry_the_global_tp_rank(inprocess_executor, prot
     results = inprocess_executor.run(s)
     assert check(s, results).ok
     for r in results:
-        tp, cp, _ = r["coords"]
-        keys = [k for op, ks, _ok, _s in r["storage"] if op == "set" for k in ks]
+        tp, cp, _ = r.coords
+        keys = [k for call in r.storage if call.op == "set" for k in call.keys]
         assert keys, "write_acks backs pages up"
         assert all(k.rsplit("_", 2)[1] == str(cp * 2 + tp) for k in keys), keys[:2]
 
@@ -240,7 +240,7 @@ def test_tp_only_sync_is_an_alias_of_sglang_0_5_10_with_dp_attention(inprocess_e
     alias = base.with_(variant="tp_only_sync", dp_attention=False)  # the alias wins
     real = base.with_(protocol="sglang-0.5.10", dp_attention=True)
     a, b = inprocess_executor.run(alias), inprocess_executor.run(real)
-    assert [r["decisions"] for r in a] == [r["decisions"] for r in b]
+    assert [r.decisions for r in a] == [r.decisions for r in b]
     assert check(alias, a).invariant == check(real, b).invariant == "decisions"
 
 
@@ -383,7 +383,7 @@ def test_mooncake_store_holds_the_keys_of_the_configuration(mooncake_master: str
     with Executor("torchrun", timeout_s=10.0, mooncake_master=mooncake_master) as ex:
         results = ex.run(s)
     assert check(s, results).ok
-    stored = {r["rank"]: set(r["stored"]) for r in results}
+    stored = {r.rank: set(r.stored) for r in results}
     assert all(stored.values()), "no rank confirmed a stored key"
     # ranks 0 and 2 are CP peers (tp 0); with DP attention they share every key
     assert (stored[0] == stored[2]) is dp

@@ -159,13 +159,13 @@ def test_write_acks_on_mooncake_split_cp_peers_before_the_fix_only(executors) ->
     s = _write_acks()
     pre = executors[PRE].run(s.with_(sut=f"sglang=={PRE}"), True)
     assert check(s, pre).invariant == "decisions"
-    assert all(not r["collectives"] for r in pre)
+    assert all(not r.collectives for r in pre)
     post = executors[POST].run(s.with_(sut=f"sglang=={POST}"), True)
     v = check(s, post)
     assert v.ok, v.summary()
-    assert any(name.startswith("attn_cp") for name in post[0]["collectives"])
+    assert any(name.startswith("attn_cp") for name in post[0].collectives)
     # the backups went through SGLang's zero-copy Mooncake path, under SGLang's key names
-    sets = [keys for r in post for op, keys, ok, _ in r["storage"] if op == "set"]
+    sets = [c.keys for r in post for c in r.storage if c.op == "set"]
     assert sets and all(KEY.match(k) for keys in sets for k in keys)
 
 
@@ -199,34 +199,33 @@ def test_keys_are_read_back_from_the_master(executors) -> None:
     ex = executors[POST]
     s = _write_acks().with_(sut=f"sglang=={POST}")
     on = ex.run(s, True)
-    stored = {r["rank"]: set(r["stored"]) for r in on}
+    stored = {r.rank: set(r.stored) for r in on}
     assert stored[0] and stored[0] == stored[1]
     # nothing reached the master outside the recorded (gated) calls: it holds exactly these
-    listed = next(r for r in on if r["rank"] == 0)["snapshot"]["mooncake_master_keys"]
+    listed = next(r for r in on if r.rank == 0).snapshot["mooncake_master_keys"]
     assert set(listed) == stored[0] | stored[1]
     assert {KEY.match(k).group(3) for k in stored[0]} == {"0"}  # attention-TP rank 0
     tags = {KEY.match(k).group(1) for k in stored[0]}
     assert len(tags) == 1  # one run, one tag
     # each rank read every stored key's bytes back from the master and they match its writes
     for r in on:
-        back = [e for e in r["storage"] if e[0] == "get" and e[1] == sorted(r["stored"])]
-        assert back and all(back[-1][2])
+        back = [c for c in r.storage if c.op == "get" and list(c.keys) == sorted(r.stored)]
+        assert back and all(back[-1].ok)
     assert check(s, on).ok
     # SGLang's own set-up arguments: P2PHANDSHAKE, its per-TP segment, tcp, this master; one
     # client per worker, reused by every run (SGLang asked once per run)
-    info = on[0]["snapshot"]["mooncake_client"]
+    info = on[0].snapshot["mooncake_client"]
     host, meta, segment, _buf, proto, _dev, master = info["setup_args"][:7]
     master_address, metrics = ex.mooncake.address()
     assert (host, meta, proto, master) == ("127.0.0.1", "P2PHANDSHAKE", "tcp", master_address)
     assert segment == mooncake.SEGMENT_BYTES and info["opened"] and info["setup_calls"] >= 1
-    again = ex.run(s, True)[0]["snapshot"]["mooncake_client"]
+    again = ex.run(s, True)[0].snapshot["mooncake_client"]
     assert again["setup_calls"] == info["setup_calls"] + 1 and again["setup_args"] == \
         info["setup_args"]
     assert mooncake.master_keys(metrics, "cpcheck") == []  # the run removed its keys
 
     off = ex.run(s.with_(dp_attention=False), False)
-    parts = [{KEY.match(k).group(3) for k in r["stored"]} for r in sorted(off, key=lambda r:
-                                                                          r["rank"])]
+    parts = [{KEY.match(k).group(3) for k in r.stored} for r in sorted(off, key=lambda r: r.rank)]
     assert parts == [{"0"}, {"1"}]  # SGLang keys by the global TP rank without DP attention
     from scenarios.sglang.executor import annotate
 

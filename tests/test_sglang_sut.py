@@ -154,11 +154,11 @@ def test_write_acks_split_cp_peers_before_the_fix_only(executors) -> None:
     from scenarios.checker import check
 
     assert check(s, pre).invariant == "decisions"
-    assert all(not r["collectives"] for r in pre)
+    assert all(not r.collectives for r in pre)
     v = check(s, post)
     assert v.ok, v.summary()
-    assert any(name.startswith("attn_cp") for name in post[0]["collectives"])
-    assert post[0]["collectives"] == post[1]["collectives"]
+    assert any(name.startswith("attn_cp") for name in post[0].collectives)
+    assert post[0].collectives == post[1].collectives
 
 
 @pytest.mark.sglang

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from reference.api import TorchCollectives
 from scenarios.rank_run import RunEnv, execute
+from scenarios.records import RankResult
 from scenarios.schedule import Schedule
 
 
-def run_schedule(ctx: Any, payload: dict) -> dict:
+def run_schedule(ctx: Any, payload: dict) -> RankResult:
     """Execute one Schedule on this rank; the gloo sync groups persist across runs."""
     coll = ctx.state.get("collectives")
     if coll is None:
@@ -30,5 +32,5 @@ def run_schedule(ctx: Any, payload: dict) -> dict:
     nem = Nemesis.from_wire(payload.get("nemesis"))  # the faults this worker applies itself
     result = execute(s, env, coll, nem)
     if nem is not None:
-        result["nemesis_injected"] = dict(nem.injected)
+        result = dataclasses.replace(result, nemesis_injected=dict(nem.injected))
     return result

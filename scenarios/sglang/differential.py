@@ -19,7 +19,7 @@ from scenarios.releases import profile_for
 
 
 def _rows(results: list[dict]) -> dict[int, list[tuple]]:
-    return {r["rank"]: [(d[0], d[1], d[4]) for d in r["decisions"].get("scheduler", [])]
+    return {r.rank: [(d.kind, d.rid, d.outcome) for d in r.decisions.get("scheduler", ())]
             for r in results}
 
 

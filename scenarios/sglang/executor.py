@@ -110,7 +110,7 @@ class SglangExecutor:
             pool.close()
             self._pools.pop(s.layout, None)
             raise
-        if any(r["error"] for r in results):
+        if any(r.error is not None for r in results):
             pool.close()
             self._pools.pop(s.layout, None)
         return results

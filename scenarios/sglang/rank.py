@@ -2,8 +2,9 @@
 
 Runs inside a pool worker whose PYTHONPATH holds one release's environment (envs.py). The
 parallel state is SGLang's own (init_distributed_environment + initialize_model_parallel on
-gloo, attention CP), built once per worker; a fresh cache is built per run. The result has the
-shape of `scenarios.rank_run.execute`'s, so `scenarios.checker.check` judges it unchanged.
+gloo, attention CP), built once per worker; a fresh cache is built per run. The result is a
+`scenarios.records.RankResult` as `scenarios.rank_run.execute`'s, so the checker judges it
+unchanged.
 """
 
 from __future__ import annotations
@@ -13,13 +14,21 @@ import os
 import tempfile
 import threading
 import time
-import traceback
 from collections import defaultdict
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from scenarios.records import (
+    CollectiveCall,
+    CollectiveError,
+    Decision,
+    Outcome,
+    RankError,
+    RankResult,
+    StorageCall,
+)
 from scenarios.sglang import adapters, mooncake, shim
 from scenarios.sglang.seams import GatedDevice, IoGates, SglangPacer
 
@@ -99,6 +108,10 @@ def _recorded(kind: str, fn: Any) -> Any:
             run.pending[thread] = f"{entry} over {name}"
         try:
             return fn(*args, **kwargs)
+        except RuntimeError as e:  # gloo's timeout / lost peer is a bare RuntimeError: type it
+            if type(e) is RuntimeError:
+                raise CollectiveError(f"{entry} over {name}: {e}") from e
+            raise
         finally:
             with run.lock:
                 run.pending.pop(thread, None)
@@ -196,13 +209,18 @@ def setup_worker(ctx: Any, version: str, dp_attention: bool, timeout_s: float) -
 
 def _any_rank(st: dict, flag: int) -> int:
     t = torch.tensor([flag], dtype=torch.int64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=st["harness"])
+    try:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=st["harness"])
+    except RuntimeError as e:  # a peer that never came to the harness's barrier: type it
+        if type(e) is RuntimeError:
+            raise CollectiveError(f"harness all_reduce MAX: {e}") from e
+        raise
     return int(t.item())
 
 
 # -- the run --------------------------------------------------------------------------------
 
-def run_schedule(ctx: Any, payload: dict) -> dict:
+def run_schedule(ctx: Any, payload: dict) -> RankResult:
     """Pool job: execute one Schedule on this rank against SGLang's cache."""
     global CURRENT
     from scenarios.schedule import Schedule
@@ -245,8 +263,8 @@ def run_schedule(ctx: Any, payload: dict) -> dict:
                     payload["mooncake_metrics"], mooncake.run_tag(run) + "_")
         _any_rank(st, 0)
     except Exception as e:
-        error = f"{type(e).__name__}: {e}"
-        snapshot = {"traceback": traceback.format_exc(limit=8)}
+        error = RankError.of(e)  # its kind from the exception's type (scenarios/records.py)
+        snapshot = {"traceback": error.traceback}
     finally:
         gates.release_all()
         if driver is not None:
@@ -254,21 +272,23 @@ def run_schedule(ctx: Any, payload: dict) -> dict:
         if run.mooncake_master:
             mooncake.end_run(run)
         CURRENT = None
-    coords = list(ctx.layout.coords(rank))
-    return {
-        "rank": rank, "coords": coords,
-        "decisions": dict(driver.decisions) if driver else {},
-        "digests": driver.digests if driver else [],
-        "collectives": dict(run.log), "collective_order": dict(run.order),
-        "pending_collectives": dict(run.pending), "storage": run.storage,
-        "stored": run.stored if run.stored is not None else
-        sorted({k for op, keys, ok, _ in run.storage if op == "set"
-                for k, good in zip(keys, ok, strict=False) if good}),
-        "outcomes": driver.outcomes if driver else [], "snapshot": snapshot, "error": error,
-        "ops_done": ops_done, "waiting_on": dict(gates.waiting_on),
-        "wall_s": time.monotonic() - t0, "sut": f"sglang=={st['version']}",
-        "pacer_trace": pacer.trace,
-    }
+    return RankResult(
+        rank=rank, coords=tuple(ctx.layout.coords(rank)),
+        decisions={ch: tuple(map(Decision.of, v))
+                   for ch, v in (driver.decisions if driver else {}).items()},
+        digests=tuple(driver.digests if driver else ()),
+        collectives={g: tuple(CollectiveCall(e) for e in v) for g, v in run.log.items()},
+        collective_order={g: tuple(v) for g, v in run.order.items()},
+        pending_collectives=dict(run.pending),
+        storage=tuple(StorageCall(op, tuple(k), tuple(ok), tuple(c)) for op, k, ok, c in run.storage),
+        stored=tuple(run.stored) if run.stored is not None else
+        tuple(sorted({k for op, keys, ok, _ in run.storage if op == "set"
+                      for k, good in zip(keys, ok, strict=False) if good})),
+        outcomes=tuple(map(Outcome.of, driver.outcomes if driver else ())), snapshot=snapshot,
+        error=error, ops_done=ops_done, waiting_on=dict(gates.waiting_on),
+        wall_s=time.monotonic() - t0, sut=f"sglang=={st['version']}",
+        pacer_trace=tuple(pacer.trace),
+    )
 
 
 from scenarios.sglang.driver import Driver  # noqa: E402  (needs the names above)

@@ -1,0 +1,112 @@
+"""One definition each: cache settings and their defaults, policy / backend names, variants and
+profiles, exit codes. Each test fails if a second definition creeps back in and drifts."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import re
+import typing
+from pathlib import Path
+
+from reference.api import (
+    PROFILES,
+    STOP_POLICIES,
+    STORAGE_BACKENDS,
+    VARIANTS,
+    WRITE_POLICIES,
+    CacheConfig,
+)
+from scenarios.cli import build_parser
+from scenarios.contract import ExitCode
+from scenarios.executor import DEVICES, MODES
+from scenarios.schedule import CachePolicy, Schedule
+from scenarios.workload import INTENTS
+
+REPO = Path(__file__).resolve().parent.parent
+#: CachePolicy field -> CacheConfig's (the Schedule counts the prefetch timeout in ticks)
+SAME_SETTING = {"page_size": "page_size", "device_pages": "device_pages",
+                "host_pages": "host_pages", "write_policy": "write_policy",
+                "prefetch_stop_policy": "prefetch_stop_policy",
+                "prefetch_threshold": "prefetch_threshold",
+                "prefetch_batch_pages": "prefetch_batch_pages"}
+
+
+def test_schedule_cache_defaults_are_the_references() -> None:
+    ref = CacheConfig()
+    policy = CachePolicy()
+    assert {f: getattr(policy, f) for f in SAME_SETTING} == {
+        f: getattr(ref, g) for f, g in SAME_SETTING.items()}
+    assert policy.mla == ref.kv.is_mla
+    # every CachePolicy field is either one of the reference's or the tick-counted timeout
+    assert set(CachePolicy.model_fields) == {*SAME_SETTING, "mla", "prefetch_timeout_ticks"}
+    assert {f.name for f in dataclasses.fields(CacheConfig)} >= set(SAME_SETTING.values())
+
+
+def test_schedule_accepts_exactly_the_references_names() -> None:
+    def literal(model: type, field: str) -> tuple:
+        return typing.get_args(model.model_fields[field].annotation)
+
+    assert literal(CachePolicy, "write_policy") == WRITE_POLICIES
+    assert literal(CachePolicy, "prefetch_stop_policy") == STOP_POLICIES
+    assert literal(Schedule, "backend") == STORAGE_BACKENDS
+    assert set(INTENTS) == set(STOP_POLICIES)  # the shaped workloads know every stop policy
+
+
+def _options(parser: argparse.ArgumentParser, flag: str) -> dict[str, tuple | None]:
+    """subcommand -> the choices of `flag` there (subcommands without the flag left out)."""
+    subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    out = {}
+    for name, sub in subs.choices.items():
+        for action in sub._actions:
+            if flag in action.option_strings:
+                out[name] = tuple(action.choices) if action.choices is not None else None
+    return out
+
+
+def test_cli_choices_come_from_the_one_definition() -> None:
+    parser = build_parser()
+    backends = _options(parser, "--backend")
+    assert set(backends) >= {"run", "replay", "explore", "soak"}
+    assert set(backends.values()) == {STORAGE_BACKENDS}
+    assert set(_options(parser, "--mode").values()) == {MODES}
+    assert set(_options(parser, "--device").values()) == {DEVICES}
+
+
+def test_readme_lists_every_variant_and_profile() -> None:
+    """The README's variant table has one row per variant reference/variants.py knows, and the
+    profile table one column per profile."""
+    readme = (REPO / "README.md").read_text()
+    table = readme.split("\n| variant | profiles |", 1)[1].split("\n\n", 1)[0]
+    rows = re.findall(r"^\| `(\w+)` \|", table, flags=re.M)
+    assert rows == [v for v in VARIANTS if v != "fixed"]
+    header = next(line for line in readme.splitlines()
+                  if line.startswith("| |") and "`sglang-" in line)
+    assert re.findall(r"`(sglang-[\d.]+)`", header) == list(PROFILES)
+
+
+def _exit_code_literals(source: str, where: str) -> list[str]:
+    """Integer literals of the exit codes only contract.py may spell, and sys.exit(<literal>)."""
+    codes = {int(c) for c in ExitCode} - {0, 1, 2}  # 0 / 1 / 2 are too common to scan for
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Constant) and type(node.value) is int and node.value in codes:
+            found.append(f"{where}:{node.lineno}: {node.value}")
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                and node.func.attr == "exit" and isinstance(node.func.value, ast.Name)
+                and node.func.value.id == "sys" and node.args
+                and isinstance(node.args[0], ast.Constant)):
+            found.append(f"{where}:{node.lineno}: sys.exit(literal)")
+    return found
+
+
+def test_exit_code_numbers_live_in_contract_only() -> None:
+    """No module but scenarios/contract.py spells 125 or 130 (or exits with a literal)."""
+    found = [hit for path in sorted((REPO / "scenarios").rglob("*.py"))
+             if path.name != "contract.py"
+             for hit in _exit_code_literals(path.read_text(), str(path.relative_to(REPO)))]
+    assert found == []
+    # the scan fires on what it exists to catch (the help text this commit fixed had a 125)
+    planted = 'help="exit 0 agree, " + str(125)\nsys.exit(2)\n'
+    assert len(_exit_code_literals(planted, "planted.py")) == 2
