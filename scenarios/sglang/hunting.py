@@ -46,11 +46,35 @@ def judge(s: Any, *, timeout: float = 20.0) -> tuple[int, Any]:
     return (int(ExitCode.AGREE) if v.ok else int(ExitCode.DIVERGE)), v
 
 
+def confirm(ex: Any, s: Any, dp: bool, n: int) -> tuple[int, Any]:
+    """Replay `s` n times on the same pool: (how many runs diverged, the first diverging
+    verdict, else the last one). A divergence that never recurs is flaky, not a finding."""
+    from scenarios.checker import check
+    from scenarios.runner import RankPoolError
+    from scenarios.sglang.executor import annotate
+
+    k, first, last = 0, None, None
+    for _ in range(n):
+        try:
+            v = annotate(check(s, ex.run(s, dp)), dp)
+        except RankPoolError as e:  # the pool broke, not the Schedule: not counted either way
+            _log(f"replay not judged: {type(e).__name__}: {str(e)[:120]}")
+            continue
+        last = v
+        if not v.ok:
+            k += 1
+            if first is None:
+                first = v
+    return k, first or last
+
+
 def hunt(version: str, dp: bool, layouts: tuple[str, ...], examples: int, seed: int,
          timeout: float = 20.0, ex: SglangExecutor | None = None,
-         shrink_s: float | None = None) -> dict:
-    """Generate, run on the release, shrink: the same loop as scenarios.explore.hunt, with
-    SGLang's verdict (annotated for what it cannot observe) and MHA pools only."""
+         shrink_s: float | None = None, replays: int = 1) -> dict:
+    """Generate, run on the release, shrink, then replay the smallest failing Schedule
+    `replays` times: the same loop as scenarios.explore.hunt, with SGLang's verdict (annotated
+    for what it cannot observe) and MHA pools only. A run the pool could not answer (it broke
+    or timed out) is not judged (`infra_errors`), never counted as agree or diverge."""
     import random
 
     from hypothesis import HealthCheck, Phase, find, settings
@@ -58,6 +82,7 @@ def hunt(version: str, dp: bool, layouts: tuple[str, ...], examples: int, seed: 
 
     from scenarios.checker import check
     from scenarios.explore import steer
+    from scenarios.runner import RankPoolError
     from scenarios.sglang.executor import annotate
     from scenarios.strategies import schedules
 
@@ -65,7 +90,7 @@ def hunt(version: str, dp: bool, layouts: tuple[str, ...], examples: int, seed: 
     own = ex is None
     ex = ex or SglangExecutor(version, timeout_s=timeout, log=_log)
     t0 = time.monotonic()
-    state: dict = {"n": 0, "first": None}
+    state: dict = {"n": 0, "first": None, "first_n": None, "infra": []}
 
     def fix(s: Any) -> Any:
         return s.with_(cache={**s.cache.model_dump(), "mla": False}, sut=sut, dp_attention=dp)
@@ -79,35 +104,49 @@ def hunt(version: str, dp: bool, layouts: tuple[str, ...], examples: int, seed: 
                 time.monotonic() - t0 - state["first"] > shrink_s:
             raise _Spent
         state["n"] += 1
-        results = ex.run(s, dp)
+        try:
+            results = ex.run(s, dp)
+        except RankPoolError as e:
+            state["infra"].append(f"{type(e).__name__}: {str(e)[:160]}")
+            _log(f"run not judged (pool): {state['infra'][-1]}")
+            return False
         steer(results)
         v = annotate(check(s, results), dp)
         if not v.ok:
             if state["first"] is None:
                 state["first"] = time.monotonic() - t0
+                state["first_n"] = state["n"]
             if state.get("best") is None or len(s.ops) < len(state["best"].ops):
                 state["best"] = s
         return not v.ok
 
     cfg = settings(max_examples=examples, database=None, deadline=None,
                    suppress_health_check=list(HealthCheck), phases=[Phase.generate, Phase.shrink])
+    reproduced, verdict, note = 0, None, ""
     try:
-        found = find(schedules(layouts=layouts).map(fix), fails, settings=cfg,
-                     random=random.Random(seed))
-        verdict = annotate(check(found, ex.run(found, dp)), dp)
-    except NoSuchExample:
-        found, verdict = None, None
-    except Exception as e:  # budget spent, or Hypothesis saw a failure that did not recur
-        found = state.get("best")
-        if found is None:
-            raise
-        verdict = annotate(check(found, ex.run(found, dp)), dp)
-        if verdict.ok:  # say so rather than report a divergence that does not reproduce
-            verdict.message = f"diverged once, agreed on rerun ({type(e).__name__})"
-            state["flaky"] = True
+        try:
+            found = find(schedules(layouts=layouts).map(fix), fails, settings=cfg,
+                         random=random.Random(seed))
+        except NoSuchExample:
+            found = None
+        except Exception as e:  # budget spent, or Hypothesis saw a failure that did not recur
+            found = state.get("best")
+            if found is None:
+                raise
+            note = type(e).__name__
+        shrink_end = time.monotonic() - t0
+        if found is not None:
+            reproduced, verdict = confirm(ex, found, dp, max(1, replays))
+            if verdict is not None and verdict.ok:
+                # say so rather than report a divergence that does not reproduce
+                verdict.message = (f"diverged once, agreed on {replays} replays"
+                                   + (f" ({note})" if note else ""))
     finally:
         if own:
             ex.close()
     return {"found": found, "verdict": verdict, "examples": state["n"],
-            "flaky": state.get("flaky", False),
-            "first_s": state["first"], "total_s": time.monotonic() - t0}
+            "flaky": found is not None and reproduced == 0,
+            "reproduced": reproduced, "replays": max(1, replays) if found is not None else 0,
+            "first_s": state["first"], "first_n": state["first_n"],
+            "shrink_s": None if state["first"] is None else shrink_end - state["first"],
+            "infra_errors": state["infra"], "total_s": time.monotonic() - t0}

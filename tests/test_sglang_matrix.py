@@ -1,0 +1,242 @@
+"""The release matrix's bookkeeping: cells persist as they finish, a cut run keeps them,
+--resume skips finished cells, several files merge into one table, and a divergence that does
+not recur on replay is "flaky", never "agree". No SGLang environment needed: the executor and
+the checker are test-local fakes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+from scenarios.checker import Verdict
+from scenarios.contract import UsageError
+from scenarios.sglang import matrix, matrix_cells, matrix_table
+
+
+def _cell(release: str, dp: bool, layout: str, verdict: str = "agree", at: str = "2026-01-01",
+          **kw: object) -> dict:
+    return {"release": release, "dp_attention": dp, "layout": layout, "verdict": verdict,
+            "finished_at": at, **kw}
+
+
+def test_cells_roundtrip_atomically_and_record_rereads(tmp_path: Path) -> None:
+    f = tmp_path / "m" / "cells.json"
+    matrix_cells.record(f, _cell("0.5.11", True, "1x2"))
+    matrix_cells.record(f, _cell("0.5.9", False, "2x2", "diverge"))
+    matrix_cells.record(f, _cell("0.5.11", True, "1x2", "flaky"))  # replaces, keeps the other
+    cells = matrix_cells.load(f)
+    assert set(cells) == {"0.5.11|on|1x2", "0.5.9|off|2x2"}
+    assert cells["0.5.11|on|1x2"]["verdict"] == "flaky"
+    assert [p.name for p in f.parent.iterdir()] == ["cells.json"]  # no temporary left behind
+    data = json.loads(f.read_text())
+    assert data["format"] == matrix_cells.FORMAT
+    assert [c["release"] for c in data["cells"]] == ["0.5.9", "0.5.11"]  # release order
+
+
+def test_a_bad_cells_file_is_a_usage_error(tmp_path: Path) -> None:
+    f = tmp_path / "x.json"
+    f.write_text("{not json")
+    with pytest.raises(UsageError):
+        matrix_cells.load(f)
+    f.write_text(json.dumps({"cells": [{"no": "release"}]}))
+    with pytest.raises(UsageError):
+        matrix_cells.load(f)
+    assert matrix_table.main([str(f)]) == 2
+    assert matrix_table.main([str(tmp_path / "missing.json")]) == 2
+
+
+def test_merge_prefers_finished_then_later(tmp_path: Path) -> None:
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    matrix_cells.save(a, {"k1": _cell("0.5.13", True, "2x2", "agree", "2026-01-01"),
+                          "k2": _cell("0.5.14", True, "2x2", "diverge", "2026-01-05")})
+    matrix_cells.save(b, {"k1": _cell("0.5.13", True, "2x2", "running", ""),
+                          "k2": _cell("0.5.14", True, "2x2", "agree", "2026-01-09"),
+                          "k3": _cell("0.5.17", False, "1x2", "agree")})
+    cells = matrix_cells.merge(a, b)
+    assert cells["0.5.13|on|2x2"]["verdict"] == "agree"  # a cut cell never hides a finished one
+    assert cells["0.5.14|on|2x2"]["verdict"] == "agree"  # the later measurement wins
+    assert "0.5.17|off|1x2" in cells  # the second file's releases join the table
+    assert matrix_cells.release_sort_key("0.5.9") < matrix_cells.release_sort_key("0.5.10") \
+        < matrix_cells.release_sort_key("0.5.10.post1") < matrix_cells.release_sort_key("0.5.11")
+
+
+@pytest.mark.parametrize(("row", "want"), [
+    ({"generated": {"reproduced": "2/3"}, "corpus": {"diverge": 0}}, "diverge"),
+    ({"generated": {"reproduced": "0/3"}, "corpus": {"diverge": 0}}, "flaky"),
+    ({"generated": {"reproduced": "0/3"}, "corpus": {"diverge": 1}}, "diverge"),
+    ({"generated": {}, "corpus": {"diverge": 0, "flaky": 1}}, "flaky"),
+    ({"generated": {"infra_errors": ["RankPoolTimeout"]}, "corpus": {}}, "error"),
+    ({"generated": {}, "corpus": {"diverge": 0, "error": 1}}, "error"),
+    ({"generated": {"examples": 5}, "corpus": {"n": 9, "diverge": 0}}, "agree"),
+])
+def test_cell_verdict_is_honest(row: dict, want: str) -> None:
+    assert matrix.cell_verdict(row) == want
+
+
+def test_table_renders_every_kind_of_cell(tmp_path: Path) -> None:
+    cells = {matrix_cells.key_of(c): c for c in [
+        _cell("0.5.10.post1", True, "1x2", "diverge",
+              generated={"reproduced": "3/3", "invariant": "decisions", "first_s": 5.2,
+                         "shrunk_ops": 7, "examples": 9},
+              corpus={"n": 1, "diverge": 1, "files": [{"file": "r.json", "verdict": "diverge",
+                                                       "invariant": "decisions",
+                                                       "reproduced": "3/3"}]}),
+        _cell("0.5.10.post1", False, "2x2", "flaky",
+              generated={"reproduced": "0/3", "first_s": 12.0, "examples": 5}),
+        _cell("0.5.10.post1", True, "2x2", "running", started_at="2026-11-27T07:00:00Z"),
+        _cell("0.5.11", True, "1x2", "agree", generated={"examples": 5},
+              corpus={"n": 9, "diverge": 0}),
+    ]}
+    table = matrix_table.render(cells)
+    lines = table.splitlines()
+    assert lines[0] == "| release | DP attention | 1x2 | 2x2 |"
+    assert len(lines) == 2 + 4  # two releases x DP on/off
+    row_on = next(x for x in lines if x.startswith("| 0.5.10.post1 | on |"))
+    assert "diverge: [decisions], 5.2 s, 7 ops, replay 3/3" in row_on
+    assert "corpus 1/1 diverge" in row_on and "not finished" in row_on
+    row_off = next(x for x in lines if x.startswith("| 0.5.10.post1 | off |"))
+    assert "not run" in row_off and "flaky" in row_off and "0/3 on replay" in row_off
+    assert "agree (5 generated agree, corpus 9/9 agree)" in table
+    f = tmp_path / "c.json"
+    matrix_cells.save(f, cells)
+    assert matrix_table.main([str(f), "--details"]) == 0
+
+
+class _FakeEx:
+    def __init__(self, *a: object, **k: object) -> None:
+        pass
+
+    def __enter__(self) -> _FakeEx:
+        return self
+
+    def __exit__(self, *a: object) -> None:
+        pass
+
+
+def _args(tmp_path: Path, **kw: object) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    matrix.add_matrix_arguments(p)
+    a = p.parse_args(["--release", "0.5.11", "--out", str(tmp_path)])
+    for k, v in kw.items():
+        setattr(a, k, v)
+    return a
+
+
+def test_a_cut_run_keeps_finished_cells_and_resume_redoes_only_the_rest(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import scenarios.sglang.executor as executor
+
+    monkeypatch.setattr(executor, "SglangExecutor", _FakeEx)
+    ran: list[tuple] = []
+
+    def cut_at_third(ex: object, v: str, dp: bool, lay: str, *a: object) -> dict:
+        ran.append((dp, lay))
+        if len(ran) == 3:
+            raise KeyboardInterrupt
+        return {"release": v, "dp_attention": dp, "layout": lay, "verdict": "agree",
+                "generated": {"examples": 1}, "seconds": 0.1}
+
+    monkeypatch.setattr(matrix, "run_cell", cut_at_third)
+    with pytest.raises(KeyboardInterrupt):
+        matrix.cmd_matrix(_args(tmp_path))
+    cells = matrix_cells.load(tmp_path / "cells.json")
+    verdicts = {k: c["verdict"] for k, c in cells.items()}
+    assert verdicts == {"0.5.11|on|1x2": "agree", "0.5.11|on|2x2": "agree",
+                        "0.5.11|off|1x2": "running"}
+    assert cells["0.5.11|on|1x2"]["finished_at"] and cells["0.5.11|on|1x2"]["loadavg_start"]
+
+    ran.clear()
+    monkeypatch.setattr(matrix, "run_cell", lambda ex, v, dp, lay, *a: (
+        ran.append((dp, lay)) or {"release": v, "dp_attention": dp, "layout": lay,
+                                  "verdict": "agree", "generated": {"examples": 1}}))
+    assert matrix.cmd_matrix(_args(tmp_path, resume=True)) == 0
+    assert ran == [(False, "1x2"), (False, "2x2")]  # the two finished cells are skipped
+    assert all(c["verdict"] == "agree" for c in matrix_cells.load(tmp_path / "cells.json").values())
+    ran.clear()
+    matrix.cmd_matrix(_args(tmp_path, resume=False, layout=["2x2"], dp_attention="on"))
+    assert ran == [(True, "2x2")]  # without --resume the named cells are measured again
+
+
+def test_a_broken_cell_is_an_error_cell_not_a_lost_run(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import scenarios.sglang.executor as executor
+
+    monkeypatch.setattr(executor, "SglangExecutor", _FakeEx)
+
+    def boom(ex: object, v: str, dp: bool, lay: str, *a: object) -> dict:
+        raise RuntimeError("pool start failed")
+
+    monkeypatch.setattr(matrix, "run_cell", boom)
+    matrix.cmd_matrix(_args(tmp_path, layout=["1x2"], dp_attention="on"))
+    c = matrix_cells.load(tmp_path / "cells.json")["0.5.11|on|1x2"]
+    assert c["verdict"] == "error" and "pool start failed" in c["error"]
+    assert not matrix_cells.finished(c)  # --resume redoes it
+
+
+# -- hunting: replay confirmation -----------------------------------------------------------
+
+class _RunEx:
+    """Runs nothing: the verdict of each run comes from a scripted checker."""
+
+    def __init__(self, fail: object = None) -> None:
+        self.fail = fail
+        self.runs = 0
+
+    def run(self, s: object, dp: object = None) -> list[dict]:
+        self.runs += 1
+        if self.fail is not None and self.runs in self.fail:  # type: ignore[operator]
+            from scenarios.runner import RankPoolError
+
+            raise RankPoolError("timed out")
+        return [{"rank": 0, "decisions": {}}]
+
+
+def _script(monkeypatch: pytest.MonkeyPatch, verdicts: list[bool]) -> list[bool]:
+    import scenarios.checker as checker
+
+    seq = list(verdicts)
+
+    def check(s: object, results: object) -> Verdict:
+        ok = seq.pop(0) if seq else True
+        return Verdict(True, stats={}) if ok else Verdict(False, "decisions", "differ",
+                                                          [("decisions", "differ")], {})
+    monkeypatch.setattr(checker, "check", check)
+    return seq
+
+
+def test_confirm_counts_reproductions_and_skips_pool_failures(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from scenarios.sglang.hunting import confirm
+
+    _script(monkeypatch, [True, False, True])
+    k, v = confirm(_RunEx(fail={2}), object(), True, 4)  # run 2 breaks the pool: not judged
+    assert k == 1 and not v.ok and v.invariant == "decisions"
+    _script(monkeypatch, [True, True, True])
+    k, v = confirm(_RunEx(), object(), True, 3)
+    assert k == 0 and v.ok
+
+
+def test_hunt_reports_a_divergence_that_never_recurs_as_flaky(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Budget: 20 generated Schedules, 3 replays; the scripted checker diverges on the first
+    run only, as a one-off infrastructure glitch would."""
+    from scenarios.sglang.hunting import hunt
+
+    _script(monkeypatch, [False])
+    h = hunt("0.5.11", True, ("1x2",), 20, 0, ex=_RunEx(), replays=3)  # type: ignore[arg-type]
+    assert h["found"] is not None and h["flaky"] and h["reproduced"] == 0
+    assert h["verdict"].ok and "agreed on 3 replays" in h["verdict"].message
+    assert h["first_n"] == 1
+
+
+def test_hunt_confirms_a_divergence_that_recurs(monkeypatch: pytest.MonkeyPatch) -> None:
+    from scenarios.sglang.hunting import hunt
+
+    _script(monkeypatch, [False] * 500)
+    h = hunt("0.5.11", True, ("1x2",), 5, 1, ex=_RunEx(), replays=2,  # type: ignore[arg-type]
+             shrink_s=5.0)
+    assert h["found"] is not None and not h["flaky"] and h["reproduced"] == 2
+    assert not h["verdict"].ok and h["infra_errors"] == []
