@@ -240,3 +240,18 @@ def test_hunt_confirms_a_divergence_that_recurs(monkeypatch: pytest.MonkeyPatch)
              shrink_s=5.0)
     assert h["found"] is not None and not h["flaky"] and h["reproduced"] == 2
     assert not h["verdict"].ok and h["infra_errors"] == []
+
+
+def test_oracle_uses_the_sglang_runs_own_dp_attention_for_a_reference_variant() -> None:
+    """The matrix runs the reference corpus (variant tp_only_sync = 0.5.10 with DP attention)
+    on SGLang with DP attention off: the oracle must judge it with the full TP group, or it
+    reports the release's correct MIN over four ranks as a wrong reduction (seen in the matrix)."""
+    from scenarios.oracle import dp_attention_of, sync_stages
+    from scenarios.schedule import Op, Schedule
+
+    s = Schedule(layout="2x2", variant="tp_only_sync", dp_attention=False, ops=[Op(kind="step")])
+    assert dp_attention_of(s) is True  # the reference variant alias keeps its meaning
+    on_sglang = s.with_(sut="sglang==0.5.10.post1")
+    assert dp_attention_of(on_sglang) is False
+    (name, group), = sync_stages(on_sglang)
+    assert name == "tp" and len(group(0)) == 4

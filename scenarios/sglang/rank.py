@@ -217,8 +217,10 @@ def run_schedule(ctx: Any, payload: dict) -> dict:
     error = None
     snapshot: dict = {}
     ops_done = 0
+    build_s: float | None = None
     try:
         driver = Driver(s, st, run, dev, payload["dp_attention"])
+        build_s = time.monotonic() - t0  # where a run's time goes (benchmarks/bench_sglang.py)
         for op in s.ops:
             driver.apply(op)
             ops_done += 1
@@ -235,8 +237,10 @@ def run_schedule(ctx: Any, payload: dict) -> dict:
         snapshot = {"traceback": traceback.format_exc(limit=8)}
     finally:
         gates.release_all()
+        t_down = time.monotonic()
         if driver is not None:
             driver.shutdown()
+        shutdown_s = time.monotonic() - t_down
         CURRENT = None
     coords = list(ctx.layout.coords(rank))
     return {
@@ -249,7 +253,8 @@ def run_schedule(ctx: Any, payload: dict) -> dict:
                           for k, good in zip(keys, ok, strict=False) if good}),
         "outcomes": driver.outcomes if driver else [], "snapshot": snapshot, "error": error,
         "ops_done": ops_done, "waiting_on": dict(gates.waiting_on),
-        "wall_s": time.monotonic() - t0, "sut": f"sglang=={st['version']}",
+        "wall_s": time.monotonic() - t0, "build_s": build_s,
+        "shutdown_s": shutdown_s, "sut": f"sglang=={st['version']}",
         "pacer_trace": pacer.trace,
     }
 
