@@ -85,7 +85,8 @@ def test_table_renders_every_kind_of_cell(tmp_path: Path) -> None:
                                                        "invariant": "decisions",
                                                        "reproduced": "3/3"}]}),
         _cell("0.5.10.post1", False, "2x2", "flaky",
-              generated={"reproduced": "0/3", "first_s": 12.0, "examples": 5}),
+              generated={"reproduced": "0/3", "first_s": 12.0, "examples": 5,
+                         "first_seen": "DIVERGE [tree]: rank 0 tree != rank 1"}),
         _cell("0.5.10.post1", True, "2x2", "running", started_at="2026-11-27T07:00:00Z"),
         _cell("0.5.11", True, "1x2", "agree", generated={"examples": 5},
               corpus={"n": 9, "diverge": 0}),
@@ -98,7 +99,8 @@ def test_table_renders_every_kind_of_cell(tmp_path: Path) -> None:
     assert "diverge: [decisions], 5.2 s, 7 ops, replay 3/3" in row_on
     assert "corpus 1/1 diverge" in row_on and "not finished" in row_on
     row_off = next(x for x in lines if x.startswith("| 0.5.10.post1 | off |"))
-    assert "not run" in row_off and "flaky" in row_off and "0/3 on replay" in row_off
+    assert "not run" in row_off and "flaky: generated [tree]: diverged once" in row_off
+    assert "0/3 on replay" in row_off
     assert "agree (5 generated agree, corpus 9/9 agree)" in table
     f = tmp_path / "c.json"
     matrix_cells.save(f, cells)
@@ -230,6 +232,7 @@ def test_hunt_reports_a_divergence_that_never_recurs_as_flaky(
     assert h["found"] is not None and h["flaky"] and h["reproduced"] == 0
     assert h["verdict"].ok and "agreed on 3 replays" in h["verdict"].message
     assert h["first_n"] == 1
+    assert h["first_seen"].startswith("DIVERGE") and "decisions" in h["first_seen"]
 
 
 def test_hunt_confirms_a_divergence_that_recurs(monkeypatch: pytest.MonkeyPatch) -> None:

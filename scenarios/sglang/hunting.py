@@ -116,8 +116,9 @@ def hunt(version: str, dp: bool, layouts: tuple[str, ...], examples: int, seed: 
             if state["first"] is None:
                 state["first"] = time.monotonic() - t0
                 state["first_n"] = state["n"]
+                state["first_seen"] = v.summary()[:400]
             if state.get("best") is None or len(s.ops) < len(state["best"].ops):
-                state["best"] = s
+                state["best"], state["best_seen"] = s, v.summary()[:400]
         return not v.ok
 
     cfg = settings(max_examples=examples, database=None, deadline=None,
@@ -148,5 +149,7 @@ def hunt(version: str, dp: bool, layouts: tuple[str, ...], examples: int, seed: 
             "flaky": found is not None and reproduced == 0,
             "reproduced": reproduced, "replays": max(1, replays) if found is not None else 0,
             "first_s": state["first"], "first_n": state["first_n"],
+            # what the hunt saw, whatever the replays say (a flaky cell's only evidence)
+            "first_seen": state.get("first_seen"), "best_seen": state.get("best_seen"),
             "shrink_s": None if state["first"] is None else shrink_end - state["first"],
             "infra_errors": state["infra"], "total_s": time.monotonic() - t0}

@@ -123,6 +123,7 @@ def run_cell(ex: Any, version: str, dp: bool, layout: str, examples: int, seed: 
             shrink_s=round(h["shrink_s"], 1), shrunk_ops=len(h["found"].ops),
             reproduced=f"{h['reproduced']}/{h['replays']}",
             invariant=None if v.ok else v.invariant, message=v.message[:300],
+            first_seen=h["first_seen"], shrunk_seen=h["best_seen"],
             replay=str(write_sglang_replay(h["found"], v, replay_dir)))
     row["verdict"] = cell_verdict(row)
     row["seconds"] = round(time.monotonic() - t0, 1)

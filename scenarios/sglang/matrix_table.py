@@ -37,6 +37,13 @@ def _corpus(c: dict) -> str:
     return ", ".join(parts)
 
 
+def _invariant(summary: str) -> str:
+    """' [tree]' from a verdict summary 'DIVERGE [tree]: ...', else ''."""
+    if "[" in summary and "]" in summary:
+        return " " + summary[summary.index("["):summary.index("]") + 1]
+    return ""
+
+
 def cell_text(c: dict | None) -> str:
     if c is None:
         return "not run"
@@ -53,7 +60,8 @@ def cell_text(c: dict | None) -> str:
     if gen.get("reproduced"):
         k = gen["reproduced"]
         if k.startswith("0/"):
-            bits.append(f"generated: diverged once ({gen.get('first_s')} s), {k} on replay")
+            seen = _invariant(gen.get("shrunk_seen") or gen.get("first_seen") or "")
+            bits.append(f"generated{seen}: diverged once ({gen.get('first_s')} s), {k} on replay")
         else:
             bits.append(f"[{gen.get('invariant')}], {gen.get('first_s')} s, "
                         f"{gen.get('shrunk_ops')} ops, replay {k}")
