@@ -58,7 +58,7 @@ def confirm(ex: Any, s: Any, dp: bool, n: int) -> tuple[int, Any]:
         try:
             v = annotate(check(s, ex.run(s, dp)), dp)
         except RankPoolError as e:  # the pool broke, not the Schedule: not counted either way
-            _log(f"replay not judged: {type(e).__name__}: {str(e)[:120]}")
+            _log(f"replay not judged (pool): {type(e).__name__}: {e}")
             continue
         last = v
         if not v.ok:
@@ -107,8 +107,9 @@ def hunt(version: str, dp: bool, layouts: tuple[str, ...], examples: int, seed: 
         try:
             results = ex.run(s, dp)
         except RankPoolError as e:
-            state["infra"].append(f"{type(e).__name__}: {str(e)[:160]}")
-            _log(f"run not judged (pool): {state['infra'][-1]}")
+            _log(f"run not judged (pool): {type(e).__name__}: {e}")
+            state["infra"].append(f"{type(e).__name__}: {str(e)[:1500]}")
+            state.setdefault("infra_s", []).append(s)  # kept, to replay what broke the pool
             return False
         steer(results)
         v = annotate(check(s, results), dp)
@@ -152,4 +153,5 @@ def hunt(version: str, dp: bool, layouts: tuple[str, ...], examples: int, seed: 
             # what the hunt saw, whatever the replays say (a flaky cell's only evidence)
             "first_seen": state.get("first_seen"), "best_seen": state.get("best_seen"),
             "shrink_s": None if state["first"] is None else shrink_end - state["first"],
-            "infra_errors": state["infra"], "total_s": time.monotonic() - t0}
+            "infra_errors": state["infra"], "infra_schedules": state.get("infra_s", []),
+            "total_s": time.monotonic() - t0}

@@ -69,7 +69,7 @@ def run_corpus(ex: Any, version: str, dp: bool, layout: str, replays: int) -> li
             v = ex.check(s, dp)
         except RankPoolError as e:
             rows.append({"file": name, "verdict": "error",
-                         "error": f"{type(e).__name__}: {str(e)[:160]}"})
+                         "error": f"{type(e).__name__}: {str(e)[:1500]}"})
             continue
         row: dict = {"file": name, "verdict": "agree" if v.ok else "diverge"}
         if not v.ok:
@@ -116,6 +116,12 @@ def run_cell(ex: Any, version: str, dp: bool, layout: str, examples: int, seed: 
     h = hunt(version, dp, (layout,), examples, seed, ex=ex, shrink_s=shrink_s, replays=replays)
     row["generated"] = {"examples": h["examples"], "seed": seed, "budget": examples,
                         "infra_errors": h["infra_errors"]}
+    if h.get("infra_schedules"):
+        from scenarios.checker import Verdict
+
+        row["generated"]["infra_replays"] = [
+            str(write_sglang_replay(s, Verdict.unknown(msg[:300]), replay_dir))
+            for s, msg in zip(h["infra_schedules"], h["infra_errors"], strict=False)]
     if h["found"] is not None:
         v = h["verdict"]
         row["generated"].update(
