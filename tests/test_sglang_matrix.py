@@ -258,3 +258,75 @@ def test_oracle_uses_the_sglang_runs_own_dp_attention_for_a_reference_variant() 
     assert dp_attention_of(on_sglang) is False
     (name, group), = sync_stages(on_sglang)
     assert name == "tp" and len(group(0)) == 4
+
+
+def test_a_rank_that_fails_stops_its_peers_at_the_next_sync(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two ranks as threads, the harness all-reduce as a barrier: rank 0's run raises at op 2.
+    Its peer must stop at the same sync with PeerFailed (before the fix it waited in the
+    all-reduce until the pool's 180 s timeout, and the run was never judged)."""
+    import threading
+    from types import SimpleNamespace
+
+    import scenarios.sglang.rank as rank_mod
+    from scenarios.layout import Layout
+    from scenarios.schedule import Op, Schedule
+
+    flags: dict[int, int] = {}
+    barrier = threading.Barrier(2, timeout=20)
+    lock = threading.Lock()
+
+    def any_rank(st: dict, flag: int) -> int:  # MAX over both "ranks"
+        me = st["rank"]
+        with lock:
+            flags[me] = flag
+        barrier.wait()
+        got = max(flags.values())
+        barrier.wait()
+        return got
+
+    class FakeDriver:
+        def __init__(self, s: object, st: dict, run: object, dev: object, dp: bool) -> None:
+            self.rank, self.decisions, self.digests, self.outcomes = st["rank"], {}, [], []
+
+        def apply(self, op: object) -> None:
+            if self.rank == 0 and getattr(op, "rid", "") == "boom":
+                raise RuntimeError("planted failure on rank 0")
+
+        def step(self) -> None:
+            pass
+
+        def busy(self) -> bool:
+            return False
+
+        def snapshot(self) -> dict:
+            return {}
+
+        def shutdown(self) -> None:
+            pass
+
+    monkeypatch.setattr(rank_mod, "_any_rank", any_rank)
+    monkeypatch.setattr(rank_mod, "Driver", FakeDriver)
+    monkeypatch.setattr(rank_mod, "setup_worker",
+                        lambda ctx, *a: {"rank": ctx.rank, "version": "0.5.11"})
+    s = Schedule(layout="1x2", ops=[Op(kind="step"), Op(kind="abort", rid="boom"),
+                                    Op(kind="step")])
+    payload = {"schedule": s.model_dump_json(), "collective_timeout_s": 5, "version": "0.5.11",
+               "dp_attention": True, "storage_root": "/tmp", "run_id": "peer-failed-test"}
+    out: dict[int, dict] = {}
+
+    def one(r: int) -> None:
+        ctx = SimpleNamespace(rank=r, layout=Layout.parse("1x2"), state={})
+        out[r] = rank_mod.run_schedule(ctx, payload)
+
+    threads = [threading.Thread(target=one, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert set(out) == {0, 1}, "a rank hung"
+    assert "planted failure" in out[0]["error"] and out[0]["ops_done"] == 1
+    assert out[1]["error"].startswith("PeerFailed") and out[1]["ops_done"] == 2
+    from scenarios.checker import _waited
+
+    assert _waited(out[1]["error"]) and not _waited(out[0]["error"])  # cause vs consequence

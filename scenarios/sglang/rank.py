@@ -194,6 +194,24 @@ def _any_rank(st: dict, flag: int) -> int:
     return int(t.item())
 
 
+#: the harness-sync flag of a rank whose run failed: its peers stop at the same sync
+FAILED = 2
+
+
+class PeerFailed(RuntimeError):
+    """Another rank's run failed; this one stopped at the same harness sync."""
+
+
+def _sync(st: dict, flag: int) -> int:
+    """One harness sync (ranks stay in step op by op). A rank that failed sends FAILED at its
+    next sync instead of leaving: without it its peers waited in this all-reduce until the pool
+    timed out (180 s) and the pool was rebuilt, and the run was not judged at all."""
+    got = _any_rank(st, flag)
+    if got >= FAILED:
+        raise PeerFailed("a peer rank failed; stopped with it (peer not agreed to go on)")
+    return got
+
+
 # -- the run --------------------------------------------------------------------------------
 
 def run_schedule(ctx: Any, payload: dict) -> dict:
@@ -218,23 +236,38 @@ def run_schedule(ctx: Any, payload: dict) -> dict:
     snapshot: dict = {}
     ops_done = 0
     build_s: float | None = None
+    in_sync = False
     try:
         driver = Driver(s, st, run, dev, payload["dp_attention"])
         build_s = time.monotonic() - t0  # where a run's time goes (benchmarks/bench_sglang.py)
         for op in s.ops:
             driver.apply(op)
             ops_done += 1
-            _any_rank(st, 0)
+            in_sync = True
+            _sync(st, 0)
+            in_sync = False
         pacer.drain = True
         for _ in range(MAX_DRAIN_STEPS):
             driver.step()
-            if not _any_rank(st, int(driver.busy())):
+            busy = int(driver.busy())
+            in_sync = True
+            go_on = _sync(st, busy)
+            in_sync = False
+            if not go_on:
                 break
         snapshot = driver.snapshot()
-        _any_rank(st, 0)
+        in_sync = True
+        _sync(st, 0)
+        in_sync = False
     except Exception as e:
         error = f"{type(e).__name__}: {e}"
         snapshot = {"traceback": traceback.format_exc(limit=8)}
+        if not in_sync:  # tell the peers at their next sync (not after a broken sync itself)
+            gates.release_all()
+            try:
+                _any_rank(st, FAILED)
+            except Exception:
+                pass
     finally:
         gates.release_all()
         t_down = time.monotonic()
