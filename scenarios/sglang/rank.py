@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from scenarios.sglang import adapters, shim
+from scenarios.sglang import adapters, quick_reset, shim
 from scenarios.sglang.seams import GatedDevice, IoGates, SglangPacer
 
 MAX_DRAIN_STEPS = 200
@@ -136,6 +136,7 @@ def setup_worker(ctx: Any, version: str, dp_attention: bool, timeout_s: float) -
     from sglang.srt.distributed import parallel_state as ps
 
     shim.patch_loaded()
+    quick_reset.install(cc_mod)  # no idle 1 s per cache construction (see quick_reset.py)
     # from 0.5.15 page hashes come from a C++ extension JIT-compiled on first use (minutes on a
     # busy box, one compile shared through ~/.cache/torch_extensions): do it now, not in a run
     try:
