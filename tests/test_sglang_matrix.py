@@ -330,3 +330,29 @@ def test_a_rank_that_fails_stops_its_peers_at_the_next_sync(
     from scenarios.checker import _waited
 
     assert _waited(out[1]["error"]) and not _waited(out[0]["error"])  # cause vs consequence
+
+
+def test_rows_of_the_first_matrix_code_merge_into_the_table(tmp_path: Path) -> None:
+    """Another branch's `--json` of the first matrix code (a list of rows with corpus strings)
+    joins the table, marked as not replay-confirmed."""
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps([
+        {"release": "0.5.16", "dp_attention": True, "layout": "2x2", "corpus": "10/10 agree",
+         "examples": 5, "verdict": "agree", "seconds": 69.6},
+        {"release": "0.5.17", "dp_attention": False, "layout": "1x2", "corpus": "1/9 diverge",
+         "examples": 4, "verdict": "diverge", "first_s": 4.2, "shrunk_ops": 9,
+         "invariant": "decisions", "replay": "x.json"},
+        {"release": "0.5.18", "dp_attention": True, "layout": "1x2", "corpus": "9/9 agree",
+         "examples": 3, "verdict": "flaky (diverged once, agreed on rerun)", "replay": "y.json"},
+    ]))
+    new = tmp_path / "new.json"
+    matrix_cells.save(new, {"a": _cell("0.5.16", True, "2x2", "diverge", "2026-11-27",
+                                       generated={"reproduced": "3/3", "first_s": 1.0,
+                                                  "invariant": "tree", "shrunk_ops": 5})})
+    cells = matrix_cells.merge(old, new)
+    assert cells["0.5.16|on|2x2"]["verdict"] == "diverge"  # the newer, finished measurement
+    assert cells["0.5.17|off|1x2"]["corpus"] == {"n": 9, "diverge": 1}
+    assert cells["0.5.18|on|1x2"]["verdict"] == "flaky"
+    table = matrix_table.render(cells)
+    assert "[decisions], 4.2 s, 9 ops, not replay-confirmed (first matrix code)" in table
+    assert "agree (4" not in table and "corpus 1/9 diverge" in table

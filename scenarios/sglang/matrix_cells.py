@@ -44,7 +44,39 @@ def load(path: str | Path) -> dict[str, dict]:
     if not isinstance(cells, list) or not all(isinstance(c, dict) and "release" in c
                                               for c in cells):
         raise UsageError(f"{p}: not a matrix cells file (no list of cells with a release)")
-    return {key_of(c): c for c in cells}
+    return {key_of(c): c for c in (from_legacy(c) for c in cells)}
+
+
+def from_legacy(row: dict) -> dict:
+    """A row of the first matrix code (`--json` list: corpus "9/9 agree", verdict "flaky
+    (...)", no replay confirmation) in this file's shape, marked `legacy`."""
+    if not isinstance(row.get("corpus", {}), str) and "examples" not in row:
+        return row
+    import re
+
+    out = {k: v for k, v in row.items() if k not in ("corpus", "examples", "first_s",
+                                                      "shrunk_ops", "invariant", "replay")}
+    out["legacy"] = True
+    m = re.match(r"(\d+)/(\d+) (agree|diverge)", str(row.get("corpus", "")))
+    if m:
+        k, n = int(m.group(1)), int(m.group(2))
+        out["corpus"] = {"n": n, "diverge": k if m.group(3) == "diverge" else 0}
+    gen: dict = {"examples": row.get("examples", 0)}
+    verdict = str(row.get("verdict", ""))
+    if row.get("first_s") is not None:
+        gen.update(first_s=row["first_s"], shrunk_ops=row.get("shrunk_ops"),
+                   invariant=row.get("invariant"), replay=row.get("replay"))
+    if verdict.startswith("flaky"):
+        gen.update(reproduced="0/1", replay=row.get("replay"), first_s=row.get("first_s"))
+        out["verdict"] = "flaky"
+    elif verdict.startswith("diverge"):
+        out["verdict"] = "diverge"
+    elif verdict.startswith("cannot run here"):
+        out["verdict"], out["why"] = "cannot", verdict
+    elif verdict.startswith("error"):
+        out["verdict"], out["error"] = "error", verdict
+    out["generated"] = gen
+    return out
 
 
 def save(path: str | Path, cells: dict[str, dict]) -> None:

@@ -57,14 +57,15 @@ def cell_text(c: dict | None) -> str:
     gen = c.get("generated") or {}
     corpus = _corpus(c)
     bits: list[str] = []
-    if gen.get("reproduced"):
-        k = gen["reproduced"]
+    if gen.get("first_s") is not None or gen.get("reproduced"):
+        k = gen.get("reproduced") or ""
         if k.startswith("0/"):
             seen = _invariant(gen.get("shrunk_seen") or gen.get("first_seen") or "")
             bits.append(f"generated{seen}: diverged once ({gen.get('first_s')} s), {k} on replay")
         else:
             bits.append(f"[{gen.get('invariant')}], {gen.get('first_s')} s, "
-                        f"{gen.get('shrunk_ops')} ops, replay {k}")
+                        f"{gen.get('shrunk_ops')} ops, "
+                        + (f"replay {k}" if k else "not replay-confirmed (first matrix code)"))
     else:
         bits.append(f"{gen.get('examples', 0)} generated agree")
     if gen.get("infra_errors"):
