@@ -67,8 +67,9 @@ def from_legacy(row: dict) -> dict:
         gen.update(first_s=row["first_s"], shrunk_ops=row.get("shrunk_ops"),
                    invariant=row.get("invariant"), replay=row.get("replay"))
     if verdict.startswith("flaky"):
-        gen.update(reproduced="0/1", replay=row.get("replay"), first_s=row.get("first_s"))
-        out["verdict"] = "flaky"
+        gen.update(reproduced="0/1", replay=row.get("replay"))
+        # a corpus divergence outweighs a generated one that did not recur (as in cell_verdict)
+        out["verdict"] = "diverge" if out.get("corpus", {}).get("diverge") else "flaky"
     elif verdict.startswith("diverge"):
         out["verdict"] = "diverge"
     elif verdict.startswith("cannot run here"):

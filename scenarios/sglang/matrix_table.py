@@ -61,7 +61,8 @@ def cell_text(c: dict | None) -> str:
         k = gen.get("reproduced") or ""
         if k.startswith("0/"):
             seen = _invariant(gen.get("shrunk_seen") or gen.get("first_seen") or "")
-            bits.append(f"generated{seen}: diverged once ({gen.get('first_s')} s), {k} on replay")
+            when = f" ({gen['first_s']} s)" if gen.get("first_s") is not None else ""
+            bits.append(f"generated{seen}: diverged once{when}, {k} on replay")
         else:
             bits.append(f"[{gen.get('invariant')}], {gen.get('first_s')} s, "
                         f"{gen.get('shrunk_ops')} ops, "
