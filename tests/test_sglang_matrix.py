@@ -356,3 +356,25 @@ def test_rows_of_the_first_matrix_code_merge_into_the_table(tmp_path: Path) -> N
     table = matrix_table.render(cells)
     assert "[decisions], 4.2 s, 9 ops, not replay-confirmed (first matrix code)" in table
     assert "agree (4" not in table and "corpus 1/9 diverge" in table
+
+
+def test_a_new_group_with_a_freed_groups_id_gets_its_own_name(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """SGLang makes (and destroys) a prefetch group per cache; when a new group reuses a freed
+    group's id on one rank, the recorder must not keep the old name there (seen as flaky
+    [collectives] divergences: one group, two names across ranks)."""
+    import torch.distributed as dist
+
+    import scenarios.sglang.rank as rank_mod
+
+    same = object()  # what a reused id looks like: the same id for two groups in turn
+    for kind in ("all_reduce", "barrier", "all_gather_object", "broadcast", "all_gather",
+                 "send", "recv"):
+        monkeypatch.setattr(dist, kind, getattr(dist, kind))  # restored after the test
+    monkeypatch.setattr(dist, "new_group", lambda *a, **k: same)
+    monkeypatch.setattr(rank_mod, "_GROUP_NAMES", {})
+    rank_mod._install_recorders()
+    dist.new_group([0, 1])
+    first = rank_mod._GROUP_NAMES[id(same)]
+    dist.new_group([0, 1])
+    assert rank_mod._GROUP_NAMES[id(same)] != first  # the second group is named as made

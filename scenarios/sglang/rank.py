@@ -118,7 +118,10 @@ def _install_recorders() -> None:
             ranks = kwargs.get("ranks", args[0] if args else None)
             counter[0] += 1
             if g is not None and not isinstance(g, int):
-                _GROUP_NAMES.setdefault(id(g), f"g{counter[0]}_{list(ranks or [])}")
+                # overwrite: SGLang destroys the per-cache prefetch group at detach, and a new
+                # group may get a freed one's id on one rank only; a stale name there made the
+                # same group two names across ranks (a flaky [collectives] divergence)
+                _GROUP_NAMES[id(g)] = f"g{counter[0]}_{list(ranks or [])}"
             return g
         named_new_group._cpcheck = True  # type: ignore[attr-defined]
         dist.new_group = named_new_group
