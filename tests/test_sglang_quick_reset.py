@@ -12,9 +12,11 @@ import pytest
 from scenarios.sglang import envs
 
 PRE = "0.5.10.post1"
+#: one release per controller generation: revoke queue (0.5.10.post1, 0.5.13), hit queue (0.5.20)
+RELEASES = (PRE, "0.5.13", "0.5.20")
 
 
-def _schedules(n: int) -> list:
+def _schedules(n: int, version: str) -> list:
     from hypothesis import HealthCheck, Phase, find, settings
     from hypothesis.errors import NoSuchExample
 
@@ -24,7 +26,7 @@ def _schedules(n: int) -> list:
 
     def take(s: object) -> bool:
         got.append(s.with_(cache={**s.cache.model_dump(), "mla": False},  # type: ignore[attr-defined]
-                           sut=f"sglang=={PRE}"))
+                           sut=f"sglang=={version}"))
         return False
 
     try:
@@ -59,16 +61,24 @@ def _logs(version: str, scheds: list, idle: bool) -> list[list[dict]]:
 
 @pytest.mark.sglang
 @pytest.mark.timeout(900)
-def test_quick_reset_keeps_every_log_and_drops_the_idle_second() -> None:
-    """Budget: 12 generated 1x2 Schedules on the pre-fix release (DP attention), each run with
-    both resets: per-rank decisions, tree digests, outcomes, collectives, stored keys equal."""
-    m = envs.load_manifest(PRE)
+@pytest.mark.parametrize("version", RELEASES)
+def test_quick_reset_keeps_every_log_and_drops_the_idle_second(version: str) -> None:
+    """Budget: 12 generated 1x2 Schedules (DP attention), each run with both resets: per-rank
+    decisions, tree digests, outcomes, collectives, stored keys equal."""
+    from scenarios.contract import CannotJudge
+    from scenarios.sglang.executor import check_pipeline
+
+    m = envs.load_manifest(version)
     if m is None or not m.ok:
-        pytest.skip(f"sglang env not built here: python -m scenarios.sglang.envs {PRE}")
-    scheds = _schedules(12)
+        pytest.skip(f"sglang env not built here: python -m scenarios.sglang.envs {version}")
+    try:
+        check_pipeline(version)
+    except CannotJudge as e:
+        pytest.skip(e.diagnosis)
+    scheds = _schedules(12, version)
     assert len(scheds) == 12
-    quick = _logs(PRE, scheds, idle=False)
-    idle = _logs(PRE, scheds, idle=True)
+    quick = _logs(version, scheds, idle=False)
+    idle = _logs(version, scheds, idle=True)
     for i, (a, b) in enumerate(zip(quick, idle, strict=True)):
         for ra, rb in zip(a, b, strict=True):
             for k in KEYS:
