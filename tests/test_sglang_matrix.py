@@ -102,6 +102,9 @@ def test_table_renders_every_kind_of_cell(tmp_path: Path) -> None:
     assert "not run" in row_off and "flaky: generated [tree]: diverged once" in row_off
     assert "0/3 on replay" in row_off
     assert "agree (5 generated agree, corpus 9/9 agree)" in table
+    div = matrix_table.divergences(cells)
+    assert "| 0.5.10.post1|on|1x2 | corpus r.json | decisions | 3/3 |" in div
+    assert "| 0.5.10.post1|off|2x2 | generated" in div and "DIVERGE [tree]" in div
     f = tmp_path / "c.json"
     matrix_cells.save(f, cells)
     assert matrix_table.main([str(f), "--details"]) == 0

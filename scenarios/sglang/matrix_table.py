@@ -104,6 +104,31 @@ def details(cells: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def divergences(cells: dict[str, dict]) -> str:
+    """Every divergence behind the table: cell, where it came from (a corpus file or the
+    generated hunt's replay file), invariant, replays that reproduced it, the verdict."""
+    lines = ["| cell | source | invariant | reproduced | verdict |", "|---|---|---|---|---|"]
+    for k in sorted(cells, key=matrix_cells.order):
+        c = cells[k]
+        for f in (c.get("corpus") or {}).get("files", []):
+            if f.get("verdict") in ("diverge", "flaky"):
+                lines.append(f"| {k} | corpus {f['file']} | {f.get('invariant')} | "
+                             f"{f.get('reproduced')} | {_cell_md(f.get('message', ''))} |")
+        gen = c.get("generated") or {}
+        if gen.get("first_s") is not None:
+            seen = gen.get("shrunk_seen") or gen.get("first_seen") or gen.get("message", "")
+            lines.append(f"| {k} | generated {(gen.get('replay') or '').rsplit('/', 1)[-1]} | "
+                         f"{gen.get('invariant') or _invariant(seen).strip(' []') or '-'} | "
+                         f"{gen.get('reproduced')} | {_cell_md(seen)} |")
+        for path in gen.get("infra_replays", []):
+            lines.append(f"| {k} | not judged {path.rsplit('/', 1)[-1]} | - | - | pool error |")
+    return "\n".join(lines)
+
+
+def _cell_md(text: str) -> str:
+    return text.replace("|", "/").replace("\n", " ")[:160]
+
+
 def main(argv: list[str] | None = None) -> int:
     from scenarios.contract import ExitCode, UsageError
 
@@ -124,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.details:
         print()
         print(details(cells))
+        print()
+        print(divergences(cells))
     return int(ExitCode.AGREE)
 
 
