@@ -3,6 +3,7 @@ second on SGLang vs the reference on the same Schedules.
 
     python benchmarks/bench_sglang.py [--pre 0.5.10.post1] [--post 0.5.11] [--seeds 5]
         [--seed0 0] [--examples 200] [--shrink-s 60] [--schedules 20] [--detect-only]
+    (--seeds 0: decisions per second only)
 
 Per seed: seconds and Schedules to the first divergence, seconds per run before it (and how
 much of that the ranks spent building and shutting down SGLang's cache), the shrink, the replay
@@ -132,6 +133,13 @@ def main() -> None:
     args = ap.parse_args()
 
     seeds = list(range(args.seed0, args.seed0 + args.seeds))
+    if seeds:
+        time_to_detect(args, seeds)
+    if not args.detect_only:
+        rates(args)
+
+
+def time_to_detect(args: argparse.Namespace, seeds: list[int]) -> None:
     print(f"## time to detect: sglang {args.pre}, 1x2, DP attention, warm pool, seeds {seeds}")
     found = detect(args.pre, seeds, args.examples, args.shrink_s)
     firsts = [r["first_s"] for r in found if r["first_s"] is not None]
@@ -141,9 +149,9 @@ def main() -> None:
           f"Schedules to it: median {statistics.median(ns) if ns else '-'}, max "
           f"{max(ns) if ns else '-'}; shrunk ops median "
           f"{statistics.median([r['ops'] for r in found if r['ops']]) if firsts else '-'}")
-    if args.detect_only:
-        return
 
+
+def rates(args: argparse.Namespace) -> None:
     from scenarios.executor import Executor
     from scenarios.sglang.executor import SglangExecutor
 
