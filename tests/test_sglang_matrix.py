@@ -381,3 +381,23 @@ def test_a_new_group_with_a_freed_groups_id_gets_its_own_name(
     first = rank_mod._GROUP_NAMES[id(same)]
     dist.new_group([0, 1])
     assert rank_mod._GROUP_NAMES[id(same)] != first  # the second group is named as made
+
+
+def test_a_run_the_machine_broke_is_not_judged(monkeypatch: pytest.MonkeyPatch) -> None:
+    """SGLang's host pool refuses to allocate when the shared box has < 10 GiB free: such a
+    run is neither a divergence nor an agreement (seen as a flaky [error] cell)."""
+    from scenarios.sglang.hunting import confirm
+
+    class BrokeEx(_RunEx):
+        def run(self, s: object, dp: object = None) -> list[dict]:
+            self.runs += 1
+            return [{"rank": 0, "decisions": {}, "infrastructure":
+                     "ValueError: Not enough host memory available." if self.runs == 1 else None}]
+
+    _script(monkeypatch, [False, False])
+    k, v = confirm(BrokeEx(), object(), True, 2)  # run 1 is not judged, run 2 diverges
+    assert k == 1 and not v.ok
+    import scenarios.sglang.rank as rank_mod
+
+    assert any(m in "ValueError: Not enough host memory available. Requesting 0.00 GB"
+               for m in rank_mod.INFRASTRUCTURE)

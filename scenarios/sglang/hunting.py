@@ -46,6 +46,12 @@ def judge(s: Any, *, timeout: float = 20.0) -> tuple[int, Any]:
     return (int(ExitCode.AGREE) if v.ok else int(ExitCode.DIVERGE)), v
 
 
+def infrastructure(results: list[dict]) -> str | None:
+    from scenarios.judge import infrastructure as broke
+
+    return broke(results)
+
+
 def confirm(ex: Any, s: Any, dp: bool, n: int) -> tuple[int, Any]:
     """Replay `s` n times on the same pool: (how many runs diverged, the first diverging
     verdict, else the last one). A divergence that never recurs is flaky, not a finding."""
@@ -56,10 +62,14 @@ def confirm(ex: Any, s: Any, dp: bool, n: int) -> tuple[int, Any]:
     k, first, last = 0, None, None
     for _ in range(n):
         try:
-            v = annotate(check(s, ex.run(s, dp)), dp)
+            results = ex.run(s, dp)
         except RankPoolError as e:  # the pool broke, not the Schedule: not counted either way
             _log(f"replay not judged (pool): {type(e).__name__}: {e}")
             continue
+        if infrastructure(results):  # the machine broke the run (e.g. no free host memory)
+            _log(f"replay not judged: {infrastructure(results)}")
+            continue
+        v = annotate(check(s, results), dp)
         last = v
         if not v.ok:
             k += 1
@@ -110,6 +120,12 @@ def hunt(version: str, dp: bool, layouts: tuple[str, ...], examples: int, seed: 
             _log(f"run not judged (pool): {type(e).__name__}: {e}")
             state["infra"].append(f"{type(e).__name__}: {str(e)[:1500]}")
             state.setdefault("infra_s", []).append(s)  # kept, to replay what broke the pool
+            return False
+        broke = infrastructure(results)
+        if broke:  # the machine, not the release: not judged, never agree or diverge
+            _log(f"run not judged: {broke}")
+            state["infra"].append(broke[:1500])
+            state.setdefault("infra_s", []).append(s)
             return False
         steer(results)
         v = annotate(check(s, results), dp)

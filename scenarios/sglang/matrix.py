@@ -59,18 +59,24 @@ def corpus_for(layout: str) -> list[Any]:
 
 def run_corpus(ex: Any, version: str, dp: bool, layout: str, replays: int) -> list[dict]:
     """Each corpus Schedule of this layout once; a divergence is replayed `replays` times."""
+    from scenarios.checker import check
     from scenarios.runner import RankPoolError
-    from scenarios.sglang.hunting import confirm
+    from scenarios.sglang.executor import annotate
+    from scenarios.sglang.hunting import confirm, infrastructure
 
     rows = []
     for name, s in corpus_for(layout):
         s = s.with_(sut=f"sglang=={version}", dp_attention=dp)
         try:
-            v = ex.check(s, dp)
+            results = ex.run(s, dp)
         except RankPoolError as e:
             rows.append({"file": name, "verdict": "error",
                          "error": f"{type(e).__name__}: {str(e)[:1500]}"})
             continue
+        if infrastructure(results):
+            rows.append({"file": name, "verdict": "error", "error": infrastructure(results)})
+            continue
+        v = annotate(check(s, results), dp)
         row: dict = {"file": name, "verdict": "agree" if v.ok else "diverge"}
         if not v.ok:
             k, rv = confirm(ex, s, dp, replays)

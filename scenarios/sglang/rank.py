@@ -24,6 +24,9 @@ from scenarios.sglang import adapters, quick_reset, shim
 from scenarios.sglang.seams import GatedDevice, IoGates, SglangPacer
 
 MAX_DRAIN_STEPS = 200
+#: failures that say the machine, not SGLang's protocol, broke the run (judged "unknown"):
+#: SGLang's host pool refuses to allocate when less than 10 GiB of RAM is free (a shared box)
+INFRASTRUCTURE = ("Not enough host memory available",)
 #: SGLang builds a registered backend only under a built-in name: ours replaces "file"
 BACKEND_NAME = "file"
 HEADS, HEAD_DIM, LAYERS = 2, 4, 2
@@ -290,6 +293,7 @@ def run_schedule(ctx: Any, payload: dict) -> dict:
                           for k, good in zip(keys, ok, strict=False) if good}),
         "outcomes": driver.outcomes if driver else [], "snapshot": snapshot, "error": error,
         "ops_done": ops_done, "waiting_on": dict(gates.waiting_on),
+        "infrastructure": error if error and any(m in error for m in INFRASTRUCTURE) else None,
         "wall_s": time.monotonic() - t0, "build_s": build_s,
         "shutdown_s": shutdown_s, "sut": f"sglang=={st['version']}",
         "pacer_trace": pacer.trace,
