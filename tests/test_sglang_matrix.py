@@ -97,7 +97,7 @@ def test_table_renders_every_kind_of_cell(tmp_path: Path) -> None:
     assert len(lines) == 2 + 4  # two releases x DP on/off
     row_on = next(x for x in lines if x.startswith("| 0.5.10.post1 | on |"))
     assert "diverge: [decisions], 5.2 s, 7 ops, replay 3/3" in row_on
-    assert "corpus 1/1 diverge" in row_on and "not finished" in row_on
+    assert "corpus 1/1 diverge ([decisions], replay 3/3)" in row_on and "not finished" in row_on
     row_off = next(x for x in lines if x.startswith("| 0.5.10.post1 | off |"))
     assert "not run" in row_off and "flaky: generated [tree]: diverged once" in row_off
     assert "0/3 on replay" in row_off

@@ -28,8 +28,11 @@ def _corpus(c: dict) -> str:
              else f"corpus {cp['n'] - cp.get('flaky', 0) - cp.get('error', 0)}/{cp['n']} agree"]
     div = [f for f in cp.get("files", []) if f.get("verdict") == "diverge"]
     if div:
-        parts[0] += " (" + ", ".join(f"[{f.get('invariant')}] replay {f.get('reproduced')}"
-                                     for f in div[:2]) + ")"
+        invs = sorted({str(f.get("invariant")) for f in div})
+        reps = sorted({str(f.get("reproduced")) for f in div})
+        parts[0] += (f" ([{', '.join(invs)}], replay "
+                     + (f"{reps[0]} each" if len(reps) == 1 and len(div) > 1 else
+                        ", ".join(str(f.get("reproduced")) for f in div)) + ")")
     if cp.get("flaky"):
         parts.append(f"{cp['flaky']} corpus run(s) diverged once, agreed on every replay")
     if cp.get("error"):
