@@ -57,8 +57,10 @@ def corpus_for(layout: str) -> list[Any]:
     return out
 
 
-def run_corpus(ex: Any, version: str, dp: bool, layout: str, replays: int) -> list[dict]:
-    """Each corpus Schedule of this layout once; a divergence is replayed `replays` times."""
+def run_corpus(ex: Any, version: str, dp: bool, layout: str, replays: int,
+               replay_dir: str | None = None) -> list[dict]:
+    """Each corpus Schedule of this layout once; a divergence is replayed `replays` times and,
+    if it reproduced, written to `replay_dir` with this release and DP setting."""
     from scenarios.checker import check
     from scenarios.runner import RankPoolError
     from scenarios.sglang.executor import annotate
@@ -84,6 +86,10 @@ def run_corpus(ex: Any, version: str, dp: bool, layout: str, replays: int) -> li
                        reproduced=f"{k}/{replays}")
             if k == 0:
                 row["verdict"] = "flaky"
+            elif replay_dir:
+                from scenarios.sglang.hunting import write_sglang_replay
+
+                row["replay"] = str(write_sglang_replay(s, rv if not rv.ok else v, replay_dir))
         rows.append(row)
     return rows
 
@@ -113,7 +119,7 @@ def run_cell(ex: Any, version: str, dp: bool, layout: str, examples: int, seed: 
 
     t0 = time.monotonic()
     row: dict = {"release": version, "dp_attention": dp, "layout": layout}
-    corpus = run_corpus(ex, version, dp, layout, replays)
+    corpus = run_corpus(ex, version, dp, layout, replays, replay_dir)
     n = len(corpus)
     div = [c for c in corpus if c["verdict"] == "diverge"]
     row["corpus"] = {"n": n, "diverge": len(div),
