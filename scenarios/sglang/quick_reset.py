@@ -8,7 +8,7 @@ every construction waited about 1 s for that timeout (measured on 0.5.10.post1: 
 thread and backup) runs first, so the reset's joins return at once. The end state is the one
 `reset()` makes: fresh threads, empty queues, clear events. In addition the old IO aux thread
 (which `reset()` never joins) is known to be gone before the new one starts; without that, an
-old aux thread that outlived the join window served the new prefetch buffer beside the new one.
+old aux thread that outlived the join window could serve the new prefetch buffer beside the new one.
 The reset then waits until the new prefetch thread has made its buffer and aux thread, so the
 harness hooks the new buffer, never the old one.
 """
