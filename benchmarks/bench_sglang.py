@@ -1,8 +1,13 @@
 """SGLang as the SUT: time to detect the pre-fix divergence from a warm pool, and decisions per
 second on SGLang vs the reference on the same Schedules.
 
-    python benchmarks/bench_sglang.py [--pre 0.5.10.post1] [--post 0.5.11] [--seeds 3]
-        [--schedules 20]
+    python benchmarks/bench_sglang.py [--pre 0.5.10.post1] [--post 0.5.11] [--seeds 5]
+        [--seed0 0] [--examples 200] [--shrink-s 60] [--schedules 20] [--detect-only]
+    (--seeds 0: decisions per second only)
+
+Per seed: seconds and Schedules to the first divergence, seconds per run before it (and how
+much of that the ranks spent building and shutting down SGLang's cache), the shrink, the replay
+confirmation (k/3) and the load average (the box is shared: read every time with it).
 
 Needs the two environments (python -m scenarios.sglang.envs 0.5.10.post1 0.5.11).
 """
@@ -10,6 +15,7 @@ Needs the two environments (python -m scenarios.sglang.envs 0.5.10.post1 0.5.11)
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -25,18 +31,61 @@ def warm(ex, layout: str = "1x2") -> float:  # noqa: ANN001
     return time.monotonic() - t
 
 
-def detect(version: str, seeds: int) -> list[tuple[float | None, int]]:
+class Timed:
+    """The executor, with each run's wall time and where its ranks spent it recorded."""
+
+    def __init__(self, ex) -> None:  # noqa: ANN001
+        self.ex = ex
+        self.rows: list[dict] = []
+
+    def run(self, s, dp=None):  # noqa: ANN001, ANN201
+        t = time.monotonic()
+        res = self.ex.run(s, dp)
+        self.rows.append({"wall": time.monotonic() - t,
+                          "rank": max(r.wall_s for r in res),
+                          "build": max(r.phase_s.get("build", 0.0) for r in res),
+                          "shutdown": max(r.phase_s.get("shutdown", 0.0) for r in res),
+                          "ops": len(s.ops)})
+        return res
+
+
+def _mean(xs: list[float]) -> float:
+    return statistics.fmean(xs) if xs else float("nan")
+
+
+def _load() -> str:
+    return " ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def detect(version: str, seeds: list[int], examples: int, shrink_s: float) -> list[dict]:
     from scenarios.sglang.executor import SglangExecutor
     from scenarios.sglang.hunting import hunt
 
     out = []
     with SglangExecutor(version, timeout_s=20, build=False) as ex:
-        print(f"pool start + first run: {warm(ex):.1f} s")
-        for seed in range(seeds):
-            h = hunt(version, True, ("1x2",), 200, seed, ex=ex)
-            out.append((h["first_s"], len(h["found"].ops) if h["found"] else 0))
-            print(f"  seed {seed}: first divergence {h['first_s']} s, shrunk "
-                  f"{out[-1][1]} ops, {h['examples']} schedules, {h['total_s']:.1f} s total")
+        print(f"pool start + first run: {warm(ex):.1f} s; load average {_load()}")
+        print("| seed | s to first divergence | Schedules to it | s per run (rank: run, build, "
+              "shutdown) | shrink s | shrunk ops | replay | total s | load |")
+        print("|---|---|---|---|---|---|---|---|---|", flush=True)
+        for seed in seeds:
+            timed = Timed(ex)
+            h = hunt(version, True, ("1x2",), examples, seed, ex=timed, shrink_s=shrink_s,
+                     replays=3)
+            pre = timed.rows[:h["first_n"] or len(timed.rows)]
+            row = {"seed": seed, "first_s": h["first_s"], "first_n": h["first_n"],
+                   "run_s": _mean([r["wall"] for r in pre]),
+                   "rank_s": _mean([r["rank"] for r in pre]),
+                   "build_s": _mean([r["build"] for r in pre]),
+                   "shutdown_s": _mean([r["shutdown"] for r in pre]),
+                   "shrink_s": h["shrink_s"], "ops": len(h["found"].ops) if h["found"] else 0,
+                   "replay": f"{h['reproduced']}/{h['replays']}", "total_s": h["total_s"]}
+            out.append(row)
+            first = f"{row['first_s']:.1f}" if row["first_s"] is not None else "not found"
+            shrink = f"{row['shrink_s']:.1f}" if row["shrink_s"] is not None else "-"
+            print(f"| {seed} | {first} | {row['first_n']} | {row['run_s']:.2f} "
+                  f"({row['rank_s']:.2f}, {row['build_s']:.2f}, {row['shutdown_s']:.2f}) | "
+                  f"{shrink} | {row['ops']} | {row['replay']} | {row['total_s']:.1f} | "
+                  f"{_load()} |", flush=True)
     return out
 
 
@@ -74,18 +123,35 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--pre", default="0.5.10.post1")
     ap.add_argument("--post", default="0.5.11")
-    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--seed0", type=int, default=0)
+    ap.add_argument("--examples", type=int, default=200, help="generated budget per seed")
+    ap.add_argument("--shrink-s", type=float, default=60.0, help="shrinking budget per seed")
     ap.add_argument("--schedules", type=int, default=20)
     ap.add_argument("--layout", default="1x2")
+    ap.add_argument("--detect-only", action="store_true", help="skip decisions per second")
     args = ap.parse_args()
 
-    print(f"## time to detect: sglang {args.pre}, 1x2, DP attention, warm pool")
-    found = detect(args.pre, args.seeds)
-    firsts = [f for f, _ in found if f is not None]
-    print(f"found {len(firsts)}/{len(found)}; median s to first divergence "
-          f"{statistics.median(firsts) if firsts else '-'}; median shrunk ops "
-          f"{statistics.median([n for _, n in found if n]) if firsts else '-'}")
+    seeds = list(range(args.seed0, args.seed0 + args.seeds))
+    if seeds:
+        time_to_detect(args, seeds)
+    if not args.detect_only:
+        rates(args)
 
+
+def time_to_detect(args: argparse.Namespace, seeds: list[int]) -> None:
+    print(f"## time to detect: sglang {args.pre}, 1x2, DP attention, warm pool, seeds {seeds}")
+    found = detect(args.pre, seeds, args.examples, args.shrink_s)
+    firsts = [r["first_s"] for r in found if r["first_s"] is not None]
+    ns = [r["first_n"] for r in found if r["first_n"] is not None]
+    print(f"found {len(firsts)}/{len(found)}; s to first divergence: median "
+          f"{statistics.median(firsts) if firsts else '-'}, max {max(firsts) if firsts else '-'}; "
+          f"Schedules to it: median {statistics.median(ns) if ns else '-'}, max "
+          f"{max(ns) if ns else '-'}; shrunk ops median "
+          f"{statistics.median([r['ops'] for r in found if r['ops']]) if firsts else '-'}")
+
+
+def rates(args: argparse.Namespace) -> None:
     from scenarios.executor import Executor
     from scenarios.sglang.executor import SglangExecutor
 

@@ -91,6 +91,8 @@ def protocol_of(s: Any) -> str:
 
 def dp_attention_of(s: Any) -> bool:
     alias = ALIASES.get(getattr(s, "variant", ""))
+    if str(getattr(s, "sut", "") or "").startswith("sglang=="):
+        alias = None  # SGLang ran the Schedule's own setting: a reference variant means nothing
     return alias[1] if alias is not None else bool(getattr(s, "dp_attention", True))
 
 

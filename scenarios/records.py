@@ -64,6 +64,7 @@ ERROR_KINDS: tuple[tuple[type | str, ErrorKind], ...] = (
     ("scenarios.gates:GateTimeout", ErrorKind.WAITED),
     ("scenarios.sglang.seams:GateTimeout", ErrorKind.WAITED),
     ("scenarios.runner.inprocess:CollectiveTimeout", ErrorKind.WAITED),
+    ("scenarios.sglang.rank:PeerFailed", ErrorKind.WAITED),
     (CollectiveError, ErrorKind.WAITED),
 )
 
@@ -241,6 +242,8 @@ class RankResult:
     sut: str = "reference"
     pacer_trace: tuple = ()
     nemesis_injected: dict[str, int] = field(default_factory=dict)
+    #: where the run's time went, seconds per phase (SGLang: building and shutting down the cache)
+    phase_s: dict[str, float] = field(default_factory=dict)
 
     @property
     def infrastructure(self) -> str | None:

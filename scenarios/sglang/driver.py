@@ -201,8 +201,9 @@ class Driver:
         def can_terminate_prefetch(operation: Any) -> bool:
             self.pacer.io("prefetch_progress", "get")
             out = orig_can(operation)
+            # SGLang reduces [1 - can, terminated] inside; its local `can` is not exposed
             self._decide("can_terminate", operation.request_id,
-                         (operation.completed_tokens, int(operation.is_terminated())),
+                         (None, int(operation.is_terminated())),
                          (int(bool(out)),), "terminate" if out else "wait")
             return out
         cache.can_terminate_prefetch = can_terminate_prefetch

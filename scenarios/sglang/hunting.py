@@ -48,12 +48,46 @@ def judge(s: Any, *, timeout: float = 20.0, mooncake_master: str = "") -> tuple[
     return (int(ExitCode.AGREE) if v.ok else int(ExitCode.DIVERGE)), v
 
 
+def infrastructure(results: list) -> str | None:
+    from scenarios.judge import infrastructure as broke
+
+    return broke(results)
+
+
+def confirm(ex: Any, s: Any, dp: bool, n: int) -> tuple[int, Any]:
+    """Replay `s` n times on the same pool: (how many runs diverged, the first diverging
+    verdict, else the last one). A divergence that never recurs is flaky, not a finding."""
+    from scenarios.checker import check
+    from scenarios.runner import RankPoolError
+    from scenarios.sglang.executor import annotate
+
+    k, first, last = 0, None, None
+    for _ in range(n):
+        try:
+            results = ex.run(s, dp)
+        except RankPoolError as e:  # the pool broke, not the Schedule: not counted either way
+            _log(f"replay not judged (pool): {type(e).__name__}: {e}")
+            continue
+        if infrastructure(results):  # the machine broke the run (e.g. no free host memory)
+            _log(f"replay not judged: {infrastructure(results)}")
+            continue
+        v = annotate(check(s, results), dp, s.backend)
+        last = v
+        if not v.ok:
+            k += 1
+            if first is None:
+                first = v
+    return k, first or last
+
+
 def hunt(version: str, dp: bool, layouts: tuple[str, ...], examples: int, seed: int,
          timeout: float = 20.0, ex: SglangExecutor | None = None,
-         shrink_s: float | None = None, backend: str | None = None,
+         shrink_s: float | None = None, replays: int = 1, backend: str | None = None,
          mooncake_master: str = "") -> dict:
-    """Generate, run on the release, shrink: the same loop as scenarios.explore.hunt, with
-    SGLang's verdict (annotated for what it cannot observe) and MHA pools only."""
+    """Generate, run on the release, shrink, then replay the smallest failing Schedule
+    `replays` times: the same loop as scenarios.explore.hunt, with SGLang's verdict (annotated
+    for what it cannot observe) and MHA pools only. A run the pool could not answer (it broke
+    or timed out) is not judged (`infra_errors`), never counted as agree or diverge."""
     import random
 
     from hypothesis import HealthCheck, Phase, find, settings
@@ -61,6 +95,7 @@ def hunt(version: str, dp: bool, layouts: tuple[str, ...], examples: int, seed: 
 
     from scenarios.checker import check
     from scenarios.explore import steer
+    from scenarios.runner import RankPoolError
     from scenarios.sglang.executor import annotate
     from scenarios.strategies import schedules
 
@@ -69,7 +104,7 @@ def hunt(version: str, dp: bool, layouts: tuple[str, ...], examples: int, seed: 
     ex = ex or SglangExecutor(version, timeout_s=timeout, log=_log,
                               mooncake_master=mooncake_master)
     t0 = time.monotonic()
-    state: dict = {"n": 0, "first": None}
+    state: dict = {"n": 0, "first": None, "first_n": None, "infra": []}
 
     def fix(s: Any) -> Any:
         s = s.with_(cache={**s.cache.model_dump(), "mla": False}, sut=sut, dp_attention=dp)
@@ -84,35 +119,60 @@ def hunt(version: str, dp: bool, layouts: tuple[str, ...], examples: int, seed: 
                 time.monotonic() - t0 - state["first"] > shrink_s:
             raise _Spent
         state["n"] += 1
-        results = ex.run(s, dp)
+        try:
+            results = ex.run(s, dp)
+        except RankPoolError as e:
+            _log(f"run not judged (pool): {type(e).__name__}: {e}")
+            state["infra"].append(f"{type(e).__name__}: {str(e)[:1500]}")
+            state.setdefault("infra_s", []).append(s)  # kept, to replay what broke the pool
+            return False
+        broke = infrastructure(results)
+        if broke:  # the machine, not the release: not judged, never agree or diverge
+            _log(f"run not judged: {broke}")
+            state["infra"].append(broke[:1500])
+            state.setdefault("infra_s", []).append(s)
+            return False
         steer(results)
         v = annotate(check(s, results), dp, s.backend)
         if not v.ok:
             if state["first"] is None:
                 state["first"] = time.monotonic() - t0
+                state["first_n"] = state["n"]
+                state["first_seen"] = v.summary()[:400]
             if state.get("best") is None or len(s.ops) < len(state["best"].ops):
-                state["best"] = s
+                state["best"], state["best_seen"] = s, v.summary()[:400]
         return not v.ok
 
     cfg = settings(max_examples=examples, database=None, deadline=None,
                    suppress_health_check=list(HealthCheck), phases=[Phase.generate, Phase.shrink])
+    reproduced, verdict, note = 0, None, ""
     try:
-        found = find(schedules(layouts=layouts).map(fix), fails, settings=cfg,
-                     random=random.Random(seed))
-        verdict = annotate(check(found, ex.run(found, dp)), dp, found.backend)
-    except NoSuchExample:
-        found, verdict = None, None
-    except Exception as e:  # budget spent, or Hypothesis saw a failure that did not recur
-        found = state.get("best")
-        if found is None:
-            raise
-        verdict = annotate(check(found, ex.run(found, dp)), dp, found.backend)
-        if verdict.ok:  # say so rather than report a divergence that does not reproduce
-            verdict.message = f"diverged once, agreed on rerun ({type(e).__name__})"
-            state["flaky"] = True
+        try:
+            found = find(schedules(layouts=layouts).map(fix), fails, settings=cfg,
+                         random=random.Random(seed))
+        except NoSuchExample:
+            found = None
+        except Exception as e:  # budget spent, or Hypothesis saw a failure that did not recur
+            found = state.get("best")
+            if found is None:
+                raise
+            note = type(e).__name__
+        shrink_end = time.monotonic() - t0
+        if found is not None:
+            reproduced, verdict = confirm(ex, found, dp, max(1, replays))
+            if verdict is not None and verdict.ok:
+                # say so rather than report a divergence that does not reproduce
+                verdict.message = (f"diverged once, agreed on {replays} replays"
+                                   + (f" ({note})" if note else ""))
     finally:
         if own:
             ex.close()
     return {"found": found, "verdict": verdict, "examples": state["n"],
-            "flaky": state.get("flaky", False),
-            "first_s": state["first"], "total_s": time.monotonic() - t0}
+            "flaky": found is not None and reproduced == 0,
+            "reproduced": reproduced, "replays": max(1, replays) if found is not None else 0,
+            "first_s": state["first"], "first_n": state["first_n"],
+            # what the hunt saw, whatever the replays say (a flaky cell's only evidence)
+            "first_seen": state.get("first_seen"), "best_seen": state.get("best_seen"),
+            "shrink_s": None if state["first"] is None else shrink_end - state["first"],
+            "infra_errors": state["infra"], "infra_schedules": state.get("infra_s", []),
+            "total_s": time.monotonic() - t0}

@@ -24,15 +24,24 @@ from scenarios.records import (
     CollectiveCall,
     CollectiveError,
     Decision,
+    ErrorKind,
     Outcome,
     RankError,
     RankResult,
     StorageCall,
 )
-from scenarios.sglang import adapters, mooncake, shim
+from scenarios.sglang import adapters, mooncake, quick_reset, shim
 from scenarios.sglang.seams import GatedDevice, IoGates, SglangPacer
 
 MAX_DRAIN_STEPS = 200
+#: failures that say the machine, not SGLang's protocol, broke the run (judged "unknown"):
+#: SGLang's host pool refuses to allocate when less than 10 GiB of RAM is free (a shared box)
+HOST_MEMORY_REFUSED = "Not enough host memory available"
+
+
+def _machine_broke(e: BaseException) -> bool:
+    """SGLang's host pool refuses to allocate on a box with little free RAM (a ValueError)."""
+    return isinstance(e, ValueError) and HOST_MEMORY_REFUSED in str(e)
 #: SGLang builds a registered backend only under a built-in name: ours replaces "file"
 BACKEND_NAME = "file"
 HEADS, HEAD_DIM, LAYERS = 2, 4, 2
@@ -134,7 +143,9 @@ def _install_recorders() -> None:
             ranks = kwargs.get("ranks", args[0] if args else None)
             counter[0] += 1
             if g is not None and not isinstance(g, int):
-                # assign, never setdefault: a destroyed group's id is reused by a later one
+                # overwrite: SGLang destroys the per-cache prefetch group at detach, and a new
+                # group may get a freed one's id on one rank only; a stale name there made the
+                # same group two names across ranks (a flaky [collectives] divergence)
                 _GROUP_NAMES[id(g)] = f"g{counter[0]}_{list(ranks or [])}"
             return g
         named_new_group._cpcheck = True  # type: ignore[attr-defined]
@@ -153,6 +164,7 @@ def setup_worker(ctx: Any, version: str, dp_attention: bool, timeout_s: float) -
     from sglang.srt.distributed import parallel_state as ps
 
     shim.patch_loaded()
+    quick_reset.install(cc_mod)  # no idle 1 s per cache construction (see quick_reset.py)
     # from 0.5.15 page hashes come from a C++ extension JIT-compiled on first use (minutes on a
     # busy box, one compile shared through ~/.cache/torch_extensions): do it now, not in a run
     try:
@@ -218,6 +230,24 @@ def _any_rank(st: dict, flag: int) -> int:
     return int(t.item())
 
 
+#: the harness-sync flag of a rank whose run failed: its peers stop at the same sync
+FAILED = 2
+
+
+class PeerFailed(RuntimeError):
+    """Another rank's run failed; this one stopped at the same harness sync."""
+
+
+def _sync(st: dict, flag: int) -> int:
+    """One harness sync (ranks stay in step op by op). A rank that failed sends FAILED at its
+    next sync instead of leaving: without it its peers waited in this all-reduce until the pool
+    timed out (180 s) and the pool was rebuilt, and the run was not judged at all."""
+    got = _any_rank(st, flag)
+    if got >= FAILED:
+        raise PeerFailed("a peer rank failed; stopped with it (peer not agreed to go on)")
+    return got
+
+
 # -- the run --------------------------------------------------------------------------------
 
 def run_schedule(ctx: Any, payload: dict) -> RankResult:
@@ -243,16 +273,25 @@ def run_schedule(ctx: Any, payload: dict) -> RankResult:
     error = None
     snapshot: dict = {}
     ops_done = 0
+    build_s: float | None = None
+    in_sync = False
     try:
         driver = Driver(s, st, run, dev, payload["dp_attention"])
+        build_s = time.monotonic() - t0  # where a run's time goes (benchmarks/bench_sglang.py)
         for op in s.ops:
             driver.apply(op)
             ops_done += 1
-            _any_rank(st, 0)
+            in_sync = True
+            _sync(st, 0)
+            in_sync = False
         pacer.drain = True
         for _ in range(MAX_DRAIN_STEPS):
             driver.step()
-            if not _any_rank(st, int(driver.busy())):
+            busy = int(driver.busy())
+            in_sync = True
+            go_on = _sync(st, busy)
+            in_sync = False
+            if not go_on:
                 break
         snapshot = driver.snapshot()
         if run.mooncake_master:  # before any rank cleans up: clients own their objects
@@ -261,14 +300,27 @@ def run_schedule(ctx: Any, payload: dict) -> RankResult:
             if rank == 0 and payload.get("mooncake_metrics"):  # all of the run's keys
                 snapshot["mooncake_master_keys"] = mooncake.master_keys(
                     payload["mooncake_metrics"], mooncake.run_tag(run) + "_")
-        _any_rank(st, 0)
+        in_sync = True
+        _sync(st, 0)
+        in_sync = False
     except Exception as e:
-        error = RankError.of(e)  # its kind from the exception's type (scenarios/records.py)
+        # its kind from the exception's type (scenarios/records.py); SGLang's host pool
+        # refusing to allocate is a plain ValueError, recognised here once, at the boundary
+        error = RankError.of(e, ErrorKind.INFRASTRUCTURE if _machine_broke(e) else None,
+                             "building SGLang's host pool" if _machine_broke(e) else "")
         snapshot = {"traceback": error.traceback}
+        if not in_sync:  # tell the peers at their next sync (not after a broken sync itself)
+            gates.release_all()
+            try:
+                _any_rank(st, FAILED)
+            except Exception:
+                pass
     finally:
         gates.release_all()
+        t_down = time.monotonic()
         if driver is not None:
             driver.shutdown()
+        shutdown_s = time.monotonic() - t_down
         if run.mooncake_master:
             mooncake.end_run(run)
         CURRENT = None
@@ -288,6 +340,7 @@ def run_schedule(ctx: Any, payload: dict) -> RankResult:
         error=error, ops_done=ops_done, waiting_on=dict(gates.waiting_on),
         wall_s=time.monotonic() - t0, sut=f"sglang=={st['version']}",
         pacer_trace=tuple(pacer.trace),
+        phase_s={"build": build_s or 0.0, "shutdown": shutdown_s},
     )
 
 

@@ -1,0 +1,208 @@
+"""The quick reset (scenarios/sglang/quick_reset.py) changes how long SGLang's cache takes to
+build, nothing it does: the same generated Schedules give the same per-rank logs with it and
+with SGLang's own reset and its idle second. Marker `sglang` (needs the 0.5.10.post1 env)."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+
+from scenarios.sglang import envs
+
+PRE = "0.5.10.post1"
+#: one release per controller generation: revoke queue (0.5.10.post1, 0.5.13), hit queue (0.5.20)
+RELEASES = (PRE, "0.5.13", "0.5.20")
+
+
+def _schedules(n: int, version: str) -> list:
+    from hypothesis import HealthCheck, Phase, find, settings
+    from hypothesis.errors import NoSuchExample
+
+    from scenarios.strategies import schedules
+
+    got: list = []
+
+    def take(s: object) -> bool:
+        got.append(s.with_(cache={**s.cache.model_dump(), "mla": False},  # type: ignore[attr-defined]
+                           sut=f"sglang=={version}"))
+        return False
+
+    try:
+        find(schedules(layouts=("1x2",)), take, random=random.Random(11),
+             settings=settings(max_examples=n, database=None, deadline=None,
+                               phases=[Phase.generate], suppress_health_check=list(HealthCheck)))
+    except NoSuchExample:
+        pass
+    return got[:n]
+
+
+KEYS = ("decisions", "digests", "outcomes", "collectives", "stored", "error")
+
+
+def _logs(version: str, scheds: list, idle: bool) -> list[list[dict]]:
+    from scenarios.sglang.executor import SglangExecutor
+    from scenarios.sglang.quick_reset import IDLE_RESET_ENV
+
+    os.environ.pop(IDLE_RESET_ENV, None)
+    if idle:
+        os.environ[IDLE_RESET_ENV] = "1"  # the pool's workers inherit it
+    try:
+        with SglangExecutor(version, timeout_s=20, build=False) as ex:
+            out = []
+            for s in scheds:
+                res = ex.run(s, True)
+                out.append([{**{k: getattr(r, k) for k in KEYS}, "build_s": r.phase_s["build"]}
+                            for r in res])
+            return out
+    finally:
+        os.environ.pop(IDLE_RESET_ENV, None)
+
+
+@pytest.mark.sglang
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("version", RELEASES)
+def test_quick_reset_keeps_every_log_and_drops_the_idle_second(version: str) -> None:
+    """Budget: 12 generated 1x2 Schedules (DP attention), each run with both resets: per-rank
+    decisions, tree digests, outcomes, collectives, stored keys equal."""
+    from scenarios.contract import CannotJudge
+    from scenarios.sglang.executor import check_pipeline
+
+    m = envs.load_manifest(version)
+    if m is None or not m.ok:
+        pytest.skip(f"sglang env not built here: python -m scenarios.sglang.envs {version}")
+    try:
+        check_pipeline(version)
+    except CannotJudge as e:
+        pytest.skip(e.diagnosis)
+    scheds = _schedules(12, version)
+    assert len(scheds) == 12
+    quick = _logs(version, scheds, idle=False)
+    idle = _logs(version, scheds, idle=True)
+    for i, (a, b) in enumerate(zip(quick, idle, strict=True)):
+        for ra, rb in zip(a, b, strict=True):
+            for k in KEYS:
+                assert ra[k] == rb[k], f"Schedule {i}, rank key {k}: quick {ra[k]} vs idle {rb[k]}"
+    build_quick = max(r["build_s"] for a in quick for r in a)
+    build_idle = min(r["build_s"] for b in idle for r in b)
+    assert build_idle > 0.9 > 0.5 > build_quick, (build_idle, build_quick)
+
+
+# -- the mechanism, without SGLang: a controller that behaves as 0.5.10.post1's does ----------
+
+class _Controller:
+    """HiCacheController's storage threads as SGLang writes them: each waits in
+    `queue.get(timeout=1)`; the prefetch thread makes its buffer and its IO aux thread;
+    `reset()` stops and joins prefetch and backup (not aux), clears, restarts."""
+
+    def __init__(self) -> None:
+        import queue
+        import threading
+
+        self.enable_storage = True
+        self.storage_stop_event = threading.Event()
+        self.prefetch_queue: queue.Queue = queue.Queue()
+        self.backup_queue: queue.Queue = queue.Queue()
+        self.aux_served: list[str] = []
+        self._start()
+
+    def _start(self) -> None:
+        import threading
+
+        self.prefetch_thread = threading.Thread(target=self._prefetch, daemon=True)
+        self.backup_thread = threading.Thread(target=self._loop, args=("backup_queue",),
+                                              daemon=True)
+        self.prefetch_thread.start()
+        self.backup_thread.start()
+
+    def _loop(self, name: str) -> None:
+        import queue
+
+        while not self.storage_stop_event.is_set():
+            try:
+                item = getattr(self, name).get(block=True, timeout=1)
+            except queue.Empty:
+                continue
+            if item is not None and name == "prefetch_buffer":
+                self.aux_served.append(item)
+
+    def _prefetch(self) -> None:
+        import queue
+        import threading
+
+        self.prefetch_buffer: queue.Queue = queue.Queue()
+        self.prefetch_io_aux_thread = threading.Thread(target=self._loop,
+                                                       args=("prefetch_buffer",), daemon=True)
+        self.prefetch_io_aux_thread.start()
+        self._loop("prefetch_queue")
+
+    def _stop_storage_threads(self) -> None:  # SGLang's own detach path
+        self.storage_stop_event.set()
+        for q in (self.prefetch_queue, self.backup_queue, self.prefetch_buffer):
+            q.put_nowait(None)
+        for t in (self.prefetch_thread, self.backup_thread, self.prefetch_io_aux_thread):
+            t.join(timeout=10)
+
+    def reset(self) -> None:
+        self.storage_stop_event.set()
+        self.prefetch_thread.join()
+        self.backup_thread.join()
+        self.prefetch_queue.queue.clear()
+        self.backup_queue.queue.clear()
+        self.storage_stop_event.clear()
+        self._start()
+
+
+def test_quick_reset_skips_the_idle_join_and_leaves_one_live_aux_thread(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+    from types import SimpleNamespace
+
+    from scenarios.sglang import quick_reset
+
+    monkeypatch.delenv(quick_reset.IDLE_RESET_ENV, raising=False)
+    cls = type("HiCacheController", (_Controller,), {})
+    cc = cls()
+    time.sleep(0.05)
+    t = time.monotonic()
+    cc.reset()
+    idle = time.monotonic() - t
+    assert idle > 0.5  # SGLang's reset waits for the threads' get(timeout=1)
+
+    assert quick_reset.install(SimpleNamespace(HiCacheController=cls))
+    assert quick_reset.install(SimpleNamespace(HiCacheController=cls))  # once per class
+    cc = cls()
+    time.sleep(0.05)
+    old_aux = cc.prefetch_io_aux_thread
+    t = time.monotonic()
+    cc.reset()
+    quick = time.monotonic() - t
+    assert quick < 0.5 < idle, (quick, idle)
+    assert not old_aux.is_alive()  # gone before the new one starts
+    assert cc.prefetch_io_aux_thread is not old_aux and cc.prefetch_io_aux_thread.is_alive()
+    assert cc.prefetch_thread.is_alive() and cc.backup_thread.is_alive()
+    cc.prefetch_buffer.put("op")  # the new buffer is served by the new aux thread
+    for _ in range(100):
+        if cc.aux_served:
+            break
+        time.sleep(0.01)
+    assert cc.aux_served == ["op"]
+    cc._stop_storage_threads()
+
+
+def test_quick_reset_is_off_when_asked_or_when_the_release_has_no_stop_path(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    from scenarios.sglang import quick_reset
+
+    cls = type("HiCacheController", (_Controller,), {})
+    monkeypatch.setenv(quick_reset.IDLE_RESET_ENV, "1")
+    assert not quick_reset.install(SimpleNamespace(HiCacheController=cls))
+    monkeypatch.delenv(quick_reset.IDLE_RESET_ENV)
+    bare = type("HiCacheController", (), {"reset": lambda self: None})
+    assert not quick_reset.install(SimpleNamespace(HiCacheController=bare))
+    with pytest.raises(RuntimeError, match="did not start its IO aux thread"):
+        quick_reset.wait_started(SimpleNamespace(prefetch_io_aux_thread=None), object(),
+                                 timeout_s=0.05)
