@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from scenarios.sglang import adapters
+from scenarios.sglang.hitqueue import HitQueuePipeline, io_busy, uses_hit_queue
 from scenarios.sglang.seams import count_puts
 
 
@@ -41,6 +42,7 @@ class Driver:
         self.waiting: OrderedDict[str, list[int]] = OrderedDict()
         self.ready: OrderedDict[str, list[int]] = OrderedDict()
         self.cache = None
+        self.pipeline: HitQueuePipeline | None = None
         if s.cache.mla:
             from scenarios.contract import CannotJudge
 
@@ -91,6 +93,7 @@ class Driver:
             hicache_storage_prefetch_policy=c.prefetch_stop_policy,
             hicache_write_policy=c.write_policy, dp_attention=dp_attention,
             tp=self.s.layout_obj.world_size)
+        adapters.set_dp_attention(dp_attention)  # after publishing the server args
         import sglang.srt.distributed.parallel_state as pstate
 
         params = adapters.cache_init_params(
@@ -122,6 +125,11 @@ class Driver:
             import time
 
             time.sleep(0.005)
+        self._insert_hooks(cache, cc)
+        if uses_hit_queue(cc):  # 0.5.16 .. 0.5.20
+            self.pipeline = HitQueuePipeline(self, cache, cc)
+            self.pipeline.install()
+            return
         count_puts(cc.prefetch_queue, lambda _op: gates.op_in("query"))
         count_puts(cc.prefetch_buffer, lambda _op: (gates.op_out("query"), gates.op_in("get")))
         count_puts(cc.backup_queue, lambda _op: gates.op_in("set"))
@@ -210,6 +218,8 @@ class Driver:
             return out
         cc.terminate_prefetch = terminate_prefetch
 
+    def _insert_hooks(self, cache: Any, cc: Any) -> None:
+        """Hooks every release shares: the prefetch insert, and the timeout on pacer ticks."""
         orig_insert_host = cache._insert_helper_host
 
         def insert_helper_host(node: Any, key: Any, host_value: Any, hash_value: Any) -> Any:
@@ -382,10 +392,13 @@ class Driver:
         cache, cc = self.cache, self.cc
         g = self.gates
         io = any(g.ops_in[k] != g.ops_out[k] for k in ("query", "get", "set"))
+        if self.pipeline is not None:
+            io = io or io_busy(self, cc)
         return bool(io or self.waiting or self.ready or cache.ongoing_write_through
                     or cache.ongoing_load_back or cache.ongoing_prefetch
                     or getattr(cache, "ongoing_backup", None)
-                    or cc.prefetch_revoke_queue.qsize() or cc.ack_backup_queue.qsize()
+                    or (hasattr(cc, "prefetch_revoke_queue") and cc.prefetch_revoke_queue.qsize())
+                    or cc.ack_backup_queue.qsize()
                     or cc.host_mem_release_queue.qsize() or cc.ack_write_queue
                     or cc.ack_load_queue)
 
