@@ -73,6 +73,19 @@ def set_dp_attention(enabled: bool) -> None:
         flags.dp.enabled = bool(enabled)
 
 
+def storage_prefetch_retry_max_attempts(args: Any) -> int:
+    """0.5.20 reads it from the published memory namespace; a ServerArgs field before."""
+    v = getattr(args, "hicache_storage_prefetch_retry_max_attempts", None)
+    if v is None:
+        try:
+            from sglang.srt.runtime_context import get_memory
+
+            v = get_memory().hicache_storage_prefetch_retry_max_attempts
+        except (ImportError, AttributeError, ValueError):
+            v = 0
+    return int(v)
+
+
 def _params(cls_name: str, **kwargs: Any) -> Any:
     from sglang.srt.mem_cache import base_prefix_cache as b
 

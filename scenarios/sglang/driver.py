@@ -43,6 +43,10 @@ class Driver:
         self.ready: OrderedDict[str, list[int]] = OrderedDict()
         self.cache = None
         self.pipeline: HitQueuePipeline | None = None
+        #: 0.5.20 re-issues a storage lookup when the match shrank before admission
+        self.reissue_max = 0
+        self.last_match: dict[str, int] = {}
+        self.reissues: dict[str, int] = {}
         if s.cache.mla:
             from scenarios.contract import CannotJudge
 
@@ -106,6 +110,8 @@ class Driver:
             pp_cache_group=getattr(pstate.get_pp_group(), "cpu_group", None))
         os.environ["SGLANG_HICACHE_FILE_BACKEND_STORAGE_DIR"] = self.run.storage_dir
         self.cache = cache = hr.HiRadixCache(params, server_args)
+        if _scheduler_has("_prefetch_after_device_hit_loss"):
+            self.reissue_max = adapters.storage_prefetch_retry_max_attempts(server_args)
         cc = cache.cache_controller
         self.cc = cc
         engine = getattr(cc, "l2_transfer_engine", None)
@@ -287,18 +293,43 @@ class Driver:
             raise ValueError(f"duplicate request id {rid}")
         cache = self.cache
         if prefetch and cache.enable_storage:
-            m = adapters.match(cache, tokens)
-            hit = len(m.device_indices) + m.host_hit_length
-            last = m.last_host_node
-            last_hash = adapters.last_hash(last)
-            self._current_rid = rid
-            adapters.prefetch_from_storage(cache, rid, last, tokens[hit:], last_hash)
-            if rid in cache.ongoing_prefetch:
-                # every rank waits here for its hit query (it all-reduces), as the reference does
-                self.gates.settle("query")
+            self.reissues[rid] = 0
+            if self._prefetch(rid, tokens):
                 self.waiting[rid] = list(tokens)
                 return
         self.ready[rid] = list(tokens)
+
+    def _prefetch(self, rid: str, tokens: list[int]) -> bool:
+        """The scheduler's `_prefetch_kvcache`: match, then prefetch what follows the match."""
+        cache = self.cache
+        m = adapters.match(cache, tokens)
+        hit = len(m.device_indices) + m.host_hit_length
+        self.last_match[rid] = hit
+        last = m.last_host_node
+        last_hash = adapters.last_hash(last)
+        self._current_rid = rid
+        adapters.prefetch_from_storage(cache, rid, last, tokens[hit:], last_hash)
+        if rid in cache.ongoing_prefetch:
+            # every rank waits here for its hit query (it all-reduces), as the reference does
+            self.gates.settle("query")
+            return True
+        return False
+
+    def _hit_lost(self, rid: str, tokens: list[int]) -> bool:
+        """0.5.20's `_prefetch_after_device_hit_loss`: at admission, a request whose device +
+        host match shrank since its storage lookup (queue-time eviction) looks up storage
+        again, up to `hicache_storage_prefetch_retry_max_attempts` times, and waits."""
+        if not self.reissue_max or not self.last_match.get(rid):
+            return False
+        m = adapters.match(self.cache, tokens)
+        if len(m.device_indices) + m.host_hit_length >= self.last_match[rid]:
+            return False
+        if self.reissues[rid] >= self.reissue_max:
+            self.last_match[rid] = len(m.device_indices) + m.host_hit_length
+            return False
+        self.reissues[rid] += 1
+        self._prefetch(rid, tokens)
+        return True
 
     def abort(self, rid: str) -> None:
         if rid in self.waiting:
@@ -320,6 +351,9 @@ class Driver:
                 self.ready[rid] = self.waiting.pop(rid)
         while self.ready:
             rid, tokens = self.ready.popitem(last=False)
+            if self._hit_lost(rid, tokens):
+                self.waiting[rid] = tokens  # skipped this pass, as the scheduler does
+                continue
             self._run(rid, tokens)
 
     def _run(self, rid: str, tokens: list[int]) -> None:
@@ -431,6 +465,19 @@ class Driver:
         import atexit
 
         atexit.unregister(self.cache.shutdown)  # a long-lived worker must not keep every cache
+
+
+def _scheduler_has(name: str) -> bool:
+    """Whether this release's scheduler defines `name` (read, not imported: the scheduler
+    module pulls in the whole server)."""
+    import sglang
+
+    path = os.path.join(os.path.dirname(sglang.__file__), "srt", "managers", "scheduler.py")
+    try:
+        with open(path) as f:
+            return f"def {name}(" in f.read()
+    except OSError:
+        return False
 
 
 def _leading(acks: list) -> Any:
