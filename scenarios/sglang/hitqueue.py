@@ -296,9 +296,11 @@ class HitQueuePipeline:
         cc.terminate_prefetch = terminate_prefetch
 
     def _hook_progress_0519(self) -> None:
-        """0.5.19+: `check_prefetch_progress` agrees MAX of `terminated or can_terminate`.
-        Logged in the oracle's [1 - can, terminated] shape as [1 - stop, stop]: its MAX is
-        "terminate iff some rank wants to stop", which is what this release does."""
+        """0.5.19+: `check_prefetch_progress` agrees one MAX of `stop = terminated or
+        can_terminate`. Logged in the oracle's [1 - can, terminated] shape as [1 - can, stop]
+        with can = 1 only under best_effort (every rank can always stop there) and 0
+        otherwise: the MAX of that is [1 - can, MAX stop], and "terminate iff can or MAX stop"
+        is exactly this release's decision."""
         cache, d, p = self.cache, self.d, self.pacer
         orig_check = cache.check_prefetch_progress
 
@@ -315,8 +317,9 @@ class HitQueuePipeline:
                 cap, self.capture = self.capture, None
             if cap:
                 (stop_l,), (stop_a,) = cap[0]
-                d._decide("can_terminate", rid, (1 - int(stop_l), int(stop_l)),
-                          (1 - int(stop_a), int(stop_a)), "terminate" if stop_a else "wait")
+                can = int(cache.prefetch_stop_policy == "best_effort")
+                d._decide("can_terminate", rid, (1 - can, int(stop_l)), (1 - can, int(stop_a)),
+                          "terminate" if stop_a else "wait")
             return out
         cache.check_prefetch_progress = check_prefetch_progress
 
