@@ -145,8 +145,9 @@ def s_dp_attention(s: Any) -> bool:
 
 
 #: what SGLang does not report that the reference does (stated in every verdict)
-NOT_OBSERVED = ("no per-thread decision channels (SGLang's prefetch-thread agreements are "
-                "seen as collectives only)", "no store-side copy count (the file backend is "
+NOT_OBSERVED = ("no prefetch-thread decision channel (SGLang's storage hit agreements are "
+                "seen as collectives only; from 0.5.19 the per-batch progress agreements are "
+                "logged, channel prefetch_sync)", "no store-side copy count (the file backend is "
                 "read back through the keys each rank wrote)")
 
 

@@ -242,13 +242,21 @@ class HitQueuePipeline:
             return orig_drain()
         cache.drain_storage_control_queues = drain
 
+        orig_revoke = cache._revoke_pending_prefetch
+        self.revoked = 0
+
+        def revoke_pending_prefetch(req_id: str) -> Any:
+            self.revoked += int(req_id in cache.ongoing_prefetch)
+            return orig_revoke(req_id)
+        cache._revoke_pending_prefetch = revoke_pending_prefetch
+
         def drain_impl(**kw: Any) -> Any:
+            self.revoked = 0
             out = orig_impl(**kw)
             agreed = tuple(kw.get(n) for n in self.drain_params)
             if None not in agreed:  # a local drain (shutdown) agrees on nothing
-                names = ", ".join(f"{QUEUE_OF[n].removesuffix('_queue')} {v}"
-                                  for n, v in zip(self.drain_params, agreed, strict=True))
-                d._decide("drain", "", self.local.get("queues", ()), agreed, names)
+                d._decide("drain", "", self.local.get("queues", ()), agreed,
+                          self._drain_outcome(dict(zip(self.drain_params, agreed, strict=True))))
             return out
         cache._drain_storage_control_queues_impl = drain_impl
 
@@ -264,6 +272,15 @@ class HitQueuePipeline:
                 d._last_completed = operation.completed_tokens
                 return orig_handle(operation)
             cache._handle_prefetch_result = handle_prefetch_result
+
+    def _drain_outcome(self, n: dict[str, int]) -> str:
+        """The reference's words first (revoked prefetches, backup acks, host releases; what
+        differential mode compares), then what only the hit-queue pipeline has."""
+        extra = [f"hit queue {n['n_storage_hit']}"]
+        if "n_ack_prefetch" in n:
+            extra.append(f"prefetch acks {n['n_ack_prefetch']}")
+        return (f"revoke {self.revoked}, backup acks {n['n_backup']}, release "
+                f"{n['n_release']}; " + ", ".join(extra))
 
     def _hook_progress_0516(self) -> None:
         """0.5.16 .. 0.5.18: `can_terminate_prefetch` agrees MAX [1 - can, terminated]; the
