@@ -118,7 +118,9 @@ def _install_recorders() -> None:
             ranks = kwargs.get("ranks", args[0] if args else None)
             counter[0] += 1
             if g is not None and not isinstance(g, int):
-                _GROUP_NAMES.setdefault(id(g), f"g{counter[0]}_{list(ranks or [])}")
+                # overwrite: a new group may reuse the id of a collected one (a previous
+                # run's controller groups), whose name would then differ across ranks
+                _GROUP_NAMES[id(g)] = f"g{counter[0]}_{list(ranks or [])}"
             return g
         named_new_group._cpcheck = True  # type: ignore[attr-defined]
         dist.new_group = named_new_group
