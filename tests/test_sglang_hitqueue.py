@@ -173,3 +173,25 @@ def test_replay_exit_code_on_0_5_20() -> None:
     _need(V)
     assert main(["replay", str(CORPUS_FILE), "--sut", f"sglang=={V}"]) == 0
     assert main(["replay", str(CORPUS_FILE), "--sut", "sglang==0.5.21"]) == 125
+
+
+def test_a_new_group_is_named_afresh_when_it_reuses_an_id(monkeypatch) -> None:
+    """SGLang builds fresh gloo groups per cache (per run); a new group object can reuse a
+    collected one's id. Its recorded name must be the new one, or ranks whose ids were reused
+    differently log the same collective under different group names (a false divergence)."""
+    import torch.distributed as dist
+
+    from scenarios.sglang import rank
+
+    for kind in ("all_reduce", "barrier", "all_gather_object", "broadcast", "all_gather",
+                 "send", "recv"):
+        monkeypatch.setattr(dist, kind, getattr(dist, kind))  # restored after the test
+    reused = object()
+    monkeypatch.setattr(dist, "new_group", lambda *a, **k: reused)
+    monkeypatch.setattr(rank, "_GROUP_NAMES", {})
+    rank._install_recorders()
+    dist.new_group(ranks=[0, 2])
+    first = rank._GROUP_NAMES[id(reused)]
+    dist.new_group(ranks=[1, 3])
+    assert first.endswith("_[0, 2]")
+    assert rank._GROUP_NAMES[id(reused)].endswith("_[1, 3]")
