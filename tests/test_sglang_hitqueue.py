@@ -195,3 +195,49 @@ def test_a_new_group_is_named_afresh_when_it_reuses_an_id(monkeypatch) -> None:
     dist.new_group(ranks=[1, 3])
     assert first.endswith("_[0, 2]")
     assert rank._GROUP_NAMES[id(reused)].endswith("_[1, 3]")
+
+
+REISSUE = """
+name = "reissue"
+layout = "1x2"
+[cache]
+prefetch_stop_policy = "best_effort"
+write_policy = "write_through_selective"
+[[ops]]
+kind = "add"
+rid = "a"
+shared = 0
+shared_len = 16
+own_len = 0
+prefetch = false
+""" + '[[ops]]\nkind = "step"\n' * 2 + """
+[[ops]]
+kind = "add"
+rid = "b"
+shared = 0
+shared_len = 16
+own_len = 12
+[[ops]]
+kind = "evict_device"
+n = 1000
+""" + '[[ops]]\nkind = "step"\n' * 3
+
+
+@pytest.mark.sglang
+@pytest.mark.timeout(900)
+def test_storage_lookup_reissued_after_device_hit_loss_on_0_5_20(ex, tmp_path) -> None:
+    """0.5.20's scheduler looks storage up again for a request whose match shrank while it
+    waited: b's 16 device tokens (not backed up under write_through_selective) are evicted
+    while it waits, so at admission it re-queries all 7 pages, on every rank alike."""
+    from scenarios.catalog import load_scenario
+    from scenarios.checker import check
+
+    f = tmp_path / "reissue.toml"
+    f.write_text(REISSUE)
+    s = load_scenario(str(f)).with_(sut=f"sglang=={V}")
+    results = ex.run(s, True)
+    v = check(s, results)
+    assert v.ok, v.summary()
+    for r in results:
+        exists = [len(keys) for op, keys, _ok, _s in r["storage"] if op == "exists"]
+        assert exists == [6, 14]  # 3 pages after the device hit, then all 7 (k and v each)
