@@ -134,7 +134,7 @@ class HitQueuePipeline:
             def wrapped(tensor: torch.Tensor, op: Any, _orig: Any = orig) -> Any:
                 before = tensor.flatten().tolist()
                 out = _orig(tensor, op)
-                if self.capture is not None and threading.current_thread() is threading.main_thread():
+                if self.capture is not None:  # only the scheduler thread calls these
                     self.capture.append((before, tensor.flatten().tolist()))
                 return out
             setattr(self.cache, name, wrapped)
