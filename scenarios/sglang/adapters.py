@@ -4,6 +4,7 @@
   in 0.5.13): pass only the fields the release's dataclass has.
 - 0.5.20 reads config from a process-global runtime_context: publish a real ServerArgs there
   (0.5.15.post1 has the module without `publish`: call it only where it exists).
+- 0.5.16 reads "is DP attention on" from the runtime flags, not from the dp_attention module.
 - 0.5.20 takes a handle with `.rid` where earlier releases take a request-id string.
 - match_prefix / insert / evict / init_load_back take *Params objects where the release
   defines them, plain arguments otherwise.
@@ -54,6 +55,35 @@ def server_args(model_dir: str, *, dp_attention: bool, tp: int, **hicache: Any) 
     except ImportError:
         pass
     return args
+
+
+def set_dp_attention(enabled: bool) -> None:
+    """Where SGLang reads whether DP attention is on: a module flag up to 0.5.15.post1, the
+    process-global runtime flags (`get_flags().dp.enabled`, set by `initialize_dp_attention`)
+    from 0.5.16 on. It decides the storage config's tp rank, i.e. the keys CP peers write."""
+    import sglang.srt.layers.dp_attention as dpa
+
+    dpa._ENABLE_DP_ATTENTION_FLAG = bool(enabled)
+    try:
+        from sglang.srt.runtime_context import get_flags
+    except ImportError:
+        return
+    flags = get_flags()
+    if hasattr(getattr(flags, "dp", None), "enabled"):
+        flags.dp.enabled = bool(enabled)
+
+
+def storage_prefetch_retry_max_attempts(args: Any) -> int:
+    """0.5.20 reads it from the published memory namespace; a ServerArgs field before."""
+    v = getattr(args, "hicache_storage_prefetch_retry_max_attempts", None)
+    if v is None:
+        try:
+            from sglang.srt.runtime_context import get_memory
+
+            v = get_memory().hicache_storage_prefetch_retry_max_attempts
+        except (ImportError, AttributeError, ValueError):
+            v = 0
+    return int(v)
 
 
 def _params(cls_name: str, **kwargs: Any) -> Any:

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from scenarios.sglang import adapters
+from scenarios.sglang.hitqueue import HitQueuePipeline, io_busy, uses_hit_queue
 from scenarios.sglang.mooncake import storage_args
 from scenarios.sglang.seams import count_puts
 
@@ -42,6 +43,11 @@ class Driver:
         self.waiting: OrderedDict[str, list[int]] = OrderedDict()
         self.ready: OrderedDict[str, list[int]] = OrderedDict()
         self.cache = None
+        self.pipeline: HitQueuePipeline | None = None
+        #: 0.5.20 re-issues a storage lookup when the match shrank before admission
+        self.reissue_max = 0
+        self.last_match: dict[str, int] = {}
+        self.reissues: dict[str, int] = {}
         if s.cache.mla:
             from scenarios.contract import CannotJudge
 
@@ -96,6 +102,7 @@ class Driver:
             hicache_storage_prefetch_policy=c.prefetch_stop_policy,
             hicache_write_policy=c.write_policy, dp_attention=dp_attention,
             tp=self.s.layout_obj.world_size)
+        adapters.set_dp_attention(dp_attention)  # after publishing the server args
         import sglang.srt.distributed.parallel_state as pstate
 
         params = adapters.cache_init_params(
@@ -108,6 +115,8 @@ class Driver:
             pp_cache_group=getattr(pstate.get_pp_group(), "cpu_group", None))
         os.environ["SGLANG_HICACHE_FILE_BACKEND_STORAGE_DIR"] = self.run.storage_dir
         self.cache = cache = hr.HiRadixCache(params, server_args)
+        if _scheduler_has("_prefetch_after_device_hit_loss"):
+            self.reissue_max = adapters.storage_prefetch_retry_max_attempts(server_args)
         cc = cache.cache_controller
         self.cc = cc
         engine = getattr(cc, "l2_transfer_engine", None)
@@ -127,6 +136,11 @@ class Driver:
             import time
 
             time.sleep(0.005)
+        self._insert_hooks(cache, cc)
+        if uses_hit_queue(cc):  # 0.5.16 .. 0.5.20
+            self.pipeline = HitQueuePipeline(self, cache, cc)
+            self.pipeline.install()
+            return
         count_puts(cc.prefetch_queue, lambda _op: gates.op_in("query"))
         count_puts(cc.prefetch_buffer, lambda _op: (gates.op_out("query"), gates.op_in("get")))
         count_puts(cc.backup_queue, lambda _op: gates.op_in("set"))
@@ -216,6 +230,8 @@ class Driver:
             return out
         cc.terminate_prefetch = terminate_prefetch
 
+    def _insert_hooks(self, cache: Any, cc: Any) -> None:
+        """Hooks every release shares: the prefetch insert, and the timeout on pacer ticks."""
         orig_insert_host = cache._insert_helper_host
 
         def insert_helper_host(node: Any, key: Any, host_value: Any, hash_value: Any) -> Any:
@@ -283,18 +299,43 @@ class Driver:
             raise ValueError(f"duplicate request id {rid}")
         cache = self.cache
         if prefetch and cache.enable_storage:
-            m = adapters.match(cache, tokens)
-            hit = len(m.device_indices) + m.host_hit_length
-            last = m.last_host_node
-            last_hash = adapters.last_hash(last)
-            self._current_rid = rid
-            adapters.prefetch_from_storage(cache, rid, last, tokens[hit:], last_hash)
-            if rid in cache.ongoing_prefetch:
-                # every rank waits here for its hit query (it all-reduces), as the reference does
-                self.gates.settle("query")
+            self.reissues[rid] = 0
+            if self._prefetch(rid, tokens):
                 self.waiting[rid] = list(tokens)
                 return
         self.ready[rid] = list(tokens)
+
+    def _prefetch(self, rid: str, tokens: list[int]) -> bool:
+        """The scheduler's `_prefetch_kvcache`: match, then prefetch what follows the match."""
+        cache = self.cache
+        m = adapters.match(cache, tokens)
+        hit = len(m.device_indices) + m.host_hit_length
+        self.last_match[rid] = hit
+        last = m.last_host_node
+        last_hash = adapters.last_hash(last)
+        self._current_rid = rid
+        adapters.prefetch_from_storage(cache, rid, last, tokens[hit:], last_hash)
+        if rid in cache.ongoing_prefetch:
+            # every rank waits here for its hit query (it all-reduces), as the reference does
+            self.gates.settle("query")
+            return True
+        return False
+
+    def _hit_lost(self, rid: str, tokens: list[int]) -> bool:
+        """0.5.20's `_prefetch_after_device_hit_loss`: at admission, a request whose device +
+        host match shrank since its storage lookup (queue-time eviction) looks up storage
+        again, up to `hicache_storage_prefetch_retry_max_attempts` times, and waits."""
+        if not self.reissue_max or not self.last_match.get(rid):
+            return False
+        m = adapters.match(self.cache, tokens)
+        if len(m.device_indices) + m.host_hit_length >= self.last_match[rid]:
+            return False
+        if self.reissues[rid] >= self.reissue_max:
+            self.last_match[rid] = len(m.device_indices) + m.host_hit_length
+            return False
+        self.reissues[rid] += 1
+        self._prefetch(rid, tokens)
+        return True
 
     def abort(self, rid: str) -> None:
         if rid in self.waiting:
@@ -316,6 +357,9 @@ class Driver:
                 self.ready[rid] = self.waiting.pop(rid)
         while self.ready:
             rid, tokens = self.ready.popitem(last=False)
+            if self._hit_lost(rid, tokens):
+                self.waiting[rid] = tokens  # skipped this pass, as the scheduler does
+                continue
             self._run(rid, tokens)
 
     def _run(self, rid: str, tokens: list[int]) -> None:
@@ -388,10 +432,13 @@ class Driver:
         cache, cc = self.cache, self.cc
         g = self.gates
         io = any(g.ops_in[k] != g.ops_out[k] for k in ("query", "get", "set"))
+        if self.pipeline is not None:
+            io = io or io_busy(self, cc)
         return bool(io or self.waiting or self.ready or cache.ongoing_write_through
                     or cache.ongoing_load_back or cache.ongoing_prefetch
                     or getattr(cache, "ongoing_backup", None)
-                    or cc.prefetch_revoke_queue.qsize() or cc.ack_backup_queue.qsize()
+                    or (hasattr(cc, "prefetch_revoke_queue") and cc.prefetch_revoke_queue.qsize())
+                    or cc.ack_backup_queue.qsize()
                     or cc.host_mem_release_queue.qsize() or cc.ack_write_queue
                     or cc.ack_load_queue)
 
@@ -424,6 +471,19 @@ class Driver:
         import atexit
 
         atexit.unregister(self.cache.shutdown)  # a long-lived worker must not keep every cache
+
+
+def _scheduler_has(name: str) -> bool:
+    """Whether this release's scheduler defines `name` (read, not imported: the scheduler
+    module pulls in the whole server)."""
+    import sglang
+
+    path = os.path.join(os.path.dirname(sglang.__file__), "srt", "managers", "scheduler.py")
+    try:
+        with open(path) as f:
+            return f"def {name}(" in f.read()
+    except OSError:
+        return False
 
 
 def _leading(acks: list) -> Any:

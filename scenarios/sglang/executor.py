@@ -132,18 +132,16 @@ class SglangExecutor:
 
 
 def check_pipeline(version: str) -> None:
-    """The seams map the controller of 0.5.9 .. 0.5.15.post1 (revoke queue; the prefetch
-    thread agrees on hits and revokes). From 0.5.16 a hit queue and per-batch progress acks
-    with a sync thread replace it: not mapped yet, so those releases cannot be judged here."""
+    """The seams map two prefetch pipelines: the revoke queue of 0.5.9 .. 0.5.15.post1 and the
+    hit queue of 0.5.16 .. 0.5.20 (hitqueue.py). A controller with neither cannot be judged."""
     src = envs.release_dir(version) / "sglang" / "srt" / "managers" / "cache_controller.py"
     try:
         text = src.read_text()
     except OSError:
         return
-    if "prefetch_hit_queue" in text or "prefetch_revoke_queue" not in text:
-        raise CannotJudge(f"sglang {version}: its prefetch pipeline (hit queue, per-batch "
-                          "progress acks) is not mapped onto cpcheck's seams yet "
-                          "(driven: 0.5.9 .. 0.5.15.post1)")
+    if "prefetch_hit_queue" not in text and "prefetch_revoke_queue" not in text:
+        raise CannotJudge(f"sglang {version}: its prefetch pipeline (neither a revoke nor a hit "
+                          "queue) is not mapped onto cpcheck's seams (driven: 0.5.9 .. 0.5.20)")
 
 
 def s_dp_attention(s: Any) -> bool:
@@ -151,8 +149,9 @@ def s_dp_attention(s: Any) -> bool:
 
 
 #: what SGLang does not report that the reference does (stated in every verdict)
-NOT_OBSERVED = ("no per-thread decision channels (SGLang's prefetch-thread agreements are "
-                "seen as collectives only)", "no store-side copy count (the file backend is "
+NOT_OBSERVED = ("no prefetch-thread decision channel (SGLang's storage hit agreements are "
+                "seen as collectives only; from 0.5.19 the per-batch progress agreements are "
+                "logged, channel prefetch_sync)", "no store-side copy count (the file backend is "
                 "read back through the keys each rank wrote)")
 
 
