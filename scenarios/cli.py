@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_soak_arguments(soak)
     from scenarios.sglang.cli import add_subcommands
 
-    add_subcommands(sub, _add_common)
+    add_subcommands(sub, _add_common, **sub_kw)
     return ap
 
 

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import argparse
 import platform
+import re
 
 import pytest
 import torch
@@ -48,3 +50,25 @@ def test_help_shows_defaults(capsys: pytest.CaptureFixture[str], cmd: str) -> No
         assert "(default: 0)" in text  # --seed 0 is a real default although 0 == False
     if cmd == "soak":  # --seed has no fixed default there (a fresh random one): help says so
         assert "default: a fresh random seed" in " ".join(text.split())
+
+
+def _subcommands() -> list[str]:
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return sorted(sub.choices)
+
+
+@pytest.mark.parametrize("cmd", _subcommands())
+def test_every_subcommand_shows_its_defaults(capsys: pytest.CaptureFixture[str], cmd: str) -> None:
+    """The SGLang subcommands too (they were added without the help formatter once): every
+    option with a real default names it."""
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    parser = sub.choices[cmd]
+    body = " " + _help(capsys, cmd).split(" options: ", 1)[1]
+    for action in parser._actions:
+        d = action.default
+        if not action.option_strings or d in (None, False, "", argparse.SUPPRESS) or \
+                action.dest == "help":
+            continue
+        opt = action.option_strings[-1]
+        entry = re.split(r" --?[a-z]", body.split(f" {opt}", 1)[1], maxsplit=1)[0]
+        assert "default" in entry, f"{cmd} {opt}: default {d!r} not shown in {entry!r}"

@@ -128,20 +128,25 @@ def cmd_envs(args: argparse.Namespace) -> int:
     return envs.main(args.release)
 
 
-def add_subcommands(sub: Any, common: Callable[[argparse.ArgumentParser], None]) -> None:
+def add_subcommands(sub: Any, common: Callable[[argparse.ArgumentParser], None],
+                    **sub_kw: Any) -> None:
+    """The SGLang subcommands, with the same help conventions (`sub_kw`) as the others."""
     b = sub.add_parser("bisect-releases", help="replay FILE on each SGLang release 0.5.9 .. "
-                       "0.5.20 and name the first whose verdict changes")
+                       "0.5.20 and name the first whose verdict changes", **sub_kw)
     b.add_argument("file")
     b.add_argument("--release", action="append", help="repeatable (default: every release)")
     common(b)
-    e = sub.add_parser("sglang-envs", help="build and cache the per-release environments")
+    e = sub.add_parser("sglang-envs", help="build and cache the per-release environments",
+                       **sub_kw)
     e.add_argument("release", nargs="*")
     d = sub.add_parser("diff", help="one Schedule on the reference profile of a release and "
-                       "on that release: the first scheduler decision where they differ")
+                       "on that release: the first scheduler decision where they differ",
+                       **sub_kw)
     from scenarios.sglang.differential import add_diff_arguments
 
     add_diff_arguments(d)
-    m = sub.add_parser("matrix", help="release x dp-attention x layout: agree / diverge")
+    m = sub.add_parser("matrix", help="release x dp-attention x layout: agree / diverge",
+                       **sub_kw)
     from scenarios.sglang.matrix import add_matrix_arguments
 
     add_matrix_arguments(m)
