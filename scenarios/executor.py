@@ -17,7 +17,6 @@ from scenarios.schedule import Schedule
 
 MODES = ("inprocess", "torchrun")
 #: where ranks run: "auto" is CUDA where present (see Executor.resolved_device)
-DEVICES = ("auto", "cpu", "cuda")
 
 
 class Executor:

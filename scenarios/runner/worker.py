@@ -35,6 +35,8 @@ if TYPE_CHECKING:
 
 __all__ = ["Diagnosis", "RankContext", "RankGroups", "RankStatus", "main"]
 
+#: where a rank runs; `cpcheck --device` and the pool take the same choices
+DEVICES = ("auto", "cpu", "cuda")
 ENV_ADDRESS = "CPCHECK_POOL_ADDRESS"
 ENV_AUTHKEY = "CPCHECK_POOL_AUTHKEY"
 
@@ -348,7 +350,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m scenarios.runner.worker")
     p.add_argument("--pool-id", required=True, help="controller's pool id (for pgrep and logs)")
     p.add_argument("--layout", required=True)
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--device", choices=DEVICES, default="auto")
     p.add_argument("--collective-timeout-s", type=float, default=120.0)
     return p.parse_args(argv)
 

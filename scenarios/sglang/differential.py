@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from reference.api import DP_ATTENTION_CHOICES
 from scenarios.contract import ExitCode
 from scenarios.releases import profile_for
 
@@ -88,5 +89,6 @@ def add_diff_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--protocol", default=None, help="reference profile (default: the one "
                    "modelling the release)")
     p.add_argument("--layout")
-    p.add_argument("--dp-attention", choices=["on", "off"], default=None)
+    p.add_argument("--dp-attention", choices=DP_ATTENTION_CHOICES, default=None,
+                   help="default: the scenario's")
     p.add_argument("--timeout", type=float, default=20.0)

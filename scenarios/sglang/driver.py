@@ -26,7 +26,7 @@ import torch
 from scenarios.sglang import adapters
 from scenarios.sglang.hitqueue import HitQueuePipeline, io_busy, uses_hit_queue
 from scenarios.sglang.mooncake import storage_args
-from scenarios.sglang.seams import count_puts
+from scenarios.sglang.seams import count_puts, leading_done, record_terminated
 
 
 class Driver:
@@ -172,7 +172,7 @@ class Driver:
             if write_back:
                 return orig_writing(write_back=True)
             self.pacer.events("writing_check", "write")
-            local = sum(1 for _ in _leading(cc.ack_write_queue))
+            local = sum(1 for _ in leading_done(cc.ack_write_queue))
             before = len(cc.ack_write_queue)
             out = orig_writing()
             agreed = before - len(cc.ack_write_queue)
@@ -181,7 +181,7 @@ class Driver:
 
         def loading_check() -> Any:
             self.pacer.events("loading_check", "load")
-            local = sum(1 for _ in _leading(cc.ack_load_queue))
+            local = sum(1 for _ in leading_done(cc.ack_load_queue))
             before = len(cc.ack_load_queue)
             out = orig_loading()
             agreed = before - len(cc.ack_load_queue)
@@ -222,13 +222,7 @@ class Driver:
             return out
         cache.can_terminate_prefetch = can_terminate_prefetch
 
-        orig_terminate = cc.terminate_prefetch
-
-        def terminate_prefetch(operation: Any) -> Any:
-            out = orig_terminate(operation)
-            self._last_completed = out[0]
-            return out
-        cc.terminate_prefetch = terminate_prefetch
+        record_terminated(cc, self)
 
     def _insert_hooks(self, cache: Any, cc: Any) -> None:
         """Hooks every release shares: the prefetch insert, and the timeout on pacer ticks."""
@@ -484,13 +478,6 @@ def _scheduler_has(name: str) -> bool:
             return f"def {name}(" in f.read()
     except OSError:
         return False
-
-
-def _leading(acks: list) -> Any:
-    for ack in acks:
-        if not ack[1].query():
-            return
-        yield ack
 
 
 def _outcome(rid: str, status: str, device_hit: int = 0, host_hit: int = 0, computed: int = 0,

@@ -41,7 +41,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from scenarios.sglang.seams import GateTimeout, count_puts
+from scenarios.sglang.seams import GateTimeout, count_puts, leading_done, record_terminated
 
 #: `_drain_storage_control_queues_impl` parameter -> the controller queue it drains
 QUEUE_OF = {"n_revoke": "prefetch_revoke_queue", "n_storage_hit": "prefetch_hit_queue",
@@ -185,7 +185,6 @@ class HitQueuePipeline:
 
     # -- decision points -----------------------------------------------------------------------
     def _hook_decisions(self) -> None:
-        from scenarios.sglang.driver import _leading
 
         cache, cc, d, p = self.cache, self.cc, self.d, self.pacer
         orig_writing, orig_loading = cache.writing_check, cache.loading_check
@@ -196,7 +195,7 @@ class HitQueuePipeline:
                 return orig_writing(write_back=True)
             if finish_count is None:
                 p.events("writing_check", "write")
-                local = sum(1 for _ in _leading(cc.ack_write_queue))
+                local = sum(1 for _ in leading_done(cc.ack_write_queue))
             else:
                 local = self.local["write"]
             before = len(cc.ack_write_queue)
@@ -209,7 +208,7 @@ class HitQueuePipeline:
         def loading_check(finish_count: int | None = None) -> Any:
             if finish_count is None:
                 p.events("loading_check", "load")
-                local = sum(1 for _ in _leading(cc.ack_load_queue))
+                local = sum(1 for _ in leading_done(cc.ack_load_queue))
             else:
                 local = self.local["load"]
             before = len(cc.ack_load_queue)
@@ -228,8 +227,8 @@ class HitQueuePipeline:
                 p.events("writing_check", "write")
                 p.events("loading_check", "load")
                 self._before_reads()
-                self.local["write"] = sum(1 for _ in _leading(cc.ack_write_queue))
-                self.local["load"] = sum(1 for _ in _leading(cc.ack_load_queue))
+                self.local["write"] = sum(1 for _ in leading_done(cc.ack_write_queue))
+                self.local["load"] = sum(1 for _ in leading_done(cc.ack_load_queue))
                 self.local["queues"] = self._queue_sizes()
                 return orig_sync()
             cache._sync_hicache_ready_counts = sync_hicache_ready_counts
@@ -304,13 +303,7 @@ class HitQueuePipeline:
             return out
         cache.can_terminate_prefetch = can_terminate_prefetch
 
-        orig_terminate = cc.terminate_prefetch
-
-        def terminate_prefetch(operation: Any) -> Any:
-            out = orig_terminate(operation)
-            d._last_completed = out[0]
-            return out
-        cc.terminate_prefetch = terminate_prefetch
+        record_terminated(cc, d)
 
     def _hook_progress_0519(self) -> None:
         """0.5.19+: `check_prefetch_progress` agrees one MAX of `stop = terminated or

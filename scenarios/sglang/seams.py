@@ -287,3 +287,24 @@ class SglangPacer:
             n += 1
         self.gates.settle(stream)
         self.trace.append((point, stream, n))
+
+
+def leading_done(acks: list) -> Any:
+    """The acks at the head of an ack queue whose events have fired, in order: what a rank can
+    pop now (SGLang pops from the front and stops at the first unfinished one)."""
+    for ack in acks:
+        if not ack[1].query():
+            return
+        yield ack
+
+
+def record_terminated(cc: Any, driver: Any) -> None:
+    """Wrap `cc.terminate_prefetch` so that the driver knows the completed token count SGLang
+    returns when a prefetch is terminated (its outcome is logged from it)."""
+    orig = cc.terminate_prefetch
+
+    def terminate_prefetch(operation: Any) -> Any:
+        out = orig(operation)
+        driver._last_completed = out[0]
+        return out
+    cc.terminate_prefetch = terminate_prefetch
