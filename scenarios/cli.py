@@ -39,9 +39,10 @@ from scenarios.contract import (
     epilog,
     stop_requested,
 )
-from scenarios.executor import DEVICES, MODES
+from scenarios.executor import MODES
 from scenarios.mooncake_session import mooncake_for
 from scenarios.protocol_args import add_protocol_arguments, protocol_changes
+from scenarios.runner.worker import DEVICES
 
 # Mooncake's clients log ~70 INFO lines per run to stderr; read once, at its import
 os.environ.setdefault("MC_LOG_LEVEL", "WARNING")

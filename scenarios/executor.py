@@ -16,7 +16,6 @@ from scenarios.contract import stop_requested
 from scenarios.schedule import Schedule
 
 MODES = ("inprocess", "torchrun")
-#: where ranks run: "auto" is CUDA where present (see Executor.resolved_device)
 
 
 class Executor:

@@ -25,9 +25,10 @@ from scenarios.cli_conventions import (
 )
 from scenarios.contract import STATUS_EXIT, ExitCode, UsageError, stop_requested
 from scenarios.coverage import Coverage
-from scenarios.executor import DEVICES, MODES
+from scenarios.executor import MODES
 from scenarios.protocol_args import add_protocol_arguments, protocol_changes
 from scenarios.records import RankResult
+from scenarios.runner.worker import DEVICES
 from scenarios.schedule import CachePolicy, Op, Schedule, tokens_for
 from scenarios.workload import soak_chunk
 

@@ -20,7 +20,8 @@ from reference.api import (
 )
 from scenarios.cli import build_parser
 from scenarios.contract import ExitCode
-from scenarios.executor import DEVICES, MODES
+from scenarios.executor import MODES
+from scenarios.runner.worker import DEVICES
 from scenarios.schedule import CachePolicy, Schedule
 from scenarios.workload import INTENTS
 

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Diagnosis", "RankContext", "RankGroups", "RankStatus", "main"]
 
-#: where a rank runs; `cpcheck --device` and the pool take the same choices
+#: where a rank runs ("auto" is CUDA where present); `cpcheck --device` and the pool take these
 DEVICES = ("auto", "cpu", "cuda")
 ENV_ADDRESS = "CPCHECK_POOL_ADDRESS"
 ENV_AUTHKEY = "CPCHECK_POOL_AUTHKEY"
