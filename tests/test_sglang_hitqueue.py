@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from scenarios.releases import profile_for
+from tests.sglang_envs import need, started
 
 ROOT = Path(__file__).parent.parent
 CORPUS_FILE = ROOT / "scenarios" / "corpus" / "sglang" / \
@@ -52,22 +53,10 @@ def test_oracle_judges_the_one_value_termination_of_0_5_19() -> None:
     assert wrong_op and wrong_op[0][0] == "reduce"
 
 
-def _need(version: str) -> None:
-    from scenarios.sglang import envs
-
-    m = envs.load_manifest(version)
-    if m is None or not m.ok or not envs.release_dir(version).is_dir():
-        pytest.skip(f"sglang env not built here: python -m scenarios.sglang.envs {version}")
-
-
 @pytest.fixture(scope="module")
 def ex():
-    from scenarios.sglang.executor import SglangExecutor
-
-    _need(V)
-    e = SglangExecutor(V, timeout_s=20, build=False)
-    yield e
-    e.close()
+    for exs in started(V):  # one executor, closed after the module
+        yield exs[V]
 
 
 @pytest.mark.sglang
@@ -171,7 +160,7 @@ def test_replay_exit_code_on_0_5_20() -> None:
     """0.5.20 is judged (0) where it used to answer "cannot run here"; 0.5.21 still does."""
     from scenarios.cli import main
 
-    _need(V)
+    need(V)
     assert main(["replay", str(CORPUS_FILE), "--sut", f"sglang=={V}"]) == 0
     assert main(["replay", str(CORPUS_FILE), "--sut", "sglang==0.5.21"]) == 125
 

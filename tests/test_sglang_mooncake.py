@@ -16,12 +16,12 @@ from types import SimpleNamespace
 import pytest
 
 from scenarios.checker import check, check_pages
-from scenarios.sglang import envs, mooncake
+from scenarios.sglang import mooncake
+from tests.sglang_envs import POST, PRE, need, started
 
 pytestmark = pytest.mark.mooncake
 
 CORPUS = sorted((Path(__file__).parent.parent / "scenarios" / "corpus" / "sglang").glob("*.json"))
-PRE, POST = "0.5.10.post1", "0.5.11"
 #: SGLang's MHA naming with the run's tag: {tag}_{page hash}_{tp rank}_{k|v}
 KEY = re.compile(r"^cpcheck(r[0-9a-f]{10})_([0-9a-f]{64})_(\d+)_([kv])$")
 
@@ -128,21 +128,13 @@ def _need(*versions: str) -> None:
     ok, why = mooncake_available()
     if not ok:
         pytest.skip(why)
-    missing = [v for v in versions
-               if not ((m := envs.load_manifest(v)) and m.ok and envs.release_dir(v).is_dir())]
-    if missing:
-        pytest.skip(f"sglang env not built here: python -m scenarios.sglang.envs {' '.join(missing)}")
+    need(*versions)
 
 
 @pytest.fixture(scope="module")
 def executors():
-    from scenarios.sglang.executor import SglangExecutor
-
     _need(PRE, POST)
-    exs = {v: SglangExecutor(v, timeout_s=20, build=False) for v in (PRE, POST)}
-    yield exs
-    for ex in exs.values():
-        ex.close()
+    yield from started(PRE, POST)
 
 
 def _write_acks(layout: str = "1x2"):

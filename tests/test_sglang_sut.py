@@ -18,9 +18,9 @@ import torch
 from scenarios.contract import CannotJudge, UsageError
 from scenarios.sglang import envs, shim
 from scenarios.sglang.seams import GatedDevice, IoGates
+from tests.sglang_envs import POST, PRE, need, started
 
 CORPUS = sorted((Path(__file__).parent.parent / "scenarios" / "corpus" / "sglang").glob("*.json"))
-PRE, POST = "0.5.10.post1", "0.5.11"
 
 
 def test_kvcacheio_direct_copies_roundtrip() -> None:
@@ -103,26 +103,9 @@ def test_release_numbers_and_range() -> None:
     assert not envs.in_range("0.5.21")
 
 
-def _built(version: str) -> bool:
-    m = envs.load_manifest(version)
-    return m is not None and m.ok and envs.release_dir(version).is_dir()
-
-
-def _need(*versions: str) -> None:
-    missing = [v for v in versions if not _built(v)]
-    if missing:
-        pytest.skip(f"sglang env not built here: python -m scenarios.sglang.envs {' '.join(missing)}")
-
-
 @pytest.fixture(scope="module")
 def executors():
-    from scenarios.sglang.executor import SglangExecutor
-
-    _need(PRE, POST)
-    exs = {v: SglangExecutor(v, timeout_s=20, build=False) for v in (PRE, POST)}
-    yield exs
-    for ex in exs.values():
-        ex.close()
+    yield from started(PRE, POST)
 
 
 @pytest.mark.sglang
@@ -166,7 +149,7 @@ def test_write_acks_split_cp_peers_before_the_fix_only(executors) -> None:
 def test_replay_exit_codes(capsys) -> None:
     from scenarios.cli import main
 
-    _need(PRE, POST)
+    need(PRE, POST)
     f = str(CORPUS[0])
     assert main(["replay", f, "--sut", f"sglang=={POST}"]) == 0
     assert main(["replay", f, "--sut", f"sglang=={PRE}"]) == 1

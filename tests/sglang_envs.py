@@ -1,0 +1,39 @@
+"""Shared by the `sglang`-marked tests: which release environments are built here, and
+executors (long-lived pools) for them. A missing environment skips with the command that
+builds it; it is never counted as a pass."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from scenarios.sglang import envs
+
+#: the last release before PR #20460 and the first after it (what CI builds, with 0.5.20)
+PRE, POST = "0.5.10.post1", "0.5.11"
+
+
+def built(version: str) -> bool:
+    m = envs.load_manifest(version)
+    return m is not None and m.ok and envs.release_dir(version).is_dir()
+
+
+def need(*versions: str) -> None:
+    missing = [v for v in versions if not built(v)]
+    if missing:
+        pytest.skip(f"sglang env not built here: python -m scenarios.sglang.envs {' '.join(missing)}")
+
+
+def started(*versions: str) -> Iterator[dict[str, Any]]:
+    """For a module fixture: one executor per release, closed (pools and masters) after."""
+    from scenarios.sglang.executor import SglangExecutor
+
+    need(*versions)
+    exs = {v: SglangExecutor(v, timeout_s=20, build=False) for v in versions}
+    try:
+        yield exs
+    finally:
+        for ex in exs.values():
+            ex.close()
