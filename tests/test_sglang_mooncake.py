@@ -75,11 +75,12 @@ def test_read_back_keeps_only_what_the_master_holds_and_checks_its_bytes(fresh_m
         mooncake.close_clients()
 
 
-def _result(rank: int, storage: list, stored: list) -> dict:
-    return {"rank": rank, "coords": [0, 0, 0], "decisions": {}, "digests": [], "collectives": {},
-            "collective_order": {}, "pending_collectives": {}, "storage": storage,
-            "stored": stored, "outcomes": [], "snapshot": {}, "error": None, "ops_done": 0,
-            "waiting_on": {}, "wall_s": 0.0}
+def _result(rank: int, storage: list, stored: list):  # noqa: ANN202
+    """A rank result holding only what the page invariant reads (as the SGLang rank builds it)."""
+    from scenarios.records import RankResult, StorageCall
+
+    return RankResult(rank=rank, stored=tuple(stored), storage=tuple(
+        StorageCall(op, tuple(k), tuple(ok), tuple(c)) for op, k, ok, c in storage))
 
 
 def test_storage_args_configure_sglangs_store_as_a_user_would() -> None:
