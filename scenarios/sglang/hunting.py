@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from scenarios.contract import ExitCode, UsageError
+from scenarios.judge import infrastructure
 from scenarios.sglang.executor import SglangExecutor, parse_sut
 
 
@@ -48,12 +49,6 @@ def judge(s: Any, *, timeout: float = 20.0, mooncake_master: str = "") -> tuple[
     return (int(ExitCode.AGREE) if v.ok else int(ExitCode.DIVERGE)), v
 
 
-def infrastructure(results: list) -> str | None:
-    from scenarios.judge import infrastructure as broke
-
-    return broke(results)
-
-
 def confirm(ex: Any, s: Any, dp: bool, n: int) -> tuple[int, Any]:
     """Replay `s` n times on the same pool: (how many runs diverged, the first diverging
     verdict, else the last one). A divergence that never recurs is flaky, not a finding."""
@@ -68,8 +63,9 @@ def confirm(ex: Any, s: Any, dp: bool, n: int) -> tuple[int, Any]:
         except RankPoolError as e:  # the pool broke, not the Schedule: not counted either way
             _log(f"replay not judged (pool): {type(e).__name__}: {e}")
             continue
-        if infrastructure(results):  # the machine broke the run (e.g. no free host memory)
-            _log(f"replay not judged: {infrastructure(results)}")
+        broke = infrastructure(results)
+        if broke:  # the machine broke the run (e.g. no free host memory)
+            _log(f"replay not judged: {broke}")
             continue
         v = annotate(check(s, results), dp, s.backend)
         last = v

@@ -62,9 +62,10 @@ def run_corpus(ex: Any, version: str, dp: bool, layout: str, replays: int,
     """Each corpus Schedule of this layout once; a divergence is replayed `replays` times and,
     if it reproduced, written to `replay_dir` with this release and DP setting."""
     from scenarios.checker import check
+    from scenarios.judge import infrastructure
     from scenarios.runner import RankPoolError
     from scenarios.sglang.executor import annotate
-    from scenarios.sglang.hunting import confirm, infrastructure
+    from scenarios.sglang.hunting import confirm
 
     rows = []
     for name, s in corpus_for(layout):
@@ -75,8 +76,9 @@ def run_corpus(ex: Any, version: str, dp: bool, layout: str, replays: int,
             rows.append({"file": name, "verdict": "error",
                          "error": f"{type(e).__name__}: {str(e)[:1500]}"})
             continue
-        if infrastructure(results):
-            rows.append({"file": name, "verdict": "error", "error": infrastructure(results)})
+        broke = infrastructure(results)
+        if broke:
+            rows.append({"file": name, "verdict": "error", "error": broke})
             continue
         v = annotate(check(s, results), dp, s.backend)
         row: dict = {"file": name, "verdict": "agree" if v.ok else "diverge"}

@@ -306,8 +306,9 @@ def run_schedule(ctx: Any, payload: dict) -> RankResult:
     except Exception as e:
         # its kind from the exception's type (scenarios/records.py); SGLang's host pool
         # refusing to allocate is a plain ValueError, recognised here once, at the boundary
-        error = RankError.of(e, ErrorKind.INFRASTRUCTURE if _machine_broke(e) else None,
-                             "building SGLang's host pool" if _machine_broke(e) else "")
+        machine = _machine_broke(e)
+        error = RankError.of(e, ErrorKind.INFRASTRUCTURE if machine else None,
+                             "building SGLang's host pool" if machine else "")
         snapshot = {"traceback": error.traceback}
         if not in_sync:  # tell the peers at their next sync (not after a broken sync itself)
             gates.release_all()
