@@ -142,10 +142,17 @@ def execute(s: Schedule, env: RunEnv, collectives: Any, nemesis: Any = None) -> 
             # would let one rank race ahead and make shared-storage runs timing-dependent
             any_rank(0)
         pacer.drain = True
-        for _ in range(MAX_DRAIN_STEPS):
+        # gated: MAX_DRAIN_STEPS steps, as the Schedule fixes; free-running: also until the
+        # agreement timeout, since real IO (a backup across a Mooncake master restart) may
+        # outlast 400 short steps. "Go on" is a MAX over ranks, so every rank leaves together.
+        deadline = time.monotonic() + env.agree_timeout_s
+        step = 0
+        while True:
             sched.step()
-            if not any_rank(int(sched.busy())):
+            over = step >= MAX_DRAIN_STEPS - 1 and (env.gated or time.monotonic() > deadline)
+            if not any_rank(int(sched.busy() and not over)):
                 break
+            step += 1
             if not env.gated:
                 time.sleep(0.002)
         snapshot = sched.snapshot()
