@@ -96,7 +96,9 @@ class Nemesis:
         self._seen_windows: set[int] = set()
         self._actuator: _ProcessActuator | None = None
         self.torchrun = False
-        self._run_s = 0.5  # running mean of run durations: where plan windows fall
+        # running mean of faulted run durations: where plan windows fall (None until one ran:
+        # a first guess far above real run lengths puts most windows after the run has ended)
+        self._run_s: float | None = None
 
     @classmethod
     def parse(cls, spec: str | None, seed: int = 0,
@@ -138,7 +140,7 @@ class Nemesis:
         """Draw this run's fault plan; windows fall inside the first `expected_s` seconds
         (default: the mean length of recent runs, so they land inside runs of any speed)."""
         if expected_s is None:
-            expected_s = min(max(self._run_s, 0.05), 2.0)
+            expected_s = min(max(self._run_s or 0.5, 0.05), 2.0)
         rng = self._rng
         plan: list[Window] = []
         now = time.monotonic()
@@ -187,7 +189,8 @@ class Nemesis:
         with self._lock:
             self.plan = []
         run_s = time.monotonic() - self._t0
-        self._run_s = 0.8 * self._run_s + 0.2 * min(run_s, 5.0)
+        run_s = min(run_s, 5.0)
+        self._run_s = run_s if self._run_s is None else 0.8 * self._run_s + 0.2 * run_s
 
     def explain(self) -> str | None:
         """Why the last run broke, when it was our doing (a rank we killed); else None."""

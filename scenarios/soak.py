@@ -240,7 +240,11 @@ def _loop(args: argparse.Namespace, ex: Any, nem: Any, seed: int, layout: str, w
             "decisions": decisions, "seconds": round(elapsed, 2),
             "decisions_per_s": round(decisions / elapsed, 1) if elapsed else 0.0,
             "runs_per_s": round(runs / elapsed, 2) if elapsed else 0.0,
-            "faults": nem.counts() if nem else {}, "status": verdict.status,
+            "faults": nem.counts() if nem else {},
+            # asked for but never landed in a run: the soak did not test what its flags say
+            "faults_never_fired": sorted(k for k, n in (nem.counts() if nem else {}).items()
+                                         if n == 0),
+            "status": verdict.status,
             "verdict": verdict.to_dict(), "seconds_to_divergence": first_s,
             "confirmed_by_replay": verdict.stats.get("confirmed_by_replay"),
             "interrupted": interrupted, "unknown_runs": unknown,
@@ -275,14 +279,15 @@ def _loop(args: argparse.Namespace, ex: Any, nem: Any, seed: int, layout: str, w
             protocol.update(protocol=s.protocol, dp_attention=s.dp_attention)
             before = nem.total() if nem else 0
             faults_before = dict(nem.counts()) if nem else {}
-            if nem:
-                nem.begin_run(world)
+            faulted = nem if nem and not gated else None  # a gated chunk's timing is scripted
+            if faulted:
+                faulted.begin_run(world)
             rt0 = time.monotonic()
             try:
-                results, v = run_checked(ex, s, gated=gated, nemesis=None if gated else nem)
+                results, v = run_checked(ex, s, gated=gated, nemesis=faulted)
             finally:
-                if nem:
-                    nem.end_run()
+                if faulted:
+                    faulted.end_run()
             run_s = time.monotonic() - rt0
             runs += 1
             n_dec = int(v.stats.get("decisions", 0))
@@ -300,7 +305,7 @@ def _loop(args: argparse.Namespace, ex: Any, nem: Any, seed: int, layout: str, w
             progress.update(elapsed, runs, decisions, nem.total() if nem else 0)
             if v.status != "agree":
                 broke = _infrastructure(args, nem, mm)
-                killed = nem.explain() if nem else None
+                killed = faulted.explain() if faulted else None
                 if killed and not broke:  # the kill_rank the user asked for: record, go on
                     unknown.append({"run": runs, "t": round(elapsed, 3),
                                     "diagnosis": f"{killed} (kill_rank): the run is not judged",
@@ -368,6 +373,9 @@ def _print_verdict(args: argparse.Namespace, rep: dict, verdict: Any, replay_pat
           f"seed={rep['seed']}: {rep['runs']} runs, {rep['decisions']} decisions "
           f"in {rep['seconds']:.1f} s ({rep['decisions_per_s']:.0f}/s); faults {faults or 'none'}"
           f"{'; INTERRUPTED' if rep['interrupted'] else ''}", file=o)
+    if rep["faults_never_fired"]:
+        print(f"warning: fault(s) asked for but never fired: {', '.join(rep['faults_never_fired'])} "
+              "(runs too short or too few for their windows: soak longer)", file=o)
     if rep["unknown_runs"]:
         print(f"{len(rep['unknown_runs'])} run(s) broken by an injected kill were not judged "
               f"(unknown): {rep['unknown_runs'][0]['diagnosis']}", file=o)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -28,7 +29,7 @@ def test_fixed_soak_agrees_and_writes_report(tmp_path: Path) -> None:
 @pytest.mark.parametrize("kind", ["slow_rank", "storage_latency", "storage_errors"])
 def test_fault_kind_is_injected_and_run_ends_cleanly(tmp_path: Path, kind: str) -> None:
     rc, rep = _soak(tmp_path, "--faults", kind)
-    assert rep["faults"][kind] > 0
+    assert rep["faults"][kind] > 0 and rep["faults_never_fired"] == []
     assert rc == 0, rep["verdict"]
 
 
@@ -63,6 +64,34 @@ def test_kill_rank_raises_in_io_thread() -> None:
         nem.io_delay(victim, "write")
     nem.io_delay(1 - victim, "write")  # the other rank is untouched
     nem.end_run()
+
+
+def test_windows_follow_the_length_of_the_runs_seen() -> None:
+    """Windows are placed inside the expected run length; the first run measured replaces the
+    0.5 s guess outright (a slow average left most windows after 70 ms runs had ended)."""
+    nem = Nemesis.parse("storage_latency", seed=0)
+    nem.rate = 1.0
+    assert max(w.start_s for w in nem.begin_run(2)) <= 0.25
+    time.sleep(0.01)
+    nem.end_run()
+    starts = []
+    for _ in range(20):
+        starts += [w.start_s for w in nem.begin_run(2)]
+        nem.end_run()  # immediate: runs stay short
+    assert starts and max(starts) <= 0.05 * 0.5
+
+
+def test_a_fault_that_never_fires_is_reported(tmp_path: Path, monkeypatch) -> None:
+    begin = Nemesis.begin_run
+
+    def never(self: Nemesis, *a, **k) -> list:  # noqa: ANN002, ANN003
+        self.rate = 0.0  # every plan is empty: nothing can fire
+        return begin(self, *a, **k)
+
+    monkeypatch.setattr(Nemesis, "begin_run", never)
+    rc, rep = _soak(tmp_path, "--faults", "slow_rank", minutes="0.02")
+    assert rc == 0 and rep["faults"] == {"slow_rank": 0}
+    assert rep["faults_never_fired"] == ["slow_rank"]
 
 
 def test_parse_rejects_unknown_kind() -> None:
