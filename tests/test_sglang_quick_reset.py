@@ -46,6 +46,9 @@ def _schedules(n: int, version: str) -> list:
     return got[:n]
 
 
+#: fresh idle-reset pools a Schedule gets when its verdict differed from the quick reset's
+IDLE_RERUNS = 3
+
 KEYS = ("coords", "decisions", "digests", "outcomes", "collectives", "stored", "error", "storage",
         "collective_order")
 
@@ -74,8 +77,10 @@ def _logs(version: str, scheds: list, idle: bool) -> list[list[dict]]:
 @pytest.mark.parametrize("version", RELEASES)
 def test_quick_reset_keeps_every_log_and_drops_the_idle_second(version: str) -> None:
     """Budget: 12 generated 1x2 Schedules (DP attention), run with the quick reset and with
-    SGLang's own: every Schedule gets the same verdict, and only the quick reset drops the idle
-    second. Exact per-rank logs are not compared: they differed between fresh pools for one of
+    SGLang's own: every Schedule gets the same verdict (a Schedule whose verdicts differ is rerun:
+    the quick reset must repeat its verdict and SGLang's own reset must reach it in one of
+    `IDLE_RERUNS` more runs; on 0.5.10.post1 one Schedule of 12 diverged under SGLang's reset only,
+    once in CI), and only the quick reset drops the idle second. Exact per-rank logs are not compared: they differed between fresh pools for one of
     12 Schedules in some runs (0.5.10.post1 quick vs idle, 2 of 7 runs; 0.5.13 quick vs quick,
     1 of 2), a timing dependence of the SGLang SUT that is reported, not fixed (see above)."""
     from scenarios.checker import check
@@ -100,8 +105,19 @@ def test_quick_reset_keeps_every_log_and_drops_the_idle_second(version: str) -> 
                       for r, row in enumerate(rows)])
         return v.ok, v.invariant
 
-    for i, s in enumerate(scheds):
-        assert verdict(s, quick[i]) == verdict(s, idle[i]), f"Schedule {i}: verdicts differ"
+    differ = [i for i, s in enumerate(scheds) if verdict(s, quick[i]) != verdict(s, idle[i])]
+    if differ:  # SGLang's own reset leaves two aux threads on one buffer: which takes an op is
+        # timing, and a pre-fix release's verdict depends on that order. Rerun those Schedules
+        # (fresh pools): the quick reset must repeat its own verdict, and SGLang's reset must
+        # give that verdict too in some run. A quick reset that changed decisions fails both ways.
+        again = [scheds[i] for i in differ]
+        quick2 = _logs(version, again, idle=False)
+        idle_runs = [_logs(version, again, idle=True) for _ in range(IDLE_RERUNS)]
+        for j, i in enumerate(differ):
+            s, want = scheds[i], verdict(scheds[i], quick[i])
+            assert verdict(s, quick2[j]) == want, f"Schedule {i}: the quick reset's verdict moved"
+            seen = {verdict(s, idle[i])} | {verdict(s, run[j]) for run in idle_runs}
+            assert want in seen, f"Schedule {i}: SGLang's reset gave {seen}, the quick one {want}"
     build_quick = max(r["build_s"] for a in quick for r in a)
     build_idle = min(r["build_s"] for b in idle for r in b)
     assert build_idle > 0.9 > 0.5 > build_quick, (build_idle, build_quick)
