@@ -130,6 +130,17 @@ class HostKVPool:
         #: the same memory in words: what the device copies move
         self.words = _as_words(self.buffer)
         self._part_bytes = self.buffer[0, 0].numel() * self.buffer.element_size()
+        self._mapped: dict[torch.device, torch.Tensor | None] = {}
+
+    def mapped_words(self, device: torch.device) -> torch.Tensor | None:
+        """`words` as a tensor on `device` over the same pinned bytes (CUDA unified addressing),
+        so that one kernel writes pages straight into host memory, as SGLang's transfer kernels
+        do; None where the pool is not pinned or the view cannot be made (the copies then stage
+        on the device and DMA). Made once per device; the pool owns the memory it points at."""
+        if device not in self._mapped:
+            self._mapped[device] = _mapped_view(self.words, device) if (
+                device.type == "cuda" and self.buffer.is_pinned()) else None
+        return self._mapped[device]
 
     def get_page_buffer_meta(self, host_indices: torch.Tensor) -> tuple[list[int], list[int]]:
         """SGLang's name: (addresses, byte sizes) of every part of every page of
@@ -187,6 +198,28 @@ def _as_words(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+class _CudaArray:
+    """The CUDA array interface of a pinned host tensor: how torch is told to see it on a GPU."""
+
+    def __init__(self, t: torch.Tensor) -> None:
+        typestr = {torch.int64: "<i8", torch.int32: "<i4", torch.int16: "<i2"}.get(t.dtype)
+        if typestr is None or not t.is_contiguous():
+            raise ValueError("only contiguous word views are mapped")
+        self.__cuda_array_interface__ = {"shape": tuple(t.shape), "typestr": typestr,
+                                         "data": (t.data_ptr(), False), "version": 3,
+                                         "strides": None}
+
+
+def _mapped_view(words: torch.Tensor, device: torch.device) -> torch.Tensor | None:
+    """Pinned host `words` seen from `device` (its pointer, unchanged), or None if refused."""
+    try:
+        view = torch.as_tensor(_CudaArray(words), device=device)
+    except (ValueError, TypeError, RuntimeError):
+        return None
+    ok = view.is_cuda and view.data_ptr() == words.data_ptr() and view.shape == words.shape
+    return view if ok else None
+
+
 def _page_major(buffer: torch.Tensor, page_size: int) -> torch.Tensor:
     """A layer-first device pool seen page-first (pages x parts x layers x page_size x H x D).
 
@@ -209,11 +242,25 @@ def _device_pages(device: DeviceKVPool, d_idx: torch.Tensor) -> slice | torch.Te
 def device_to_host(device: DeviceKVPool, host: HostKVPool, d_idx: torch.Tensor, h_idx: torch.Tensor):
     """Copy the whole pages at token slots d_idx of the device pool into host slots h_idx.
 
-    One pass on the device puts the pages in the host pool's page-first layout, then each run
-    of consecutive host pages is one DMA into the (pinned) pool.
+    With a pinned pool on a GPU, one kernel gathers the pages and writes them, page-first,
+    straight into host memory (measured on H200, 64 pages x 64 KiB parts: 87-91% of one pinned
+    `copy_`, where staging on the device and then a DMA reached 67-80%). Elsewhere one pass on
+    the device puts the pages in the page-first layout, then each run of consecutive host pages
+    is one DMA into the pool.
     """
     which = _device_pages(device, d_idx)
     pm = device.page_major
+    mapped = host.mapped_words(device.device)
+    if mapped is not None:
+        for first, count, off in _page_runs(_pages(h_idx, host.page_size)):
+            dst = mapped[first:first + count]
+            if isinstance(which, slice):
+                dst.copy_(pm[which.start + off:which.start + off + count])
+            else:
+                torch.index_select(pm, 0, which[off:off + count], out=dst)
+        # the bytes must have arrived before the ack: wait for this stream's kernels
+        torch.cuda.current_stream(device.device).synchronize()
+        return
     src = pm[which] if isinstance(which, slice) else pm.index_select(0, which)
     # blocking: the bytes must have arrived before the ack (on GPU this waits only for the
     # caller's copy stream, which is what the write ack measures anyway)

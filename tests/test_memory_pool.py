@@ -212,7 +212,7 @@ def _random_bits(pool: DeviceKVPool, seed: int) -> None:
     g = torch.Generator().manual_seed(seed)
     raw = torch.randint(0, 256, (pool.buffer.numel() * pool.buffer.element_size(),),
                         dtype=torch.uint8, generator=g)
-    pool.buffer.view(-1).view(torch.uint8).copy_(raw)
+    pool.buffer.view(-1).view(torch.uint8).copy_(raw.to(pool.buffer.device))
 
 
 def _bytes(t: torch.Tensor) -> torch.Tensor:
@@ -226,11 +226,33 @@ def _bytes(t: torch.Tensor) -> torch.Tensor:
     seed=st.integers(0, 2**31 - 1),
 )
 def test_device_host_round_trip(shape: KVShape, data: st.DataObject, seed: int) -> None:
+    _round_trip(shape, data, seed, torch.device("cpu"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(shape=st.sampled_from(SHAPES), data=st.data(), seed=st.integers(0, 2**31 - 1))
+def test_device_host_round_trip_on_cuda_writes_pinned_memory_directly(
+        shape: KVShape, data: st.DataObject, seed: int) -> None:
+    """The same exactness where write-through is one kernel writing into pinned host memory."""
+    _round_trip(shape, data, seed, torch.device("cuda", 0))
+
+
+def test_unpinned_or_cpu_pools_are_never_mapped() -> None:
+    host = HostKVPool(SHAPES[0], 2, PS, pin=False)
+    assert host.mapped_words(torch.device("cpu")) is None
+    assert host.mapped_words(torch.device("cuda", 0)) is None  # not pinned: staged copies
+
+
+def _round_trip(shape: KVShape, data: st.DataObject, seed: int, where: torch.device) -> None:
     dev_pages, host_pages = 8, 6
-    device = DeviceKVPool(shape, dev_pages, PS, torch.device("cpu"))
-    host = HostKVPool(shape, host_pages, PS, pin=False)
+    cuda = where.type == "cuda"
+    device = DeviceKVPool(shape, dev_pages, PS, where)
+    host = HostKVPool(shape, host_pages, PS, pin=cuda)
+    assert (host.mapped_words(where) is not None) == cuda, "the direct path is not taken"
     _random_bits(device, seed)
-    original = device.buffer.clone()
+    original = device.buffer.cpu().clone()
     n = data.draw(st.integers(1, host_pages), label="pages")
     src = data.draw(st.permutations(range(dev_pages)), label="src")[:n]
     dst = data.draw(st.permutations(range(host_pages)), label="dst")[:n]
@@ -238,7 +260,7 @@ def test_device_host_round_trip(shape: KVShape, data: st.DataObject, seed: int) 
     d_idx, h_idx, b_idx = _tokens(src), _tokens(dst), _tokens(back)
 
     device_to_host(device, host, d_idx, h_idx)
-    assert torch.equal(_bytes(device.buffer), _bytes(original)), "device changed by a write"
+    assert torch.equal(_bytes(device.buffer.cpu()), _bytes(original)), "device changed by a write"
     for s, d in zip(src, dst, strict=True):
         for part in range(len(shape.parts)):
             want = original[:, part, s * PS : (s + 1) * PS]  # layers x ps x H x D
@@ -253,10 +275,10 @@ def test_device_host_round_trip(shape: KVShape, data: st.DataObject, seed: int) 
     device.buffer.zero_()
     host_to_device(host, device, h_idx, b_idx)
     for s, b in zip(src, back, strict=True):
-        assert torch.equal(_bytes(device.buffer[:, :, b * PS : (b + 1) * PS]),
+        assert torch.equal(_bytes(device.buffer[:, :, b * PS : (b + 1) * PS].cpu()),
                            _bytes(original[:, :, s * PS : (s + 1) * PS]))
     rest = [t for p in sorted(set(range(dev_pages)) - set(back)) for t in range(p * PS, (p + 1) * PS)]
-    assert not _bytes(device.buffer[:, :, rest]).any(), "load wrote outside its slots"
+    assert not _bytes(device.buffer[:, :, rest].cpu()).any(), "load wrote outside its slots"
 
 
 def test_page_parts_order_matches_shape() -> None:
