@@ -7,6 +7,7 @@ per layout and rebuilt after any failed run, since a timed-out gloo group cannot
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import uuid
@@ -16,6 +17,26 @@ from scenarios.contract import stop_requested
 from scenarios.schedule import Schedule
 
 MODES = ("inprocess", "torchrun")
+
+#: most ranks an executor keeps alive across its pools (least recently used pools close first)
+MAX_POOL_RANKS_ENV = "CPCHECK_MAX_POOL_RANKS"
+#: the default on CUDA: every rank holds a CUDA context on its GPU; with `pytest -n 8` on one
+#: H200, pools of every layout kept per worker ran CUDA out of memory at context creation
+CUDA_MAX_POOL_RANKS = 8
+
+
+def max_pool_ranks(device: str) -> int:
+    """Ranks an executor may keep alive (0 = no bound: on CPU a rank costs host memory only)."""
+    raw = os.environ.get(MAX_POOL_RANKS_ENV, "")
+    if raw.strip():
+        try:
+            n = int(raw)
+        except ValueError:
+            raise ValueError(f"{MAX_POOL_RANKS_ENV}={raw!r} is not a whole number") from None
+        if n < 0:
+            raise ValueError(f"{MAX_POOL_RANKS_ENV}={raw!r} must be >= 0 (0: no bound)")
+        return n
+    return CUDA_MAX_POOL_RANKS if device == "cuda" else 0
 
 
 class Executor:
@@ -68,14 +89,27 @@ class Executor:
     def pool(self, layout: str) -> Any:
         from scenarios.runner import RankPool
 
-        pool = self._pools.get(layout)
+        pool = self._pools.pop(layout, None)
         if pool is None or not pool.running:
             pool = RankPool(layout, device=self.device,
                             collective_timeout_s=self.timeout_s * 3,
                             env={"MC_LOG_LEVEL": "ERROR", "OMP_NUM_THREADS": "1"})
+            self._make_room(pool.world_size)
             pool.start()
-            self._pools[layout] = pool
+        self._pools[layout] = pool  # last: the most recently used
         return pool
+
+    def _make_room(self, ranks: int) -> None:
+        """Close least recently used pools until `ranks` more fit the rank bound."""
+        bound = max_pool_ranks(self.resolved_device)
+        while bound and self._pools and (
+                sum(p.world_size for p in self._pools.values()) + ranks > bound):
+            oldest = next(iter(self._pools))
+            old = self._pools.pop(oldest)
+            try:
+                old.close()
+            except Exception:
+                pass
 
     def _run_torchrun(self, s: Schedule, run_id: str, gated: bool,
                       nemesis: Any = None) -> list[Any]:

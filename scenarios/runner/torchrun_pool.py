@@ -632,6 +632,9 @@ class RankPool:
             msg += f"; rank {f.rank} (pid {f.pid}) failed first ({f.describe()})"
             if f.traceback:
                 msg += f": {f.message}"
+            if "CUDA error: out of memory" in (f.message or ""):
+                msg += ("; CUDA ran out of memory creating a context: too many ranks on this GPU "
+                        "(fewer pytest-xdist workers, or CPCHECK_MAX_POOL_RANKS per executor)")
         exc = RankPoolStartError(msg)
         if report is not None:
             _note_failures(exc, report)
