@@ -123,6 +123,7 @@ class HiRadixCache:
         )
         self.enable_storage = storage is not None
         self.ongoing_write_through: dict[int, TreeNode] = {}
+        self._write_backups = 0  # write_backup calls so far: what a "host_alloc" fault counts
         self.ongoing_load_back: dict[int, TreeNode] = {}
         self.ongoing_prefetch: dict[str, OngoingPrefetch] = {}
         self.ongoing_backup: dict[int, TreeNode] = {}
@@ -436,10 +437,13 @@ class HiRadixCache:
 
     def write_backup(self, node: TreeNode) -> bool:
         assert node.value is not None
-        host_indices = self.cache_controller.write(node.value, node.id)
+        # a host pool under pressure on this rank only: both attempts find no memory
+        refused = self.pacer.fail("host_alloc", self._write_backups)
+        self._write_backups += 1
+        host_indices = None if refused else self.cache_controller.write(node.value, node.id)
         if host_indices is None:
             self.evict_host(node.value.numel())
-            host_indices = self.cache_controller.write(node.value, node.id)
+            host_indices = None if refused else self.cache_controller.write(node.value, node.id)
         if host_indices is None:
             return False
         node.host_value = host_indices

@@ -57,6 +57,9 @@ class Window:
 #: fault events kept for the report (counts keep counting past it)
 MAX_EVENTS = 20_000
 
+#: the calls storage_errors fail
+STORAGE_CALLS = ("exists", "get", "set")
+
 #: faults the torchrun workers apply themselves (the rest act on processes from the controller)
 WORKER_KINDS = ("storage_errors", "storage_latency")
 
@@ -241,7 +244,10 @@ class Nemesis:
             time.sleep(delay)
 
     def storage_fails(self, rank: int, call: str) -> bool:
-        """Whether this storage call ("exists" | "get" | "set") fails on this rank now."""
+        """Whether this storage call ("exists" | "get" | "set") fails on this rank now (a host
+        allocation is not a storage call: storage_errors never refuse one)."""
+        if call not in STORAGE_CALLS:
+            return False
         for w in self._windows(rank):
             if w.kind == "storage_errors":
                 with self._lock:

@@ -39,7 +39,10 @@ from scenarios.layout import Layout, LayoutError
 SCHEDULE_VERSION = 1
 Backend = Literal[STORAGE_BACKENDS]  # type: ignore[valid-type]  # names from reference.api
 #: the storage calls a Schedule may fail (reference/cache_controller.py asks the pacer for these)
-StorageCall = Literal["exists", "get", "set"]
+#: a call that a Schedule's faults can fail on one rank: a storage call, or "host_alloc" (this
+#: rank's host pool refuses a write-through: host memory pressure on a subset of ranks, which
+#: SGLang 0.5.14 names as why `writing_check` may no longer return early)
+StorageCall = Literal["exists", "get", "set", "host_alloc"]
 #: fields that name something that exists only at some commits (a replay file from a newer
 #: commit may name a variant, profile or SUT this one does not know: cannot judge, not bad input)
 NAMED_AT_SOME_COMMITS = ("variant", "protocol", "sut")
@@ -133,7 +136,8 @@ class Schedule(BaseModel):
     ops: list[Op] = Field(default_factory=list)
     #: per rank: one integer per pacer decision point, consumed in order (missing = all done)
     choices: dict[NonNegativeInt, list[NonNegativeInt]] = Field(default_factory=dict)
-    #: per rank: storage calls that fail there, as [call, seq] ("exists" | "get" | "set")
+    #: per rank: calls that fail there, as [call, seq]: "exists" | "get" | "set" (the n-th
+    #: storage call of that kind) or "host_alloc" (the n-th write_backup finds no host memory)
     faults: dict[NonNegativeInt, list[tuple[StorageCall, NonNegativeInt]]] = Field(
         default_factory=dict)
     #: per rank: ticks its clock runs ahead (prefetch timeouts are local)

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import sys
 from collections.abc import Callable
 from typing import Any
 
+from scenarios.cli_conventions import emit_json, human
 from scenarios.contract import CannotJudge, ExitCode, UsageError
 from scenarios.sglang import envs
 from scenarios.sglang.executor import parse_sut
@@ -25,33 +25,53 @@ def contract(fn: Callable[..., int]) -> Callable[..., int]:
 
     @functools.wraps(fn)
     def wrapper(*a: Any, **k: Any) -> int:
+        args = a[0] if a and isinstance(a[0], argparse.Namespace) else None
         try:
             return fn(*a, **k)
         except CannotJudge as e:
-            print(f"cpcheck: cannot run here: {e.diagnosis}", file=sys.stderr)
-            return int(ExitCode.UNKNOWN)
+            line, code, status = f"cannot run here: {e.diagnosis}", ExitCode.UNKNOWN, "unknown"
         except UsageError as e:
-            print(f"cpcheck: {e}", file=sys.stderr)
-            return int(ExitCode.USAGE)
+            line, code, status = str(e), ExitCode.USAGE, "usage"
+        print(f"cpcheck: {line}", file=sys.stderr)
+        if args is not None:
+            emit_json(args, {"status": status, "invariant": None, "message": line,
+                             "diagnosis": line if code == ExitCode.UNKNOWN else None,
+                             "exit_code": int(code), "confirmed_by_replay": None,
+                             "replay": None})
+        return int(code)
     return wrapper
 
 
-def _print_verdict(v: Any) -> None:
-    print(v.summary())
+def _print_verdict(v: Any, args: argparse.Namespace | None = None) -> None:
+    out = human(args) if args is not None else sys.stdout
+    print(v.summary(), file=out)
     for inv, msg in v.failures[1:4]:
-        print(f"  also [{inv}]: {msg}")
+        print(f"  also [{inv}]: {msg}", file=out)
     for note in v.stats.get("not_observed", []):
-        print(f"  not observable on SGLang: {note}")
+        print(f"  not observable on SGLang: {note}", file=out)
+
+
+def _emit(args: argparse.Namespace, v: Any, code: int, replay: Any = None) -> None:
+    """`--json`: the verdict as one JSON object on stdout, as the reference's commands do."""
+    emit_json(args, {"status": v.status, "invariant": v.invariant, "message": v.message,
+                     "diagnosis": v.diagnosis, "exit_code": int(code),
+                     "confirmed_by_replay": v.stats.get("confirmed_by_replay"),
+                     "replay": str(replay) if replay else None,
+                     "not_observed": list(v.stats.get("not_observed", []))})
 
 
 @contract
 def cmd_run(args: argparse.Namespace, s: Any) -> int:
     s = with_sut(s, args.sut, _dp(args))
     code, v = judge(s, timeout=args.timeout, mooncake_master=_master(args))
-    print(f"{s.name} layout={s.layout} sut={s.sut} dp_attention={s.dp_attention}")
-    _print_verdict(v)
+    out = human(args)
+    print(f"{s.name} layout={s.layout} sut={s.sut} dp_attention={s.dp_attention}", file=out)
+    _print_verdict(v, args)
+    replay = None
     if not v.ok:
-        print(f"replay: cpcheck replay {write_sglang_replay(s, v, args.replay_dir)}")
+        replay = write_sglang_replay(s, v, args.replay_dir)
+        print(f"replay: cpcheck replay {replay}", file=out)
+    _emit(args, v, code, replay)
     return code
 
 
@@ -61,8 +81,10 @@ def cmd_replay(args: argparse.Namespace, s: Any, data: dict) -> int:
     if s.layout_obj.world_size > 4:
         raise CannotJudge(f"layout {s.layout}: the SGLang SUT runs at most 4 ranks here")
     code, v = judge(s, timeout=args.timeout, mooncake_master=_master(args))
-    print(f"replay {args.file}: layout={s.layout} sut={s.sut} dp_attention={s.dp_attention}")
-    _print_verdict(v)
+    print(f"replay {args.file}: layout={s.layout} sut={s.sut} dp_attention={s.dp_attention}",
+          file=human(args))
+    _print_verdict(v, args)
+    _emit(args, v, code)
     return code
 
 
@@ -81,16 +103,23 @@ def cmd_explore(args: argparse.Namespace) -> int:
     layouts = tuple(args.layout or ["1x2", "2x2"])
     h = hunt(version, _dp(args) is not False, layouts, args.examples, args.seed, args.timeout,
              backend=getattr(args, "backend", None), mooncake_master=_master(args))
+    out = human(args)
     if h["found"] is None:
-        print(f"no divergence in {h['examples']} schedules ({h['total_s']:.1f} s)")
+        print(f"no divergence in {h['examples']} schedules ({h['total_s']:.1f} s)", file=out)
+        emit_json(args, {"status": "agree", "invariant": None, "message": None,
+                         "diagnosis": None, "exit_code": int(ExitCode.AGREE),
+                         "confirmed_by_replay": None, "replay": None})
         return int(ExitCode.AGREE)
     if h["flaky"]:
-        _print_verdict(h["verdict"])
+        _print_verdict(h["verdict"], args)
+        _emit(args, h["verdict"], int(ExitCode.UNKNOWN))
         return int(ExitCode.UNKNOWN)
     print(f"divergence after {h['first_s']:.2f} s; shrunk to {len(h['found'].ops)} ops "
-          f"({h['examples']} schedules, {h['total_s']:.1f} s)")
-    _print_verdict(h["verdict"])
-    print(f"replay: cpcheck replay {write_sglang_replay(h['found'], h['verdict'], args.replay_dir)}")
+          f"({h['examples']} schedules, {h['total_s']:.1f} s)", file=out)
+    _print_verdict(h["verdict"], args)
+    replay = write_sglang_replay(h['found'], h['verdict'], args.replay_dir)
+    print(f"replay: cpcheck replay {replay}", file=out)
+    _emit(args, h["verdict"], int(ExitCode.DIVERGE), replay)
     return int(ExitCode.DIVERGE)
 
 
@@ -164,5 +193,3 @@ def handlers() -> dict[str, Callable[[argparse.Namespace], int]]:
     return {"diff": contract(cmd_diff), "bisect-releases": cmd_bisect_releases, "sglang-envs": cmd_envs,
             "matrix": contract(cmd_matrix)}
 
-
-_ = json

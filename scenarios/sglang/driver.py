@@ -236,6 +236,7 @@ class Driver:
                          f"insert {agreed} tokens")
             return out
         cache._insert_helper_host = insert_helper_host
+        self._host_alloc_faults(cache, cc)
 
         if self.s.cache.prefetch_stop_policy == "timeout":
             start: dict[int, int] = {}
@@ -248,6 +249,26 @@ class Driver:
             cc.prefetch = prefetch
             ticks = self.s.cache.prefetch_timeout_ticks
             cache.is_prefetch_timeout = lambda op: self.pacer.now() - start.get(id(op), 0) > ticks
+
+    def _host_alloc_faults(self, cache: Any, cc: Any) -> None:
+        """A Schedule's "host_alloc" fault: this rank's n-th `write_backup` finds no host
+        memory, in both of SGLang's attempts (before and after `evict_host`), as a host pool
+        under pressure on this rank only; the reference counts the same calls."""
+        orig_backup, orig_write = cache.write_backup, cc.write
+        calls, refusing = [0], [False]
+
+        def write_backup(*a: Any, **k: Any) -> Any:
+            refusing[0] = self.pacer.fail("host_alloc", calls[0])
+            calls[0] += 1
+            try:
+                return orig_backup(*a, **k)
+            finally:
+                refusing[0] = False
+
+        def write(*a: Any, **k: Any) -> Any:
+            return None if refusing[0] else orig_write(*a, **k)
+        cache.write_backup = write_backup
+        cc.write = write
 
     # -- observation -----------------------------------------------------------------------
     def _decide(self, kind: str, rid: str, local: tuple, agreed: tuple, outcome: str) -> None:

@@ -15,6 +15,7 @@ import tempfile
 import threading
 import time
 from collections import defaultdict
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -71,6 +72,8 @@ class Run:
 CURRENT: Run | None = None
 _GROUP_NAMES: dict[int, str] = {}
 _HARNESS: set[int] = set()
+#: the timeout of every gloo group made in this worker (set once at setup_worker)
+_GROUP_TIMEOUT_S = [60.0]
 
 
 # -- collectives: recorded on the way through, never changed --------------------------------
@@ -139,6 +142,15 @@ def _install_recorders() -> None:
         counter = [0]
 
         def named_new_group(*args: Any, **kwargs: Any) -> Any:
+            # SGLang's gloo groups wait 120 min (torch's default 30): a rank that SGLang leaves
+            # alone in a collective (0.5.13's writing_check early return under a host_alloc
+            # fault) must raise within the run's budget, so the checker sees the lone call and
+            # who waited on it, not a job timeout. Only how long a hang lasts changes.
+            ours = timedelta(seconds=_GROUP_TIMEOUT_S[0])
+            if len(args) >= 2:
+                args = (args[0], min(args[1] or ours, ours), *args[2:])
+            else:
+                kwargs["timeout"] = min(kwargs.get("timeout") or ours, ours)
             g = new_group(*args, **kwargs)
             ranks = kwargs.get("ranks", args[0] if args else None)
             counter[0] += 1
@@ -175,6 +187,7 @@ def setup_worker(ctx: Any, version: str, dp_attention: bool, timeout_s: float) -
     for g in (ctx.groups.attn_tp_group, ctx.groups.attn_cp_group, ctx.groups.tp_group,
               ctx.groups.pp_group):
         _HARNESS.add(id(g))
+    _GROUP_TIMEOUT_S[0] = max(3 * timeout_s, 30.0)
     _install_recorders()
 
     def thread_died(args: Any) -> None:
