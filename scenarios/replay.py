@@ -33,7 +33,9 @@ from scenarios.schedule import (
 #: 1: schedule, mode, verdict, versions, written; 2: + schema, git, sut, profile
 REPLAY_SCHEMA = 2
 KNOWN_FIELDS = frozenset({"kind", "schema", "schedule", "mode", "verdict", "versions", "written",
-                          "git", "sut", "profile", "confirmation"})
+                          "git", "sut", "profile", "confirmation",
+                          # corpus annotations: who found it, and its verdict per release
+                          "found_by", "expect_by_release", "expect_invariants_by_release"})
 REPO = Path(__file__).resolve().parent.parent
 
 

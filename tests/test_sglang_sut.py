@@ -121,6 +121,9 @@ def test_corpus_keeps_its_verdict_per_release(executors, path: Path) -> None:
             continue
         v = executors[version].check(s.with_(sut=sut))
         assert v.invariant == invariant, f"{sut}: {v.summary()}"
+        every = data.get("expect_invariants_by_release", {}).get(sut)
+        if every is not None:  # not only the headline: how it breaks (e.g. deadlock vs leak)
+            assert sorted({inv for inv, _ in v.failures}) == every, f"{sut}: {v.failures}"
 
 
 @pytest.mark.sglang
