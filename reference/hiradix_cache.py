@@ -147,8 +147,8 @@ class HiRadixCache:
             self._decide("writing_check", "", (n,), (n,), f"ack {n} writes (write-back)", effect)
             return
         self.pacer.at("writing_check", "write", cc.write_seq)
-        if not self.ongoing_write_through:  # the same on every rank: nothing to agree on
-            return
+        if not self.ongoing_write_through and self.profile.writing_check_early_return:
+            return  # to 0.5.13: "the same on every rank" (unless host memory ran out on some)
         finish_count = 0
         for ack in cc.ack_write_queue:
             if not ack.finished():

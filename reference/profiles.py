@@ -2,16 +2,22 @@
 
 Each profile is named after the release whose semantics it models (read from the released
 wheels; facts in design/protocol-versions.md). Every release shares the shape of the decision
-points (`writing_check` returns before its collective when nothing is in flight, best_effort
-`can_terminate_prefetch` returns with no collective, `release_aborted_request` barriers, the
-scheduler skips a request whose prefetch cannot terminate yet); a profile lists only what
-differs. The cache reads `self.profile.<field>` at the one place each behaviour lives.
+points (best_effort `can_terminate_prefetch` returns with no collective,
+`release_aborted_request` barriers, the scheduler skips a request whose prefetch cannot
+terminate yet); a profile lists only what differs. The cache reads `self.profile.<field>` at
+the one place each behaviour lives.
 
     field                     0.5.10           0.5.11 (#20460)   0.5.13            0.5.20
     sync_groups               tp_cache_group   attn_cp, attn_tp  attn_cp, attn_tp  attn_cp, attn_tp
     loading_check_agrees      no               no                MIN               MIN
+    writing_check_early_return yes             yes               yes               no (0.5.14+)
     prefetch_progress         at_termination   at_termination    at_termination    per_batch_acks
     pp_agreement              none             none              pp0_forwards_acks in_groups
+
+writing_check_early_return: up to 0.5.13.post1 `writing_check` returns before its collective
+when nothing is in flight ("all ranks has the same ongoing_write_through"); from 0.5.14 every
+rank reduces every step, because a `write_backup` that finds no host memory on a subset of
+ranks makes that set differ (SGLang's own comment; the Schedule fault "host_alloc").
 
 pp0_forwards_acks (0.5.13): only `writing_check` and `loading_check` call `_all_reduce`, which
 reduces over the attention groups on PP rank 0 alone and sends the value down the pipeline
@@ -55,6 +61,8 @@ class ProtocolProfile:
     sync_groups: SyncGroups
     #: `loading_check` agrees (MIN) on the finished load acks; else each rank pops its own
     loading_check_agrees: bool
+    #: `writing_check` returns before its collective when nothing is in flight (to 0.5.13)
+    writing_check_early_return: bool
     #: at_termination: the IO thread only counts pages; `check_prefetch_progress` freezes the
     #: local count and agrees once (MIN). per_batch_acks: the IO thread sends one progress ack
     #: per batch and the prefetch-sync thread agrees (MIN) on each one.
@@ -69,23 +77,24 @@ class ProtocolProfile:
 PROFILES: dict[str, ProtocolProfile] = {p.name: p for p in (
     ProtocolProfile(
         "sglang-0.5.10", sync_groups="tp_cache_group", loading_check_agrees=False,
-        prefetch_progress="at_termination", pp_agreement="none",
+        writing_check_early_return=True, prefetch_progress="at_termination", pp_agreement="none",
         summary="before PR #20460: every agreement over the cache's TP group only",
     ),
     ProtocolProfile(
         "sglang-0.5.11", sync_groups="attn_cp_then_attn_tp", loading_check_agrees=False,
-        prefetch_progress="at_termination", pp_agreement="none",
+        writing_check_early_return=True, prefetch_progress="at_termination", pp_agreement="none",
         summary="PR #20460: reduce over attn-CP then attn-TP; loading_check unsynchronised",
     ),
     ProtocolProfile(
         "sglang-0.5.13", sync_groups="attn_cp_then_attn_tp", loading_check_agrees=True,
-        prefetch_progress="at_termination", pp_agreement="pp0_forwards_acks",
+        writing_check_early_return=True, prefetch_progress="at_termination", pp_agreement="pp0_forwards_acks",
         summary="+ loading_check MIN; PP rank 0 decides and forwards the write / load acks",
     ),
     ProtocolProfile(
         "sglang-0.5.20", sync_groups="attn_cp_then_attn_tp", loading_check_agrees=True,
-        prefetch_progress="per_batch_acks", pp_agreement="in_groups",
-        summary="per-batch prefetch progress acks via the prefetch-sync thread; PP in the groups",
+        writing_check_early_return=False, prefetch_progress="per_batch_acks", pp_agreement="in_groups",
+        summary="writing_check always reduces (0.5.14); per-batch prefetch progress acks via "
+                "the prefetch-sync thread; PP in the groups",
     ),
 )}
 

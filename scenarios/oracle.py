@@ -20,7 +20,8 @@ Rules (each violation names the rule, the decision, the ranks, the locals, expec
                 0.5.13 `loading_check` is local: its agreed value is the local one; so is
                 `writing_check` under write-back eviction (it waits for every write, no
                 collective). best_effort `can_terminate` issues no collective (checked by
-                the best_effort rule). `writing_check` logs nothing when nothing is in flight.
+                the best_effort rule). `writing_check` logs nothing when nothing is in flight
+                up to 0.5.13 (`writing_check_early_return`); from 0.5.14 it logs every step.
   acks          the acks popped equal the agreed count (writing_check, loading_check, and the
                 revoke / backup-ack / host-release queues of drain_storage_control_queues)
   revoke        a prefetch is revoked iff the agreed hit pages x page size are below the
