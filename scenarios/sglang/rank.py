@@ -187,7 +187,7 @@ def setup_worker(ctx: Any, version: str, dp_attention: bool, timeout_s: float) -
     for g in (ctx.groups.attn_tp_group, ctx.groups.attn_cp_group, ctx.groups.tp_group,
               ctx.groups.pp_group):
         _HARNESS.add(id(g))
-    _GROUP_TIMEOUT_S[0] = max(3 * timeout_s, 30.0)
+    _GROUP_TIMEOUT_S[0] = max(1.5 * timeout_s, 30.0)
     _install_recorders()
 
     def thread_died(args: Any) -> None:
