@@ -243,8 +243,8 @@ def device_to_host(device: DeviceKVPool, host: HostKVPool, d_idx: torch.Tensor, 
     """Copy the whole pages at token slots d_idx of the device pool into host slots h_idx.
 
     With a pinned pool on a GPU, one kernel gathers the pages and writes them, page-first,
-    straight into host memory (measured on H200, 64 pages x 64 KiB parts: 87-91% of one pinned
-    `copy_`, where staging on the device and then a DMA reached 67-80%). Elsewhere one pass on
+    straight into host memory (measured on H200, 64 pages x 64 KiB parts: 80-82% of one pinned
+    `copy_`, staging on the device and then a DMA 76-81% in the same runs). Elsewhere one pass on
     the device puts the pages in the page-first layout, then each run of consecutive host pages
     is one DMA into the pool.
     """
