@@ -250,9 +250,10 @@ def device_to_host(device: DeviceKVPool, host: HostKVPool, d_idx: torch.Tensor, 
     """
     which = _device_pages(device, d_idx)
     pm = device.page_major
+    runs = _page_runs(_pages(h_idx, host.page_size))
     mapped = host.mapped_words(device.device)
     if mapped is not None:
-        for first, count, off in _page_runs(_pages(h_idx, host.page_size)):
+        for first, count, off in runs:
             dst = mapped[first:first + count]
             if isinstance(which, slice):
                 dst.copy_(pm[which.start + off:which.start + off + count])
@@ -264,7 +265,6 @@ def device_to_host(device: DeviceKVPool, host: HostKVPool, d_idx: torch.Tensor, 
     src = pm[which] if isinstance(which, slice) else pm.index_select(0, which)
     # blocking: the bytes must have arrived before the ack (on GPU this waits only for the
     # caller's copy stream, which is what the write ack measures anyway)
-    runs = _page_runs(_pages(h_idx, host.page_size))
     if len(runs) == 1:
         host.words[runs[0][0]:runs[0][0] + runs[0][1]].copy_(src)
         return

@@ -24,7 +24,8 @@ from scenarios.cli_conventions import (
     add_output_flags,
     check_device,
     check_variant_arg,
-    emit_json,
+    emit_status,
+    emit_verdict,
     human,
     positive_float,
     positive_int,
@@ -133,11 +134,7 @@ def finish(args: argparse.Namespace, verdict: Any, replay: Path | None) -> int:
         print("confirmed by replay", file=out)
     if replay is not None:
         print(f"replay: cpcheck replay {replay}", file=out)
-    emit_json(args, {"status": verdict.status, "invariant": verdict.invariant,
-                     "message": verdict.message, "diagnosis": verdict.diagnosis,
-                     "exit_code": verdict.exit_code,
-                     "confirmed_by_replay": verdict.stats.get("confirmed_by_replay"),
-                     "replay": str(replay) if replay else None})
+    emit_verdict(args, verdict, replay=replay)
     return verdict.exit_code
 
 
@@ -329,9 +326,7 @@ def main(argv: list[str] | None = None) -> int:
                 import traceback
 
                 traceback.print_exception(e, file=sys.stderr)
-        emit_json(args, {"status": status, "invariant": None, "message": line,
-                         "diagnosis": line if code == ExitCode.UNKNOWN else None,
-                         "exit_code": int(code), "confirmed_by_replay": None, "replay": None})
+        emit_status(args, status, code, line)
         if code == ExitCode.INTERRUPTED and argv is None:
             _exit_now(code)
         return int(code)

@@ -13,7 +13,7 @@ import platform
 import sys
 from typing import Any, TextIO
 
-from scenarios.contract import CannotJudge, UsageError
+from scenarios.contract import CannotJudge, ExitCode, UsageError
 
 
 def version_text() -> str:
@@ -121,6 +121,23 @@ def human(args: argparse.Namespace) -> TextIO:
 def emit_json(args: argparse.Namespace, payload: dict) -> None:
     if getattr(args, "json", False):
         print(json.dumps({"command": args.cmd, **payload}, default=str), flush=True)
+
+
+def emit_verdict(args: argparse.Namespace, v: Any, code: int | None = None, replay: Any = None,
+                 **extra: Any) -> None:
+    """`--json`: a judged run's Verdict as one object, with the same keys from every command."""
+    emit_json(args, {"status": v.status, "invariant": v.invariant, "message": v.message,
+                     "diagnosis": v.diagnosis,
+                     "exit_code": int(v.exit_code if code is None else code),
+                     "confirmed_by_replay": v.stats.get("confirmed_by_replay"),
+                     "replay": str(replay) if replay else None, **extra})
+
+
+def emit_status(args: argparse.Namespace, status: str, code: int, line: str | None = None) -> None:
+    """`--json` with no Verdict to print (a refusal, an error, nothing found): the same keys."""
+    emit_json(args, {"status": status, "invariant": None, "message": line,
+                     "diagnosis": line if code == ExitCode.UNKNOWN else None,
+                     "exit_code": int(code), "confirmed_by_replay": None, "replay": None})
 
 
 def check_device(device: str) -> None:

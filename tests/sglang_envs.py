@@ -37,3 +37,12 @@ def started(*versions: str) -> Iterator[dict[str, Any]]:
     finally:
         for ex in exs.values():
             ex.close()
+
+
+def verdicts_by_release(executors: dict[str, Any], s: Any, data: dict) -> Iterator[tuple]:
+    """(sut, expected invariant, verdict) for each release a corpus file names whose executor
+    is here (`expect_by_release`: None = agrees)."""
+    for sut, invariant in data["expect_by_release"].items():
+        version = sut.split("==")[1]
+        if version in executors:
+            yield sut, invariant, executors[version].check(s.with_(sut=sut))

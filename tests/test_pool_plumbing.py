@@ -30,6 +30,7 @@ from scenarios.runner import (
 )
 from scenarios.runner import torchrun_pool as tp
 from scenarios.runner.worker import ENV_ADDRESS
+from tests.pool_helpers import assert_no_pool_processes, module_pool
 
 pytestmark = pytest.mark.cp
 
@@ -42,23 +43,9 @@ def _accept_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name.startswith(ACCEPT_THREAD) and t.is_alive()]
 
 
-def _assert_gone(pool_id: str, pids: list[int], timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        left = sorted(set(pool_processes(pool_id)) | {p for p in pids if p and tp._alive(p)})
-        if not left or time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
-    assert not left, f"pool {pool_id} left processes behind: {left}"
-
-
 @pytest.fixture(scope="module")
 def pool_1x2_module() -> Iterator[RankPool]:
-    pool = RankPool("1x2", device="cpu", collective_timeout_s=60.0, error_grace_s=1.0)
-    try:
-        yield pool
-    finally:
-        pool.close()
+    yield from module_pool("1x2", device="cpu")
 
 
 @pytest.fixture()
@@ -132,7 +119,7 @@ def test_sigkilled_rank_is_named_with_its_signal(pool_1x2: RankPool) -> None:
         assert "failed ranks (torch elastic, root cause first):\n  rank 1 (pid" in notes
         assert "torchrun log" not in notes  # the log was blanked: nothing was read from it
     assert not pool_1x2.running
-    _assert_gone(pool_id, pids)
+    assert_no_pool_processes(pool_id, pids)
 
 
 @pytest.mark.usefixtures("no_log_text")
@@ -157,7 +144,7 @@ def test_worker_exception_traceback_reaches_the_start_error() -> None:
         assert "traceback ---\nTraceback (most recent call last):" in notes
         assert "init_process_group" in notes  # the worker's own frame, from its @record file
     assert pool.torchrun_pid is None
-    _assert_gone(pool.pool_id, [])
+    assert_no_pool_processes(pool.pool_id, [])
 
 
 # -- start: torchrun exits, strays ---------------------------------------------------------------
@@ -201,7 +188,7 @@ def test_torchrun_exit_during_start_is_noticed_quickly() -> None:
     assert "torchrun exited with code -9 after 0 of 2 ranks connected" in str(errors[0])
     assert done[0] - killed_at < 3.0, done[0] - killed_at  # 0.5 s poll + teardown
     assert not _accept_threads()
-    _assert_gone(pool.pool_id, [])
+    assert_no_pool_processes(pool.pool_id, [])
 
 
 def _stray_client(pool: RankPool) -> tuple[socket.socket, bool]:
@@ -263,7 +250,7 @@ def test_stray_check_can_fire(monkeypatch: pytest.MonkeyPatch) -> None:
         assert not _accept_threads()  # woken out of the handshake although the stray stayed
     finally:
         stray.close()
-    _assert_gone(pool.pool_id, [])
+    assert_no_pool_processes(pool.pool_id, [])
 
 
 # -- close ---------------------------------------------------------------------------------------

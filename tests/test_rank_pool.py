@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 import types
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -33,9 +33,9 @@ from scenarios.runner import (
     RankPoolStartError,
     RankTimeoutError,
     max_ranks_here,
-    pool_processes,
 )
 from scenarios.runner.torchrun_pool import _alive
+from tests.pool_helpers import assert_no_pool_processes, module_pool
 from tests.subprocess_env import child_env
 
 pytestmark = pytest.mark.cp
@@ -45,20 +45,6 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 # -- helpers -------------------------------------------------------------------------------------
-
-
-
-
-def assert_no_pool_processes(pool_id: str, pids: Iterable[int], timeout_s: float = 10.0) -> None:
-    """Neither the pool's torchrun nor any of its workers may still run (zombies count as gone)."""
-    pids = [p for p in pids if p]
-    deadline = time.monotonic() + timeout_s
-    while True:
-        left = sorted(set(pool_processes(pool_id)) | {p for p in pids if _alive(p)})
-        if not left or time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
-    assert not left, f"pool {pool_id} left processes behind: {left}"
 
 
 def pool_pids(pool: RankPool) -> list[int]:
@@ -91,11 +77,7 @@ def pool(pool_2x2: RankPool) -> RankPool:
 
 @pytest.fixture(scope="module")
 def pool_1x2_module() -> Iterator[RankPool]:
-    pool = RankPool("1x2", device="auto", collective_timeout_s=60.0, error_grace_s=1.0)
-    try:
-        yield pool
-    finally:
-        pool.close()
+    yield from module_pool("1x2", device="auto")
 
 
 @pytest.fixture()

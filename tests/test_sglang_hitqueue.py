@@ -126,6 +126,20 @@ own_len = 5
 """ + '[[ops]]\nkind = "step"\n' * 4
 
 
+def _run_agreeing(ex, tmp_path, name: str, toml: str) -> list:  # noqa: ANN001
+    """Run a hand-written Schedule on V; it must agree. Returns the per-rank results."""
+    from scenarios.catalog import load_scenario
+    from scenarios.checker import check
+
+    f = tmp_path / f"{name}.toml"
+    f.write_text(toml)
+    s = load_scenario(str(f)).with_(sut=f"sglang=={V}")
+    results = ex.run(s, True)
+    v = check(s, results)
+    assert v.ok, v.summary()
+    return results
+
+
 @pytest.mark.sglang
 @pytest.mark.timeout(900)
 def test_stored_prefix_comes_back_through_per_batch_acks(ex, tmp_path) -> None:
@@ -133,15 +147,7 @@ def test_stored_prefix_comes_back_through_per_batch_acks(ex, tmp_path) -> None:
     the hit query finds its 6 pages, the scheduler allocates host pages at the drain, the IO
     thread reads them, the sync thread agrees the progress ack (MIN), and the request loads
     24 tokens back from host with the bytes each rank wrote."""
-    from scenarios.catalog import load_scenario
-    from scenarios.checker import check
-
-    f = tmp_path / "fetch_back.toml"
-    f.write_text(FETCH_BACK)
-    s = load_scenario(str(f)).with_(sut=f"sglang=={V}")
-    results = ex.run(s, True)
-    v = check(s, results)
-    assert v.ok, v.summary()
+    results = _run_agreeing(ex, tmp_path, "fetch_back", FETCH_BACK)
     for r in results:
         progress = r.decisions.get("prefetch_sync", ())
         assert [(d.kind, d.rid, d.local, d.agreed, d.outcome) for d in progress] == \
@@ -219,15 +225,7 @@ def test_storage_lookup_reissued_after_device_hit_loss_on_0_5_20(ex, tmp_path) -
     """0.5.20's scheduler looks storage up again for a request whose match shrank while it
     waited: b's 16 device tokens (not backed up under write_through_selective) are evicted
     while it waits, so at admission it re-queries all 7 pages, on every rank alike."""
-    from scenarios.catalog import load_scenario
-    from scenarios.checker import check
-
-    f = tmp_path / "reissue.toml"
-    f.write_text(REISSUE)
-    s = load_scenario(str(f)).with_(sut=f"sglang=={V}")
-    results = ex.run(s, True)
-    v = check(s, results)
-    assert v.ok, v.summary()
+    results = _run_agreeing(ex, tmp_path, "reissue", REISSUE)
     for r in results:
         exists = [len(c.keys) for c in r.storage if c.op == "exists"]
         assert exists == [6, 14]  # 3 pages after the device hit, then all 7 (k and v each)

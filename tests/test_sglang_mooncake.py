@@ -17,7 +17,7 @@ import pytest
 
 from scenarios.checker import check, check_pages
 from scenarios.sglang import mooncake
-from tests.sglang_envs import POST, PRE, need, started
+from tests.sglang_envs import POST, PRE, need, started, verdicts_by_release
 
 pytestmark = pytest.mark.mooncake
 
@@ -173,11 +173,7 @@ def test_corpus_keeps_its_verdict_per_release_on_mooncake(executors, path: Path)
     s, data = read_replay(path)
     s = s.with_(backend="mooncake")
     checked = 0
-    for sut, invariant in data["expect_by_release"].items():
-        version = sut.split("==")[1]
-        if version not in executors:
-            continue
-        v = executors[version].check(s.with_(sut=sut))
+    for sut, invariant, v in verdicts_by_release(executors, s, data):
         assert v.invariant == invariant, f"{sut}: {v.summary()}"
         checked += 1
     assert checked

@@ -18,7 +18,7 @@ import torch
 from scenarios.contract import CannotJudge, UsageError
 from scenarios.sglang import envs, shim
 from scenarios.sglang.seams import GatedDevice, IoGates
-from tests.sglang_envs import POST, PRE, need, started
+from tests.sglang_envs import POST, PRE, need, started, verdicts_by_release
 
 CORPUS = sorted((Path(__file__).parent.parent / "scenarios" / "corpus" / "sglang").glob("*.json"))
 
@@ -115,11 +115,7 @@ def test_corpus_keeps_its_verdict_per_release(executors, path: Path) -> None:
     from scenarios.replay import read_replay
 
     s, data = read_replay(path)
-    for sut, invariant in data["expect_by_release"].items():
-        version = sut.split("==")[1]
-        if version not in executors:
-            continue
-        v = executors[version].check(s.with_(sut=sut))
+    for sut, invariant, v in verdicts_by_release(executors, s, data):
         assert v.invariant == invariant, f"{sut}: {v.summary()}"
         every = data.get("expect_invariants_by_release", {}).get(sut)
         if every is not None:  # not only the headline: how it breaks (e.g. deadlock vs leak)

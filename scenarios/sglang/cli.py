@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from scenarios.cli_conventions import emit_json, human
+from scenarios.cli_conventions import emit_status, emit_verdict, human
 from scenarios.contract import CannotJudge, ExitCode, UsageError
 from scenarios.sglang import envs
 from scenarios.sglang.executor import parse_sut
@@ -34,10 +34,7 @@ def contract(fn: Callable[..., int]) -> Callable[..., int]:
             line, code, status = str(e), ExitCode.USAGE, "usage"
         print(f"cpcheck: {line}", file=sys.stderr)
         if args is not None:
-            emit_json(args, {"status": status, "invariant": None, "message": line,
-                             "diagnosis": line if code == ExitCode.UNKNOWN else None,
-                             "exit_code": int(code), "confirmed_by_replay": None,
-                             "replay": None})
+            emit_status(args, status, code, line)
         return int(code)
     return wrapper
 
@@ -53,11 +50,7 @@ def _print_verdict(v: Any, args: argparse.Namespace | None = None) -> None:
 
 def _emit(args: argparse.Namespace, v: Any, code: int, replay: Any = None) -> None:
     """`--json`: the verdict as one JSON object on stdout, as the reference's commands do."""
-    emit_json(args, {"status": v.status, "invariant": v.invariant, "message": v.message,
-                     "diagnosis": v.diagnosis, "exit_code": int(code),
-                     "confirmed_by_replay": v.stats.get("confirmed_by_replay"),
-                     "replay": str(replay) if replay else None,
-                     "not_observed": list(v.stats.get("not_observed", []))})
+    emit_verdict(args, v, code, replay, not_observed=list(v.stats.get("not_observed", [])))
 
 
 @contract
@@ -106,9 +99,7 @@ def cmd_explore(args: argparse.Namespace) -> int:
     out = human(args)
     if h["found"] is None:
         print(f"no divergence in {h['examples']} schedules ({h['total_s']:.1f} s)", file=out)
-        emit_json(args, {"status": "agree", "invariant": None, "message": None,
-                         "diagnosis": None, "exit_code": int(ExitCode.AGREE),
-                         "confirmed_by_replay": None, "replay": None})
+        emit_status(args, "agree", ExitCode.AGREE)
         return int(ExitCode.AGREE)
     if h["flaky"]:
         _print_verdict(h["verdict"], args)
