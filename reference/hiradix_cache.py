@@ -16,6 +16,7 @@ import torch
 
 from reference.cache_controller import (
     ControllerConfig,
+    HiCacheAck,
     HiCacheController,
     HiCacheError,
     PrefetchOperation,
@@ -29,6 +30,17 @@ from reference.radix_tree import MatchResult, RadixTree, TreeNode
 from reference.storage.base import HiCacheStorage
 from reference.sync import Collectives, ParallelGroups
 from reference.variants import effective_configuration
+
+
+def _finished_prefix(acks: list[HiCacheAck], seen: int) -> int:
+    """SGLang's `finish_count` loop: queued acks finished in order, up to the first that is
+    not, counting only units the pacer's snapshot says are done (`seen`, from `at`)."""
+    count = 0
+    for ack in acks:
+        if ack.seq >= seen or not ack.finished():
+            break
+        count += 1
+    return count
 
 
 class AgreementTimeout(HiCacheError):
@@ -146,14 +158,10 @@ class HiRadixCache:
             effect = self._ack_writes(n)
             self._decide("writing_check", "", (n,), (n,), f"ack {n} writes (write-back)", effect)
             return
-        self.pacer.at("writing_check", "write", cc.write_seq)
+        seen = self.pacer.at("writing_check", "write", cc.write_seq)
         if not self.ongoing_write_through and self.profile.writing_check_early_return:
             return  # to 0.5.13: "the same on every rank" (unless host memory ran out on some)
-        finish_count = 0
-        for ack in cc.ack_write_queue:
-            if not ack.finished():
-                break
-            finish_count += 1
+        finish_count = _finished_prefix(cc.ack_write_queue, seen)
         if self.cfg.variant == "writing_check_local_skip" and finish_count == 0:
             return  # the bug: an early return on LOCAL state; the peers issue the MIN below
         (agreed,) = cc.ack_sync.reduce([finish_count], "min")
@@ -186,12 +194,8 @@ class HiRadixCache:
 
     def loading_check(self) -> None:
         cc = self.cache_controller
-        self.pacer.at("loading_check", "load", cc.load_seq)
-        finish_count = 0
-        for ack in cc.ack_load_queue:
-            if not ack.finished():
-                break
-            finish_count += 1
+        seen = self.pacer.at("loading_check", "load", cc.load_seq)
+        finish_count = _finished_prefix(cc.ack_load_queue, seen)
         if self.profile.loading_check_agrees:
             (agreed,) = cc.ack_sync.reduce([finish_count], "min")
         else:  # before 0.5.13: no collective ("batch forwarding is synced")
@@ -207,9 +211,9 @@ class HiRadixCache:
 
     def drain_storage_control_queues(self) -> None:
         cc = self.cache_controller
-        self.pacer.at("drain", "backup", cc.backup_seq)
-        local = (cc.prefetch_revoke_queue.qsize(), cc.ack_backup_queue.qsize(),
-                 cc.host_mem_release_queue.qsize())
+        seen = self.pacer.at("drain", "backup", cc.backup_seq)
+        backup_acks = min(cc.ack_backup_queue.qsize(), seen - self._backup_acks_taken)
+        local = (cc.prefetch_revoke_queue.qsize(), backup_acks, cc.host_mem_release_queue.qsize())
         agreed = cc.control_sync.reduce(local, "min")
         popped = [0, 0, 0]
         for _ in range(agreed[0]):

@@ -5,6 +5,9 @@ on timing. A pacer turns that into a value: IO threads ask `before(stream, seq)`
 unit of work and report `after(stream, seq)`; the scheduler calls `at(point, stream, issued)`
 at each decision point, where the pacer may let some queued units finish and wait for them,
 and `need(stream, seq)` where the scheduler cannot go on until unit `seq` is done.
+`at` returns how many units of the stream the decision may count as done (units 0 .. n-1):
+a snapshot taken with the choice, so a unit that finishes while the scheduler reads its acks
+cannot make the read differ from what a pacer recorded (free-running: `issued`, no bound).
 `fail(call, seq)` lets a pacer make one storage call fail on this rank (seq counts the calls
 of that kind: prefetch queries for "exists", batch reads for "get", backups for "set"); `now()` is the clock
 that prefetch timeouts read. With no pacer installed (the default) none of this runs.
@@ -21,7 +24,7 @@ class Pacer(Protocol):
 
     def after(self, stream: str, seq: int) -> None: ...
 
-    def at(self, point: str, stream: str, issued: int) -> None: ...
+    def at(self, point: str, stream: str, issued: int) -> int: ...
 
     def need(self, stream: str, seq: int) -> None: ...
 
@@ -41,8 +44,8 @@ class FreeRunning:
     def after(self, stream: str, seq: int) -> None:
         pass
 
-    def at(self, point: str, stream: str, issued: int) -> None:
-        pass
+    def at(self, point: str, stream: str, issued: int) -> int:
+        return issued
 
     def need(self, stream: str, seq: int) -> None:
         pass

@@ -68,7 +68,7 @@ class GatedPacer:
         self._next += 1
         return c
 
-    def at(self, point: str, stream: str, issued: int) -> None:
+    def at(self, point: str, stream: str, issued: int) -> int:
         self._ticks += 1
         with self._cond:
             done = self._done[stream]
@@ -77,6 +77,7 @@ class GatedPacer:
         target = done + (pending if c is None else c % (pending + 1))
         self.trace.append((point, stream, issued, target))
         self._open_and_wait(stream, target)
+        return target
 
     def need(self, stream: str, seq: int) -> None:
         self._open_and_wait(stream, seq + 1)
@@ -142,11 +143,16 @@ class RecordingPacer:
     def now(self) -> float:
         return time.monotonic()
 
-    def at(self, point: str, stream: str, issued: int) -> None:
+    def at(self, point: str, stream: str, issued: int) -> int:
+        """Record how many units finished, and bound the decision's read to them: an IO
+        thread marks its ack done before `after`, so a unit finishing during the read would
+        otherwise be seen by the scheduler but missing from the choice (a replay then
+        disagrees with the run it replays)."""
         with self._lock:
             done = self._done[stream]
             self.choices.append(max(done - self._seen[stream], 0))
             self._seen[stream] = max(self._seen[stream], done)
+        return done
 
     def need(self, stream: str, seq: int) -> None:
         """Wait, as a gated replay does, for unit `seq`: the threads run free meanwhile, but
