@@ -10,10 +10,20 @@ soak's `writing_check_local_skip` check turned `unknown` that way about 1 run in
 from __future__ import annotations
 
 import threading
+import uuid
 
 import pytest
 
-from reference.api import CacheConfig, Decision, Observer, ParallelGroups, RankInfo, open_rank
+from reference.api import (
+    CacheConfig,
+    Decision,
+    MemoryStorage,
+    Observer,
+    ParallelGroups,
+    RankInfo,
+    clear_namespace,
+    open_rank,
+)
 from scenarios.gates import RecordingPacer
 from tests.test_single_rank_e2e import DEADLINE_S, PS, SoloCollectives, tokens_for
 
@@ -85,3 +95,29 @@ def test_free_running_reads_every_finished_ack() -> None:
         assert sched.cache.cache_controller.ack_write_queue == []
     finally:
         sched.shutdown()
+
+
+def test_drain_counts_backup_acks_the_pacer_recorded() -> None:
+    """The drain's backup-ack count obeys the same snapshot (its stream is "backup")."""
+    ns = f"snapshot-{uuid.uuid4().hex}"
+    pacer, seen = HeldAfterAck("backup"), Decisions()
+    sched = open_rank(CacheConfig(page_size=PS), RankInfo(), ParallelGroups(tp=(0,)),
+                      SoloCollectives(), MemoryStorage(ns), pacer=pacer, observer=seen)
+    cache = sched.cache
+    try:
+        sched.add_request("r", tokens_for(3, pages=2))
+        sched.step()  # forward: a write-through is queued
+        (ack,) = cache.cache_controller.ack_write_queue
+        assert ack.wait(DEADLINE_S)
+        cache.writing_check()  # acks it: the node's backup to storage is queued
+        assert pacer.in_window.wait(DEADLINE_S), "no backup reached its ack"
+        assert cache.cache_controller.ack_backup_queue.qsize() == 1
+        cache.drain_storage_control_queues()
+        last = [d for d in seen.log if d.kind == "drain"][-1]
+        assert pacer.choices[-1] == 0
+        assert last.local[1] == 0, f"the drain read {last.local}, the pacer recorded 0 acks"
+        assert cache.cache_controller.ack_backup_queue.qsize() == 1  # still queued
+    finally:
+        pacer.release.set()
+        sched.shutdown()
+        clear_namespace(ns)
