@@ -29,8 +29,11 @@ CORPUS = Path(__file__).resolve().parent.parent / "scenarios" / "corpus"
 
 
 def ci_budget() -> int:
+    import sys
+
     from hypothesis import settings
 
+    sys.path.insert(0, str(CORPUS.parents[1]))  # conftest.py sits at the repo root
     import conftest  # noqa: F401  (registers the Hypothesis profiles dev, ci, nightly)
 
     return settings.get_profile("ci").max_examples

@@ -7,12 +7,17 @@ points (best_effort `can_terminate_prefetch` returns with no collective,
 terminate yet); a profile lists only what differs. The cache reads `self.profile.<field>` at
 the one place each behaviour lives.
 
-    field                     0.5.10           0.5.11 (#20460)   0.5.13            0.5.20
-    sync_groups               tp_cache_group   attn_cp, attn_tp  attn_cp, attn_tp  attn_cp, attn_tp
-    loading_check_agrees      no               no                MIN               MIN
-    writing_check_early_return yes             yes               yes               no (0.5.14+)
-    prefetch_progress         at_termination   at_termination    at_termination    per_batch_acks
-    pp_agreement              none             none              pp0_forwards_acks in_groups
+    field                     0.5.10          0.5.11 (#20460)  0.5.13            0.5.14            0.5.20
+    sync_groups               tp_cache_group  attn_cp, attn_tp attn_cp, attn_tp  attn_cp, attn_tp  attn_cp, attn_tp
+    loading_check_agrees      no              no               MIN               MIN               MIN
+    writing_check_early_return yes            yes              yes               no                no
+    prefetch_progress         at_termination  at_termination   at_termination    at_termination    per_batch_acks
+    pp_agreement              none            none             pp0_forwards_acks pp0_forwards_acks in_groups
+
+0.5.14 differs from 0.5.13.post1 only in `writing_check` (the diff of the two wheels'
+hiradix_cache.py and cache_controller.py, protocol paths only); 0.5.15 keeps it. 0.5.16 .. 0.5.18
+add the hit-queue pipeline (host pages allocated at the drain), which no profile models: they
+are judged with this one.
 
 writing_check_early_return: up to 0.5.13.post1 `writing_check` returns before its collective
 when nothing is in flight ("all ranks has the same ongoing_write_through"); from 0.5.14 every
@@ -91,10 +96,17 @@ PROFILES: dict[str, ProtocolProfile] = {p.name: p for p in (
         summary="+ loading_check MIN; PP rank 0 decides and forwards the write / load acks",
     ),
     ProtocolProfile(
+        "sglang-0.5.14", sync_groups="attn_cp_then_attn_tp", loading_check_agrees=True,
+        writing_check_early_return=False, prefetch_progress="at_termination",
+        pp_agreement="pp0_forwards_acks",
+        summary="+ writing_check always reduces (a host allocation refused on some ranks "
+                "no longer skips the MIN there)",
+    ),
+    ProtocolProfile(
         "sglang-0.5.20", sync_groups="attn_cp_then_attn_tp", loading_check_agrees=True,
         writing_check_early_return=False, prefetch_progress="per_batch_acks", pp_agreement="in_groups",
-        summary="writing_check always reduces (0.5.14); per-batch prefetch progress acks via "
-                "the prefetch-sync thread; PP in the groups",
+        summary="+ per-batch prefetch progress acks via the prefetch-sync thread (0.5.19); PP "
+                "in the groups",
     ),
 )}
 

@@ -48,7 +48,7 @@ KNOWN: dict[str, Variant] = {v.name: v for v in (
             "has no finished write ack (a LOCAL test), while its peers issue the MIN",
             "collective skipped on an early return decided on local state: it mispairs with "
             "the next scheduler-thread collective on the shared gloo group",
-            ("sglang-0.5.11", "sglang-0.5.13", "sglang-0.5.20")),
+            ("sglang-0.5.11", "sglang-0.5.13", "sglang-0.5.14", "sglang-0.5.20")),
 )}
 
 VARIANTS: dict[str, str] = {name: v.bug for name, v in KNOWN.items()}

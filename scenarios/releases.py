@@ -1,8 +1,9 @@
 """Which reference protocol profile models each SGLang release (one table, shared by the oracle
 and differential mode). The profiles are named after the release they were read from; the table
-starts each at the first release with the same protocol: 0.5.16 .. 0.5.18 (hit queue, progress
-still agreed once at termination) are sglang-0.5.13's; per-batch progress acks with a
-prefetch-sync thread arrive in 0.5.19, which is sglang-0.5.20's."""
+starts each at the first release with the same protocol: 0.5.14 and 0.5.15 are sglang-0.5.14's
+exactly; 0.5.16 .. 0.5.18 (hit queue, progress still agreed once at termination) are judged with
+it too; per-batch progress acks with a prefetch-sync thread arrive in 0.5.19, which is
+sglang-0.5.20's."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import re
 
 #: (first release, profile), newest first; 0.5.9 .. 0.5.10.post1 predate PR #20460
 PROFILE_FOR: tuple[tuple[str, str], ...] = (
-    ("0.5.19", "sglang-0.5.20"), ("0.5.13", "sglang-0.5.13"),
+    ("0.5.19", "sglang-0.5.20"), ("0.5.14", "sglang-0.5.14"), ("0.5.13", "sglang-0.5.13"),
     ("0.5.11", "sglang-0.5.11"), ("0.5.9", "sglang-0.5.10"),
 )
 

@@ -16,7 +16,7 @@ from scenarios.nemesis import Nemesis, Window
 from scenarios.schedule import Schedule
 
 #: the profiles whose write_acks run agrees without the fault (0.5.10 splits CP peers anyway)
-POST_FIX = ("sglang-0.5.11", "sglang-0.5.13", "sglang-0.5.20")
+POST_FIX = ("sglang-0.5.11", "sglang-0.5.13", "sglang-0.5.14", "sglang-0.5.20")
 
 
 @pytest.mark.parametrize("profile", POST_FIX)

@@ -32,8 +32,10 @@ def known_divergence(protocol: str, dp: bool, layout: str) -> bool:
     pp = len(layout.split("x")) == 3 and layout.split("x")[2] != "1"
     if protocol == "sglang-0.5.10" and dp:
         return True  # CP peers are outside the attention-TP group
-    # no PP agreement on prefetch decisions before 0.5.20 (0.5.13 forwards only the ack counts)
-    return pp and protocol in ("sglang-0.5.10", "sglang-0.5.11", "sglang-0.5.13")
+    # no PP agreement on prefetch decisions before 0.5.20 (0.5.13 / 0.5.14 forward only the
+    # ack counts)
+    return pp and protocol in ("sglang-0.5.10", "sglang-0.5.11", "sglang-0.5.13",
+                               "sglang-0.5.14")
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

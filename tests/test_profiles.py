@@ -29,7 +29,7 @@ from scenarios.checker import check
 from scenarios.cli import main
 from scenarios.schedule import Op, Schedule, ScheduleError
 
-RELEASES = ["sglang-0.5.10", "sglang-0.5.11", "sglang-0.5.13", "sglang-0.5.20"]
+RELEASES = ["sglang-0.5.10", "sglang-0.5.11", "sglang-0.5.13", "sglang-0.5.14", "sglang-0.5.20"]
 
 
 class CountingCollectives:
@@ -72,16 +72,25 @@ def test_profile_names_and_default() -> None:
 
 
 def test_each_release_differs_from_the_next_in_what_the_table_says() -> None:
-    p10, p11, p13, p20 = (PROFILES[n] for n in RELEASES)
+    p10, p11, p13, p14, p20 = (PROFILES[n] for n in RELEASES)
     assert p10.sync_groups == "tp_cache_group" != p11.sync_groups
     assert not p11.loading_check_agrees and p13.loading_check_agrees
-    assert (p11.pp_agreement, p13.pp_agreement, p20.pp_agreement) == (
-        "none", "pp0_forwards_acks", "in_groups")
-    assert p13.prefetch_progress == "at_termination" != p20.prefetch_progress
+    assert (p11.pp_agreement, p13.pp_agreement, p14.pp_agreement, p20.pp_agreement) == (
+        "none", "pp0_forwards_acks", "pp0_forwards_acks", "in_groups")
+    assert p13.writing_check_early_return and not p14.writing_check_early_return
+    assert p14.prefetch_progress == "at_termination" != p20.prefetch_progress
+    # 0.5.14 is 0.5.13 but for writing_check; 0.5.20 is 0.5.14 but for progress acks and PP
+    from dataclasses import replace
+
+    assert replace(p13, name=p14.name, summary=p14.summary,
+                   writing_check_early_return=False) == p14
+    assert replace(p14, name=p20.name, summary=p20.summary, prefetch_progress="per_batch_acks",
+                   pp_agreement="in_groups") == p20
 
 
 @pytest.mark.parametrize(("protocol", "collectives"), [
-    ("sglang-0.5.10", 0), ("sglang-0.5.11", 0), ("sglang-0.5.13", 1), ("sglang-0.5.20", 1)])
+    ("sglang-0.5.10", 0), ("sglang-0.5.11", 0), ("sglang-0.5.13", 1), ("sglang-0.5.14", 1),
+    ("sglang-0.5.20", 1)])
 def test_loading_check_collective_per_release(protocol: str, collectives: int) -> None:
     """0.5.10 / 0.5.11 pop their own finished loads; 0.5.13 on agree with one MIN."""
     sched, coll = _cache(protocol)
@@ -94,7 +103,7 @@ def test_loading_check_collective_per_release(protocol: str, collectives: int) -
 
 @pytest.mark.parametrize("protocol", RELEASES)
 def test_writing_check_returns_before_its_collective_when_nothing_is_in_flight(protocol) -> None:
-    """Up to 0.5.13; from 0.5.14 (profile sglang-0.5.20) every rank reduces every step."""
+    """Up to 0.5.13; from 0.5.14 (profiles sglang-0.5.14, -0.5.20) every rank reduces every step."""
     sched, coll = _cache(protocol)
     try:
         sched.cache.writing_check()
@@ -433,6 +442,8 @@ TABLE_DIVERGENCES = {  # (protocol, dp_attention, layout) -> invariant (benchmar
     # 0.5.13 forwards only the write / load acks: prefetch decisions are per stage
     ("sglang-0.5.13", True, "2x2x2"): "decisions",
     ("sglang-0.5.13", False, "2x2x2"): "decisions",
+    ("sglang-0.5.14", True, "2x2x2"): "decisions",  # the same forwarding as 0.5.13
+    ("sglang-0.5.14", False, "2x2x2"): "decisions",
 }
 
 

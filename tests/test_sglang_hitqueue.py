@@ -22,10 +22,12 @@ V = "0.5.20"
 
 
 def test_profiles_of_the_hit_queue_releases() -> None:
-    """0.5.16 .. 0.5.18 agree on progress once at termination (0.5.13's protocol); 0.5.19
-    brings the prefetch-sync thread's per-batch acks (0.5.20's)."""
-    assert [profile_for(v) for v in ("0.5.15.post1", "0.5.16", "0.5.17", "0.5.18")] == \
-        ["sglang-0.5.13"] * 4
+    """0.5.14 .. 0.5.18 agree on progress once at termination and reduce in every
+    writing_check (0.5.14's protocol; 0.5.16's hit queue is not in a profile); 0.5.19 brings
+    the prefetch-sync thread's per-batch acks (0.5.20's)."""
+    assert profile_for("0.5.13.post1") == "sglang-0.5.13"
+    assert [profile_for(v) for v in ("0.5.14", "0.5.15.post1", "0.5.16", "0.5.17", "0.5.18")] \
+        == ["sglang-0.5.14"] * 5
     assert profile_for("0.5.19") == profile_for("0.5.20") == "sglang-0.5.20"
 
 
