@@ -33,6 +33,7 @@ import time
 from importlib import metadata
 
 import torch
+from breakdown_table import print_breakdown
 
 from reference.api import (
     CacheConfig,
@@ -294,13 +295,7 @@ def _main() -> None:
             print(f"| {kib} KiB | {row['ref_gbs']:.2f} | {row['raw_gbs']:.2f} | "
                   f"{row['floor_gbs']:.2f} | {row['ratio']:.0%} | {row['floor_ratio']:.0%} | "
                   f"{row['ref_vs_floor']:.0%} |", flush=True)
-    names = list(rows[0]["breakdown_ms"])
-    print("\nwhere the reference's best round went (ms)\n")
-    print("| page part | " + " | ".join(names) + " |")
-    print("|---|" + "---|" * len(names))
-    for row in rows:
-        ph = row["breakdown_ms"]
-        print(f"| {row['part_kib']} KiB | " + " | ".join(f"{ph[n]:.2f}" for n in names) + " |")
+    print_breakdown("the reference's", rows, list(rows[0]["breakdown_ms"]))
     print(f"\nload average after: {os.getloadavg()[0]:.2f}")
     if args.json:
         save()

@@ -79,6 +79,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from breakdown_table import print_breakdown  # noqa: E402
+
 from scenarios.contract import ExitCode  # noqa: E402
 
 PAGE_SIZE, HEADS, HEAD_DIM, DTYPE_BYTES = 16, 8, 128, 2
@@ -665,12 +667,7 @@ def parent_main(args: argparse.Namespace) -> int:
             run_child(args, m.address, scratch, on_row)
     except MooncakeMasterError as e:
         raise CannotMeasure(str(e)) from None
-    print("\nwhere SGLang's best round went (ms)\n")
-    print("| page part | " + " | ".join(PHASES) + " |")
-    print("|---|" + "---|" * len(PHASES))
-    for row in rows:
-        ph = row["breakdown_ms"]
-        print(f"| {row['part_kib']} KiB | " + " | ".join(f"{ph[n]:.2f}" for n in PHASES) + " |")
+    print_breakdown("SGLang's", rows, list(PHASES))
     if infos:
         i = infos[0]
         print(f"\nSGLang's path: {i['store']}.{i['page_get']} ({i['client']}), host layout "
