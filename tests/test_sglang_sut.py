@@ -80,6 +80,62 @@ def test_io_gates_hold_a_call_until_opened_and_settle() -> None:
     assert ran == [1] and gates.settle("get") is False
 
 
+class _Pool:
+    """SGLang's host-pool admission, as every release writes it: refuse unless the reserve
+    stays free after the request."""
+
+    def __init__(self, requested: int, pin_memory: bool = True) -> None:
+        import psutil
+
+        self.pinned = pin_memory
+        free = psutil.virtual_memory().available - shim.SGLANG_HOST_RESERVE_BYTES
+        if requested > free:
+            raise ValueError("Not enough host memory available.")
+
+
+class _SubPool(_Pool):
+    def __init__(self, requested: int, pin_memory: bool = True) -> None:
+        super().__init__(requested, pin_memory)
+
+
+def test_host_pool_builds_with_the_reserve_lent_but_not_past_free_ram(monkeypatch) -> None:
+    """A box with 9 GiB free: SGLang refuses a kilobyte pool (the 10 GiB reserve); with the
+    shim it builds, unpinned, and a pool larger than the free RAM is still refused. Nested
+    __init__s (a subclass calling its base) lend the reserve once."""
+    import psutil
+
+    gib = 1024**3
+    real = psutil.virtual_memory()
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: real._replace(available=9 * gib))
+    with pytest.raises(ValueError):
+        _Pool(4096)  # SGLang as released, on this box
+    monkeypatch.setattr(_Pool, "__init__", shim._no_pin(_Pool.__init__))
+    monkeypatch.setattr(_SubPool, "__init__", shim._no_pin(_SubPool.__init__))
+    assert _Pool(4096).pinned is False
+    assert _SubPool(8 * gib).pinned is False
+    for cls in (_Pool, _SubPool):
+        with pytest.raises(ValueError):
+            cls(9 * gib + 1)  # the RAM really free is still the limit
+    assert psutil.virtual_memory().available == 9 * gib  # restored after every build
+
+
+def test_a_broken_machine_is_unknown_not_a_divergence(monkeypatch) -> None:
+    """SglangExecutor.check: a rank's infrastructure error (SGLang's host pool refused by the
+    machine) is `unknown`, as the judge says it; annotate() must not turn it into an agree."""
+    from scenarios.catalog import load_scenario
+    from scenarios.records import ErrorKind, RankError, RankResult
+    from scenarios.sglang.executor import SglangExecutor
+
+    refused = RankError.of(ValueError("Not enough host memory available."),
+                           ErrorKind.INFRASTRUCTURE, "building SGLang's host pool")
+    results = [RankResult(rank=r, error=refused if r == 0 else None) for r in (0, 1)]
+    ex = SglangExecutor.__new__(SglangExecutor)
+    monkeypatch.setattr(ex, "run", lambda s, dp: results, raising=False)
+    for dp in (True, False):
+        v = ex.check(load_scenario("write_acks").with_(dp_attention=dp))
+        assert v.status == "unknown" and "host memory" in (v.diagnosis or ""), v.summary()
+
+
 def test_env_builder_refuses_cuda_wheels(monkeypatch) -> None:
     """A resolution that would pull a CUDA-only package is refused before installing."""
     def fake_pip(*args: str, timeout: float = 0):

@@ -116,8 +116,15 @@ class SglangExecutor:
         return results
 
     def check(self, s: Any, dp_attention: bool | None = None) -> Verdict:
+        """The verdict on one Schedule; `unknown` when the machine broke the run (a rank's
+        infrastructure error, as `judge.run_checked` reads it), never a divergence of SGLang's."""
+        from scenarios.judge import infrastructure
+
         dp = s_dp_attention(s) if dp_attention is None else dp_attention
         results = self.run(s, dp)
+        broke = infrastructure(results)
+        if broke:
+            return Verdict.unknown(broke)
         return annotate(check(s, results), dp, s.backend)
 
     def close(self) -> None:

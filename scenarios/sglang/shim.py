@@ -8,11 +8,18 @@ Facts in shared/design/sglang.md. Call `install()` before the first `import sgla
      index copies for the `direct` io backend (the only one that runs on CPU).
   3. pinned host memory: pools default to pin_memory=True (cudaHostRegister); forced False.
   4. triton: 1 GB real wheel; a permissive stub (decorators pass through, `.driver` raises).
+  5. the host-memory reserve: a host pool refuses to build unless 10 GiB of RAM would stay
+     free after it (HICACHE_HOST_MEMORY_RESERVE_BYTES; `ten_gb` before 0.5.11), sized for a
+     serving host's OS. The harness's pools are kilobytes, and two xdist workers on the 24 GiB
+     CI box leave less than 10 GiB free at times (0.5.11 refused once, at -0.76 GB). While a
+     pool is built its `psutil.virtual_memory()` counts the reserve as available: a pool that
+     does not fit in the RAM really free is still refused.
 The stubs are only served when the real package is absent.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.abc
 import importlib.machinery
@@ -179,7 +186,34 @@ def install() -> None:
 # -- 3. pin_memory=False, and kvcacheio bound where 0.5.20 leaves the names undefined ---------
 
 
+#: what SGLang keeps free before it builds a host pool (5. above)
+SGLANG_HOST_RESERVE_BYTES = 10 * 1024**3
+
+
+@contextlib.contextmanager
+def reserve_lent() -> Any:
+    """`psutil.virtual_memory()` with SGLang's reserve added back to `available`."""
+    import psutil
+
+    real = psutil.virtual_memory
+    if getattr(real, "_cpcheck_lent", False):  # a subclass pool's __init__ calls its base's
+        yield
+        return
+
+    def lent() -> Any:
+        vm = real()
+        return vm._replace(available=vm.available + SGLANG_HOST_RESERVE_BYTES)
+
+    lent._cpcheck_lent = True  # type: ignore[attr-defined]
+    psutil.virtual_memory = lent
+    try:
+        yield
+    finally:
+        psutil.virtual_memory = real
+
+
 def _no_pin(init: Any) -> Any:
+    """A host pool's __init__ without pinned memory (3.) and with the reserve lent (5.)."""
     sig = inspect.signature(init)
 
     @functools.wraps(init)
@@ -188,14 +222,16 @@ def _no_pin(init: Any) -> Any:
         bound.apply_defaults()
         if "pin_memory" in bound.arguments:
             bound.arguments["pin_memory"] = False
-        init(*bound.args, **bound.kwargs)
+        with reserve_lent():
+            init(*bound.args, **bound.kwargs)
 
     wrapper._cpcheck_no_pin = True  # type: ignore[attr-defined]
     return wrapper
 
 
 def patch_loaded() -> None:
-    """After importing sglang's mem_cache modules: no pinned memory, CPU copies bound."""
+    """After importing sglang's mem_cache modules: no pinned memory and the reserve lent
+    while a host pool is built, CPU copies bound."""
     for name, mod in list(sys.modules.items()):
         if not name.startswith("sglang.srt.mem_cache") or mod is None:
             continue
