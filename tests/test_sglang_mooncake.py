@@ -75,6 +75,46 @@ def test_read_back_keeps_only_what_the_master_holds_and_checks_its_bytes(fresh_m
         mooncake.close_clients()
 
 
+class _FlakyTransfer:
+    """A Mooncake client whose first `fails` reads of a key come back empty (a transfer that
+    failed in transit; the master still lists the key)."""
+
+    def __init__(self, held: dict[str, bytes], fails: int) -> None:
+        self.held, self.fails, self.reads = held, fails, 0
+
+    def setup(self, *args: object) -> int:
+        return 0
+
+    def batch_is_exist(self, keys: list[str]) -> list[int]:
+        return [int(k in self.held) for k in keys]
+
+    def get_batch(self, keys: list[str]) -> list[bytes]:
+        self.reads += 1
+        return [b"" if self.reads <= self.fails else self.held[k] for k in keys]
+
+
+@pytest.mark.parametrize("fails", [1, 2])
+def test_read_back_asks_once_more_for_what_failed_in_transit(fails: int) -> None:
+    """A read-back read that comes back empty is asked again once (counted in the client's
+    `read_back_retries`); one that fails twice stays a failed read (ok False), never a pass."""
+    held = {"k1": b"\x01" * 8, "k2": b"\x02" * 8}
+    address = f"flaky-{fails}:1"
+    client = mooncake.shared_client(address, cls=lambda: _FlakyTransfer(held, fails))
+    try:
+        assert client.setup("x") == 0
+        run = _fake_run(address, f"rflaky{fails}")
+        run.storage.append(["set", sorted(held), [True, True], ["", ""]])
+        assert mooncake.read_back(run) == sorted(held)
+        op, keys, ok, sums = run.storage[-1]
+        assert op == "get" and client.inner.reads == 2
+        assert ok == ([True, True] if fails == 1 else [False, False])
+        assert (sums[0] != "") is (fails == 1)
+        assert client.read_back_retries == 2
+        assert mooncake.client_info(run)["read_back_retries"] == 2
+    finally:
+        mooncake._clients.pop(address, None)
+
+
 def _result(rank: int, storage: list, stored: list):  # noqa: ANN202
     """A rank result holding only what the page invariant reads (as the SGLang rank builds it)."""
     from scenarios.records import RankResult, StorageCall
