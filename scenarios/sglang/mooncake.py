@@ -218,7 +218,16 @@ def read_back(run: Any) -> list[str]:
         sums = [_blake(bytes(d)) if d else "" for d in data]
         with run.lock:
             run.storage.append(["get", list(stored), [bool(d) for d in data], sums])
+        lost = sum(not d for d in data)
+        if lost:  # the page invariant compares only what came back: say the check is partial
+            raise ReadBackFailed(f"{lost} of {len(stored)} keys the master lists could not be "
+                                 "read back (twice): their bytes go unchecked")
     return stored
+
+
+class ReadBackFailed(RuntimeError):
+    """The master's copy of this rank's pages could not be fetched: the run's page check
+    would be partial, so the run is judged `unknown` (infrastructure), not agree."""
 
 
 def client_info(run: Any) -> dict:

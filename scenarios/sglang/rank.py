@@ -41,8 +41,10 @@ HOST_MEMORY_REFUSED = "Not enough host memory available"
 
 
 def _machine_broke(e: BaseException) -> bool:
-    """SGLang's host pool refuses to allocate on a box with little free RAM (a ValueError)."""
-    return isinstance(e, ValueError) and HOST_MEMORY_REFUSED in str(e)
+    """SGLang's host pool refuses to allocate on a box with little free RAM (a ValueError);
+    the run's pages could not be read back from the Mooncake master."""
+    return (isinstance(e, ValueError) and HOST_MEMORY_REFUSED in str(e)) or isinstance(
+        e, mooncake.ReadBackFailed)
 #: SGLang builds a registered backend only under a built-in name: ours replaces "file"
 BACKEND_NAME = "file"
 HEADS, HEAD_DIM, LAYERS = 2, 4, 2
@@ -320,8 +322,10 @@ def run_schedule(ctx: Any, payload: dict) -> RankResult:
         # its kind from the exception's type (scenarios/records.py); SGLang's host pool
         # refusing to allocate is a plain ValueError, recognised here once, at the boundary
         machine = _machine_broke(e)
+        where = ("reading the run's pages back from the Mooncake master"
+                 if isinstance(e, mooncake.ReadBackFailed) else "building SGLang's host pool")
         error = RankError.of(e, ErrorKind.INFRASTRUCTURE if machine else None,
-                             "building SGLang's host pool" if machine else "")
+                             where if machine else "")
         snapshot = {"traceback": error.traceback}
         if not in_sync:  # tell the peers at their next sync (not after a broken sync itself)
             gates.release_all()
