@@ -113,7 +113,9 @@ def test_read_back_asks_once_more_for_what_failed_in_transit(fails: int) -> None
         else:
             with pytest.raises(mooncake.ReadBackFailed) as e:
                 mooncake.read_back(run)
-            assert "2 of 2 keys" in str(e.value) and _machine_broke(e.value)
+            assert "2 of 2 keys" in str(e.value)
+            assert _machine_broke(e.value) == ("reading the run's pages back from the "
+                                               "Mooncake master")
         op, keys, ok, sums = run.storage[-1]
         assert op == "get" and client.inner.reads == 2
         assert ok == ([True, True] if fails == 1 else [False, False])

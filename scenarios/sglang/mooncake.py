@@ -215,10 +215,11 @@ def read_back(run: Any) -> list[str]:
             for i, d in zip(failed, again, strict=False):
                 data[i] = d
             client.read_back_retries += len(failed)
+        ok = [bool(d) for d in data]
         sums = [_blake(bytes(d)) if d else "" for d in data]
         with run.lock:
-            run.storage.append(["get", list(stored), [bool(d) for d in data], sums])
-        lost = sum(not d for d in data)
+            run.storage.append(["get", list(stored), ok, sums])
+        lost = ok.count(False)
         if lost:  # the page invariant compares only what came back: say the check is partial
             raise ReadBackFailed(f"{lost} of {len(stored)} keys the master lists could not be "
                                  "read back (twice): their bytes go unchecked")

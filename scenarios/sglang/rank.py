@@ -36,15 +36,18 @@ from scenarios.sglang.seams import GatedDevice, IoGates, SglangPacer
 
 MAX_DRAIN_STEPS = 200
 #: failures that say the machine, not SGLang's protocol, broke the run (judged "unknown"):
-#: SGLang's host pool refuses to allocate when less than 10 GiB of RAM is free (a shared box)
+#: SGLang's host pool refuses to allocate when the RAM is not there (the shim lends back its
+#: 10 GiB reserve, so only a really full box), a plain ValueError with this text
 HOST_MEMORY_REFUSED = "Not enough host memory available"
 
 
-def _machine_broke(e: BaseException) -> bool:
-    """SGLang's host pool refuses to allocate on a box with little free RAM (a ValueError);
-    the run's pages could not be read back from the Mooncake master."""
-    return (isinstance(e, ValueError) and HOST_MEMORY_REFUSED in str(e)) or isinstance(
-        e, mooncake.ReadBackFailed)
+def _machine_broke(e: BaseException) -> str | None:
+    """What the harness was doing when the machine, not SGLang, broke the run; else None."""
+    if isinstance(e, ValueError) and HOST_MEMORY_REFUSED in str(e):
+        return "building SGLang's host pool"
+    if isinstance(e, mooncake.ReadBackFailed):
+        return "reading the run's pages back from the Mooncake master"
+    return None
 #: SGLang builds a registered backend only under a built-in name: ours replaces "file"
 BACKEND_NAME = "file"
 HEADS, HEAD_DIM, LAYERS = 2, 4, 2
@@ -321,11 +324,8 @@ def run_schedule(ctx: Any, payload: dict) -> RankResult:
     except Exception as e:
         # its kind from the exception's type (scenarios/records.py); SGLang's host pool
         # refusing to allocate is a plain ValueError, recognised here once, at the boundary
-        machine = _machine_broke(e)
-        where = ("reading the run's pages back from the Mooncake master"
-                 if isinstance(e, mooncake.ReadBackFailed) else "building SGLang's host pool")
-        error = RankError.of(e, ErrorKind.INFRASTRUCTURE if machine else None,
-                             where if machine else "")
+        where = _machine_broke(e)
+        error = RankError.of(e, ErrorKind.INFRASTRUCTURE if where else None, where or "")
         snapshot = {"traceback": error.traceback}
         if not in_sync:  # tell the peers at their next sync (not after a broken sync itself)
             gates.release_all()
