@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from scenarios.catalog import load_scenario
 from scenarios.contract import CannotJudge, UsageError
 from scenarios.sglang import envs, shim
 from scenarios.sglang.seams import GatedDevice, IoGates
@@ -134,6 +135,37 @@ def test_a_broken_machine_is_unknown_not_a_divergence(monkeypatch) -> None:
     for dp in (True, False):
         v = ex.check(load_scenario("write_acks").with_(dp_attention=dp))
         assert v.status == "unknown" and "host memory" in (v.diagnosis or ""), v.summary()
+
+
+def test_a_broken_machine_exits_unknown_and_writes_no_replay(monkeypatch, tmp_path) -> None:
+    """`cpcheck run --sut sglang==V` on a run the machine broke: exit 125 (the contract's
+    unknown), not 1, and no replay file (there is no divergence to replay)."""
+    from scenarios.checker import Verdict
+    from scenarios.cli import main
+    from scenarios.sglang import hunting
+
+    broke = Verdict.unknown("rank 0: building SGLang's host pool: ValueError: Not enough host "
+                            "memory available.")
+
+    class BrokenMachine:
+        def __init__(self, *a: object, **k: object) -> None:
+            pass
+
+        def __enter__(self) -> BrokenMachine:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            pass
+
+        def check(self, s: object) -> Verdict:
+            return broke
+
+    monkeypatch.setattr(hunting, "SglangExecutor", BrokenMachine)
+    assert hunting.judge(load_scenario("write_acks").with_(sut=f"sglang=={POST}")) == (125, broke)
+    need(POST)  # the CLI checks that the release's environment exists before it runs
+    rc = main(["run", "write_acks", "--sut", f"sglang=={POST}", "--replay-dir", str(tmp_path)])
+    assert rc == 125
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_env_builder_refuses_cuda_wheels(monkeypatch) -> None:

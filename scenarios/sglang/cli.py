@@ -61,7 +61,7 @@ def cmd_run(args: argparse.Namespace, s: Any) -> int:
     print(f"{s.name} layout={s.layout} sut={s.sut} dp_attention={s.dp_attention}", file=out)
     _print_verdict(v, args)
     replay = None
-    if not v.ok:
+    if v.status == "diverge":  # not for a run the machine broke (unknown): nothing to replay
         replay = write_sglang_replay(s, v, args.replay_dir)
         print(f"replay: cpcheck replay {replay}", file=out)
     _emit(args, v, code, replay)

@@ -15,7 +15,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from scenarios.checker import Verdict, check
+from scenarios.checker import Verdict
 from scenarios.contract import CannotJudge
 from scenarios.sglang import envs, mooncake
 
@@ -116,16 +116,8 @@ class SglangExecutor:
         return results
 
     def check(self, s: Any, dp_attention: bool | None = None) -> Verdict:
-        """The verdict on one Schedule; `unknown` when the machine broke the run (a rank's
-        infrastructure error, as `judge.run_checked` reads it), never a divergence of SGLang's."""
-        from scenarios.judge import infrastructure
-
         dp = s_dp_attention(s) if dp_attention is None else dp_attention
-        results = self.run(s, dp)
-        broke = infrastructure(results)
-        if broke:
-            return Verdict.unknown(broke)
-        return annotate(check(s, results), dp, s.backend)
+        return verdict_of(s, self.run(s, dp), dp)
 
     def close(self) -> None:
         for pool in self._pools.values():
@@ -160,6 +152,19 @@ NOT_OBSERVED = ("no prefetch-thread decision channel (SGLang's storage hit agree
                 "seen as collectives only; from 0.5.19 the per-batch progress agreements are "
                 "logged, channel prefetch_sync)", "no store-side copy count (the file backend is "
                 "read back through the keys each rank wrote)")
+
+
+def verdict_of(s: Any, results: list, dp_attention: bool) -> Verdict:
+    """The verdict on one SGLang run; `unknown` when the machine broke it (a rank's
+    infrastructure error, as `judge.run_checked` reads it), never a divergence of SGLang's
+    (and never an agree: annotate would clear an error-free failure list without DP attention)."""
+    from scenarios import checker  # looked up per call: tests script the checker
+    from scenarios.judge import infrastructure
+
+    broke = infrastructure(results)
+    if broke:
+        return Verdict.unknown(broke)
+    return annotate(checker.check(s, results), dp_attention, s.backend)
 
 
 def annotate(v: Verdict, dp_attention: bool, backend: str = "file") -> Verdict:

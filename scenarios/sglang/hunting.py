@@ -7,9 +7,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from scenarios.contract import ExitCode, UsageError
-from scenarios.judge import infrastructure
-from scenarios.sglang.executor import SglangExecutor, parse_sut
+from scenarios.contract import UsageError
+from scenarios.sglang.executor import SglangExecutor, parse_sut, verdict_of
 
 
 def _log(msg: str) -> None:
@@ -46,15 +45,13 @@ def judge(s: Any, *, timeout: float = 20.0, mooncake_master: str = "") -> tuple[
     with SglangExecutor(version, timeout_s=timeout, log=_log,
                         mooncake_master=mooncake_master) as ex:
         v = ex.check(s)
-    return (int(ExitCode.AGREE) if v.ok else int(ExitCode.DIVERGE)), v
+    return v.exit_code, v  # unknown (125) when the machine broke the run
 
 
 def confirm(ex: Any, s: Any, dp: bool, n: int) -> tuple[int, Any]:
     """Replay `s` n times on the same pool: (how many runs diverged, the first diverging
     verdict, else the last one). A divergence that never recurs is flaky, not a finding."""
-    from scenarios.checker import check
     from scenarios.runner import RankPoolError
-    from scenarios.sglang.executor import annotate
 
     k, first, last = 0, None, None
     for _ in range(n):
@@ -63,11 +60,10 @@ def confirm(ex: Any, s: Any, dp: bool, n: int) -> tuple[int, Any]:
         except RankPoolError as e:  # the pool broke, not the Schedule: not counted either way
             _log(f"replay not judged (pool): {type(e).__name__}: {e}")
             continue
-        broke = infrastructure(results)
-        if broke:  # the machine broke the run (e.g. no free host memory)
-            _log(f"replay not judged: {broke}")
+        v = verdict_of(s, results, dp)
+        if v.status == "unknown":  # the machine broke the run (e.g. no free host memory)
+            _log(f"replay not judged: {v.diagnosis}")
             continue
-        v = annotate(check(s, results), dp, s.backend)
         last = v
         if not v.ok:
             k += 1
@@ -89,10 +85,8 @@ def hunt(version: str, dp: bool, layouts: tuple[str, ...], examples: int, seed: 
     from hypothesis import HealthCheck, Phase, find, settings
     from hypothesis.errors import NoSuchExample
 
-    from scenarios.checker import check
     from scenarios.explore import steer
     from scenarios.runner import RankPoolError
-    from scenarios.sglang.executor import annotate
     from scenarios.strategies import schedules
 
     sut = f"sglang=={version}"
@@ -122,14 +116,13 @@ def hunt(version: str, dp: bool, layouts: tuple[str, ...], examples: int, seed: 
             state["infra"].append(f"{type(e).__name__}: {str(e)[:1500]}")
             state.setdefault("infra_s", []).append(s)  # kept, to replay what broke the pool
             return False
-        broke = infrastructure(results)
-        if broke:  # the machine, not the release: not judged, never agree or diverge
-            _log(f"run not judged: {broke}")
-            state["infra"].append(broke[:1500])
+        v = verdict_of(s, results, dp)
+        if v.status == "unknown":  # the machine, not the release: never agree or diverge
+            _log(f"run not judged: {v.diagnosis}")
+            state["infra"].append((v.diagnosis or "")[:1500])
             state.setdefault("infra_s", []).append(s)
             return False
         steer(results)
-        v = annotate(check(s, results), dp, s.backend)
         if not v.ok:
             if state["first"] is None:
                 state["first"] = time.monotonic() - t0

@@ -61,10 +61,8 @@ def run_corpus(ex: Any, version: str, dp: bool, layout: str, replays: int,
                replay_dir: str | None = None) -> list[dict]:
     """Each corpus Schedule of this layout once; a divergence is replayed `replays` times and,
     if it reproduced, written to `replay_dir` with this release and DP setting."""
-    from scenarios.checker import check
-    from scenarios.judge import infrastructure
     from scenarios.runner import RankPoolError
-    from scenarios.sglang.executor import annotate
+    from scenarios.sglang.executor import verdict_of
     from scenarios.sglang.hunting import confirm
 
     rows = []
@@ -76,11 +74,10 @@ def run_corpus(ex: Any, version: str, dp: bool, layout: str, replays: int,
             rows.append({"file": name, "verdict": "error",
                          "error": f"{type(e).__name__}: {str(e)[:1500]}"})
             continue
-        broke = infrastructure(results)
-        if broke:
-            rows.append({"file": name, "verdict": "error", "error": broke})
+        v = verdict_of(s, results, dp)
+        if v.status == "unknown":  # the machine broke the run
+            rows.append({"file": name, "verdict": "error", "error": v.diagnosis})
             continue
-        v = annotate(check(s, results), dp, s.backend)
         row: dict = {"file": name, "verdict": "agree" if v.ok else "diverge"}
         if not v.ok:
             k, rv = confirm(ex, s, dp, replays)
