@@ -18,15 +18,15 @@ import time
 from collections.abc import Callable
 
 import torch
+from bench_shared import HEAD_DIM, HEADS, PAGE_SIZE, layers_for
 
 from reference.memory_pool import DeviceKVPool, HostKVPool, KVShape, device_to_host, host_to_device
 
 
-def shape_for(part_bytes: int, page_size: int = 16) -> KVShape:
+def shape_for(part_bytes: int, page_size: int = PAGE_SIZE) -> KVShape:
     """A fp16 KV shape whose one page part (K or V) is `part_bytes`."""
-    heads, head_dim = 8, 128
-    return KVShape(layers=max(1, part_bytes // (page_size * heads * head_dim * 2)), heads=heads,
-                   head_dim=head_dim)
+    return KVShape(layers=max(1, layers_for(part_bytes, page_size)), heads=HEADS,
+                   head_dim=HEAD_DIM)
 
 
 def best_s(fn: Callable[[], None], rounds: int, cuda: bool) -> float:

@@ -27,13 +27,10 @@ import argparse
 import json
 import logging
 import os
-import platform
 import sys
 import time
-from importlib import metadata
 
-import torch
-from breakdown_table import print_breakdown
+from bench_shared import HEAD_DIM, HEADS, PAGE_SIZE, layers_for, print_breakdown, versions
 
 from reference.api import (
     CacheConfig,
@@ -109,9 +106,7 @@ class _OneRank:
 
 def shape_for(part_bytes: int) -> tuple[KVShape, int]:
     """A KV shape and page size whose one page part (K or V) is `part_bytes` of fp16."""
-    page_size, heads, head_dim = 16, 8, 128
-    layers = part_bytes // (page_size * heads * head_dim * 2)
-    return KVShape(layers=layers, heads=heads, head_dim=head_dim), page_size
+    return KVShape(layers=layers_for(part_bytes), heads=HEADS, head_dim=HEAD_DIM), PAGE_SIZE
 
 
 def _wait_done(op, per_batch_acks: bool) -> None:  # noqa: ANN001
@@ -221,18 +216,6 @@ def run(master: str, part_bytes: int, pages: int, rounds: int, batch_pages: int,
     }
 
 
-def _versions() -> dict:
-    def ver(name: str) -> str:
-        try:
-            return metadata.version(name)
-        except metadata.PackageNotFoundError:
-            return "-"
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "mooncake": ver("mooncake-transfer-engine-non-cuda")
-            if ver("mooncake-transfer-engine-non-cuda") != "-" else ver("mooncake-transfer-engine"),
-            "cpus": os.cpu_count(), "host": platform.node()}
-
-
 def _usage(message: str) -> None:
     print(f"bench_mooncake_prefetch: {message}", file=sys.stderr)
     sys.exit(ExitCode.USAGE)
@@ -282,7 +265,7 @@ def _main() -> None:
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"args": vars(args), "load_before": load0,
-                           "load_after": os.getloadavg(), **_versions(), "rows": rows}, f,
+                           "load_after": os.getloadavg(), **versions(), "rows": rows}, f,
                           indent=1)
 
     # a long client TTL: on a loaded box a late heartbeat must not drop the segment mid-run

@@ -63,7 +63,6 @@ import ctypes
 import hashlib
 import json
 import os
-import platform
 import shutil
 import socket
 import subprocess
@@ -71,7 +70,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -79,11 +77,17 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from breakdown_table import print_breakdown  # noqa: E402
+from bench_shared import (  # noqa: E402
+    HEAD_DIM,
+    HEADS,
+    PAGE_SIZE,
+    layers_for,
+    print_breakdown,
+    versions,
+)
 
 from scenarios.contract import ExitCode  # noqa: E402
 
-PAGE_SIZE, HEADS, HEAD_DIM, DTYPE_BYTES = 16, 8, 128, 2
 #: host pool = HOST_RATIO x device pool: the prefetched prompt, raw's buffer and headroom (and
 #: SGLang rate-limits prefetch above half the host pool)
 HOST_RATIO = 3.0
@@ -97,11 +101,6 @@ class CannotMeasure(RuntimeError):
 
 
 # ============================================================================== child side
-
-
-def layers_for(part_bytes: int) -> int:
-    """Layers whose one page part (K or V of one page, all layers) is `part_bytes` of fp16."""
-    return part_bytes // (PAGE_SIZE * HEADS * HEAD_DIM * DTYPE_BYTES)
 
 
 def _free_port() -> int:
@@ -573,20 +572,6 @@ def run_child(args: argparse.Namespace, master: str, scratch: str,
     os.unlink(log_path)
 
 
-def _versions(release: str) -> dict:
-    import torch
-
-    def ver(name: str) -> str:
-        try:
-            return metadata.version(name)
-        except metadata.PackageNotFoundError:
-            return "-"
-    mc = ver("mooncake-transfer-engine-non-cuda")
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "sglang": release, "mooncake": mc if mc != "-" else ver("mooncake-transfer-engine"),
-            "cpus": os.cpu_count(), "host": platform.node()}
-
-
 def _usage(message: str) -> None:
     print(f"bench_sglang_prefetch: {message}", file=sys.stderr)
     sys.exit(ExitCode.USAGE)
@@ -649,7 +634,7 @@ def parent_main(args: argparse.Namespace) -> int:
             with open(args.json, "w") as f:
                 json.dump({"args": {k: v for k, v in vars(args).items() if k != "child"},
                            "load_before": load0, "load_after": os.getloadavg(),
-                           **_versions(args.release), "paths": infos, "rows": rows}, f,
+                           **versions(sglang=args.release), "paths": infos, "rows": rows}, f,
                           indent=1)
 
     def on_row(row: dict, info: dict) -> None:
