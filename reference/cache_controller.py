@@ -109,6 +109,10 @@ class PrefetchOperation(StorageOperation):
         self.final_agreed = threading.Event()
         self._lock = threading.Lock()
         self._terminated = False
+        #: (completed_tokens, terminated) after each batch the IO thread finished, so a decision
+        #: can read the op as its pacer saw it (a batch may finish mid-decision)
+        self._after_batch: list[tuple[int, bool]] = []
+        self.batches_seen: int | None = None  # the last progress check's view; None: unbound
 
     def mark_terminate(self) -> int:
         """Stop the IO; returns the completed tokens frozen at that moment."""
@@ -127,6 +131,19 @@ class PrefetchOperation(StorageOperation):
     def is_terminated(self) -> bool:
         with self._lock:
             return self._terminated
+
+    def batch_finished(self) -> None:
+        """The IO thread is done with one more batch (called before it tells the pacer)."""
+        with self._lock:
+            self._after_batch.append((self.completed_tokens, self._terminated))
+
+    def progress_at(self, batches: int | None) -> tuple[int, bool]:
+        """(completed_tokens, terminated) once the op's first `batches` batches were done:
+        what a pacer that saw only those reports; all of them (or None) reads the op now."""
+        with self._lock:
+            if batches is None or batches >= self.num_batches:
+                return self.completed_tokens, self._terminated
+            return self._after_batch[batches - 1] if batches else (0, False)
 
 
 @dataclass
@@ -429,6 +446,7 @@ class HiCacheController:
                         self.prefetch_sync_queue.put(PrefetchAck(op, op.completed_tokens))
                 if b == op.num_batches - 1:
                     self._finish_io(op)
+                op.batch_finished()
                 self.pacer.after("prefetch_io", op.first_batch + b)
 
     def _finish_io(self, op: PrefetchOperation) -> None:

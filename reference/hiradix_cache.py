@@ -257,12 +257,17 @@ class HiRadixCache:
 
     def can_terminate_prefetch(self, op: PrefetchOperation) -> bool:
         policy = self.cfg.prefetch_stop_policy
-        self.pacer.at("prefetch_progress", "prefetch_io", op.first_batch + op.num_batches)
+        done = self.pacer.at("prefetch_progress", "prefetch_io",
+                             op.first_batch + op.num_batches)
+        # read no batch past the pacer's snapshot (free-running: all of them, i.e. now)
+        op.batches_seen = min(max(done - op.first_batch, 0), op.num_batches)
+        completed, terminated = op.progress_at(op.batches_seen)
+        all_seen = op.io_done and op.batches_seen == op.num_batches
         queried = op.query_done.is_set()
-        io_done = queried and (op.revoked or op.io_done or
-                               op.completed_tokens == op.storage_hit_count * self.page_size)
+        io_done = queried and (op.revoked or all_seen or
+                               completed == op.storage_hit_count * self.page_size)
         # what this rank's IO had done when it decided: for an oracle, whatever the policy
-        seen = (int(queried), int(op.revoked), int(op.io_done), op.completed_tokens,
+        seen = (int(queried), int(op.revoked), int(all_seen), completed,
                 op.storage_hit_count * self.page_size, self.pacer.now() - op.start_time)
         if policy == "best_effort":  # every rank may stop: no collective
             self._decide("can_terminate", op.request_id, (0, 0), (0, 0), "terminate", seen)
@@ -271,7 +276,7 @@ class HiRadixCache:
             can = io_done
         else:
             can = io_done or seen[5] > self.cfg.prefetch_timeout_s
-        local = (1 - int(can), int(op.is_terminated()))
+        local = (1 - int(can), int(terminated))
         agreed = self.cache_controller.control_sync.reduce(local, "max")
         decision = agreed[0] == 0 or agreed[1] == 1
         self._decide("can_terminate", op.request_id, local, agreed,
@@ -296,6 +301,8 @@ class HiRadixCache:
         """Stop the IO and return the agreed number of tokens that landed on every rank
         (`agree=False`: this rank's own frozen count, as an abort takes it)."""
         frozen = op.mark_terminate()
+        if op.batches_seen is not None:  # right after a progress check: freeze what it saw
+            frozen = min(frozen, op.progress_at(op.batches_seen)[0])
         self.pacer.need("prefetch_query", op.seq)
         timeout = self.cfg.agree_timeout_s
         if not op.query_done.wait(timeout):
@@ -416,6 +423,7 @@ class HiRadixCache:
         info = self.ongoing_prefetch.pop(rid, None)
         if info is None:
             return
+        info.operation.batches_seen = None  # no progress check of this step: what it holds now
         self._terminate_prefetch(info.operation,
                                  agree=self.profile.prefetch_progress == "per_batch_acks")
         self.cache_controller.control_sync.barrier()  # no rank frees before every rank stopped

@@ -149,9 +149,12 @@ class RecordingPacer:
         otherwise be seen by the scheduler but missing from the choice (a replay then
         disagrees with the run it replays)."""
         with self._lock:
-            done = self._done[stream]
-            self.choices.append(max(done - self._seen[stream], 0))
-            self._seen[stream] = max(self._seen[stream], done)
+            # a point opens no unit past those it issued (a replay's choice wraps modulo the
+            # units pending, so counting a later op's finished batches would open fewer)
+            # units < seen were opened (and waited for) by an earlier point, as in a replay
+            done = max(min(self._done[stream], issued), self._seen[stream])
+            self.choices.append(done - self._seen[stream])
+            self._seen[stream] = done
         return done
 
     def need(self, stream: str, seq: int) -> None:
