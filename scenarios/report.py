@@ -22,8 +22,8 @@ from typing import Any
 from scenarios.contract import UsageError
 
 #: 1: the first versioned report (adds "schema", "status", "interrupted", "unknown_runs",
-#: "coverage", "fault_events")
-SOAK_REPORT_SCHEMA = 1
+#: "coverage", "fault_events"); 2: adds "unconfirmed_divergences" (the soak hunts on past them)
+SOAK_REPORT_SCHEMA = 2
 PLOT_EVERY_S = 5.0
 
 

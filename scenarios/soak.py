@@ -3,6 +3,8 @@
 Gated exploration only visits interleavings someone drew; a soak lets real threads race (plus
 injected faults) and records what each rank's decision points saw, so a divergence found by
 timing alone still ends as a replay Schedule that `cpcheck replay` reruns deterministically.
+A divergence counts only once its replay reproduces it; one that does not is kept (as an
+`unknown-*.json` with both verdicts) and the soak hunts on for one that does.
 """
 
 from __future__ import annotations
@@ -33,6 +35,9 @@ from scenarios.schedule import CachePolicy, Op, Schedule, tokens_for
 from scenarios.workload import soak_chunk
 
 PAGE = 4
+#: divergences that did not replay before the soak stops hunting (the IO timing it cannot pin
+#: is then too common for a confirmed finding): the verdict is unknown, with their files
+MAX_UNCONFIRMED = 5
 
 
 def add_soak_arguments(p: argparse.ArgumentParser) -> None:
@@ -229,6 +234,10 @@ def _loop(args: argparse.Namespace, ex: Any, nem: Any, seed: int, layout: str, w
     interrupted = False
     unknown: list[dict] = []  # runs broken by a kill_rank we injected: not judged, soak goes on
     candidate: Schedule | None = None  # a divergence not yet confirmed by replay
+    #: divergences whose gated replay agreed: kept (file, diagnosis), and the hunt goes on for
+    #: one that replays; only these left at the end make the verdict unknown
+    unconfirmed: list[dict] = []
+    first_unconfirmed: Verdict | None = None
     protocol: dict = {"protocol": None, "dp_attention": None}  # of the chunks run
 
     def report() -> dict:
@@ -248,6 +257,7 @@ def _loop(args: argparse.Namespace, ex: Any, nem: Any, seed: int, layout: str, w
             "verdict": verdict.to_dict(), "seconds_to_divergence": first_s,
             "confirmed_by_replay": verdict.stats.get("confirmed_by_replay"),
             "interrupted": interrupted, "unknown_runs": unknown,
+            "unconfirmed_divergences": unconfirmed,
             "unknown_diagnoses": [u["diagnosis"] for u in unknown[:20]],
             "fault_events": nem.events if nem else [],
             "replay": str(replay_path) if replay_path else None,
@@ -325,13 +335,27 @@ def _loop(args: argparse.Namespace, ex: Any, nem: Any, seed: int, layout: str, w
                 verdict, candidate = v, rep  # kept even if interrupted while confirming
                 write()
                 verdict = confirm(ex, rep, v)  # a divergence is replayed once before it counts
-                replay_path = write_replay(rep, verdict, out, args.mode,
-                                           confirmation=verdict.stats.get("confirmation"))
-                break
+                path = write_replay(rep, verdict, out, args.mode,
+                                    confirmation=verdict.stats.get("confirmation"))
+                candidate = None
+                if verdict.status == "diverge":
+                    replay_path = path
+                    break
+                # not reproduced (the run read IO state its recording could not pin): keep the
+                # file, say so, and hunt on for a divergence that replays
+                unconfirmed.append({"run": runs, "t": round(elapsed, 3), "file": str(path),
+                                    "diagnosis": verdict.diagnosis})
+                first_unconfirmed = first_unconfirmed or verdict
+                verdict = Verdict(True, message="all runs agree")
+                if len(unconfirmed) >= MAX_UNCONFIRMED:
+                    break
             write()
         if runs == len(unknown) and verdict.status == "agree":  # nothing was judged
             verdict = Verdict.unknown(f"no run was judged within the {budget:.0f} s budget "
                                       f"({runs} run(s), {len(unknown)} cut by kill_rank)")
+        elif verdict.status == "agree" and first_unconfirmed is not None:
+            verdict = first_unconfirmed  # found, never reproduced: unknown, with its file
+            replay_path = Path(unconfirmed[0]["file"])
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: keep what was found, say so, stop
         interrupted = True
         if mm is not None:  # its data is not needed any more: no grace period on the way out
@@ -379,6 +403,10 @@ def _print_verdict(args: argparse.Namespace, rep: dict, verdict: Any, replay_pat
     if rep["unknown_runs"]:
         print(f"{len(rep['unknown_runs'])} run(s) broken by an injected kill were not judged "
               f"(unknown): {rep['unknown_runs'][0]['diagnosis']}", file=o)
+    if rep["unconfirmed_divergences"] and verdict.status != "unknown":
+        u = rep["unconfirmed_divergences"]
+        print(f"{len(u)} divergence(s) did not reproduce on replay (kept, both verdicts in "
+              f"{u[0]['file']}); the soak hunted on", file=o)
     if verdict.status == "diverge":
         print(f"DIVERGE [{verdict.invariant}] after {first_s:.1f} s: {verdict.message}", file=o)
         print("confirmed by replay", file=o)

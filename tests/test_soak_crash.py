@@ -16,6 +16,7 @@ import psutil
 import pytest
 
 from scenarios.cli import main
+from scenarios.report import SOAK_REPORT_SCHEMA
 from tests.subprocess_env import REPO, child_env
 
 STOP_WITHIN_S = 3.0  # the requirement, on a host whose CPUs are not oversubscribed
@@ -68,7 +69,7 @@ def test_signal_completes_report_prints_verdict_and_cleans_up(tmp_path: Path, si
     tmpdir.mkdir()
     proc = _start_soak(out, "--backend", "file", tmpdir=tmpdir)
     during = _wait_for_runs(proc, out, 3)
-    assert during["schema"] == 1 and during["interrupted"] is False
+    assert during["schema"] == SOAK_REPORT_SCHEMA and during["interrupted"] is False
     took, stdout, stderr = _stop(proc, sig)
     limit = _stop_limit()
     assert took < limit, f"{took:.1f} s to stop (limit {limit:.1f} s)"
