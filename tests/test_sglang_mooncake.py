@@ -238,9 +238,10 @@ def test_keys_are_read_back_from_the_master(executors) -> None:
     on, finds CP-split duplicates in the store), and nothing left on the master after a run.
 
     CP peers back up the same pages at about the same time, and SGLang's `batch_set_v1` asks
-    which keys exist before it puts the rest: not atomic, so one peer's put of a key the
-    other is still writing can fail (and, seen once in CI, leave a page's v without its k).
-    Which peer's put took is a race; what each peer asked to store is not."""
+    which keys exist before it puts the rest. Seen once in CI: one peer's puts of 4 pages
+    failed, the other peer's succeeded, and the master held those pages' v parts without
+    their k (the cause is not known; two clients racing exists-then-put on the same keys
+    lost nothing in 80 rounds here). Which peer's put took is timing; what each asked is not."""
     ex = executors[POST]
     s = _write_acks().with_(sut=f"sglang=={POST}")
     on = ex.run(s, True)
