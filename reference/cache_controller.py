@@ -139,9 +139,10 @@ class PrefetchOperation(StorageOperation):
 
     def progress_at(self, batches: int | None) -> tuple[int, bool]:
         """(completed_tokens, terminated) once the op's first `batches` batches were done:
-        what a pacer that saw only those reports; all of them (or None) reads the op now."""
+        what a pacer that saw only those reports; all of them (or None, or more than have
+        finished: a released pacer stops waiting) reads the op now."""
         with self._lock:
-            if batches is None or batches >= self.num_batches:
+            if batches is None or batches >= self.num_batches or batches > len(self._after_batch):
                 return self.completed_tokens, self._terminated
             return self._after_batch[batches - 1] if batches else (0, False)
 
