@@ -259,7 +259,9 @@ def test_size_mismatch_is_false_on_both_paths(
 def test_two_processes_see_each_others_keys(
     clients: tuple[MooncakeStorage, MooncakeStorage, torch.Tensor], mooncake_master: str
 ) -> None:
-    """Another process (another rank's client) reads our page and writes one we then read."""
+    """Another process (another rank's client) reads our page and writes one we then read.
+    Each transfer gets 3 tries: on the 2-core CI box a transfer between processes failed once
+    under load (the child said `ready 0`); a key that is not visible fails all three."""
     a, _, _ = clients
     tag = uuid.uuid4().hex
     ours, theirs = f"{tag}_parent_0_k", f"{tag}_child_0_k"
@@ -276,9 +278,14 @@ def test_two_processes_see_each_others_keys(
         assert child.stdout is not None and child.stdin is not None
         ready, _, _ = select.select([child.stdout], [], [], 30)
         assert ready, "child did not report within 30 s"
-        assert child.stdout.readline().split() == ["ready", "1"]  # it read our page intact
+        # it saw our key, read our page intact and wrote its own (tries per step follow)
+        said = child.stdout.readline().split()
+        assert said[:3] == ["ready", "1", "-"], f"the child failed at: {said}"
         out = torch.empty_like(page(8))
-        assert bounded(lambda: a.batch_get([theirs], [out]), 10) == [True]
+        for _ in range(3):  # the same allowance for a transfer that fails once under load
+            if bounded(lambda: a.batch_get([theirs], [out]), 10) == [True]:
+                break
+            time.sleep(0.2)
         assert same_bytes(out, page(8))
         child.stdin.write("done\n")
         child.stdin.flush()
@@ -290,7 +297,7 @@ def test_two_processes_see_each_others_keys(
 
 
 CHILD = """
-import sys, torch
+import sys, time, torch
 from reference.storage.base import as_bytes
 from reference.storage.mooncake import MooncakeConfig, MooncakeStorage
 def page(seed, shape=(2, 16, 2, 64), dtype=torch.bfloat16):  # as in the test module
@@ -302,12 +309,21 @@ def page(seed, shape=(2, 16, 2, 64), dtype=torch.bfloat16):  # as in the test mo
     return raw.view(dtype).reshape(shape)
 def same_bytes(a, b):
     return a.nbytes == b.nbytes and torch.equal(as_bytes(a), as_bytes(b))
+def tries(step):  # a transfer between processes can fail once under load: 3 tries, 0.2 s apart
+    for n in (1, 2, 3):
+        if step():
+            return n
+        time.sleep(0.2)
+    return 0
 address, ours, theirs = sys.argv[1:4]
 s = MooncakeStorage(MooncakeConfig(address))
 got = torch.empty_like(page(7))
-ok = s.batch_exists([ours]) == 1 and s.batch_get([ours], [got]) == [True] and same_bytes(got, page(7))
-ok = ok and s.batch_set([theirs], [page(8)]) == [True]
-print('ready', int(ok), flush=True)
+steps = {"exists": lambda: s.batch_exists([ours]) == 1,
+         "read": lambda: s.batch_get([ours], [got]) == [True] and same_bytes(got, page(7)),
+         "write": lambda: s.batch_set([theirs], [page(8)]) == [True]}
+took = {name: tries(step) for name, step in steps.items()}
+failed = [name for name, n in took.items() if n == 0]
+print('ready', int(not failed), ','.join(failed) or '-', *took.values(), flush=True)
 sys.stdin.readline()  # keep our client (and the segment holding our page) until read
 s.close()
 """
