@@ -257,7 +257,8 @@ def test_size_mismatch_is_false_on_both_paths(
 
 
 def test_two_processes_see_each_others_keys(
-    clients: tuple[MooncakeStorage, MooncakeStorage, torch.Tensor], mooncake_master: str
+    clients: tuple[MooncakeStorage, MooncakeStorage, torch.Tensor], mooncake_master: str,
+    tmp_path: Path,
 ) -> None:
     """Another process (another rank's client) reads our page and writes one we then read.
     Each transfer gets 3 tries: on the 2-core CI box a transfer between processes failed once
@@ -266,21 +267,29 @@ def test_two_processes_see_each_others_keys(
     tag = uuid.uuid4().hex
     ours, theirs = f"{tag}_parent_0_k", f"{tag}_child_0_k"
     assert bounded(lambda: a.batch_set([ours], [page(7)]), 10) == [True]
-    child = subprocess.Popen(
-        [sys.executable, "-c", CHILD, mooncake_master, ours, theirs],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        env=child_env(),
-    )
+    log = tmp_path / "child.log"  # Mooncake's own errors, for a failure message
+    with log.open("w") as err:
+        child = subprocess.Popen(
+            [sys.executable, "-c", CHILD, mooncake_master, ours, theirs],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+            env=child_env(),
+        )
+
+    def errors() -> str:
+        lines = log.read_text(errors="replace").splitlines()
+        return "\n".join([ln[:300] for ln in lines
+                          if (ln[:1] in "EW" or "rror" in ln) and "InitGoogle" not in ln][-15:])
+
     try:
         assert child.stdout is not None and child.stdin is not None
         ready, _, _ = select.select([child.stdout], [], [], 30)
         assert ready, "child did not report within 30 s"
         # it saw our key, read our page intact and wrote its own (tries per step follow)
         said = child.stdout.readline().split()
-        assert said[:3] == ["ready", "1", "-"], f"the child failed at: {said}"
+        assert said[:3] == ["ready", "1", "-"], f"the child failed at: {said}\n{errors()}"
         out = torch.empty_like(page(8))
         for _ in range(3):  # the same allowance for a transfer that fails once under load
             if bounded(lambda: a.batch_get([theirs], [out]), 10) == [True]:
