@@ -112,7 +112,7 @@ class PrefetchOperation(StorageOperation):
         #: (completed_tokens, terminated) after each batch the IO thread finished, so a decision
         #: can read the op as its pacer saw it (a batch may finish mid-decision)
         self._after_batch: list[tuple[int, bool]] = []
-        self.batches_seen: int | None = None  # the last progress check's view; None: unbound
+        self.batches_seen: int | None = None  # what the last progress check saw of its batches
 
     def mark_terminate(self) -> int:
         """Stop the IO; returns the completed tokens frozen at that moment."""

@@ -291,18 +291,18 @@ class HiRadixCache:
         op = info.operation
         if not self.can_terminate_prefetch(op):
             return False
-        completed = self._terminate_prefetch(op)
+        completed = self._terminate_prefetch(op, batches_seen=op.batches_seen)
         self.ongoing_prefetch.pop(rid)
         leak = op.revoked and self.cfg.variant == "leak_on_revoke"
         self._release_prefetch(info, keep_tokens=completed, leak=leak)
         return True
 
-    def _terminate_prefetch(self, op: PrefetchOperation, agree: bool = True) -> int:
+    def _terminate_prefetch(self, op: PrefetchOperation, agree: bool = True,
+                            batches_seen: int | None = None) -> int:
         """Stop the IO and return the agreed number of tokens that landed on every rank
-        (`agree=False`: this rank's own frozen count, as an abort takes it)."""
-        frozen = op.mark_terminate()
-        if op.batches_seen is not None:  # right after a progress check: freeze what it saw
-            frozen = min(frozen, op.progress_at(op.batches_seen)[0])
+        (`agree=False`: this rank's own frozen count, as an abort takes it). Right after a
+        progress check, `batches_seen` is what it saw: the count freezes no later than that."""
+        frozen = min(op.mark_terminate(), op.progress_at(batches_seen)[0])
         self.pacer.need("prefetch_query", op.seq)
         timeout = self.cfg.agree_timeout_s
         if not op.query_done.wait(timeout):
@@ -423,7 +423,6 @@ class HiRadixCache:
         info = self.ongoing_prefetch.pop(rid, None)
         if info is None:
             return
-        info.operation.batches_seen = None  # no progress check of this step: what it holds now
         self._terminate_prefetch(info.operation,
                                  agree=self.profile.prefetch_progress == "per_batch_acks")
         self.cache_controller.control_sync.barrier()  # no rank frees before every rank stopped
