@@ -14,6 +14,7 @@ import pytest
 from scenarios.checker import Verdict
 from scenarios.contract import UsageError
 from scenarios.sglang import matrix, matrix_cells, matrix_table
+from tests.sglang_envs import IdleExecutor
 
 
 def _cell(release: str, dp: bool, layout: str, verdict: str = "agree", at: str = "2026-01-01",
@@ -110,17 +111,6 @@ def test_table_renders_every_kind_of_cell(tmp_path: Path) -> None:
     assert matrix_table.main([str(f), "--details"]) == 0
 
 
-class _FakeEx:
-    def __init__(self, *a: object, **k: object) -> None:
-        pass
-
-    def __enter__(self) -> _FakeEx:
-        return self
-
-    def __exit__(self, *a: object) -> None:
-        pass
-
-
 def _args(tmp_path: Path, **kw: object) -> argparse.Namespace:
     p = argparse.ArgumentParser()
     matrix.add_matrix_arguments(p)
@@ -134,7 +124,7 @@ def test_a_cut_run_keeps_finished_cells_and_resume_redoes_only_the_rest(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import scenarios.sglang.executor as executor
 
-    monkeypatch.setattr(executor, "SglangExecutor", _FakeEx)
+    monkeypatch.setattr(executor, "SglangExecutor", IdleExecutor)
     ran: list[tuple] = []
 
     def cut_at_third(ex: object, v: str, dp: bool, lay: str, *a: object) -> dict:
@@ -169,7 +159,7 @@ def test_a_broken_cell_is_an_error_cell_not_a_lost_run(tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     import scenarios.sglang.executor as executor
 
-    monkeypatch.setattr(executor, "SglangExecutor", _FakeEx)
+    monkeypatch.setattr(executor, "SglangExecutor", IdleExecutor)
 
     def boom(ex: object, v: str, dp: bool, lay: str, *a: object) -> dict:
         raise RuntimeError("pool start failed")

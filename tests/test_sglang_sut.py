@@ -19,7 +19,7 @@ from scenarios.catalog import load_scenario
 from scenarios.contract import CannotJudge, UsageError
 from scenarios.sglang import envs, shim
 from scenarios.sglang.seams import GatedDevice, IoGates
-from tests.sglang_envs import POST, PRE, need, started, verdicts_by_release
+from tests.sglang_envs import POST, PRE, IdleExecutor, need, started, verdicts_by_release
 
 CORPUS = sorted((Path(__file__).parent.parent / "scenarios" / "corpus" / "sglang").glob("*.json"))
 
@@ -147,16 +147,7 @@ def test_a_broken_machine_exits_unknown_and_writes_no_replay(monkeypatch, tmp_pa
     broke = Verdict.unknown("rank 0: building SGLang's host pool: ValueError: Not enough host "
                             "memory available.")
 
-    class BrokenMachine:
-        def __init__(self, *a: object, **k: object) -> None:
-            pass
-
-        def __enter__(self) -> BrokenMachine:
-            return self
-
-        def __exit__(self, *exc: object) -> None:
-            pass
-
+    class BrokenMachine(IdleExecutor):
         def check(self, s: object) -> Verdict:
             return broke
 
