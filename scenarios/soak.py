@@ -353,9 +353,6 @@ def _loop(args: argparse.Namespace, ex: Any, nem: Any, seed: int, layout: str, w
         if runs == len(unknown) and verdict.status == "agree":  # nothing was judged
             verdict = Verdict.unknown(f"no run was judged within the {budget:.0f} s budget "
                                       f"({runs} run(s), {len(unknown)} cut by kill_rank)")
-        elif verdict.status == "agree" and first_unconfirmed is not None:
-            verdict = first_unconfirmed  # found, never reproduced: unknown, with its file
-            replay_path = Path(unconfirmed[0]["file"])
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: keep what was found, say so, stop
         interrupted = True
         if mm is not None:  # its data is not needed any more: no grace period on the way out
@@ -373,6 +370,9 @@ def _loop(args: argparse.Namespace, ex: Any, nem: Any, seed: int, layout: str, w
             traceback.print_exc()
     finally:
         progress.close()
+        if verdict.status == "agree" and first_unconfirmed is not None:
+            verdict = first_unconfirmed  # found, never reproduced: unknown, with its file
+            replay_path = Path(unconfirmed[0]["file"])
         try:  # the report and the verdict line first, the slower plots last
             write(plots=False)
         finally:

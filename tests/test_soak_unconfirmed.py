@@ -69,3 +69,25 @@ def test_a_divergence_that_replays_still_ends_the_soak_at_once(tmp_path, seed: i
                  "--seed", str(seed)]) == 1
     rep = json.loads((tmp_path / "report.json").read_text())
     assert rep["unconfirmed_divergences"] == [] and rep["seconds"] < 20
+
+
+def test_ctrl_c_after_an_unreproduced_divergence_still_reports_it(monkeypatch, tmp_path) -> None:
+    """Interrupted while hunting on: the kept divergence is the verdict (unknown, 125), not
+    "every run so far agreed" (130)."""
+    real_run, kept = judge.run_checked, []
+
+    def flaky(ex, s, first):  # noqa: ANN001, ANN202
+        kept.append(first)
+        return _not_reproduced(first)
+
+    def interrupt_after_one(*a, **k):  # noqa: ANN002, ANN003, ANN202
+        if kept:
+            raise KeyboardInterrupt
+        return real_run(*a, **k)
+
+    monkeypatch.setattr(judge, "confirm", flaky)
+    monkeypatch.setattr(judge, "run_checked", interrupt_after_one)
+    assert _soak(tmp_path) == 125
+    rep = json.loads((tmp_path / "report.json").read_text())
+    assert rep["interrupted"] is True and rep["status"] == "unknown"
+    assert rep["replay"] == rep["unconfirmed_divergences"][0]["file"]
