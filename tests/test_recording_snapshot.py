@@ -30,9 +30,8 @@ from scenarios.gates import RecordingPacer
 from tests.test_single_rank_e2e import (
     DEADLINE_S,
     PS,
-    Rank,
     SoloCollectives,
-    new_memory_store,
+    stored_in_l3,
     tokens_for,
 )
 
@@ -134,14 +133,8 @@ def test_drain_counts_backup_acks_the_pacer_recorded() -> None:
 
 def _stored_prefix(pages: int) -> tuple[list[int], MemoryStorage]:
     """`pages` pages backed up to a fresh memory namespace by a rank of its own."""
-    store = new_memory_store()
     toks = tokens_for(20, pages=pages)
-    writer = Rank(CacheConfig(page_size=PS), store.backend)
-    try:
-        writer.sched.add_request("w", toks)
-        writer.run_until_idle()
-    finally:
-        writer.sched.shutdown()
+    store = stored_in_l3(toks)
     assert len(store.keys()) == pages * 2
     return toks, store.backend
 

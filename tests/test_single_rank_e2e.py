@@ -76,6 +76,18 @@ def new_memory_store() -> Store:
     return Store(MemoryStorage(ns), lambda: namespace_keys(ns))
 
 
+def stored_in_l3(tokens: list[int]) -> Store:
+    """A fresh memory namespace holding `tokens`' pages, backed up by a rank of its own."""
+    store = new_memory_store()
+    writer = Rank(CacheConfig(page_size=PS), store.backend)
+    try:
+        writer.sched.add_request("w", tokens)
+        writer.run_until_idle()
+    finally:
+        writer.sched.shutdown()
+    return store
+
+
 class Rank:
     """One rank's scheduler with the stub collectives, shut down by the test's finally."""
 
@@ -311,14 +323,8 @@ def test_eviction_during_prefetch_keeps_anchor() -> None:
     """Regression: under write_through_selective the node a prefetch inserts below can be
     device-only; evicting (and deleting) it mid-prefetch detached the fetched pages, whose
     host slots were then held by no reachable node (host_used > tree_host_tokens)."""
-    store = new_memory_store()
     head, tail = tokens_for(10, pages=2), tokens_for(11, pages=2)
-    writer = Rank(CacheConfig(page_size=PS), store.backend)  # fills L3 with head + tail
-    try:
-        writer.sched.add_request("w", head + tail)
-        writer.run_until_idle()
-    finally:
-        writer.sched.shutdown()
+    store = stored_in_l3(head + tail)
     assert len(store.keys()) == 4 * 2
 
     gate = PrefetchIOGate()
