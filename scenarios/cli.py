@@ -6,13 +6,28 @@ bad input is one line and exit 2 before any work starts; a run that infrastructu
 reported (exit 1). `--json` prints the verdict as one JSON object on stdout.
 """
 
+# ruff: noqa: E402  (the early signal handler below goes in before the slow imports)
 from __future__ import annotations
+
+import signal
+import sys
+
+#: a signal that arrives while the modules below load (torch takes seconds): noted here and
+#: raised once `main` has its handlers, so even the first instruction's SIGTERM ends in 130
+_EARLY: list[int] = []
+
+
+def _note_early(signum: int, frame: object) -> None:
+    _EARLY.append(signum)
+
+
+if __name__ == "__main__" or sys.argv[0].endswith("cpcheck"):  # the process, not an import
+    for _sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(_sig, _note_early)
 
 import argparse
 import contextlib
 import os
-import signal
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +35,7 @@ from typing import Any
 from reference.api import STORAGE_BACKENDS
 from scenarios.cli_conventions import (
     HelpFormatter,
+    OneLineParser,
     VersionAction,
     add_output_flags,
     check_device,
@@ -27,6 +43,7 @@ from scenarios.cli_conventions import (
     emit_status,
     emit_verdict,
     human,
+    master_address,
     positive_float,
     positive_int,
     variant_help,
@@ -36,6 +53,7 @@ from scenarios.contract import (
     CannotJudge,
     ExitCode,
     Interrupted,
+    UsageError,
     classify,
     epilog,
     stop_requested,
@@ -54,8 +72,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="ranks as threads (fast) or torchrun processes with gloo (the truth)")
     p.add_argument("--backend", choices=STORAGE_BACKENDS,
                    help="storage backend (default: the scenario's)")
-    p.add_argument("--mooncake-master", metavar="HOST:PORT", default="",
-                   help="use this Mooncake master instead of starting one")
+    p.add_argument("--mooncake-master", metavar="HOST:PORT", default="", type=master_address,
+                   help="use this Mooncake master instead of starting one (Mooncake backend)")
     p.add_argument("--timeout", type=positive_float, default=10.0,
                    help="seconds any rank may wait on a peer before the run fails")
     p.add_argument("--device", choices=DEVICES, default="auto")
@@ -71,7 +89,7 @@ class CliFormatter(HelpFormatter, argparse.RawDescriptionHelpFormatter):
 
 def build_parser() -> argparse.ArgumentParser:
     sub_kw: dict[str, Any] = {"epilog": epilog(), "formatter_class": CliFormatter}
-    ap = argparse.ArgumentParser(prog="cpcheck", description=__doc__, **sub_kw)
+    ap = OneLineParser(prog="cpcheck", description=__doc__, **sub_kw)
     ap.add_argument("--version", action=VersionAction)
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("version", help="print the version", **sub_kw)
@@ -104,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     soak = sub.add_parser("soak", help="free-running soak with faults, a report and plots",
                           **sub_kw)
-    from scenarios.soak import add_soak_arguments
+    from scenarios.soak_cli import add_soak_arguments
 
     add_soak_arguments(soak)
     from scenarios.sglang.cli import add_subcommands
@@ -148,6 +166,13 @@ def _write_if_found(args: argparse.Namespace, s: Any, verdict: Any, mode: str) -
     return None
 
 
+def _master_needs_mooncake(args: argparse.Namespace, backend: str | None) -> None:
+    """--mooncake-master with another backend would be ignored: say so (exit 2)."""
+    if args.mooncake_master and backend != "mooncake":
+        raise UsageError(f"--mooncake-master needs the mooncake backend (this run uses "
+                         f"{backend!r}; pass --backend mooncake)")
+
+
 # -- subcommands ---------------------------------------------------------------------------
 def cmd_run(args: argparse.Namespace) -> int:
     from scenarios.catalog import load_scenario
@@ -166,6 +191,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         return sglang_cli.cmd_run(args, s)
     check_writable(Path(args.replay_dir), "--replay-dir", create=False)
+    _master_needs_mooncake(args, s.backend)
     with mooncake_for(s.backend, args.mooncake_master) as (master, _), \
             _executor(args, master, args.mode) as ex:
         _, verdict = run_checked(ex, s)
@@ -189,6 +215,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
         return sglang_cli.cmd_replay(args, s, data)
     mode = args.mode or data.get("mode", "torchrun")
+    _master_needs_mooncake(args, s.backend)
     if s.layout_obj.world_size > max_ranks_here():
         raise CannotJudge(f"layout {s.layout} needs {s.layout_obj.world_size} ranks; "
                           f"this machine runs at most {max_ranks_here()}")
@@ -224,6 +251,7 @@ def cmd_explore(args: argparse.Namespace) -> int:
     for lay in layouts:
         Layout.parse(lay)  # a bad --layout is a usage error before Hypothesis starts
     check_variant_arg(args.variant)
+    _master_needs_mooncake(args, args.backend or "memory")
     out = human(args)
     with mooncake_for(args.backend, args.mooncake_master) as (master, _), \
             _executor(args, master, args.mode) as ex:
@@ -280,6 +308,8 @@ def signals_unwind() -> Iterator[None]:
     except ValueError:  # not the main thread: leave signals alone
         pass
     try:
+        if _EARLY:  # a signal came while cpcheck was loading: act on it now
+            _raise_interrupted(_EARLY.pop(), None)
         yield
     finally:
         for sig, handler in previous.items():
@@ -301,14 +331,16 @@ def main(argv: list[str] | None = None) -> int:
 
     handlers.update(sglang_handlers())
     if args.cmd == "soak":
-        from scenarios.soak import cmd_soak
+        from scenarios.soak_cli import cmd_soak
 
-        handlers["soak"] = cmd_soak
+        handlers["soak"] = lambda a: cmd_soak(a, argv)
     try:
         with signals_unwind():
             code = handlers[args.cmd](args)
-        if code == ExitCode.INTERRUPTED and argv is None:
-            _exit_now(code)  # the soak wrote its report; the `with` blocks cleaned up
+        if argv is None and (code == ExitCode.INTERRUPTED or args.cmd == "soak"):
+            # the soak wrote its report; the `with` blocks cleaned up; a rank thread stuck on
+            # a lost master must not hold the exit
+            _exit_now(code)
         return code
     except BaseException as e:  # noqa: BLE001 - every ending maps to the contract
         if isinstance(e, SystemExit):

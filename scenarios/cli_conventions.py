@@ -11,7 +11,7 @@ import json
 import math
 import platform
 import sys
-from typing import Any, TextIO
+from typing import Any, NoReturn, TextIO
 
 from scenarios.contract import CannotJudge, ExitCode, UsageError
 
@@ -86,6 +86,23 @@ def check_variant_arg(name: str) -> str:
 
 
 # -- argument types: NaN, inf, zero and negatives are usage errors, not a 0-run "AGREE" --------
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line (and exit 2), not seven lines of usage first."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def master_address(text: str) -> str:
+    """--mooncake-master HOST:PORT, with a port in 1-65535 (else a usage error, exit 2)."""
+    if not text.strip():
+        return ""  # not given: the harness starts its own master
+    host, sep, port = text.strip().rpartition(":")
+    if not sep or not host.strip("[]") or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"want HOST:PORT with a port in 1-65535, got {text!r}")
+    return text.strip()
+
+
 def positive_float(text: str) -> float:
     try:
         v = float(text)

@@ -236,6 +236,14 @@ class MooncakeMaster:
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
+    @property
+    def restarting(self) -> bool:
+        """A start or restart holds the lock: not running yet is not lost."""
+        if self._lock.acquire(blocking=False):
+            self._lock.release()
+            return False
+        return True
+
     def start(self) -> MooncakeMaster:
         """Launch and wait until ready; MooncakeMasterError (with the log's tail) if not."""
         with self._lock:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch
 from scenarios import __version__
 from scenarios.checker import Verdict
 from scenarios.contract import CannotJudge
+from scenarios.provenance import git_state
 from scenarios.report import atomic_write_text
 from scenarios.schedule import (
     NAMED_AT_SOME_COMMITS,
@@ -36,23 +36,6 @@ KNOWN_FIELDS = frozenset({"kind", "schema", "schedule", "mode", "verdict", "vers
                           "git", "sut", "profile", "confirmation",
                           # corpus annotations: who found it, and its verdict per release
                           "found_by", "expect_by_release", "expect_invariants_by_release"})
-REPO = Path(__file__).resolve().parent.parent
-
-
-def git_state(repo: Path = REPO) -> dict[str, Any]:
-    """{"commit": sha or None, "dirty": bool or None} of the code that runs."""
-    def git(*argv: str) -> str | None:
-        try:
-            out = subprocess.run(["git", "-C", str(repo), *argv], capture_output=True,
-                                 text=True, timeout=10)
-        except (OSError, subprocess.TimeoutExpired):
-            return None
-        return out.stdout if out.returncode == 0 else None
-
-    commit = git("rev-parse", "HEAD")
-    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
-    return {"commit": commit.strip() if commit else None,
-            "dirty": bool(status.strip()) if status is not None else None}
 
 
 def replay_name(s: Schedule, verdict: Verdict) -> str:
@@ -61,11 +44,9 @@ def replay_name(s: Schedule, verdict: Verdict) -> str:
     return f"{prefix}-{s.variant}-{s.layout}-{s.digest()}.json"
 
 
-def write_replay(s: Schedule, verdict: Verdict, out_dir: str | Path, mode: str,
-                 confirmation: dict | None = None) -> Path:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / replay_name(s, verdict)
+def replay_data(s: Schedule, verdict: Verdict, mode: str,
+                confirmation: dict | None = None) -> dict[str, Any]:
+    """What a replay file holds (printed before it is written: a full disk loses nothing)."""
     data: dict[str, Any] = {
         "kind": "cpcheck-replay",
         "schema": REPLAY_SCHEMA,
@@ -81,6 +62,16 @@ def write_replay(s: Schedule, verdict: Verdict, out_dir: str | Path, mode: str,
     }
     if confirmation is not None:
         data["confirmation"] = confirmation
+    return data
+
+
+def write_replay(s: Schedule, verdict: Verdict, out_dir: str | Path, mode: str,
+                 confirmation: dict | None = None, data: dict[str, Any] | None = None) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / replay_name(s, verdict)
+    if data is None:
+        data = replay_data(s, verdict, mode, confirmation)
     atomic_write_text(path, json.dumps(data, indent=1, default=str))
     return path
 

@@ -19,11 +19,15 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field
+
 from scenarios.contract import UsageError
 
 #: 1: the first versioned report (adds "schema", "status", "interrupted", "unknown_runs",
-#: "coverage", "fault_events"); 2: adds "unconfirmed_divergences" (the soak hunts on past them)
-SOAK_REPORT_SCHEMA = 2
+#: "coverage", "fault_events"); 2: adds "unconfirmed_divergences" (the soak hunts on past them);
+#: 3: adds "complete", "phase", "run_dir", "not_saved", "fault_runs", "provenance" (git commit,
+#: cpcheck version, command line); docs/soak-report.md describes every field
+SOAK_REPORT_SCHEMA = 3
 PLOT_EVERY_S = 5.0
 
 
@@ -113,7 +117,67 @@ def _finite(obj: Any) -> Any:
     return obj
 
 
-class SoakReport:
+class SoakReport(BaseModel):
+    """report.json of one soak, as a typed model (schema SOAK_REPORT_SCHEMA).
+
+    Written from the soak's first second (`complete: false`, the `phase` reached) and finished
+    on every way out; `SoakReport.load(path)` reads one back (fields a newer writer added are
+    kept, not refused)."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    schema_: int = Field(SOAK_REPORT_SCHEMA, alias="schema")
+    complete: bool = False
+    phase: str = "start-up"
+    provenance: dict[str, Any] = Field(default_factory=dict)
+    run_dir: str | None = None
+    layout: str = ""
+    variant: str = ""
+    backend: str = ""
+    mode: str = ""
+    protocol: str | None = None
+    dp_attention: bool | None = None
+    seed: int | None = None
+    minutes: float = 0.0
+    runs: int = 0
+    decisions: int = 0
+    seconds: float = 0.0
+    decisions_per_s: float = 0.0
+    runs_per_s: float = 0.0
+    faults: dict[str, int] = Field(default_factory=dict)
+    fault_runs: dict[str, Any] = Field(default_factory=dict)
+    faults_never_fired: list[str] = Field(default_factory=list)
+    status: str = "unknown"
+    verdict: dict[str, Any] = Field(default_factory=dict)
+    seconds_to_divergence: float | None = None
+    confirmed_by_replay: bool | None = None
+    interrupted: bool = False
+    unknown_runs: list[dict[str, Any]] = Field(default_factory=list)
+    unconfirmed_divergences: list[dict[str, Any]] = Field(default_factory=list)
+    unknown_diagnoses: list[str] = Field(default_factory=list)
+    fault_events: list[dict[str, Any]] = Field(default_factory=list)
+    replay: str | None = None
+    not_saved: list[str] = Field(default_factory=list)
+    prefetch_outcomes: dict[str, int] = Field(default_factory=dict)
+    coverage: dict[str, Any] = Field(default_factory=dict)
+    timeline: list[dict[str, Any]] = Field(default_factory=list)
+
+    def to_json(self) -> str:
+        return json.dumps(_finite(self.model_dump(by_alias=True)), indent=1, default=str)
+
+    @classmethod
+    def load(cls, path: str | Path) -> SoakReport:
+        """A report.json (or a run dir / `latest` holding one); ValueError if it is not one."""
+        p = Path(path)
+        if p.is_dir():
+            p = p / "report.json"
+        data = json.loads(p.read_text())
+        if not isinstance(data, dict) or "schema" not in data:
+            raise ValueError(f"{p}: not a cpcheck soak report (no 'schema')")
+        return cls.model_validate(data)
+
+
+class ReportWriter:
     """report.json and the plots under `out`, rewritten atomically as the soak goes."""
 
     def __init__(self, out: Path) -> None:
@@ -123,28 +187,29 @@ class SoakReport:
         # budget on runs, not on drawing
         self._last_plot = time.monotonic()
         self.plotted = False
-        _figure(1, 1)  # import matplotlib now: an import cut by Ctrl-C leaves a broken module
 
-    def write(self, report: dict, timeline: list[dict], outcomes: Counter,
-              host_used: list[int], *, plots: bool | None = None,
-              extra_plots: dict[str, Callable[[Path], None]] | None = None) -> None:
-        """report.json every call; plots when asked, else at most every PLOT_EVERY_S seconds.
+    @staticmethod
+    def load_plotting() -> None:
+        """Import matplotlib now: an import cut by Ctrl-C leaves a broken module."""
+        _figure(1, 1)
 
-        `extra_plots` maps a file name under `out` to what draws it (coverage.png, faults.png):
-        they are redrawn with the others."""
-        data = {"schema": SOAK_REPORT_SCHEMA, **report}
-        atomic_write_text(self.path, json.dumps(_finite(data), indent=1, default=str))
-        now = time.monotonic()
-        if plots or (plots is None and now - self._last_plot >= PLOT_EVERY_S):
-            self._last_plot = now
-            try:
-                write_plots(self.out, timeline, outcomes, host_used)
-                for name, draw in (extra_plots or {}).items():
-                    draw(self.out / name)
-                self.plotted = True
-            except Exception as e:  # plots are a view of report.json, never worth a verdict
-                print(f"cpcheck: warning: plots not written: {type(e).__name__}: {e}",
-                      file=sys.stderr)
+    def write_report(self, report: SoakReport) -> None:
+        """report.json, atomically (OSError is the caller's to keep: a full disk)."""
+        atomic_write_text(self.path, report.to_json())
+
+    def plots_due(self, plots: bool | None) -> bool:
+        return bool(plots or (plots is None
+                              and time.monotonic() - self._last_plot >= PLOT_EVERY_S))
+
+    def write_plots(self, timeline: list[dict], outcomes: Counter, host_used: list[int],
+                    extra_plots: dict[str, Callable[[Path], None]] | None = None,
+                    host_capacity: list[int] | None = None) -> None:
+        """Every plot; `extra_plots` maps a file name under `out` to what draws it."""
+        self._last_plot = time.monotonic()
+        write_plots(self.out, timeline, outcomes, host_used, host_capacity)
+        for name, draw in (extra_plots or {}).items():
+            draw(self.out / name)
+        self.plotted = True
 
 
 def new_figure(w: float, h: float) -> Any:
@@ -159,7 +224,7 @@ def new_figure(w: float, h: float) -> Any:
 
 def _figure(w: float, h: float) -> tuple[Any, Any]:
     fig = new_figure(w, h)
-    fig.subplots_adjust(left=0.12, right=0.97, bottom=0.14, top=0.95)
+    fig.subplots_adjust(left=0.12, right=0.97, bottom=0.14, top=0.9)
     return fig, fig.add_subplot()
 
 
@@ -175,9 +240,11 @@ def save_figure(fig: Any, path: Path) -> None:
 _save = save_figure
 
 
-def write_plots(out: Path, timeline: list[dict], outcomes: Counter, host_used: list[int]) -> None:
+def write_plots(out: Path, timeline: list[dict], outcomes: Counter, host_used: list[int],
+                host_capacity: list[int] | None = None) -> None:
     """Decisions per second with fault markers, prefetch outcomes, host-pool occupancy."""
     fig, ax = _figure(7, 3.5)
+    ax.set_title("decisions per second", fontsize=9)
     ts = [p["t"] for p in timeline]
     ax.plot(ts, [p["run_decisions_per_s"] for p in timeline], lw=1, label="per run")
     ax.plot(ts, [p["decisions_per_s"] for p in timeline], lw=1.5, label="cumulative")
@@ -191,13 +258,19 @@ def write_plots(out: Path, timeline: list[dict], outcomes: Counter, host_used: l
     _save(fig, out / "decisions_per_s.png")
 
     fig, ax = _figure(5, 3.5)
+    ax.set_title("prefetch outcomes", fontsize=9)
     names = sorted(outcomes) or ["none"]
     ax.bar(names, [outcomes.get(n, 0) for n in names])
     ax.set_ylabel("prefetch decisions (all ranks)")
     _save(fig, out / "prefetch_outcomes.png")
 
     fig, ax = _figure(7, 3.5)
-    ax.plot(range(1, len(host_used) + 1), host_used, marker=".", lw=1)
+    ax.set_title("host pool at the end of each run", fontsize=9)
+    ax.plot(range(1, len(host_used) + 1), host_used, marker=".", lw=1, label="used")
+    if host_capacity:
+        ax.step(range(1, len(host_capacity) + 1), host_capacity, where="mid", lw=1,
+                color="grey", ls="--", label="capacity")
+        ax.legend(loc="best", fontsize=8)
     ax.set_xlabel("run")
     ax.set_ylabel("host slots used at end (max over ranks)")
     _save(fig, out / "host_pool.png")

@@ -9,60 +9,36 @@ A divergence counts only once its replay reproduces it; one that does not is kep
 
 from __future__ import annotations
 
-import argparse
+import json
 import random
+import shutil
+import signal
 import sys
 import time
 from collections import Counter
-from contextlib import ExitStack
+from contextlib import ExitStack, suppress
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from reference.api import STOP_POLICIES, STORAGE_BACKENDS, WRITE_POLICIES
-from scenarios.cli_conventions import (
-    add_output_flags,
-    check_variant_arg,
-    positive_float,
-    variant_help,
-)
+from reference.api import STOP_POLICIES, WRITE_POLICIES
+from scenarios.checker import Verdict
 from scenarios.contract import STATUS_EXIT, ExitCode, UsageError, stop_requested
 from scenarios.coverage import Coverage
-from scenarios.executor import MODES
-from scenarios.protocol_args import add_protocol_arguments, protocol_changes
 from scenarios.records import RankResult
-from scenarios.runner.worker import DEVICES
+from scenarios.report import ReportWriter, SoakReport
+from scenarios.run_dir import RunDir
 from scenarios.schedule import CachePolicy, Op, Schedule, tokens_for
+from scenarios.soak_config import SoakConfig
+from scenarios.soak_watch import InfrastructureLost, Watchdog, lost_raises
 from scenarios.workload import soak_chunk
 
 PAGE = 4
 #: divergences that did not replay before the soak stops hunting (the IO timing it cannot pin
 #: is then too common for a confirmed finding): the verdict is unknown, with their files
 MAX_UNCONFIRMED = 5
-
-
-def add_soak_arguments(p: argparse.ArgumentParser) -> None:
-    """Options of `cpcheck soak` (cli.py builds the subparser and calls this)."""
-    p.add_argument("--layout", default="1x2", help="TPxCP[xPP] (default 1x2)")
-    p.add_argument("--backend", choices=STORAGE_BACKENDS, default="memory")
-    p.add_argument("--minutes", type=positive_float, default=1.0,
-                   help="wall-clock budget (default 1)")
-    p.add_argument("--variant", default="fixed", help=variant_help("fixed or a known-bad variant"))
-    p.add_argument("--faults", default="", metavar="LIST",
-                   help="comma list of slow_rank,storage_latency,storage_errors,master_restart,"
-                        "kill_rank (default: none)")
-    p.add_argument("--seed", type=int, default=None,
-                   help="pin the run (default: a fresh random seed, printed and in the report)")
-    p.add_argument("--mode", choices=MODES, default="inprocess",
-                   help="inprocess (ranks as threads) or torchrun (faults act on the real "
-                        "worker processes and master)")
-    p.add_argument("--out", default="cpcheck-out/soak", help="report, plots and replay go here")
-    p.add_argument("--mooncake-master", metavar="HOST:PORT", default="",
-                   help="use this Mooncake master instead of starting one")
-    p.add_argument("--timeout", type=positive_float, default=10.0,
-                   help="seconds any rank may wait on a peer before the run fails")
-    p.add_argument("--device", choices=DEVICES, default="auto")
-    add_protocol_arguments(p)
-    add_output_flags(p)
+#: free bytes on --out below which the soak warns that its report may not be saved
+LOW_DISK_BYTES = 1 << 20
 
 
 # -- chunk generation ----------------------------------------------------------------------
@@ -159,273 +135,540 @@ def _host_used(results: list[RankResult]) -> int:
     return max((int(v) for v in vals if isinstance(v, (int, float))), default=0)
 
 
-# -- the command ---------------------------------------------------------------------------
-def cmd_soak(args: argparse.Namespace) -> int:
-    """Run chunks until the budget is spent; exit codes from scenarios/contract.py."""
-    from scenarios.cli_conventions import check_device
-    from scenarios.executor import Executor
-    from scenarios.layout import Layout
-    from scenarios.mooncake_session import mooncake_for
-    from scenarios.nemesis import Nemesis
-    from scenarios.report import check_writable, native_stderr_to
+# -- the soak ------------------------------------------------------------------------------
+@dataclass
+class SoakState:
+    """Everything a soak has seen so far; the report is built from this alone."""
 
-    layout = str(Layout.parse(args.layout))
-    check_variant_arg(args.variant)
-    args.protocol_changes = protocol_changes(args)
-    seed = args.seed if args.seed is not None else random.randrange(1 << 31)
-    nem = Nemesis.parse(args.faults, seed=seed)
-    if args.mode == "torchrun":
-        nem.for_torchrun()  # faults act on the real worker processes and the master
-    check_device(args.device)
-    out = check_writable(Path(args.out))  # before the first run, not after the budget
-    print(f"cpcheck soak: seed {seed}", file=sys.stderr, flush=True)
-    world = Layout.parse(layout).world_size
-
-    with ExitStack() as stack:
-        if args.backend == "mooncake" and not args.verbose:  # its log goes to --out, not here
-            stack.enter_context(native_stderr_to(out / "mooncake.log"))
-        master, mm = stack.enter_context(mooncake_for(args.backend, args.mooncake_master,
-                                                      log_dir=out))
-        if mm is not None:
-            nem.attach_master(mm)
-        if nem.unsupported():
-            raise UsageError(str(nem.unsupported()))
-        ex = stack.enter_context(Executor(args.mode, timeout_s=args.timeout,
-                                          mooncake_master=master, device=args.device))
-        return _loop(args, ex, nem if nem.active else None, seed, layout, world, out, mm)
-
-
-def _infrastructure(args: argparse.Namespace, nem: Any, mm: Any) -> str:
-    """What broke outside the system under test and was not asked for ("" if nothing): the
-    run is `unknown` and the soak stops (a kill_rank the user asked for is handled apart)."""
-    if mm is not None and not mm.running:
-        asked = "with" if nem is not None and "master_restart" in nem.kinds else "without"
-        return (f"the soak's Mooncake master (pid {mm.pid}) is gone, {asked} a master_restart "
-                f"fault asked; log: {mm.log_path}")
-    if args.backend == "mooncake" and args.mooncake_master:
-        from scenarios.mooncake_master import MooncakeMasterError, check_master_reachable
-
-        try:
-            check_master_reachable(args.mooncake_master, timeout=2.0)
-        except MooncakeMasterError as e:
-            return f"Mooncake master lost: {e}"
-    return ""
-
-
-def _loop(args: argparse.Namespace, ex: Any, nem: Any, seed: int, layout: str, world: int,
-          out: Path, mm: Any) -> int:
-    from scenarios.checker import Verdict
-    from scenarios.judge import confirm, run_checked
-    from scenarios.replay import write_replay
-    from scenarios.report import SoakReport
-
-    rng = random.Random(seed)
-    budget = args.minutes * 60.0
-    writer = SoakReport(out)  # imports matplotlib: setup, not part of the budget
-    t0 = time.monotonic()
-    runs = decisions = 0
-    timeline: list[dict] = []
-    outcomes: Counter = Counter()
-    coverage = Coverage()
-    host_used: list[int] = []
-    verdict = Verdict(True, message="all runs agree")
+    t0: float = field(default_factory=time.monotonic)
+    phase: str = "start-up"
+    complete: bool = False
+    runs: int = 0
+    decisions: int = 0
+    timeline: list[dict] = field(default_factory=list)
+    outcomes: Counter = field(default_factory=Counter)
+    coverage: Coverage = field(default_factory=Coverage)
+    host_used: list[int] = field(default_factory=list)
+    host_capacity: list[int] = field(default_factory=list)
+    verdict: Verdict = field(default_factory=lambda: Verdict(True, message="all runs agree"))
     replay_path: Path | None = None
     first_s: float | None = None
-    interrupted = False
-    unknown: list[dict] = []  # runs broken by a kill_rank we injected: not judged, soak goes on
-    candidate: Schedule | None = None  # a divergence not yet confirmed by replay
-    #: divergences whose gated replay agreed: kept (file, diagnosis), and the hunt goes on for
-    #: one that replays; only these left at the end make the verdict unknown
-    unconfirmed: list[dict] = []
+    interrupted: bool = False
+    #: runs broken by a kill_rank we injected: not judged, the soak goes on
+    unknown: list[dict] = field(default_factory=list)
+    #: a divergence not yet confirmed by replay (kept if the soak is cut while confirming)
+    candidate: Schedule | None = None
+    #: divergences whose gated replay agreed (file, diagnosis): the hunt goes on past them
+    unconfirmed: list[dict] = field(default_factory=list)
     first_unconfirmed: Verdict | None = None
-    protocol: dict = {"protocol": None, "dp_attention": None}  # of the chunks run
+    protocol: dict = field(default_factory=lambda: {"protocol": None, "dp_attention": None})
+    #: what could not be written (a full or unwritable --out), one line each
+    not_saved: list[str] = field(default_factory=list)
+    #: runs a fault plan was drawn for, and runs each kind fired in
+    faultable_runs: int = 0
+    fault_runs: Counter = field(default_factory=Counter)
+    #: (run number, start) of the run in flight, for the watchdog's progress line
+    in_flight: tuple[int, float] | None = None
 
-    def report() -> dict:
-        """The one place the report is built (written after every chunk and at the end)."""
-        elapsed = time.monotonic() - t0
-        return {
-            "layout": layout, "variant": args.variant, "backend": args.backend,
-            "mode": args.mode, **protocol, "seed": seed, "minutes": args.minutes, "runs": runs,
-            "decisions": decisions, "seconds": round(elapsed, 2),
-            "decisions_per_s": round(decisions / elapsed, 1) if elapsed else 0.0,
-            "runs_per_s": round(runs / elapsed, 2) if elapsed else 0.0,
-            "faults": nem.counts() if nem else {},
-            # asked for but never landed in a run: the soak did not test what its flags say
-            "faults_never_fired": sorted(k for k, n in (nem.counts() if nem else {}).items()
-                                         if n == 0),
-            "status": verdict.status,
-            "verdict": verdict.to_dict(), "seconds_to_divergence": first_s,
-            "confirmed_by_replay": verdict.stats.get("confirmed_by_replay"),
-            "interrupted": interrupted, "unknown_runs": unknown,
-            "unconfirmed_divergences": unconfirmed,
-            "unknown_diagnoses": [u["diagnosis"] for u in unknown[:20]],
-            "fault_events": nem.events if nem else [],
-            "replay": str(replay_path) if replay_path else None,
-            "prefetch_outcomes": dict(outcomes), "coverage": coverage.to_dict(),
-            "timeline": timeline,
-        }
+    def elapsed(self) -> float:
+        return time.monotonic() - self.t0
 
-    extra_plots: dict = {"coverage.png": coverage.plot}
-    if nem is not None:
-        from scenarios.nemesis import plot_events
 
-        extra_plots["faults.png"] = lambda path: plot_events(path, nem.events,
-                                                              time.monotonic() - t0)
+class Soak:
+    """One soak: start-up, chunks until the budget is spent, and one `finish()` that settles
+    the verdict, completes the report and prints the verdict line on every way out."""
 
-    def write(plots: bool | None = None) -> None:
-        writer.write(report(), timeline, outcomes, host_used, plots=plots,
-                     extra_plots=extra_plots)
+    def __init__(self, cfg: SoakConfig, run_dir: RunDir, seed: int, nem: Any,
+                 provenance: dict) -> None:
+        self.cfg, self.run_dir, self.seed, self.nem = cfg, run_dir, seed, nem
+        self.out = run_dir.path
+        self.provenance = provenance
+        self.layout = cfg.layout
+        self.st = SoakState()
+        self.rng = random.Random(seed)
+        self.writer = ReportWriter(self.out)
+        self.ex: Any = None
+        self.mm: Any = None  # the master this soak started (None: none, or the user's)
+        self.watchdog: Watchdog | None = None
+        self.progress: Progress | None = None
+        self.faulted: Any = None  # the nemesis of the run in flight (None: a gated chunk)
 
-    progress = Progress(budget)
-    try:
-        write(plots=False)
-        while time.monotonic() - t0 < budget:
+    # -- the whole soak ----------------------------------------------------------------------
+    def run(self) -> int:
+        with ExitStack() as stack, lost_raises() as can_interrupt:
+            try:
+                self._save()  # a report from the first second: complete false, phase start-up
+                print(f"cpcheck soak: seed {self.seed}; writing to {self.out}", file=sys.stderr,
+                      flush=True)
+                self._start(stack, can_interrupt)
+                self._loop()
+            except InfrastructureLost:
+                self._on_lost()
+            except KeyboardInterrupt:  # Ctrl-C or SIGTERM: keep what was found, say so, stop
+                self._on_interrupt()
+            except Exception as e:  # an internal error is no verdict on the system under test
+                self._on_error(e)
+            return self.finish()
+
+    def _start(self, stack: ExitStack, can_interrupt: bool) -> None:
+        from scenarios.executor import Executor
+        from scenarios.mooncake_session import mooncake_for
+        from scenarios.report import native_stderr_to
+
+        cfg = self.cfg
+        self._phase("start-up: loading plots")
+        ReportWriter.load_plotting()
+        if cfg.backend == "mooncake" and not cfg.verbose:  # its log goes to the run dir
+            stack.enter_context(native_stderr_to(self.out / "mooncake.log"))
+        self._phase("start-up: Mooncake master")
+        master, self.mm = stack.enter_context(mooncake_for(cfg.backend, cfg.mooncake_master,
+                                                           log_dir=self.out))
+        if self.nem is not None and self.mm is not None:
+            self.nem.attach_master(self.mm)
+        self._phase("start-up: workers")
+        self.ex = stack.enter_context(Executor(cfg.mode, timeout_s=cfg.timeout,
+                                               mooncake_master=master, device=cfg.device))
+        self.watchdog = Watchdog(self._check_in_flight, self._waiting_on, can_interrupt)
+        self.watchdog.start()
+        stack.callback(self.watchdog.stop)
+        self.progress = Progress(cfg.budget_s)
+        self.st.t0 = time.monotonic()  # start-up is not part of the budget
+        self._phase("running")
+
+    def _loop(self) -> None:
+        while self.st.elapsed() < self.cfg.budget_s:
             if stop_requested.is_set():  # a signal whose exception was swallowed somewhere
                 raise KeyboardInterrupt
-            s, gated = soak_chunk(rng, runs, layout, args.variant, args.backend, make_chunk,
-                                  coverage)
-            if args.protocol_changes:
-                s = s.with_(**args.protocol_changes)
-            protocol.update(protocol=s.protocol, dp_attention=s.dp_attention)
-            before = nem.total() if nem else 0
-            faults_before = dict(nem.counts()) if nem else {}
-            faulted = nem if nem and not gated else None  # a gated chunk's timing is scripted
-            if faulted:
-                faulted.begin_run(world)
-            rt0 = time.monotonic()
+            if self._chunk():
+                break
+        st = self.st
+        if st.runs == len(st.unknown) and st.verdict.status == "agree":  # nothing was judged
+            st.verdict = Verdict.unknown(
+                f"no run was judged within the {self.cfg.budget_s:.0f} s budget "
+                f"({st.runs} run(s), {len(st.unknown)} cut by kill_rank)")
+
+    # -- one chunk ---------------------------------------------------------------------------
+    def _chunk(self) -> bool:
+        """Draw, run, account and judge one chunk; True when the soak must stop."""
+        s, gated = soak_chunk(self.rng, self.st.runs, self.layout, self.cfg.variant,
+                              self.cfg.backend, make_chunk, self.st.coverage)
+        if self.cfg.protocol_changes:
+            s = s.with_(**self.cfg.protocol_changes)
+        self.st.protocol.update(protocol=s.protocol, dp_attention=s.dp_attention)
+        results, v, fired, run_s = self._run(s, gated)
+        self._account(s, results, v, fired, run_s)
+        broke = self._infrastructure()
+        if broke:
+            self.st.verdict = Verdict.unknown(f"{broke}; the run said: {v.summary()}")
+            return True
+        if v.status == "agree":
+            self._save()
+            return False
+        return self._judge(s, results, v)
+
+    def _run(self, s: Schedule, gated: bool) -> tuple[list[RankResult], Verdict, dict, float]:
+        """Run one chunk (faults unless gated: a gated chunk's timing is scripted)."""
+        from scenarios.judge import run_checked
+
+        nem = self.nem
+        before = nem.counts() if nem else {}
+        self.faulted = nem if nem and not gated else None
+        if self.faulted:
+            self.faulted.begin_run(self.layout_world)
+            self.st.faultable_runs += 1
+        t = time.monotonic()
+        self.st.in_flight = (self.st.runs + 1, t)
+        try:
+            results, v = run_checked(self.ex, s, gated=gated, nemesis=self.faulted)
+        finally:
+            self.st.in_flight = None
+            if self.faulted:
+                self.faulted.end_run()
+        fired = {k: n - before.get(k, 0) for k, n in (nem.counts() if nem else {}).items()}
+        return results, v, fired, time.monotonic() - t
+
+    @property
+    def layout_world(self) -> int:
+        from scenarios.layout import Layout
+
+        return Layout.parse(self.layout).world_size
+
+    def _account(self, s: Schedule, results: list[RankResult], v: Verdict, fired: dict,
+                 run_s: float) -> None:
+        st = self.st
+        st.runs += 1
+        n_dec = int(v.stats.get("decisions", 0))
+        st.decisions += n_dec
+        st.outcomes.update(_prefetch_outcomes(results))
+        st.coverage.add(s, results, fired)
+        st.host_used.append(_host_used(results))
+        st.host_capacity.append(s.cache.host_pages * s.cache.page_size)
+        st.fault_runs.update(k for k, n in fired.items() if n)
+        elapsed = st.elapsed()
+        st.timeline.append({"t": round(elapsed, 3), "runs": st.runs, "decisions": st.decisions,
+                            "decisions_per_s": round(st.decisions / elapsed, 1),
+                            "run_decisions_per_s": round(n_dec / run_s, 1) if run_s else 0.0,
+                            "faults_in_run": sum(fired.values())})
+        if self.progress is not None:
+            self.progress.update(elapsed, st.runs, st.decisions, self.nem.total() if self.nem
+                                 else 0)
+
+    def _judge(self, s: Schedule, results: list[RankResult], v: Verdict) -> bool:
+        """A run that did not agree: a kill we asked for, an unknown, or a divergence."""
+        st = self.st
+        killed = self.faulted.explain() if self.faulted else None
+        if killed:  # the kill_rank the user asked for: record, go on
+            st.unknown.append({"run": st.runs, "t": round(st.elapsed(), 3),
+                               "diagnosis": f"{killed} (kill_rank): the run is not judged",
+                               "error": v.summary()[:300]})
+            self._save()
+            return False
+        if v.status == "unknown":
+            st.verdict = v
+            return True
+        return self._confirm(s, results, v)
+
+    def _confirm(self, s: Schedule, results: list[RankResult], v: Verdict) -> bool:
+        """Replay a divergence once; True (stop) if it reproduces or too many did not."""
+        from scenarios.judge import confirm
+
+        st = self.st
+        st.first_s = st.elapsed()
+        rep = s
+        if results and all(r.recorded is not None for r in results):
+            rep = s.with_(choices={r.rank: list(r.recorded.choices) for r in results},
+                          faults={r.rank: [list(f) for f in r.recorded.faults] for r in results})
+        st.verdict, st.candidate = v, rep  # kept even if interrupted while confirming
+        self._phase("confirming a divergence")
+        st.verdict = confirm(self.ex, rep, v)  # a divergence is replayed once before it counts
+        self._phase("running")
+        path = self._keep_replay(rep, st.verdict)
+        st.candidate = None
+        if st.verdict.status == "diverge":
+            st.replay_path = path
+            return True
+        # not reproduced (the run read IO state its recording could not pin): keep the file,
+        # say so, and hunt on for a divergence that replays
+        st.unconfirmed.append({"run": st.runs, "t": round(st.elapsed(), 3),
+                               "file": str(path) if path else None,
+                               "diagnosis": st.verdict.diagnosis})
+        st.first_unconfirmed = st.first_unconfirmed or st.verdict
+        st.verdict = Verdict(True, message="all runs agree")
+        self._save()
+        return len(st.unconfirmed) >= MAX_UNCONFIRMED
+
+    def _keep_replay(self, s: Schedule, verdict: Verdict) -> Path | None:
+        """The replay file: printed on stderr first (a full disk loses nothing), then written;
+        None if it could not be written (said, and listed in `not_saved`)."""
+        from scenarios.replay import replay_data, replay_name, write_replay
+
+        data = replay_data(s, verdict, self.cfg.mode,
+                           confirmation=verdict.stats.get("confirmation"))
+        if verdict.status == "diverge":
+            print(f"DIVERGE [{verdict.invariant}]: {verdict.message}", file=sys.stderr)
+            print(f"replay file {replay_name(s, verdict)}:\n"
+                  f"{json.dumps(data, indent=1, default=str)}", file=sys.stderr, flush=True)
+        self._phase("writing the replay file")
+        try:
+            return write_replay(s, verdict, self.out, self.cfg.mode, data=data)
+        except OSError as e:
+            self._not_saved(replay_name(s, verdict), e)
+            return None
+        finally:
+            self._phase("running")
+
+    # -- infrastructure ------------------------------------------------------------------------
+    def _infrastructure(self) -> str:
+        """What broke outside the system under test and was not asked for ("" if nothing):
+        checked after every run, agree or not. The run is `unknown` and the soak stops."""
+        if self.watchdog is not None and self.watchdog.lost:
+            return self.watchdog.lost
+        lost = self._master_lost()
+        if lost:
+            return lost
+        self._check_disk()
+        return ""
+
+    def _master_lost(self) -> str:
+        mm, cfg = self.mm, self.cfg
+        if mm is not None and not mm.running and not mm.restarting:
+            asked = ("with" if self.nem is not None and "master_restart" in self.nem.kinds
+                     else "without")
+            return (f"the soak's Mooncake master (pid {mm.pid}) is gone, {asked} a "
+                    f"master_restart fault asked; log: {mm.log_path}")
+        if cfg.backend == "mooncake" and cfg.mooncake_master:
+            from scenarios.mooncake_master import MooncakeMasterError, check_master_reachable
+
             try:
-                results, v = run_checked(ex, s, gated=gated, nemesis=faulted)
-            finally:
-                if faulted:
-                    faulted.end_run()
-            run_s = time.monotonic() - rt0
-            runs += 1
-            n_dec = int(v.stats.get("decisions", 0))
-            decisions += n_dec
-            outcomes.update(_prefetch_outcomes(results))
-            coverage.add(s, results, {k: n - faults_before.get(k, 0)
-                                      for k, n in (nem.counts() if nem else {}).items()})
-            host_used.append(_host_used(results))
-            elapsed = time.monotonic() - t0
-            fired = (nem.total() if nem else 0) - before
-            timeline.append({"t": round(elapsed, 3), "runs": runs, "decisions": decisions,
-                             "decisions_per_s": round(decisions / elapsed, 1),
-                             "run_decisions_per_s": round(n_dec / run_s, 1) if run_s else 0.0,
-                             "faults_in_run": fired})
-            progress.update(elapsed, runs, decisions, nem.total() if nem else 0)
-            if v.status != "agree":
-                broke = _infrastructure(args, nem, mm)
-                killed = faulted.explain() if faulted else None
-                if killed and not broke:  # the kill_rank the user asked for: record, go on
-                    unknown.append({"run": runs, "t": round(elapsed, 3),
-                                    "diagnosis": f"{killed} (kill_rank): the run is not judged",
-                                    "error": v.summary()[:300]})
-                    write()
-                    continue
-                if broke or v.status == "unknown":
-                    verdict = v if not broke else Verdict.unknown(
-                        f"{broke}; the run said: {v.summary()}")
-                    break
-                first_s = elapsed
-                rep = s
-                if results and all(r.recorded is not None for r in results):
-                    rep = s.with_(choices={r.rank: list(r.recorded.choices) for r in results},
-                                  faults={r.rank: [list(f) for f in r.recorded.faults]
-                                          for r in results})
-                verdict, candidate = v, rep  # kept even if interrupted while confirming
-                write()
-                verdict = confirm(ex, rep, v)  # a divergence is replayed once before it counts
-                path = write_replay(rep, verdict, out, args.mode,
-                                    confirmation=verdict.stats.get("confirmation"))
-                candidate = None
-                if verdict.status == "diverge":
-                    replay_path = path
-                    break
-                # not reproduced (the run read IO state its recording could not pin): keep the
-                # file, say so, and hunt on for a divergence that replays
-                unconfirmed.append({"run": runs, "t": round(elapsed, 3), "file": str(path),
-                                    "diagnosis": verdict.diagnosis})
-                first_unconfirmed = first_unconfirmed or verdict
-                verdict = Verdict(True, message="all runs agree")
-                if len(unconfirmed) >= MAX_UNCONFIRMED:
-                    break
-            write()
-        if runs == len(unknown) and verdict.status == "agree":  # nothing was judged
-            verdict = Verdict.unknown(f"no run was judged within the {budget:.0f} s budget "
-                                      f"({runs} run(s), {len(unknown)} cut by kill_rank)")
-    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: keep what was found, say so, stop
-        interrupted = True
-        if mm is not None:  # its data is not needed any more: no grace period on the way out
-            mm.kill_now()
-        if candidate is not None and replay_path is None:
-            verdict = Verdict.unknown(f"interrupted before the divergence was confirmed by "
-                                      f"replay: {verdict.summary()}", invariant=verdict.invariant,
-                                      failures=verdict.failures, stats=verdict.stats)
-            replay_path = write_replay(candidate, verdict, out, args.mode)
-    except Exception as e:  # an internal error is no verdict on the system under test
-        verdict = Verdict.unknown(f"internal error: {type(e).__name__}: {e}")
-        if args.verbose:
+                check_master_reachable(cfg.mooncake_master, timeout=2.0)
+            except MooncakeMasterError as e:
+                return f"Mooncake master lost: {e}"
+        return ""
+
+    def _check_in_flight(self) -> str:
+        """The watchdog's check: only while a run is in flight (after it, `_infrastructure`)."""
+        return self._master_lost() if self.st.in_flight is not None else ""
+
+    def _waiting_on(self) -> str | None:
+        flight = self.st.in_flight
+        if flight is None or time.monotonic() - flight[1] < 5.0:
+            return None
+        master = ""
+        if self.mm is not None:
+            master = f"; master pid {self.mm.pid} {'up' if self.mm.running else 'DOWN'}"
+        return (f"run {flight[0]} in flight for {time.monotonic() - flight[1]:.0f} s, waiting on "
+                f"its {self.layout_world} ranks ({self.cfg.mode}, timeout {self.cfg.timeout:g} "
+                f"s per wait){master}")
+
+    def _check_disk(self) -> None:
+        try:
+            free = shutil.disk_usage(self.out).free
+        except OSError:
+            return
+        if free < LOW_DISK_BYTES:
+            self._not_saved("space", OSError(28, f"only {free} bytes free on --out"))
+
+    # -- ways out ------------------------------------------------------------------------------
+    def _on_lost(self) -> None:
+        st = self.st
+        diagnosis = (self.watchdog.lost if self.watchdog and self.watchdog.lost
+                     else "infrastructure lost")
+        self._kill_master()
+        st.verdict = Verdict.unknown(f"{diagnosis} (while run {st.runs + 1} was in flight)")
+
+    def _on_interrupt(self) -> None:
+        st = self.st
+        st.interrupted = True
+        self._kill_master()
+        if st.candidate is not None and st.replay_path is None:
+            v = st.verdict
+            st.verdict = Verdict.unknown(f"interrupted before the divergence was confirmed by "
+                                         f"replay: {v.summary()}", invariant=v.invariant,
+                                         failures=v.failures, stats=v.stats)
+            st.replay_path = self._keep_replay(st.candidate, st.verdict)
+
+    def _on_error(self, e: Exception) -> None:
+        """Bad input found at start-up stays exit 2 (after the report says where it stopped);
+        anything else is `unknown`: infrastructure by its type, else an internal error."""
+        from scenarios.contract import classify
+
+        code, line = classify(e)
+        if code == ExitCode.USAGE and self.st.runs == 0:
+            self.st.complete = True
+            self._save(plots=False)
+            self.run_dir.release()
+            raise e
+        if not line.startswith("internal error"):
+            print(f"cpcheck: cannot judge here: {line}", file=sys.stderr, flush=True)
+        self.st.verdict = Verdict.unknown(line)
+        if self.cfg.verbose:
             import traceback
 
             traceback.print_exc()
-    finally:
-        progress.close()
-        if verdict.status == "agree" and first_unconfirmed is not None:
-            verdict = first_unconfirmed  # found, never reproduced: unknown, with its file
-            replay_path = Path(unconfirmed[0]["file"])
+
+    def _kill_master(self) -> None:
+        if self.mm is not None:  # its data is not needed any more: no grace period
+            self.mm.kill_now()
+
+    def finish(self) -> int:
+        """Settle the verdict, complete the report, print the verdict line; the exit code."""
+        st = self.st
+        with suppress(ValueError):  # the watchdog may not interrupt the way out
+            signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+        if self.watchdog is not None:
+            self.watchdog.stop()
+        if self.progress is not None:
+            self.progress.close()
+        if st.verdict.status == "agree" and st.first_unconfirmed is not None:
+            st.verdict = st.first_unconfirmed  # found, never reproduced: unknown, with its file
+            f = st.unconfirmed[0]["file"]
+            st.replay_path = Path(f) if f else None
+        st.complete = True
         try:  # the report and the verdict line first, the slower plots last
-            write(plots=False)
+            self._save(plots=False)
         finally:
-            _print_verdict(args, report(), verdict, replay_path, out, first_s, coverage)
+            self._print_verdict()
             # after Ctrl-C the plots stay as last drawn (at most PLOT_EVERY_S old): stop in 3 s
-            write(plots=not (interrupted and writer.plotted))
-    if interrupted and verdict.status == "agree":
-        return int(ExitCode.INTERRUPTED)
-    return int(STATUS_EXIT[verdict.status or "unknown"])
+            if not (st.interrupted and self.writer.plotted):
+                self._save_plots()
+            self.run_dir.release()
+        if st.interrupted and st.verdict.status == "agree":
+            return int(ExitCode.INTERRUPTED)
+        return int(STATUS_EXIT[st.verdict.status or "unknown"])
+
+    # -- the report ----------------------------------------------------------------------------
+    def report(self) -> SoakReport:
+        """The one place the report is built (written after every chunk and at the end)."""
+        st, cfg, nem = self.st, self.cfg, self.nem
+        elapsed = st.elapsed()
+        counts = nem.counts() if nem else {}
+        return SoakReport(
+            complete=st.complete, phase=st.phase, provenance=self.provenance,
+            run_dir=str(self.out), layout=self.layout, variant=cfg.variant, backend=cfg.backend,
+            mode=cfg.mode, **st.protocol, seed=self.seed, minutes=cfg.minutes, runs=st.runs,
+            decisions=st.decisions, seconds=round(elapsed, 2),
+            decisions_per_s=round(st.decisions / elapsed, 1) if elapsed else 0.0,
+            runs_per_s=round(st.runs / elapsed, 2) if elapsed else 0.0,
+            faults=counts, fault_runs=self._fault_runs(),
+            # asked for but never landed in a run: the soak did not test what its flags say
+            faults_never_fired=sorted(k for k, n in counts.items() if n == 0),
+            status=st.verdict.status or "unknown", verdict=st.verdict.to_dict(),
+            seconds_to_divergence=st.first_s,
+            confirmed_by_replay=st.verdict.stats.get("confirmed_by_replay"),
+            interrupted=st.interrupted, unknown_runs=st.unknown,
+            unconfirmed_divergences=st.unconfirmed,
+            unknown_diagnoses=[u["diagnosis"] for u in st.unknown[:20]],
+            fault_events=nem.events if nem else [],
+            replay=str(st.replay_path) if st.replay_path else None, not_saved=st.not_saved,
+            prefetch_outcomes=dict(st.outcomes), coverage=st.coverage.to_dict(),
+            timeline=st.timeline)
+
+    def _fault_runs(self) -> dict:
+        """How many runs could meet a fault (gated chunks draw none) and, per kind, the runs
+        it fired in and their share of all runs."""
+        st = self.st
+        if self.nem is None:
+            return {}
+        return {"runs": st.runs, "faultable_runs": st.faultable_runs,
+                "by_kind": {k: {"runs": st.fault_runs.get(k, 0),
+                                "share": round(st.fault_runs.get(k, 0) / st.runs, 3)
+                                if st.runs else 0.0} for k in self.nem.kinds}}
+
+    def _phase(self, phase: str) -> None:
+        self.st.phase = phase
+
+    def _save(self, plots: bool | None = None) -> None:
+        """report.json now, the plots when due; what cannot be written is said, not fatal."""
+        try:
+            self.writer.write_report(self.report())
+        except OSError as e:
+            self._not_saved("report.json", e)
+        if plots is not False and self.writer.plots_due(plots):
+            self._save_plots()
+
+    def _save_plots(self) -> None:
+        st = self.st
+        extra: dict = {"coverage.png": st.coverage.plot}
+        if self.nem is not None:
+            from scenarios.nemesis import plot_events
+
+            extra["faults.png"] = lambda path: plot_events(path, self.nem.events, st.elapsed())
+        try:
+            self.writer.write_plots(st.timeline, st.outcomes, st.host_used, extra,
+                                    st.host_capacity)
+        except OSError as e:
+            self._not_saved("plots", e)
+        except Exception as e:  # plots are a view of report.json, never worth a verdict
+            print(f"cpcheck: warning: plots not written: {type(e).__name__}: {e}",
+                  file=sys.stderr)
+
+    def _not_saved(self, what: str, e: OSError) -> None:
+        line = f"{what}: {e.strerror or e}"
+        if any(x.startswith(f"{what}:") for x in self.st.not_saved):
+            return
+        self.st.not_saved.append(line)
+        print(f"cpcheck: warning: could not save {line} (in {self.out}); the verdict stands",
+              file=sys.stderr, flush=True)
+
+    # -- the verdict line ----------------------------------------------------------------------
+    def _print_verdict(self) -> None:
+        """The verdict line, always (also after Ctrl-C, SIGTERM or an internal error)."""
+        from scenarios.cli_conventions import human
+
+        st, cfg, o = self.st, self.cfg, human(self.cfg)
+        rep = self.report()
+        print(f"outcome coverage ({rep.runs} runs):\n{st.coverage.table()}", file=o)
+        dp = {True: "on", False: "off"}.get(rep.dp_attention, "n/a")  # type: ignore[arg-type]
+        print(f"soak layout={rep.layout} variant={cfg.variant} protocol={rep.protocol} "
+              f"dp_attention={dp} backend={cfg.backend} mode={cfg.mode} "
+              f"seed={rep.seed}: {rep.runs} runs, {rep.decisions} decisions "
+              f"in {rep.seconds:.1f} s ({rep.decisions_per_s:.0f}/s); faults "
+              f"{rep.faults or 'none'}{'; INTERRUPTED' if rep.interrupted else ''}", file=o)
+        for line in self._notes(rep):
+            print(line, file=o)
+        self._print_status(rep, o)
+        self._emit_json(rep)
+
+    def _notes(self, rep: SoakReport) -> list[str]:
+        notes = []
+        fr = rep.fault_runs
+        if fr:
+            share = ", ".join(f"{k} {v['runs']}/{fr['runs']}" for k, v in fr["by_kind"].items())
+            notes.append(f"faults met: {share} runs ({fr['faultable_runs']} of {fr['runs']} "
+                         "runs could meet a fault; gated coverage chunks draw none)")
+        if rep.faults_never_fired:
+            notes.append(f"warning: fault(s) asked for but never fired: "
+                         f"{', '.join(rep.faults_never_fired)} (runs too short or too few for "
+                         "their windows: soak longer)")
+        if rep.unknown_runs:
+            notes.append(f"{len(rep.unknown_runs)} run(s) broken by an injected kill were not "
+                         f"judged (unknown): {rep.unknown_runs[0]['diagnosis']}")
+        if rep.unconfirmed_divergences and self.st.verdict.status != "unknown":
+            u = rep.unconfirmed_divergences
+            notes.append(f"{len(u)} divergence(s) did not reproduce on replay (kept, both "
+                         f"verdicts in {u[0]['file']}); the soak hunted on")
+        if rep.not_saved:
+            notes.append(f"NOT SAVED (the verdict stands): {'; '.join(rep.not_saved)}")
+        return notes
+
+    def _print_status(self, rep: SoakReport, o: Any) -> None:
+        st, report = self.st, self.out / "report.json"
+        v = st.verdict
+        if v.status == "diverge":
+            print(f"DIVERGE [{v.invariant}] after {st.first_s or 0.0:.1f} s: {v.message}", file=o)
+            print("confirmed by replay", file=o)
+            where = st.replay_path or "(not saved: its contents are on stderr above)"
+            print(f"replay: cpcheck replay {where} --mode {self.cfg.mode}", file=o)
+        elif v.status == "unknown":
+            print(v.summary(), file=o)
+            if st.replay_path is not None:
+                print(f"not reproduced; both verdicts in {st.replay_path}", file=o)
+        elif st.interrupted and st.runs == 0:
+            print(f"INTERRUPTED before any run was judged; report: {report}", file=o)
+        elif st.interrupted:
+            print(f"INTERRUPTED: every run so far agreed; report: {report}", file=o)
+        else:
+            print(f"AGREE: every run agreed; report: {report}", file=o)
+        if v.status != "agree":
+            print(f"report: {report}", file=o)
+
+    def _emit_json(self, rep: SoakReport) -> None:
+        from scenarios.cli_conventions import emit_json
+
+        st, v = self.st, self.st.verdict
+        code = (ExitCode.INTERRUPTED if st.interrupted and v.status == "agree"
+                else STATUS_EXIT[v.status or "unknown"])
+        emit_json(self.cfg, {
+            "status": "interrupted" if code == ExitCode.INTERRUPTED else v.status,
+            "invariant": v.invariant, "message": v.message, "diagnosis": v.diagnosis,
+            "exit_code": int(code), "confirmed_by_replay": v.stats.get("confirmed_by_replay"),
+            "replay": str(st.replay_path) if st.replay_path else None,
+            "report": str(self.out / "report.json"), "not_saved": rep.not_saved})
 
 
-def _print_verdict(args: argparse.Namespace, rep: dict, verdict: Any, replay_path: Path | None,
-                   out: Path, first_s: float | None, coverage: Coverage) -> None:
-    """The verdict line, always (also after Ctrl-C, SIGTERM or an internal error)."""
-    from scenarios.cli_conventions import emit_json, human
+# -- the command ---------------------------------------------------------------------------
+def run_soak(cfg: SoakConfig) -> int:
+    """Check the input (exit 2 before any work), claim a fresh run dir, soak."""
+    from scenarios.cli_conventions import check_device, check_variant_arg
+    from scenarios.layout import Layout
+    from scenarios.nemesis import Nemesis
+    from scenarios.provenance import provenance
+    from scenarios.report import check_writable
 
-    o = human(args)
-    faults = rep["faults"]
-    print(f"outcome coverage ({rep['runs']} runs):\n{coverage.table()}", file=o)
-    print(f"soak layout={rep['layout']} variant={args.variant} protocol={rep['protocol']} "
-          f"dp_attention={rep['dp_attention']} backend={args.backend} mode={args.mode} "
-          f"seed={rep['seed']}: {rep['runs']} runs, {rep['decisions']} decisions "
-          f"in {rep['seconds']:.1f} s ({rep['decisions_per_s']:.0f}/s); faults {faults or 'none'}"
-          f"{'; INTERRUPTED' if rep['interrupted'] else ''}", file=o)
-    if rep["faults_never_fired"]:
-        print(f"warning: fault(s) asked for but never fired: {', '.join(rep['faults_never_fired'])} "
-              "(runs too short or too few for their windows: soak longer)", file=o)
-    if rep["unknown_runs"]:
-        print(f"{len(rep['unknown_runs'])} run(s) broken by an injected kill were not judged "
-              f"(unknown): {rep['unknown_runs'][0]['diagnosis']}", file=o)
-    if rep["unconfirmed_divergences"] and verdict.status != "unknown":
-        u = rep["unconfirmed_divergences"]
-        print(f"{len(u)} divergence(s) did not reproduce on replay (kept, both verdicts in "
-              f"{u[0]['file']}); the soak hunted on", file=o)
-    if verdict.status == "diverge":
-        print(f"DIVERGE [{verdict.invariant}] after {first_s:.1f} s: {verdict.message}", file=o)
-        print("confirmed by replay", file=o)
-        print(f"replay: cpcheck replay {replay_path} --mode {args.mode}", file=o)
-    elif verdict.status == "unknown":
-        print(verdict.summary(), file=o)
-        if replay_path is not None:
-            print(f"not reproduced; both verdicts in {replay_path}", file=o)
-    elif rep["interrupted"]:
-        print(f"INTERRUPTED: every run so far agreed; report: {out / 'report.json'}", file=o)
-    else:
-        print(f"AGREE: every run agreed; report: {out / 'report.json'}", file=o)
-    if verdict.status != "agree":
-        print(f"report: {out / 'report.json'}", file=o)
-    code = (ExitCode.INTERRUPTED if rep["interrupted"] and verdict.status == "agree"
-            else STATUS_EXIT[verdict.status or "unknown"])
-    emit_json(args, {"status": "interrupted" if code == ExitCode.INTERRUPTED else verdict.status,
-                     "invariant": verdict.invariant, "message": verdict.message,
-                     "diagnosis": verdict.diagnosis, "exit_code": int(code),
-                     "confirmed_by_replay": verdict.stats.get("confirmed_by_replay"),
-                     "replay": str(replay_path) if replay_path else None,
-                     "report": str(out / "report.json")})
+    layout = str(Layout.parse(cfg.layout))
+    check_variant_arg(cfg.variant)
+    seed = cfg.seed if cfg.seed is not None else random.randrange(1 << 31)
+    nem = Nemesis.parse(cfg.faults, seed=seed)
+    if "master_restart" in nem.kinds and (cfg.backend != "mooncake" or cfg.mooncake_master):
+        raise UsageError("fault 'master_restart' needs a Mooncake master this soak starts "
+                         "itself (--backend mooncake without --mooncake-master)")
+    if cfg.mode == "torchrun":
+        nem.for_torchrun()  # faults act on the real worker processes and the master
+    check_device(cfg.device)
+    check_writable(cfg.out)  # before the first run, not after the budget
+    from dataclasses import replace
+
+    run_dir = RunDir.fresh(cfg.out, seed)
+    soak = Soak(replace(cfg, layout=layout), run_dir, seed, nem if nem.active else None,
+                provenance(list(cfg.argv) or None))
+    return soak.run()
