@@ -68,10 +68,10 @@ def test_soak_report_and_plot_carry_coverage(tmp_path) -> None:  # noqa: ANN001
 
     out = tmp_path / "soak"
     assert main(["soak", "--minutes", "0.1", "--seed", "1", "--out", str(out)]) == 0
-    rep = json.loads((out / "report.json").read_text())
+    rep = json.loads((out / "latest" / "report.json").read_text())
     assert sum(rep["coverage"]["prefetch"].values()) > 0
     assert set(rep["coverage"]["prefetch_shares"]) == set(PREFETCH_CLASSES)
-    assert (out / "coverage.png").stat().st_size > 0
+    assert (out / "latest" / "coverage.png").stat().st_size > 0
 
 
 def test_explore_summary_prints_coverage(capsys) -> None:  # noqa: ANN001
@@ -92,5 +92,5 @@ def test_one_minute_soak_keeps_every_prefetch_class_above_15_percent(tmp_path,  
 
     out = tmp_path / "soak"
     assert main(["soak", "--minutes", "1", "--layout", layout, "--out", str(out)]) == 0
-    shares = json.loads((out / "report.json").read_text())["coverage"]["prefetch_shares"]
+    shares = json.loads((out / "latest" / "report.json").read_text())["coverage"]["prefetch_shares"]
     assert min(shares.values()) >= 0.15, shares

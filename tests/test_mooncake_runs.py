@@ -86,6 +86,6 @@ def test_master_restart_mid_soak_keeps_agreement(tmp_path, capsys) -> None:
     assert rc == 0, out.out + out.err
     import json
 
-    report = json.loads((tmp_path / "report.json").read_text())
+    report = json.loads((tmp_path / "latest" / "report.json").read_text())
     assert report["faults"].get("master_restart", 0) >= 1
     assert report["runs"] >= 1

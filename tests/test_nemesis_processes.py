@@ -158,7 +158,7 @@ def test_torchrun_soak_with_process_faults_writes_faults_to_report_and_plot(tmp_
     out = tmp_path / "soak"
     rc = main(["soak", "--mode", "torchrun", "--layout", "1x2", "--minutes", "0.3", "--seed",
                "4", "--faults", "slow_rank,storage_latency,kill_rank", "--out", str(out)])
-    rep = json.loads((out / "report.json").read_text())
+    rep = json.loads((out / "latest" / "report.json").read_text())
     assert rc == 0, rep["verdict"]
     assert rep["mode"] == "torchrun" and rep["seed"] == 4
     assert set(rep["faults"]) == {"slow_rank", "storage_latency", "kill_rank"}
@@ -167,7 +167,7 @@ def test_torchrun_soak_with_process_faults_writes_faults_to_report_and_plot(tmp_
     # a kill that lands as a run finishes leaves that run judged (and the pool restarted)
     assert len(rep["unknown_runs"]) <= rep["faults"]["kill_rank"]
     assert all("SIGKILLed" in u["diagnosis"] for u in rep["unknown_runs"])
-    assert (out / "faults.png").stat().st_size > 0
+    assert (out / "latest" / "faults.png").stat().st_size > 0
 
 
 @pytest.mark.cp
@@ -180,7 +180,7 @@ def test_torchrun_soak_with_faults_finds_a_bad_variant_and_its_replay_reproduces
                "--minutes", "1", "--seed", "2", "--faults", "slow_rank,storage_errors",
                "--out", str(out)])
     assert rc == 1, "the torchrun soak did not find leak_on_revoke"
-    rep = json.loads((out / "report.json").read_text())
+    rep = json.loads((out / "latest" / "report.json").read_text())
     replay = Path(rep["replay"])
     assert json.loads(replay.read_text())["mode"] == "torchrun"
     assert main(["replay", str(replay), "--mode", "torchrun"]) == 1

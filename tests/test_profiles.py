@@ -413,7 +413,7 @@ def test_soak_agrees_per_profile(tmp_path, protocol: str, dp: bool, capsys) -> N
                "--out", str(tmp_path), "--seed", "1"])
     out = capsys.readouterr()
     assert rc == 0, out.out + out.err
-    report = json.loads((tmp_path / "report.json").read_text())
+    report = json.loads((tmp_path / "latest" / "report.json").read_text())
     assert (report["protocol"], report["dp_attention"]) == (protocol, dp)
     assert report["runs"] >= 1
 

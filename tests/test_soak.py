@@ -15,7 +15,7 @@ from scenarios.nemesis import KINDS, Nemesis, NemesisError, RankKilled
 def _soak(tmp_path: Path, *extra: str, minutes: str = "0.05") -> tuple[int, dict]:
     out = tmp_path / "soak"
     rc = main(["soak", "--minutes", minutes, "--seed", "3", "--out", str(out), *extra])
-    return rc, json.loads((out / "report.json").read_text())
+    return rc, json.loads((out / "latest" / "report.json").read_text())
 
 
 def test_fixed_soak_agrees_and_writes_report(tmp_path: Path) -> None:
@@ -23,7 +23,7 @@ def test_fixed_soak_agrees_and_writes_report(tmp_path: Path) -> None:
     assert rc == 0, rep["verdict"]
     assert rep["runs"] > 0 and rep["decisions"] > 0 and rep["replay"] is None
     for png in ("decisions_per_s.png", "prefetch_outcomes.png", "host_pool.png"):
-        assert (tmp_path / "soak" / png).stat().st_size > 0
+        assert (tmp_path / "soak" / "latest" / png).stat().st_size > 0
 
 
 @pytest.mark.parametrize("kind", ["slow_rank", "storage_latency", "storage_errors"])
@@ -47,7 +47,7 @@ def test_kill_rank_run_is_unknown_with_a_diagnosis_not_a_divergence(tmp_path: Pa
     assert len(rep["unknown_runs"]) >= 1
     assert "killed rank" in rep["unknown_runs"][0]["diagnosis"]
     assert "nemesis killed" in rep["unknown_diagnoses"][0]
-    assert rep["replay"] is None and not list((tmp_path / "soak").glob("replay-*"))
+    assert rep["replay"] is None and not list((tmp_path / "soak" / "latest").glob("replay-*"))
     assert any(e["kind"] == "kill_rank" for e in rep["fault_events"])
     if rep["runs"] > len(rep["unknown_runs"]):  # some runs were judged, and they agreed
         assert rc == 0 and rep["status"] == "agree", rep["verdict"]

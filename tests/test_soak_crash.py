@@ -42,7 +42,7 @@ def _wait_for_runs(proc: subprocess.Popen, out: Path, runs: int, limit_s: float 
     while time.monotonic() < deadline:
         assert proc.poll() is None, proc.communicate()
         try:
-            rep = json.loads((out / "report.json").read_text())
+            rep = json.loads((out / "latest" / "report.json").read_text())
         except (OSError, json.JSONDecodeError):  # not there yet (never half-written)
             rep = {}
         if rep.get("runs", 0) >= runs:
@@ -75,11 +75,11 @@ def test_signal_completes_report_prints_verdict_and_cleans_up(tmp_path: Path, si
     assert took < limit, f"{took:.1f} s to stop (limit {limit:.1f} s)"
     assert proc.returncode == 130, stdout + stderr
     assert "INTERRUPTED: every run so far agreed" in stdout
-    rep = json.loads((out / "report.json").read_text())
+    rep = json.loads((out / "latest" / "report.json").read_text())
     assert rep["interrupted"] is True and rep["runs"] >= during["runs"]
     for png in ("decisions_per_s.png", "prefetch_outcomes.png", "host_pool.png"):
-        assert (out / png).stat().st_size > 0
-    assert not list(out.glob(".*.tmp")), "a temporary file was left behind"
+        assert (out / "latest" / png).stat().st_size > 0
+    assert not list((out / "latest").glob(".*.tmp")), "a temporary file was left behind"
     assert list(tmpdir.iterdir()) == [], "temp directories left behind"
 
 
@@ -89,7 +89,7 @@ def test_sigkill_keeps_the_report_written_so_far(tmp_path: Path) -> None:
     during = _wait_for_runs(proc, out, 2)
     proc.kill()
     proc.communicate()
-    rep = json.loads((out / "report.json").read_text())
+    rep = json.loads((out / "latest" / "report.json").read_text())
     assert rep["runs"] >= during["runs"] >= 2 and rep["status"] == "agree"
 
 
@@ -111,19 +111,19 @@ def test_divergence_is_kept_when_interrupted_while_confirming(monkeypatch, tmp_p
     monkeypatch.setattr(judge, "confirm", interrupted)
     rc = main(["soak", "--minutes", "0.5", "--variant", "cp_rank_in_key", "--out", str(tmp_path)])
     out = capsys.readouterr().out
-    rep = json.loads((tmp_path / "report.json").read_text())
+    rep = json.loads((tmp_path / "latest" / "report.json").read_text())
     assert rc == 125 and rep["status"] == "unknown" and rep["interrupted"] is True
     assert "before the divergence was confirmed" in rep["verdict"]["diagnosis"]
     kept = Path(rep["replay"])
     assert kept.name.startswith("unknown-") and kept.exists()  # not presented as a divergence
-    assert not list(tmp_path.glob("replay-*"))
+    assert not list((tmp_path / "latest").glob("replay-*"))
     assert "UNKNOWN: interrupted before the divergence was confirmed" in out
 
 
 def test_confirmed_divergence_is_in_the_report(tmp_path: Path, capsys) -> None:
     rc = main(["soak", "--minutes", "0.5", "--variant", "cp_rank_in_key", "--out", str(tmp_path)])
     out = capsys.readouterr().out
-    rep = json.loads((tmp_path / "report.json").read_text())
+    rep = json.loads((tmp_path / "latest" / "report.json").read_text())
     assert rc == 1 and rep["status"] == "diverge" and rep["confirmed_by_replay"] is True
     assert Path(rep["replay"]).exists() and "confirmed by replay" in out
 
@@ -144,7 +144,7 @@ def test_internal_error_still_prints_verdict_and_report(monkeypatch, tmp_path: P
     assert main(["soak", "--minutes", "1", "--out", str(tmp_path)]) == 125
     out = capsys.readouterr().out
     assert "UNKNOWN: internal error: AttributeError: a harness bug" in out
-    rep = json.loads((tmp_path / "report.json").read_text())
+    rep = json.loads((tmp_path / "latest" / "report.json").read_text())
     assert rep["runs"] == 2 and rep["status"] == "unknown"
 
 
@@ -170,7 +170,7 @@ def test_mooncake_soak_ctrl_c_within_3s_and_log_in_out(tmp_path: Path) -> None:
     assert took < limit, f"{took:.1f} s to stop (limit {limit:.1f} s)"
     assert proc.returncode == 130 and "INTERRUPTED" in stdout, stdout + stderr
     # Mooncake's own log is in --out, not on the terminal
-    assert (out / "mooncake.log").exists() and (out / "mooncake_master.log").stat().st_size > 0
+    assert (out / "latest" / "mooncake.log").exists() and (out / "latest" / "mooncake_master.log").stat().st_size > 0
     glog = [ln for ln in stderr.splitlines() if ln[:1] in "IWE" and ".cpp:" in ln]
     assert glog == [], glog[:5]
     time.sleep(1.0)
@@ -200,8 +200,8 @@ def test_sigkill_of_the_soaks_own_master_is_unknown(tmp_path: Path, capsys) -> N
         deadline = time.monotonic() + 110
         while time.monotonic() < deadline:
             mine = [p for p in master_pids() if _parent(p) == os.getpid() and p not in before]
-            if mine and (tmp_path / "report.json").exists() and json.loads(
-                    (tmp_path / "report.json").read_text()).get("runs", 0) >= 1:
+            if mine and (tmp_path / "latest" / "report.json").exists() and json.loads(
+                    (tmp_path / "latest" / "report.json").read_text()).get("runs", 0) >= 1:
                 os.kill(mine[0], signal.SIGKILL)
                 killed.append(mine[0])
                 return
@@ -217,7 +217,7 @@ def test_sigkill_of_the_soaks_own_master_is_unknown(tmp_path: Path, capsys) -> N
     d = json.loads(captured.out.strip().splitlines()[-1])
     assert rc == 125 and d["status"] == "unknown", captured.out + captured.err
     assert "master" in d["diagnosis"] and "without a master_restart" in d["diagnosis"]
-    assert not list(tmp_path.glob("replay-*"))
+    assert not list((tmp_path / "latest").glob("replay-*"))
 
 
 @pytest.mark.mooncake
@@ -237,7 +237,7 @@ def test_a_port_that_is_not_a_master_is_125(tmp_path: Path, capsys) -> None:
             assert "does not answer as a Mooncake master" in capsys.readouterr().err
     finally:
         srv.close()
-    assert not list(tmp_path.glob("replay-*"))
+    assert not list(tmp_path.glob("replay-*")) and not list(tmp_path.glob("*/replay-*"))
 
 
 @pytest.mark.parametrize(("argv", "sig"), [

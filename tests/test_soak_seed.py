@@ -11,7 +11,7 @@ from scenarios.cli import main
 def _seed(tmp_path: Path, name: str, *extra: str) -> int:
     out = tmp_path / name
     assert main(["soak", "--minutes", "0.01", "--out", str(out), *extra]) == 0
-    return json.loads((out / "report.json").read_text())["seed"]
+    return json.loads((out / "latest" / "report.json").read_text())["seed"]
 
 
 def test_default_seed_is_fresh_printed_and_recorded(tmp_path: Path, capsys) -> None:

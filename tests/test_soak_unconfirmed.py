@@ -43,7 +43,7 @@ def test_an_unreproduced_divergence_is_kept_and_the_hunt_goes_on(monkeypatch, tm
 
     monkeypatch.setattr(judge, "confirm", once_flaky)
     assert _soak(tmp_path) == 1
-    rep = json.loads((tmp_path / "report.json").read_text())
+    rep = json.loads((tmp_path / "latest" / "report.json").read_text())
     (u,) = rep["unconfirmed_divergences"]
     assert "planted" in u["diagnosis"] and Path(u["file"]).name.startswith("unknown-")
     assert json.loads(Path(u["file"]).read_text())["verdict"]["status"] == "unknown"
@@ -55,7 +55,7 @@ def test_an_unreproduced_divergence_is_kept_and_the_hunt_goes_on(monkeypatch, tm
 def test_only_unreproduced_divergences_end_unknown(monkeypatch, tmp_path, capsys) -> None:
     monkeypatch.setattr(judge, "confirm", lambda ex, s, first: _not_reproduced(first))
     assert _soak(tmp_path) == 125
-    rep = json.loads((tmp_path / "report.json").read_text())
+    rep = json.loads((tmp_path / "latest" / "report.json").read_text())
     assert rep["status"] == "unknown" and len(rep["unconfirmed_divergences"]) == MAX_UNCONFIRMED
     assert rep["replay"] == rep["unconfirmed_divergences"][0]["file"]
     out = capsys.readouterr().out
@@ -67,7 +67,7 @@ def test_a_divergence_that_replays_still_ends_the_soak_at_once(tmp_path, seed: i
     """Budget: one 0.5-minute soak per seed; tp_only_sync is found in the first runs."""
     assert main(["soak", "--variant", VARIANT, "--minutes", "0.5", "--out", str(tmp_path),
                  "--seed", str(seed)]) == 1
-    rep = json.loads((tmp_path / "report.json").read_text())
+    rep = json.loads((tmp_path / "latest" / "report.json").read_text())
     assert rep["unconfirmed_divergences"] == [] and rep["seconds"] < 20
 
 
@@ -88,6 +88,6 @@ def test_ctrl_c_after_an_unreproduced_divergence_still_reports_it(monkeypatch, t
     monkeypatch.setattr(judge, "confirm", flaky)
     monkeypatch.setattr(judge, "run_checked", interrupt_after_one)
     assert _soak(tmp_path) == 125
-    rep = json.loads((tmp_path / "report.json").read_text())
+    rep = json.loads((tmp_path / "latest" / "report.json").read_text())
     assert rep["interrupted"] is True and rep["status"] == "unknown"
     assert rep["replay"] == rep["unconfirmed_divergences"][0]["file"]

@@ -17,7 +17,7 @@ def _soak_then_replay(variant: str, out: Path, minutes: str) -> None:
     rc = main(["soak", "--variant", variant, "--minutes", minutes, "--faults", "storage_errors",
                "--out", str(out), "--seed", "0"])
     assert rc == 1, f"the soak did not find {variant}"
-    replays = sorted(out.glob("replay-*.json"))
+    replays = sorted((out / "latest").glob("replay-*.json"))
     assert replays, "no replay file written"
     assert main(["replay", str(replays[0]), "--mode", "inprocess"]) == 1
 

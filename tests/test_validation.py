@@ -86,7 +86,7 @@ def test_bad_numbers_are_usage_errors(tmp_path: Path, capsys, argv: list[str]) -
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and ("must be" in err or "not a number" in err), err
-    assert not (tmp_path / "report.json").exists()  # no work started
+    assert not (tmp_path / "latest").exists()  # no work started
 
 
 def test_schedule_model_checks_directly() -> None:
