@@ -27,6 +27,7 @@ if __name__ == "__main__" or sys.argv[0].endswith("cpcheck"):  # the process, no
 
 import argparse
 import contextlib
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -158,11 +159,19 @@ def finish(args: argparse.Namespace, verdict: Any, replay: Path | None) -> int:
 
 def _write_if_found(args: argparse.Namespace, s: Any, verdict: Any, mode: str) -> Path | None:
     """A replay file for a confirmed divergence, or an `unknown-...` one for a flaky one."""
-    from scenarios.replay import write_replay
+    from scenarios.replay import replay_data, replay_name, write_replay
 
     if verdict.status == "diverge" or "confirmation" in verdict.stats:
-        return write_replay(s, verdict, args.replay_dir, mode,
-                            confirmation=verdict.stats.get("confirmation"))
+        data = replay_data(s, verdict, mode, confirmation=verdict.stats.get("confirmation"))
+        if verdict.status == "diverge":  # on stderr first: a full disk loses nothing
+            print(f"replay file {replay_name(s, verdict)}:\n"
+                  f"{json.dumps(data, indent=1, default=str)}", file=sys.stderr, flush=True)
+        try:
+            return write_replay(s, verdict, args.replay_dir, mode, data=data)
+        except OSError as e:  # the verdict stands; say what could not be saved
+            print(f"cpcheck: warning: could not save {replay_name(s, verdict)} in "
+                  f"{args.replay_dir}: {e.strerror or e} (the verdict stands; its contents "
+                  "are on stderr above)", file=sys.stderr, flush=True)
     return None
 
 
