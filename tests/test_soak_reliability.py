@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 
-import scenarios.report as report
+import scenarios.store.report as report
 from scenarios.cli import main
-from scenarios.contract import UsageError
-from scenarios.report import SOAK_REPORT_SCHEMA, SoakReport
-from scenarios.run_dir import RunDir
+from scenarios.core.contract import UsageError
+from scenarios.store.report import SOAK_REPORT_SCHEMA, SoakReport
+from scenarios.store.run_dir import RunDir
 from tests.subprocess_env import REPO, child_env
 
 
@@ -228,7 +228,7 @@ def test_a_master_without_the_mooncake_backend_is_refused(tmp_path: Path, capsys
 @pytest.mark.mooncake
 def test_killing_the_soaks_own_master_ends_it_125_within_10_s(tmp_path: Path) -> None:
     """A 5-minute budget and 60 s rank timeouts: only the in-flight check can end it fast."""
-    from scenarios.mooncake_master import master_pids, mooncake_available
+    from scenarios.nemesis.mooncake_master import master_pids, mooncake_available
 
     ok, why = mooncake_available()
     if not ok:

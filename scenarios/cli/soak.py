@@ -1,0 +1,75 @@
+"""`cpcheck soak` on the command line: its flags, and the SoakConfig they build.
+
+The only place the soak meets argparse: everything below reads a `SoakConfig`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from reference.api import STORAGE_BACKENDS
+from scenarios.cli.conventions import (
+    add_output_flags,
+    check_device,
+    check_variant_arg,
+    master_address,
+    positive_float,
+    variant_help,
+)
+from scenarios.cli.protocol_args import add_protocol_arguments, protocol_changes
+from scenarios.core.contract import UsageError
+from scenarios.core.soak_config import SoakConfig
+from scenarios.runner.worker import DEVICES
+from scenarios.sut.reference_executor import MODES
+
+
+def add_soak_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of `cpcheck soak` (cli.py builds the subparser and calls this)."""
+    p.add_argument("--layout", default="1x2", help="TPxCP[xPP] (default 1x2)")
+    p.add_argument("--backend", choices=STORAGE_BACKENDS, default="memory")
+    p.add_argument("--minutes", type=positive_float, default=1.0,
+                   help="wall-clock budget (default 1)")
+    p.add_argument("--variant", default="fixed", help=variant_help("fixed or a known-bad variant"))
+    p.add_argument("--faults", default="", metavar="LIST",
+                   help="comma list of slow_rank,storage_latency,storage_errors,master_restart,"
+                        "kill_rank (default: none)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="pin the run (default: a fresh random seed, printed and in the report)")
+    p.add_argument("--mode", choices=MODES, default="inprocess",
+                   help="inprocess (ranks as threads) or torchrun (faults act on the real "
+                        "worker processes and master)")
+    p.add_argument("--out", default="cpcheck-out/soak",
+                   help="each soak writes a fresh run dir here (TIMESTAMP-seedN: report, plots, "
+                        "replay, logs) and points OUT/latest at it")
+    p.add_argument("--mooncake-master", metavar="HOST:PORT", default="", type=master_address,
+                   help="use this Mooncake master instead of starting one (--backend mooncake)")
+    p.add_argument("--timeout", type=positive_float, default=10.0,
+                   help="seconds any rank may wait on a peer before the run fails")
+    p.add_argument("--device", choices=DEVICES, default="auto")
+    add_protocol_arguments(p)
+    add_output_flags(p)
+
+
+def soak_config(args: argparse.Namespace, argv: list[str] | None = None) -> SoakConfig:
+    """The SoakConfig of parsed flags; UsageError (exit 2) for what argparse cannot see."""
+    from scenarios.core.layout import Layout
+
+    if args.mooncake_master and args.backend != "mooncake":
+        raise UsageError("--mooncake-master needs --backend mooncake (it would be ignored)")
+    layout = str(Layout.parse(args.layout))
+    check_variant_arg(args.variant)
+    check_device(args.device)
+    return SoakConfig(
+        layout=layout, backend=args.backend, minutes=args.minutes, variant=args.variant,
+        faults=args.faults, seed=args.seed, mode=args.mode, out=Path(args.out),
+        mooncake_master=args.mooncake_master, timeout=args.timeout, device=args.device,
+        protocol_changes=protocol_changes(args), json=args.json, verbose=args.verbose,
+        argv=tuple(["cpcheck", *(argv if argv is not None else sys.argv[1:])]))
+
+
+def cmd_soak(args: argparse.Namespace, argv: list[str] | None = None) -> int:
+    from scenarios.campaigns.soak import run_soak
+
+    return run_soak(soak_config(args, argv))

@@ -1,0 +1,37 @@
+"""What a soak was asked to do, as one plain value built by the command line.
+
+Nothing below the CLI reads an argparse namespace: the soak, its report and its verdict line
+read this. `cmd`, `json` and `verbose` carry the output conventions of every subcommand
+(`scenarios.cli.conventions.human` / `emit_json` read them by name).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class SoakConfig:
+    layout: str = "1x2"
+    backend: str = "memory"
+    minutes: float = 1.0
+    variant: str = "fixed"
+    faults: str = ""
+    seed: int | None = None
+    mode: str = "inprocess"
+    out: Path = Path("cpcheck-out/soak")
+    mooncake_master: str = ""
+    timeout: float = 10.0
+    device: str = "auto"
+    protocol_changes: dict[str, Any] = field(default_factory=dict)
+    json: bool = False
+    verbose: bool = False
+    #: the command line, for the report's provenance
+    argv: tuple[str, ...] = ()
+    cmd: str = "soak"
+
+    @property
+    def budget_s(self) -> float:
+        return self.minutes * 60.0
