@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 import scenarios.store.report as report
-from scenarios.cli import main
+from scenarios.cli.main import main
 from scenarios.core.contract import UsageError
 from scenarios.store.report import SOAK_REPORT_SCHEMA, SoakReport
 from scenarios.store.run_dir import RunDir
