@@ -32,7 +32,7 @@ def soak(layout: str, backend: str, mode: str, minutes: float, seed: int, faults
         cmd += ["--faults", faults]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True,
                           timeout=minutes * 60 + 300)
-    report = out / "report.json"
+    report = out / "latest" / "report.json"  # each soak writes a run dir under --out
     if not report.exists():
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
         raise SystemExit(f"soak {backend}/{mode} wrote no report (rc {proc.returncode}): "

@@ -68,9 +68,9 @@ soak() {
   SOAK_TESTS=0 SOAK_DEVICE=cuda SOAK_MINUTES="${SOAK_MINUTES:-2}" SOAK_LAYOUT=2x2 \
     timeout 400 bash scripts/nightly.sh "$tmp" > "$OUT/soak-log.txt" 2>&1
   echo "soak exit $?" | tee -a "$OUT/soak-log.txt"
-  cp "$tmp/report.json" "$OUT/soak-report.json" 2>/dev/null
-  cp "$tmp/faults.png" "$OUT/soak-faults.png" 2>/dev/null
-  cp "$tmp"/replay-*.json "$OUT/" 2>/dev/null
+  cp "$tmp/latest/report.json" "$OUT/soak-report.json" 2>/dev/null
+  cp "$tmp/latest/faults.png" "$OUT/soak-faults.png" 2>/dev/null
+  cp "$tmp"/latest/replay-*.json "$OUT/" 2>/dev/null
   grep -v '^[IWE][0-9]\{4\} ' "$OUT/soak-log.txt" | tail -4
 }
 
@@ -95,7 +95,7 @@ wide() {
   SOAK_TESTS=0 SOAK_DEVICE=cuda SOAK_MINUTES="${WIDE_SOAK_MINUTES:-3}" SOAK_LAYOUT=2x4 \
     timeout 330 bash scripts/nightly.sh "$tmp" > "$OUT/wide-soak-log.txt" 2>&1
   echo "wide soak exit $?" | tee -a "$OUT/wide-soak-log.txt"
-  cp "$tmp/report.json" "$OUT/wide-soak-report.json" 2>/dev/null
+  cp "$tmp/latest/report.json" "$OUT/wide-soak-report.json" 2>/dev/null
   grep -v '^[IWE][0-9]\{4\} ' "$OUT/wide-soak-log.txt" | tail -4
 }
 

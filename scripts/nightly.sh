@@ -3,7 +3,8 @@
 #   1. the soak-marked tests (long Hypothesis searches, soak replays);
 #   2. a torchrun soak over a real Mooncake master with every fault on, a fresh seed each night
 #      (printed and in report.json; SOAK_SEED pins it).
-# Output (report.json, decisions_per_s.png, faults.png, ..., replay-*.json on a divergence)
+# Output (a run dir $1/TIMESTAMP-seedN with report.json, decisions_per_s.png, faults.png, ...,
+# replay-*.json on a divergence; $1/latest points at it)
 # goes to $1 (default soak-out). Exit: the soak's code (0 agree, 1 diverge, 125 cannot run
 # here), or the tests' code when only they failed.
 # Knobs (environment): SOAK_MINUTES (30) SOAK_LAYOUT (2x2) SOAK_BACKEND (mooncake)
