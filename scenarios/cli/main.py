@@ -160,6 +160,17 @@ def _write_if_found(args: argparse.Namespace, s: Any, verdict: Any, mode: str) -
     return None
 
 
+def _release_known(file: str, sut: str) -> None:
+    """A release named by a replay file that this commit does not know is `unknown` (125: a
+    file from another commit), not bad input as the same name given with --sut is."""
+    from scenarios.sut.sglang.envs import check_runnable
+
+    try:
+        check_runnable(sut.split("==", 1)[1])
+    except UsageError as e:
+        raise CannotJudge(f"{file}: {e}") from None
+
+
 def _master_needs_mooncake(args: argparse.Namespace, backend: str | None) -> None:
     """--mooncake-master with another backend would be ignored: say so (exit 2)."""
     if args.mooncake_master and backend != "mooncake":
@@ -207,10 +218,12 @@ def cmd_replay(args: argparse.Namespace) -> int:
     if (args.sut or s.sut) != "reference":
         from scenarios.cli import sglang as sglang_cli
 
+        if not args.sut:
+            _release_known(args.file, s.sut)
         return sglang_cli.cmd_replay(args, s, data)
     mode = args.mode or data.get("mode", "torchrun")
     _master_needs_mooncake(args, s.backend)
-    if s.layout_obj.world_size > max_ranks_here():
+    if mode == "torchrun" and s.layout_obj.world_size > max_ranks_here():  # threads: any
         raise CannotJudge(f"layout {s.layout} needs {s.layout_obj.world_size} ranks; "
                           f"this machine runs at most {max_ranks_here()}")
     with mooncake_for(s.backend, args.mooncake_master) as (master, _), \

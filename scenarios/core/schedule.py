@@ -201,6 +201,9 @@ class Schedule(BaseModel):
                 if op.rid in seen:
                     raise FieldProblem(("ops", i, "rid"), f"duplicate request id '{op.rid}'")
                 seen.add(op.rid or "")
+            elif op.kind == "abort" and op.rid not in seen:  # would run to a vacuous agree
+                raise FieldProblem(("ops", i, "rid"), f"abort of request id '{op.rid}' that "
+                                   "no earlier op added")
         world = Layout.parse(self.layout).world_size
         for name in ("choices", "faults", "clock_skew"):
             bad = sorted(r for r in getattr(self, name) if r >= world)

@@ -84,11 +84,15 @@ def load_scenario(name_or_path: str) -> Schedule:
         op = dict(op)
         if any(k in op for k in _SUGAR):
             try:
-                shared, shared_len, own_len = (int(op.pop(k)) for k in _SUGAR)
+                shared, shared_len, own_len = (op.pop(k) for k in _SUGAR)
             except KeyError as e:
                 raise ScheduleError(f"{path}: ops[{i}]: needs all of shared, shared_len, own_len "
                                     f"(missing {e})") from None
             for k, v in zip(_SUGAR, (shared, shared_len, own_len), strict=True):
+                if isinstance(v, bool) or not isinstance(v, int):
+                    line = _line_of_loc(text, ("ops", i, k))
+                    raise ScheduleError(f"{path}:{line}: field 'ops.{i}.{k}': want an integer "
+                                        f"(got {v!r})", ("ops", i, k), "int_type")
                 if v < 0:
                     line = _line_of_loc(text, ("ops", i, k))
                     raise ScheduleError(f"{path}:{line}: field 'ops.{i}.{k}': must be >= 0 "

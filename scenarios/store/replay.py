@@ -111,4 +111,35 @@ def read_replay(path: str | Path) -> tuple[Schedule, dict]:
             # a name or field from another commit: this one cannot judge it
             raise CannotJudge(str(e)) from None
         raise
+    _check_top_level(p, data, s)
     return s, data
+
+
+#: top-level fields and the JSON types they may have (None: absent or null is fine)
+_TYPES: dict[str, tuple[type, ...]] = {
+    "kind": (str,), "mode": (str,), "sut": (str,), "profile": (str,), "written": (str,),
+    "found_by": (str,), "verdict": (dict,), "versions": (dict,), "git": (dict,),
+    "confirmation": (dict,), "expect_by_release": (dict,),
+    "expect_invariants_by_release": (dict,)}
+
+
+def _check_top_level(p: Path, data: dict, s: Schedule) -> None:
+    """Every known top-level field has its type and agrees with the schedule (ScheduleError,
+    exit 2, naming the file and the field): a file that says one thing and runs another is
+    not replayed."""
+    for name, types in _TYPES.items():
+        v = data.get(name)
+        if v is not None and not isinstance(v, types):
+            raise ScheduleError(f"{p}: field '{name}': want {types[0].__name__}, got {v!r}",
+                                (name,), "type")
+    def bad(name: str, want: str) -> ScheduleError:
+        return ScheduleError(f"{p}: field '{name}': {data[name]!r} {want}", (name,), "value")
+
+    if data.get("kind") not in (None, "cpcheck-replay"):
+        raise bad("kind", "is not 'cpcheck-replay'")
+    if data.get("mode") not in (None, "inprocess", "torchrun"):
+        raise bad("mode", "is not 'inprocess' or 'torchrun'")
+    if data.get("sut") not in (None, s.sut):
+        raise bad("sut", f"disagrees with the schedule's sut {s.sut!r}")
+    if data.get("profile") not in (None, s.protocol):
+        raise bad("profile", f"disagrees with the schedule's protocol {s.protocol!r}")
