@@ -195,6 +195,20 @@ def test_the_report_carries_provenance_and_fault_shares(tmp_path: Path) -> None:
     assert 0 < fr["by_kind"]["slow_rank"]["runs"] <= fr["faultable_runs"]
 
 
+@pytest.mark.parametrize("seed", ["1", "2"])
+def test_a_fault_soak_runs_mostly_with_faults(tmp_path: Path, capsys, seed: str) -> None:
+    """Gated coverage chunks draw no faults: a fault soak keeps them to a minority of runs
+    (a 1-minute fault soak used to run 24 of 28 chunks gated) and says how many could meet one."""
+    from scenarios.campaigns.soak import MAX_GATED_SHARE
+
+    assert main(["soak", "--minutes", "0.1", "--seed", seed, "--faults",
+                 "slow_rank,storage_errors", "--out", str(tmp_path)]) == 0
+    fr = SoakReport.load(tmp_path / "latest").fault_runs
+    gated = fr["runs"] - fr["faultable_runs"]
+    assert fr["runs"] >= 5 and gated <= MAX_GATED_SHARE * fr["runs"] + 1, fr
+    assert f"{fr['faultable_runs']} of {fr['runs']} runs could meet a fault" in capsys.readouterr().out
+
+
 # -- bad input ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("argv", [
     ["soak", "--backend", "mooncake", "--mooncake-master", "nonsense"],

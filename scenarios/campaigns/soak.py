@@ -37,6 +37,8 @@ PAGE = 4
 #: divergences that did not replay before the soak stops hunting (the IO timing it cannot pin
 #: is then too common for a confirmed finding): the verdict is unknown, with their files
 MAX_UNCONFIRMED = 5
+#: most share of a fault soak's runs that may be gated coverage chunks (they draw no faults)
+MAX_GATED_SHARE = 0.3
 #: free bytes on --out below which the soak warns that its report may not be saved
 LOW_DISK_BYTES = 1 << 20
 
@@ -251,7 +253,8 @@ class Soak:
     def _chunk(self) -> bool:
         """Draw, run, account and judge one chunk; True when the soak must stop."""
         s, gated = soak_chunk(self.rng, self.st.runs, self.layout, self.cfg.variant,
-                              self.cfg.backend, make_chunk, self.st.coverage)
+                              self.cfg.backend, make_chunk, self.st.coverage,
+                              allow_gated=self._gated_allowed())
         if self.cfg.protocol_changes:
             s = s.with_(**self.cfg.protocol_changes)
         self.st.protocol.update(protocol=s.protocol, dp_attention=s.dp_attention)
@@ -265,6 +268,14 @@ class Soak:
             self._save()
             return False
         return self._judge(s, results, v)
+
+    def _gated_allowed(self) -> bool:
+        """Gated coverage chunks draw no faults (their timing is scripted): a fault soak keeps
+        them to MAX_GATED_SHARE of its runs, so most runs meet the faults asked for."""
+        st = self.st
+        if self.nem is None or st.runs == 0:
+            return True
+        return (st.runs - st.faultable_runs) / st.runs < MAX_GATED_SHARE
 
     def _run(self, s: Schedule, gated: bool) -> tuple[list[RankResult], Verdict, dict, float]:
         """Run one chunk (faults unless gated: a gated chunk's timing is scripted)."""

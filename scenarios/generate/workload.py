@@ -191,15 +191,17 @@ def shape_chunk(rng: random.Random, s: Schedule) -> Schedule:
 
 
 def soak_chunk(rng: random.Random, index: int, layout: str, variant: str, backend: str,
-               make_chunk: Any, coverage: Coverage) -> tuple[Schedule, bool]:
+               make_chunk: Any, coverage: Coverage, allow_gated: bool = True
+               ) -> tuple[Schedule, bool]:
     """The soak's next chunk and whether to run it gated.
 
     Coverage-guided: while some prefetch class is below LAGGING of the prefetches counted so
     far, the chunk is a gated Schedule built to reach the lagging classes (timing alone rarely
     stops IO mid-transfer, and storage errors need faults); otherwise a shaped free-running
-    chunk.
+    chunk. `allow_gated=False` (a fault soak that has run its share of gated chunks, which
+    draw no faults) forces a free-running one.
     """
-    low = coverage.lagging(LAGGING)
+    low = coverage.lagging(LAGGING) if allow_gated else []
     if low:
         n = 6
         intents = [low[k % len(low)] for k in range(n)]
