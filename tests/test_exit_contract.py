@@ -143,7 +143,8 @@ def test_replay_too_many_ranks_uses_the_hosts_limit(monkeypatch, tmp_path: Path,
 
     path = _replay_file(tmp_path, layout="2x2")
     monkeypatch.setattr(pool, "max_ranks_here", lambda: 2)
-    assert main(["replay", str(path), "--mode", "inprocess"]) == 125
+    # the cap is on processes (torchrun); ranks as threads run any layout, as `run` does
+    assert main(["replay", str(path), "--mode", "torchrun"]) == 125
     assert "this machine runs at most 2" in capsys.readouterr().err
     monkeypatch.setattr(pool, "max_ranks_here", lambda: 256)  # a 64-core GPU host
     assert main(["replay", str(path), "--mode", "inprocess"]) == 0
