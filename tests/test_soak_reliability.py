@@ -265,3 +265,23 @@ def test_killing_the_soaks_own_master_ends_it_125_within_10_s(tmp_path: Path) ->
     assert "Mooncake master" in rep["verdict"]["diagnosis"]
     assert "without a master_restart" in rep["verdict"]["diagnosis"]
     assert "AGREE" not in stdout
+
+
+def test_the_watchdog_interrupts_a_run_and_says_what_it_waits_on(monkeypatch, capsys) -> None:
+    import scenarios.campaigns.soak_watch as watch
+
+    monkeypatch.setattr(watch, "SLOW_RUN_S", 0.2)
+    seen = {"n": 0}
+
+    def check() -> str:
+        seen["n"] += 1
+        return "the master is gone" if seen["n"] >= 4 else ""
+
+    t0 = time.monotonic()
+    with watch.lost_raises() as can_interrupt, pytest.raises(watch.InfrastructureLost):
+        dog = watch.Watchdog(check, lambda: "run 1 in flight for 9 s", can_interrupt)
+        dog.start()
+        time.sleep(30)  # a run that would hang: the watchdog cuts it
+    dog.stop()
+    assert time.monotonic() - t0 < 10 and dog.lost == "the master is gone"
+    assert "soak: run 1 in flight for 9 s" in capsys.readouterr().err

@@ -263,6 +263,7 @@ class Soak:
         broke = self._infrastructure()
         if broke:
             self.st.verdict = Verdict.unknown(f"{broke}; the run said: {v.summary()}")
+            stop_requested.set()  # no graceful close of clients whose master is gone
             return True
         if v.status == "agree":
             self._save()
@@ -448,6 +449,9 @@ class Soak:
         diagnosis = (self.watchdog.lost if self.watchdog and self.watchdog.lost
                      else "infrastructure lost")
         self._kill_master()
+        # the way out must not wait on clients of a dead master (closing one retries for
+        # seconds): leave them to die with the process, as after Ctrl-C
+        stop_requested.set()
         st.verdict = Verdict.unknown(f"{diagnosis} (while run {st.runs + 1} was in flight)")
 
     def _on_interrupt(self) -> None:
