@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 
 from reference.api import VARIANTS
 from scenarios.campaigns.explore import hunt
-from scenarios.generate.strategies import schedules
+from scenarios.generate.strategies import for_sut, schedules
 from scenarios.judge import checker
 from scenarios.judge.oracle import check_oracle
 from scenarios.sut.reference_executor import Executor
@@ -39,7 +39,7 @@ def detect_row(ex: Executor, v: str, layouts: tuple[str, ...], args: argparse.Na
     firsts, sizes = [], []
     with oracle(on):
         for seed in range(args.seeds):
-            h = hunt(ex, v, layouts, args.examples, seed)
+            h = hunt(ex, for_sut("reference", layouts, variant=v), args.examples, seed)
             if h.found is not None and h.seconds_to_first is not None:
                 firsts.append(h.seconds_to_first)
                 sizes.append(h.steps)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from reference.api import PROFILES
 from scenarios.campaigns.explore import hunt
+from scenarios.generate.strategies import for_sut
 from scenarios.store.replay import write_replay
 from scenarios.sut.reference_executor import Executor
 
@@ -66,8 +67,8 @@ def main() -> None:
                 row = []
                 for layout in layouts:
                     t0 = time.monotonic()
-                    h = hunt(ex, "fixed", (layout,), budget, args.seed,
-                             protocol=protocol, dp_attention=dp)
+                    h = hunt(ex, for_sut("reference", (layout,), protocol=protocol,
+                                         dp_attention=dp), budget, args.seed)
                     cell = {"protocol": protocol, "dp_attention": dp, "layout": layout,
                             "examples": h.examples, "seconds": round(time.monotonic() - t0, 1)}
                     if h.found is None or h.verdict is None:

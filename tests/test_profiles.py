@@ -370,11 +370,12 @@ def test_generation_finds_sglang_0_5_10_with_dp_attention(seed: int) -> None:
     """Budget: 100 Schedules per seed. The hunt also steers towards prefetch outcome classes
     (coverage), which costs seed 0 more than the ci profile's 60 (found at 80 when measured)."""
     from scenarios.campaigns.explore import hunt
+    from scenarios.generate.strategies import for_sut
     from scenarios.sut.reference_executor import Executor
 
     with Executor("inprocess", timeout_s=1.5) as ex:
-        h = hunt(ex, "fixed", ("1x2", "2x2"), max_examples=100, seed=seed,
-                 protocol="sglang-0.5.10", dp_attention=True)
+        h = hunt(ex, for_sut("reference", ("1x2", "2x2"), protocol="sglang-0.5.10",
+                             dp_attention=True), max_examples=100, seed=seed)
     assert h.found is not None and h.verdict is not None
     assert h.verdict.invariant == "decisions", h.verdict.summary()
 
