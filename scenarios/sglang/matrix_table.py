@@ -1,7 +1,9 @@
-"""Print the README's release-matrix table from one or more cells files.
+"""Print the release-matrix table from one or more cells files, or write it into its docs file.
 
     python -m scenarios.sglang.matrix_table cpcheck-out/matrix/cells.json [other.json ...]
         [--details]
+    python -m scenarios.sglang.matrix_table docs/sglang-matrix/cells.json \
+        --write docs/sglang-release-matrix.md   # the committed table, between its markers
 
 Rows: release x DP attention (on, off); columns: 1x2, 2x2. A cell reads
 "diverge [writing_check], 5.2 s, 7 ops, replay 3/3, corpus 1/9", "agree (corpus 9/9, 5
@@ -18,6 +20,8 @@ import sys
 from scenarios.sglang import matrix_cells
 
 LAYOUTS = ("1x2", "2x2")
+#: the name of the table's block in its docs file
+TABLE = "release-matrix"
 
 
 def _corpus(c: dict) -> str:
@@ -139,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
                                  description=__doc__.split("\n\n")[0])
     ap.add_argument("files", nargs="+", help="cells files (cells.json of `cpcheck matrix`)")
     ap.add_argument("--details", action="store_true", help="also when / load / command per cell")
+    ap.add_argument("--write", default="", help="write the table (and --details) into this docs "
+                    "file, between its generated markers, instead of printing it")
     args = ap.parse_args(argv)
     try:
         missing = [f for f in args.files if not __import__("os").path.exists(f)]
@@ -148,12 +154,17 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"matrix_table: {e}", file=sys.stderr)
         return int(ExitCode.USAGE)
-    print(render(cells))
+    text = render(cells)
     if args.details:
-        print()
-        print(details(cells))
-        print()
-        print(divergences(cells))
+        text += "\n\n" + details(cells) + "\n\n" + divergences(cells)
+    if args.write:
+        from scenarios.doc_tables import write_block
+
+        command = ("python -m scenarios.sglang.matrix_table " + " ".join(args.files)
+                   + (" --details" if args.details else "") + f" --write {args.write}")
+        write_block(args.write, TABLE, text, command, title="The SGLang release matrix")
+    else:
+        print(text)
     return int(ExitCode.AGREE)
 
 
