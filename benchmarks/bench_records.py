@@ -15,9 +15,9 @@ import random
 import statistics
 import time
 
-from scenarios.checker import check
+from scenarios.campaigns.soak import make_chunk
+from scenarios.judge.checker import check
 from scenarios.runner.inprocess import run_schedule_inprocess
-from scenarios.soak import make_chunk
 
 
 def main() -> None:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from scenarios.contract import ExitCode
+from scenarios.core.contract import ExitCode
 from tests.subprocess_env import REPO, child_env
 
 BEGIN, END = "<!-- walkthrough: begin -->", "<!-- walkthrough: end -->"
@@ -104,8 +104,8 @@ def test_walkthrough_runs_as_written(tmp_path: Path) -> None:
 
 def test_the_entry_point_is_the_one_the_test_calls() -> None:
     assert 'cpcheck = "scenarios.cli:main"' in (REPO / "pyproject.toml").read_text()
-    assert re.search(r'if __name__ == "__main__":\n\s+sys.exit\(main\(\)\)',
-                     (REPO / "scenarios" / "cli.py").read_text())
+    module_run = (REPO / "scenarios" / "cli" / "__main__.py").read_text()
+    assert "from scenarios.cli import main" in module_run and "sys.exit(main())" in module_run
 
 
 def test_setup_commands_are_the_ones_ci_runs() -> None:

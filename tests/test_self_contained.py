@@ -1,8 +1,8 @@
 """The repository stands alone: no tracked file points outside it.
 
-Design facts live in docs/design/; a file that cites notes beside the checkout (`../shared`,
-`shared/design`) or a path on the machine that wrote it (a home or work folder) sends a reader
-to something they do not have. Scratch paths under /tmp are fine (scripts write there).
+Design facts live in docs/design/. A file that cites the notes once kept in a sibling `shared`
+folder of the checkout, or a path on the machine that wrote it (a home or work folder), sends a
+reader to something they do not have. Scratch paths under /tmp are fine (scripts write there).
 """
 
 from __future__ import annotations

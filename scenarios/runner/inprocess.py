@@ -154,7 +154,7 @@ def run_schedule_inprocess(
     """Run every rank of `schedule` as a thread of this process; results in rank order."""
     import uuid
 
-    from scenarios.rank_run import RunEnv, execute
+    from scenarios.client.rank_run import RunEnv, execute
 
     world = ThreadWorld(timeout_s)
     run_id = run_id or f"r{uuid.uuid4().hex[:10]}"
