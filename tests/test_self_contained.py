@@ -50,6 +50,30 @@ def outside_references(root: Path, files: list[Path]) -> list[str]:
     return hits
 
 
+LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
+
+
+def broken_links(root: Path, files: list[Path]) -> list[str]:
+    """`path: target` for every relative Markdown link that names no file or folder."""
+    bad = []
+    for path in files:
+        if path.suffix != ".md" or not path.exists():
+            continue
+        for target in LINK.findall(path.read_text()):
+            if re.match(r"[a-z]+:", target):
+                continue  # https:, mailto:
+            if not (path.parent / target).exists():
+                bad.append(f"{path.relative_to(root)}: {target}")
+    return bad
+
+
+def test_every_relative_link_in_the_docs_resolves(tmp_path: Path) -> None:
+    assert broken_links(REPO, tracked_files(REPO)) == []
+    (tmp_path / "a.md").write_text("[ok](b.md) [web](https://example.org) [gone](docs/x.md#y)\n")
+    (tmp_path / "b.md").write_text("[back](a.md#top)\n")
+    assert broken_links(tmp_path, sorted(tmp_path.iterdir())) == ["a.md: docs/x.md"]
+
+
 def test_no_tracked_file_points_outside_the_repository() -> None:
     files = tracked_files(REPO)
     assert len(files) > 50 and any(p.name == "README.md" for p in files)
