@@ -13,3 +13,7 @@ CATALOG_DIR = PACKAGE_DIR / "catalog"
 CORPUS_DIR = PACKAGE_DIR / "corpus"
 #: one CPU environment per SGLang release (built by `python -m scenarios.sut.sglang.envs`)
 SGLANG_ENVS_DIR = REPO_ROOT / "build" / "sglang-envs"
+
+#: scheduler steps a run may take to drain after its ops (both SUTs): a run still busy then is
+#: judged as it stands
+DRAIN_STEPS = 400

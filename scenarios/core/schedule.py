@@ -82,7 +82,7 @@ _CACHE = CacheConfig()
 class CachePolicy(BaseModel):
     """The cache settings of a Schedule: `reference.api.CacheConfig`'s, with its defaults and
     its policy names (one definition, in reference/), except the prefetch timeout, which a
-    Schedule counts in pacer ticks (seconds follow from the mode: scenarios/client/rank_run.py)."""
+    Schedule counts in pacer ticks (seconds follow from the mode: scenarios/sut/reference_rank.py)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 

@@ -53,7 +53,7 @@ from scenarios.core.records import Decision, RankResult
 
 DEFAULT_PROTOCOL = "sglang-0.5.20"
 #: seconds per prefetch_timeout_tick when free-running (gated runs count pacer ticks);
-#: must match scenarios/rank_run.cache_config (tests/test_oracle.py checks it)
+#: must match scenarios/sut/reference_rank.cache_config (tests/test_oracle.py checks it)
 FREE_RUNNING_TICK_S = 0.05
 RULES = ("reduce", "acks", "revoke", "insert", "terminate", "wait_complete", "timeout",
          "best_effort")

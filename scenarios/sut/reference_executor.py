@@ -69,9 +69,10 @@ class Executor:
         run_id = f"r{uuid.uuid4().hex[:10]}"
         if self.mode == "inprocess":
             from scenarios.runner.inprocess import run_schedule_inprocess
+            from scenarios.sut.reference_rank import execute_inprocess
 
             return run_schedule_inprocess(
-                s, gated=gated, storage_root=self.storage_root,
+                s, execute_inprocess, gated=gated, storage_root=self.storage_root,
                 mooncake_master=self.mooncake_master, timeout_s=self.timeout_s,
                 run_id=run_id, nemesis=nemesis, device=self.resolved_device,
             )
