@@ -74,6 +74,26 @@ def test_every_relative_link_in_the_docs_resolves(tmp_path: Path) -> None:
     assert broken_links(tmp_path, sorted(tmp_path.iterdir())) == ["a.md: docs/x.md"]
 
 
+SOURCE_PATH = re.compile(r"\b((?:scenarios|reference|tests|benchmarks|scripts)/[\w/]+\.(?:py|sh|toml))\b")
+
+
+def missing_paths(root: Path, docs: list[Path]) -> list[str]:
+    """`doc: path` for every repository file a living doc names that does not exist."""
+    return [f"{d.relative_to(root)}: {m}" for d in docs for m in SOURCE_PATH.findall(d.read_text())
+            if not (root / m).exists()]
+
+
+def test_the_living_docs_name_files_that_exist(tmp_path: Path) -> None:
+    """README.md and docs/design/ say where things are; after a move they must follow.
+    (Dated measurements and findings keep the paths of their day.)"""
+    docs = [REPO / "README.md", *sorted((REPO / "docs" / "design").glob("*.md"))]
+    assert len(docs) >= 6 and missing_paths(REPO, docs) == []
+    (tmp_path / "scenarios").mkdir()
+    (tmp_path / "scenarios" / "here.py").write_text("")
+    (tmp_path / "d.md").write_text("`scenarios/here.py` and `scenarios/moved.py`\n")
+    assert missing_paths(tmp_path, [tmp_path / "d.md"]) == ["d.md: scenarios/moved.py"]
+
+
 def test_no_tracked_file_points_outside_the_repository() -> None:
     files = tracked_files(REPO)
     assert len(files) > 50 and any(p.name == "README.md" for p in files)
