@@ -39,7 +39,7 @@ def test_fixed_agrees_on_generated_schedules_torchrun(torchrun_executor, s: Sche
 
 
 # seed: a derandomized hunt is deterministic for a given code base; the budget is what the
-# README's detection table says the median needs, with room
+# detection table (docs/measurements/detect-table.md) says the median needs, with room
 HUNTS = {
     "tp_only_sync": (0, 200),
     "cp_rank_in_key": (0, 100),

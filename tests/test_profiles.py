@@ -350,8 +350,8 @@ AGREEING = [(p, dp) for p in RELEASES for dp in (True, False)
 
 @pytest.mark.parametrize(("protocol", "dp"), AGREEING)
 def test_generated_schedules_agree_without_pp(inprocess_executor, protocol, dp) -> None:
-    """Budget: 15 generated Schedules per configuration on 1x2 / 2x2 / 2x1 (the README table
-    runs the `ci` budget of 60 per layout, with PP)."""
+    """Budget: 15 generated Schedules per configuration on 1x2 / 2x2 / 2x1 (the profile table,
+    docs/measurements/profile-table.md, runs the `ci` budget of 60 per layout, with PP)."""
     from hypothesis import given, settings
 
     from scenarios.generate.strategies import schedules
@@ -431,7 +431,7 @@ def test_soak_finds_sglang_0_5_10_with_dp_attention_and_replay_reproduces(tmp_pa
     assert main(["replay", str(replay), "--mode", "inprocess"]) == 1
 
 
-# -- the README table's divergences are in the corpus ------------------------------------------
+# -- the profile table's divergences are in the corpus -----------------------------------------
 
 TABLE_DIVERGENCES = {  # (protocol, dp_attention, layout) -> invariant (benchmarks/profile_table.py)
     ("sglang-0.5.10", True, "1x2"): "decisions",

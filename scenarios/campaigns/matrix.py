@@ -6,7 +6,8 @@ configuration and layout where the file's layout matches), then a generated budg
 file: divergences in releases after the fix are findings and are kept; one that never recurs is
 "flaky", never "agree". Every cell is written to the cells file (`--out`/cells.json) as it
 starts and again as it finishes, so a cut run keeps what it measured and `--resume` skips the
-finished cells; `python -m scenarios.store.matrix_table FILE...` prints the README's table.
+finished cells; `python -m scenarios.store.matrix_table FILE...` prints the
+table of docs/sglang-release-matrix.md (`--write` puts it there).
 """
 
 from __future__ import annotations
