@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from scenarios.core.config import CORPUS_DIR, REPO_ROOT
+from scenarios.core.config import CORPUS_DIR, CP_LAYOUTS, REPO_ROOT
 from scenarios.core.contract import CannotJudge, ExitCode
 from scenarios.store import matrix_cells
 from scenarios.sut.sglang import envs
@@ -166,7 +166,7 @@ def cmd_matrix(args: argparse.Namespace) -> int:
     from scenarios.sut.sglang.executor import SglangExecutor
 
     releases = args.release or envs.releases_in_range()
-    layouts = args.layout or ["1x2", "2x2"]
+    layouts = args.layout or list(CP_LAYOUTS)
     dps = {"on": [True], "off": [False], "both": [True, False]}[args.dp_attention]
     cells_file = Path(args.json or Path(args.out) / "cells.json")
     replay_dir = args.replay_dir or args.out

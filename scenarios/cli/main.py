@@ -33,6 +33,7 @@ from scenarios.cli.conventions import (
     version_text,
 )
 from scenarios.cli.protocol_args import add_protocol_arguments, protocol_changes
+from scenarios.core.config import CP_LAYOUTS, EXPLORE_LAYOUTS
 from scenarios.core.contract import (
     CannotJudge,
     ExitCode,
@@ -232,7 +233,7 @@ def cmd_explore(args: argparse.Namespace) -> int:
     sut = args.sut or REFERENCE
     sglang = sglang_version(sut) is not None
     check_writable(Path(args.replay_dir), "--replay-dir", create=False)
-    layouts = tuple(args.layout or (["1x2", "2x2"] if sglang else ["1x2", "2x2", "1x4", "2x1"]))
+    layouts = tuple(args.layout or (CP_LAYOUTS if sglang else EXPLORE_LAYOUTS))
     for lay in layouts:
         Layout.parse(lay)  # a bad --layout is a usage error before Hypothesis starts
     check_variant_arg(args.variant)

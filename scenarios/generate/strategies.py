@@ -11,11 +11,10 @@ from __future__ import annotations
 from hypothesis import strategies as st
 
 from reference.api import DEFAULT_PROFILE, STOP_POLICIES, WRITE_POLICIES
+from scenarios.core.config import EXPLORE_LAYOUTS, PAGE
 from scenarios.core.schedule import CachePolicy, Op, Schedule, tokens_for
 from scenarios.core.suts import is_sglang
 from scenarios.generate.workload import prefetch_workloads
-
-PAGE = 4
 
 
 @st.composite
@@ -79,7 +78,7 @@ def prefetch_op_lists(draw: st.DrawFn) -> list[Op]:
 
 
 @st.composite
-def schedules(draw: st.DrawFn, layouts: tuple[str, ...] = ("1x2", "2x2", "1x4", "2x1"),
+def schedules(draw: st.DrawFn, layouts: tuple[str, ...] = EXPLORE_LAYOUTS,
               variant: str = "fixed", backend: str = "memory",
               protocol: str = DEFAULT_PROFILE, dp_attention: bool = True) -> Schedule:
     layout = draw(st.sampled_from(layouts))

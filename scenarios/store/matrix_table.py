@@ -18,10 +18,11 @@ import argparse
 import sys
 from pathlib import Path
 
+from scenarios.core.config import CP_LAYOUTS
 from scenarios.store import matrix_cells
 from scenarios.store.doc_tables import write_block
 
-LAYOUTS = ("1x2", "2x2")
+LAYOUTS = CP_LAYOUTS
 #: the name of the table's block in its docs file
 TABLE = "release-matrix"
 
