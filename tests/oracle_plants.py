@@ -12,7 +12,7 @@ from unittest import mock
 
 from reference.hiradix_cache import HiRadixCache
 from reference.sync import SyncGroup
-from scenarios.client import rank_run
+from scenarios.sut import reference_rank as rank_run
 
 _reduce = SyncGroup.reduce
 _cache_config = rank_run.cache_config

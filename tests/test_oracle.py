@@ -8,7 +8,6 @@ from types import SimpleNamespace
 
 import pytest
 
-from scenarios.client.rank_run import RunEnv, cache_config
 from scenarios.core.layout import Layout
 from scenarios.core.records import Decision, RankResult
 from scenarios.core.schedule import Schedule
@@ -16,6 +15,7 @@ from scenarios.generate.catalog import catalog_names, load_scenario
 from scenarios.generate.workload import ALL, STEP_POINTS, WARM_STEPS, build_prefetch_schedule
 from scenarios.judge.checker import INVARIANTS, check
 from scenarios.judge.oracle import FREE_RUNNING_TICK_S, check_oracle, reduce_over, sync_stages
+from scenarios.sut.reference_rank import RunEnv, cache_config
 from tests.oracle_plants import planted
 
 PROGRESS_AT = WARM_STEPS * STEP_POINTS + STEP_POINTS  # warm-up steps, then the first fetch's

@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from reference.api import AgreementTimeout, HiCacheError, TorchCollectives
-from scenarios.client import rank_run
 from scenarios.client.gates import GateTimeout
 from scenarios.client.recorder import RecordingCollectives
 from scenarios.core.records import (
@@ -26,6 +25,7 @@ from scenarios.core.records import (
 from scenarios.generate.catalog import load_scenario
 from scenarios.judge.checker import check
 from scenarios.runner.inprocess import CollectiveTimeout, RunAborted, ThreadWorld
+from scenarios.sut import reference_rank as rank_run
 
 #: every word the old text matching took for "a peer never came"
 WAITING_WORDS = "Timeout: timed out, Timed out, not agreed, did not finish, never joined"
@@ -131,8 +131,9 @@ def test_a_rank_that_fails_on_its_own_is_the_cause_end_to_end(monkeypatch) -> No
     monkeypatch.setattr(rank_run, "_apply", planted)
     s = load_scenario("write_acks")
     from scenarios.runner.inprocess import run_schedule_inprocess
+    from scenarios.sut.reference_rank import execute_inprocess
 
-    results = run_schedule_inprocess(s, timeout_s=2.0)
+    results = run_schedule_inprocess(s, execute_inprocess, timeout_s=2.0)
     kinds = {r.rank: (r.error.kind if r.error else None) for r in results}
     assert kinds == {0: ErrorKind.WAITED, 1: ErrorKind.FAILED}, kinds
     assert results[0].error.type == "CollectiveTimeout"

@@ -42,7 +42,7 @@ def test_child_env_extends_pythonpath(tmp_path: Path) -> None:
 
 
 def test_storage_that_never_came_up_is_unknown(monkeypatch) -> None:
-    import scenarios.client.rank_run as rank_run
+    import scenarios.sut.reference_rank as rank_run
     from reference.api import StorageError
     from scenarios.generate.catalog import load_scenario
     from scenarios.judge.judging import run_checked

@@ -23,6 +23,7 @@ from typing import Any
 
 from reference.api import STOP_POLICIES, WRITE_POLICIES
 from scenarios.campaigns.soak_watch import InfrastructureLost, Watchdog, lost_raises
+from scenarios.core.config import PAGE
 from scenarios.core.contract import STATUS_EXIT, ExitCode, UsageError, stop_requested
 from scenarios.core.records import RankResult
 from scenarios.core.schedule import CachePolicy, Op, Schedule, tokens_for
@@ -33,7 +34,6 @@ from scenarios.judge.coverage import Coverage
 from scenarios.store.report import ReportWriter, SoakReport
 from scenarios.store.run_dir import RunDir
 
-PAGE = 4
 #: divergences that did not replay before the soak stops hunting (the IO timing it cannot pin
 #: is then too common for a confirmed finding): the verdict is unknown, with their files
 MAX_UNCONFIRMED = 5

@@ -1,7 +1,7 @@
 """What one rank reports after a run, as typed records: the checker, the oracle, coverage,
 explore and soak read attributes, never dict keys or positions.
 
-Both systems under test build the same `RankResult` (scenarios/client/rank_run.py for the reference,
+Both systems under test build the same `RankResult` (scenarios/sut/reference_rank.py for the reference,
 scenarios/sut/sglang/rank.py for SGLang). Records are frozen, slotted module-level dataclasses, so
 they pickle from torchrun workers as they are. The recorder's hot path keeps appending plain
 tuples; records are built once, at the end of a run (`Decision.of`, `CollectiveCall.of`).
@@ -64,7 +64,7 @@ ERROR_KINDS: tuple[tuple[type | str, ErrorKind], ...] = (
     ("scenarios.client.gates:GateTimeout", ErrorKind.WAITED),
     ("scenarios.sut.sglang.seams:GateTimeout", ErrorKind.WAITED),
     ("scenarios.runner.inprocess:CollectiveTimeout", ErrorKind.WAITED),
-    ("scenarios.sut.sglang.rank:PeerFailed", ErrorKind.WAITED),
+    ("scenarios.client.loop:PeerFailed", ErrorKind.WAITED),
     (CollectiveError, ErrorKind.WAITED),
 )
 

@@ -26,6 +26,7 @@ from scenarios.core.schedule import (
     Schedule,
     ScheduleError,
 )
+from scenarios.core.suts import sglang_version
 from scenarios.core.verdict import Verdict
 from scenarios.store.provenance import git_state
 from scenarios.store.report import atomic_write_text
@@ -41,6 +42,10 @@ KNOWN_FIELDS = frozenset({"kind", "schema", "schedule", "mode", "verdict", "vers
 def replay_name(s: Schedule, verdict: Verdict) -> str:
     """`replay-...` only for a divergence; anything else says what it is (`unknown-...`)."""
     prefix = "replay" if verdict.status == "diverge" else verdict.status or "unknown"
+    version = sglang_version(s.sut)
+    if version is not None:  # which release, and in which CP configuration
+        dp = "dpattn" if s.dp_attention else "nodp"
+        return f"{prefix}-sglang-{version}-{dp}-{s.layout}-{s.digest()}.json"
     return f"{prefix}-{s.variant}-{s.layout}-{s.digest()}.json"
 
 

@@ -6,9 +6,9 @@ import dataclasses
 from typing import Any
 
 from reference.api import TorchCollectives
-from scenarios.client.rank_run import RunEnv, execute
 from scenarios.core.records import RankResult
 from scenarios.core.schedule import Schedule
+from scenarios.sut.reference_rank import RunEnv, execute
 
 
 def run_schedule(ctx: Any, payload: dict) -> RankResult:

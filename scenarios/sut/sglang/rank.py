@@ -3,7 +3,7 @@
 Runs inside a pool worker whose PYTHONPATH holds one release's environment (envs.py). The
 parallel state is SGLang's own (init_distributed_environment + initialize_model_parallel on
 gloo, attention CP), built once per worker; a fresh cache is built per run. The result is a
-`scenarios.core.records.RankResult` as `scenarios.client.rank_run.execute`'s, so the checker judges it
+`scenarios.core.records.RankResult` as `scenarios.sut.reference_rank.execute`'s, so the checker judges it
 unchanged.
 """
 
@@ -21,20 +21,18 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from scenarios.client.loop import run_rank
 from scenarios.core.records import (
     CollectiveCall,
     CollectiveError,
     Decision,
-    ErrorKind,
     Outcome,
-    RankError,
     RankResult,
     StorageCall,
 )
 from scenarios.sut.sglang import adapters, mooncake, quick_reset, shim
 from scenarios.sut.sglang.seams import GatedDevice, IoGates, SglangPacer
 
-MAX_DRAIN_STEPS = 200
 #: failures that say the machine, not SGLang's protocol, broke the run (judged "unknown"):
 #: SGLang's host pool refuses to allocate when the RAM is not there (the shim lends back its
 #: 10 GiB reserve, so only a really full box), a plain ValueError with this text
@@ -248,25 +246,68 @@ def _any_rank(st: dict, flag: int) -> int:
     return int(t.item())
 
 
-#: the harness-sync flag of a rank whose run failed: its peers stop at the same sync
-FAILED = 2
-
-
-class PeerFailed(RuntimeError):
-    """Another rank's run failed; this one stopped at the same harness sync."""
-
-
-def _sync(st: dict, flag: int) -> int:
-    """One harness sync (ranks stay in step op by op). A rank that failed sends FAILED at its
-    next sync instead of leaving: without it its peers waited in this all-reduce until the pool
-    timed out (180 s) and the pool was rebuilt, and the run was not judged at all."""
-    got = _any_rank(st, flag)
-    if got >= FAILED:
-        raise PeerFailed("a peer rank failed; stopped with it (peer not agreed to go on)")
-    return got
-
-
 # -- the run --------------------------------------------------------------------------------
+
+class SglangRank:
+    """One SGLang release's cache as a `SutRank` (scenarios/client/loop.py)."""
+
+    def __init__(self, s: Any, st: dict, run: Run, dev: GatedDevice, dp_attention: bool,
+                 mooncake_metrics: str = "") -> None:
+        self.s, self.st, self.run, self.dev, self.dp = s, st, run, dev, dp_attention
+        self.mooncake_metrics = mooncake_metrics
+        self.driver: Any = None
+        self.build_s = 0.0
+        self.shutdown_s = 0.0
+
+    def open(self) -> None:
+        t0 = time.monotonic()
+        self.driver = Driver(self.s, self.st, self.run, self.dev, self.dp)
+        self.build_s = time.monotonic() - t0  # where a run's time goes (bench_sglang.py)
+
+    def apply(self, op: Any) -> None:
+        self.driver.apply(op)
+
+    def step(self) -> None:
+        self.driver.step()
+
+    def busy(self) -> bool:
+        return bool(self.driver is not None and self.driver.busy())
+
+    def draining(self) -> None:
+        self.run.pacer.drain = True
+
+    def finish(self) -> dict:
+        run = self.run
+        snapshot = self.driver.snapshot()
+        if run.mooncake_master:  # before any rank cleans up: clients own their objects
+            run.stored = mooncake.read_back(run)
+            snapshot["mooncake_client"] = mooncake.client_info(run)
+            if run.rank == 0 and self.mooncake_metrics:  # all of the run's keys
+                snapshot["mooncake_master_keys"] = mooncake.master_keys(
+                    self.mooncake_metrics, mooncake.run_tag(run) + "_")
+        return snapshot
+
+    def sync(self, flag: int) -> int:
+        return _any_rank(self.st, flag)
+
+    def machine_broke(self, e: BaseException) -> str | None:
+        # SGLang's host pool refusing to allocate is a plain ValueError, recognised here once
+        return _machine_broke(e)
+
+    def unblock(self) -> None:
+        self.run.gates.release_all()
+
+    def close(self) -> None:
+        t0 = time.monotonic()
+        if self.driver is not None:
+            try:
+                self.driver.shutdown()
+            except Exception:
+                pass
+        self.shutdown_s = time.monotonic() - t0
+        if self.run.mooncake_master:
+            mooncake.end_run(self.run)
+
 
 def run_schedule(ctx: Any, payload: dict) -> RankResult:
     """Pool job: execute one Schedule on this rank against SGLang's cache."""
@@ -287,65 +328,18 @@ def run_schedule(ctx: Any, payload: dict) -> RankResult:
     run = CURRENT = Run(rank, pacer, gates, storage_dir)
     run.run_id = payload["run_id"]
     run.mooncake_master = payload.get("mooncake_master", "")
-    driver = None
-    error = None
-    snapshot: dict = {}
-    ops_done = 0
-    build_s: float | None = None
-    in_sync = False
+    sut = SglangRank(s, st, run, dev, payload["dp_attention"],
+                     payload.get("mooncake_metrics") or "")
     try:
-        driver = Driver(s, st, run, dev, payload["dp_attention"])
-        build_s = time.monotonic() - t0  # where a run's time goes (benchmarks/bench_sglang.py)
-        for op in s.ops:
-            driver.apply(op)
-            ops_done += 1
-            in_sync = True
-            _sync(st, 0)
-            in_sync = False
-        pacer.drain = True
-        for _ in range(MAX_DRAIN_STEPS):
-            driver.step()
-            busy = int(driver.busy())
-            in_sync = True
-            go_on = _sync(st, busy)
-            in_sync = False
-            if not go_on:
-                break
-        snapshot = driver.snapshot()
-        if run.mooncake_master:  # before any rank cleans up: clients own their objects
-            run.stored = mooncake.read_back(run)
-            snapshot["mooncake_client"] = mooncake.client_info(run)
-            if rank == 0 and payload.get("mooncake_metrics"):  # all of the run's keys
-                snapshot["mooncake_master_keys"] = mooncake.master_keys(
-                    payload["mooncake_metrics"], mooncake.run_tag(run) + "_")
-        in_sync = True
-        _sync(st, 0)
-        in_sync = False
-    except Exception as e:
-        # its kind from the exception's type (scenarios/core/records.py); SGLang's host pool
-        # refusing to allocate is a plain ValueError, recognised here once, at the boundary
-        where = _machine_broke(e)
-        error = RankError.of(e, ErrorKind.INFRASTRUCTURE if where else None, where or "")
-        snapshot = {"traceback": error.traceback}
-        if not in_sync:  # tell the peers at their next sync (not after a broken sync itself)
-            gates.release_all()
-            try:
-                _any_rank(st, FAILED)
-            except Exception:
-                pass
+        out = run_rank(sut, s.ops, gated=True)
     finally:
-        gates.release_all()
-        t_down = time.monotonic()
-        if driver is not None:
-            driver.shutdown()
-        shutdown_s = time.monotonic() - t_down
-        if run.mooncake_master:
-            mooncake.end_run(run)
         CURRENT = None
+    driver = sut.driver
     return RankResult(
         rank=rank, coords=tuple(ctx.layout.coords(rank)),
         decisions={ch: tuple(map(Decision.of, v))
                    for ch, v in (driver.decisions if driver else {}).items()},
+        evictions=tuple(out.evictions),
         digests=tuple(driver.digests if driver else ()),
         collectives={g: tuple(CollectiveCall(e) for e in v) for g, v in run.log.items()},
         collective_order={g: tuple(v) for g, v in run.order.items()},
@@ -354,11 +348,11 @@ def run_schedule(ctx: Any, payload: dict) -> RankResult:
         stored=tuple(run.stored) if run.stored is not None else
         tuple(sorted({k for op, keys, ok, _ in run.storage if op == "set"
                       for k, good in zip(keys, ok, strict=False) if good})),
-        outcomes=tuple(map(Outcome.of, driver.outcomes if driver else ())), snapshot=snapshot,
-        error=error, ops_done=ops_done, waiting_on=dict(gates.waiting_on),
-        wall_s=time.monotonic() - t0, sut=f"sglang=={st['version']}",
-        pacer_trace=tuple(pacer.trace),
-        phase_s={"build": build_s or 0.0, "shutdown": shutdown_s},
+        outcomes=tuple(map(Outcome.of, driver.outcomes if driver else ())),
+        snapshot=out.snapshot, error=out.error, ops_done=out.ops_done,
+        waiting_on=dict(gates.waiting_on), wall_s=time.monotonic() - t0,
+        sut=f"sglang=={st['version']}", pacer_trace=tuple(pacer.trace),
+        phase_s={"build": sut.build_s, "shutdown": sut.shutdown_s},
     )
 
 

@@ -1,4 +1,4 @@
-"""The client: execute one Schedule on one rank and return everything the checker compares.
+"""The reference as a system under test: one rank of a Schedule on our own HiCache.
 
 Used unchanged by the in-process runner (ranks as threads) and by torchrun workers, so both
 modes run the same code and their decision logs can be compared.
@@ -24,18 +24,14 @@ from reference.api import (
     open_rank,
 )
 from scenarios.client.gates import GatedPacer, RecordingPacer
+from scenarios.client.loop import run_rank
 from scenarios.client.recorder import Recorder, RecordingCollectives
 from scenarios.core.records import (
-    ErrorKind,
-    Eviction,
     Outcome,
-    RankError,
     RankResult,
     Recorded,
 )
 from scenarios.core.schedule import Schedule
-
-MAX_DRAIN_STEPS = 400
 
 
 @dataclass
@@ -96,85 +92,87 @@ def rank_groups(s: Schedule, rank: int) -> tuple[RankInfo, ParallelGroups]:
     return info, groups
 
 
+class ReferenceRank:
+    """The reference as a `SutRank` (scenarios/client/loop.py): one rank's MiniScheduler."""
+
+    def __init__(self, s: Schedule, env: RunEnv, collectives: Any, pacer: Any) -> None:
+        self.s = s
+        self.env = env
+        self.rec = Recorder()
+        self.coll = RecordingCollectives(collectives)
+        self.pacer = pacer
+        self.storage: HiCacheStorage | None = None
+        self.sched: Any = None
+        self.stored: list[str] = []
+        self._harness: Any = None
+        self._opening_storage = False
+
+    def open(self) -> None:
+        # the harness's group first: a rank whose storage never comes up can still tell its peers
+        world = tuple(range(self.s.layout_obj.world_size))
+        self._harness = self.coll.new_groups([world], "harness")[0]
+        self._opening_storage = True
+        self.storage = make_storage(self.s.backend, self.env)
+        self._opening_storage = False
+        info, groups = rank_groups(self.s, self.env.rank)
+        self.sched = open_rank(cache_config(self.s, self.env), info, groups, self.coll,
+                               self.storage, torch.device(self.env.device), self.pacer,
+                               self.rec)
+
+    def apply(self, op: Any) -> None:
+        _apply(self.sched, op)
+
+    def step(self) -> None:
+        self.sched.step()
+
+    def busy(self) -> bool:
+        return bool(self.sched is not None and self.sched.busy())
+
+    def draining(self) -> None:
+        self.pacer.drain = True
+
+    def finish(self) -> dict:
+        snapshot = self.sched.snapshot()
+        self.stored = _confirm_stored(self.storage, self.rec.storage)
+        return snapshot
+
+    def sync(self, flag: int) -> int:
+        if self._harness is None:  # failed before the harness group existed: nobody to tell
+            return flag
+        t = torch.tensor([flag], dtype=torch.int64)
+        self.coll.all_reduce(t, "max", self._harness)
+        return int(t.item())
+
+    def machine_broke(self, e: BaseException) -> str | None:
+        # outside the system under test: a verdict of `unknown`
+        return f"storage backend '{self.s.backend}' unavailable" if self._opening_storage \
+            else None
+
+    def unblock(self) -> None:
+        """Gated IO waits time out on their own (GatedPacer's wait timeout)."""
+
+    def close(self) -> None:
+        for closer in (getattr(self.sched, "shutdown", None),
+                       getattr(self.storage, "close", None)):
+            if closer is not None:
+                try:
+                    closer()
+                except Exception:
+                    pass
+
+
 def execute(s: Schedule, env: RunEnv, collectives: Any, nemesis: Any = None) -> RankResult:
     """Run `s` on this rank. Never raises for a run failure: the error is part of the result."""
     t0 = time.monotonic()
-    info, groups = rank_groups(s, env.rank)
-    rec = Recorder()
-    coll = RecordingCollectives(collectives)
     if env.gated:
         pacer: Any = GatedPacer(env.rank, s.choices.get(env.rank, []),
                                 s.faults.get(env.rank, []), s.clock_skew.get(env.rank, 0),
                                 wait_timeout_s=env.agree_timeout_s)
     else:
         pacer = RecordingPacer(env.rank, nemesis, wait_timeout_s=env.agree_timeout_s)
-    storage = None
-    stored: list[str] = []
-    sched = None
-    error: RankError | None = None
-    snapshot: dict = {}
-    ops_done = 0
-    evictions: list[Eviction] = []
-    try:
-        try:
-            storage = make_storage(s.backend, env)
-        except Exception as e:  # outside the system under test: a verdict of `unknown`
-            error = RankError.of(e, ErrorKind.INFRASTRUCTURE,
-                                 f"storage backend '{s.backend}' unavailable")
-            raise
-        sched = open_rank(cache_config(s, env), info, groups, coll, storage,
-                          torch.device(env.device), pacer, rec)
-        harness_sync = coll.new_groups([tuple(range(s.layout_obj.world_size))], "harness")[0]
-
-        def any_rank(flag: int) -> int:
-            """MAX over every rank: the harness's own barrier and agreement."""
-            t = torch.tensor([flag], dtype=torch.int64)
-            coll.all_reduce(t, "max", harness_sync)
-            return int(t.item())
-
-        for op in s.ops:
-            if op.kind.startswith("evict"):  # for coverage: eviction with IO in flight
-                evictions.append(Eviction(op.kind, bool(sched.busy())))
-            _apply(sched, op)
-            ops_done += 1
-            # the model's forward pass keeps ranks in lockstep per scheduler step in production
-            # (its TP/CP collectives); without this a variant that drops the cache's own syncs
-            # would let one rank race ahead and make shared-storage runs timing-dependent
-            any_rank(0)
-        pacer.drain = True
-        # gated: MAX_DRAIN_STEPS steps, as the Schedule fixes; free-running: also until the
-        # agreement timeout, since real IO (a backup across a Mooncake master restart) may
-        # outlast 400 short steps. "Go on" is a MAX over ranks, so every rank leaves together.
-        deadline = time.monotonic() + env.agree_timeout_s
-        step = 0
-        while True:
-            sched.step()
-            over = step >= MAX_DRAIN_STEPS - 1 and (env.gated or time.monotonic() > deadline)
-            if not any_rank(int(sched.busy() and not over)):
-                break
-            step += 1
-            if not env.gated:
-                time.sleep(0.002)
-        snapshot = sched.snapshot()
-        stored = _confirm_stored(storage, rec.storage)
-        # clients own their objects (Mooncake drops them on close): nobody closes until all
-        # ranks have looked
-        any_rank(0)
-    except Exception as e:  # the result carries it; the checker turns it into a verdict
-        if error is None:
-            error = RankError.of(e)  # its kind from the exception's type (scenarios/core/records.py)
-        snapshot = {"traceback": error.traceback}
-    finally:
-        if sched is not None:
-            try:
-                sched.shutdown()
-            except Exception:
-                pass
-        if storage is not None:
-            try:
-                storage.close()
-            except Exception:
-                pass
+    sut = ReferenceRank(s, env, collectives, pacer)
+    run = run_rank(sut, s.ops, gated=env.gated, free_run_s=env.agree_timeout_s)
+    rec, coll, sched = sut.rec, sut.coll, sut.sched
     recorded = None
     if isinstance(pacer, RecordingPacer):
         recorded = Recorded(tuple(pacer.choices), tuple((c, int(n)) for c, n in pacer.faults))
@@ -184,17 +182,17 @@ def execute(s: Schedule, env: RunEnv, collectives: Any, nemesis: Any = None) -> 
         decisions=rec.decision_records(),
         effects=rec.effect_records(),
         actions=rec.action_records(),
-        evictions=tuple(evictions),
+        evictions=tuple(run.evictions),
         digests=tuple(rec.digests),
         collectives=coll.call_records(),
         collective_order=coll.order_records(),
         pending_collectives=coll.pending_text(),
         storage=rec.storage_records(),
-        stored=tuple(stored),
+        stored=tuple(sut.stored),
         outcomes=tuple(map(Outcome.of, sched.outcomes if sched else ())),
-        snapshot=snapshot,
-        error=error,
-        ops_done=ops_done,
+        snapshot=run.snapshot,
+        error=run.error,
+        ops_done=run.ops_done,
         waiting_on=dict(pacer.waiting_on),
         wall_s=time.monotonic() - t0,
         recorded=recorded,
@@ -220,3 +218,12 @@ def _apply(sched: Any, op: Any) -> None:
         sched.evict_device(op.n)
     elif op.kind == "evict_host":
         sched.evict_host(op.n)
+
+
+def execute_inprocess(s: Schedule, rank: int, collectives: Any, *, run_id: str, device: str,
+                      storage_root: str, mooncake_master: str, gated: bool, timeout_s: float,
+                      nemesis: Any = None) -> RankResult:
+    """`execute` as the in-process runner's job (scenarios/runner/inprocess.py)."""
+    env = RunEnv(rank=rank, run_id=run_id, device=device, storage_root=storage_root,
+                 mooncake_master=mooncake_master, gated=gated, agree_timeout_s=timeout_s)
+    return execute(s, env, collectives, nemesis)
