@@ -285,3 +285,23 @@ def test_the_watchdog_interrupts_a_run_and_says_what_it_waits_on(monkeypatch, ca
     dog.stop()
     assert time.monotonic() - t0 < 10 and dog.lost == "the master is gone"
     assert "soak: run 1 in flight for 9 s" in capsys.readouterr().err
+
+
+def test_ctrl_c_while_writing_the_report_still_finishes_it(tmp_path: Path, monkeypatch,
+                                                          capsys) -> None:
+    """The interrupt lands in a report write: the soak ends 130, the report is completed on
+    the way out and no temp file is left."""
+    real, calls = report.atomic_write_bytes, {"n": 0}
+
+    def cut_third(path: Path, data: bytes) -> None:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        real(path, data)
+
+    monkeypatch.setattr(report, "atomic_write_bytes", cut_third)
+    assert main(["soak", "--minutes", "1", "--seed", "4", "--out", str(tmp_path)]) == 130
+    rep = SoakReport.load(tmp_path / "latest")
+    assert rep.complete is True and rep.interrupted is True
+    assert not list((tmp_path / "latest").glob(".*.tmp"))
+    assert "INTERRUPTED" in capsys.readouterr().out
