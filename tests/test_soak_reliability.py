@@ -305,3 +305,16 @@ def test_ctrl_c_while_writing_the_report_still_finishes_it(tmp_path: Path, monke
     assert rep.complete is True and rep.interrupted is True
     assert not list((tmp_path / "latest").glob(".*.tmp"))
     assert "INTERRUPTED" in capsys.readouterr().out
+
+
+def test_headers_name_the_profile_an_alias_variant_runs(tmp_path: Path, capsys) -> None:
+    """tp_only_sync is sglang-0.5.10 with DP attention, whatever the schedule's own protocol."""
+    main(["soak", "--minutes", "0.02", "--seed", "0", "--variant", "tp_only_sync", "--layout",
+          "2x2", "--dp-attention", "off", "--out", str(tmp_path / "s")])
+    out = capsys.readouterr().out
+    assert "protocol=sglang-0.5.10 dp_attention=on" in out, out
+    rep = SoakReport.load(tmp_path / "s" / "latest")
+    assert (rep.protocol, rep.dp_attention) == ("sglang-0.5.10", True)
+    main(["run", "write_acks", "--variant", "tp_only_sync", "--mode", "inprocess",
+          "--replay-dir", str(tmp_path)])
+    assert "protocol=sglang-0.5.10 dp_attention=on" in capsys.readouterr().out

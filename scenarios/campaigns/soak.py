@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from reference.api import STOP_POLICIES, WRITE_POLICIES
+from reference.api import STOP_POLICIES, WRITE_POLICIES, effective_configuration
 from scenarios.campaigns.soak_watch import InfrastructureLost, Watchdog, lost_raises
 from scenarios.core.config import PAGE
 from scenarios.core.contract import STATUS_EXIT, ExitCode, UsageError, stop_requested
@@ -257,7 +257,9 @@ class Soak:
                               allow_gated=self._gated_allowed())
         if self.cfg.protocol_changes:
             s = s.with_(**self.cfg.protocol_changes)
-        self.st.protocol.update(protocol=s.protocol, dp_attention=s.dp_attention)
+        # what really runs: an alias variant (tp_only_sync) names its own profile and setting
+        profile, dp = effective_configuration(s.protocol, s.dp_attention, s.variant)
+        self.st.protocol.update(protocol=profile.name, dp_attention=dp)
         results, v, fired, run_s = self._run(s, gated)
         self._account(s, results, v, fired, run_s)
         broke = self._infrastructure()

@@ -144,11 +144,15 @@ def _executor(args: argparse.Namespace, sut: str, backend: str | None,
 
 def _header(s: Any, mode: str) -> str:
     """The run's one-line description (what ran, on which SUT, in which configuration)."""
-    dp = "on" if s.dp_attention else "off"
     if sglang_version(s.sut) is not None:
+        dp = "on" if s.dp_attention else "off"
         return f"layout={s.layout} sut={s.sut} dp_attention={dp} backend={s.backend}"
-    return (f"layout={s.layout} variant={s.variant} protocol={s.protocol} dp_attention={dp} "
-            f"backend={s.backend} mode={mode}")
+    from reference.api import effective_configuration
+
+    # what really runs: an alias variant (tp_only_sync) names its own profile and setting
+    profile, on = effective_configuration(s.protocol, s.dp_attention, s.variant)
+    return (f"layout={s.layout} variant={s.variant} protocol={profile.name} "
+            f"dp_attention={'on' if on else 'off'} backend={s.backend} mode={mode}")
 
 
 def finish(args: argparse.Namespace, verdict: Any, replay: Path | None) -> int:
