@@ -134,7 +134,7 @@ def test_page_size_and_default_layouts_live_in_config_only() -> None:
     them; another module that assigns PAGE or spells a default layout list fails here."""
     from scenarios.core import config
 
-    assert config.PAGE == CacheConfig().page_size
+    assert CacheConfig().page_size == config.PAGE
     found = []
     for path in sorted((REPO / "scenarios").rglob("*.py")):
         if path.name == "config.py":
