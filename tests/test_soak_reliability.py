@@ -18,7 +18,7 @@ import pytest
 
 import scenarios.store.report as report
 from scenarios.cli.main import main
-from scenarios.core.contract import UsageError
+from scenarios.core.errors import UsageError
 from scenarios.store.report import SOAK_REPORT_SCHEMA, SoakReport
 from scenarios.store.run_dir import RunDir
 from tests.subprocess_env import REPO, child_env

@@ -24,7 +24,8 @@ from typing import Any
 from reference.api import STOP_POLICIES, WRITE_POLICIES, effective_configuration
 from scenarios.campaigns.soak_watch import InfrastructureLost, Watchdog, lost_raises
 from scenarios.core.config import PAGE
-from scenarios.core.contract import STATUS_EXIT, ExitCode, UsageError, stop_requested
+from scenarios.core.contract import STATUS_EXIT, ExitCode, stop_requested
+from scenarios.core.errors import UsageError
 from scenarios.core.records import RankResult
 from scenarios.core.schedule import CachePolicy, Op, Schedule, tokens_for
 from scenarios.core.soak_config import SoakConfig

@@ -17,17 +17,13 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from typing import Any
 
-from scenarios.core.contract import Interrupted
+from scenarios.core.errors import InfrastructureLost
+
+__all__ = ["InfrastructureLost", "Watchdog", "lost_raises"]
 
 WATCH_EVERY_S = 0.5
 #: a run in flight longer than this gets a progress line (then one every as many seconds)
 SLOW_RUN_S = 5.0
-
-
-class InfrastructureLost(Interrupted):
-    """What the run depends on is gone (the diagnosis is the message): unknown, exit 125.
-
-    An Interrupted, so every `with` block that cleans up after Ctrl-C cleans up after it."""
 
 
 def _raise_lost(signum: int, frame: Any) -> None:

@@ -19,7 +19,7 @@ from scenarios.cli.conventions import (
     variant_help,
 )
 from scenarios.cli.protocol_args import add_protocol_arguments, protocol_changes
-from scenarios.core.contract import UsageError
+from scenarios.core.errors import UsageError
 from scenarios.core.soak_config import SoakConfig
 from scenarios.runner.worker import DEVICES
 from scenarios.sut.reference_executor import MODES

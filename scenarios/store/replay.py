@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from scenarios import __version__
-from scenarios.core.contract import CannotJudge
+from scenarios.core.errors import CannotJudge
 from scenarios.core.schedule import (
     NAMED_AT_SOME_COMMITS,
     NotAtThisCommit,

@@ -21,7 +21,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from scenarios.core.contract import UsageError
+from scenarios.core.errors import UsageError
 
 #: 1: the first versioned report (adds "schema", "status", "interrupted", "unknown_runs",
 #: "coverage", "fault_events"); 2: adds "unconfirmed_divergences" (the soak hunts on past them);

@@ -14,7 +14,7 @@ import os
 import time
 from pathlib import Path
 
-from scenarios.core.contract import UsageError
+from scenarios.core.errors import UsageError
 
 LOCK_NAME = ".lock"
 LATEST = "latest"
