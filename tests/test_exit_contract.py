@@ -146,7 +146,8 @@ def test_replay_too_many_ranks_uses_the_hosts_limit(monkeypatch, tmp_path: Path,
     monkeypatch.setattr(pool, "max_ranks_here", lambda: 2)
     # the cap is on processes (torchrun); ranks as threads run any layout, as `run` does
     assert main(["replay", str(path), "--mode", "torchrun"]) == 125
-    assert "this machine runs at most 2" in capsys.readouterr().err
+    cap = capsys.readouterr()  # refused up front, or by the pool before it starts a process
+    assert "this machine runs at most 2" in cap.err or "cap 2 " in cap.out, cap
     monkeypatch.setattr(pool, "max_ranks_here", lambda: 256)  # a 64-core GPU host
     assert main(["replay", str(path), "--mode", "inprocess"]) == 0
 
