@@ -26,6 +26,14 @@ def _sum_at(ptr: int, size: int) -> str:
     return mooncake._blake(ctypes.string_at(ptr, size))
 
 
+def key_prefix(store: Any) -> str | None:
+    """What SGLang's store puts before every key: the `extra_backend_tag` up to 0.5.16, from
+    0.5.17 a `config_prefix` joining that tag and the model name."""
+    if hasattr(store, "config_prefix"):
+        return store.config_prefix
+    return getattr(store, "extra_backend_tag", None)
+
+
 class GatedMooncakeStore(MooncakeStore):
     """MHA pages only (MLA Schedules are not driven on SGLang): two keys per page, k and v."""
 
@@ -88,7 +96,7 @@ class GatedMooncakeStore(MooncakeStore):
 
     def _named(self, keys: list[str]) -> list[str]:
         """SGLang's names for keys it never sent (a faulted call): tag, hash, tp rank, part."""
-        tag = f"{self.extra_backend_tag}_" if self.extra_backend_tag is not None else ""
+        tag = f"{prefix}_" if (prefix := key_prefix(self)) is not None else ""
         return [f"{tag}{k}_{self.mha_suffix}_{p}" for k in keys for p in "kv"]
 
     def _record(self, op: str, names: list[str], page_ok: list[bool], sums: list[str]) -> None:

@@ -30,8 +30,10 @@ from scenarios.records import (
     RankError,
     RankResult,
     StorageCall,
+    error_kind,
 )
 from scenarios.sglang import adapters, mooncake, quick_reset, shim
+from scenarios.sglang.blame import harness_origin
 from scenarios.sglang.seams import GatedDevice, IoGates, SglangPacer
 
 MAX_DRAIN_STEPS = 200
@@ -47,6 +49,8 @@ def _machine_broke(e: BaseException) -> str | None:
         return "building SGLang's host pool"
     if isinstance(e, mooncake.ReadBackFailed):
         return "reading the run's pages back from the Mooncake master"
+    if error_kind(e) is ErrorKind.FAILED and (at := harness_origin(e)):
+        return f"harness error (not SGLang's) raised at {at}"
     return None
 #: SGLang builds a registered backend only under a built-in name: ours replaces "file"
 BACKEND_NAME = "file"
@@ -72,6 +76,8 @@ class Run:
         self.run_id = ""
         self.mooncake_master = ""  # "host:port" when the Schedule's backend is mooncake
         self.stored: list[str] | None = None  # read back from the store (Mooncake)
+        #: an IO thread that died of an exception the harness's code raised (blame.py)
+        self.harness_error: str | None = None
 
 
 CURRENT: Run | None = None
@@ -201,6 +207,10 @@ def setup_worker(ctx: Any, version: str, dp_attention: bool, timeout_s: float) -
                f"{args.exc_value}"
         if run is not None:
             run.gates.thread_errors.append(line)
+            at = harness_origin(args.exc_value) if args.exc_value is not None else None
+            if at is not None and run.harness_error is None:
+                run.harness_error = (f"harness error (not SGLang's) in thread {line}, "
+                                     f"raised at {at}")
             with run.gates.cond:
                 run.gates.cond.notify_all()
     threading.excepthook = thread_died
@@ -335,6 +345,13 @@ def run_schedule(ctx: Any, payload: dict) -> RankResult:
                 pass
     finally:
         gates.release_all()
+        if run.harness_error is not None and (error is None or error.kind is not
+                                              ErrorKind.INFRASTRUCTURE):
+            # an IO thread of SGLang's died in the harness's code: whatever the run did after
+            # that (a gate timeout, a divergence) is no verdict on the release
+            error = RankError(ErrorKind.INFRASTRUCTURE, "HarnessError", run.harness_error,
+                              "an SGLang IO thread", error.traceback if error else "")
+            snapshot = {**snapshot, "harness_error": run.harness_error}
         t_down = time.monotonic()
         if driver is not None:
             driver.shutdown()
