@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from scenarios.sglang import adapters
+from scenarios.sglang import adapters, server_cache
 from scenarios.sglang.hitqueue import HitQueuePipeline, io_busy, uses_hit_queue
 from scenarios.sglang.mooncake import storage_args
 from scenarios.sglang.seams import count_puts, leading_done, record_terminated
@@ -43,6 +43,7 @@ class Driver:
         self.waiting: OrderedDict[str, list[int]] = OrderedDict()
         self.ready: OrderedDict[str, list[int]] = OrderedDict()
         self.cache = None
+        self.cache_class = ""
         self.pipeline: HitQueuePipeline | None = None
         #: 0.5.20 re-issues a storage lookup when the match shrank before admission
         self.reissue_max = 0
@@ -58,7 +59,6 @@ class Driver:
     # -- construction --------------------------------------------------------------------
     def _build(self, dp_attention: bool) -> None:
         import sglang.srt.layers.dp_attention as dpa
-        from sglang.srt.mem_cache import hiradix_cache as hr
 
         cc_mod = self.st["cc_mod"]
         cc_mod.device_module = self.dev  # before construction: the layer counter makes events
@@ -114,7 +114,20 @@ class Driver:
             attn_cp_size=self.st["attn_cp"].world_size, pp_rank=0, pp_size=1,
             pp_cache_group=getattr(pstate.get_pp_group(), "cpu_group", None))
         os.environ["SGLANG_HICACHE_FILE_BACKEND_STORAGE_DIR"] = self.run.storage_dir
-        self.cache = cache = hr.HiRadixCache(params, server_args)
+        tp_cpu = self.st["tp"]
+        self.cache = cache = server_cache.build(
+            params, server_args, tp_group=tp_cpu.cpu_group, tp_rank=tp_cpu.rank_in_group,
+            tp_size=tp_cpu.world_size, cache_class=self.run.cache_class)
+        self.cache_class = type(cache).__name__
+        try:
+            server_cache.check_seams(
+                cache, self.st["version"],
+                hit_queue=uses_hit_queue(getattr(cache, "cache_controller", None)),
+                timeout_policy=c.prefetch_stop_policy == "timeout")
+        except server_cache.MissingSeam:
+            self.shutdown()
+            self.cache = None
+            raise
         if _scheduler_has("_prefetch_after_device_hit_loss"):
             self.reissue_max = adapters.storage_prefetch_retry_max_attempts(server_args)
         cc = cache.cache_controller
@@ -474,6 +487,7 @@ class Driver:
                           "backup": len(getattr(cache, "ongoing_backup", {}))},
             "busy": self.busy(),
             "device": "cpu", "host_pinned": False, "cuda_event_acks": False,
+            "cache_class": self.cache_class,
         }
 
     def shutdown(self) -> None:

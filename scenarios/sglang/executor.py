@@ -17,6 +17,7 @@ from typing import Any
 
 from scenarios.checker import Verdict
 from scenarios.contract import CannotJudge
+from scenarios.runner.torchrun_pool import RankJobError, RankPoolError
 from scenarios.sglang import envs, mooncake
 
 JOB = "scenarios.sglang.rank:run_schedule"
@@ -38,9 +39,12 @@ def parse_sut(sut: str) -> str | None:
 
 class SglangExecutor:
     def __init__(self, version: str, *, timeout_s: float = 20.0, build: bool = True,
-                 log: Any = print, mooncake_master: str = "") -> None:
+                 log: Any = print, mooncake_master: str = "", cache_class: str = "server") -> None:
         envs.check_runnable(version)
         self.version = version
+        #: "server": the cache the release's server builds (server_cache.py); "HiRadixCache":
+        #: that class, where the release still defines it but its server no longer builds it
+        self.cache_class = cache_class
         self.timeout_s = timeout_s
         if build:
             envs.build_release(version, log=log)
@@ -81,14 +85,21 @@ class SglangExecutor:
             from scenarios.schedule import Op, Schedule
 
             warm = Schedule(layout=layout, sut=f"sglang=={self.version}", ops=[Op(kind="step")])
-            pool.run(JOB, self._payload(warm, dp_attention), timeout_s=self.timeout_s * 12 + 120)
+            try:
+                pool.run(JOB, self._payload(warm, dp_attention),
+                         timeout_s=self.timeout_s * 12 + 120)
+            except RankJobError as e:  # the harness could not set SGLang up: say why
+                pool.close()
+                self._pools.pop(key, None)
+                raise SetupFailed(self.version, e) from e
         return pool
 
     def _payload(self, s: Any, dp: bool) -> dict:
         master, metrics = self.mooncake.address() if s.backend == mooncake.BACKEND else ("", "")
         return {"mooncake_metrics": metrics,"schedule": s.model_dump_json(), "run_id": f"r{uuid.uuid4().hex[:10]}",
                 "storage_root": self.storage_root, "collective_timeout_s": self.timeout_s,
-                "version": self.version, "dp_attention": dp, "mooncake_master": master}
+                "version": self.version, "dp_attention": dp, "mooncake_master": master,
+                "cache_class": self.cache_class}
 
     def run(self, s: Any, dp_attention: bool | None = None) -> list[dict]:
         from scenarios.runner import RankPoolError
@@ -130,6 +141,16 @@ class SglangExecutor:
         shutil.rmtree(self.storage_root, ignore_errors=True)
 
 
+class SetupFailed(RankPoolError, CannotJudge):
+    """The workers could not set a release up (an API the adapters do not know yet): a pool
+    error for the callers that skip broken pools, and a 125 naming each rank's reason."""
+
+    def __init__(self, version: str, e: Exception) -> None:
+        reasons = sorted({str(m) for m, _tb in getattr(e, "failures", {}).values()})
+        CannotJudge.__init__(self, f"sglang {version}: the harness could not set up its "
+                             f"workers: {'; '.join(reasons) or e}")
+
+
 def check_pipeline(version: str) -> None:
     """The seams map two prefetch pipelines: the revoke queue of 0.5.9 .. 0.5.15.post1 and the
     hit queue of 0.5.16 .. 0.5.20 (hitqueue.py). A controller with neither cannot be judged."""
@@ -164,7 +185,13 @@ def verdict_of(s: Any, results: list, dp_attention: bool) -> Verdict:
     broke = infrastructure(results)
     if broke:
         return Verdict.unknown(broke)
-    return annotate(checker.check(s, results), dp_attention, s.backend)
+    v = annotate(checker.check(s, results), dp_attention, s.backend)
+    classes = sorted({c for r in results if (c := (r.snapshot or {}).get("cache_class"))})
+    if classes:  # the class the run drove (server_cache.py): in the verdict, --json, replays
+        v.stats["cache_class"] = classes[0] if len(classes) == 1 else classes
+        if v.message:
+            v.message += f" ({'/'.join(classes)})"
+    return v
 
 
 def annotate(v: Verdict, dp_attention: bool, backend: str = "file") -> Verdict:

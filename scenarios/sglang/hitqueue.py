@@ -50,7 +50,7 @@ QUEUE_OF = {"n_revoke": "prefetch_revoke_queue", "n_storage_hit": "prefetch_hit_
 
 
 def uses_hit_queue(cc: Any) -> bool:
-    return hasattr(cc, "prefetch_hit_queue")
+    return cc is not None and hasattr(cc, "prefetch_hit_queue")
 
 
 class HitQueuePipeline:

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from scenarios.contract import CannotJudge
 from scenarios.records import (
     CollectiveCall,
     CollectiveError,
@@ -49,6 +50,8 @@ def _machine_broke(e: BaseException) -> str | None:
         return "building SGLang's host pool"
     if isinstance(e, mooncake.ReadBackFailed):
         return "reading the run's pages back from the Mooncake master"
+    if isinstance(e, CannotJudge):  # a release the driver cannot drive (MissingSeam)
+        return "driving this SGLang release"
     if error_kind(e) is ErrorKind.FAILED and (at := harness_origin(e)):
         return f"harness error (not SGLang's) raised at {at}"
     return None
@@ -78,6 +81,8 @@ class Run:
         self.stored: list[str] | None = None  # read back from the store (Mooncake)
         #: an IO thread that died of an exception the harness's code raised (blame.py)
         self.harness_error: str | None = None
+        #: which cache to build: "server" (what the release's server builds) or "HiRadixCache"
+        self.cache_class = "server"
 
 
 CURRENT: Run | None = None
@@ -183,8 +188,16 @@ def setup_worker(ctx: Any, version: str, dp_attention: bool, timeout_s: float) -
         return st
     shim.install()
     import sglang.srt.managers.cache_controller as cc_mod
-    import sglang.srt.mem_cache.hiradix_cache  # noqa: F401
     from sglang.srt.distributed import parallel_state as ps
+
+    try:  # the classes a HiCache server builds (server_cache.py), loaded before the shim's patch
+        import sglang.srt.mem_cache.hiradix_cache  # noqa: F401
+    except ModuleNotFoundError:  # 0.5.21+
+        pass
+    try:
+        import sglang.srt.mem_cache.unified_radix_cache  # noqa: F401
+    except ModuleNotFoundError:  # before 0.5.11
+        pass
 
     shim.patch_loaded()
     quick_reset.install(cc_mod)  # no idle 1 s per cache construction (see quick_reset.py)
@@ -297,6 +310,7 @@ def run_schedule(ctx: Any, payload: dict) -> RankResult:
     run = CURRENT = Run(rank, pacer, gates, storage_dir)
     run.run_id = payload["run_id"]
     run.mooncake_master = payload.get("mooncake_master", "")
+    run.cache_class = payload.get("cache_class", "server")
     driver = None
     error = None
     snapshot: dict = {}
