@@ -21,6 +21,7 @@ from scenarios.runner.torchrun_pool import RankJobError, RankPoolError
 from scenarios.sglang import envs, mooncake
 
 JOB = "scenarios.sglang.rank:run_schedule"
+CACHE_CLASS_ENV = "CPCHECK_SGLANG_CACHE_CLASS"
 _REPO = Path(__file__).resolve().parents[2]
 
 
@@ -39,12 +40,13 @@ def parse_sut(sut: str) -> str | None:
 
 class SglangExecutor:
     def __init__(self, version: str, *, timeout_s: float = 20.0, build: bool = True,
-                 log: Any = print, mooncake_master: str = "", cache_class: str = "server") -> None:
+                 log: Any = print, mooncake_master: str = "", cache_class: str = "") -> None:
         envs.check_runnable(version)
         self.version = version
         #: "server": the cache the release's server builds (server_cache.py); "HiRadixCache":
         #: that class, where the release still defines it but its server no longer builds it
-        self.cache_class = cache_class
+        #: (the environment variable CPCHECK_SGLANG_CACHE_CLASS sets it for the command line)
+        self.cache_class = cache_class or os.environ.get(CACHE_CLASS_ENV) or "server"
         self.timeout_s = timeout_s
         if build:
             envs.build_release(version, log=log)
