@@ -156,3 +156,21 @@ def test_newest_release_gets_a_run_and_125_says_why(layout, capsys) -> None:
     d = _run(NEWEST, layout, capsys)
     assert d["exit_code"] in (0, 1) or (d["exit_code"] == 125 and "sglang 0.5.23" in
                                        d["diagnosis"] and "HiRadixCache" not in d["diagnosis"])
+
+
+def test_a_call_into_a_harness_override_with_a_changed_signature_is_the_harness() -> None:
+    """0.5.20's controller calls `_put_batch_zero_copy_impl` with one more argument than our
+    override took: the TypeError is raised in SGLang's frame, yet the fault is the harness's
+    (it read as DIVERGE [error] before). A bad call aimed at SGLang's own code is not."""
+    from scenarios.sglang import adapters
+
+    with pytest.raises(TypeError) as ours:
+        adapters.evict(object())  # type: ignore[call-arg]  (the call fails in this frame)
+    at = blame.harness_origin(ours.value)
+    assert at is not None and at.startswith("scenarios/sglang/adapters.py:") and "evict" in at
+
+    def outside(a: int) -> None:
+        pass
+    with pytest.raises(TypeError) as theirs:
+        outside()  # type: ignore[call-arg]
+    assert blame.harness_origin(theirs.value) is None

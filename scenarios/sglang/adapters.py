@@ -134,19 +134,51 @@ def evict(cache: Any, n: int) -> None:
         cache.evict(n)
 
 
-def init_load_back(cache: Any, m: Any, host_hit_length: int) -> Any:
-    """`m` is the match result: 0.5.13 loads back from its `best_match_node`."""
+def is_unified(cache: Any) -> bool:
+    """UnifiedRadixCache (what 0.5.19+ servers build): a tree core addressed by node ids."""
+    return hasattr(cache, "tree_core")
+
+
+def init_load_back(cache: Any, m: Any, host_hit_length: int, rid: str = "") -> Any:
+    """`m` is the match result: 0.5.13 loads back from its `best_match_node`.
+    UnifiedRadixCache reads the request: its id and the device node its match ended on."""
     last_host_node = m.last_host_node
     if _takes_params(cache.init_load_back):
+        req = (SimpleNamespace(rid=rid, last_node=m.last_device_node, swa_host_hit_length=0,
+                               mamba_host_hit_length=0) if is_unified(cache) else None)
         return cache.init_load_back(_params(
             "InitLoadBackParams", last_host_node=last_host_node,
             best_match_node=getattr(m, "best_match_node", last_host_node),
-            host_hit_length=host_hit_length))
+            host_hit_length=host_hit_length, req=req))
     return call_filtered(cache.init_load_back, last_node=last_host_node,
                          host_hit_length=host_hit_length, prefix_len=host_hit_length)
 
 
-def last_hash(node: Any) -> str | None:
+def lock(cache: Any, node: Any) -> Any:
+    """The receipt UnifiedRadixCache's `dec_lock_ref` wants back (None before it)."""
+    out = cache.inc_lock_ref(node)
+    return out.to_dec_params() if hasattr(out, "to_dec_params") else None
+
+
+def unlock(cache: Any, node: Any, receipt: Any) -> None:
+    if receipt is None:
+        cache.dec_lock_ref(node)
+    else:
+        cache.dec_lock_ref(node, receipt)
+
+
+def on_device(node: Any) -> bool:
+    """A tree node's full KV is on the device (UnifiedTreeNode: not `evicted`)."""
+    return node.value is not None if hasattr(node, "value") else not node.evicted
+
+
+def on_host(node: Any) -> bool:
+    return node.host_value is not None if hasattr(node, "host_value") else node.backuped
+
+
+def last_hash(node: Any, cache: Any = None) -> str | None:
+    if isinstance(node, int) and cache is not None:  # UnifiedRadixCache: a node id
+        return cache.get_last_hash_value(node)
     fn = getattr(node, "get_last_hash_value", None)
     if fn is not None:
         return fn()
@@ -155,16 +187,25 @@ def last_hash(node: Any) -> str | None:
 
 
 def _rid_arg(fn: Any, rid: str) -> Any:
-    """0.5.20 takes a handle with `.rid` (parameter named `handle`); earlier a string."""
+    """0.5.20 takes a handle with `.rid` (parameter named `handle`, `request` in
+    UnifiedRadixCache, which keys its ongoing prefetches by the handle: one equal object per
+    request); earlier a string."""
     ps = list(inspect.signature(fn).parameters)
-    return SimpleNamespace(rid=rid) if ps and ps[0] == "handle" else rid
+    if not ps or ps[0] not in ("handle", "request"):
+        return rid
+    try:
+        from sglang.srt.mem_cache.base_prefix_cache import CacheRequestHandle
+    except ImportError:
+        return SimpleNamespace(rid=rid)
+    return call_filtered(CacheRequestHandle, rid=rid, attempt_id=0)
 
 
 def prefetch_from_storage(cache: Any, rid: str, last_host_node: Any, tokens: list[int],
                           last_hash_value: str | None) -> None:
     fn = cache.prefetch_from_storage
     call_filtered(fn, **{list(inspect.signature(fn).parameters)[0]: _rid_arg(fn, rid)},
-                  last_host_node=last_host_node, new_input_tokens=tokens,
+                  last_host_node=last_host_node, last_host_node_id=last_host_node,
+                  new_input_tokens=tokens,
                   last_hash=last_hash_value)
 
 

@@ -11,6 +11,8 @@ this repository's `scenarios/` package.
 from __future__ import annotations
 
 import os
+import re
+import sys
 from types import TracebackType
 
 #: the harness's own code (this package's parent: `scenarios/`)
@@ -28,6 +30,32 @@ def _innermost(tb: TracebackType | None) -> tuple[str, int, str] | None:
     return os.path.abspath(code.co_filename), last.tb_lineno, code.co_name
 
 
+#: "Cls.method() takes 4 positional arguments but 5 were given": a call into a harness
+#: override whose signature a release changed fails in the caller's frame, not in ours
+_CALL = re.compile(r"^([A-Za-z_][\w.]*)\(\) (?:takes|got|missing)")
+
+
+def _harness_callee(exc: BaseException) -> str | None:
+    """The harness function a TypeError's bad call was aimed at, if it is one of ours."""
+    m = _CALL.match(str(exc)) if isinstance(exc, TypeError) else None
+    if m is None:
+        return None
+    path = m.group(1).split(".")
+    for name, mod in list(sys.modules.items()):
+        if not name.startswith("scenarios.") or mod is None:
+            continue
+        obj: object = mod
+        for part in path:
+            obj = getattr(obj, part, None)
+            if obj is None:
+                break
+        code = getattr(obj, "__code__", None)
+        if code is not None and os.path.abspath(code.co_filename).startswith(HARNESS_DIR):
+            rel = os.path.relpath(code.co_filename, os.path.dirname(HARNESS_DIR.rstrip(os.sep)))
+            return f"{rel}:{code.co_firstlineno} in {m.group(1)} (called with another signature)"
+    return None
+
+
 def harness_origin(exc: BaseException) -> str | None:
     """`file:line in function` of harness code that raised `exc` (or an exception it came
     from), else None (SGLang, torch or the machine raised it)."""
@@ -35,6 +63,9 @@ def harness_origin(exc: BaseException) -> str | None:
     e: BaseException | None = exc
     while e is not None and id(e) not in seen:
         seen.add(id(e))
+        callee = _harness_callee(e)
+        if callee is not None:
+            return callee
         where = _innermost(e.__traceback__)
         if where is not None and where[0].startswith(HARNESS_DIR):
             path, line, fn = where

@@ -239,7 +239,10 @@ class Driver:
 
     def _insert_hooks(self, cache: Any, cc: Any) -> None:
         """Hooks every release shares: the prefetch insert, and the timeout on pacer ticks."""
-        orig_insert_host = cache._insert_helper_host
+        # where a finished prefetch's pages enter the tree (UnifiedRadixCache: its tree core)
+        owner, name = ((cache.tree_core, "insert_host") if adapters.is_unified(cache)
+                       else (cache, "_insert_helper_host"))
+        orig_insert_host = getattr(owner, name)
 
         def insert_helper_host(node: Any, key: Any, host_value: Any, hash_value: Any) -> Any:
             agreed = len(key)
@@ -248,7 +251,7 @@ class Driver:
                          (getattr(self, "_last_completed", -1),), (agreed,),
                          f"insert {agreed} tokens")
             return out
-        cache._insert_helper_host = insert_helper_host
+        setattr(owner, name, insert_helper_host)
         self._host_alloc_faults(cache, cc)
 
         if self.s.cache.prefetch_stop_policy == "timeout":
@@ -261,13 +264,17 @@ class Driver:
                 return op
             cc.prefetch = prefetch
             ticks = self.s.cache.prefetch_timeout_ticks
-            cache.is_prefetch_timeout = lambda op: self.pacer.now() - start.get(id(op), 0) > ticks
+            name = server_cache.alias(cache, "is_prefetch_timeout")
+            setattr(cache, name, lambda op: self.pacer.now() - start.get(id(op), 0) > ticks)
 
     def _host_alloc_faults(self, cache: Any, cc: Any) -> None:
         """A Schedule's "host_alloc" fault: this rank's n-th `write_backup` finds no host
         memory, in both of SGLang's attempts (before and after `evict_host`), as a host pool
         under pressure on this rank only; the reference counts the same calls."""
-        orig_backup, orig_write = cache.write_backup, cc.write
+        # one node's backup to host (UnifiedRadixCache: `_execute_kv_backup`, which evicts
+        # host memory and writes once)
+        backup_name = server_cache.alias(cache, "write_backup")
+        orig_backup, orig_write = getattr(cache, backup_name), cc.write
         calls, refusing = [0], [False]
 
         def write_backup(*a: Any, **k: Any) -> Any:
@@ -280,7 +287,7 @@ class Driver:
 
         def write(*a: Any, **k: Any) -> Any:
             return None if refusing[0] else orig_write(*a, **k)
-        cache.write_backup = write_backup
+        setattr(cache, backup_name, write_backup)
         cc.write = write
 
     # -- observation -----------------------------------------------------------------------
@@ -303,7 +310,7 @@ class Driver:
             for child in n.children.values():
                 key = tuple(adapters.token_ids(child.key))
                 full = prefix + key
-                rows.append((full, child.value is not None, child.host_value is not None))
+                rows.append((full, adapters.on_device(child), adapters.on_host(child)))
                 rows += walk(child, full)
             return rows
         rows = sorted(walk(self.cache.root_node, ()))
@@ -340,7 +347,7 @@ class Driver:
         hit = len(m.device_indices) + m.host_hit_length
         self.last_match[rid] = hit
         last = m.last_host_node
-        last_hash = adapters.last_hash(last)
+        last_hash = adapters.last_hash(last, cache)
         self._current_rid = rid
         adapters.prefetch_from_storage(cache, rid, last, tokens[hit:], last_hash)
         if rid in cache.ongoing_prefetch:
@@ -398,13 +405,13 @@ class Driver:
         host_hit = m.host_hit_length
         loaded = 0
         if host_hit:
-            adapters.init_load_back(cache, m, host_hit)
+            adapters.init_load_back(cache, m, host_hit, rid)
             cache.ready_to_load_host_cache()
             m2 = adapters.match(cache, tokens)
             loaded = len(m2.device_indices) - len(m.device_indices)
             m = m2
         prefix = m.device_indices
-        cache.inc_lock_ref(m.last_device_node)
+        receipt = adapters.lock(cache, m.last_device_node)
         try:
             need = aligned - len(prefix)
             new = self.alloc.alloc(need) if need else torch.empty(0, dtype=torch.int64)
@@ -422,7 +429,7 @@ class Driver:
             if done > len(prefix):
                 self.alloc.free(indices[len(prefix):done])
         finally:
-            cache.dec_lock_ref(m.last_device_node)
+            adapters.unlock(cache, m.last_device_node, receipt)
         self.outcomes.append(_outcome(rid, "done", len(prefix) - loaded, loaded, need, bad))
 
     # -- KV content: a pure function of the page's tokens and this rank's head shard ---------
@@ -472,8 +479,10 @@ class Driver:
 
     def snapshot(self) -> dict:
         cache = self.cache
-        dev_tokens = sum(len(n.value) for n in self._nodes() if n.value is not None)
-        host_tokens = sum(len(n.host_value) for n in self._nodes() if n.host_value is not None)
+        dev_tokens = sum(len(adapters.token_ids(n.key)) for n in self._nodes()
+                         if adapters.on_device(n))
+        host_tokens = sum(len(adapters.token_ids(n.key)) for n in self._nodes()
+                          if adapters.on_host(n))
         host = cache.cache_controller.mem_pool_host
         return {
             "tree_digest": self.digest(),

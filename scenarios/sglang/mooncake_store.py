@@ -70,20 +70,21 @@ class GatedMooncakeStore(MooncakeStore):
         if log is not None:
             log.append((call, list(keys), list(out)))
 
-    def _batch_exist(self, key_strs: list[str]) -> list[int]:
-        out = super()._batch_exist(key_strs)
+    def _batch_exist(self, key_strs: list[str], *more: Any, **kw: Any) -> list[int]:
+        out = super()._batch_exist(key_strs, *more, **kw)
         self._note("exist", key_strs, out)
         return out
 
     def _get_batch_zero_copy_impl(self, key_strs: list[str], buffer_ptrs: list[int],
-                                  buffer_sizes: list[int]) -> list[int]:
-        out = super()._get_batch_zero_copy_impl(key_strs, buffer_ptrs, buffer_sizes)
+                                  buffer_sizes: list[int], *more: Any, **kw: Any) -> list[int]:
+        out = super()._get_batch_zero_copy_impl(key_strs, buffer_ptrs, buffer_sizes, *more, **kw)
         self._note("get", key_strs, out)
         return out
 
     def _put_batch_zero_copy_impl(self, key_strs: list[str], buffer_ptrs: list[int],
-                                  buffer_sizes: list[int]) -> list[int]:
-        out = super()._put_batch_zero_copy_impl(key_strs, buffer_ptrs, buffer_sizes)
+                                  buffer_sizes: list[int], *more: Any, **kw: Any) -> list[int]:
+        # 0.5.20 passes more (a replicate config): whatever SGLang passes goes on unchanged
+        out = super()._put_batch_zero_copy_impl(key_strs, buffer_ptrs, buffer_sizes, *more, **kw)
         self._note("put", key_strs, out)
         return out
 

@@ -29,6 +29,12 @@ SEAMS = ("writing_check", "loading_check", "drain_storage_control_queues",
 HIT_QUEUE_SEAMS = ("_revoke_pending_prefetch", "_handle_prefetch_result")
 #: the timeout stop policy's clock
 TIMEOUT_SEAMS = ("is_prefetch_timeout",)
+#: a seam's name in UnifiedRadixCache where it differs (read from the 0.5.20 / 0.5.23 wheels)
+UNIFIED_NAMES = {"can_terminate_prefetch": "_can_terminate_prefetch",
+                 "write_backup": "_execute_kv_backup",
+                 "_revoke_pending_prefetch": "revoke_pending_prefetch",
+                 "is_prefetch_timeout": "_prefetch_timeout_check_linear_func",
+                 "_insert_helper_host": "tree_core.insert_host"}
 #: `cache_class` value: whatever the release's server builds
 SERVER = "server"
 
@@ -79,10 +85,28 @@ def build(params: Any, server_args: Any, *, tp_group: Any, tp_rank: int, tp_size
     return _factory()(TreeCacheBuildContext(**{k: v for k, v in kw.items() if k in names}))
 
 
+def alias(cache: Any, name: str) -> str:
+    """The name of seam `name` on this cache (UnifiedRadixCache renamed some)."""
+    if hasattr(cache, name) or not hasattr(cache, "tree_core"):
+        return name
+    return UNIFIED_NAMES.get(name, name)
+
+
+def _has(cache: Any, dotted: str) -> bool:
+    obj = cache
+    for part in dotted.split("."):
+        if not hasattr(obj, part):
+            return False
+        obj = getattr(obj, part)
+    return True
+
+
 def missing_seams(cache: Any, *, hit_queue: bool, timeout_policy: bool) -> list[str]:
     need = SEAMS + (HIT_QUEUE_SEAMS if hit_queue else ()) + (TIMEOUT_SEAMS if timeout_policy
                                                              else ())
-    return [n for n in need if not hasattr(cache, n)]
+    if hasattr(cache, "tree_core") and not hit_queue:  # the revoke-queue hooks: HiRadixCache
+        return ["prefetch_hit_queue (UnifiedRadixCache with a revoke-queue controller)"]
+    return [alias(cache, n) for n in need if not _has(cache, alias(cache, n))]
 
 
 def check_seams(cache: Any, version: str, *, hit_queue: bool, timeout_policy: bool) -> None:
