@@ -174,3 +174,19 @@ def test_a_call_into_a_harness_override_with_a_changed_signature_is_the_harness(
     with pytest.raises(TypeError) as theirs:
         outside()  # type: ignore[call-arg]
     assert blame.harness_origin(theirs.value) is None
+
+
+def test_sglang_reading_a_field_a_harness_stand_in_lacks_is_the_harness() -> None:
+    """0.5.20's load-back read `req.kv` of the driver's request stand-in: an AttributeError
+    raised in SGLang's frame, about an object of ours (it read as DIVERGE [error])."""
+    from scenarios.sglang.adapters import RequestStandIn
+
+    def sglang_reads(req: object) -> object:  # stands in for SGLang's code (not in scenarios/)
+        return req.kv  # type: ignore[attr-defined]
+    with pytest.raises(AttributeError) as ours:
+        sglang_reads(RequestStandIn(rid="r"))
+    at = blame.harness_origin(ours.value)
+    assert at is not None and "RequestStandIn" in at and "'kv'" in at, at
+    with pytest.raises(AttributeError) as theirs:
+        sglang_reads(SimpleNamespace(rid="r"))  # not one of ours: SGLang's own bug
+    assert blame.harness_origin(theirs.value) is None

@@ -134,6 +134,12 @@ def evict(cache: Any, n: int) -> None:
         cache.evict(n)
 
 
+class RequestStandIn(SimpleNamespace):
+    """What UnifiedRadixCache reads of a scheduler `Req` (a plain MHA request, no SWA, no
+    Mamba state). Ours: a field a release reads that this lacks is the harness's fault
+    (blame.py), not SGLang's."""
+
+
 def is_unified(cache: Any) -> bool:
     """UnifiedRadixCache (what 0.5.19+ servers build): a tree core addressed by node ids."""
     return hasattr(cache, "tree_core")
@@ -144,8 +150,9 @@ def init_load_back(cache: Any, m: Any, host_hit_length: int, rid: str = "") -> A
     UnifiedRadixCache reads the request: its id and the device node its match ended on."""
     last_host_node = m.last_host_node
     if _takes_params(cache.init_load_back):
-        req = (SimpleNamespace(rid=rid, last_node=m.last_device_node, swa_host_hit_length=0,
-                               mamba_host_hit_length=0) if is_unified(cache) else None)
+        req = (RequestStandIn(rid=rid, last_node=m.last_device_node, swa_host_hit_length=0,
+                              mamba_host_hit_length=0, kv=RequestStandIn(mamba_pool_idx=None))
+               if is_unified(cache) else None)
         return cache.init_load_back(_params(
             "InitLoadBackParams", last_host_node=last_host_node,
             best_match_node=getattr(m, "best_match_node", last_host_node),

@@ -56,6 +56,15 @@ def _harness_callee(exc: BaseException) -> str | None:
     return None
 
 
+def _harness_object(exc: BaseException) -> str | None:
+    """SGLang read an attribute that a harness stand-in (a class of ours) does not have."""
+    obj = getattr(exc, "obj", None) if isinstance(exc, AttributeError) else None
+    cls = type(obj)
+    if obj is None or not cls.__module__.startswith("scenarios."):
+        return None
+    return f"{cls.__module__}.{cls.__qualname__} (a harness stand-in) lacks '{exc.name}'"
+
+
 def harness_origin(exc: BaseException) -> str | None:
     """`file:line in function` of harness code that raised `exc` (or an exception it came
     from), else None (SGLang, torch or the machine raised it)."""
@@ -63,7 +72,7 @@ def harness_origin(exc: BaseException) -> str | None:
     e: BaseException | None = exc
     while e is not None and id(e) not in seen:
         seen.add(id(e))
-        callee = _harness_callee(e)
+        callee = _harness_callee(e) or _harness_object(e)
         if callee is not None:
             return callee
         where = _innermost(e.__traceback__)
