@@ -118,13 +118,21 @@ def match(cache: Any, tokens: list[int]) -> Any:
     return cache.match_prefix(key)
 
 
-def insert(cache: Any, tokens: list[int], value: Any) -> int:
+def insert(cache: Any, tokens: list[int], value: Any, prefix_len: int = 0) -> int:
+    """UnifiedRadixCache frees the request's slots of tokens the tree already holds past
+    `prev_prefix_len` itself (the scheduler passes the request's matched prefix); earlier
+    caches leave that to the caller (`frees_duplicates`)."""
     key = radix_key(tokens)
     if _takes_params(cache.insert):
-        out = cache.insert(_params("InsertParams", key=key, value=value))
+        extra = {"prev_prefix_len": prefix_len} if is_unified(cache) else {}
+        out = cache.insert(_params("InsertParams", key=key, value=value, **extra))
     else:
         out = cache.insert(key, value)
     return int(getattr(out, "prefix_len", out))
+
+
+def frees_duplicates(cache: Any) -> bool:
+    return is_unified(cache)
 
 
 def evict(cache: Any, n: int) -> None:
@@ -214,6 +222,12 @@ def prefetch_from_storage(cache: Any, rid: str, last_host_node: Any, tokens: lis
                   last_host_node=last_host_node, last_host_node_id=last_host_node,
                   new_input_tokens=tokens,
                   last_hash=last_hash_value)
+
+
+def prefetching(cache: Any, rid: str) -> bool:
+    """Whether the request has a prefetch in flight (UnifiedRadixCache keys by the handle)."""
+    return rid in cache.ongoing_prefetch or (
+        _rid_arg(cache.check_prefetch_progress, rid) in cache.ongoing_prefetch)
 
 
 def check_prefetch_progress(cache: Any, rid: str) -> bool:

@@ -350,7 +350,7 @@ class Driver:
         last_hash = adapters.last_hash(last, cache)
         self._current_rid = rid
         adapters.prefetch_from_storage(cache, rid, last, tokens[hit:], last_hash)
-        if rid in cache.ongoing_prefetch:
+        if adapters.prefetching(cache, rid):
             # every rank waits here for its hit query (it all-reduces), as the reference does
             self.gates.settle("query")
             return True
@@ -424,9 +424,9 @@ class Driver:
             indices = torch.cat([prefix.to(torch.int64), new.to(torch.int64)])
             self._fill(tokens, indices, len(prefix))
             bad = self._verify(tokens, indices)
-            done = adapters.insert(cache, tokens, indices)
+            done = adapters.insert(cache, tokens, indices, len(prefix))
             # SGLang frees the slots of tokens another request cached meanwhile
-            if done > len(prefix):
+            if done > len(prefix) and not adapters.frees_duplicates(cache):
                 self.alloc.free(indices[len(prefix):done])
         finally:
             adapters.unlock(cache, m.last_device_node, receipt)
