@@ -33,11 +33,12 @@ def cache_init_params(**kwargs: Any) -> Any:
     return CacheInitParams(**{k: v for k, v in kwargs.items() if k in names})
 
 
-def server_args(model_dir: str, *, dp_attention: bool, tp: int, **hicache: Any) -> Any:
+def server_args(model_dir: str, *, dp_attention: bool, tp: int, cp: int = 1,
+                rank: int | None = None, **hicache: Any) -> Any:
     from sglang.srt.server_args import ServerArgs
 
     kw = {"model_path": model_dir, "skip_tokenizer_init": True, "device": "cpu",
-          "enable_hierarchical_cache": True, "tp_size": tp, **hicache}
+          "enable_hierarchical_cache": True, "tp_size": tp, "attn_cp_size": cp, **hicache}
     # a dataclass up to 0.5.19, a plain class with a keyword constructor in 0.5.20
     args = call_filtered(ServerArgs, **kw)
     try:
@@ -51,10 +52,26 @@ def server_args(model_dir: str, *, dp_attention: bool, tp: int, **hicache: Any) 
         from sglang.srt import runtime_context
 
         if hasattr(runtime_context, "publish"):
-            call_filtered(runtime_context.publish, args=args, server_args=args, role="scheduler")
+            # 0.5.21+: with this process's place in the topology (the parallel namespace)
+            ranks = (call_filtered(runtime_context.SpawnRanks, world_rank=rank)
+                     if rank is not None and hasattr(runtime_context, "SpawnRanks") else None)
+            call_filtered(runtime_context.publish, args=args, server_args=args, role="scheduler",
+                          ranks=ranks)
     except ImportError:
         pass
     return args
+
+
+def publish_topology(model_dir: str, *, rank: int, tp: int, cp: int,
+                     dp_attention: bool) -> None:
+    """0.5.21+ read the parallel widths from the published `parallel` config namespace (not
+    from `initialize_model_parallel`'s arguments): publish them, with this process's place,
+    before the parallel state is built. Earlier releases take them as arguments."""
+    import sglang.srt.distributed.parallel_state as ps
+
+    if "tensor_model_parallel_size" in inspect.signature(ps.initialize_model_parallel).parameters:
+        return
+    server_args(model_dir, dp_attention=dp_attention, tp=tp, cp=cp, rank=rank)
 
 
 def set_dp_attention(enabled: bool) -> None:

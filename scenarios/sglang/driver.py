@@ -101,7 +101,7 @@ class Driver:
             hicache_storage_backend_extra_config=json.dumps(store["extra"]),
             hicache_storage_prefetch_policy=c.prefetch_stop_policy,
             hicache_write_policy=c.write_policy, dp_attention=dp_attention,
-            tp=self.s.layout_obj.world_size)
+            tp=self.s.layout_obj.world_size, cp=lay.cp, rank=self.run.rank)
         adapters.set_dp_attention(dp_attention)  # after publishing the server args
         import sglang.srt.distributed.parallel_state as pstate
 

@@ -228,6 +228,20 @@ def setup_worker(ctx: Any, version: str, dp_attention: bool, timeout_s: float) -
                 run.gates.cond.notify_all()
     threading.excepthook = thread_died
     lay = ctx.layout
+    # one path on every rank, as a server's ranks share their model path: SGLang names storage
+    # keys after it from 0.5.17 (Mooncake's config prefix holds the model name)
+    model_dir = os.path.join(tempfile.gettempdir(), f"cpcheck-sgl-model-{os.getuid()}")
+    os.makedirs(model_dir, exist_ok=True)
+    part = os.path.join(model_dir, f".config.{ctx.rank}.json")
+    with open(part, "w") as f:
+        json.dump({"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+                   "hidden_size": HEADS * HEAD_DIM, "num_attention_heads": HEADS,
+                   "num_key_value_heads": HEADS, "num_hidden_layers": LAYERS,
+                   "intermediate_size": 16, "vocab_size": 2_000_000,
+                   "max_position_embeddings": 4096, "torch_dtype": "float32"}, f)
+    os.replace(part, os.path.join(model_dir, "config.json"))  # the same bytes from every rank
+    adapters.publish_topology(model_dir, rank=ctx.rank, tp=lay.tp * lay.cp, cp=lay.cp,
+                              dp_attention=dp_attention)
     ps.init_distributed_environment(world_size=ctx.world_size, rank=ctx.rank,
                                     local_rank=ctx.rank, backend="gloo",
                                     distributed_init_method="env://")
@@ -241,18 +255,6 @@ def setup_worker(ctx: Any, version: str, dp_attention: bool, timeout_s: float) -
             _GROUP_NAMES[id(g)] = f"{tag}{list(dist.get_process_group_ranks(g))}"
     harness = dist.new_group(list(range(ctx.world_size)), backend="gloo")
     _HARNESS.add(id(harness))
-    # one path on every rank, as a server's ranks share their model path: SGLang names storage
-    # keys after it from 0.5.17 (Mooncake's config prefix holds the model name)
-    model_dir = os.path.join(tempfile.gettempdir(), f"cpcheck-sgl-model-{os.getuid()}")
-    os.makedirs(model_dir, exist_ok=True)
-    part = os.path.join(model_dir, f".config.{ctx.rank}.json")
-    with open(part, "w") as f:
-        json.dump({"architectures": ["LlamaForCausalLM"], "model_type": "llama",
-                   "hidden_size": HEADS * HEAD_DIM, "num_attention_heads": HEADS,
-                   "num_key_value_heads": HEADS, "num_hidden_layers": LAYERS,
-                   "intermediate_size": 16, "vocab_size": 2_000_000,
-                   "max_position_embeddings": 4096, "torch_dtype": "float32"}, f)
-    os.replace(part, os.path.join(model_dir, "config.json"))  # the same bytes from every rank
     st = ctx.state["sglang"] = {
         "cc_mod": cc_mod, "tp": tp, "attn_tp": attn_tp, "attn_cp": attn_cp,
         "harness": harness, "model_dir": model_dir, "version": version,

@@ -87,17 +87,28 @@ def build(params: Any, server_args: Any, *, tp_group: Any, tp_rank: int, tp_size
 
 def alias(cache: Any, name: str) -> str:
     """The name of seam `name` on this cache (UnifiedRadixCache renamed some)."""
-    if hasattr(cache, name) or not hasattr(cache, "tree_core"):
+    if _has_attr(cache, name) or not hasattr(cache, "tree_core"):
         return name
     return UNIFIED_NAMES.get(name, name)
 
 
 def _has(cache: Any, dotted: str) -> bool:
+    """Present and readable: 0.5.23's Rust tree core raises NotImplementedError from
+    `root_node` ("not yet ported to the Rust tree core"), which is a missing seam too."""
     obj = cache
     for part in dotted.split("."):
-        if not hasattr(obj, part):
+        try:
+            obj = getattr(obj, part)
+        except (AttributeError, NotImplementedError):
             return False
-        obj = getattr(obj, part)
+    return True
+
+
+def _has_attr(obj: Any, name: str) -> bool:
+    try:
+        getattr(obj, name)
+    except (AttributeError, NotImplementedError):
+        return False
     return True
 
 
