@@ -12,10 +12,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from scenarios.catalog import load_scenario
-from scenarios.contract import CannotJudge
-from scenarios.records import ErrorKind, RankError, RankResult
-from scenarios.sglang import blame, envs, server_cache
+from scenarios.generate.catalog import load_scenario
+from scenarios.core.errors import CannotJudge, ErrorKind, MissingSeam
+from scenarios.core.records import RankError, RankResult
+from scenarios.sut.sglang import blame, envs, server_cache
 from tests.sglang_envs import need
 
 NEWEST = "0.5.23"  # the newest release on the index when this was written (2026-12-07)
@@ -31,10 +31,10 @@ def _sglang_like() -> None:
 
 
 def test_harness_origin_names_harness_code_only() -> None:
-    with pytest.raises(server_cache.MissingSeam) as harness:
+    with pytest.raises(MissingSeam) as harness:
         _raise_in_harness()
     at = blame.harness_origin(harness.value)
-    assert at is not None and at.startswith("scenarios/sglang/server_cache.py:") \
+    assert at is not None and at.startswith("scenarios/sut/sglang/server_cache.py:") \
         and at.endswith("in check_seams"), at
     with pytest.raises(AttributeError) as other:
         _sglang_like()
@@ -54,12 +54,12 @@ def test_a_planted_harness_exception_is_unknown_not_a_divergence() -> None:
     GatedMooncakeStore's `extra_backend_tag` read on 0.5.17+ was, is an infrastructure error
     (verdict unknown, 125); the same exception raised outside the harness stays a failure of
     the system under test (a divergence [error]). Fails without blame.py: both were FAILED."""
-    from scenarios.judge import infrastructure
-    from scenarios.sglang import rank
-    from scenarios.sglang.executor import verdict_of
+    from scenarios.judge.judging import infrastructure
+    from scenarios.sut.sglang import rank
+    from scenarios.sut.sglang.executor import verdict_of
 
     def planted() -> None:  # a plain bug in a harness seam: TypeError in adapters.py
-        from scenarios.sglang import adapters
+        from scenarios.sut.sglang import adapters
 
         adapters.token_ids(None)
 
@@ -74,7 +74,7 @@ def test_a_planted_harness_exception_is_unknown_not_a_divergence() -> None:
         v = verdict_of(s, results, True)
         if harness:
             assert infrastructure(results) and v.status == "unknown" and v.exit_code == 125
-            assert ("harness error (not SGLang's) raised at scenarios/sglang/adapters.py"
+            assert ("harness error (not SGLang's) raised at scenarios/sut/sglang/adapters.py"
                     if fn is planted else "driving this SGLang release") in v.diagnosis, \
                 v.diagnosis
         else:
@@ -106,7 +106,7 @@ def test_missing_seams_are_named_with_the_class() -> None:
     missing = server_cache.missing_seams(cache, hit_queue=True, timeout_policy=True)
     assert "writing_check" not in missing and "_insert_helper_host" in missing
     assert "_revoke_pending_prefetch" in missing and "is_prefetch_timeout" in missing
-    with pytest.raises(server_cache.MissingSeam, match="builds UnifiedRadixCache, which lacks "
+    with pytest.raises(MissingSeam, match="builds UnifiedRadixCache, which lacks "
                        r"the seam\(s\) .*can_terminate_prefetch") as e:
         server_cache.check_seams(cache, "0.5.20", hit_queue=False, timeout_policy=False)
     assert e.value.exit_code == 125
@@ -124,7 +124,7 @@ def test_newest_release_is_the_last_on_the_index(monkeypatch) -> None:
 def _run(version: str, layout: str, capsys, **extra: str) -> dict:
     import json
 
-    from scenarios.cli import main
+    from scenarios.cli.main import main
 
     rc = main(["run", "write_acks", "--sut", f"sglang=={version}", "--layout", layout,
                "--json", *[a for k, v in extra.items() for a in (f"--{k}", v)]])
@@ -177,12 +177,12 @@ def test_a_call_into_a_harness_override_with_a_changed_signature_is_the_harness(
     """0.5.20's controller calls `_put_batch_zero_copy_impl` with one more argument than our
     override took: the TypeError is raised in SGLang's frame, yet the fault is the harness's
     (it read as DIVERGE [error] before). A bad call aimed at SGLang's own code is not."""
-    from scenarios.sglang import adapters
+    from scenarios.sut.sglang import adapters
 
     with pytest.raises(TypeError) as ours:
         adapters.evict(object())  # type: ignore[call-arg]  (the call fails in this frame)
     at = blame.harness_origin(ours.value)
-    assert at is not None and at.startswith("scenarios/sglang/adapters.py:") and "evict" in at
+    assert at is not None and at.startswith("scenarios/sut/sglang/adapters.py:") and "evict" in at
 
     def outside(a: int) -> None:
         pass
@@ -194,7 +194,7 @@ def test_a_call_into_a_harness_override_with_a_changed_signature_is_the_harness(
 def test_sglang_reading_a_field_a_harness_stand_in_lacks_is_the_harness() -> None:
     """0.5.20's load-back read `req.kv` of the driver's request stand-in: an AttributeError
     raised in SGLang's frame, about an object of ours (it read as DIVERGE [error])."""
-    from scenarios.sglang.adapters import RequestStandIn
+    from scenarios.sut.sglang.adapters import RequestStandIn
 
     def sglang_reads(req: object) -> object:  # stands in for SGLang's code (not in scenarios/)
         return req.kv  # type: ignore[attr-defined]

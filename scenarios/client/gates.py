@@ -1,0 +1,173 @@
+"""GatedPacer: the harness side of reference/pacing.py, driven by a Schedule's choices.
+
+IO threads stop at a gate before each unit of work; at each decision point the scheduler thread
+consumes one choice, opens the gates of that stream far enough and waits until exactly that many
+units are done. Every local value a decision reads is then a function of the Schedule.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import defaultdict
+
+from scenarios.core.errors import GateTimeout
+
+
+class GatedPacer:
+    def __init__(self, rank: int, choices: list[int], faults: list[tuple[str, int]],
+                 clock_skew: int = 0, wait_timeout_s: float = 20.0) -> None:
+        self.rank = rank
+        self._choices = list(choices)
+        self._next = 0
+        self._faults = {(c, int(s)) for c, s in faults}
+        self._skew = clock_skew
+        self._ticks = 0
+        self._timeout = wait_timeout_s
+        self._cond = threading.Condition()
+        self._opened: dict[str, int] = defaultdict(int)
+        self._done: dict[str, int] = defaultdict(int)
+        self._released = False
+        self.drain = False
+        self.waiting_on: dict[str, str] = {}
+        #: what this rank actually chose at each point, for reports
+        self.trace: list[tuple[str, str, int, int]] = []
+
+    # -- IO thread side ------------------------------------------------------------------
+    def before(self, stream: str, seq: int) -> None:
+        name = threading.current_thread().name
+        deadline = time.monotonic() + self._timeout
+        with self._cond:
+            self.waiting_on[name] = f"gate {stream}#{seq}"
+            while seq >= self._opened[stream] and not self._released:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise GateTimeout(f"rank {self.rank}: {name} held at gate {stream}#{seq} "
+                                      f"for {self._timeout:.0f} s")
+                self._cond.wait(left)
+            self.waiting_on.pop(name, None)
+
+    def after(self, stream: str, seq: int) -> None:
+        with self._cond:
+            self._done[stream] = max(self._done[stream], seq + 1)
+            self._cond.notify_all()
+
+    def fail(self, call: str, seq: int) -> bool:
+        return (call, seq) in self._faults
+
+    def now(self) -> float:
+        return float(self._ticks + self._skew)
+
+    # -- scheduler side ------------------------------------------------------------------
+    def _choice(self) -> int | None:
+        if self.drain or self._next >= len(self._choices):
+            return None
+        c = self._choices[self._next]
+        self._next += 1
+        return c
+
+    def at(self, point: str, stream: str, issued: int) -> int:
+        self._ticks += 1
+        with self._cond:
+            done = self._done[stream]
+        pending = max(issued - done, 0)
+        c = self._choice()
+        target = done + (pending if c is None else c % (pending + 1))
+        self.trace.append((point, stream, issued, target))
+        self._open_and_wait(stream, target)
+        return target
+
+    def need(self, stream: str, seq: int) -> None:
+        self._open_and_wait(stream, seq + 1)
+
+    def _open_and_wait(self, stream: str, target: int) -> None:
+        deadline = time.monotonic() + self._timeout
+        with self._cond:
+            self._opened[stream] = max(self._opened[stream], target)
+            self._cond.notify_all()
+            while self._done[stream] < target and not self._released:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise GateTimeout(
+                        f"rank {self.rank}: scheduler waited {self._timeout:.0f} s for "
+                        f"{stream} to reach {target} (done {self._done[stream]}); IO threads: "
+                        f"{self.waiting_on or 'none at a gate'}"
+                    )
+                self._cond.wait(left)
+
+    def release_all(self) -> None:
+        with self._cond:
+            self._released = True
+            self._cond.notify_all()
+
+
+class RecordingPacer:
+    """Free-running (no gates) but records what each decision point saw, as Schedule choices.
+
+    A choice in a Schedule is how many more units of a stream finished since the last point
+    that opened that stream; here that is read off the real threads. Faults injected by a
+    nemesis go through `fail` and are recorded as they fire.
+    """
+
+    def __init__(self, rank: int, nemesis=None, wait_timeout_s: float = 20.0) -> None:  # noqa: ANN001
+        self.rank = rank
+        self._timeout = wait_timeout_s
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._released = False
+        self._done: dict[str, int] = defaultdict(int)
+        self._seen: dict[str, int] = defaultdict(int)
+        self.choices: list[int] = []
+        self.faults: list[tuple[str, int]] = []
+        self.nemesis = nemesis
+        self.drain = False
+        self.waiting_on: dict[str, str] = {}
+
+    def before(self, stream: str, seq: int) -> None:
+        if self.nemesis is not None:
+            self.nemesis.io_delay(self.rank, stream)
+
+    def after(self, stream: str, seq: int) -> None:
+        with self._cond:
+            self._done[stream] = max(self._done[stream], seq + 1)
+            self._cond.notify_all()
+
+    def fail(self, call: str, seq: int) -> bool:
+        if self.nemesis is not None and self.nemesis.storage_fails(self.rank, call):
+            self.faults.append((call, seq))
+            return True
+        return False
+
+    def now(self) -> float:
+        return time.monotonic()
+
+    def at(self, point: str, stream: str, issued: int) -> int:
+        """Record how many units finished, and bound the decision's read to them: an IO
+        thread marks its ack done before `after`, so a unit finishing during the read would
+        otherwise be seen by the scheduler but missing from the choice (a replay then
+        disagrees with the run it replays)."""
+        with self._lock:
+            # a point opens no unit past those it issued (a replay's choice wraps modulo the
+            # units pending, so counting a later op's finished batches would open fewer)
+            # units < seen were opened (and waited for) by an earlier point, as in a replay
+            done = max(min(self._done[stream], issued), self._seen[stream])
+            self.choices.append(done - self._seen[stream])
+            self._seen[stream] = done
+        return done
+
+    def need(self, stream: str, seq: int) -> None:
+        """Wait, as a gated replay does, for unit `seq`: the threads run free meanwhile, but
+        the scheduler reads nothing before it, so the recorded choices replay faithfully."""
+        deadline = time.monotonic() + self._timeout
+        with self._cond:
+            while self._done[stream] <= seq and not self._released:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break  # the reference's own timeout names what is missing
+                self._cond.wait(min(left, 0.5))
+            self._seen[stream] = max(self._seen[stream], seq + 1)
+
+    def release_all(self) -> None:
+        with self._cond:
+            self._released = True
+            self._cond.notify_all()
