@@ -12,9 +12,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from scenarios.generate.catalog import load_scenario
 from scenarios.core.errors import CannotJudge, ErrorKind, MissingSeam
 from scenarios.core.records import RankError, RankResult
+from scenarios.generate.catalog import load_scenario
 from scenarios.sut.sglang import blame, envs, server_cache
 from tests.sglang_envs import need
 
