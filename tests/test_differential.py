@@ -5,13 +5,25 @@ reference stops modelling SGLang; these tests pin that place, so a profile that 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from types import SimpleNamespace
 
 import pytest
 
 from scenarios.campaigns.differential import differential, first_difference
 from scenarios.generate.catalog import load_scenario
+from scenarios.sut.sglang.executor import CACHE_CLASS_ENV
 from tests.sglang_envs import need
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _hiradix_cache() -> Iterator[None]:
+    """These tests pin down 0.5.20's HiRadixCache (the hit-queue pipeline as 0.5.16 .. 0.5.18
+    servers build it): 0.5.20's own server builds UnifiedRadixCache, which the SGLang SUT
+    drives by default (server_cache.py; tests/test_sglang_today.py)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(CACHE_CLASS_ENV, "HiRadixCache")
+        yield
 
 
 def _result(rank: int, rows: list[tuple[str, str, str]]) -> SimpleNamespace:

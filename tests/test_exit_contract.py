@@ -214,10 +214,10 @@ def test_json_verdicts(tmp_path: Path, capsys) -> None:
     assert d["status"] == "unknown" and d["exit_code"] == 125 and "unreachable" in d["diagnosis"]
     assert main(["replay", str(tmp_path / "missing.json"), "--json"]) == 2
     assert _one_json(capsys)["status"] == "usage"
-    # the SGLang SUT's commands too (no env needed: 0.5.21 is refused before any build)
-    assert main(["run", "write_acks", "--sut", "sglang==0.5.21", "--json"]) == 125
+    # the SGLang SUT's commands too (no env needed: 0.5.8 is refused before any build)
+    assert main(["run", "write_acks", "--sut", "sglang==0.5.8", "--json"]) == 125
     d = _one_json(capsys)
-    assert d["status"] == "unknown" and "no HiRadixCache" in d["diagnosis"]
+    assert d["status"] == "unknown" and "older than 0.5.9" in d["diagnosis"]
     corpus = next((REPO / "scenarios" / "corpus" / "sglang").glob("*.json"))
     assert main(["replay", str(corpus), "--sut", "sglang==9.9", "--json"]) == 2  # no such SUT
     assert _one_json(capsys)["status"] == "usage"

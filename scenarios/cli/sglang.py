@@ -75,20 +75,22 @@ def cmd_bisect_releases(args: argparse.Namespace) -> int:
 
 @contract
 def cmd_envs(args: argparse.Namespace) -> int:
-    return envs.main(args.release)
+    return envs.main(args.release + (["--newest"] if args.newest else []))
 
 
 def add_subcommands(sub: Any, common: Callable[[argparse.ArgumentParser], None],
                     **sub_kw: Any) -> None:
     """The SGLang subcommands, with the same help conventions (`sub_kw`) as the others."""
-    b = sub.add_parser("bisect-releases", help="replay FILE on each SGLang release 0.5.9 .. "
-                       "0.5.20 and name the first whose verdict changes", **sub_kw)
+    b = sub.add_parser("bisect-releases", help="replay FILE on each SGLang release from "
+                       "0.5.9 on and name the first whose verdict changes", **sub_kw)
     b.add_argument("file")
     b.add_argument("--release", action="append", help="repeatable (default: every release)")
     common(b)
     e = sub.add_parser("sglang-envs", help="build and cache the per-release environments",
                        **sub_kw)
     e.add_argument("release", nargs="*")
+    e.add_argument("--newest", action="store_true",
+                   help="the newest release on the package index (pip index versions sglang)")
     d = sub.add_parser("diff", help="one Schedule on the reference profile of a release and "
                        "on that release: the first scheduler decision where they differ",
                        **sub_kw)

@@ -119,6 +119,12 @@ class EnvBuildError(CannotJudge):
     """An SGLang release environment that cannot be built here; the message names the package."""
 
 
+class MissingSeam(CannotJudge):
+    """The cache a release's server builds lacks a method or attribute the SGLang driver needs
+    to pace and observe it: 125, naming the class and the seams (scenarios/sut/sglang/
+    server_cache.py)."""
+
+
 class MooncakeMasterError(CannotJudge):
     """The master could not be started, or an existing one cannot be reached (one line)."""
 
@@ -156,6 +162,16 @@ class RankJobError(RankPoolError):
     @property
     def ranks(self) -> list[int]:
         return sorted(self.failures)
+
+
+class SglangSetupFailed(RankPoolError):
+    """The pool's workers could not set an SGLang release up (an API the adapters do not know
+    yet): a pool error for the callers that skip broken pools, a 125 naming each rank's reason."""
+
+    def __init__(self, version: str, e: Exception) -> None:
+        reasons = sorted({str(m) for m, _tb in getattr(e, "failures", {}).values()})
+        super().__init__(f"sglang {version}: the harness could not set up its workers: "
+                         f"{'; '.join(reasons) or e}")
 
 
 class RankTimeoutError(RankPoolError):

@@ -35,11 +35,12 @@ def cache_init_params(**kwargs: Any) -> Any:
     return CacheInitParams(**{k: v for k, v in kwargs.items() if k in names})
 
 
-def server_args(model_dir: str, *, dp_attention: bool, tp: int, **hicache: Any) -> Any:
+def server_args(model_dir: str, *, dp_attention: bool, tp: int, cp: int = 1,
+                rank: int | None = None, **hicache: Any) -> Any:
     from sglang.srt.server_args import ServerArgs
 
     kw = {"model_path": model_dir, "skip_tokenizer_init": True, "device": "cpu",
-          "enable_hierarchical_cache": True, "tp_size": tp, **hicache}
+          "enable_hierarchical_cache": True, "tp_size": tp, "attn_cp_size": cp, **hicache}
     # a dataclass up to 0.5.19, a plain class with a keyword constructor in 0.5.20
     args = call_filtered(ServerArgs, **kw)
     try:
@@ -53,10 +54,26 @@ def server_args(model_dir: str, *, dp_attention: bool, tp: int, **hicache: Any) 
         from sglang.srt import runtime_context
 
         if hasattr(runtime_context, "publish"):
-            call_filtered(runtime_context.publish, args=args, server_args=args, role="scheduler")
+            # 0.5.21+: with this process's place in the topology (the parallel namespace)
+            ranks = (call_filtered(runtime_context.SpawnRanks, world_rank=rank)
+                     if rank is not None and hasattr(runtime_context, "SpawnRanks") else None)
+            call_filtered(runtime_context.publish, args=args, server_args=args, role="scheduler",
+                          ranks=ranks)
     except ImportError:
         pass
     return args
+
+
+def publish_topology(model_dir: str, *, rank: int, tp: int, cp: int,
+                     dp_attention: bool) -> None:
+    """0.5.21+ read the parallel widths from the published `parallel` config namespace (not
+    from `initialize_model_parallel`'s arguments): publish them, with this process's place,
+    before the parallel state is built. Earlier releases take them as arguments."""
+    import sglang.srt.distributed.parallel_state as ps
+
+    if "tensor_model_parallel_size" in inspect.signature(ps.initialize_model_parallel).parameters:
+        return
+    server_args(model_dir, dp_attention=dp_attention, tp=tp, cp=cp, rank=rank)
 
 
 def set_dp_attention(enabled: bool) -> None:
@@ -120,13 +137,21 @@ def match(cache: Any, tokens: list[int]) -> Any:
     return cache.match_prefix(key)
 
 
-def insert(cache: Any, tokens: list[int], value: Any) -> int:
+def insert(cache: Any, tokens: list[int], value: Any, prefix_len: int = 0) -> int:
+    """UnifiedRadixCache frees the request's slots of tokens the tree already holds past
+    `prev_prefix_len` itself (the scheduler passes the request's matched prefix); earlier
+    caches leave that to the caller (`frees_duplicates`)."""
     key = radix_key(tokens)
     if _takes_params(cache.insert):
-        out = cache.insert(_params("InsertParams", key=key, value=value))
+        extra = {"prev_prefix_len": prefix_len} if is_unified(cache) else {}
+        out = cache.insert(_params("InsertParams", key=key, value=value, **extra))
     else:
         out = cache.insert(key, value)
     return int(getattr(out, "prefix_len", out))
+
+
+def frees_duplicates(cache: Any) -> bool:
+    return is_unified(cache)
 
 
 def evict(cache: Any, n: int) -> None:
@@ -136,19 +161,58 @@ def evict(cache: Any, n: int) -> None:
         cache.evict(n)
 
 
-def init_load_back(cache: Any, m: Any, host_hit_length: int) -> Any:
-    """`m` is the match result: 0.5.13 loads back from its `best_match_node`."""
+class RequestStandIn(SimpleNamespace):
+    """What UnifiedRadixCache reads of a scheduler `Req` (a plain MHA request, no SWA, no
+    Mamba state). Ours: a field a release reads that this lacks is the harness's fault
+    (blame.py), not SGLang's."""
+
+
+def is_unified(cache: Any) -> bool:
+    """UnifiedRadixCache (what 0.5.19+ servers build): a tree core addressed by node ids."""
+    return hasattr(cache, "tree_core")
+
+
+def init_load_back(cache: Any, m: Any, host_hit_length: int, rid: str = "") -> Any:
+    """`m` is the match result: 0.5.13 loads back from its `best_match_node`.
+    UnifiedRadixCache reads the request: its id and the device node its match ended on."""
     last_host_node = m.last_host_node
     if _takes_params(cache.init_load_back):
+        req = (RequestStandIn(rid=rid, last_node=m.last_device_node, swa_host_hit_length=0,
+                              mamba_host_hit_length=0, kv=RequestStandIn(mamba_pool_idx=None))
+               if is_unified(cache) else None)
         return cache.init_load_back(_params(
             "InitLoadBackParams", last_host_node=last_host_node,
             best_match_node=getattr(m, "best_match_node", last_host_node),
-            host_hit_length=host_hit_length))
+            host_hit_length=host_hit_length, req=req))
     return call_filtered(cache.init_load_back, last_node=last_host_node,
                          host_hit_length=host_hit_length, prefix_len=host_hit_length)
 
 
-def last_hash(node: Any) -> str | None:
+def lock(cache: Any, node: Any) -> Any:
+    """The receipt UnifiedRadixCache's `dec_lock_ref` wants back (None before it)."""
+    out = cache.inc_lock_ref(node)
+    return out.to_dec_params() if hasattr(out, "to_dec_params") else None
+
+
+def unlock(cache: Any, node: Any, receipt: Any) -> None:
+    if receipt is None:
+        cache.dec_lock_ref(node)
+    else:
+        cache.dec_lock_ref(node, receipt)
+
+
+def on_device(node: Any) -> bool:
+    """A tree node's full KV is on the device (UnifiedTreeNode: not `evicted`)."""
+    return node.value is not None if hasattr(node, "value") else not node.evicted
+
+
+def on_host(node: Any) -> bool:
+    return node.host_value is not None if hasattr(node, "host_value") else node.backuped
+
+
+def last_hash(node: Any, cache: Any = None) -> str | None:
+    if isinstance(node, int) and cache is not None:  # UnifiedRadixCache: a node id
+        return cache.get_last_hash_value(node)
     fn = getattr(node, "get_last_hash_value", None)
     if fn is not None:
         return fn()
@@ -157,17 +221,32 @@ def last_hash(node: Any) -> str | None:
 
 
 def _rid_arg(fn: Any, rid: str) -> Any:
-    """0.5.20 takes a handle with `.rid` (parameter named `handle`); earlier a string."""
+    """0.5.20 takes a handle with `.rid` (parameter named `handle`, `request` in
+    UnifiedRadixCache, which keys its ongoing prefetches by the handle: one equal object per
+    request); earlier a string."""
     ps = list(inspect.signature(fn).parameters)
-    return SimpleNamespace(rid=rid) if ps and ps[0] == "handle" else rid
+    if not ps or ps[0] not in ("handle", "request"):
+        return rid
+    try:
+        from sglang.srt.mem_cache.base_prefix_cache import CacheRequestHandle
+    except ImportError:
+        return SimpleNamespace(rid=rid)
+    return call_filtered(CacheRequestHandle, rid=rid, attempt_id=0)
 
 
 def prefetch_from_storage(cache: Any, rid: str, last_host_node: Any, tokens: list[int],
                           last_hash_value: str | None) -> None:
     fn = cache.prefetch_from_storage
     call_filtered(fn, **{list(inspect.signature(fn).parameters)[0]: _rid_arg(fn, rid)},
-                  last_host_node=last_host_node, new_input_tokens=tokens,
+                  last_host_node=last_host_node, last_host_node_id=last_host_node,
+                  new_input_tokens=tokens,
                   last_hash=last_hash_value)
+
+
+def prefetching(cache: Any, rid: str) -> bool:
+    """Whether the request has a prefetch in flight (UnifiedRadixCache keys by the handle)."""
+    return rid in cache.ongoing_prefetch or (
+        _rid_arg(cache.check_prefetch_progress, rid) in cache.ongoing_prefetch)
 
 
 def check_prefetch_progress(cache: Any, rid: str) -> bool:

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from scenarios.sut.sglang import adapters
+from scenarios.sut.sglang import adapters, server_cache
 from scenarios.sut.sglang.hitqueue import HitQueuePipeline, io_busy, uses_hit_queue
 from scenarios.sut.sglang.mooncake import storage_args
 from scenarios.sut.sglang.seams import count_puts, leading_done, record_terminated
@@ -43,6 +43,7 @@ class Driver:
         self.waiting: OrderedDict[str, list[int]] = OrderedDict()
         self.ready: OrderedDict[str, list[int]] = OrderedDict()
         self.cache = None
+        self.cache_class = ""
         self.pipeline: HitQueuePipeline | None = None
         #: 0.5.20 re-issues a storage lookup when the match shrank before admission
         self.reissue_max = 0
@@ -58,7 +59,6 @@ class Driver:
     # -- construction --------------------------------------------------------------------
     def _build(self, dp_attention: bool) -> None:
         import sglang.srt.layers.dp_attention as dpa
-        from sglang.srt.mem_cache import hiradix_cache as hr
 
         cc_mod = self.st["cc_mod"]
         cc_mod.device_module = self.dev  # before construction: the layer counter makes events
@@ -101,7 +101,7 @@ class Driver:
             hicache_storage_backend_extra_config=json.dumps(store["extra"]),
             hicache_storage_prefetch_policy=c.prefetch_stop_policy,
             hicache_write_policy=c.write_policy, dp_attention=dp_attention,
-            tp=self.s.layout_obj.world_size)
+            tp=self.s.layout_obj.world_size, cp=lay.cp, rank=self.run.rank)
         adapters.set_dp_attention(dp_attention)  # after publishing the server args
         import sglang.srt.distributed.parallel_state as pstate
 
@@ -114,7 +114,20 @@ class Driver:
             attn_cp_size=self.st["attn_cp"].world_size, pp_rank=0, pp_size=1,
             pp_cache_group=getattr(pstate.get_pp_group(), "cpu_group", None))
         os.environ["SGLANG_HICACHE_FILE_BACKEND_STORAGE_DIR"] = self.run.storage_dir
-        self.cache = cache = hr.HiRadixCache(params, server_args)
+        tp_cpu = self.st["tp"]
+        self.cache = cache = server_cache.build(
+            params, server_args, tp_group=tp_cpu.cpu_group, tp_rank=tp_cpu.rank_in_group,
+            tp_size=tp_cpu.world_size, cache_class=self.run.cache_class)
+        self.cache_class = type(cache).__name__
+        try:
+            server_cache.check_seams(
+                cache, self.st["version"],
+                hit_queue=uses_hit_queue(getattr(cache, "cache_controller", None)),
+                timeout_policy=c.prefetch_stop_policy == "timeout")
+        except server_cache.MissingSeam:
+            self.shutdown()
+            self.cache = None
+            raise
         if _scheduler_has("_prefetch_after_device_hit_loss"):
             self.reissue_max = adapters.storage_prefetch_retry_max_attempts(server_args)
         cc = cache.cache_controller
@@ -226,7 +239,10 @@ class Driver:
 
     def _insert_hooks(self, cache: Any, cc: Any) -> None:
         """Hooks every release shares: the prefetch insert, and the timeout on pacer ticks."""
-        orig_insert_host = cache._insert_helper_host
+        # where a finished prefetch's pages enter the tree (UnifiedRadixCache: its tree core)
+        owner, name = ((cache.tree_core, "insert_host") if adapters.is_unified(cache)
+                       else (cache, "_insert_helper_host"))
+        orig_insert_host = getattr(owner, name)
 
         def insert_helper_host(node: Any, key: Any, host_value: Any, hash_value: Any) -> Any:
             agreed = len(key)
@@ -235,7 +251,7 @@ class Driver:
                          (getattr(self, "_last_completed", -1),), (agreed,),
                          f"insert {agreed} tokens")
             return out
-        cache._insert_helper_host = insert_helper_host
+        setattr(owner, name, insert_helper_host)
         self._host_alloc_faults(cache, cc)
 
         if self.s.cache.prefetch_stop_policy == "timeout":
@@ -248,13 +264,17 @@ class Driver:
                 return op
             cc.prefetch = prefetch
             ticks = self.s.cache.prefetch_timeout_ticks
-            cache.is_prefetch_timeout = lambda op: self.pacer.now() - start.get(id(op), 0) > ticks
+            name = server_cache.alias(cache, "is_prefetch_timeout")
+            setattr(cache, name, lambda op: self.pacer.now() - start.get(id(op), 0) > ticks)
 
     def _host_alloc_faults(self, cache: Any, cc: Any) -> None:
         """A Schedule's "host_alloc" fault: this rank's n-th `write_backup` finds no host
         memory, in both of SGLang's attempts (before and after `evict_host`), as a host pool
         under pressure on this rank only; the reference counts the same calls."""
-        orig_backup, orig_write = cache.write_backup, cc.write
+        # one node's backup to host (UnifiedRadixCache: `_execute_kv_backup`, which evicts
+        # host memory and writes once)
+        backup_name = server_cache.alias(cache, "write_backup")
+        orig_backup, orig_write = getattr(cache, backup_name), cc.write
         calls, refusing = [0], [False]
 
         def write_backup(*a: Any, **k: Any) -> Any:
@@ -267,7 +287,7 @@ class Driver:
 
         def write(*a: Any, **k: Any) -> Any:
             return None if refusing[0] else orig_write(*a, **k)
-        cache.write_backup = write_backup
+        setattr(cache, backup_name, write_backup)
         cc.write = write
 
     # -- observation -----------------------------------------------------------------------
@@ -290,7 +310,7 @@ class Driver:
             for child in n.children.values():
                 key = tuple(adapters.token_ids(child.key))
                 full = prefix + key
-                rows.append((full, child.value is not None, child.host_value is not None))
+                rows.append((full, adapters.on_device(child), adapters.on_host(child)))
                 rows += walk(child, full)
             return rows
         rows = sorted(walk(self.cache.root_node, ()))
@@ -327,10 +347,10 @@ class Driver:
         hit = len(m.device_indices) + m.host_hit_length
         self.last_match[rid] = hit
         last = m.last_host_node
-        last_hash = adapters.last_hash(last)
+        last_hash = adapters.last_hash(last, cache)
         self._current_rid = rid
         adapters.prefetch_from_storage(cache, rid, last, tokens[hit:], last_hash)
-        if rid in cache.ongoing_prefetch:
+        if adapters.prefetching(cache, rid):
             # every rank waits here for its hit query (it all-reduces), as the reference does
             self.gates.settle("query")
             return True
@@ -385,13 +405,13 @@ class Driver:
         host_hit = m.host_hit_length
         loaded = 0
         if host_hit:
-            adapters.init_load_back(cache, m, host_hit)
+            adapters.init_load_back(cache, m, host_hit, rid)
             cache.ready_to_load_host_cache()
             m2 = adapters.match(cache, tokens)
             loaded = len(m2.device_indices) - len(m.device_indices)
             m = m2
         prefix = m.device_indices
-        cache.inc_lock_ref(m.last_device_node)
+        receipt = adapters.lock(cache, m.last_device_node)
         try:
             need = aligned - len(prefix)
             new = self.alloc.alloc(need) if need else torch.empty(0, dtype=torch.int64)
@@ -404,12 +424,12 @@ class Driver:
             indices = torch.cat([prefix.to(torch.int64), new.to(torch.int64)])
             self._fill(tokens, indices, len(prefix))
             bad = self._verify(tokens, indices)
-            done = adapters.insert(cache, tokens, indices)
+            done = adapters.insert(cache, tokens, indices, len(prefix))
             # SGLang frees the slots of tokens another request cached meanwhile
-            if done > len(prefix):
+            if done > len(prefix) and not adapters.frees_duplicates(cache):
                 self.alloc.free(indices[len(prefix):done])
         finally:
-            cache.dec_lock_ref(m.last_device_node)
+            adapters.unlock(cache, m.last_device_node, receipt)
         self.outcomes.append(_outcome(rid, "done", len(prefix) - loaded, loaded, need, bad))
 
     # -- KV content: a pure function of the page's tokens and this rank's head shard ---------
@@ -459,8 +479,10 @@ class Driver:
 
     def snapshot(self) -> dict:
         cache = self.cache
-        dev_tokens = sum(len(n.value) for n in self._nodes() if n.value is not None)
-        host_tokens = sum(len(n.host_value) for n in self._nodes() if n.host_value is not None)
+        dev_tokens = sum(len(adapters.token_ids(n.key)) for n in self._nodes()
+                         if adapters.on_device(n))
+        host_tokens = sum(len(adapters.token_ids(n.key)) for n in self._nodes()
+                          if adapters.on_host(n))
         host = cache.cache_controller.mem_pool_host
         return {
             "tree_digest": self.digest(),
@@ -474,6 +496,7 @@ class Driver:
                           "backup": len(getattr(cache, "ongoing_backup", {}))},
             "busy": self.busy(),
             "device": "cpu", "host_pinned": False, "cuda_event_acks": False,
+            "cache_class": self.cache_class,
         }
 
     def shutdown(self) -> None:

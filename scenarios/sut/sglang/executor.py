@@ -16,11 +16,12 @@ from typing import Any
 
 from scenarios.core import suts
 from scenarios.core.config import REPO_ROOT
-from scenarios.core.errors import CannotJudge, UsageError
+from scenarios.core.errors import CannotJudge, RankJobError, SglangSetupFailed, UsageError
 from scenarios.core.verdict import Verdict
 from scenarios.sut.sglang import envs, mooncake
 
 JOB = "scenarios.sut.sglang.rank:run_schedule"
+CACHE_CLASS_ENV = "CPCHECK_SGLANG_CACHE_CLASS"
 _REPO = REPO_ROOT
 
 
@@ -41,10 +42,14 @@ class SglangExecutor:
     hangs_are_findings = False
 
     def __init__(self, version: str, *, timeout_s: float = 20.0, build: bool = True,
-                 log: Any = print, mooncake_master: str = "") -> None:
+                 log: Any = print, mooncake_master: str = "", cache_class: str = "") -> None:
         envs.check_runnable(version)
         self.version = version
         self.sut = suts.sglang(version)
+        #: "server": the cache the release's server builds (server_cache.py); "HiRadixCache":
+        #: that class, where the release still defines it but its server no longer builds it
+        #: (the environment variable CPCHECK_SGLANG_CACHE_CLASS sets it for the command line)
+        self.cache_class = cache_class or os.environ.get(CACHE_CLASS_ENV) or "server"
         self.timeout_s = timeout_s
         if build:
             envs.build_release(version, log=log)
@@ -85,14 +90,21 @@ class SglangExecutor:
             from scenarios.core.schedule import Op, Schedule
 
             warm = Schedule(layout=layout, sut=f"sglang=={self.version}", ops=[Op(kind="step")])
-            pool.run(JOB, self._payload(warm, dp_attention), timeout_s=self.timeout_s * 12 + 120)
+            try:
+                pool.run(JOB, self._payload(warm, dp_attention),
+                         timeout_s=self.timeout_s * 12 + 120)
+            except RankJobError as e:  # the harness could not set SGLang up: say why
+                pool.close()
+                self._pools.pop(key, None)
+                raise SglangSetupFailed(self.version, e) from e
         return pool
 
     def _payload(self, s: Any, dp: bool) -> dict:
         master, metrics = self.mooncake.address() if s.backend == mooncake.BACKEND else ("", "")
         return {"mooncake_metrics": metrics,"schedule": s.model_dump_json(), "run_id": f"r{uuid.uuid4().hex[:10]}",
                 "storage_root": self.storage_root, "collective_timeout_s": self.timeout_s,
-                "version": self.version, "dp_attention": dp, "mooncake_master": master}
+                "version": self.version, "dp_attention": dp, "mooncake_master": master,
+                "cache_class": self.cache_class}
 
     def run(self, s: Any, dp_attention: bool | None = None, *, gated: bool = True,
             nemesis: Any = None) -> list[Any]:
@@ -178,7 +190,13 @@ def verdict_of(s: Any, results: list, dp_attention: bool) -> Verdict:
     broke = infrastructure(results)
     if broke:
         return Verdict.unknown(broke)
-    return annotate(checker.check(s, results), dp_attention, s.backend)
+    v = annotate(checker.check(s, results), dp_attention, s.backend)
+    classes = sorted({c for r in results if (c := (r.snapshot or {}).get("cache_class"))})
+    if classes:  # the class the run drove (server_cache.py): in the verdict, --json, replays
+        v.stats["cache_class"] = classes[0] if len(classes) == 1 else classes
+        if v.message:
+            v.message += f" ({'/'.join(classes)})"
+    return v
 
 
 #: key findings that are SGLang's documented behaviour without DP attention: CP peers carry

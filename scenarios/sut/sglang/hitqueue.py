@@ -41,6 +41,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from scenarios.sut.sglang import server_cache
 from scenarios.sut.sglang.seams import GateTimeout, count_puts, leading_done, record_terminated
 
 #: `_drain_storage_control_queues_impl` parameter -> the controller queue it drains
@@ -50,7 +51,7 @@ QUEUE_OF = {"n_revoke": "prefetch_revoke_queue", "n_storage_hit": "prefetch_hit_
 
 
 def uses_hit_queue(cc: Any) -> bool:
-    return hasattr(cc, "prefetch_hit_queue")
+    return cc is not None and hasattr(cc, "prefetch_hit_queue")
 
 
 class HitQueuePipeline:
@@ -241,13 +242,14 @@ class HitQueuePipeline:
             return orig_drain()
         cache.drain_storage_control_queues = drain
 
-        orig_revoke = cache._revoke_pending_prefetch
+        revoke_name = server_cache.alias(cache, "_revoke_pending_prefetch")
+        orig_revoke = getattr(cache, revoke_name)
         self.revoked = 0
 
-        def revoke_pending_prefetch(req_id: str) -> Any:
+        def revoke_pending_prefetch(req_id: Any) -> Any:
             self.revoked += int(req_id in cache.ongoing_prefetch)
             return orig_revoke(req_id)
-        cache._revoke_pending_prefetch = revoke_pending_prefetch
+        setattr(cache, revoke_name, revoke_pending_prefetch)
 
         def drain_impl(**kw: Any) -> Any:
             self.revoked = 0
@@ -317,8 +319,8 @@ class HitQueuePipeline:
         @functools.wraps(orig_check)  # keeps the parameter name adapters reads (`handle`)
         def check_prefetch_progress(arg: Any) -> bool:
             rid = getattr(arg, "rid", arg)
-            if rid not in cache.ongoing_prefetch:
-                return orig_check(arg)
+            if rid not in cache.ongoing_prefetch and arg not in cache.ongoing_prefetch:
+                return orig_check(arg)  # (UnifiedRadixCache keys by the handle)
             p.io("prefetch_progress", "get")
             self.capture = []
             try:
@@ -330,6 +332,11 @@ class HitQueuePipeline:
                 can = int(cache.prefetch_stop_policy == "best_effort")
                 d._decide("can_terminate", rid, (1 - can, int(stop_l)), (1 - can, int(stop_a)),
                           "terminate" if stop_a else "wait")
+            else:  # UnifiedRadixCache: `terminated or can` with no collective (but under the
+                # timeout policy): each rank's own decision, which every rank must share
+                can = int(cache.prefetch_stop_policy == "best_effort")
+                d._decide("can_terminate", rid, (1 - can, int(out)), (1 - can, int(out)),
+                          "terminate" if out else "wait")
             return out
         cache.check_prefetch_progress = check_prefetch_progress
 

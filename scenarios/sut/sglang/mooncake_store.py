@@ -26,6 +26,14 @@ def _sum_at(ptr: int, size: int) -> str:
     return mooncake._blake(ctypes.string_at(ptr, size))
 
 
+def key_prefix(store: Any) -> str | None:
+    """What SGLang's store puts before every key: the `extra_backend_tag` up to 0.5.16, from
+    0.5.17 a `config_prefix` joining that tag and the model name."""
+    if hasattr(store, "config_prefix"):
+        return store.config_prefix
+    return getattr(store, "extra_backend_tag", None)
+
+
 class GatedMooncakeStore(MooncakeStore):
     """MHA pages only (MLA Schedules are not driven on SGLang): two keys per page, k and v."""
 
@@ -62,20 +70,21 @@ class GatedMooncakeStore(MooncakeStore):
         if log is not None:
             log.append((call, list(keys), list(out)))
 
-    def _batch_exist(self, key_strs: list[str]) -> list[int]:
-        out = super()._batch_exist(key_strs)
+    def _batch_exist(self, key_strs: list[str], *more: Any, **kw: Any) -> list[int]:
+        out = super()._batch_exist(key_strs, *more, **kw)
         self._note("exist", key_strs, out)
         return out
 
     def _get_batch_zero_copy_impl(self, key_strs: list[str], buffer_ptrs: list[int],
-                                  buffer_sizes: list[int]) -> list[int]:
-        out = super()._get_batch_zero_copy_impl(key_strs, buffer_ptrs, buffer_sizes)
+                                  buffer_sizes: list[int], *more: Any, **kw: Any) -> list[int]:
+        out = super()._get_batch_zero_copy_impl(key_strs, buffer_ptrs, buffer_sizes, *more, **kw)
         self._note("get", key_strs, out)
         return out
 
     def _put_batch_zero_copy_impl(self, key_strs: list[str], buffer_ptrs: list[int],
-                                  buffer_sizes: list[int]) -> list[int]:
-        out = super()._put_batch_zero_copy_impl(key_strs, buffer_ptrs, buffer_sizes)
+                                  buffer_sizes: list[int], *more: Any, **kw: Any) -> list[int]:
+        # 0.5.20 passes more (a replicate config): whatever SGLang passes goes on unchanged
+        out = super()._put_batch_zero_copy_impl(key_strs, buffer_ptrs, buffer_sizes, *more, **kw)
         self._note("put", key_strs, out)
         return out
 
@@ -88,7 +97,7 @@ class GatedMooncakeStore(MooncakeStore):
 
     def _named(self, keys: list[str]) -> list[str]:
         """SGLang's names for keys it never sent (a faulted call): tag, hash, tp rank, part."""
-        tag = f"{self.extra_backend_tag}_" if self.extra_backend_tag is not None else ""
+        tag = f"{prefix}_" if (prefix := key_prefix(self)) is not None else ""
         return [f"{tag}{k}_{self.mha_suffix}_{p}" for k in keys for p in "kv"]
 
     def _record(self, op: str, names: list[str], page_ok: list[bool], sums: list[str]) -> None:

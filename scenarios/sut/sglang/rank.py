@@ -22,9 +22,18 @@ import torch
 import torch.distributed as dist
 
 from scenarios.client.loop import run_rank
-from scenarios.core.errors import CollectiveError
-from scenarios.core.records import CollectiveCall, Decision, Outcome, RankResult, StorageCall
+from scenarios.core.errors import CannotJudge, CollectiveError, ErrorKind
+from scenarios.core.records import (
+    CollectiveCall,
+    Decision,
+    Outcome,
+    RankError,
+    RankResult,
+    StorageCall,
+    error_kind,
+)
 from scenarios.sut.sglang import adapters, mooncake, quick_reset, shim
+from scenarios.sut.sglang.blame import harness_origin
 from scenarios.sut.sglang.seams import GatedDevice, IoGates, SglangPacer
 
 #: failures that say the machine, not SGLang's protocol, broke the run (judged "unknown"):
@@ -39,6 +48,10 @@ def _machine_broke(e: BaseException) -> str | None:
         return "building SGLang's host pool"
     if isinstance(e, mooncake.ReadBackFailed):
         return "reading the run's pages back from the Mooncake master"
+    if isinstance(e, CannotJudge):  # a release the driver cannot drive (MissingSeam)
+        return "driving this SGLang release"
+    if error_kind(e) is ErrorKind.FAILED and (at := harness_origin(e)):
+        return f"harness error (not SGLang's) raised at {at}"
     return None
 #: SGLang builds a registered backend only under a built-in name: ours replaces "file"
 BACKEND_NAME = "file"
@@ -64,6 +77,10 @@ class Run:
         self.run_id = ""
         self.mooncake_master = ""  # "host:port" when the Schedule's backend is mooncake
         self.stored: list[str] | None = None  # read back from the store (Mooncake)
+        #: an IO thread that died of an exception the harness's code raised (blame.py)
+        self.harness_error: str | None = None
+        #: which cache to build: "server" (what the release's server builds) or "HiRadixCache"
+        self.cache_class = "server"
 
 
 CURRENT: Run | None = None
@@ -169,8 +186,16 @@ def setup_worker(ctx: Any, version: str, dp_attention: bool, timeout_s: float) -
         return st
     shim.install()
     import sglang.srt.managers.cache_controller as cc_mod
-    import sglang.srt.mem_cache.hiradix_cache  # noqa: F401
     from sglang.srt.distributed import parallel_state as ps
+
+    try:  # the classes a HiCache server builds (server_cache.py), loaded before the shim's patch
+        import sglang.srt.mem_cache.hiradix_cache  # noqa: F401
+    except ModuleNotFoundError:  # 0.5.21+
+        pass
+    try:
+        import sglang.srt.mem_cache.unified_radix_cache  # noqa: F401
+    except ModuleNotFoundError:  # before 0.5.11
+        pass
 
     shim.patch_loaded()
     quick_reset.install(cc_mod)  # no idle 1 s per cache construction (see quick_reset.py)
@@ -193,10 +218,28 @@ def setup_worker(ctx: Any, version: str, dp_attention: bool, timeout_s: float) -
                f"{args.exc_value}"
         if run is not None:
             run.gates.thread_errors.append(line)
+            at = harness_origin(args.exc_value) if args.exc_value is not None else None
+            if at is not None and run.harness_error is None:
+                run.harness_error = (f"harness error (not SGLang's) in thread {line}, "
+                                     f"raised at {at}")
             with run.gates.cond:
                 run.gates.cond.notify_all()
     threading.excepthook = thread_died
     lay = ctx.layout
+    # one path on every rank, as a server's ranks share their model path: SGLang names storage
+    # keys after it from 0.5.17 (Mooncake's config prefix holds the model name)
+    model_dir = os.path.join(tempfile.gettempdir(), f"cpcheck-sgl-model-{os.getuid()}")
+    os.makedirs(model_dir, exist_ok=True)
+    part = os.path.join(model_dir, f".config.{ctx.rank}.json")
+    with open(part, "w") as f:
+        json.dump({"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+                   "hidden_size": HEADS * HEAD_DIM, "num_attention_heads": HEADS,
+                   "num_key_value_heads": HEADS, "num_hidden_layers": LAYERS,
+                   "intermediate_size": 16, "vocab_size": 2_000_000,
+                   "max_position_embeddings": 4096, "torch_dtype": "float32"}, f)
+    os.replace(part, os.path.join(model_dir, "config.json"))  # the same bytes from every rank
+    adapters.publish_topology(model_dir, rank=ctx.rank, tp=lay.tp * lay.cp, cp=lay.cp,
+                              dp_attention=dp_attention)
     ps.init_distributed_environment(world_size=ctx.world_size, rank=ctx.rank,
                                     local_rank=ctx.rank, backend="gloo",
                                     distributed_init_method="env://")
@@ -210,13 +253,6 @@ def setup_worker(ctx: Any, version: str, dp_attention: bool, timeout_s: float) -
             _GROUP_NAMES[id(g)] = f"{tag}{list(dist.get_process_group_ranks(g))}"
     harness = dist.new_group(list(range(ctx.world_size)), backend="gloo")
     _HARNESS.add(id(harness))
-    model_dir = tempfile.mkdtemp(prefix="cpcheck-sgl-model-")
-    with open(os.path.join(model_dir, "config.json"), "w") as f:
-        json.dump({"architectures": ["LlamaForCausalLM"], "model_type": "llama",
-                   "hidden_size": HEADS * HEAD_DIM, "num_attention_heads": HEADS,
-                   "num_key_value_heads": HEADS, "num_hidden_layers": LAYERS,
-                   "intermediate_size": 16, "vocab_size": 2_000_000,
-                   "max_position_embeddings": 4096, "torch_dtype": "float32"}, f)
     st = ctx.state["sglang"] = {
         "cc_mod": cc_mod, "tp": tp, "attn_tp": attn_tp, "attn_cp": attn_cp,
         "harness": harness, "model_dir": model_dir, "version": version,
@@ -322,12 +358,20 @@ def run_schedule(ctx: Any, payload: dict) -> RankResult:
     run = CURRENT = Run(rank, pacer, gates, storage_dir)
     run.run_id = payload["run_id"]
     run.mooncake_master = payload.get("mooncake_master", "")
+    run.cache_class = payload.get("cache_class", "server")
     sut = SglangRank(s, st, run, dev, payload["dp_attention"],
                      payload.get("mooncake_metrics") or "")
     try:
         out = run_rank(sut, s.ops, gated=True)
     finally:
         CURRENT = None
+    if run.harness_error is not None and (out.error is None or out.error.kind is not
+                                          ErrorKind.INFRASTRUCTURE):
+        # an IO thread of SGLang's died in the harness's code: whatever the run did after that
+        # (a gate timeout, a divergence) is no verdict on the release
+        out.error = RankError(ErrorKind.INFRASTRUCTURE, "HarnessError", run.harness_error,
+                              "an SGLang IO thread", out.error.traceback if out.error else "")
+        out.snapshot = {**out.snapshot, "harness_error": run.harness_error}
     driver = sut.driver
     return RankResult(
         rank=rank, coords=tuple(ctx.layout.coords(rank)),

@@ -1,0 +1,207 @@
+"""Issue 21: the SGLang SUT drives the cache the release's server builds, and a harness
+exception is never a verdict on the release.
+
+Unit tests (always run): whose code raised (blame.py), the seam check (server_cache.py), the
+rank boundary's classification of a planted harness exception, `--newest`. `sglang`-marked
+tests drive built releases and skip, with the command that builds them, where they are not.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from scenarios.core.errors import CannotJudge, ErrorKind, MissingSeam
+from scenarios.core.records import RankError, RankResult
+from scenarios.generate.catalog import load_scenario
+from scenarios.sut.sglang import blame, envs, server_cache
+from tests.sglang_envs import need
+
+NEWEST = "0.5.23"  # the newest release on the index when this was written (2026-12-07)
+
+
+def _raise_in_harness() -> None:
+    # a harness function that breaks: the innermost frame is in scenarios/
+    server_cache.check_seams(SimpleNamespace(), "9.9.9", hit_queue=False, timeout_policy=False)
+
+
+def _sglang_like() -> None:
+    raise AttributeError("'Foo' object has no attribute 'bar'")  # raised in tests/, not scenarios/
+
+
+def test_harness_origin_names_harness_code_only() -> None:
+    with pytest.raises(MissingSeam) as harness:
+        _raise_in_harness()
+    at = blame.harness_origin(harness.value)
+    assert at is not None and at.startswith("scenarios/sut/sglang/server_cache.py:") \
+        and at.endswith("in check_seams"), at
+    with pytest.raises(AttributeError) as other:
+        _sglang_like()
+    assert blame.harness_origin(other.value) is None
+    # raised elsewhere, but from a harness exception (SGLang wrapping what our hook raised)
+    try:
+        try:
+            _raise_in_harness()
+        except CannotJudge as e:
+            raise RuntimeError("wrapped by the system under test") from e
+    except RuntimeError as wrapped:
+        assert blame.harness_origin(wrapped) == at
+
+
+def test_a_planted_harness_exception_is_unknown_not_a_divergence() -> None:
+    """The rank boundary (rank._machine_broke): an AttributeError raised in harness code, as
+    GatedMooncakeStore's `extra_backend_tag` read on 0.5.17+ was, is an infrastructure error
+    (verdict unknown, 125); the same exception raised outside the harness stays a failure of
+    the system under test (a divergence [error]). Fails without blame.py: both were FAILED."""
+    from scenarios.judge.judging import infrastructure
+    from scenarios.sut.sglang import rank
+    from scenarios.sut.sglang.executor import verdict_of
+
+    def planted() -> None:  # a plain bug in a harness seam: TypeError in adapters.py
+        from scenarios.sut.sglang import adapters
+
+        adapters.token_ids(None)
+
+    s = load_scenario("write_acks").with_(layout="1x2")
+    for fn, harness in ((planted, True), (_raise_in_harness, True), (_sglang_like, False)):
+        try:
+            fn()
+        except Exception as e:
+            where = rank._machine_broke(e)
+            err = RankError.of(e, ErrorKind.INFRASTRUCTURE if where else None, where or "")
+        results = [RankResult(rank=r, error=err if r == 0 else None) for r in (0, 1)]
+        v = verdict_of(s, results, True)
+        if harness:
+            assert infrastructure(results) and v.status == "unknown" and v.exit_code == 125
+            assert ("harness error (not SGLang's) raised at scenarios/sut/sglang/adapters.py"
+                    if fn is planted else "driving this SGLang release") in v.diagnosis, \
+                v.diagnosis
+        else:
+            assert v.status == "diverge" and v.invariant == "error", v.summary()
+
+
+def test_a_thread_dying_in_harness_code_is_blamed_on_the_harness() -> None:
+    """An IO thread of SGLang's that dies in harness code (the Mooncake crash: a seam read an
+    attribute 0.5.17 dropped) is found by the thread hook through blame.harness_origin."""
+    import threading
+
+    died: list[BaseException] = []
+    old = threading.excepthook
+    threading.excepthook = lambda a: died.append(a.exc_value)
+    try:
+        t = threading.Thread(target=_raise_in_harness)
+        t.start()
+        t.join()
+    finally:
+        threading.excepthook = old
+    assert died and blame.harness_origin(died[0]) is not None
+
+
+def test_missing_seams_are_named_with_the_class() -> None:
+    class UnifiedRadixCache:  # a class with only some of the seams
+        writing_check = loading_check = cache_controller = None
+
+    cache = UnifiedRadixCache()
+    missing = server_cache.missing_seams(cache, hit_queue=True, timeout_policy=True)
+    assert "writing_check" not in missing and "_insert_helper_host" in missing
+    assert "_revoke_pending_prefetch" in missing and "is_prefetch_timeout" in missing
+    with pytest.raises(MissingSeam, match="builds UnifiedRadixCache, which lacks "
+                       r"the seam\(s\) .*can_terminate_prefetch") as e:
+        server_cache.check_seams(cache, "0.5.20", hit_queue=False, timeout_policy=False)
+    assert e.value.exit_code == 125
+    full = SimpleNamespace(**{n: None for n in server_cache.SEAMS})
+    server_cache.check_seams(full, "0.5.11", hit_queue=False, timeout_policy=False)  # no raise
+
+
+def test_newest_release_is_the_last_on_the_index(monkeypatch) -> None:
+    out = "sglang (0.5.23)\nAvailable versions: 0.5.23, 0.5.22, 0.5.9, 0.5.8, 0.5.10.post1\n"
+    monkeypatch.setattr(envs, "_pip", lambda *a, **k: SimpleNamespace(stdout=out, stderr=""))
+    assert envs.releases_in_range() == ["0.5.9", "0.5.10.post1", "0.5.22", "0.5.23"]
+    assert envs.newest_release() == "0.5.23"
+
+
+def _run(version: str, layout: str, capsys, **extra: str) -> dict:
+    import json
+
+    from scenarios.cli.main import main
+
+    rc = main(["run", "write_acks", "--sut", f"sglang=={version}", "--layout", layout,
+               "--json", *[a for k, v in extra.items() for a in (f"--{k}", v)]])
+    d = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert d["exit_code"] == rc
+    return d
+
+
+@pytest.mark.sglang
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("layout", ["1x2", "2x2"])
+def test_0_5_20_judges_the_class_its_server_builds(layout, capsys) -> None:
+    """0.5.20's server builds UnifiedRadixCache (registry.py): the run builds it through the
+    release's own factory and judges it (0 or 1, never 125), naming the class."""
+    need("0.5.20")
+    d = _run("0.5.20", layout, capsys)
+    assert d["exit_code"] in (0, 1), d
+    assert "(UnifiedRadixCache)" in d["message"], d
+
+
+@pytest.mark.sglang
+@pytest.mark.timeout(900)
+def test_0_5_20_on_mooncake_judges(capsys) -> None:
+    """0.5.17+ fold Mooncake's backend tag into a config prefix with the model name: the
+    harness's key names follow it and every rank shares one model path (it crashed on
+    `extra_backend_tag`, reported as DIVERGE [error], before)."""
+    need("0.5.20")
+    d = _run("0.5.20", "1x2", capsys, backend="mooncake")
+    assert d["exit_code"] == 0 and "(UnifiedRadixCache)" in d["message"], d
+
+
+@pytest.mark.sglang
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("layout", ["1x2", "2x2"])
+def test_newest_release_gets_a_run_and_names_a_missing_seam(layout, capsys) -> None:
+    """The newest release is not refused by a version check: it builds what its server
+    builds, and a seam the driver needs that the class lacks is 125 naming class and seam
+    (0.5.23's Rust tree core raises NotImplementedError from `root_node`, the tree walk the
+    checker's digests need): a real broken seam, not a planted one."""
+    need(NEWEST)
+    d = _run(NEWEST, layout, capsys)
+    if d["exit_code"] in (0, 1):
+        assert "(UnifiedRadixCache)" in d["message"], d
+    else:
+        assert d["exit_code"] == 125 and "builds UnifiedRadixCache" in d["diagnosis"], d
+        assert "lacks the seam(s)" in d["diagnosis"] and "root_node" in d["diagnosis"], d
+
+
+def test_a_call_into_a_harness_override_with_a_changed_signature_is_the_harness() -> None:
+    """0.5.20's controller calls `_put_batch_zero_copy_impl` with one more argument than our
+    override took: the TypeError is raised in SGLang's frame, yet the fault is the harness's
+    (it read as DIVERGE [error] before). A bad call aimed at SGLang's own code is not."""
+    from scenarios.sut.sglang import adapters
+
+    with pytest.raises(TypeError) as ours:
+        adapters.evict(object())  # type: ignore[call-arg]  (the call fails in this frame)
+    at = blame.harness_origin(ours.value)
+    assert at is not None and at.startswith("scenarios/sut/sglang/adapters.py:") and "evict" in at
+
+    def outside(a: int) -> None:
+        pass
+    with pytest.raises(TypeError) as theirs:
+        outside()  # type: ignore[call-arg]
+    assert blame.harness_origin(theirs.value) is None
+
+
+def test_sglang_reading_a_field_a_harness_stand_in_lacks_is_the_harness() -> None:
+    """0.5.20's load-back read `req.kv` of the driver's request stand-in: an AttributeError
+    raised in SGLang's frame, about an object of ours (it read as DIVERGE [error])."""
+    from scenarios.sut.sglang.adapters import RequestStandIn
+
+    def sglang_reads(req: object) -> object:  # stands in for SGLang's code (not in scenarios/)
+        return req.kv  # type: ignore[attr-defined]
+    with pytest.raises(AttributeError) as ours:
+        sglang_reads(RequestStandIn(rid="r"))
+    at = blame.harness_origin(ours.value)
+    assert at is not None and "RequestStandIn" in at and "'kv'" in at, at
+    with pytest.raises(AttributeError) as theirs:
+        sglang_reads(SimpleNamespace(rid="r"))  # not one of ours: SGLang's own bug
+    assert blame.harness_origin(theirs.value) is None
