@@ -1,4 +1,4 @@
-"""cpcheck's command line: run, replay, explore, soak, list, version.
+"""cpcheck's command line: run, replay, explore, soak, report merge, list, version.
 
 Every subcommand ends with one exit code of the contract in scenarios/contract.py (table below):
 bad input is one line and exit 2 before any work starts; a run that infrastructure broke is
@@ -107,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     from scenarios.soak import add_soak_arguments
 
     add_soak_arguments(soak)
+    from scenarios.report_merge import add_report_subcommand
+
+    add_report_subcommand(sub, **sub_kw)
     from scenarios.sglang.cli import add_subcommands
 
     add_subcommands(sub, _add_common, **sub_kw)
@@ -304,6 +307,10 @@ def main(argv: list[str] | None = None) -> int:
         from scenarios.soak import cmd_soak
 
         handlers["soak"] = cmd_soak
+    if args.cmd == "report":
+        from scenarios.report_merge import cmd_report
+
+        handlers["report"] = cmd_report
     try:
         with signals_unwind():
             code = handlers[args.cmd](args)

@@ -32,6 +32,7 @@ from scenarios.protocol_args import add_protocol_arguments, protocol_changes
 from scenarios.records import RankResult
 from scenarios.runner.worker import DEVICES
 from scenarios.schedule import CachePolicy, Op, Schedule, tokens_for
+from scenarios.shard import add_shard_argument, plan_shard, shard_line
 from scenarios.workload import soak_chunk
 
 PAGE = 4
@@ -42,7 +43,8 @@ MAX_UNCONFIRMED = 5
 
 def add_soak_arguments(p: argparse.ArgumentParser) -> None:
     """Options of `cpcheck soak` (cli.py builds the subparser and calls this)."""
-    p.add_argument("--layout", default="1x2", help="TPxCP[xPP] (default 1x2)")
+    p.add_argument("--layout", default="1x2",
+                   help="TPxCP[xPP] (default 1x2); with --shard, a comma list")
     p.add_argument("--backend", choices=STORAGE_BACKENDS, default="memory")
     p.add_argument("--minutes", type=positive_float, default=1.0,
                    help="wall-clock budget (default 1)")
@@ -61,6 +63,7 @@ def add_soak_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=positive_float, default=10.0,
                    help="seconds any rank may wait on a peer before the run fails")
     p.add_argument("--device", choices=DEVICES, default="auto")
+    add_shard_argument(p)
     add_protocol_arguments(p)
     add_output_flags(p)
 
@@ -169,16 +172,18 @@ def cmd_soak(args: argparse.Namespace) -> int:
     from scenarios.nemesis import Nemesis
     from scenarios.report import check_writable, native_stderr_to
 
-    layout = str(Layout.parse(args.layout))
+    plan = plan_shard(args.layout, args.seed if args.seed is not None
+                      else random.randrange(1 << 31), args.shard)
+    layout, seed = plan.layout, plan.seed
+    args.shard_info = plan.to_dict() if args.shard else None  # in the report, for the merge
     check_variant_arg(args.variant)
     args.protocol_changes = protocol_changes(args)
-    seed = args.seed if args.seed is not None else random.randrange(1 << 31)
     nem = Nemesis.parse(args.faults, seed=seed)
     if args.mode == "torchrun":
         nem.for_torchrun()  # faults act on the real worker processes and the master
     check_device(args.device)
     out = check_writable(Path(args.out))  # before the first run, not after the budget
-    print(f"cpcheck soak: seed {seed}", file=sys.stderr, flush=True)
+    print(f"cpcheck soak: seed {seed}{shard_line(plan)}", file=sys.stderr, flush=True)
     world = Layout.parse(layout).world_size
 
     with ExitStack() as stack:
@@ -262,7 +267,8 @@ def _loop(args: argparse.Namespace, ex: Any, nem: Any, seed: int, layout: str, w
             "fault_events": nem.events if nem else [],
             "replay": str(replay_path) if replay_path else None,
             "prefetch_outcomes": dict(outcomes), "coverage": coverage.to_dict(),
-            "timeline": timeline,
+            "timeline": timeline, "host_used": host_used,
+            "shard": getattr(args, "shard_info", None),
         }
 
     extra_plots: dict = {"coverage.png": coverage.plot}
