@@ -212,6 +212,7 @@ def merge(reps: list[dict], names: list[str], kept: dict[str, str],
         "shard": None, "missing_shards": missing, "kept_files": sorted(kept.values()),
         "merged_from": [{"dir": n, "shard": t, "seed": r.get("seed"), "layout": r.get("layout"),
                          "status": s, "runs": r.get("runs"), "seconds": r.get("seconds"),
+                         "mode": r.get("mode"),
                          "interrupted": bool(r.get("interrupted"))}
                         for n, t, r, s in zip(names, tags, reps, statuses, strict=True)],
     }
@@ -296,7 +297,8 @@ def _print(args: argparse.Namespace, m: dict, coverage: Coverage, out: Path) -> 
     status = m["status"]
     if status == "diverge":
         print(f"DIVERGE [{v.get('invariant')}]: {v.get('message')}", file=o)
-        print(f"replay: cpcheck replay {m['replay']}", file=o)
+        mode = next(x["mode"] for x in m["merged_from"] if x["status"] == "diverge")
+        print(f"replay: cpcheck replay {m['replay']}{f' --mode {mode}' if mode else ''}", file=o)
     elif status == "unknown":
         print(f"UNKNOWN: {v.get('diagnosis') or v.get('message')}", file=o)
     elif m["interrupted"]:
