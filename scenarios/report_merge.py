@@ -109,7 +109,7 @@ def merge_timelines(reps: list[dict]) -> list[dict]:
     starts them together): cumulative runs and decisions summed over the shards at each point.
 
     Each shard's timeline is already in time order, so a k-way merge does (no global sort)."""
-    streams = [((p["t"], i, p) for p in r.get("timeline") or ()) for i, r in enumerate(reps)]
+    streams = [[(p["t"], i, p) for p in r.get("timeline") or ()] for i, r in enumerate(reps)]
     last_runs = [0] * len(reps)
     last_dec = [0] * len(reps)
     runs = dec = 0

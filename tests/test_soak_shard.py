@@ -146,3 +146,16 @@ def test_bad_merge_input_is_one_line_and_exit_2(tmp_path: Path, capsys) -> None:
     assert main(["report", "merge", str(good), "--out", str(good)]) == 2
     assert "is one of the reports" in capsys.readouterr().err
     assert not (tmp_path / "m").exists()
+
+
+def test_timelines_interleave_on_one_clock_with_sums_over_shards() -> None:
+    from scenarios.report_merge import merge_timelines
+
+    def tl(ts: list[float], per_run: int) -> dict:
+        return {"timeline": [{"t": t, "runs": k, "decisions": per_run * k,
+                              "run_decisions_per_s": 1.0, "faults_in_run": 0}
+                             for k, t in enumerate(ts, 1)]}
+
+    m = merge_timelines([tl([1.0, 3.0], 10), tl([2.0, 4.0, 5.0], 100)])
+    assert [(p["t"], p["shard"], p["runs"], p["decisions"]) for p in m] == [
+        (1.0, 1, 1, 10), (2.0, 2, 2, 110), (3.0, 1, 3, 120), (4.0, 2, 4, 220), (5.0, 2, 5, 320)]
