@@ -159,3 +159,31 @@ def test_timelines_interleave_on_one_clock_with_sums_over_shards() -> None:
     m = merge_timelines([tl([1.0, 3.0], 10), tl([2.0, 4.0, 5.0], 100)])
     assert [(p["t"], p["shard"], p["runs"], p["decisions"]) for p in m] == [
         (1.0, 1, 1, 10), (2.0, 2, 2, 110), (3.0, 1, 3, 120), (4.0, 2, 4, 220), (5.0, 2, 5, 320)]
+
+
+def test_nightly_script_runs_shards_and_merges_them(tmp_path: Path) -> None:
+    """scripts/nightly.sh as the workflow runs it: SOAK_SHARD=I/N per runner, then `merge`."""
+    import subprocess
+    import sys
+
+    from tests.subprocess_env import REPO, child_env
+
+    knobs = {"SOAK_MODE": "inprocess", "SOAK_BACKEND": "memory", "SOAK_FAULTS": "slow_rank",
+             "SOAK_MINUTES": "0.02", "SOAK_SEED": "5", "SOAK_LAYOUT": "1x2,2x2",
+             "PYTHON": sys.executable}
+    script = str(REPO / "scripts" / "nightly.sh")
+    for i in (1, 2):
+        env = child_env(**knobs, SOAK_SHARD=f"{i}/2", SOAK_TESTS="0")
+        r = subprocess.run(["bash", script, str(tmp_path / f"s{i}")], env=env,
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr[-2000:]
+    reps = [_report(tmp_path / f"s{i}") for i in (1, 2)]
+    assert [r["shard"]["shard"] for r in reps] == ["1/2", "2/2"]
+    assert [r["layout"] for r in reps] == ["1x2", "2x2"]
+    r = subprocess.run(["bash", script, "merge", str(tmp_path / "m"), str(tmp_path / "s1"),
+                        str(tmp_path / "s2")], env=child_env(PYTHON=sys.executable),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    m = _report(tmp_path / "m")
+    assert m["runs"] == sum(x["runs"] for x in reps)
+    assert m["faults"]["slow_rank"] == sum(x["faults"]["slow_rank"] for x in reps) > 0
