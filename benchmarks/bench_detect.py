@@ -18,11 +18,11 @@ from unittest import mock
 from hypothesis import HealthCheck, given, settings
 
 from reference.api import VARIANTS
-from scenarios import checker
-from scenarios.executor import Executor
-from scenarios.explore import hunt
-from scenarios.oracle import check_oracle
-from scenarios.strategies import schedules
+from scenarios.campaigns.explore import hunt
+from scenarios.generate.strategies import schedules
+from scenarios.judge import checker
+from scenarios.judge.oracle import check_oracle
+from scenarios.sut.reference_executor import Executor
 
 
 @contextmanager

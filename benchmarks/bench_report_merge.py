@@ -22,9 +22,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from scenarios.coverage import PREFETCH_CLASSES
-from scenarios.nemesis import KINDS, MAX_EVENTS
-from scenarios.report import SOAK_REPORT_SCHEMA, atomic_write_text
+from scenarios.judge.coverage import PREFETCH_CLASSES
+from scenarios.nemesis.faults import KINDS, MAX_EVENTS
+from scenarios.store.report import SOAK_REPORT_SCHEMA, atomic_write_text
 
 
 def synthetic_report(index: int, count: int, hours: float, runs_per_s: float,
@@ -83,7 +83,7 @@ def main() -> None:
     p.add_argument("--runs-per-s", type=float, default=5.0)
     p.add_argument("--repeat", type=int, default=3)
     args = p.parse_args()
-    from scenarios.cli import main as cpcheck
+    from scenarios.cli.main import main as cpcheck
 
     root = Path(tempfile.mkdtemp(prefix="bench-merge-"))
     try:

@@ -9,7 +9,7 @@ Per seed: seconds and Schedules to the first divergence, seconds per run before 
 much of that the ranks spent building and shutting down SGLang's cache), the shrink, the replay
 confirmation (k/3) and the load average (the box is shared: read every time with it).
 
-Needs the two environments (python -m scenarios.sglang.envs 0.5.10.post1 0.5.11).
+Needs the two environments (python -m scenarios.sut.sglang.envs 0.5.10.post1 0.5.11).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from hypothesis.errors import NoSuchExample
 
 
 def warm(ex, layout: str = "1x2") -> float:  # noqa: ANN001
-    from scenarios.catalog import load_scenario
+    from scenarios.generate.catalog import load_scenario
 
     t = time.monotonic()
     ex.run(load_scenario("write_acks").with_(layout=layout))
@@ -58,8 +58,8 @@ def _load() -> str:
 
 
 def detect(version: str, seeds: list[int], examples: int, shrink_s: float) -> list[dict]:
-    from scenarios.sglang.executor import SglangExecutor
-    from scenarios.sglang.hunting import hunt
+    from scenarios.campaigns.sglang_hunt import hunt
+    from scenarios.sut.sglang.executor import SglangExecutor
 
     out = []
     with SglangExecutor(version, timeout_s=20, build=False) as ex:
@@ -92,7 +92,7 @@ def detect(version: str, seeds: list[int], examples: int, shrink_s: float) -> li
 def same_schedules(n: int, layout: str) -> list:
     import random
 
-    from scenarios.strategies import schedules
+    from scenarios.generate.strategies import schedules
 
     got: list = []
 
@@ -152,8 +152,8 @@ def time_to_detect(args: argparse.Namespace, seeds: list[int]) -> None:
 
 
 def rates(args: argparse.Namespace) -> None:
-    from scenarios.executor import Executor
-    from scenarios.sglang.executor import SglangExecutor
+    from scenarios.sut.reference_executor import Executor
+    from scenarios.sut.sglang.executor import SglangExecutor
 
     scheds = same_schedules(args.schedules, args.layout)
     print(f"\n## decisions per second, {len(scheds)} generated Schedules, layout {args.layout}")

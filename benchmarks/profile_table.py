@@ -1,6 +1,6 @@
 """Which SGLang protocol agrees under CP: profile x DP attention x layout -> agree / diverge.
 
-Each cell is a Hypothesis hunt (scenarios/explore.py `hunt`) over generated Schedules of that
+Each cell is a Hypothesis hunt (scenarios/campaigns/explore.py `hunt`) over generated Schedules of that
 configuration, with the `ci` profile's budget (conftest.py), seed 0, in-process mode. A
 divergence is shrunk; its replay file is written to --out (and with --corpus, into
 scenarios/corpus/ as `replay-{protocol}-dp{on,off}-{layout}-{digest}.json`, the verdict it must
@@ -20,9 +20,9 @@ import time
 from pathlib import Path
 
 from reference.api import PROFILES
-from scenarios.executor import Executor
-from scenarios.explore import hunt
-from scenarios.replay import write_replay
+from scenarios.campaigns.explore import hunt
+from scenarios.store.replay import write_replay
+from scenarios.sut.reference_executor import Executor
 
 LAYOUTS = ("1x2", "2x2", "2x2x2")
 CORPUS = Path(__file__).resolve().parent.parent / "scenarios" / "corpus"

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from scenarios.sglang import envs
+from scenarios.sut.sglang import envs
 
 #: the last release before PR #20460 and the first after it (what CI builds, with 0.5.20)
 PRE, POST = "0.5.10.post1", "0.5.11"
@@ -23,12 +23,12 @@ def built(version: str) -> bool:
 def need(*versions: str) -> None:
     missing = [v for v in versions if not built(v)]
     if missing:
-        pytest.skip(f"sglang env not built here: python -m scenarios.sglang.envs {' '.join(missing)}")
+        pytest.skip(f"sglang env not built here: python -m scenarios.sut.sglang.envs {' '.join(missing)}")
 
 
 def started(*versions: str) -> Iterator[dict[str, Any]]:
     """For a module fixture: one executor per release, closed (pools and masters) after."""
-    from scenarios.sglang.executor import SglangExecutor
+    from scenarios.sut.sglang.executor import SglangExecutor
 
     need(*versions)
     exs = {v: SglangExecutor(v, timeout_s=20, build=False) for v in versions}

@@ -9,8 +9,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from scenarios.catalog import load_scenario
-from scenarios.sglang.differential import differential, first_difference
+from scenarios.campaigns.differential import differential, first_difference
+from scenarios.generate.catalog import load_scenario
 from tests.sglang_envs import need
 
 

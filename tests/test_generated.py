@@ -9,11 +9,11 @@ import pytest
 from hypothesis import given, settings
 
 from reference.api import VARIANTS
-from scenarios.checker import check
-from scenarios.executor import Executor
-from scenarios.explore import hunt, steer
-from scenarios.schedule import Schedule
-from scenarios.strategies import schedules
+from scenarios.campaigns.explore import hunt, steer
+from scenarios.core.schedule import Schedule
+from scenarios.generate.strategies import schedules
+from scenarios.judge.checker import check
+from scenarios.sut.reference_executor import Executor
 
 
 @pytest.fixture(scope="module")

@@ -18,12 +18,12 @@ from reference.api import (
     WRITE_POLICIES,
     CacheConfig,
 )
-from scenarios.cli import build_parser
-from scenarios.contract import ExitCode
-from scenarios.executor import MODES
+from scenarios.cli.main import build_parser
+from scenarios.core.contract import ExitCode
+from scenarios.core.schedule import CachePolicy, Schedule
+from scenarios.generate.workload import INTENTS
 from scenarios.runner.worker import DEVICES
-from scenarios.schedule import CachePolicy, Schedule
-from scenarios.workload import INTENTS
+from scenarios.sut.reference_executor import MODES
 
 REPO = Path(__file__).resolve().parent.parent
 #: CachePolicy field -> CacheConfig's (the Schedule counts the prefetch timeout in ticks)
@@ -103,7 +103,7 @@ def _exit_code_literals(source: str, where: str) -> list[str]:
 
 
 def test_exit_code_numbers_live_in_contract_only() -> None:
-    """No module but scenarios/contract.py spells 125 or 130 (or exits with a literal)."""
+    """No module but scenarios/core/contract.py spells 125 or 130 (or exits with a literal)."""
     found = [hit for path in sorted((REPO / "scenarios").rglob("*.py"))
              if path.name != "contract.py"
              for hit in _exit_code_literals(path.read_text(), str(path.relative_to(REPO)))]

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from scenarios.cli import main
-from scenarios.contract import UsageError
-from scenarios.report_merge import check_one_nightly, merge
-from scenarios.shard import plan_shard, shard_seed
+from scenarios.campaigns.report_merge import check_one_nightly, merge
+from scenarios.campaigns.shard import plan_shard, shard_seed
+from scenarios.cli.main import main
+from scenarios.core.contract import UsageError
 
 
 def _soak(out: Path, shard: str, *extra: str) -> int:
@@ -149,7 +149,7 @@ def test_bad_merge_input_is_one_line_and_exit_2(tmp_path: Path, capsys) -> None:
 
 
 def test_timelines_interleave_on_one_clock_with_sums_over_shards() -> None:
-    from scenarios.report_merge import merge_timelines
+    from scenarios.campaigns.report_merge import merge_timelines
 
     def tl(ts: list[float], per_run: int) -> dict:
         return {"timeline": [{"t": t, "runs": k, "decisions": per_run * k,

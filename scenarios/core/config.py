@@ -1,0 +1,19 @@
+"""Where things are, in one place (every module that needs a path asks here)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+#: the `scenarios` package
+PACKAGE_DIR = Path(__file__).resolve().parents[1]
+#: the repository (or source tree) the harness runs from
+REPO_ROOT = PACKAGE_DIR.parent
+#: named scenarios (TOML) and the replay corpus the suite reruns
+CATALOG_DIR = PACKAGE_DIR / "catalog"
+CORPUS_DIR = PACKAGE_DIR / "corpus"
+#: one CPU environment per SGLang release (built by `python -m scenarios.sut.sglang.envs`)
+SGLANG_ENVS_DIR = REPO_ROOT / "build" / "sglang-envs"
+
+#: scheduler steps a run may take to drain after its ops (both SUTs): a run still busy then is
+#: judged as it stands
+DRAIN_STEPS = 400

@@ -1,0 +1,1 @@
+"""Systems under test, one adapter each: our reference HiCache and SGLang's own releases."""
