@@ -110,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     from scenarios.cli.report import add_report_subcommand
 
     add_report_subcommand(sub, **sub_kw)
+    from scenarios.cli.agent import add_agent_subcommand
+
+    add_agent_subcommand(sub, **sub_kw)
     from scenarios.cli.sglang import add_subcommands
 
     add_subcommands(sub, _add_common, **sub_kw)
@@ -307,6 +310,10 @@ def main(argv: list[str] | None = None) -> int:
         from scenarios.campaigns.soak import cmd_soak
 
         handlers["soak"] = cmd_soak
+    if args.cmd == "agent":
+        from scenarios.cli.agent import cmd_agent
+
+        handlers["agent"] = cmd_agent
     if args.cmd == "report":
         from scenarios.cli.report import cmd_report
 
