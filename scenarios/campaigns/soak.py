@@ -20,6 +20,7 @@ from typing import Any
 
 from reference.api import STOP_POLICIES, STORAGE_BACKENDS, WRITE_POLICIES
 from scenarios.campaigns.shard import add_shard_argument, plan_shard, shard_line
+from scenarios.cli.agent import add_multihost_flags, multihost_options
 from scenarios.cli.conventions import (
     add_output_flags,
     check_variant_arg,
@@ -64,6 +65,7 @@ def add_soak_arguments(p: argparse.ArgumentParser) -> None:
                    help="seconds any rank may wait on a peer before the run fails")
     p.add_argument("--device", choices=DEVICES, default="auto")
     add_shard_argument(p)
+    add_multihost_flags(p)
     add_protocol_arguments(p)
     add_output_flags(p)
 
@@ -195,7 +197,8 @@ def cmd_soak(args: argparse.Namespace) -> int:
             nem.attach_master(mm)
         if nem.unsupported():
             raise UsageError(str(nem.unsupported()))
-        ex = stack.enter_context(Executor(args.mode, timeout_s=args.timeout,
+        ex = stack.enter_context(Executor(args.mode, **multihost_options(args, args.mode),
+                                          timeout_s=args.timeout,
                                           mooncake_master=master, device=args.device))
         return _loop(args, ex, nem if nem.active else None, seed, layout, world, out, mm)
 

@@ -41,3 +41,33 @@ def cmd_agent(args: argparse.Namespace) -> int:
                          log=lambda line: print(line, file=sys.stderr, flush=True))
     except MultiHostError as e:
         raise CannotJudge(str(e)) from None
+
+
+def add_multihost_flags(p: argparse.ArgumentParser) -> None:
+    """`--nnodes N --rdzv-endpoint HOST:PORT` of run / replay / explore / soak (torchrun mode)."""
+    p.add_argument("--nnodes", type=positive_int, default=1,
+                   help="hosts the ranks spread over (torchrun mode); start `cpcheck agent` "
+                        "with the same --nnodes and --rdzv-endpoint on each other host")
+    p.add_argument("--rdzv-endpoint", metavar="HOST:PORT", default=None,
+                   help="torchrun's c10d rendezvous, hosted here (with --nnodes > 1)")
+
+
+def multihost_options(args: argparse.Namespace, mode: str | None) -> dict[str, Any]:
+    """The Executor's `nnodes` / `rdzv_endpoint`, or a UsageError before any work."""
+    from scenarios.runner.multihost import parse_endpoint
+
+    nnodes = getattr(args, "nnodes", 1) or 1
+    endpoint = getattr(args, "rdzv_endpoint", None)
+    if nnodes == 1:
+        if endpoint:
+            raise UsageError("--rdzv-endpoint needs --nnodes N > 1")
+        return {}
+    if mode != "torchrun":
+        raise UsageError(f"--nnodes {nnodes}: ranks on several hosts need --mode torchrun")
+    if not endpoint:
+        raise UsageError(f"--nnodes {nnodes} needs --rdzv-endpoint HOST:PORT")
+    try:
+        parse_endpoint(endpoint)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    return {"nnodes": nnodes, "rdzv_endpoint": endpoint}

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from reference.api import STORAGE_BACKENDS
+from scenarios.cli.agent import add_multihost_flags, multihost_options
 from scenarios.cli.conventions import (
     HelpFormatter,
     VersionAction,
@@ -60,6 +61,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="seconds any rank may wait on a peer before the run fails")
     p.add_argument("--device", choices=DEVICES, default="auto")
     add_output_flags(p)
+    add_multihost_flags(p)
     from scenarios.cli.sglang import add_sut_flags
 
     add_sut_flags(p)
@@ -127,7 +129,8 @@ def _executor(args: argparse.Namespace, master: str, mode: str):  # noqa: ANN202
         # import it before any temp dir exists: a Ctrl-C landing inside this import's C++
         # callbacks aborts the process (pybind11 cannot carry the exception)
         import torch.distributed  # noqa: F401
-    return Executor(mode, timeout_s=args.timeout, mooncake_master=master, device=args.device)
+    return Executor(mode, timeout_s=args.timeout, mooncake_master=master, device=args.device,
+                    **multihost_options(args, mode))
 
 
 def finish(args: argparse.Namespace, verdict: Any, replay: Path | None) -> int:
