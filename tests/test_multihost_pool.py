@@ -7,12 +7,14 @@ The first "host" is the pool's own torchrun (it hosts the c10d store); the secon
 from __future__ import annotations
 
 import contextlib
+import json
 import signal
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import psutil
 import pytest
@@ -149,3 +151,41 @@ def test_agent_with_no_first_host_is_unknown(capsys) -> None:
     assert main(["agent", "--nnodes", "2", "--rdzv-endpoint", f"127.0.0.1:{_free_port()}",
                  "--wait", "2"]) == 125
     assert "no pool to join" in capsys.readouterr().err
+
+
+def _soak_over_two_agents(tmp_path: Path, endpoint: str, variant: str,
+                          minutes: str) -> tuple[int, dict]:
+    out = tmp_path / variant
+    rc = main(["soak", "--mode", "torchrun", "--layout", "2x2", "--nnodes", "2",
+               "--rdzv-endpoint", endpoint, "--minutes", minutes, "--seed", "4",
+               "--variant", variant, "--out", str(out)])
+    return rc, json.loads((out / "report.json").read_text())
+
+
+@pytest.mark.cp
+def test_2x2_soak_over_two_agents_agrees_when_fixed(tmp_path: Path, endpoint: str,
+                                                    agent: subprocess.Popen) -> None:
+    rc, rep = _soak_over_two_agents(tmp_path, endpoint, "fixed", "0.6")
+    assert rc == 0 and rep["runs"] > 0, rep["verdict"]
+
+
+@pytest.mark.cp
+def test_2x2_soak_over_two_agents_catches_tp_only_sync_replayable_on_one(
+        tmp_path: Path, endpoint: str, agent: subprocess.Popen) -> None:
+    rc, rep = _soak_over_two_agents(tmp_path, endpoint, "tp_only_sync", "2")
+    assert rc == 1 and rep["confirmed_by_replay"], rep["verdict"]
+    _stop(agent)  # the replay runs on one host, one torchrun agent
+    assert main(["replay", rep["replay"], "--mode", "torchrun"]) == 1
+
+
+def test_multihost_flags_bad_input_is_one_line_exit_2(tmp_path: Path, capsys) -> None:
+    base = ["soak", "--minutes", "0.02", "--out", str(tmp_path / "o")]
+    for extra, needle in [
+        (["--nnodes", "2", "--mode", "torchrun"], "needs --rdzv-endpoint"),
+        (["--nnodes", "2", "--rdzv-endpoint", "127.0.0.1:1"], "need --mode torchrun"),
+        (["--rdzv-endpoint", "127.0.0.1:1"], "needs --nnodes"),
+        (["--nnodes", "2", "--mode", "torchrun", "--rdzv-endpoint", "x"], "HOST:PORT"),
+    ]:
+        assert main([*base, *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and needle in err[0], (extra, err)

@@ -179,6 +179,7 @@ def cmd_soak(args: argparse.Namespace) -> int:
     layout, seed = plan.layout, plan.seed
     args.shard_info = plan.to_dict() if args.shard else None  # in the report, for the merge
     check_variant_arg(args.variant)
+    pool_opts = multihost_options(args, args.mode)  # bad flags: exit 2 before any work
     args.protocol_changes = protocol_changes(args)
     nem = Nemesis.parse(args.faults, seed=seed)
     if args.mode == "torchrun":
@@ -197,8 +198,7 @@ def cmd_soak(args: argparse.Namespace) -> int:
             nem.attach_master(mm)
         if nem.unsupported():
             raise UsageError(str(nem.unsupported()))
-        ex = stack.enter_context(Executor(args.mode, **multihost_options(args, args.mode),
-                                          timeout_s=args.timeout,
+        ex = stack.enter_context(Executor(args.mode, **pool_opts, timeout_s=args.timeout,
                                           mooncake_master=master, device=args.device))
         return _loop(args, ex, nem if nem.active else None, seed, layout, world, out, mm)
 

@@ -322,6 +322,8 @@ def main(argv: list[str] | None = None) -> int:
 
         handlers["report"] = cmd_report
     try:
+        if args.cmd in ("run", "explore"):  # bad multi-host flags: exit 2 before any work
+            multihost_options(args, args.mode)
         with signals_unwind():
             code = handlers[args.cmd](args)
         if code == ExitCode.INTERRUPTED and argv is None:
