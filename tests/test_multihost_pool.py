@@ -119,6 +119,29 @@ def test_an_agent_that_leaves_is_named_and_a_restarted_pool_runs(endpoint: str,
         pool.close()
 
 
+def test_a_stopped_agent_times_the_job_out_naming_its_host(endpoint: str,
+                                                            agent: subprocess.Popen) -> None:
+    from scenarios.runner.torchrun_pool import RankTimeoutError
+
+    pool = RankPool("1x2", nnodes=2, rdzv_endpoint=endpoint, start_timeout_s=90,
+                    collective_timeout_s=60)
+    tree = []
+    try:
+        pool.start()
+        root = psutil.Process(agent.pid)
+        tree = [root, *root.children(recursive=True)]
+        for p in tree:  # the whole second host hangs (SIGSTOP)
+            p.suspend()
+        with pytest.raises(RankTimeoutError, match=r"rank 1 on agent 2 of 2 \(rank 1\)"):
+            pool.run("scenarios.runner.jobs_builtin:allreduce_min", {"values": [1, 2]},
+                     timeout_s=6)
+    finally:
+        for p in tree:
+            with contextlib.suppress(psutil.Error):
+                p.resume()
+        pool.close()
+
+
 def test_a_host_that_never_joins_fails_the_start_naming_the_rendezvous(endpoint: str) -> None:
     pool = RankPool("1x2", nnodes=2, rdzv_endpoint=endpoint, start_timeout_s=8)
     t0 = time.monotonic()
