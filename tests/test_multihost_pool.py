@@ -212,3 +212,14 @@ def test_multihost_flags_bad_input_is_one_line_exit_2(tmp_path: Path, capsys) ->
         assert main([*base, *extra]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and needle in err[0], (extra, err)
+
+
+@pytest.mark.cp
+def test_4x4_over_two_agents_agrees_and_catches_tp_only_sync(tmp_path: Path, endpoint: str,
+                                                             agent: subprocess.Popen) -> None:
+    """16 ranks, 8 per host: every CP group spans both hosts (TP groups of 4 stay on one)."""
+    base = ["run", "write_acks", "--layout", "4x4", "--mode", "torchrun", "--nnodes", "2",
+            "--rdzv-endpoint", endpoint, "--timeout", "60", "--replay-dir", str(tmp_path)]
+    assert main(base) == 0
+    assert main([*base, "--variant", "tp_only_sync"]) == 1
+    assert list(tmp_path.glob("replay-tp_only_sync-4x4-*.json"))
