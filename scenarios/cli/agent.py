@@ -46,8 +46,8 @@ def cmd_agent(args: argparse.Namespace) -> int:
 def add_multihost_flags(p: argparse.ArgumentParser) -> None:
     """`--nnodes N --rdzv-endpoint HOST:PORT` of run / replay / explore / soak (torchrun mode)."""
     p.add_argument("--nnodes", type=positive_int, default=1,
-                   help="hosts the ranks spread over (torchrun mode); start `cpcheck agent` "
-                        "with the same --nnodes and --rdzv-endpoint on each other host")
+                   help="hosts the ranks spread over (torchrun mode; each other host runs "
+                        "`cpcheck agent` with the same two flags)")
     p.add_argument("--rdzv-endpoint", metavar="HOST:PORT", default=None,
                    help="torchrun's c10d rendezvous, hosted here (with --nnodes > 1)")
 
