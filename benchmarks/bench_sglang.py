@@ -38,9 +38,12 @@ class Timed:
         self.ex = ex
         self.rows: list[dict] = []
 
-    def run(self, s, dp=None):  # noqa: ANN001, ANN201
+    def __getattr__(self, name: str):  # noqa: ANN204  (sut, mode, judge, ...: the executor's)
+        return getattr(self.ex, name)
+
+    def run(self, s, dp=None, **kw):  # noqa: ANN001, ANN003, ANN201
         t = time.monotonic()
-        res = self.ex.run(s, dp)
+        res = self.ex.run(s, dp, **kw)
         self.rows.append({"wall": time.monotonic() - t,
                           "rank": max(r.wall_s for r in res),
                           "build": max(r.phase_s.get("build", 0.0) for r in res),
@@ -58,7 +61,8 @@ def _load() -> str:
 
 
 def detect(version: str, seeds: list[int], examples: int, shrink_s: float) -> list[dict]:
-    from scenarios.campaigns.sglang_hunt import hunt
+    from scenarios.campaigns.explore import hunt
+    from scenarios.generate.strategies import for_sut
     from scenarios.sut.sglang.executor import SglangExecutor
 
     out = []
@@ -69,16 +73,16 @@ def detect(version: str, seeds: list[int], examples: int, shrink_s: float) -> li
         print("|---|---|---|---|---|---|---|---|---|", flush=True)
         for seed in seeds:
             timed = Timed(ex)
-            h = hunt(version, True, ("1x2",), examples, seed, ex=timed, shrink_s=shrink_s,
-                     replays=3)
-            pre = timed.rows[:h["first_n"] or len(timed.rows)]
-            row = {"seed": seed, "first_s": h["first_s"], "first_n": h["first_n"],
+            h = hunt(timed, for_sut(f"sglang=={version}", ("1x2",)), examples, seed,
+                     shrink_s=shrink_s, replays=3)
+            pre = timed.rows[:h.first_n or len(timed.rows)]
+            row = {"seed": seed, "first_s": h.seconds_to_first, "first_n": h.first_n,
                    "run_s": _mean([r["wall"] for r in pre]),
                    "rank_s": _mean([r["rank"] for r in pre]),
                    "build_s": _mean([r["build"] for r in pre]),
                    "shutdown_s": _mean([r["shutdown"] for r in pre]),
-                   "shrink_s": h["shrink_s"], "ops": len(h["found"].ops) if h["found"] else 0,
-                   "replay": f"{h['reproduced']}/{h['replays']}", "total_s": h["total_s"]}
+                   "shrink_s": h.seconds_shrinking, "ops": h.steps,
+                   "replay": f"{h.reproduced}/{h.replays}", "total_s": h.seconds_total}
             out.append(row)
             first = f"{row['first_s']:.1f}" if row["first_s"] is not None else "not found"
             shrink = f"{row['shrink_s']:.1f}" if row["shrink_s"] is not None else "-"

@@ -52,7 +52,23 @@ class IdleExecutor:
     """Stands in for `SglangExecutor` where a test scripts what a run returns: takes any
     arguments and starts nothing (a subclass adds the calls the test needs)."""
 
+    sut = "sglang==0.0.0"
+    mode = "torchrun"
+    hangs_are_findings = False
+
     def __init__(self, *a: object, **k: object) -> None:
+        pass
+
+    def run(self, s: Any, *a: object, **k: object) -> list:
+        return []
+
+    def judge(self, s: Any, results: list) -> Any:
+        return self.check(s)
+
+    def check(self, s: Any) -> Any:
+        raise NotImplementedError("a subclass scripts the verdict")
+
+    def close(self) -> None:
         pass
 
     def __enter__(self) -> IdleExecutor:

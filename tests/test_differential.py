@@ -34,8 +34,8 @@ def test_first_difference_names_the_earliest_decision_on_any_rank() -> None:
 
 @pytest.mark.sglang
 def test_0_5_20_first_differs_at_the_drain() -> None:
-    """0.5.20 inserts a 0-hit prefetch with 0 tokens where the reference revokes it (README,
-    differential mode): decision #2, not #0 (the writing_check early return, now modelled)."""
+    """0.5.20 inserts a 0-hit prefetch with 0 tokens where the reference revokes it (docs/findings/
+    differential.md): decision #2, not #0 (the writing_check early return, now modelled)."""
     need("0.5.20")
     same, msg = differential(load_scenario("write_acks"), "0.5.20")
     assert not same

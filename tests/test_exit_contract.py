@@ -240,7 +240,7 @@ def test_readme_and_help_print_the_contract(capsys) -> None:
 def test_flaky_divergence_is_unknown_and_keeps_both_verdicts(monkeypatch, tmp_path: Path,
                                                              capsys) -> None:
     """A divergence that does not reproduce on replay is never reported as one."""
-    import scenarios.judge.judging as judge
+    import scenarios.judge.checker as judge
     from scenarios.core.verdict import Verdict
 
     calls = {"n": 0}

@@ -28,7 +28,7 @@ GENERATED = 25
 
 
 def known_divergence(protocol: str, dp: bool, layout: str) -> bool:
-    """The cells of the README's profile table where the cross-rank invariants fire."""
+    """The cells of the profile table (docs/measurements/profile-table.md) where the cross-rank invariants fire."""
     pp = len(layout.split("x")) == 3 and layout.split("x")[2] != "1"
     if protocol == "sglang-0.5.10" and dp:
         return True  # CP peers are outside the attention-TP group

@@ -350,8 +350,8 @@ AGREEING = [(p, dp) for p in RELEASES for dp in (True, False)
 
 @pytest.mark.parametrize(("protocol", "dp"), AGREEING)
 def test_generated_schedules_agree_without_pp(inprocess_executor, protocol, dp) -> None:
-    """Budget: 15 generated Schedules per configuration on 1x2 / 2x2 / 2x1 (the README table
-    runs the `ci` budget of 60 per layout, with PP)."""
+    """Budget: 15 generated Schedules per configuration on 1x2 / 2x2 / 2x1 (the profile table,
+    docs/measurements/profile-table.md, runs the `ci` budget of 60 per layout, with PP)."""
     from hypothesis import given, settings
 
     from scenarios.generate.strategies import schedules
@@ -370,11 +370,12 @@ def test_generation_finds_sglang_0_5_10_with_dp_attention(seed: int) -> None:
     """Budget: 100 Schedules per seed. The hunt also steers towards prefetch outcome classes
     (coverage), which costs seed 0 more than the ci profile's 60 (found at 80 when measured)."""
     from scenarios.campaigns.explore import hunt
+    from scenarios.generate.strategies import for_sut
     from scenarios.sut.reference_executor import Executor
 
     with Executor("inprocess", timeout_s=1.5) as ex:
-        h = hunt(ex, "fixed", ("1x2", "2x2"), max_examples=100, seed=seed,
-                 protocol="sglang-0.5.10", dp_attention=True)
+        h = hunt(ex, for_sut("reference", ("1x2", "2x2"), protocol="sglang-0.5.10",
+                             dp_attention=True), max_examples=100, seed=seed)
     assert h.found is not None and h.verdict is not None
     assert h.verdict.invariant == "decisions", h.verdict.summary()
 
@@ -430,7 +431,7 @@ def test_soak_finds_sglang_0_5_10_with_dp_attention_and_replay_reproduces(tmp_pa
     assert main(["replay", str(replay), "--mode", "inprocess"]) == 1
 
 
-# -- the README table's divergences are in the corpus ------------------------------------------
+# -- the profile table's divergences are in the corpus -----------------------------------------
 
 TABLE_DIVERGENCES = {  # (protocol, dp_attention, layout) -> invariant (benchmarks/profile_table.py)
     ("sglang-0.5.10", True, "1x2"): "decisions",

@@ -177,11 +177,18 @@ def test_a_broken_cell_is_an_error_cell_not_a_lost_run(tmp_path: Path,
 class _RunEx:
     """Runs nothing: the verdict of each run comes from a scripted checker."""
 
+    sut, mode, hangs_are_findings = "sglang==0.5.11", "torchrun", False
+
     def __init__(self, fail: object = None) -> None:
         self.fail = fail
         self.runs = 0
 
-    def run(self, s: object, dp: object = None) -> list:
+    def judge(self, s: object, results: list) -> Verdict:
+        from scenarios.sut.sglang.executor import verdict_of
+
+        return verdict_of(s, results, True)
+
+    def run(self, s: object, dp: object = None, **kw: object) -> list:
         from scenarios.core.records import RankResult
 
         self.runs += 1
@@ -216,40 +223,50 @@ def _script(monkeypatch: pytest.MonkeyPatch, verdicts: list[bool]) -> list[bool]
     return seq
 
 
+def _diverged() -> Verdict:
+    return Verdict(False, "decisions", "differ", [("decisions", "differ")], {})
+
+
+def _reproduced(v: Verdict) -> int:
+    return v.stats["confirmation"]["reproduced"]
+
+
 def test_confirm_counts_reproductions_and_skips_pool_failures(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    from scenarios.campaigns.sglang_hunt import confirm
+    from scenarios.judge.judging import confirm
 
     _script(monkeypatch, [True, False, True])
-    k, v = confirm(_RunEx(fail={2}), _sched(), True, 4)  # run 2 breaks the pool: not judged
-    assert k == 1 and not v.ok and v.invariant == "decisions"
+    v = confirm(_RunEx(fail={2}), _sched(), _diverged(), 4)  # run 2 breaks the pool: not judged
+    assert _reproduced(v) == 1 and not v.ok and v.invariant == "decisions"
     _script(monkeypatch, [True, True, True])
-    k, v = confirm(_RunEx(), _sched(), True, 3)
-    assert k == 0 and v.ok
+    v = confirm(_RunEx(), _sched(), _diverged(), 3)
+    assert _reproduced(v) == 0 and v.status == "unknown" and "flaky" in v.diagnosis
+
+
+def _hunt(ex: object, examples: int, seed: int, **kw: object) -> object:
+    from scenarios.campaigns.explore import hunt
+    from scenarios.generate.strategies import for_sut
+
+    return hunt(ex, for_sut("sglang==0.5.11", ("1x2",)), examples, seed, **kw)  # type: ignore
 
 
 def test_hunt_reports_a_divergence_that_never_recurs_as_flaky(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Budget: 20 generated Schedules, 3 replays; the scripted checker diverges on the first
     run only, as a one-off infrastructure glitch would."""
-    from scenarios.campaigns.sglang_hunt import hunt
-
     _script(monkeypatch, [False])
-    h = hunt("0.5.11", True, ("1x2",), 20, 0, ex=_RunEx(), replays=3)  # type: ignore[arg-type]
-    assert h["found"] is not None and h["flaky"] and h["reproduced"] == 0
-    assert h["verdict"].ok and "agreed on 3 replays" in h["verdict"].message
-    assert h["first_n"] == 1
-    assert h["first_seen"].startswith("DIVERGE") and "decisions" in h["first_seen"]
+    h = _hunt(_RunEx(), 20, 0, replays=3)
+    assert h.found is not None and h.flaky and h.reproduced == 0
+    assert h.verdict.status == "unknown" and "did not reproduce on 3 replays" in h.verdict.diagnosis
+    assert h.first_n == 1
+    assert h.first_seen.startswith("DIVERGE") and "decisions" in h.first_seen
 
 
 def test_hunt_confirms_a_divergence_that_recurs(monkeypatch: pytest.MonkeyPatch) -> None:
-    from scenarios.campaigns.sglang_hunt import hunt
-
     _script(monkeypatch, [False] * 500)
-    h = hunt("0.5.11", True, ("1x2",), 5, 1, ex=_RunEx(), replays=2,  # type: ignore[arg-type]
-             shrink_s=5.0)
-    assert h["found"] is not None and not h["flaky"] and h["reproduced"] == 2
-    assert not h["verdict"].ok and h["infra_errors"] == []
+    h = _hunt(_RunEx(), 5, 1, replays=2, shrink_s=5.0)
+    assert h.found is not None and not h.flaky and h.reproduced == 2
+    assert not h.verdict.ok and h.infra_errors == []
 
 
 def test_oracle_uses_the_sglang_runs_own_dp_attention_for_a_reference_variant() -> None:
@@ -388,19 +405,19 @@ def test_a_new_group_with_a_freed_groups_id_gets_its_own_name(
 def test_a_run_the_machine_broke_is_not_judged(monkeypatch: pytest.MonkeyPatch) -> None:
     """SGLang's host pool refuses to allocate when the shared box has < 10 GiB free: such a
     run is neither a divergence nor an agreement (seen as a flaky [error] cell)."""
-    from scenarios.campaigns.sglang_hunt import confirm
     from scenarios.core.records import ErrorKind, RankError, RankResult
+    from scenarios.judge.judging import confirm
 
     class BrokeEx(_RunEx):
-        def run(self, s: object, dp: object = None) -> list:
+        def run(self, s: object, dp: object = None, **kw: object) -> list:
             self.runs += 1
             err = RankError(ErrorKind.INFRASTRUCTURE, "ValueError",
                             "Not enough host memory available.") if self.runs == 1 else None
             return [RankResult(rank=0, error=err)]
 
     _script(monkeypatch, [False, False])
-    k, v = confirm(BrokeEx(), _sched(), True, 2)  # run 1 is not judged, run 2 diverges
-    assert k == 1 and not v.ok
+    v = confirm(BrokeEx(), _sched(), _diverged(), 2)  # run 1 is not judged, run 2 diverges
+    assert _reproduced(v) == 1 and not v.ok
     import scenarios.sut.sglang.rank as rank_mod
 
     # SGLang's refusal is a plain ValueError: recognised at the boundary, by type and message

@@ -140,7 +140,7 @@ def test_a_broken_machine_is_unknown_not_a_divergence(monkeypatch) -> None:
 def test_a_broken_machine_exits_unknown_and_writes_no_replay(monkeypatch, tmp_path) -> None:
     """`cpcheck run --sut sglang==V` on a run the machine broke: exit 125 (the contract's
     unknown), not 1, and no replay file (there is no divergence to replay)."""
-    from scenarios.campaigns import sglang_hunt as hunting
+    from scenarios.campaigns import release_walk as hunting
     from scenarios.cli.main import main
     from scenarios.core.verdict import Verdict
 
@@ -151,7 +151,10 @@ def test_a_broken_machine_exits_unknown_and_writes_no_replay(monkeypatch, tmp_pa
         def check(self, s: object) -> Verdict:
             return broke
 
+    import scenarios.sut.sglang.executor as sglang_executor
+
     monkeypatch.setattr(hunting, "SglangExecutor", BrokenMachine)
+    monkeypatch.setattr(sglang_executor, "SglangExecutor", BrokenMachine)  # executor_for's
     assert hunting.judge(load_scenario("write_acks").with_(sut=f"sglang=={POST}")) == (125, broke)
     need(POST)  # the CLI checks that the release's environment exists before it runs
     rc = main(["run", "write_acks", "--sut", f"sglang=={POST}", "--replay-dir", str(tmp_path)])
@@ -234,7 +237,11 @@ def test_replay_exit_codes(capsys) -> None:
              if (e := read_replay(p)[1]["expect_by_release"]).get(f"sglang=={POST}", "") is None
              and e.get(f"sglang=={PRE}"))
     assert main(["replay", f, "--sut", f"sglang=={POST}"]) == 0
-    assert main(["replay", f, "--sut", f"sglang=={PRE}"]) == 1
+    capsys.readouterr()
+    assert main(["replay", f, "--sut", f"sglang=={PRE}", "--json"]) == 1
+    d = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    # a release's divergence is replayed before it is reported, as the reference's is
+    assert d["status"] == "diverge" and d["confirmed_by_replay"] is True
     assert main(["replay", f, "--sut", "sglang==0.5.21"]) == 125
     assert main(["replay", f, "--sut", "sglang==0.5.99"]) == 2
 

@@ -111,3 +111,38 @@ def test_exit_code_numbers_live_in_contract_only() -> None:
     # the scan fires on what it exists to catch (the help text this commit fixed had a 125)
     planted = 'help="exit 0 agree, " + str(125)\nsys.exit(2)\n'
     assert len(_exit_code_literals(planted, "planted.py")) == 2
+
+
+def _assigned_names(source: str) -> set[str]:
+    return {t.id for node in ast.walk(ast.parse(source)) if isinstance(node, ast.Assign)
+            for t in node.targets if isinstance(t, ast.Name)}
+
+
+def _layout_tuples(source: str) -> list[int]:
+    """Lines with a literal sequence of two or more layout strings ("1x2", "2x2", ...)."""
+    out = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Tuple | ast.List) and len(node.elts) >= 2 and all(
+                isinstance(e, ast.Constant) and isinstance(e.value, str)
+                and re.fullmatch(r"\d+x\d+(x\d+)?", e.value) for e in node.elts):
+            out.append(node.lineno)
+    return out
+
+
+def test_page_size_and_default_layouts_live_in_config_only() -> None:
+    """PAGE was defined three times and default layouts six: scenarios/core/config.py holds
+    them; another module that assigns PAGE or spells a default layout list fails here."""
+    from scenarios.core import config
+
+    assert CacheConfig().page_size == config.PAGE
+    found = []
+    for path in sorted((REPO / "scenarios").rglob("*.py")):
+        if path.name == "config.py":
+            continue
+        src = path.read_text()
+        if "PAGE" in _assigned_names(src):
+            found.append(f"{path.relative_to(REPO)}: PAGE =")
+        found += [f"{path.relative_to(REPO)}:{n}: layouts" for n in _layout_tuples(src)]
+    assert found == []
+    assert _layout_tuples('LAYOUTS = ("1x2", "2x2")\nx = ["2x2x2", "1x4"]\n') == [1, 2]
+    assert "PAGE" in _assigned_names("PAGE = 4\n")

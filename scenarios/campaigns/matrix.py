@@ -6,7 +6,8 @@ configuration and layout where the file's layout matches), then a generated budg
 file: divergences in releases after the fix are findings and are kept; one that never recurs is
 "flaky", never "agree". Every cell is written to the cells file (`--out`/cells.json) as it
 starts and again as it finishes, so a cut run keeps what it measured and `--resume` skips the
-finished cells; `python -m scenarios.store.matrix_table FILE...` prints the README's table.
+finished cells; `python -m scenarios.store.matrix_table FILE...` prints the
+table of docs/sglang-release-matrix.md (`--write` puts it there).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from scenarios.core.config import CORPUS_DIR, REPO_ROOT
+from scenarios.core.config import CORPUS_DIR, CP_LAYOUTS, REPO_ROOT
 from scenarios.core.contract import CannotJudge, ExitCode
 from scenarios.store import matrix_cells
 from scenarios.sut.sglang import envs
@@ -63,34 +64,28 @@ def run_corpus(ex: Any, version: str, dp: bool, layout: str, replays: int,
                replay_dir: str | None = None) -> list[dict]:
     """Each corpus Schedule of this layout once; a divergence is replayed `replays` times and,
     if it reproduced, written to `replay_dir` with this release and DP setting."""
-    from scenarios.campaigns.sglang_hunt import confirm
-    from scenarios.runner import RankPoolError
-    from scenarios.sut.sglang.executor import verdict_of
+    from scenarios.judge.judging import confirm, run_checked
+    from scenarios.store.replay import write_replay
 
     rows = []
     for name, s in corpus_for(layout):
         s = s.with_(sut=f"sglang=={version}", dp_attention=dp)
-        try:
-            results = ex.run(s, dp)
-        except RankPoolError as e:
-            rows.append({"file": name, "verdict": "error",
-                         "error": f"{type(e).__name__}: {str(e)[:1500]}"})
-            continue
-        v = verdict_of(s, results, dp)
-        if v.status == "unknown":  # the machine broke the run
-            rows.append({"file": name, "verdict": "error", "error": v.diagnosis})
+        _, v = run_checked(ex, s)
+        if v.status == "unknown":  # the pool or the machine broke the run: not judged
+            rows.append({"file": name, "verdict": "error", "error": (v.diagnosis or "")[:1500]})
             continue
         row: dict = {"file": name, "verdict": "agree" if v.ok else "diverge"}
         if not v.ok:
-            k, rv = confirm(ex, s, dp, replays)
+            first = v.summary()
+            v = confirm(ex, s, v, replays)
+            k = (v.stats.get("confirmation") or {}).get("reproduced", 0)
             row.update(invariant=v.invariant, message=v.message[:300],
                        reproduced=f"{k}/{replays}")
             if k == 0:
                 row["verdict"] = "flaky"
+                row["first_seen"] = first[:300]
             elif replay_dir:
-                from scenarios.campaigns.sglang_hunt import write_sglang_replay
-
-                row["replay"] = str(write_sglang_replay(s, rv if not rv.ok else v, replay_dir))
+                row["replay"] = str(write_replay(s, v, replay_dir, "torchrun"))
         rows.append(row)
     return rows
 
@@ -116,7 +111,9 @@ def _commit() -> str:
 
 def run_cell(ex: Any, version: str, dp: bool, layout: str, examples: int, seed: int,
              replay_dir: str, shrink_s: float | None = 90.0, replays: int = 3) -> dict:
-    from scenarios.campaigns.sglang_hunt import hunt, write_sglang_replay
+    from scenarios.campaigns.explore import hunt
+    from scenarios.generate.strategies import for_sut
+    from scenarios.store.replay import write_replay
 
     t0 = time.monotonic()
     row: dict = {"release": version, "dp_attention": dp, "layout": layout}
@@ -126,24 +123,25 @@ def run_cell(ex: Any, version: str, dp: bool, layout: str, examples: int, seed: 
     row["corpus"] = {"n": n, "diverge": len(div),
                      "flaky": sum(c["verdict"] == "flaky" for c in corpus),
                      "error": sum(c["verdict"] == "error" for c in corpus), "files": corpus}
-    h = hunt(version, dp, (layout,), examples, seed, ex=ex, shrink_s=shrink_s, replays=replays)
-    row["generated"] = {"examples": h["examples"], "seed": seed, "budget": examples,
-                        "infra_errors": h["infra_errors"]}
-    if h.get("infra_schedules"):
+    h = hunt(ex, for_sut(f"sglang=={version}", (layout,), dp_attention=dp), examples, seed,
+             shrink_s=shrink_s, replays=replays)
+    row["generated"] = {"examples": h.examples, "seed": seed, "budget": examples,
+                        "infra_errors": h.infra_errors}
+    if h.infra_schedules:
         from scenarios.core.verdict import Verdict
 
         row["generated"]["infra_replays"] = [
-            str(write_sglang_replay(s, Verdict.unknown(msg[:300]), replay_dir))
-            for s, msg in zip(h["infra_schedules"], h["infra_errors"], strict=False)]
-    if h["found"] is not None:
-        v = h["verdict"]
+            str(write_replay(s, Verdict.unknown(msg[:300]), replay_dir, "torchrun"))
+            for s, msg in zip(h.infra_schedules, h.infra_errors, strict=False)]
+    if h.found is not None and h.verdict is not None:
+        v = h.verdict
         row["generated"].update(
-            first_s=round(h["first_s"], 1), first_n=h["first_n"],
-            shrink_s=round(h["shrink_s"], 1), shrunk_ops=len(h["found"].ops),
-            reproduced=f"{h['reproduced']}/{h['replays']}",
+            first_s=round(h.seconds_to_first or 0.0, 1), first_n=h.first_n,
+            shrink_s=round(h.seconds_shrinking or 0.0, 1), shrunk_ops=h.steps,
+            reproduced=f"{h.reproduced}/{h.replays}",
             invariant=None if v.ok else v.invariant, message=v.message[:300],
-            first_seen=h["first_seen"], shrunk_seen=h["best_seen"],
-            replay=str(write_sglang_replay(h["found"], v, replay_dir)))
+            first_seen=h.first_seen, shrunk_seen=h.best_seen,
+            replay=str(write_replay(h.found, v, replay_dir, "torchrun")))
     row["verdict"] = cell_verdict(row)
     row["seconds"] = round(time.monotonic() - t0, 1)
     return row
@@ -168,7 +166,7 @@ def cmd_matrix(args: argparse.Namespace) -> int:
     from scenarios.sut.sglang.executor import SglangExecutor
 
     releases = args.release or envs.releases_in_range()
-    layouts = args.layout or ["1x2", "2x2"]
+    layouts = args.layout or list(CP_LAYOUTS)
     dps = {"on": [True], "off": [False], "both": [True, False]}[args.dp_attention]
     cells_file = Path(args.json or Path(args.out) / "cells.json")
     replay_dir = args.replay_dir or args.out

@@ -28,6 +28,7 @@ from scenarios.cli.conventions import (
     variant_help,
 )
 from scenarios.cli.protocol_args import add_protocol_arguments, protocol_changes
+from scenarios.core.config import PAGE
 from scenarios.core.contract import STATUS_EXIT, ExitCode, UsageError, stop_requested
 from scenarios.core.records import RankResult
 from scenarios.core.schedule import CachePolicy, Op, Schedule, tokens_for
@@ -36,7 +37,6 @@ from scenarios.judge.coverage import Coverage
 from scenarios.runner.worker import DEVICES
 from scenarios.sut.reference_executor import MODES
 
-PAGE = 4
 #: divergences that did not replay before the soak stops hunting (the IO timing it cannot pin
 #: is then too common for a confirmed finding): the verdict is unknown, with their files
 MAX_UNCONFIRMED = 5

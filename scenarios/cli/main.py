@@ -34,6 +34,7 @@ from scenarios.cli.conventions import (
     version_text,
 )
 from scenarios.cli.protocol_args import add_protocol_arguments, protocol_changes
+from scenarios.core.config import CP_LAYOUTS, EXPLORE_LAYOUTS
 from scenarios.core.contract import (
     CannotJudge,
     ExitCode,
@@ -42,6 +43,7 @@ from scenarios.core.contract import (
     epilog,
     stop_requested,
 )
+from scenarios.core.suts import REFERENCE, sglang_version
 from scenarios.nemesis.mooncake_session import mooncake_for
 from scenarios.runner.worker import DEVICES
 from scenarios.sut.reference_executor import MODES
@@ -121,16 +123,36 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _executor(args: argparse.Namespace, master: str, mode: str):  # noqa: ANN202
-    from scenarios.sut.reference_executor import Executor
+@contextlib.contextmanager
+def _executor(args: argparse.Namespace, sut: str, backend: str | None,
+              mode: str) -> Iterator[Any]:
+    """The SUT's executor for one command, with the Mooncake master it needs (the one given,
+    or one started here and always stopped)."""
+    from scenarios.sut import executor_for
 
     check_device(args.device)
+    if sglang_version(sut) is not None:  # its executor starts its own master (metrics too)
+        with executor_for(sut, timeout_s=args.timeout, mooncake_master=args.mooncake_master,
+                          **multihost_options(args, "torchrun")) as ex:
+            yield ex
+        return
     if mode == "torchrun":
         # import it before any temp dir exists: a Ctrl-C landing inside this import's C++
         # callbacks aborts the process (pybind11 cannot carry the exception)
         import torch.distributed  # noqa: F401
-    return Executor(mode, timeout_s=args.timeout, mooncake_master=master, device=args.device,
-                    **multihost_options(args, mode))
+    with mooncake_for(backend, args.mooncake_master) as (master, _), \
+            executor_for(sut, mode, timeout_s=args.timeout, mooncake_master=master,
+                         device=args.device, **multihost_options(args, mode)) as ex:
+        yield ex
+
+
+def _header(s: Any, mode: str) -> str:
+    """The run's one-line description (what ran, on which SUT, in which configuration)."""
+    dp = "on" if s.dp_attention else "off"
+    if sglang_version(s.sut) is not None:
+        return f"layout={s.layout} sut={s.sut} dp_attention={dp} backend={s.backend}"
+    return (f"layout={s.layout} variant={s.variant} protocol={s.protocol} dp_attention={dp} "
+            f"backend={s.backend} mode={mode}")
 
 
 def finish(args: argparse.Namespace, verdict: Any, replay: Path | None) -> int:
@@ -141,9 +163,12 @@ def finish(args: argparse.Namespace, verdict: Any, replay: Path | None) -> int:
         for inv, msg in verdict.failures[1:6]:
             print(f"  also [{inv}]: {msg}", file=out)
         print("confirmed by replay", file=out)
+    notes = list(verdict.stats.get("not_observed", []))
+    for note in notes:
+        print(f"  not observable on SGLang: {note}", file=out)
     if replay is not None:
         print(f"replay: cpcheck replay {replay}", file=out)
-    emit_verdict(args, verdict, replay=replay)
+    emit_verdict(args, verdict, replay=replay, **({"not_observed": notes} if notes else {}))
     return verdict.exit_code
 
 
@@ -166,23 +191,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     proto = protocol_changes(args)
     s = load_scenario(args.scenario)
     changes = {k: v for k, v in (("layout", args.layout), ("variant", args.variant),
-                                 ("backend", args.backend)) if v}
+                                 ("backend", args.backend), ("sut", args.sut)) if v}
     changes.update(proto)
     if changes:
         s = s.from_dict({**s.model_dump(), **changes}, args.scenario)
-    if (args.sut or s.sut) != "reference":
-        from scenarios.cli import sglang as sglang_cli
-
-        return sglang_cli.cmd_run(args, s)
+    mode = "torchrun" if sglang_version(s.sut) is not None else args.mode
     check_writable(Path(args.replay_dir), "--replay-dir", create=False)
-    with mooncake_for(s.backend, args.mooncake_master) as (master, _), \
-            _executor(args, master, args.mode) as ex:
+    with _executor(args, s.sut, s.backend, mode) as ex:
         _, verdict = run_checked(ex, s)
         verdict = confirm(ex, s, verdict)
-    print(f"{s.name} layout={s.layout} variant={s.variant} protocol={s.protocol} "
-          f"dp_attention={'on' if s.dp_attention else 'off'} backend={s.backend} mode={args.mode}",
-          file=human(args))
-    return finish(args, verdict, _write_if_found(args, s, verdict, args.mode))
+    print(f"{s.name} {_header(s, mode)}", file=human(args))
+    return finish(args, verdict, _write_if_found(args, s, verdict, mode))
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
@@ -191,23 +210,19 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from scenarios.store.replay import read_replay
 
     s, data = read_replay(args.file)
-    if args.backend:
-        s = s.with_(backend=args.backend)
-    if (args.sut or s.sut) != "reference":
-        from scenarios.cli import sglang as sglang_cli
-
-        return sglang_cli.cmd_replay(args, s, data)
-    mode = args.mode or data.get("mode", "torchrun")
+    changes = {k: v for k, v in (("backend", args.backend), ("sut", args.sut)) if v}
+    if changes:
+        s = s.from_dict({**s.model_dump(), **changes}, args.file)
+    sglang = sglang_version(s.sut) is not None
+    mode = "torchrun" if sglang else (args.mode or data.get("mode", "torchrun"))
     if s.layout_obj.world_size > max_ranks_here():
         raise CannotJudge(f"layout {s.layout} needs {s.layout_obj.world_size} ranks; "
                           f"this machine runs at most {max_ranks_here()}")
-    with mooncake_for(s.backend, args.mooncake_master) as (master, _), \
-            _executor(args, master, mode) as ex:
+    with _executor(args, s.sut, s.backend, mode) as ex:
         _, verdict = run_checked(ex, s)
         verdict = confirm(ex, s, verdict)
     out = human(args)
-    print(f"replay {args.file}: layout={s.layout} variant={s.variant} protocol={s.protocol} "
-          f"dp_attention={'on' if s.dp_attention else 'off'} mode={mode}", file=out)
+    print(f"replay {args.file}: {_header(s, mode)}", file=out)
     was = data.get("verdict") or {}
     if was:
         status = was.get("status") or ("agree" if was.get("ok") else "diverge")
@@ -218,38 +233,37 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 def cmd_explore(args: argparse.Namespace) -> int:
     from scenarios.campaigns.explore import hunt
-    from scenarios.judge.judging import confirm
+    from scenarios.core.layout import Layout
+    from scenarios.generate.strategies import for_sut
     from scenarios.store.report import check_writable
 
     proto = protocol_changes(args)
-    if args.sut and args.sut != "reference":
-        from scenarios.cli import sglang as sglang_cli
-
-        return sglang_cli.cmd_explore(args)
+    sut = args.sut or REFERENCE
+    sglang = sglang_version(sut) is not None
     check_writable(Path(args.replay_dir), "--replay-dir", create=False)
-    layouts = tuple(args.layout or ["1x2", "2x2", "1x4", "2x1"])
-    from scenarios.core.layout import Layout
-
+    layouts = tuple(args.layout or (CP_LAYOUTS if sglang else EXPLORE_LAYOUTS))
     for lay in layouts:
         Layout.parse(lay)  # a bad --layout is a usage error before Hypothesis starts
     check_variant_arg(args.variant)
+    mode = "torchrun" if sglang else args.mode
+    strategy = for_sut(sut, layouts, variant=args.variant, backend=args.backend,
+                       **{"dp_attention": True, **proto})
     out = human(args)
-    with mooncake_for(args.backend, args.mooncake_master) as (master, _), \
-            _executor(args, master, args.mode) as ex:
-        h = hunt(ex, args.variant, layouts, args.examples, args.seed, args.backend or "memory",
-                 **proto)
-        if h.coverage is not None:  # which outcomes the schedules reached
-            print(f"outcome coverage over {h.examples} schedules:\n{h.coverage.table()}", file=out)
-        if h.found is None or h.verdict is None:
-            print(f"no divergence in {h.examples} schedules ({h.seconds_total:.1f} s)", file=out)
-            from scenarios.core.verdict import Verdict
+    with _executor(args, sut, args.backend, mode) as ex:
+        h = hunt(ex, strategy, args.examples, args.seed)
+    if h.coverage is not None and h.examples:  # which outcomes the schedules reached
+        print(f"outcome coverage over {h.examples} schedules:\n{h.coverage.table()}", file=out)
+    for line in h.infra_errors[:3]:
+        print(f"not judged (infrastructure): {line[:200]}", file=out)
+    if h.found is None or h.verdict is None:
+        print(f"no divergence in {h.examples} schedules ({h.seconds_total:.1f} s)", file=out)
+        from scenarios.core.verdict import Verdict
 
-            return finish(args, Verdict(True, message=f"no divergence in {h.examples} "
-                                                      f"schedules"), None)
-        verdict = confirm(ex, h.found, h.verdict)
+        return finish(args, Verdict(True, message=f"no divergence in {h.examples} "
+                                                  f"schedules"), None)
     print(f"divergence after {h.seconds_to_first:.2f} s; shrunk to {h.steps} ops "
           f"({h.examples} schedules, {h.seconds_total:.1f} s)", file=out)
-    return finish(args, verdict, _write_if_found(args, h.found, verdict, args.mode))
+    return finish(args, h.verdict, _write_if_found(args, h.found, h.verdict, mode))
 
 
 def cmd_list(args: argparse.Namespace) -> int:

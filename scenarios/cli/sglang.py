@@ -1,8 +1,8 @@
-"""Command-line entry points for SGLang as the system under test (`--sut sglang==VERSION`).
+"""The subcommands that only make sense for SGLang releases: bisect-releases, sglang-envs,
+diff and matrix. (`run`, `replay`, `explore` take `--sut sglang==VERSION` like any SUT.)
 
-`run` / `replay` / `explore` dispatch here when the SUT is a release; `bisect-releases`,
-`matrix` and `sglang-envs` are ours. Every handler returns the contract's exit code:
-0 agree, 1 diverge, 2 usage, 125 cannot judge here (no HiRadixCache, env cannot be built).
+Every handler returns the contract's exit code: 0 agree, 1 diverge, 2 usage, 125 cannot judge
+here (no cache class this code can drive, an environment that cannot be built).
 """
 
 from __future__ import annotations
@@ -13,11 +13,10 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from scenarios.campaigns.sglang_hunt import hunt, judge, with_sut, write_sglang_replay
-from scenarios.cli.conventions import emit_status, emit_verdict, human
+from scenarios.campaigns.release_walk import judge, with_sut
+from scenarios.cli.conventions import emit_status
 from scenarios.core.contract import CannotJudge, ExitCode, UsageError
 from scenarios.sut.sglang import envs
-from scenarios.sut.sglang.executor import parse_sut
 
 
 def contract(fn: Callable[..., int]) -> Callable[..., int]:
@@ -39,79 +38,9 @@ def contract(fn: Callable[..., int]) -> Callable[..., int]:
     return wrapper
 
 
-def _print_verdict(v: Any, args: argparse.Namespace | None = None) -> None:
-    out = human(args) if args is not None else sys.stdout
-    print(v.summary(), file=out)
-    for inv, msg in v.failures[1:4]:
-        print(f"  also [{inv}]: {msg}", file=out)
-    for note in v.stats.get("not_observed", []):
-        print(f"  not observable on SGLang: {note}", file=out)
-
-
-def _emit(args: argparse.Namespace, v: Any, code: int, replay: Any = None) -> None:
-    """`--json`: the verdict as one JSON object on stdout, as the reference's commands do."""
-    emit_verdict(args, v, code, replay, not_observed=list(v.stats.get("not_observed", [])))
-
-
-@contract
-def cmd_run(args: argparse.Namespace, s: Any) -> int:
-    s = with_sut(s, args.sut, _dp(args))
-    code, v = judge(s, timeout=args.timeout, mooncake_master=_master(args))
-    out = human(args)
-    print(f"{s.name} layout={s.layout} sut={s.sut} dp_attention={s.dp_attention}", file=out)
-    _print_verdict(v, args)
-    replay = None
-    if v.status == "diverge":  # not for a run the machine broke (unknown): nothing to replay
-        replay = write_sglang_replay(s, v, args.replay_dir)
-        print(f"replay: cpcheck replay {replay}", file=out)
-    _emit(args, v, code, replay)
-    return code
-
-
-@contract
-def cmd_replay(args: argparse.Namespace, s: Any, data: dict) -> int:
-    s = with_sut(s, args.sut, _dp(args))
-    if s.layout_obj.world_size > 4:
-        raise CannotJudge(f"layout {s.layout}: the SGLang SUT runs at most 4 ranks here")
-    code, v = judge(s, timeout=args.timeout, mooncake_master=_master(args))
-    print(f"replay {args.file}: layout={s.layout} sut={s.sut} dp_attention={s.dp_attention}",
-          file=human(args))
-    _print_verdict(v, args)
-    _emit(args, v, code)
-    return code
-
-
-def _master(args: argparse.Namespace) -> str:
-    return getattr(args, "mooncake_master", "") or ""
-
-
 def _dp(args: argparse.Namespace) -> bool | None:
     flag = getattr(args, "dp_attention", None)
     return None if flag is None else flag == "on"
-
-
-@contract
-def cmd_explore(args: argparse.Namespace) -> int:
-    version = parse_sut(args.sut)
-    layouts = tuple(args.layout or ["1x2", "2x2"])
-    h = hunt(version, _dp(args) is not False, layouts, args.examples, args.seed, args.timeout,
-             backend=getattr(args, "backend", None), mooncake_master=_master(args))
-    out = human(args)
-    if h["found"] is None:
-        print(f"no divergence in {h['examples']} schedules ({h['total_s']:.1f} s)", file=out)
-        emit_status(args, "agree", ExitCode.AGREE)
-        return int(ExitCode.AGREE)
-    if h["flaky"]:
-        _print_verdict(h["verdict"], args)
-        _emit(args, h["verdict"], int(ExitCode.UNKNOWN))
-        return int(ExitCode.UNKNOWN)
-    print(f"divergence after {h['first_s']:.2f} s; shrunk to {len(h['found'].ops)} ops "
-          f"({h['examples']} schedules, {h['total_s']:.1f} s)", file=out)
-    _print_verdict(h["verdict"], args)
-    replay = write_sglang_replay(h['found'], h['verdict'], args.replay_dir)
-    print(f"replay: cpcheck replay {replay}", file=out)
-    _emit(args, h["verdict"], int(ExitCode.DIVERGE), replay)
-    return int(ExitCode.DIVERGE)
 
 
 @contract

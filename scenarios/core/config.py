@@ -17,3 +17,11 @@ SGLANG_ENVS_DIR = REPO_ROOT / "build" / "sglang-envs"
 #: scheduler steps a run may take to drain after its ops (both SUTs): a run still busy then is
 #: judged as it stands
 DRAIN_STEPS = 400
+
+#: tokens per page in every generated Schedule and soak chunk (the reference's default)
+PAGE = 4
+#: layouts a reference hunt draws from when none is given (any of them runs in-process)
+EXPLORE_LAYOUTS = ("1x2", "2x2", "1x4", "2x1")
+#: the smallest layouts with CP peers (one and two TP ranks): SGLang hunts, the release matrix
+#: and the shaped prefetch workloads default to them (2 and 4 processes on a 2-core box)
+CP_LAYOUTS = ("1x2", "2x2")

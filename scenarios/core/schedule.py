@@ -33,6 +33,7 @@ from reference.api import (
     check_variant,
     get_profile,
 )
+from scenarios.core import suts
 from scenarios.core.contract import UsageError
 from scenarios.core.layout import Layout, LayoutError
 
@@ -143,17 +144,15 @@ class Schedule(BaseModel):
     #: per rank: ticks its clock runs ahead (prefetch timeouts are local)
     clock_skew: dict[NonNegativeInt, NonNegativeInt] = Field(default_factory=dict)
     seed: int = 0
-    #: the system under test: "reference" or "sglang==VERSION" (scenarios/sglang)
-    sut: str = "reference"
+    #: the system under test: "reference" or "sglang==VERSION" (scenarios/core/suts.py)
+    sut: str = suts.REFERENCE
 
     @field_validator("sut")
     @classmethod
     def _sut(cls, v: str) -> str:
-        import re
-
-        if v != "reference" and not re.fullmatch(r"sglang==\d+\.\d+\.\d+(\.post\d+)?", v):
-            raise ValueError(f"unknown system under test '{v}': use 'reference' or "
-                             "'sglang==VERSION'")
+        if not suts.valid(v):
+            raise ValueError(f"unknown system under test '{v}': use '{suts.REFERENCE}' or "
+                             f"'{suts.SGLANG_PREFIX}VERSION'")
         return v
 
     @field_validator("layout")

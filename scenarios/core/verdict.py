@@ -8,6 +8,27 @@ from typing import Any
 from scenarios.core.contract import STATUS_EXIT, Status
 
 
+class Finding(tuple):
+    """One checker finding: `(invariant, message)` as it is printed and stored, plus the
+    `rule` that produced it, so that code reading findings filters by rule, never by the words
+    of the message."""
+
+    rule: str
+
+    def __new__(cls, invariant: str, message: str, rule: str = "") -> Finding:
+        self = super().__new__(cls, (invariant, message))
+        self.rule = rule or invariant
+        return self
+
+    @property
+    def invariant(self) -> str:
+        return self[0]
+
+    @property
+    def message(self) -> str:
+        return self[1]
+
+
 @dataclass
 class Verdict:
     """agree / diverge, or `unknown` (as Jepsen has) when infrastructure broke the run;

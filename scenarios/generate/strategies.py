@@ -11,10 +11,10 @@ from __future__ import annotations
 from hypothesis import strategies as st
 
 from reference.api import DEFAULT_PROFILE, STOP_POLICIES, WRITE_POLICIES
+from scenarios.core.config import EXPLORE_LAYOUTS, PAGE
 from scenarios.core.schedule import CachePolicy, Op, Schedule, tokens_for
+from scenarios.core.suts import is_sglang
 from scenarios.generate.workload import prefetch_workloads
-
-PAGE = 4
 
 
 @st.composite
@@ -78,7 +78,7 @@ def prefetch_op_lists(draw: st.DrawFn) -> list[Op]:
 
 
 @st.composite
-def schedules(draw: st.DrawFn, layouts: tuple[str, ...] = ("1x2", "2x2", "1x4", "2x1"),
+def schedules(draw: st.DrawFn, layouts: tuple[str, ...] = EXPLORE_LAYOUTS,
               variant: str = "fixed", backend: str = "memory",
               protocol: str = DEFAULT_PROFILE, dp_attention: bool = True) -> Schedule:
     layout = draw(st.sampled_from(layouts))
@@ -103,3 +103,20 @@ def schedules(draw: st.DrawFn, layouts: tuple[str, ...] = ("1x2", "2x2", "1x4", 
                     protocol=protocol, dp_attention=dp_attention,
                     cache=draw(cache_policies()), ops=ops, choices=choices, faults=faults,
                     clock_skew=skew)
+
+
+def for_sut(sut: str, layouts: tuple[str, ...], *, variant: str = "fixed",
+            backend: str | None = None, protocol: str = DEFAULT_PROFILE,
+            dp_attention: bool = True) -> st.SearchStrategy[Schedule]:
+    """The Schedules one hunt draws for `sut`. The reference takes the variant and protocol
+    profile; an SGLang release is its own protocol, and runs MHA pools only."""
+    if not is_sglang(sut):
+        return schedules(layouts=layouts, variant=variant, backend=backend or "memory",
+                         protocol=protocol, dp_attention=dp_attention)
+
+    def on_release(s: Schedule) -> Schedule:
+        s = s.with_(cache={**s.cache.model_dump(), "mla": False}, sut=sut,
+                    dp_attention=dp_attention)
+        return s.with_(backend=backend) if backend else s
+
+    return schedules(layouts=layouts).map(on_release)

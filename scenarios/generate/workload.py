@@ -24,10 +24,10 @@ from typing import Any
 from hypothesis import strategies as st
 
 from reference.api import DEFAULT_PROFILE
+from scenarios.core.config import CP_LAYOUTS, PAGE
 from scenarios.core.schedule import CachePolicy, Op, Schedule, tokens_for
 from scenarios.judge.coverage import PREFETCH_CLASSES, Coverage
 
-PAGE = 4
 #: a choice c opens c % (pending + 1) more units: 2519 = lcm(1..10) - 1 opens all of <= 9 pending
 ALL = 2519
 #: the at-points of one scheduler step with storage: writing_check, loading_check, drain
@@ -110,7 +110,7 @@ def build_prefetch_schedule(layout: str, policy: str, intents: list[str], *, sha
 
 
 @st.composite
-def prefetch_workloads(draw: st.DrawFn, layouts: tuple[str, ...] = ("1x2", "2x2"),
+def prefetch_workloads(draw: st.DrawFn, layouts: tuple[str, ...] = CP_LAYOUTS,
                        variant: str = "fixed", backend: str = "memory",
                        protocol: str = DEFAULT_PROFILE, dp_attention: bool = True) -> Schedule:
     """One Schedule of 1-4 fetches, each drawn with an outcome intent (see the module doc)."""

@@ -24,7 +24,7 @@ from typing import Any
 from reference.api import effective_configuration, storage_tp_rank
 from scenarios.core.records import RankResult
 from scenarios.core.schedule import Schedule
-from scenarios.core.verdict import Verdict
+from scenarios.core.verdict import Finding, Verdict
 from scenarios.judge.oracle import check_oracle
 
 INVARIANTS = ("collectives", "decisions", "tree", "keys", "pages", "leaks", "oracle")
@@ -133,8 +133,15 @@ def expected_suffix(s: Schedule, tp_rank: int, pp_rank: int, part: str) -> str:
     return f"{tp_rank}_{pp_rank}_{part}" if lay.pp > 1 else f"{tp_rank}_{part}"
 
 
-def check_keys(s: Schedule, results: list[RankResult]) -> list[str]:
-    out = []
+#: what check_keys can find, one rule each (SGLang's own behaviour without DP attention
+#: makes four of them expected there: see sut/sglang/executor.annotate)
+KEY_RULES = ("keys.hash", "keys.naming", "keys.mla_backup", "keys.copies",
+             "keys.cp_peers_differ", "keys.cp_peers_share")
+
+
+def check_keys(s: Schedule, results: list[RankResult]) -> list[tuple[str, str]]:
+    """(rule, message) for each key finding (rules in KEY_RULES)."""
+    out: list[tuple[str, str]] = []
     per_rank: dict[int, dict[str, set[str]]] = {}
     dp_attention = _dp_attention(s)
     for res in results:
@@ -147,7 +154,8 @@ def check_keys(s: Schedule, results: list[RankResult]) -> list[str]:
             for key in call.keys:
                 m = _HASH_RE.search(key)
                 if m is None:
-                    out.append(f"rank {res.rank}: key '{key}' does not start with a page hash")
+                    out.append(("keys.hash",
+                                f"rank {res.rank}: key '{key}' does not start with a page hash"))
                     continue
                 suffix = m.group(2)
                 pages[m.group(1)].add(suffix)
@@ -155,11 +163,13 @@ def check_keys(s: Schedule, results: list[RankResult]) -> list[str]:
                 want = expected_suffix(s, tp, pp, part)
                 if suffix != want and not named_badly:
                     named_badly = True
-                    out.append(f"rank {res.rank} ({op}): key suffix '{suffix}' for page "
-                               f"{m.group(1)[:12]}…, SGLang names it '{want}'")
+                    out.append(("keys.naming",
+                                f"rank {res.rank} ({op}): key suffix '{suffix}' for page "
+                                f"{m.group(1)[:12]}…, SGLang names it '{want}'"))
                 if s.cache.mla and tp != 0 and op == "set":
-                    out.append(f"rank {res.rank}: MLA page {m.group(1)[:12]}… written by "
-                               f"TP rank {tp}; only TP rank 0 backs up")
+                    out.append(("keys.mla_backup",
+                                f"rank {res.rank}: MLA page {m.group(1)[:12]}… written by "
+                                f"TP rank {tp}; only TP rank 0 backs up"))
         per_rank[res.rank] = pages
     # what the store holds: one copy per page part (MLA) or one per key TP rank (MHA): with DP
     # attention never one per CP rank; without it the global TP rank spans CP too
@@ -174,8 +184,9 @@ def check_keys(s: Schedule, results: list[RankResult]) -> list[str]:
     want = lay.pp if s.cache.mla else key_tp_ranks * lay.pp
     for (h, part), keys in sorted(copies.items()):
         if len(keys) > want:
-            out.append(f"the store holds {len(keys)} copies of page {h[:12]}… part {part} "
-                       f"(want at most {want}: CP-split duplicates): {sorted(keys)[:4]}")
+            out.append(("keys.copies",
+                        f"the store holds {len(keys)} copies of page {h[:12]}… part {part} "
+                        f"(want at most {want}: CP-split duplicates): {sorted(keys)[:4]}"))
             break
     # CP peers (same tp, pp): with DP attention they name every shared page identically;
     # without it their MHA keys carry different global TP ranks, so they must differ
@@ -188,14 +199,17 @@ def check_keys(s: Schedule, results: list[RankResult]) -> list[str]:
             for h in sorted(set(per_rank[r]) & set(per_rank[peer])):
                 same = per_rank[r][h] == per_rank[peer][h]
                 if must_share and not same:
-                    out.append(f"CP peers {r} and {peer} use different keys for page {h[:12]}…: "
-                               f"{sorted(per_rank[r][h])} vs {sorted(per_rank[peer][h])}")
+                    out.append(("keys.cp_peers_differ",
+                                f"CP peers {r} and {peer} use different keys for page "
+                                f"{h[:12]}…: {sorted(per_rank[r][h])} vs "
+                                f"{sorted(per_rank[peer][h])}"))
                     break
                 if not must_share and per_rank[r][h] & per_rank[peer][h]:
-                    out.append(f"CP peers {r} and {peer} share key suffixes "
-                               f"{sorted(per_rank[r][h] & per_rank[peer][h])} for page "
-                               f"{h[:12]}… without DP attention (SGLang keys MHA pages by the "
-                               f"global TP rank)")
+                    out.append(("keys.cp_peers_share",
+                                f"CP peers {r} and {peer} share key suffixes "
+                                f"{sorted(per_rank[r][h] & per_rank[peer][h])} for page "
+                                f"{h[:12]}… without DP attention (SGLang keys MHA pages by "
+                                f"the global TP rank)"))
                     break
     return out[:20]
 
@@ -261,7 +275,9 @@ def check(s: Schedule, results: list[RankResult]) -> Verdict:
         ("pages", lambda: check_pages(results)),
         ("leaks", lambda: check_leaks(results)),
     ):
-        failures += [(name, m) for m in fn()]
+        # check_keys names its rule with each finding; the others are one rule each
+        failures += [Finding(name, m[1], m[0]) if isinstance(m, tuple) else Finding(name, m)
+                     for m in fn()]
     # the tree may diverge before any logged decision does (a decision agreed, then acted on
     # with a local value): report whichever happened first on the scheduler's timeline
     tree_at = _first_diff({r.rank: list(r.digests) for r in results})
@@ -272,10 +288,10 @@ def check(s: Schedule, results: list[RankResult]) -> Verdict:
     errors = [r for r in results if r.error is not None]
     # a rank that failed on its own (not by timing out on a peer) is the root cause: name it
     # before the collective mismatches it caused. The kind comes from the exception's type.
-    causes = [("error", _describe_error(r)) for r in errors if not r.error.waited]
-    failures = causes + failures + [("error", _describe_error(r)) for r in errors
+    causes = [Finding("error", _describe_error(r)) for r in errors if not r.error.waited]
+    failures = causes + failures + [Finding("error", _describe_error(r)) for r in errors
                                     if r.error.waited]
-    failures += [("oracle", m) for _rule, m in check_oracle(s, results)]
+    failures += [Finding("oracle", m, f"oracle.{rule}") for rule, m in check_oracle(s, results)]
     if not failures:
         return Verdict(True, stats=stats, message=f"{stats['ranks']} ranks agree on "
                        f"{stats['decisions']} decisions")

@@ -24,13 +24,15 @@ def infrastructure(results: list[RankResult]) -> str | None:
 
 
 def run_checked(ex: Any, s: Schedule, **run_kw: Any) -> tuple[list[RankResult], Verdict]:
-    """Run `s` on `ex` and judge it; never raises for a broken run (the verdict says)."""
+    """Run `s` on the SUT executor `ex` and judge it; never raises for a broken run (the
+    verdict says)."""
     try:
         results = ex.run(s, **run_kw)
     except Exception as e:
         line = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
-        if is_a(e, "scenarios.runner.inprocess:CollectiveTimeout",
-               "scenarios.runner.torchrun_pool:RankTimeoutError"):
+        hang = is_a(e, "scenarios.runner.inprocess:CollectiveTimeout",
+                    "scenarios.runner.torchrun_pool:RankTimeoutError")
+        if hang and getattr(ex, "hangs_are_findings", True):
             # ranks froze: a hang of the system under test (confirmed by replay like any other)
             return [], Verdict(False, "error", f"ranks did not finish: {line}",
                                [("error", f"ranks did not finish: {line}")])
@@ -40,24 +42,31 @@ def run_checked(ex: Any, s: Schedule, **run_kw: Any) -> tuple[list[RankResult], 
     broke = infrastructure(results)
     if broke:
         return results, Verdict.unknown(broke)
-    return results, check(s, results)
+    judge = getattr(ex, "judge", None)
+    return results, judge(s, results) if judge is not None else check(s, results)
 
 
-def confirm(ex: Any, s: Schedule, first: Verdict) -> Verdict:
-    """Replay a divergence once (gated, deterministic); keep it only if it reproduces."""
+def confirm(ex: Any, s: Schedule, first: Verdict, replays: int = 1) -> Verdict:
+    """Replay a divergence (gated, deterministic) `replays` times; keep it only if it
+    reproduced at least once. Replays that could not be judged count neither way."""
     if first.status != "diverge":
         return first
-    _, again = run_checked(ex, s, gated=True)
-    record = {"first": _brief(first), "replay": _brief(again)}
-    if again.status == "diverge":
+    again = [run_checked(ex, s, gated=True)[1] for _ in range(max(1, replays))]
+    judged = [v for v in again if v.status != "unknown"]
+    reproduced = sum(v.status == "diverge" for v in judged)
+    record = {"first": _brief(first), "replay": _brief(next(
+        (v for v in again if v.status == "diverge"), again[0])),
+        "replays": len(again), "reproduced": reproduced}
+    if reproduced:
         first.stats["confirmed_by_replay"] = True
         first.stats["confirmation"] = record
         return first
-    if again.status == "unknown":
-        diagnosis = f"divergence could not be replayed: {again.diagnosis}"
+    if not judged:
+        diagnosis = f"divergence could not be replayed: {again[0].diagnosis}"
     else:
-        diagnosis = (f"flaky: DIVERGE [{first.invariant}] did not reproduce on replay "
-                     f"({again.summary()})")
+        on = "replay" if len(judged) == 1 else f"{len(judged)} replays"
+        diagnosis = (f"flaky: DIVERGE [{first.invariant}] did not reproduce on {on} "
+                     f"({judged[-1].summary()})")
     v = Verdict.unknown(diagnosis, invariant=first.invariant, failures=first.failures,
                         stats={**first.stats, "confirmed_by_replay": False,
                                "confirmation": record})

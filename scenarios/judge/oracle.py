@@ -3,8 +3,8 @@
 The cross-rank invariants in checker.py pass whenever every rank agrees, even on a wrong value
 (a reduce with the wrong operator, a threshold applied to the wrong count, a stop policy that
 stops early everywhere). This module recomputes, from the per-rank logs alone, what the protocol
-(`/work/shared/design/protocol.md`, `protocol-versions.md`) says each agreed value must be. It is
-written from those documents and imports nothing from `reference/`.
+(docs/design/protocol-by-release.md; the rules below are docs/design/oracle.md) says each
+agreed value must be. It is written from those documents and imports nothing from `reference/`.
 
 Rules (each violation names the rule, the decision, the ranks, the locals, expected and actual):
   reduce        the agreed value equals the reduction of the members' local values, reduced
@@ -71,7 +71,7 @@ Stage = Callable[[int], tuple[int, ...]]
 FORWARDED_KINDS = ("writing_check", "loading_check")
 
 
-#: variant names that stand for a whole configuration (README, "Known-bad variants"): a run
+#: variant names that stand for a whole configuration (the README's variant table): a run
 #: with one follows that protocol and DP-attention setting whatever the Schedule says
 ALIASES = {"tp_only_sync": ("sglang-0.5.10", True)}
 

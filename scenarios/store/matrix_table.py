@@ -1,7 +1,9 @@
-"""Print the README's release-matrix table from one or more cells files.
+"""Print the release-matrix table from one or more cells files, or write it into its docs file.
 
     python -m scenarios.store.matrix_table cpcheck-out/matrix/cells.json [other.json ...]
         [--details]
+    python -m scenarios.store.matrix_table docs/sglang-matrix/cells.json \
+        --write docs/sglang-release-matrix.md   # the committed table, between its markers
 
 Rows: release x DP attention (on, off); columns: 1x2, 2x2. A cell reads
 "diverge [writing_check], 5.2 s, 7 ops, replay 3/3, corpus 1/9", "agree (corpus 9/9, 5
@@ -14,10 +16,15 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
+from scenarios.core.config import CP_LAYOUTS
 from scenarios.store import matrix_cells
+from scenarios.store.doc_tables import write_block
 
-LAYOUTS = ("1x2", "2x2")
+LAYOUTS = CP_LAYOUTS
+#: the name of the table's block in its docs file
+TABLE = "release-matrix"
 
 
 def _corpus(c: dict) -> str:
@@ -132,6 +139,14 @@ def _cell_md(text: str) -> str:
     return text.replace("|", "/").replace("\n", " ")[:160]
 
 
+def _shown(path: str) -> str:
+    """A path as the docs file should name it: relative to the repository when inside it."""
+    from scenarios.core.config import REPO_ROOT
+
+    p = Path(path).resolve()
+    return str(p.relative_to(REPO_ROOT)) if p.is_relative_to(REPO_ROOT) else Path(path).name
+
+
 def main(argv: list[str] | None = None) -> int:
     from scenarios.core.contract import ExitCode, UsageError
 
@@ -139,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
                                  description=__doc__.split("\n\n")[0])
     ap.add_argument("files", nargs="+", help="cells files (cells.json of `cpcheck matrix`)")
     ap.add_argument("--details", action="store_true", help="also when / load / command per cell")
+    ap.add_argument("--write", default="", help="write the table (and --details) into this docs "
+                    "file, between its generated markers, instead of printing it")
     args = ap.parse_args(argv)
     try:
         missing = [f for f in args.files if not __import__("os").path.exists(f)]
@@ -148,12 +165,15 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"matrix_table: {e}", file=sys.stderr)
         return int(ExitCode.USAGE)
-    print(render(cells))
+    text = render(cells)
     if args.details:
-        print()
-        print(details(cells))
-        print()
-        print(divergences(cells))
+        text += "\n\n" + details(cells) + "\n\n" + divergences(cells)
+    if args.write:
+        command = ("python -m scenarios.store.matrix_table " + " ".join(map(_shown, args.files))
+                   + (" --details" if args.details else "") + f" --write {_shown(args.write)}")
+        write_block(args.write, TABLE, text, command, title="The SGLang release matrix")
+    else:
+        print(text)
     return int(ExitCode.AGREE)
 
 

@@ -28,6 +28,7 @@ from scenarios.core.schedule import (
     Schedule,
     ScheduleError,
 )
+from scenarios.core.suts import sglang_version
 from scenarios.core.verdict import Verdict
 from scenarios.store.report import atomic_write_text
 
@@ -59,6 +60,10 @@ def git_state(repo: Path = REPO) -> dict[str, Any]:
 def replay_name(s: Schedule, verdict: Verdict) -> str:
     """`replay-...` only for a divergence; anything else says what it is (`unknown-...`)."""
     prefix = "replay" if verdict.status == "diverge" else verdict.status or "unknown"
+    version = sglang_version(s.sut)
+    if version is not None:  # which release, and in which CP configuration
+        dp = "dpattn" if s.dp_attention else "nodp"
+        return f"{prefix}-sglang-{version}-{dp}-{s.layout}-{s.digest()}.json"
     return f"{prefix}-{s.variant}-{s.layout}-{s.digest()}.json"
 
 

@@ -15,6 +15,9 @@ from typing import Any
 
 from scenarios.core.contract import stop_requested
 from scenarios.core.schedule import Schedule
+from scenarios.core.suts import REFERENCE
+from scenarios.core.verdict import Verdict
+from scenarios.judge import checker
 
 MODES = ("inprocess", "torchrun")
 
@@ -40,6 +43,12 @@ def max_pool_ranks(device: str) -> int:
 
 
 class Executor:
+    """The reference as a `SutExecutor` (scenarios/sut/__init__.py), in one mode."""
+
+    sut = REFERENCE
+    #: ranks that never finish froze in the reference's own agreement: a finding
+    hangs_are_findings = True
+
     def __init__(self, mode: str = "inprocess", *, timeout_s: float = 10.0,
                  mooncake_master: str = "", device: str = "auto",
                  storage_root: str | None = None, nnodes: int = 1,
@@ -149,6 +158,9 @@ class Executor:
             pool.close()  # leftover threads may still sit in gloo calls: start clean
             self._pools.pop(s.layout, None)
         return results
+
+    def judge(self, s: Schedule, results: list[Any]) -> Verdict:
+        return checker.check(s, results)  # looked up per call: tests script the checker
 
     def close(self) -> None:
         for pool in self._pools.values():

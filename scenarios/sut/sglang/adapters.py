@@ -1,4 +1,6 @@
-"""Per-release differences in SGLang's HiCache API, absorbed in one place (sglang.md's table).
+"""Per-release differences in SGLang's HiCache API, absorbed in one place.
+
+The differences are listed in docs/design/driving-sglang.md.
 
 - CacheInitParams gained fields over time (attn_cp/attn_tp groups in 0.5.11, pp_cache_group
   in 0.5.13): pass only the fields the release's dataclass has.

@@ -1,7 +1,7 @@
 """Build and cache one CPU environment per SGLang release, sharing a common base.
 
 Layout under ``build/sglang-envs/`` (gitignored):
-  base/        the CPU dependency set every release imports (sglang.md), ``pip --target``
+  base/        the CPU dependency set every release imports (docs/design/driving-sglang.md), ``pip --target``
   base.json    what base holds, its build time and bytes
   <V>/         only ``sglang==V --no-deps``, its pinned transformers and what that pin needs
                beyond the system and base (tokenizers, huggingface_hub, ...), plus extras
@@ -29,10 +29,10 @@ from scenarios.core.config import REPO_ROOT, SGLANG_ENVS_DIR
 from scenarios.core.contract import CannotJudge, UsageError
 
 ROOT = SGLANG_ENVS_DIR
-FIRST, LAST = (0, 5, 9), (0, 5, 20)  # HiRadixCache exists in this range (sglang.md)
+FIRST, LAST = (0, 5, 9), (0, 5, 20)  # HiRadixCache exists in this range (docs/design/)
 FIX_RELEASE = "0.5.11"  # first release with PR #20460
 
-#: the common CPU set sglang.md found for the HiCache import chain (transformers is per release)
+#: the CPU set the HiCache import chain needs, transformers aside (docs/design/driving-sglang.md)
 BASE = ["numpy", "orjson", "psutil", "pybase64", "requests", "packaging", "pillow", "starlette",
         "tqdm", "IPython", "pydantic", "aiohttp", "msgspec", "pyzmq", "openai==2.6.1",
         "partial_json_parser", "dill", "sentencepiece", "gguf", "einops"]

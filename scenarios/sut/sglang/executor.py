@@ -14,8 +14,9 @@ import tempfile
 import uuid
 from typing import Any
 
+from scenarios.core import suts
 from scenarios.core.config import REPO_ROOT
-from scenarios.core.contract import CannotJudge
+from scenarios.core.contract import CannotJudge, UsageError
 from scenarios.core.verdict import Verdict
 from scenarios.sut.sglang import envs, mooncake
 
@@ -24,23 +25,26 @@ _REPO = REPO_ROOT
 
 
 def parse_sut(sut: str) -> str | None:
-    """'reference' -> None; 'sglang==V' -> 'V'. Anything else is a usage error."""
-    from scenarios.core.contract import UsageError
-
-    if sut == "reference":
-        return None
-    if sut.startswith("sglang=="):
-        v = sut.split("==", 1)[1]
+    """'reference' -> None; 'sglang==V' -> 'V' (a release number this code can parse)."""
+    v = suts.sglang_version(sut)
+    if v is not None:
         envs.parse_release(v)
-        return v
-    raise UsageError(f"unknown system under test '{sut}': use 'reference' or 'sglang==VERSION'")
+    return v
 
 
 class SglangExecutor:
+    """One SGLang release as a `SutExecutor` (scenarios/sut/__init__.py)."""
+
+    mode = "torchrun"
+    #: a job that outlives its timeout is the pool's trouble, not SGLang's: its gloo groups are
+    #: made to time out inside the run, so a hang of the release shows as a rank's error
+    hangs_are_findings = False
+
     def __init__(self, version: str, *, timeout_s: float = 20.0, build: bool = True,
                  log: Any = print, mooncake_master: str = "") -> None:
         envs.check_runnable(version)
         self.version = version
+        self.sut = suts.sglang(version)
         self.timeout_s = timeout_s
         if build:
             envs.build_release(version, log=log)
@@ -90,9 +94,15 @@ class SglangExecutor:
                 "storage_root": self.storage_root, "collective_timeout_s": self.timeout_s,
                 "version": self.version, "dp_attention": dp, "mooncake_master": master}
 
-    def run(self, s: Any, dp_attention: bool | None = None) -> list[dict]:
+    def run(self, s: Any, dp_attention: bool | None = None, *, gated: bool = True,
+            nemesis: Any = None) -> list[Any]:
+        """One run of `s` on every rank. SGLang's runs are always gated (its IO threads wait
+        at the harness's seams); faults act through the Schedule, not a nemesis."""
         from scenarios.runner import RankPoolError
 
+        if nemesis is not None:
+            raise UsageError("the SGLang SUT takes its faults from the Schedule "
+                             "(storage_errors, host_alloc), not from a process nemesis")
         dp = s_dp_attention(s) if dp_attention is None else dp_attention
         if s.backend not in ("memory", "file", mooncake.BACKEND):
             raise CannotJudge(f"backend '{s.backend}' is not wired to the SGLang SUT yet "
@@ -114,6 +124,10 @@ class SglangExecutor:
             pool.close()
             self._pools.pop(s.layout, None)
         return results
+
+    def judge(self, s: Any, results: list[Any]) -> Verdict:
+        """The checker's verdict as SGLang's behaviour reads it (see `annotate`)."""
+        return verdict_of(s, results, s_dp_attention(s))
 
     def check(self, s: Any, dp_attention: bool | None = None) -> Verdict:
         dp = s_dp_attention(s) if dp_attention is None else dp_attention
@@ -167,14 +181,18 @@ def verdict_of(s: Any, results: list, dp_attention: bool) -> Verdict:
     return annotate(checker.check(s, results), dp_attention, s.backend)
 
 
+#: key findings that are SGLang's documented behaviour without DP attention: CP peers carry
+#: their global TP rank in MHA keys, so they name, share and store pages differently
+KEYED_BY_GLOBAL_TP = frozenset({"keys.cp_peers_differ", "keys.cp_peers_share", "keys.copies",
+                                "keys.naming"})
+
+
 def annotate(v: Verdict, dp_attention: bool, backend: str = "file") -> Verdict:
     """Drop the key findings that are SGLang's documented behaviour without DP attention
     (CP peers use their global TP rank in keys) and say what was not observable."""
     notes = list(NOT_OBSERVED if backend != mooncake.BACKEND else mooncake.NOT_OBSERVED)
     if not dp_attention:
-        keep = [(i, m) for i, m in v.failures
-                if not (i == "keys" and ("CP peers" in m or "copies of page" in m
-                                         or "SGLang names it" in m))]
+        keep = [f for f in v.failures if getattr(f, "rule", None) not in KEYED_BY_GLOBAL_TP]
         if len(keep) != len(v.failures):
             notes.append("without DP attention SGLang keys pages by global TP rank, so CP peers "
                          "write different keys: the key invariant is not applied")

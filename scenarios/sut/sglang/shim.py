@@ -1,6 +1,6 @@
 """Let SGLang's HiCache import and run on CPU torch: the four GPU-only pieces, replaced.
 
-Facts in shared/design/sglang.md. Call `install()` before the first `import sglang` and
+Facts in docs/design/driving-sglang.md. Call `install()` before the first `import sglang` and
 `patch_loaded()` after the mem_cache modules are imported and before any pool is built.
   1. torchvision: imported at module top level and must look installed to transformers; the
      PyPI wheel is a CUDA build. A meta_path stub (with metadata) whose members raise if used.
