@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -94,11 +95,23 @@ def torchrun_command(python: str, cfg: PoolConfig, endpoint: str, *, is_host: bo
             f"--device={cfg.device}", f"--collective-timeout-s={cfg.collective_timeout_s}"]
 
 
+def _listening(host: str, port: int) -> bool:
+    """Whether something accepts connections there (checked with a plain socket first, so
+    waiting for the store does not fill the log with TCPStore's retry warnings)."""
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
 def _client(endpoint: str, timeout_s: float) -> object:
     """A client of the rendezvous store (raises if nobody hosts it within `timeout_s`)."""
     from torch.distributed import TCPStore
 
     host, port = parse_endpoint(endpoint)
+    if not _listening(host, port):
+        raise ConnectionRefusedError(f"nothing listens on {endpoint} yet")
     return TCPStore(host, port, is_master=False, timeout=timedelta(seconds=timeout_s),
                     wait_for_workers=False)
 
