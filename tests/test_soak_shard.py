@@ -10,7 +10,7 @@ import pytest
 from scenarios.campaigns.report_merge import check_one_nightly, merge
 from scenarios.campaigns.shard import plan_shard, shard_seed
 from scenarios.cli.main import main
-from scenarios.core.contract import UsageError
+from scenarios.core.errors import UsageError
 
 
 def _soak(out: Path, shard: str, *extra: str) -> int:

@@ -18,7 +18,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from scenarios.core.contract import CannotJudge, UsageError
+from scenarios.core.errors import CannotJudge, UsageError
 from scenarios.judge.coverage import Coverage
 from scenarios.store.report import SOAK_REPORT_SCHEMA, atomic_write_text
 

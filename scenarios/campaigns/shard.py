@@ -14,7 +14,7 @@ import random
 import re
 from dataclasses import dataclass
 
-from scenarios.core.contract import UsageError
+from scenarios.core.errors import UsageError
 from scenarios.core.layout import Layout
 
 _SHARD_RE = re.compile(r"^\s*(-?\d+)\s*/\s*(-?\d+)\s*$")

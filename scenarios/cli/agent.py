@@ -12,7 +12,7 @@ import sys
 from typing import Any
 
 from scenarios.cli.conventions import positive_float, positive_int
-from scenarios.core.contract import CannotJudge, UsageError
+from scenarios.core.errors import UsageError
 
 
 def add_agent_subcommand(sub: Any, **sub_kw: Any) -> None:
@@ -28,7 +28,7 @@ def add_agent_subcommand(sub: Any, **sub_kw: Any) -> None:
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
-    from scenarios.runner.multihost import MultiHostError, parse_endpoint, run_agent
+    from scenarios.runner.multihost import parse_endpoint, run_agent
 
     try:
         parse_endpoint(args.rdzv_endpoint)
@@ -36,11 +36,8 @@ def cmd_agent(args: argparse.Namespace) -> int:
         raise UsageError(str(e)) from None
     if args.nnodes < 2:
         raise UsageError(f"--nnodes {args.nnodes}: an agent joins a pool of at least 2 hosts")
-    try:
-        return run_agent(args.nnodes, args.rdzv_endpoint, wait_s=args.wait, once=args.once,
-                         log=lambda line: print(line, file=sys.stderr, flush=True))
-    except MultiHostError as e:
-        raise CannotJudge(str(e)) from None
+    return run_agent(args.nnodes, args.rdzv_endpoint, wait_s=args.wait, once=args.once,
+                     log=lambda line: print(line, file=sys.stderr, flush=True))
 
 
 def add_multihost_flags(p: argparse.ArgumentParser) -> None:

@@ -27,14 +27,12 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 
+from scenarios.core.errors import MultiHostError
+
 #: the key, in torchrun's rendezvous store, that holds the pool's launch config (JSON)
 CONFIG_KEY = "cpcheck/pool/config"
 _LAUNCH_MODULE = "scenarios.runner.launch"
 _WORKER_MODULE = "scenarios.runner.worker"
-
-
-class MultiHostError(RuntimeError):
-    """The rendezvous or an agent failed (bad endpoint, no first host, a config we cannot run)."""
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,7 @@ import psutil
 
 from scenarios.core.config import REPO_ROOT
 from scenarios.core.errors import (
+    MultiHostError,
     PoolNotRunningError,
     RankDiedError,
     RankJobError,
@@ -62,7 +63,6 @@ from scenarios.core.errors import (
 from scenarios.core.layout import Layout
 from scenarios.runner.launch import ENV_FAILURES, FailureReport, RankFailure, read_failures
 from scenarios.runner.multihost import (
-    MultiHostError,
     PoolConfig,
     describe_node,
     node_of,
