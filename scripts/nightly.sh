@@ -7,16 +7,34 @@
 # replay-*.json on a divergence; $1/latest points at it)
 # goes to $1 (default soak-out). Exit: the soak's code (0 agree, 1 diverge, 125 cannot run
 # here), or the tests' code when only they failed.
-# Knobs (environment): SOAK_MINUTES (30) SOAK_LAYOUT (2x2) SOAK_BACKEND (mooncake)
-#   SOAK_MODE (torchrun) SOAK_DEVICE (auto: CUDA where present, one GPU per rank)
-#   SOAK_FAULTS (all five) SOAK_SEED (unset: random) SOAK_TESTS (1; 0 skips step 1)
-#   PYTHON (python3)
+# Knobs (environment): SOAK_MINUTES (30) SOAK_LAYOUT (2x2; a comma list with SOAK_SHARD)
+#   SOAK_BACKEND (mooncake) SOAK_MODE (torchrun) SOAK_DEVICE (auto: CUDA where present, one
+#   GPU per rank) SOAK_FAULTS (all five) SOAK_SEED (unset: random) SOAK_TESTS (1; 0 skips
+#   step 1) SOAK_SHARD (unset; I/N: this runner soaks part I of N, its own seed and layout
+#   derived from SOAK_SEED and SOAK_LAYOUT, which every shard must share; the soak tests run
+#   on shard 1 only) PYTHON (python3)
+# A nightly spread over runners: each runs `SOAK_SHARD=I/N nightly.sh shard-I`, then
+#   nightly.sh merge OUT DIR...   folds the shards' reports into OUT (one verdict, coverage
+#                                 table and plots; every replay file kept); exit: its verdict
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out="${1:-soak-out}"
 py="${PYTHON:-python3}"
-mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+if [ "${1:-}" = "merge" ]; then
+  shift
+  [ "$#" -ge 2 ] || { echo "usage: $0 merge OUT DIR..." >&2; exit 2; }
+  out="$1"
+  shift
+  exec "$py" -m scenarios.cli report merge "$@" --out "$out"
+fi
+out="${1:-soak-out}"
+mkdir -p "$out"
+
+shard_args=()
+if [ -n "${SOAK_SHARD:-}" ]; then
+  shard_args=(--shard "$SOAK_SHARD")
+  [ "${SOAK_SHARD%%/*}" = "1" ] || SOAK_TESTS=0  # the soak tests once per nightly, not N times
+fi
 
 tests_rc=0
 if [ "${SOAK_TESTS:-1}" = "1" ]; then
@@ -34,7 +52,7 @@ seed_args=()
   --device "${SOAK_DEVICE:-auto}" \
   --minutes "${SOAK_MINUTES:-30}" \
   --faults "${SOAK_FAULTS:-slow_rank,storage_latency,storage_errors,master_restart,kill_rank}" \
-  "${seed_args[@]}" \
+  "${seed_args[@]}" "${shard_args[@]}" \
   --out "$out" 2>&1 | tee "$out/soak.log"
 soak_rc=${PIPESTATUS[0]}
 echo "nightly: soak exit $soak_rc, soak tests exit $tests_rc; output in $out" >&2

@@ -201,8 +201,11 @@ class Soak:
         with ExitStack() as stack, lost_raises() as can_interrupt:
             try:
                 self._save()  # a report from the first second: complete false, phase start-up
-                print(f"cpcheck soak: seed {self.seed}; writing to {self.out}", file=sys.stderr,
-                      flush=True)
+                sh = self.cfg.shard
+                of = (f" (shard {sh['shard']} of base seed {sh['base_seed']}, layout "
+                      f"{self.cfg.layout})" if sh else "")
+                print(f"cpcheck soak: seed {self.seed}{of}; writing to {self.out}",
+                      file=sys.stderr, flush=True)
                 self._start(stack, can_interrupt)
                 self._loop()
             except InfrastructureLost:
@@ -229,7 +232,8 @@ class Soak:
         if self.nem is not None and self.mm is not None:
             self.nem.attach_master(self.mm)
         self._phase("start-up: workers")
-        self.ex = stack.enter_context(Executor(cfg.mode, timeout_s=cfg.timeout,
+        self.ex = stack.enter_context(Executor(cfg.mode, **cfg.pool_options,
+                                               timeout_s=cfg.timeout,
                                                mooncake_master=master, device=cfg.device))
         self.watchdog = Watchdog(self._check_in_flight, self._waiting_on, can_interrupt)
         self.watchdog.start()
@@ -542,7 +546,7 @@ class Soak:
             fault_events=nem.events if nem else [],
             replay=str(st.replay_path) if st.replay_path else None, not_saved=st.not_saved,
             prefetch_outcomes=dict(st.outcomes), coverage=st.coverage.to_dict(),
-            timeline=st.timeline)
+            timeline=st.timeline, host_used=st.host_used, shard=cfg.shard)
 
     def _fault_runs(self) -> dict:
         """How many runs could meet a fault (gated chunks draw none) and, per kind, the runs

@@ -1,4 +1,4 @@
-"""cpcheck's command line: run, replay, explore, soak, list, version.
+"""cpcheck's command line: run, replay, explore, soak, report merge, list, version.
 
 Every subcommand ends with one exit code of the contract in scenarios/core/contract.py (table below):
 bad input is one line and exit 2 before any work starts; a run that infrastructure broke is
@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from reference.api import STORAGE_BACKENDS
+from scenarios.cli.agent import add_multihost_flags, multihost_options
 from scenarios.cli.conventions import (
     HelpFormatter,
     OneLineParser,
@@ -59,6 +60,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="seconds any rank may wait on a peer before the run fails")
     p.add_argument("--device", choices=DEVICES, default="auto")
     add_output_flags(p)
+    add_multihost_flags(p)
     from scenarios.cli.sglang import add_sut_flags
 
     add_sut_flags(p)
@@ -106,6 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
     from scenarios.cli.soak import add_soak_arguments
 
     add_soak_arguments(soak)
+    from scenarios.cli.report import add_report_subcommand
+
+    add_report_subcommand(sub, **sub_kw)
+    from scenarios.cli.agent import add_agent_subcommand
+
+    add_agent_subcommand(sub, **sub_kw)
     from scenarios.cli.sglang import add_subcommands
 
     add_subcommands(sub, _add_common, **sub_kw)
@@ -121,8 +129,8 @@ def _executor(args: argparse.Namespace, sut: str, backend: str | None,
 
     check_device(args.device)
     if sglang_version(sut) is not None:  # its executor starts its own master (metrics too)
-        with executor_for(sut, timeout_s=args.timeout,
-                          mooncake_master=args.mooncake_master) as ex:
+        with executor_for(sut, timeout_s=args.timeout, mooncake_master=args.mooncake_master,
+                          **multihost_options(args, "torchrun")) as ex:
             yield ex
         return
     if mode == "torchrun":
@@ -131,7 +139,7 @@ def _executor(args: argparse.Namespace, sut: str, backend: str | None,
         import torch.distributed  # noqa: F401
     with mooncake_for(backend, args.mooncake_master) as (master, _), \
             executor_for(sut, mode, timeout_s=args.timeout, mooncake_master=master,
-                         device=args.device) as ex:
+                         device=args.device, **multihost_options(args, mode)) as ex:
         yield ex
 
 
@@ -355,7 +363,17 @@ def main(argv: list[str] | None = None) -> int:
         from scenarios.cli.soak import cmd_soak
 
         handlers["soak"] = lambda a: cmd_soak(a, argv)
+    if args.cmd == "agent":
+        from scenarios.cli.agent import cmd_agent
+
+        handlers["agent"] = cmd_agent
+    if args.cmd == "report":
+        from scenarios.cli.report import cmd_report
+
+        handlers["report"] = cmd_report
     try:
+        if args.cmd in ("run", "explore"):  # bad multi-host flags: exit 2 before any work
+            multihost_options(args, args.mode)
         with signals_unwind():
             code = handlers[args.cmd](args)
         if argv is None and (code == ExitCode.INTERRUPTED or args.cmd == "soak"):

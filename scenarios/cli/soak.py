@@ -6,10 +6,13 @@ The only place the soak meets argparse: everything below reads a `SoakConfig`.
 from __future__ import annotations
 
 import argparse
+import random
 import sys
 from pathlib import Path
 
 from reference.api import STORAGE_BACKENDS
+from scenarios.campaigns.shard import add_shard_argument, plan_shard
+from scenarios.cli.agent import add_multihost_flags, multihost_options
 from scenarios.cli.conventions import (
     add_output_flags,
     check_device,
@@ -27,7 +30,8 @@ from scenarios.sut.reference_executor import MODES
 
 def add_soak_arguments(p: argparse.ArgumentParser) -> None:
     """Options of `cpcheck soak` (cli.py builds the subparser and calls this)."""
-    p.add_argument("--layout", default="1x2", help="TPxCP[xPP] (default 1x2)")
+    p.add_argument("--layout", default="1x2",
+                   help="TPxCP[xPP] (default 1x2); with --shard, a comma list")
     p.add_argument("--backend", choices=STORAGE_BACKENDS, default="memory")
     p.add_argument("--minutes", type=positive_float, default=1.0,
                    help="wall-clock budget (default 1)")
@@ -48,6 +52,8 @@ def add_soak_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=positive_float, default=10.0,
                    help="seconds any rank may wait on a peer before the run fails")
     p.add_argument("--device", choices=DEVICES, default="auto")
+    add_shard_argument(p)
+    add_multihost_flags(p)
     add_protocol_arguments(p)
     add_output_flags(p)
 
@@ -58,12 +64,17 @@ def soak_config(args: argparse.Namespace, argv: list[str] | None = None) -> Soak
 
     if args.mooncake_master and args.backend != "mooncake":
         raise UsageError("--mooncake-master needs --backend mooncake (it would be ignored)")
-    layout = str(Layout.parse(args.layout))
+    # a shard of a nightly soaks its own seed and layout of the lists given (campaigns/shard.py)
+    plan = plan_shard(args.layout, args.seed if args.seed is not None
+                      else random.randrange(1 << 31), args.shard)
+    layout = str(Layout.parse(plan.layout))
     check_variant_arg(args.variant)
     check_device(args.device)
     return SoakConfig(
         layout=layout, backend=args.backend, minutes=args.minutes, variant=args.variant,
-        faults=args.faults, seed=args.seed, mode=args.mode, out=Path(args.out),
+        faults=args.faults, seed=plan.seed, mode=args.mode, out=Path(args.out),
+        shard=plan.to_dict() if args.shard else None,
+        pool_options=multihost_options(args, args.mode),  # bad flags: exit 2 before any work
         mooncake_master=args.mooncake_master, timeout=args.timeout, device=args.device,
         protocol_changes=protocol_changes(args), json=args.json, verbose=args.verbose,
         argv=tuple(["cpcheck", *(argv if argv is not None else sys.argv[1:])]))

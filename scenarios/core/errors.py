@@ -146,6 +146,11 @@ class RankPoolStartError(RankPoolError):
     """torchrun or a worker failed before every rank connected; the message ends with the log."""
 
 
+class MultiHostError(RankPoolError):
+    """A pool over hosts could not meet: no first host at the rendezvous, a config an agent
+    cannot run (scenarios/runner/multihost.py)."""
+
+
 class PoolNotRunningError(RankPoolError):
     """``run`` on a pool that was never started, was closed, or was torn down by a failure."""
 

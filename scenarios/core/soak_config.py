@@ -26,6 +26,10 @@ class SoakConfig:
     timeout: float = 10.0
     device: str = "auto"
     protocol_changes: dict[str, Any] = field(default_factory=dict)
+    #: `--shard I/N` of a nightly spread over runners (campaigns/shard.py), or None
+    shard: dict[str, Any] | None = None
+    #: the rank pool over several hosts (`--nnodes`, `--rdzv-endpoint`), or {} for one host
+    pool_options: dict[str, Any] = field(default_factory=dict)
     json: bool = False
     verbose: bool = False
     #: the command line, for the report's provenance

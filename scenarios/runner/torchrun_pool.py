@@ -51,6 +51,7 @@ import psutil
 
 from scenarios.core.config import REPO_ROOT
 from scenarios.core.errors import (
+    MultiHostError,
     PoolNotRunningError,
     RankDiedError,
     RankJobError,
@@ -61,6 +62,14 @@ from scenarios.core.errors import (
 )
 from scenarios.core.layout import Layout
 from scenarios.runner.launch import ENV_FAILURES, FailureReport, RankFailure, read_failures
+from scenarios.runner.multihost import (
+    PoolConfig,
+    describe_node,
+    node_of,
+    parse_endpoint,
+    publish_config,
+    torchrun_command,
+)
 from scenarios.runner.worker import ENV_ADDRESS, ENV_AUTHKEY, Diagnosis
 
 __all__ = [
@@ -227,8 +236,8 @@ class _Acceptor:
     for ``_HANDSHAKE_TIMEOUT_S``; :meth:`close` wakes and joins the thread.
     """
 
-    def __init__(self, authkey: bytes, n_expected: int) -> None:
-        self.listener = Listener(("127.0.0.1", 0), authkey=authkey, backlog=max(64, n_expected))
+    def __init__(self, authkey: bytes, n_expected: int, host: str = "127.0.0.1") -> None:
+        self.listener = Listener((host, 0), authkey=authkey, backlog=max(64, n_expected))
         self.address: tuple[str, int] = self.listener.address  # type: ignore[assignment]
         self.hellos: queue.SimpleQueue[tuple[Connection, tuple[Any, ...]]] = queue.SimpleQueue()
         self._closing = False
@@ -362,10 +371,25 @@ class RankPool:
         error_grace_s: float = _ERROR_GRACE_S,
         log_dir: str | os.PathLike[str] | None = None,
         python: str = sys.executable,
+        nnodes: int = 1,
+        rdzv_endpoint: str | None = None,
     ) -> None:
         self.layout = Layout.parse(layout, max_world=None)
+        self.nnodes = int(nnodes)
+        self.rdzv_endpoint = rdzv_endpoint
+        if self.nnodes > 1:  # ranks on several hosts: see scenarios/runner/multihost.py
+            try:
+                parse_endpoint(rdzv_endpoint or "")
+            except ValueError as e:
+                raise RankPoolConfigError(str(e)) from None
+            if self.layout.world_size % self.nnodes:
+                raise RankPoolConfigError(
+                    f"layout '{self.layout}' has {self.layout.world_size} ranks, which "
+                    f"{self.nnodes} hosts cannot share evenly")
+        elif self.nnodes < 1:
+            raise RankPoolConfigError(f"nnodes {nnodes}: expected >= 1")
         cap = max_ranks if max_ranks is not None else max_ranks_here()
-        if self.layout.world_size > cap:
+        if self.layout.world_size // self.nnodes > cap:
             how = "max_ranks" if max_ranks is not None else f"4 x {cap // 4} CPU cores"
             raise RankPoolConfigError(
                 f"layout '{self.layout}' needs {self.layout.world_size} ranks, more than this "
@@ -474,7 +498,8 @@ class RankPool:
     def _launch(self) -> None:
         self.pool_id = secrets.token_hex(6)
         authkey = secrets.token_bytes(32)
-        self._acceptor = _Acceptor(authkey, 2 * self.world_size)
+        bind = parse_endpoint(self.rdzv_endpoint)[0] if self.nnodes > 1 else "127.0.0.1"
+        self._acceptor = _Acceptor(authkey, 2 * self.world_size, bind)
         host, port = self._acceptor.address
         if self.keep_log_dir is not None:
             os.makedirs(self.keep_log_dir, exist_ok=True)
@@ -490,7 +515,9 @@ class RankPool:
         env["PYTHONPATH"] = os.pathsep.join(
             [str(_REPO_ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
         )
-        if "GLOO_SOCKET_IFNAME" not in env and os.path.exists("/sys/class/net/lo"):
+        loopback = self.nnodes == 1 or parse_endpoint(str(self.rdzv_endpoint))[0] in (
+            "127.0.0.1", "localhost")
+        if loopback and "GLOO_SOCKET_IFNAME" not in env and os.path.exists("/sys/class/net/lo"):
             env["GLOO_SOCKET_IFNAME"] = "lo"  # single host: never depend on hostname resolution
         env.setdefault("OMP_NUM_THREADS", "1")
         # torchrun's agent makes torchelastic_* temp dirs and removes them only when it exits
@@ -525,6 +552,12 @@ class RankPool:
             f"--device={self.device}",
             f"--collective-timeout-s={self.collective_timeout_s}",
         ]
+        cfg = None
+        if self.nnodes > 1:  # the same torchrun on every host; this one hosts the store
+            cfg = PoolConfig(self.pool_id, str(self.layout), self.device,
+                             self.collective_timeout_s, self.nnodes,
+                             self.world_size // self.nnodes, f"{host}:{port}", authkey.hex())
+            cmd = torchrun_command(self.python, cfg, str(self.rdzv_endpoint), is_host=True)
         self._proc = subprocess.Popen(
             cmd,
             stdin=subprocess.DEVNULL,
@@ -536,6 +569,14 @@ class RankPool:
         if not self._atexit_registered:
             atexit.register(self.close)
             self._atexit_registered = True
+        if cfg is not None:  # the other hosts' agents read it from the rendezvous store
+            proc = self._proc
+            try:
+                publish_config(str(self.rdzv_endpoint), cfg,
+                               time.monotonic() + self.start_timeout_s,
+                               lambda: proc.poll() is None)
+            except MultiHostError as e:
+                raise RankPoolStartError(str(e)) from None
 
     def _accept_all(self) -> None:
         assert self._acceptor is not None and self._proc is not None
@@ -553,6 +594,7 @@ class RankPool:
                     raise RankPoolStartError(
                         f"pool '{self.layout}' did not start in {self.start_timeout_s:g} s: "
                         f"{len(job)} of {n} ranks connected (missing {missing})"
+                        f"{self._who_is_missing(missing)}"
                     )
                 got = self._acceptor.get(_POLL_S)
                 self._acceptor.reap_stuck()
@@ -579,6 +621,18 @@ class RankPool:
         self._ranks = ranks
         self._acceptor.close()  # every rank is in; free the port and the thread now
         self._acceptor = None
+
+    def _who_is_missing(self, missing: list[int]) -> str:
+        """For a pool over hosts: which hosts those ranks live on, or that none joined."""
+        if self.nnodes == 1:
+            return ""
+        if len(missing) == self.world_size:  # torchrun starts workers only after rendezvous
+            return (f"; the rendezvous at {self.rdzv_endpoint} never completed: at least one "
+                    f"of the {self.nnodes - 1} agent(s) (`cpcheck agent --nnodes {self.nnodes} "
+                    f"--rdzv-endpoint {self.rdzv_endpoint}`) never joined")
+        per = self.world_size // self.nnodes
+        nodes = sorted({node_of(r, per) for r in missing})
+        return "; missing: " + ", ".join(describe_node(k, self.nnodes, per) for k in nodes)
 
     def _raise_start_failed(self, code: int, connected: int) -> NoReturn:
         msg = (
@@ -713,8 +767,10 @@ class RankPool:
 
     def _raise_timeout(self, name: str, stuck: list[int], timeout_s: float) -> NoReturn:
         diag = self.diagnose()
+        per = self.world_size // self.nnodes
         lines = [
-            f"rank {r} did not finish job '{name}' in {timeout_s:g} s: {_summary(diag.get(r))}"
+            f"rank {r}{'' if self.nnodes == 1 else ' on ' + describe_node(node_of(r, per), self.nnodes, per)}"
+            f" did not finish job '{name}' in {timeout_s:g} s: {_summary(diag.get(r))}"
             for r in stuck
         ]
         done = sorted(set(range(self.world_size)) - set(stuck))
@@ -736,6 +792,16 @@ class RankPool:
         itself died (its workers then exit as orphans): ``rank=None``.
         """
         proc = self._proc
+        gone = self._hosts_gone() if self.nnodes > 1 else []
+        if gone:
+            # every rank of another host closed its connection: that host's agent left (this
+            # host's ranks then fail in collectives with the ones that are gone; not the cause)
+            per = self.world_size // self.nnodes
+            where = ", ".join(describe_node(k, self.nnodes, per) for k in gone)
+            msg = (f"{where} left during job '{name}': every rank there closed its connection; "
+                   f"pool torn down, call start() to run again")
+            self._teardown(graceful=False, reason=msg)
+            raise RankDiedError(msg, gone[0] * per, None)
         if proc is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=10.0)  # torchrun reaps the rest and writes who failed
@@ -762,6 +828,27 @@ class RankPool:
         if tail:
             _add_note(exc, "torchrun log (last lines):\n" + tail)
         raise exc
+
+    def _hosts_gone(self, window_s: float = 2.0) -> list[int]:
+        """Nodes other than this one whose ranks all closed their job connections (waits up to
+        `window_s` for them: a host's ranks go together, seen one by one)."""
+        per = self.world_size // self.nnodes
+        closed: set[int] = set()
+        deadline = time.monotonic() + window_s
+        while True:
+            for r in self._ranks:
+                if r.info.rank in closed or r.job_conn is None:
+                    continue
+                try:
+                    if r.job_conn.poll(0):
+                        r.job_conn.recv_bytes()  # a late result: discarded, the pool goes down
+                except (EOFError, OSError):
+                    closed.add(r.info.rank)
+            gone = [k for k in range(1, self.nnodes)
+                    if all(r in closed for r in range(k * per, (k + 1) * per))]
+            if gone or time.monotonic() >= deadline:
+                return gone
+            time.sleep(0.05)
 
     # -- diagnosis -------------------------------------------------------------------------
 

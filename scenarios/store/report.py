@@ -161,6 +161,10 @@ class SoakReport(BaseModel):
     prefetch_outcomes: dict[str, int] = Field(default_factory=dict)
     coverage: dict[str, Any] = Field(default_factory=dict)
     timeline: list[dict[str, Any]] = Field(default_factory=list)
+    #: host pool slots in use after each run (the merge redraws the host pool plot from it)
+    host_used: list[int] = Field(default_factory=list)
+    #: which shard of a nightly this soak was (`--shard I/N`), or None
+    shard: dict[str, Any] | None = None
 
     def to_json(self) -> str:
         return json.dumps(_finite(self.model_dump(by_alias=True)), indent=1, default=str)

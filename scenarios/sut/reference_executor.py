@@ -51,7 +51,8 @@ class Executor:
 
     def __init__(self, mode: str = "inprocess", *, timeout_s: float = 10.0,
                  mooncake_master: str = "", device: str = "auto",
-                 storage_root: str | None = None) -> None:
+                 storage_root: str | None = None, nnodes: int = 1,
+                 rdzv_endpoint: str | None = None) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown mode '{mode}': choose one of {', '.join(MODES)}")
         self.mode = mode
@@ -61,6 +62,10 @@ class Executor:
         self._own_root = storage_root is None
         self.storage_root = storage_root or tempfile.mkdtemp(prefix="cpcheck-store-")
         self._pools: dict[str, Any] = {}
+        #: ranks spread over hosts (scenarios/runner/multihost.py): one pool at a time, since
+        #: every pool uses the one rendezvous endpoint the agents know
+        self.nnodes = nnodes
+        self.rdzv_endpoint = rdzv_endpoint
 
     def __enter__(self) -> Executor:
         return self
@@ -103,7 +108,8 @@ class Executor:
         if pool is None or not pool.running:
             pool = RankPool(layout, device=self.device,
                             collective_timeout_s=self.timeout_s * 3,
-                            env={"MC_LOG_LEVEL": "ERROR", "OMP_NUM_THREADS": "1"})
+                            env={"MC_LOG_LEVEL": "ERROR", "OMP_NUM_THREADS": "1"},
+                            nnodes=self.nnodes, rdzv_endpoint=self.rdzv_endpoint)
             self._make_room(pool.world_size)
             pool.start()
         self._pools[layout] = pool  # last: the most recently used
@@ -112,6 +118,8 @@ class Executor:
     def _make_room(self, ranks: int) -> None:
         """Close least recently used pools until `ranks` more fit the rank bound."""
         bound = max_pool_ranks(self.resolved_device)
+        if self.nnodes > 1:
+            bound = 1  # any other pool closes: the agents serve one pool at a time
         while bound and self._pools and (
                 sum(p.world_size for p in self._pools.values()) + ranks > bound):
             oldest = next(iter(self._pools))
