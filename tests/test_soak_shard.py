@@ -19,7 +19,9 @@ def _soak(out: Path, shard: str, *extra: str) -> int:
 
 
 def _report(folder: Path) -> dict:
-    return json.loads((folder / "report.json").read_text())
+    """A merged report (in `folder`) or a soak's (in its run dir, `folder`/latest)."""
+    path = folder / "report.json"
+    return json.loads((path if path.exists() else folder / "latest" / "report.json").read_text())
 
 
 def test_three_shards_merge_into_one_report_sum_of_runs_worst_verdict(tmp_path: Path,
