@@ -29,6 +29,7 @@ from scenarios.core.errors import UsageError
 from scenarios.core.records import RankResult
 from scenarios.core.schedule import CachePolicy, Op, Schedule, tokens_for
 from scenarios.core.soak_config import SoakConfig
+from scenarios.core.suts import sglang_version
 from scenarios.core.verdict import Verdict
 from scenarios.generate.workload import soak_chunk
 from scenarios.judge.coverage import Coverage
@@ -219,6 +220,7 @@ class Soak:
     def _start(self, stack: ExitStack, can_interrupt: bool) -> None:
         from scenarios.nemesis.mooncake_session import mooncake_for
         from scenarios.store.report import native_stderr_to
+        from scenarios.sut import executor_for
         from scenarios.sut.reference_executor import Executor
 
         cfg = self.cfg
@@ -232,9 +234,13 @@ class Soak:
         if self.nem is not None and self.mm is not None:
             self.nem.attach_master(self.mm)
         self._phase("start-up: workers")
-        self.ex = stack.enter_context(Executor(cfg.mode, **cfg.pool_options,
-                                               timeout_s=cfg.timeout,
-                                               mooncake_master=master, device=cfg.device))
+        if sglang_version(cfg.sut) is not None:  # a release: its own pools, under torchrun
+            self.ex = stack.enter_context(executor_for(cfg.sut, timeout_s=cfg.timeout,
+                                                       mooncake_master=master))
+        else:
+            self.ex = stack.enter_context(Executor(cfg.mode, **cfg.pool_options,
+                                                   timeout_s=cfg.timeout,
+                                                   mooncake_master=master, device=cfg.device))
         self.watchdog = Watchdog(self._check_in_flight, self._waiting_on, can_interrupt)
         self.watchdog.start()
         stack.callback(self.watchdog.stop)
@@ -262,9 +268,13 @@ class Soak:
                               allow_gated=self._gated_allowed())
         if self.cfg.protocol_changes:
             s = s.with_(**self.cfg.protocol_changes)
-        # what really runs: an alias variant (tp_only_sync) names its own profile and setting
-        profile, dp = effective_configuration(s.protocol, s.dp_attention, s.variant)
-        self.st.protocol.update(protocol=profile.name, dp_attention=dp)
+        if sglang_version(self.cfg.sut) is not None:  # the release's own protocol, MHA pools
+            s = s.with_(sut=self.cfg.sut, cache={**s.cache.model_dump(), "mla": False})
+            self.st.protocol.update(protocol=self.cfg.sut, dp_attention=s.dp_attention)
+        else:
+            # what really runs: an alias variant (tp_only_sync) names its own profile
+            profile, dp = effective_configuration(s.protocol, s.dp_attention, s.variant)
+            self.st.protocol.update(protocol=profile.name, dp_attention=dp)
         results, v, fired, run_s = self._run(s, gated)
         self._account(s, results, v, fired, run_s)
         broke = self._infrastructure()
@@ -529,8 +539,10 @@ class Soak:
         counts = nem.counts() if nem else {}
         return SoakReport(
             complete=st.complete, phase=st.phase, provenance=self.provenance,
-            run_dir=str(self.out), layout=self.layout, variant=cfg.variant, backend=cfg.backend,
-            mode=cfg.mode, **st.protocol, seed=self.seed, minutes=cfg.minutes, runs=st.runs,
+            run_dir=str(self.out), sut=cfg.sut, layout=self.layout, variant=cfg.variant,
+            backend=cfg.backend,
+            mode=getattr(self.ex, "mode", cfg.mode), **st.protocol, seed=self.seed,
+            minutes=cfg.minutes, runs=st.runs,
             decisions=st.decisions, seconds=round(elapsed, 2),
             decisions_per_s=round(st.decisions / elapsed, 1) if elapsed else 0.0,
             runs_per_s=round(st.runs / elapsed, 2) if elapsed else 0.0,
@@ -603,8 +615,8 @@ class Soak:
         rep = self.report()
         print(f"outcome coverage ({rep.runs} runs):\n{st.coverage.table()}", file=o)
         dp = {True: "on", False: "off"}.get(rep.dp_attention, "n/a")  # type: ignore[arg-type]
-        print(f"soak layout={rep.layout} variant={cfg.variant} protocol={rep.protocol} "
-              f"dp_attention={dp} backend={cfg.backend} mode={cfg.mode} "
+        print(f"soak sut={rep.sut} layout={rep.layout} variant={cfg.variant} "
+              f"protocol={rep.protocol} dp_attention={dp} backend={cfg.backend} mode={rep.mode} "
               f"seed={rep.seed}: {rep.runs} runs, {rep.decisions} decisions "
               f"in {rep.seconds:.1f} s ({rep.decisions_per_s:.0f}/s); faults "
               f"{rep.faults or 'none'}{'; INTERRUPTED' if rep.interrupted else ''}", file=o)

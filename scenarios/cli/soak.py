@@ -24,6 +24,7 @@ from scenarios.cli.conventions import (
 from scenarios.cli.protocol_args import add_protocol_arguments, protocol_changes
 from scenarios.core.errors import UsageError
 from scenarios.core.soak_config import SoakConfig
+from scenarios.core.suts import sglang_version
 from scenarios.runner.worker import DEVICES
 from scenarios.sut.reference_executor import MODES
 
@@ -52,6 +53,9 @@ def add_soak_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=positive_float, default=10.0,
                    help="seconds any rank may wait on a peer before the run fails")
     p.add_argument("--device", choices=DEVICES, default="auto")
+    p.add_argument("--sut", default="reference",
+                   help="reference or sglang==VERSION (a release: gated runs under torchrun, "
+                        "faults from the Schedules, no --variant / --protocol / --faults)")
     add_shard_argument(p)
     add_multihost_flags(p)
     add_protocol_arguments(p)
@@ -70,14 +74,33 @@ def soak_config(args: argparse.Namespace, argv: list[str] | None = None) -> Soak
     layout = str(Layout.parse(plan.layout))
     check_variant_arg(args.variant)
     check_device(args.device)
+    changes = protocol_changes(args)
+    if sglang_version(args.sut) is not None:
+        _check_release_soak(args, changes)
     return SoakConfig(
         layout=layout, backend=args.backend, minutes=args.minutes, variant=args.variant,
         faults=args.faults, seed=plan.seed, mode=args.mode, out=Path(args.out),
         shard=plan.to_dict() if args.shard else None,
         pool_options=multihost_options(args, args.mode),  # bad flags: exit 2 before any work
         mooncake_master=args.mooncake_master, timeout=args.timeout, device=args.device,
-        protocol_changes=protocol_changes(args), json=args.json, verbose=args.verbose,
+        protocol_changes=changes, sut=args.sut, json=args.json, verbose=args.verbose,
         argv=tuple(["cpcheck", *(argv if argv is not None else sys.argv[1:])]))
+
+
+def _check_release_soak(args: argparse.Namespace, changes: dict) -> None:
+    """What a soak of an SGLang release cannot take (exit 2, naming it)."""
+    if args.variant != "fixed":
+        raise UsageError(f"--variant {args.variant}: known-bad variants are the reference's; "
+                         f"--sut {args.sut} runs the release as it is")
+    if "protocol" in changes:
+        raise UsageError(f"--protocol: --sut {args.sut} is its own protocol")
+    kinds = [k for k in args.faults.split(",") if k.strip()]
+    if kinds:
+        raise UsageError(f"--faults {','.join(kinds)}: not for --sut {args.sut}: a release's "
+                         "IO threads run under the harness's gates, so its faults come from "
+                         "the Schedules (storage errors in the soak's gated chunks)")
+    if getattr(args, "nnodes", 1) not in (None, 1):
+        raise UsageError(f"--nnodes: --sut {args.sut} runs on one host")
 
 
 def cmd_soak(args: argparse.Namespace, argv: list[str] | None = None) -> int:

@@ -26,6 +26,8 @@ class SoakConfig:
     timeout: float = 10.0
     device: str = "auto"
     protocol_changes: dict[str, Any] = field(default_factory=dict)
+    #: the system under test: "reference" or "sglang==VERSION" (scenarios/core/suts.py)
+    sut: str = "reference"
     #: `--shard I/N` of a nightly spread over runners (campaigns/shard.py), or None
     shard: dict[str, Any] | None = None
     #: the rank pool over several hosts (`--nnodes`, `--rdzv-endpoint`), or {} for one host

@@ -131,6 +131,7 @@ class SoakReport(BaseModel):
     phase: str = "start-up"
     provenance: dict[str, Any] = Field(default_factory=dict)
     run_dir: str | None = None
+    sut: str = "reference"
     layout: str = ""
     variant: str = ""
     backend: str = ""
