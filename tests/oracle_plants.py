@@ -52,9 +52,8 @@ def _writing_check_one_short(self: HiRadixCache, write_back: bool = False) -> No
         del self._ack_writes
 
 
-def _release_one_page_short(self: HiRadixCache, info: Any, keep_tokens: int,
-                            leak: bool = False) -> None:
-    return _release_prefetch(self, info, max(keep_tokens - self.page_size, 0), leak)
+def _release_one_page_short(self: HiRadixCache, info: Any, keep_tokens: int) -> None:
+    return _release_prefetch(self, info, max(keep_tokens - self.page_size, 0))
 
 
 def _terminate_always(self: HiRadixCache, op: Any) -> bool:
