@@ -73,14 +73,11 @@ def test_reference_models_0_5_11_and_0_5_13(version: str, scenario: str) -> None
 def test_a_planted_release_difference_is_found(monkeypatch) -> None:  # noqa: ANN001
     """The pin above can fail: host pages queued as one item per call (as the reference did)
     instead of one per page are named at the drain's release count."""
-    from reference.cache_controller import HiCacheController
+    from tests.oracle_plants import DIFFERENTIAL_PLANTS
 
     need("0.5.11")
-
-    def one_item(self, host_indices) -> None:  # noqa: ANN001
-        if host_indices.numel():
-            self.host_mem_release_queue.put(host_indices)
-    monkeypatch.setattr(HiCacheController, "append_host_mem_release", one_item)
+    for obj, attr, value in DIFFERENTIAL_PLANTS["host_release_per_call"]:
+        monkeypatch.setattr(obj, attr, value)
     same, msg = differential(load_scenario("write_acks"), "0.5.11")
     assert not same and "'drain'" in msg and "release 2')" in msg, msg
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from reference.hashing import KeySuffix, backend_tag_prefix, namespace_seed, page_hashes
+from reference.api import KeySuffix, backend_tag_prefix, namespace_seed, page_hashes
 from scenarios.sglang import envs
 from tests.sglang_envs import need
 
