@@ -48,7 +48,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(scope="session")
 def inprocess_executor() -> Iterator:
-    from scenarios.executor import Executor
+    from scenarios.sut.reference_executor import Executor
 
     with Executor("inprocess", timeout_s=rank_timeout(3.0)) as ex:
         yield ex
@@ -57,7 +57,7 @@ def inprocess_executor() -> Iterator:
 @pytest.fixture(scope="session")
 def torchrun_executor() -> Iterator:
     """One executor for the session: its rank pools live across tests (starting one costs s)."""
-    from scenarios.executor import Executor
+    from scenarios.sut.reference_executor import Executor
 
     with Executor("torchrun", timeout_s=rank_timeout(5.0)) as ex:
         yield ex

@@ -43,8 +43,8 @@ from reference.api import (
     open_rank,
     page_hashes,
 )
-from scenarios.contract import ExitCode
-from scenarios.mooncake_master import MooncakeMaster
+from scenarios.core.contract import ExitCode
+from scenarios.nemesis.mooncake_master import MooncakeMaster
 
 #: SGLang's STORAGE_BATCH_SIZE (mem_cache/hicache_storage.py, 0.5.16-0.5.20): pages per L3 read
 SGLANG_STORAGE_BATCH_SIZE = 128

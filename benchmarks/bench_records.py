@@ -15,9 +15,10 @@ import random
 import statistics
 import time
 
-from scenarios.checker import check
+from scenarios.campaigns.soak import make_chunk
+from scenarios.judge.checker import check
 from scenarios.runner.inprocess import run_schedule_inprocess
-from scenarios.soak import make_chunk
+from scenarios.sut.reference_rank import execute_inprocess
 
 
 def main() -> None:
@@ -31,7 +32,7 @@ def main() -> None:
     for i in range(args.chunks):
         s = make_chunk(random.Random(i), i, args.layout, "fixed", "memory")
         c0 = time.process_time()  # every thread's CPU: robust to other load on the machine
-        out = run_schedule_inprocess(s, gated=True, timeout_s=20.0)
+        out = run_schedule_inprocess(s, execute_inprocess, gated=True, timeout_s=20.0)
         check(s, out)
         cpu += time.process_time() - c0
         results += out

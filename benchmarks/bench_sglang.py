@@ -9,7 +9,7 @@ Per seed: seconds and Schedules to the first divergence, seconds per run before 
 much of that the ranks spent building and shutting down SGLang's cache), the shrink, the replay
 confirmation (k/3) and the load average (the box is shared: read every time with it).
 
-Needs the two environments (python -m scenarios.sglang.envs 0.5.10.post1 0.5.11).
+Needs the two environments (python -m scenarios.sut.sglang.envs 0.5.10.post1 0.5.11).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from hypothesis.errors import NoSuchExample
 
 
 def warm(ex, layout: str = "1x2") -> float:  # noqa: ANN001
-    from scenarios.catalog import load_scenario
+    from scenarios.generate.catalog import load_scenario
 
     t = time.monotonic()
     ex.run(load_scenario("write_acks").with_(layout=layout))
@@ -38,9 +38,12 @@ class Timed:
         self.ex = ex
         self.rows: list[dict] = []
 
-    def run(self, s, dp=None):  # noqa: ANN001, ANN201
+    def __getattr__(self, name: str):  # noqa: ANN204  (sut, mode, judge, ...: the executor's)
+        return getattr(self.ex, name)
+
+    def run(self, s, dp=None, **kw):  # noqa: ANN001, ANN003, ANN201
         t = time.monotonic()
-        res = self.ex.run(s, dp)
+        res = self.ex.run(s, dp, **kw)
         self.rows.append({"wall": time.monotonic() - t,
                           "rank": max(r.wall_s for r in res),
                           "build": max(r.phase_s.get("build", 0.0) for r in res),
@@ -58,8 +61,9 @@ def _load() -> str:
 
 
 def detect(version: str, seeds: list[int], examples: int, shrink_s: float) -> list[dict]:
-    from scenarios.sglang.executor import SglangExecutor
-    from scenarios.sglang.hunting import hunt
+    from scenarios.campaigns.explore import hunt
+    from scenarios.generate.strategies import for_sut
+    from scenarios.sut.sglang.executor import SglangExecutor
 
     out = []
     with SglangExecutor(version, timeout_s=20, build=False) as ex:
@@ -69,16 +73,16 @@ def detect(version: str, seeds: list[int], examples: int, shrink_s: float) -> li
         print("|---|---|---|---|---|---|---|---|---|", flush=True)
         for seed in seeds:
             timed = Timed(ex)
-            h = hunt(version, True, ("1x2",), examples, seed, ex=timed, shrink_s=shrink_s,
-                     replays=3)
-            pre = timed.rows[:h["first_n"] or len(timed.rows)]
-            row = {"seed": seed, "first_s": h["first_s"], "first_n": h["first_n"],
+            h = hunt(timed, for_sut(f"sglang=={version}", ("1x2",)), examples, seed,
+                     shrink_s=shrink_s, replays=3)
+            pre = timed.rows[:h.first_n or len(timed.rows)]
+            row = {"seed": seed, "first_s": h.seconds_to_first, "first_n": h.first_n,
                    "run_s": _mean([r["wall"] for r in pre]),
                    "rank_s": _mean([r["rank"] for r in pre]),
                    "build_s": _mean([r["build"] for r in pre]),
                    "shutdown_s": _mean([r["shutdown"] for r in pre]),
-                   "shrink_s": h["shrink_s"], "ops": len(h["found"].ops) if h["found"] else 0,
-                   "replay": f"{h['reproduced']}/{h['replays']}", "total_s": h["total_s"]}
+                   "shrink_s": h.seconds_shrinking, "ops": h.steps,
+                   "replay": f"{h.reproduced}/{h.replays}", "total_s": h.seconds_total}
             out.append(row)
             first = f"{row['first_s']:.1f}" if row["first_s"] is not None else "not found"
             shrink = f"{row['shrink_s']:.1f}" if row["shrink_s"] is not None else "-"
@@ -92,7 +96,7 @@ def detect(version: str, seeds: list[int], examples: int, shrink_s: float) -> li
 def same_schedules(n: int, layout: str) -> list:
     import random
 
-    from scenarios.strategies import schedules
+    from scenarios.generate.strategies import schedules
 
     got: list = []
 
@@ -152,8 +156,8 @@ def time_to_detect(args: argparse.Namespace, seeds: list[int]) -> None:
 
 
 def rates(args: argparse.Namespace) -> None:
-    from scenarios.executor import Executor
-    from scenarios.sglang.executor import SglangExecutor
+    from scenarios.sut.reference_executor import Executor
+    from scenarios.sut.sglang.executor import SglangExecutor
 
     scheds = same_schedules(args.schedules, args.layout)
     print(f"\n## decisions per second, {len(scheds)} generated Schedules, layout {args.layout}")

@@ -8,7 +8,7 @@ Per (layout, DP attention): the corpus Schedules of that layout (scenarios/corpu
 corpus/sglang/), the catalog's write_acks, then `--schedules` generated ones. Each Schedule
 runs on the file backend, then on Mooncake, in the same warm pool, so both see the same load.
 The Mooncake master is started here and stopped on exit. Needs the release's environment
-(python -m scenarios.sglang.envs RELEASE) and mooncake-transfer-engine(-non-cuda).
+(python -m scenarios.sut.sglang.envs RELEASE) and mooncake-transfer-engine(-non-cuda).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def generated(n: int, layout: str, seed: int) -> list:
     from hypothesis import HealthCheck, Phase, find, settings
     from hypothesis.errors import NoSuchExample
 
-    from scenarios.strategies import schedules
+    from scenarios.generate.strategies import schedules
 
     got: list = []
     if n <= 0:
@@ -59,10 +59,10 @@ def main() -> int:
     ap.add_argument("--timeout", type=float, default=20.0)
     args = ap.parse_args()
 
-    from scenarios.catalog import load_scenario
-    from scenarios.checker import check
-    from scenarios.sglang.executor import SglangExecutor, annotate
-    from scenarios.sglang.matrix import corpus_for
+    from scenarios.campaigns.matrix import corpus_for
+    from scenarios.generate.catalog import load_scenario
+    from scenarios.judge.checker import check
+    from scenarios.sut.sglang.executor import SglangExecutor, annotate
 
     sut = f"sglang=={args.release}"
     totals = {"file": [0, 0.0], "mooncake": [0, 0.0]}

@@ -6,7 +6,7 @@ raw batch_get from the same Mooncake client in the same run: the comparison
         [--sizes 64,256,1024] [--settle-ms 20] [--poll-us 200] [--json out.json]
 
 The parent starts (and stops) its own `mooncake_master` and runs one child in the release's
-CPU environment (build/sglang-envs/<V> + base, see scenarios/sglang/envs.py) that builds, per
+CPU environment (build/sglang-envs/<V> + base, see scenarios/sut/sglang/envs.py) that builds, per
 page-part size, SGLang's real `HiRadixCache` + `HiCacheController` (world of one rank on gloo:
 SGLang's `init_distributed_environment` + `initialize_model_parallel`, as scenarios/sglang does)
 with `hicache_storage_backend="mooncake"`: SGLang's `MooncakeStore`, its zero-copy
@@ -86,7 +86,7 @@ from bench_shared import (  # noqa: E402
     versions,
 )
 
-from scenarios.contract import ExitCode  # noqa: E402
+from scenarios.core.contract import ExitCode  # noqa: E402
 
 #: host pool = HOST_RATIO x device pool: the prefetched prompt, raw's buffer and headroom (and
 #: SGLang rate-limits prefetch above half the host pool)
@@ -111,7 +111,7 @@ def _free_port() -> int:
 
 def start_sglang() -> dict[str, Any]:
     """SGLang's imports under the CPU shim and its parallel state for a world of one rank."""
-    from scenarios.sglang import adapters, quick_reset, shim
+    from scenarios.sut.sglang import adapters, quick_reset, shim
 
     shim.install()
     import sglang.srt.managers.cache_controller as cc_mod
@@ -152,7 +152,7 @@ def build_cache(sg: dict, part_bytes: int, pages: int, master: str, tag: str) ->
     from sglang.srt.mem_cache.allocator import PagedTokenToKVPoolAllocator
     from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
 
-    from scenarios.sglang import adapters
+    from scenarios.sut.sglang import adapters
 
     ps_mod = sg["ps"]
     layers = layers_for(part_bytes)
@@ -323,14 +323,14 @@ def breakdown(log: list[tuple[str, float, float]], t0: float, t1: float,
 
 
 def _rid_arg(fn: Callable, rid: str) -> Any:
-    from scenarios.sglang import adapters
+    from scenarios.sut.sglang import adapters
 
     return adapters._rid_arg(fn, rid)
 
 
 def clear_tree(cache: Any, tokens: list[int]) -> Any:
     """Evict device and host, so the prompt is in L3 only; the scheduler's match of it."""
-    from scenarios.sglang import adapters
+    from scenarios.sut.sglang import adapters
 
     adapters.evict(cache, 1 << 30)
     cache.evict_host(1 << 30)
@@ -505,7 +505,7 @@ def _dies_with_parent(cmd: list[str]) -> list[str]:
 
 
 def child_env(release: str) -> dict[str, str]:
-    from scenarios.sglang import envs, mooncake
+    from scenarios.sut.sglang import envs, mooncake
 
     pp = os.pathsep.join([str(REPO), envs.pythonpath(release)]
                          + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))
@@ -517,8 +517,8 @@ def child_env(release: str) -> dict[str, str]:
 
 def check_release(release: str) -> None:
     """2 for a malformed release number, 125 for one without a built environment."""
-    from scenarios.contract import UsageError
-    from scenarios.sglang import envs
+    from scenarios.core.contract import UsageError
+    from scenarios.sut.sglang import envs
 
     try:
         envs.parse_release(release)
@@ -527,7 +527,7 @@ def check_release(release: str) -> None:
     man = envs.load_manifest(release)
     if man is None or not man.ok or not envs.release_dir(release).is_dir():
         raise CannotMeasure(f"no environment for sglang {release} under {envs.ROOT} "
-                            f"(build it: python -m scenarios.sglang.envs {release})")
+                            f"(build it: python -m scenarios.sut.sglang.envs {release})")
 
 
 def run_child(args: argparse.Namespace, master: str, scratch: str,
@@ -613,7 +613,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def parent_main(args: argparse.Namespace) -> int:
-    from scenarios.mooncake_master import MooncakeMaster, MooncakeMasterError, mooncake_available
+    from scenarios.nemesis.mooncake_master import (
+        MooncakeMaster,
+        MooncakeMasterError,
+        mooncake_available,
+    )
 
     check_release(args.release)
     ok, why = mooncake_available()

@@ -31,7 +31,7 @@ import reference.hiradix_cache as hc  # noqa: E402
 import reference.memory_pool as mp  # noqa: E402
 import reference.scheduler as sc  # noqa: E402
 import reference.sync as sync  # noqa: E402
-from scenarios.mooncake_master import MooncakeMaster  # noqa: E402
+from scenarios.nemesis.mooncake_master import MooncakeMaster  # noqa: E402
 
 Event = tuple[str, str, float, float]  # step, thread, start, end
 LOG: list[Event] = []

@@ -1,7 +1,7 @@
 """Protocol profiles: how each SGLang release's HiCache agrees across ranks, in one place.
 
 Each profile is named after the release whose semantics it models (read from the released
-wheels; facts in design/protocol-versions.md). Every release shares the shape of the decision
+wheels; facts in docs/design/protocol-by-release.md). Every release shares the shape of the decision
 points (best_effort `can_terminate_prefetch` returns with no collective,
 `release_aborted_request` barriers, the scheduler skips a request whose prefetch cannot
 terminate yet); a profile lists only what differs. The cache reads `self.profile.<field>` at

@@ -8,7 +8,7 @@
 #   CPCHECK_PYTHON=/path/python3  interpreter that creates the venv (default: python3 on PATH)
 #   CPCHECK_VENV=DIR              where the venv goes (default: .venv in the repository root)
 #   CPCHECK_TORCH_INDEX=URL       index torch comes from, e.g. PyTorch's CPU wheels
-#                                 https://download.pytorch.org/whl/cpu (see the README)
+#                                 https://download.pytorch.org/whl/cpu (docs/install.md)
 #   CPCHECK_GPU=1                 GPU host: the venv sees the system's CUDA torch (it is not
 #                                 replaced), takes Mooncake's CUDA build, and skips the pins
 #   CPCHECK_CONSTRAINTS=0         resolve freely instead of installing the pins in constraints.txt

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from scenarios.mooncake_master import (
+from scenarios.nemesis.mooncake_master import (
     MooncakeMaster,
     check_master_reachable,
     mooncake_available,

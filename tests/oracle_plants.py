@@ -13,7 +13,7 @@ from unittest import mock
 from reference.cache_controller import HiCacheController
 from reference.hiradix_cache import HiRadixCache
 from reference.sync import SyncGroup
-from scenarios import rank_run
+from scenarios.sut import reference_rank as rank_run
 
 _reduce = SyncGroup.reduce
 _cache_config = rank_run.cache_config
@@ -100,7 +100,7 @@ def planted(name: str) -> Iterator[None]:
 
 def run_planted(ctx: Any, payload: dict) -> Any:
     """Torchrun job: run_schedule with a plant active in this worker, then undone."""
-    from scenarios.runner.jobs import run_schedule
+    from scenarios.sut.reference_jobs import run_schedule
 
     with planted(payload["plant"]):
         return run_schedule(ctx, payload)

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from scenarios.sglang import envs
+from scenarios.sut.sglang import envs
 
 #: the last release before PR #20460 and the first after it (what CI builds, with 0.5.20)
 PRE, POST = "0.5.10.post1", "0.5.11"
@@ -23,12 +23,12 @@ def built(version: str) -> bool:
 def need(*versions: str) -> None:
     missing = [v for v in versions if not built(v)]
     if missing:
-        pytest.skip(f"sglang env not built here: python -m scenarios.sglang.envs {' '.join(missing)}")
+        pytest.skip(f"sglang env not built here: python -m scenarios.sut.sglang.envs {' '.join(missing)}")
 
 
 def started(*versions: str) -> Iterator[dict[str, Any]]:
     """For a module fixture: one executor per release, closed (pools and masters) after."""
-    from scenarios.sglang.executor import SglangExecutor
+    from scenarios.sut.sglang.executor import SglangExecutor
 
     need(*versions)
     exs = {v: SglangExecutor(v, timeout_s=20, build=False) for v in versions}
@@ -52,7 +52,23 @@ class IdleExecutor:
     """Stands in for `SglangExecutor` where a test scripts what a run returns: takes any
     arguments and starts nothing (a subclass adds the calls the test needs)."""
 
+    sut = "sglang==0.0.0"
+    mode = "torchrun"
+    hangs_are_findings = False
+
     def __init__(self, *a: object, **k: object) -> None:
+        pass
+
+    def run(self, s: Any, *a: object, **k: object) -> list:
+        return []
+
+    def judge(self, s: Any, results: list) -> Any:
+        return self.check(s)
+
+    def check(self, s: Any) -> Any:
+        raise NotImplementedError("a subclass scripts the verdict")
+
+    def close(self) -> None:
         pass
 
     def __enter__(self) -> IdleExecutor:

@@ -12,7 +12,7 @@ import json
 import sys
 from typing import Any
 
-from scenarios.sglang import shim
+from scenarios.sut.sglang import shim
 
 shim.install()
 

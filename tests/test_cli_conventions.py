@@ -12,7 +12,7 @@ import torch
 
 from reference.api import VARIANTS
 from scenarios import __version__
-from scenarios.cli import build_parser, main
+from scenarios.cli.main import build_parser, main
 
 
 def _help(capsys: pytest.CaptureFixture[str], *argv: str) -> str:

@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings
 
-from scenarios.checker import check
-from scenarios.coverage import PREFETCH_CLASSES, Coverage, prefetch_classes
-from scenarios.schedule import Schedule
-from scenarios.strategies import schedules
-from scenarios.workload import INTENTS, build_prefetch_schedule
+from scenarios.core.schedule import Schedule
+from scenarios.generate.strategies import schedules
+from scenarios.generate.workload import INTENTS, build_prefetch_schedule
+from scenarios.judge.checker import check
+from scenarios.judge.coverage import PREFETCH_CLASSES, Coverage, prefetch_classes
 
 
 @pytest.mark.parametrize("layout", ["1x2", "2x2"])
@@ -46,8 +46,8 @@ def test_ci_profile_reaches_every_prefetch_class(inprocess_executor) -> None:
 def test_soak_chunk_is_gated_and_aimed_while_a_class_lags(inprocess_executor) -> None:
     import random
 
-    from scenarios.soak import make_chunk
-    from scenarios.workload import soak_chunk
+    from scenarios.campaigns.soak import make_chunk
+    from scenarios.generate.workload import soak_chunk
 
     cov = Coverage()
     rng = random.Random(0)
@@ -64,7 +64,7 @@ def test_soak_chunk_is_gated_and_aimed_while_a_class_lags(inprocess_executor) ->
 def test_soak_report_and_plot_carry_coverage(tmp_path) -> None:  # noqa: ANN001
     import json
 
-    from scenarios.cli import main
+    from scenarios.cli.main import main
 
     out = tmp_path / "soak"
     assert main(["soak", "--minutes", "0.1", "--seed", "1", "--out", str(out)]) == 0
@@ -75,7 +75,7 @@ def test_soak_report_and_plot_carry_coverage(tmp_path) -> None:  # noqa: ANN001
 
 
 def test_explore_summary_prints_coverage(capsys) -> None:  # noqa: ANN001
-    from scenarios.cli import main
+    from scenarios.cli.main import main
 
     assert main(["explore", "--examples", "15", "--layout", "1x2", "--mode", "inprocess"]) == 0
     out = capsys.readouterr().out
@@ -88,7 +88,7 @@ def test_one_minute_soak_keeps_every_prefetch_class_above_15_percent(tmp_path,  
                                                                      layout: str) -> None:
     import json
 
-    from scenarios.cli import main
+    from scenarios.cli.main import main
 
     out = tmp_path / "soak"
     assert main(["soak", "--minutes", "1", "--layout", layout, "--out", str(out)]) == 0

@@ -9,9 +9,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from scenarios.catalog import load_scenario
-from scenarios.sglang import differential as diff_mod
-from scenarios.sglang.differential import as_sglang_runs_it, differential, first_difference
+from scenarios.campaigns import differential as diff_mod
+from scenarios.campaigns.differential import as_sglang_runs_it, differential, first_difference
+from scenarios.generate.catalog import load_scenario
 from tests.sglang_envs import need
 
 
@@ -35,8 +35,8 @@ def test_first_difference_names_the_earliest_decision_on_any_rank() -> None:
 
 @pytest.mark.sglang
 def test_0_5_20_first_differs_at_the_drain() -> None:
-    """0.5.20 inserts a 0-hit prefetch with 0 tokens where the reference revokes it (README,
-    differential mode): decision #2, not #0 (the writing_check early return, now modelled)."""
+    """0.5.20 inserts a 0-hit prefetch with 0 tokens where the reference revokes it (docs/findings/
+    differential.md): decision #2, not #0 (the writing_check early return, now modelled)."""
     need("0.5.20")
     same, msg = differential(load_scenario("write_acks"), "0.5.20")
     assert not same

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from scenarios.executor import (
+from scenarios.sut.reference_executor import (
     CUDA_MAX_POOL_RANKS,
     MAX_POOL_RANKS_ENV,
     Executor,

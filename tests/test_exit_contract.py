@@ -1,7 +1,7 @@
 """The exit-code contract: every subcommand ends with 0, 1, 2 or 125, chosen by exception type.
 
 Each subcommand is driven to each code it can reach, in-process and on cheap cases; the README
-table and `--help` print the same table as scenarios/contract.py.
+table and `--help` print the same table as scenarios/core/contract.py.
 """
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from scenarios import cli
-from scenarios.catalog import load_scenario
-from scenarios.checker import check
-from scenarios.cli import main
-from scenarios.contract import TABLE, CannotJudge, ExitCode, UsageError, classify
-from scenarios.replay import write_replay
+import scenarios.cli.main as cli
+from scenarios.cli.main import main
+from scenarios.core.contract import TABLE, CannotJudge, ExitCode, UsageError, classify
+from scenarios.generate.catalog import load_scenario
+from scenarios.judge.checker import check
+from scenarios.store.replay import write_replay
 
 REPO = Path(__file__).resolve().parent.parent
 NO_MASTER = ["--backend", "mooncake", "--mooncake-master", "127.0.0.1:1"]  # nothing listens
@@ -59,7 +59,7 @@ def test_runner_failures_are_unknown() -> None:
 
 @pytest.mark.parametrize("cmd", ["run", "replay", "explore"])
 def test_internal_error_exits_125_not_1(monkeypatch, tmp_path: Path, capsys, cmd: str) -> None:
-    from scenarios.executor import Executor
+    from scenarios.sut.reference_executor import Executor
 
     def broken(self, s, **kw):  # noqa: ANN001, ANN003, ANN202
         raise ValueError("an internal bug, not a verdict")
@@ -82,9 +82,9 @@ def test_version_and_list(monkeypatch, capsys) -> None:
         with pytest.raises(SystemExit) as e:
             main(argv)
         assert e.value.code == 2
-    import scenarios.catalog
+    import scenarios.generate.catalog
 
-    monkeypatch.setattr(scenarios.catalog, "catalog_names",
+    monkeypatch.setattr(scenarios.generate.catalog, "catalog_names",
                         lambda: (_ for _ in ()).throw(RuntimeError("catalog unreadable")))
     assert main(["list"]) == 125
 
@@ -240,8 +240,8 @@ def test_readme_and_help_print_the_contract(capsys) -> None:
 def test_flaky_divergence_is_unknown_and_keeps_both_verdicts(monkeypatch, tmp_path: Path,
                                                              capsys) -> None:
     """A divergence that does not reproduce on replay is never reported as one."""
-    import scenarios.judge as judge
-    from scenarios.checker import Verdict
+    import scenarios.judge.checker as judge
+    from scenarios.core.verdict import Verdict
 
     calls = {"n": 0}
     real = judge.check
@@ -266,7 +266,7 @@ def test_flaky_divergence_is_unknown_and_keeps_both_verdicts(monkeypatch, tmp_pa
 
 def test_replay_file_records_commit_sut_profile_schema(inprocess_executor, tmp_path: Path,
                                                        capsys) -> None:
-    from scenarios.replay import REPLAY_SCHEMA, read_replay
+    from scenarios.store.replay import REPLAY_SCHEMA, read_replay
 
     s = load_scenario("write_acks").with_(variant="tp_only_sync", layout="2x2")
     path = write_replay(s, check(s, inprocess_executor.run(s)), tmp_path, "inprocess")
@@ -284,8 +284,8 @@ def test_replay_file_records_commit_sut_profile_schema(inprocess_executor, tmp_p
 def test_rank_killed_by_the_os_is_unknown_a_frozen_rank_diverges(monkeypatch, tmp_path: Path,
                                                                 capsys) -> None:
     """Today both exit 125 because both messages end with "call start() to run again"."""
-    from scenarios.executor import Executor
     from scenarios.runner.torchrun_pool import RankDiedError, RankTimeoutError
+    from scenarios.sut.reference_executor import Executor
 
     def killed(self, s, **kw):  # noqa: ANN001, ANN003, ANN202
         raise RankDiedError("rank 1 killed by SIGKILL; call start() to run again", 1, -9)

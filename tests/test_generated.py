@@ -9,11 +9,11 @@ import pytest
 from hypothesis import given, settings
 
 from reference.api import VARIANTS
-from scenarios.checker import check
-from scenarios.executor import Executor
-from scenarios.explore import hunt, steer
-from scenarios.schedule import Schedule
-from scenarios.strategies import schedules
+from scenarios.campaigns.explore import hunt, steer
+from scenarios.core.schedule import Schedule
+from scenarios.generate.strategies import for_sut, schedules
+from scenarios.judge.checker import check
+from scenarios.sut.reference_executor import Executor
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,7 @@ def test_fixed_agrees_on_generated_schedules_torchrun(torchrun_executor, s: Sche
 
 
 # seed: a derandomized hunt is deterministic for a given code base; the budget is what the
-# README's detection table says the median needs, with room
+# detection table (docs/measurements/detect-table.md) says the median needs, with room
 HUNTS = {
     "tp_only_sync": (0, 200),
     "cp_rank_in_key": (0, 100),
@@ -58,7 +58,8 @@ def test_every_known_bad_variant_is_hunted() -> None:
 @pytest.mark.parametrize("variant", sorted(HUNTS))
 def test_generation_finds_variant(fast_executor, variant: str) -> None:
     seed, budget = HUNTS[variant]
-    h = hunt(fast_executor, variant, ("1x2", "2x2"), max_examples=budget, seed=seed)
+    h = hunt(fast_executor, for_sut("reference", ("1x2", "2x2"), variant=variant),
+             max_examples=budget, seed=seed)
     assert h.found is not None, f"{variant}: no divergence in {h.examples} schedules"
     assert h.verdict is not None and not h.verdict.ok
     assert h.steps <= 10, f"shrunk counterexample still has {h.steps} ops"

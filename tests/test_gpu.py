@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from scenarios.catalog import load_scenario
-from scenarios.checker import check
+from scenarios.generate.catalog import load_scenario
+from scenarios.judge.checker import check
 
 pytestmark = [pytest.mark.gpu, pytest.mark.cp]
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 import pytest
 
 from reference.api import get_profile
-from scenarios.catalog import load_scenario
-from scenarios.checker import check
-from scenarios.nemesis import Nemesis, Window
-from scenarios.schedule import Schedule
+from scenarios.core.schedule import Schedule
+from scenarios.generate.catalog import load_scenario
+from scenarios.judge.checker import check
+from scenarios.nemesis.faults import Nemesis, Window
 
 #: the profiles whose write_acks run agrees without the fault (0.5.10 splits CP peers anyway)
 POST_FIX = ("sglang-0.5.11", "sglang-0.5.13", "sglang-0.5.14", "sglang-0.5.20")

@@ -44,20 +44,26 @@ def test_each_contract_fires_on_a_planted_violation(tmp_path: Path) -> None:
     shutil.copy(REPO / "pyproject.toml", root)
     # reference imports the harness
     with (root / "reference" / "hashing.py").open("a") as f:
-        f.write("\nfrom scenarios.schedule import Schedule  # noqa: E402,F401\n")
+        f.write("\nfrom scenarios.core.schedule import Schedule  # noqa: E402,F401\n")
     # the harness reaches past reference.api
-    with (root / "scenarios" / "layout.py").open("a") as f:
+    with (root / "scenarios" / "core" / "layout.py").open("a") as f:
         f.write("\nfrom reference.variants import VARIANTS  # noqa: E402,F401\n")
-    # a cycle: contract -> cli -> contract
-    with (root / "scenarios" / "contract.py").open("a") as f:
-        f.write("\nimport scenarios.cli  # noqa: E402,F401\n")
+    # a cycle between roles: core -> cli -> core
+    with (root / "scenarios" / "core" / "contract.py").open("a") as f:
+        f.write("\nimport scenarios.cli.main  # noqa: E402,F401\n")
+    # a lower role reaching up: one rank's client imports the judge
+    with (root / "scenarios" / "client" / "gates.py").open("a") as f:
+        f.write("\nimport scenarios.judge.checker  # noqa: E402,F401\n")
     r = _lint(root)
     out = r.stdout
     assert r.returncode != 0
     for name in ("reference/ (the system under test) never imports the harness",
                  "the harness reaches reference/ only through reference.api",
-                 "no import cycles between the modules of a package"):
+                 "no import cycles between the modules of a package",
+                 "each role of scenarios/ imports only the roles below it"):
         assert f"{name} BROKEN" in out, out
-    assert "reference.hashing -> scenarios.schedule" in out
-    assert "scenarios.layout -> reference.variants" in out
+    assert "reference.hashing -> scenarios.core.schedule" in out
+    assert "scenarios.core.layout -> reference.variants" in out
     assert "No cycles are allowed in scenarios" in out
+    assert "scenarios.client is not allowed to import scenarios.judge" in out
+    assert "scenarios.client.gates -> scenarios.judge.checker" in out

@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from scenarios.layout import GROUP_KINDS, MAX_WORLD, Layout, LayoutError, RankCoords
+from scenarios.core.layout import GROUP_KINDS, MAX_WORLD, Layout, LayoutError, RankCoords
 
 LAYOUTS = ["1x1", "1x2", "2x1", "2x2", "1x4", "4x1", "2x2x2", "3x2x2", "1x1x3"]
 

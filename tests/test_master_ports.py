@@ -11,7 +11,7 @@ import socket
 import subprocess
 import sys
 
-from scenarios.mooncake_master import _owns_listener, master_pids
+from scenarios.nemesis.mooncake_master import _owns_listener, master_pids
 
 
 def test_owns_listener_sees_only_this_processs_own_listening_port() -> None:

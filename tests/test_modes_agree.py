@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from reference.api import PROFILES
-from scenarios.catalog import catalog_names, load_scenario
+from scenarios.generate.catalog import catalog_names, load_scenario
 
 
 def _decisions(results: list) -> list:

@@ -25,7 +25,7 @@ import torch
 
 from reference.storage.base import StorageError, as_bytes
 from reference.storage.mooncake import MooncakeConfig, MooncakeStorage
-from scenarios.mooncake_master import (
+from scenarios.nemesis.mooncake_master import (
     MooncakeMaster,
     MooncakeMasterError,
     check_master_reachable,
@@ -526,7 +526,7 @@ def test_master_dies_with_its_owner(sig: signal.Signals) -> None:
 
 OWNER = """
 import time
-from scenarios.mooncake_master import MooncakeMaster
+from scenarios.nemesis.mooncake_master import MooncakeMaster
 m = MooncakeMaster().start()
 print(m.rpc_port, m.log_path, flush=True)
 time.sleep(60)

@@ -7,10 +7,10 @@ import time
 import pytest
 import torch
 
-from scenarios import storage_clients
-from scenarios.catalog import load_scenario
-from scenarios.checker import check
-from scenarios.executor import Executor
+from scenarios.client import storage_clients
+from scenarios.generate.catalog import load_scenario
+from scenarios.judge.checker import check
+from scenarios.sut.reference_executor import Executor
 
 pytestmark = pytest.mark.mooncake
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from scenarios.catalog import load_scenario
-from scenarios.checker import check
-from scenarios.cli import main
-from scenarios.executor import Executor
+from scenarios.cli.main import main
+from scenarios.generate.catalog import load_scenario
+from scenarios.judge.checker import check
+from scenarios.sut.reference_executor import Executor
 
 pytestmark = pytest.mark.mooncake
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from scenarios.nemesis import Nemesis, Window
-from scenarios.records import RankResult
+from scenarios.core.records import RankResult
+from scenarios.nemesis.faults import Nemesis, Window
 
 
 def _state(pid: int) -> str:
@@ -117,10 +117,10 @@ def test_kills_are_spaced_under_torchrun() -> None:
 
 @pytest.mark.cp
 def test_process_faults_hit_real_torchrun_workers_and_a_killed_pool_comes_back() -> None:
-    from scenarios.catalog import load_scenario
-    from scenarios.checker import check
-    from scenarios.executor import Executor
+    from scenarios.generate.catalog import load_scenario
+    from scenarios.judge.checker import check
     from scenarios.runner import RankDiedError
+    from scenarios.sut.reference_executor import Executor
 
     s = load_scenario("prefetch_batches").with_(layout="1x2")
     nem = Nemesis(kinds=("slow_rank", "kill_rank", "storage_errors"), seed=3)
@@ -153,7 +153,7 @@ def test_process_faults_hit_real_torchrun_workers_and_a_killed_pool_comes_back()
 
 @pytest.mark.cp
 def test_torchrun_soak_with_process_faults_writes_faults_to_report_and_plot(tmp_path) -> None:
-    from scenarios.cli import main
+    from scenarios.cli.main import main
 
     out = tmp_path / "soak"
     rc = main(["soak", "--mode", "torchrun", "--layout", "1x2", "--minutes", "0.3", "--seed",
@@ -173,7 +173,7 @@ def test_torchrun_soak_with_process_faults_writes_faults_to_report_and_plot(tmp_
 @pytest.mark.cp
 def test_torchrun_soak_with_faults_finds_a_bad_variant_and_its_replay_reproduces(
         tmp_path) -> None:
-    from scenarios.cli import main
+    from scenarios.cli.main import main
 
     out = tmp_path / "soak"
     rc = main(["soak", "--mode", "torchrun", "--layout", "1x2", "--variant", "leak_on_revoke",

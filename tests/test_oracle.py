@@ -8,14 +8,14 @@ from types import SimpleNamespace
 
 import pytest
 
-from scenarios.catalog import catalog_names, load_scenario
-from scenarios.checker import INVARIANTS, check
-from scenarios.layout import Layout
-from scenarios.oracle import FREE_RUNNING_TICK_S, check_oracle, reduce_over, sync_stages
-from scenarios.rank_run import RunEnv, cache_config
-from scenarios.records import Decision, RankResult
-from scenarios.schedule import Schedule
-from scenarios.workload import ALL, STEP_POINTS, WARM_STEPS, build_prefetch_schedule
+from scenarios.core.layout import Layout
+from scenarios.core.records import Decision, RankResult
+from scenarios.core.schedule import Schedule
+from scenarios.generate.catalog import catalog_names, load_scenario
+from scenarios.generate.workload import ALL, STEP_POINTS, WARM_STEPS, build_prefetch_schedule
+from scenarios.judge.checker import INVARIANTS, check
+from scenarios.judge.oracle import FREE_RUNNING_TICK_S, check_oracle, reduce_over, sync_stages
+from scenarios.sut.reference_rank import RunEnv, cache_config
 from tests.oracle_plants import planted
 
 PROGRESS_AT = WARM_STEPS * STEP_POINTS + STEP_POINTS  # warm-up steps, then the first fetch's

@@ -13,12 +13,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 
 from reference.api import PROFILES
-from scenarios.catalog import catalog_names, load_scenario
-from scenarios.checker import check
-from scenarios.oracle import check_oracle
-from scenarios.replay import read_replay
-from scenarios.schedule import Schedule
-from scenarios.strategies import schedules
+from scenarios.core.schedule import Schedule
+from scenarios.generate.catalog import catalog_names, load_scenario
+from scenarios.generate.strategies import schedules
+from scenarios.judge.checker import check
+from scenarios.judge.oracle import check_oracle
+from scenarios.store.replay import read_replay
 from tests.oracle_plants import planted
 from tests.test_oracle import CASES, rules_of
 
@@ -28,7 +28,7 @@ GENERATED = 25
 
 
 def known_divergence(protocol: str, dp: bool, layout: str) -> bool:
-    """The cells of the README's profile table where the cross-rank invariants fire."""
+    """The cells of the profile table (docs/measurements/profile-table.md) where the cross-rank invariants fire."""
     pp = len(layout.split("x")) == 3 and layout.split("x")[2] != "1"
     if protocol == "sglang-0.5.10" and dp:
         return True  # CP peers are outside the attention-TP group

@@ -24,10 +24,10 @@ from reference.api import (
 )
 from reference.sync import RankSet, sync_plan
 from reference.variants import KNOWN, effective_configuration
-from scenarios.catalog import load_scenario
-from scenarios.checker import check
-from scenarios.cli import main
-from scenarios.schedule import Op, Schedule, ScheduleError
+from scenarios.cli.main import main
+from scenarios.core.schedule import Op, Schedule, ScheduleError
+from scenarios.generate.catalog import load_scenario
+from scenarios.judge.checker import check
 
 RELEASES = ["sglang-0.5.10", "sglang-0.5.11", "sglang-0.5.13", "sglang-0.5.14", "sglang-0.5.20"]
 
@@ -192,7 +192,7 @@ def test_best_effort_can_terminate_issues_no_collective(protocol: str) -> None:
     # 1x2 without DP attention: one sync group (the CP peers) in every release
     s = s.with_(protocol=protocol, layout="1x2", dp_attention=False,
                 cache={**s.cache.model_dump(), "prefetch_stop_policy": "best_effort"})
-    from scenarios.executor import Executor
+    from scenarios.sut.reference_executor import Executor
 
     with Executor("inprocess", timeout_s=3.0) as ex:
         results = ex.run(s)
@@ -295,7 +295,7 @@ def test_replay_file_records_protocol_and_configuration(tmp_path, capsys) -> Non
             "--protocol", "sglang-0.5.10", "--dp-attention", "on", "--replay-dir", str(tmp_path)]
     assert main(argv) == 1
     (path,) = tmp_path.glob("*.json")
-    from scenarios.replay import read_replay
+    from scenarios.store.replay import read_replay
 
     s, _ = read_replay(path)
     assert (s.protocol, s.dp_attention) == ("sglang-0.5.10", True)
@@ -319,7 +319,7 @@ def _assert_mispair_diagnosed(verdict, seconds: float, budget: float) -> None:
 @pytest.mark.parametrize("protocol", RELEASES[1:])
 @pytest.mark.parametrize("layout", ["1x2", "2x2"])
 def test_local_skip_mispairing_is_diagnosed_inprocess(protocol: str, layout: str) -> None:
-    from scenarios.executor import Executor
+    from scenarios.sut.reference_executor import Executor
 
     s = load_scenario("write_acks").with_(layout=layout, protocol=protocol,
                                           variant="writing_check_local_skip")
@@ -350,11 +350,11 @@ AGREEING = [(p, dp) for p in RELEASES for dp in (True, False)
 
 @pytest.mark.parametrize(("protocol", "dp"), AGREEING)
 def test_generated_schedules_agree_without_pp(inprocess_executor, protocol, dp) -> None:
-    """Budget: 15 generated Schedules per configuration on 1x2 / 2x2 / 2x1 (the README table
-    runs the `ci` budget of 60 per layout, with PP)."""
+    """Budget: 15 generated Schedules per configuration on 1x2 / 2x2 / 2x1 (the profile table,
+    docs/measurements/profile-table.md, runs the `ci` budget of 60 per layout, with PP)."""
     from hypothesis import given, settings
 
-    from scenarios.strategies import schedules
+    from scenarios.generate.strategies import schedules
 
     @settings(max_examples=15, deadline=None)
     @given(s=schedules(layouts=("1x2", "2x2", "2x1"), protocol=protocol, dp_attention=dp))
@@ -369,12 +369,13 @@ def test_generated_schedules_agree_without_pp(inprocess_executor, protocol, dp) 
 def test_generation_finds_sglang_0_5_10_with_dp_attention(seed: int) -> None:
     """Budget: 100 Schedules per seed. The hunt also steers towards prefetch outcome classes
     (coverage), which costs seed 0 more than the ci profile's 60 (found at 80 when measured)."""
-    from scenarios.executor import Executor
-    from scenarios.explore import hunt
+    from scenarios.campaigns.explore import hunt
+    from scenarios.generate.strategies import for_sut
+    from scenarios.sut.reference_executor import Executor
 
     with Executor("inprocess", timeout_s=1.5) as ex:
-        h = hunt(ex, "fixed", ("1x2", "2x2"), max_examples=100, seed=seed,
-                 protocol="sglang-0.5.10", dp_attention=True)
+        h = hunt(ex, for_sut("reference", ("1x2", "2x2"), protocol="sglang-0.5.10",
+                             dp_attention=True), max_examples=100, seed=seed)
     assert h.found is not None and h.verdict is not None
     assert h.verdict.invariant == "decisions", h.verdict.summary()
 
@@ -388,7 +389,7 @@ def test_generation_finds_sglang_0_5_10_with_dp_attention(seed: int) -> None:
 @pytest.mark.parametrize("protocol", RELEASES[1:])
 def test_mooncake_store_holds_the_keys_of_the_configuration(mooncake_master: str, protocol: str,
                                                              dp: bool) -> None:
-    from scenarios.executor import Executor
+    from scenarios.sut.reference_executor import Executor
 
     s = load_scenario("write_acks").with_(layout="2x2", backend="mooncake", protocol=protocol,
                                           dp_attention=dp)
@@ -423,14 +424,14 @@ def test_soak_finds_sglang_0_5_10_with_dp_attention_and_replay_reproduces(tmp_pa
                "--dp-attention", "on", "--out", str(tmp_path), "--seed", "0"])
     assert rc == 1
     (replay,) = tmp_path.glob("replay-*.json")
-    from scenarios.replay import read_replay
+    from scenarios.store.replay import read_replay
 
     s, _ = read_replay(replay)
     assert (s.protocol, s.dp_attention) == ("sglang-0.5.10", True)
     assert main(["replay", str(replay), "--mode", "inprocess"]) == 1
 
 
-# -- the README table's divergences are in the corpus ------------------------------------------
+# -- the profile table's divergences are in the corpus -----------------------------------------
 
 TABLE_DIVERGENCES = {  # (protocol, dp_attention, layout) -> invariant (benchmarks/profile_table.py)
     ("sglang-0.5.10", True, "1x2"): "decisions",
@@ -450,7 +451,7 @@ TABLE_DIVERGENCES = {  # (protocol, dp_attention, layout) -> invariant (benchmar
 def test_every_table_divergence_has_a_corpus_file() -> None:
     from pathlib import Path
 
-    from scenarios.replay import read_replay
+    from scenarios.store.replay import read_replay
 
     corpus = Path(__file__).parent.parent / "scenarios" / "corpus"
     found = {}
@@ -464,7 +465,7 @@ def test_every_table_divergence_has_a_corpus_file() -> None:
 def test_same_shape_mispairing_is_named_by_the_collectives_invariant(mode: str) -> None:
     """0.5.13: the skipped writing_check MIN [1] silently pairs with a peer's loading_check
     MIN [1] (same shape, no gloo error); the collectives invariant names both calls."""
-    from scenarios.executor import Executor
+    from scenarios.sut.reference_executor import Executor
 
     s = load_scenario("write_acks").with_(layout="2x2", protocol="sglang-0.5.13",
                                           variant="writing_check_local_skip")

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from scenarios.layout import GROUP_KINDS, Layout, LayoutError
+from scenarios.core.layout import GROUP_KINDS, Layout, LayoutError
 from scenarios.runner import (
     Diagnosis,
     PoolNotRunningError,

@@ -26,7 +26,7 @@ from reference.api import (
     clear_namespace,
     open_rank,
 )
-from scenarios.gates import RecordingPacer
+from scenarios.client.gates import RecordingPacer
 from tests.test_single_rank_e2e import (
     DEADLINE_S,
     PS,
@@ -178,7 +178,7 @@ def test_a_recorded_choice_replays_to_the_same_count_when_later_units_finished()
     The gated replay takes a choice modulo the units the point issued, so a choice counting
     those later batches wrapped around and opened fewer (a soak's `terminate` replayed as
     `wait`). The recorded choice stops at what the point issued."""
-    from scenarios.gates import GatedPacer
+    from scenarios.client.gates import GatedPacer
 
     rec = RecordingPacer(rank=0)
     for seq in range(10):  # ops f5 (batches 0..7) and f6 (8..9): all ten finished

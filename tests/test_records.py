@@ -12,12 +12,9 @@ import pytest
 import torch
 
 from reference.api import AgreementTimeout, HiCacheError, TorchCollectives
-from scenarios import rank_run
-from scenarios.catalog import load_scenario
-from scenarios.checker import check
-from scenarios.gates import GateTimeout
-from scenarios.recorder import RecordingCollectives
-from scenarios.records import (
+from scenarios.client.gates import GateTimeout
+from scenarios.client.recorder import RecordingCollectives
+from scenarios.core.records import (
     CollectiveError,
     Decision,
     ErrorKind,
@@ -25,7 +22,10 @@ from scenarios.records import (
     RankResult,
     error_kind,
 )
+from scenarios.generate.catalog import load_scenario
+from scenarios.judge.checker import check
 from scenarios.runner.inprocess import CollectiveTimeout, RunAborted, ThreadWorld
+from scenarios.sut import reference_rank as rank_run
 
 #: every word the old text matching took for "a peer never came"
 WAITING_WORDS = "Timeout: timed out, Timed out, not agreed, did not finish, never joined"
@@ -131,8 +131,9 @@ def test_a_rank_that_fails_on_its_own_is_the_cause_end_to_end(monkeypatch) -> No
     monkeypatch.setattr(rank_run, "_apply", planted)
     s = load_scenario("write_acks")
     from scenarios.runner.inprocess import run_schedule_inprocess
+    from scenarios.sut.reference_rank import execute_inprocess
 
-    results = run_schedule_inprocess(s, timeout_s=2.0)
+    results = run_schedule_inprocess(s, execute_inprocess, timeout_s=2.0)
     kinds = {r.rank: (r.error.kind if r.error else None) for r in results}
     assert kinds == {0: ErrorKind.WAITED, 1: ErrorKind.FAILED}, kinds
     assert results[0].error.type == "CollectiveTimeout"
@@ -184,7 +185,7 @@ def test_from_json_reads_the_dict_results_of_older_commits(inprocess_executor) -
 
 def test_storage_that_never_came_up_is_infrastructure(tmp_path) -> None:
     """A storage backend that cannot start is outside the SUT: the judge says `unknown`."""
-    from scenarios.judge import infrastructure
+    from scenarios.judge.judging import infrastructure
 
     s = load_scenario("write_acks").with_(backend="mooncake")
     env = rank_run.RunEnv(rank=0, run_id="rx", mooncake_master="127.0.0.1:1", agree_timeout_s=2.0)
@@ -212,7 +213,7 @@ def test_world_abort_stops_ranks_as_stopped() -> None:
 def run_failing_rank1(ctx: Any, payload: dict) -> RankResult:
     """Torchrun job: run_schedule, except that rank 1 raises at its third op (planted here,
     inside the worker, since a monkeypatch in the test process does not reach it)."""
-    from scenarios.runner.jobs import run_schedule
+    from scenarios.sut.reference_jobs import run_schedule
 
     apply = rank_run._apply
     seen = {"n": 0}

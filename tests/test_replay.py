@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from scenarios.catalog import load_scenario
-from scenarios.checker import check
-from scenarios.cli import main
-from scenarios.replay import read_replay, write_replay
+from scenarios.cli.main import main
+from scenarios.generate.catalog import load_scenario
+from scenarios.judge.checker import check
+from scenarios.store.replay import read_replay, write_replay
 
 CORPUS = sorted((Path(__file__).parent.parent / "scenarios" / "corpus").glob("*.json"))
 

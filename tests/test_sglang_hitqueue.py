@@ -1,4 +1,4 @@
-"""SGLang 0.5.16 .. 0.5.20 (the hit-queue prefetch pipeline, scenarios/sglang/hitqueue.py).
+"""SGLang 0.5.16 .. 0.5.20 (the hit-queue prefetch pipeline, scenarios/sut/sglang/hitqueue.py).
 
 Unit tests (always run): which reference profile models each release, and that the oracle
 judges 0.5.19+'s one-value termination agreement (logged as [1 - stop, stop]).
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from scenarios.releases import profile_for
+from scenarios.core.releases import profile_for
 from tests.sglang_envs import need, started
 
 ROOT = Path(__file__).parent.parent
@@ -33,7 +33,7 @@ def test_profiles_of_the_hit_queue_releases() -> None:
 
 def _terminate_results(outcomes: tuple[str, str], agreed_stop: int) -> list:
     """wait_complete on 0.5.19+: logged [1 - can, stop] with can = 0 (hitqueue.py)."""
-    from scenarios.records import Decision, RankResult
+    from scenarios.core.records import Decision, RankResult
 
     return [RankResult(rank=r, decisions={"scheduler": (
                 Decision("can_terminate", "a", (1, local_stop), (1, agreed_stop), outcome),)})
@@ -44,8 +44,8 @@ def test_oracle_judges_the_one_value_termination_of_0_5_19() -> None:
     """Rank 0 wants to stop (its op terminated), rank 1 does not: the MAX says stop, so both
     must terminate. A rank that waits, or an agreed value that is not the MAX, is a
     violation."""
-    from scenarios.catalog import load_scenario
-    from scenarios.oracle import check_oracle
+    from scenarios.generate.catalog import load_scenario
+    from scenarios.judge.oracle import check_oracle
 
     s = load_scenario("prefetch_batches").with_(layout="1x2", sut="sglang==0.5.20")
     assert check_oracle(s, _terminate_results(("terminate", "terminate"), 1)) == []
@@ -66,12 +66,12 @@ def ex():
 def test_corpus_counterexample_agrees_on_0_5_20(ex) -> None:
     """The pre-fix counterexample (a prefetch whose first read fails on one CP peer) agrees on
     0.5.20: its hit query and scheduler agreements reduce over the attention-CP group."""
-    from scenarios.replay import read_replay
+    from scenarios.store.replay import read_replay
 
     s, data = read_replay(CORPUS_FILE)
     s = s.with_(sut=f"sglang=={V}")
     results = ex.run(s, True)
-    from scenarios.checker import check
+    from scenarios.judge.checker import check
 
     v = check(s, results)
     assert v.ok, v.summary()
@@ -88,8 +88,8 @@ def test_corpus_counterexample_agrees_on_0_5_20(ex) -> None:
 def test_write_acks_agree_on_0_5_20(ex) -> None:
     """The catalog's write-ack interleaving on CP=2 with DP attention: one MIN of the ready
     counts per step over the attention-CP group, so both peers ack the same writes."""
-    from scenarios.catalog import load_scenario
-    from scenarios.checker import check
+    from scenarios.generate.catalog import load_scenario
+    from scenarios.judge.checker import check
 
     s = load_scenario("write_acks").with_(layout="1x2", sut=f"sglang=={V}")
     results = ex.run(s, True)
@@ -130,8 +130,8 @@ own_len = 5
 
 def _run_agreeing(ex, tmp_path, name: str, toml: str) -> list:  # noqa: ANN001
     """Run a hand-written Schedule on V; it must agree. Returns the per-rank results."""
-    from scenarios.catalog import load_scenario
-    from scenarios.checker import check
+    from scenarios.generate.catalog import load_scenario
+    from scenarios.judge.checker import check
 
     f = tmp_path / f"{name}.toml"
     f.write_text(toml)
@@ -166,7 +166,7 @@ def test_stored_prefix_comes_back_through_per_batch_acks(ex, tmp_path) -> None:
 @pytest.mark.timeout(900)
 def test_replay_exit_code_on_0_5_20() -> None:
     """0.5.20 is judged (0) where it used to answer "cannot run here"; 0.5.21 still does."""
-    from scenarios.cli import main
+    from scenarios.cli.main import main
 
     need(V)
     assert main(["replay", str(CORPUS_FILE), "--sut", f"sglang=={V}"]) == 0
@@ -179,7 +179,7 @@ def test_a_new_group_is_named_afresh_when_it_reuses_an_id(monkeypatch) -> None:
     differently log the same collective under different group names (a false divergence)."""
     import torch.distributed as dist
 
-    from scenarios.sglang import rank
+    from scenarios.sut.sglang import rank
 
     for kind in ("all_reduce", "barrier", "all_gather_object", "broadcast", "all_gather",
                  "send", "recv"):

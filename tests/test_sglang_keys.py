@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from reference.api import KeySuffix, backend_tag_prefix, namespace_seed, page_hashes
-from scenarios.sglang import envs
+from scenarios.sut.sglang import envs
 from tests.sglang_envs import need
 
 REPO = Path(__file__).resolve().parents[1]

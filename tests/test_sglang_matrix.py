@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from scenarios.checker import Verdict
-from scenarios.contract import UsageError
-from scenarios.sglang import matrix, matrix_cells, matrix_table
+from scenarios.campaigns import matrix
+from scenarios.core.contract import UsageError
+from scenarios.core.verdict import Verdict
+from scenarios.store import matrix_cells, matrix_table
 from tests.sglang_envs import IdleExecutor
 
 
@@ -122,7 +123,7 @@ def _args(tmp_path: Path, **kw: object) -> argparse.Namespace:
 
 def test_a_cut_run_keeps_finished_cells_and_resume_redoes_only_the_rest(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import scenarios.sglang.executor as executor
+    import scenarios.sut.sglang.executor as executor
 
     monkeypatch.setattr(executor, "SglangExecutor", IdleExecutor)
     ran: list[tuple] = []
@@ -157,7 +158,7 @@ def test_a_cut_run_keeps_finished_cells_and_resume_redoes_only_the_rest(
 
 def test_a_broken_cell_is_an_error_cell_not_a_lost_run(tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    import scenarios.sglang.executor as executor
+    import scenarios.sut.sglang.executor as executor
 
     monkeypatch.setattr(executor, "SglangExecutor", IdleExecutor)
 
@@ -176,12 +177,19 @@ def test_a_broken_cell_is_an_error_cell_not_a_lost_run(tmp_path: Path,
 class _RunEx:
     """Runs nothing: the verdict of each run comes from a scripted checker."""
 
+    sut, mode, hangs_are_findings = "sglang==0.5.11", "torchrun", False
+
     def __init__(self, fail: object = None) -> None:
         self.fail = fail
         self.runs = 0
 
-    def run(self, s: object, dp: object = None) -> list:
-        from scenarios.records import RankResult
+    def judge(self, s: object, results: list) -> Verdict:
+        from scenarios.sut.sglang.executor import verdict_of
+
+        return verdict_of(s, results, True)
+
+    def run(self, s: object, dp: object = None, **kw: object) -> list:
+        from scenarios.core.records import RankResult
 
         self.runs += 1
         if self.fail is not None and self.runs in self.fail:  # type: ignore[operator]
@@ -192,19 +200,18 @@ class _RunEx:
 
 
 def _sched() -> object:
-    from scenarios.schedule import Op, Schedule
+    from scenarios.core.schedule import Op, Schedule
 
     return Schedule(layout="1x2", ops=[Op(kind="step")])
 
 
 def _script(monkeypatch: pytest.MonkeyPatch, verdicts: list[bool]) -> list[bool]:
-    import scenarios.checker as checker
-
     # modules that bind `check` when first imported must not first be imported under the patch
-    # (hunt imports scenarios.explore lazily): they would keep the scripted checker for every
+    # (hunt imports scenarios.campaigns.explore lazily): they would keep the scripted checker for every
     # later test in this process (seen: exit-contract tests after this file got wrong codes)
-    import scenarios.explore  # noqa: F401
-    import scenarios.judge  # noqa: F401
+    import scenarios.campaigns.explore  # noqa: F401
+    import scenarios.judge.checker as checker
+    import scenarios.judge.judging  # noqa: F401
 
     seq = list(verdicts)
 
@@ -216,48 +223,58 @@ def _script(monkeypatch: pytest.MonkeyPatch, verdicts: list[bool]) -> list[bool]
     return seq
 
 
+def _diverged() -> Verdict:
+    return Verdict(False, "decisions", "differ", [("decisions", "differ")], {})
+
+
+def _reproduced(v: Verdict) -> int:
+    return v.stats["confirmation"]["reproduced"]
+
+
 def test_confirm_counts_reproductions_and_skips_pool_failures(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    from scenarios.sglang.hunting import confirm
+    from scenarios.judge.judging import confirm
 
     _script(monkeypatch, [True, False, True])
-    k, v = confirm(_RunEx(fail={2}), _sched(), True, 4)  # run 2 breaks the pool: not judged
-    assert k == 1 and not v.ok and v.invariant == "decisions"
+    v = confirm(_RunEx(fail={2}), _sched(), _diverged(), 4)  # run 2 breaks the pool: not judged
+    assert _reproduced(v) == 1 and not v.ok and v.invariant == "decisions"
     _script(monkeypatch, [True, True, True])
-    k, v = confirm(_RunEx(), _sched(), True, 3)
-    assert k == 0 and v.ok
+    v = confirm(_RunEx(), _sched(), _diverged(), 3)
+    assert _reproduced(v) == 0 and v.status == "unknown" and "flaky" in v.diagnosis
+
+
+def _hunt(ex: object, examples: int, seed: int, **kw: object) -> object:
+    from scenarios.campaigns.explore import hunt
+    from scenarios.generate.strategies import for_sut
+
+    return hunt(ex, for_sut("sglang==0.5.11", ("1x2",)), examples, seed, **kw)  # type: ignore
 
 
 def test_hunt_reports_a_divergence_that_never_recurs_as_flaky(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Budget: 20 generated Schedules, 3 replays; the scripted checker diverges on the first
     run only, as a one-off infrastructure glitch would."""
-    from scenarios.sglang.hunting import hunt
-
     _script(monkeypatch, [False])
-    h = hunt("0.5.11", True, ("1x2",), 20, 0, ex=_RunEx(), replays=3)  # type: ignore[arg-type]
-    assert h["found"] is not None and h["flaky"] and h["reproduced"] == 0
-    assert h["verdict"].ok and "agreed on 3 replays" in h["verdict"].message
-    assert h["first_n"] == 1
-    assert h["first_seen"].startswith("DIVERGE") and "decisions" in h["first_seen"]
+    h = _hunt(_RunEx(), 20, 0, replays=3)
+    assert h.found is not None and h.flaky and h.reproduced == 0
+    assert h.verdict.status == "unknown" and "did not reproduce on 3 replays" in h.verdict.diagnosis
+    assert h.first_n == 1
+    assert h.first_seen.startswith("DIVERGE") and "decisions" in h.first_seen
 
 
 def test_hunt_confirms_a_divergence_that_recurs(monkeypatch: pytest.MonkeyPatch) -> None:
-    from scenarios.sglang.hunting import hunt
-
     _script(monkeypatch, [False] * 500)
-    h = hunt("0.5.11", True, ("1x2",), 5, 1, ex=_RunEx(), replays=2,  # type: ignore[arg-type]
-             shrink_s=5.0)
-    assert h["found"] is not None and not h["flaky"] and h["reproduced"] == 2
-    assert not h["verdict"].ok and h["infra_errors"] == []
+    h = _hunt(_RunEx(), 5, 1, replays=2, shrink_s=5.0)
+    assert h.found is not None and not h.flaky and h.reproduced == 2
+    assert not h.verdict.ok and h.infra_errors == []
 
 
 def test_oracle_uses_the_sglang_runs_own_dp_attention_for_a_reference_variant() -> None:
     """The matrix runs the reference corpus (variant tp_only_sync = 0.5.10 with DP attention)
     on SGLang with DP attention off: the oracle must judge it with the full TP group, or it
     reports the release's correct MIN over four ranks as a wrong reduction (seen in the matrix)."""
-    from scenarios.oracle import dp_attention_of, sync_stages
-    from scenarios.schedule import Op, Schedule
+    from scenarios.core.schedule import Op, Schedule
+    from scenarios.judge.oracle import dp_attention_of, sync_stages
 
     s = Schedule(layout="2x2", variant="tp_only_sync", dp_attention=False, ops=[Op(kind="step")])
     assert dp_attention_of(s) is True  # the reference variant alias keeps its meaning
@@ -275,9 +292,9 @@ def test_a_rank_that_fails_stops_its_peers_at_the_next_sync(
     import threading
     from types import SimpleNamespace
 
-    import scenarios.sglang.rank as rank_mod
-    from scenarios.layout import Layout
-    from scenarios.schedule import Op, Schedule
+    import scenarios.sut.sglang.rank as rank_mod
+    from scenarios.core.layout import Layout
+    from scenarios.core.schedule import Op, Schedule
 
     flags: dict[int, int] = {}
     barrier = threading.Barrier(2, timeout=20)
@@ -370,7 +387,7 @@ def test_a_new_group_with_a_freed_groups_id_gets_its_own_name(
     [collectives] divergences: one group, two names across ranks)."""
     import torch.distributed as dist
 
-    import scenarios.sglang.rank as rank_mod
+    import scenarios.sut.sglang.rank as rank_mod
 
     same = object()  # what a reused id looks like: the same id for two groups in turn
     for kind in ("all_reduce", "barrier", "all_gather_object", "broadcast", "all_gather",
@@ -388,20 +405,20 @@ def test_a_new_group_with_a_freed_groups_id_gets_its_own_name(
 def test_a_run_the_machine_broke_is_not_judged(monkeypatch: pytest.MonkeyPatch) -> None:
     """SGLang's host pool refuses to allocate when the shared box has < 10 GiB free: such a
     run is neither a divergence nor an agreement (seen as a flaky [error] cell)."""
-    from scenarios.records import ErrorKind, RankError, RankResult
-    from scenarios.sglang.hunting import confirm
+    from scenarios.core.records import ErrorKind, RankError, RankResult
+    from scenarios.judge.judging import confirm
 
     class BrokeEx(_RunEx):
-        def run(self, s: object, dp: object = None) -> list:
+        def run(self, s: object, dp: object = None, **kw: object) -> list:
             self.runs += 1
             err = RankError(ErrorKind.INFRASTRUCTURE, "ValueError",
                             "Not enough host memory available.") if self.runs == 1 else None
             return [RankResult(rank=0, error=err)]
 
     _script(monkeypatch, [False, False])
-    k, v = confirm(BrokeEx(), _sched(), True, 2)  # run 1 is not judged, run 2 diverges
-    assert k == 1 and not v.ok
-    import scenarios.sglang.rank as rank_mod
+    v = confirm(BrokeEx(), _sched(), _diverged(), 2)  # run 1 is not judged, run 2 diverges
+    assert _reproduced(v) == 1 and not v.ok
+    import scenarios.sut.sglang.rank as rank_mod
 
     # SGLang's refusal is a plain ValueError: recognised at the boundary, by type and message
     assert rank_mod._machine_broke(

@@ -15,8 +15,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from scenarios.checker import check, check_pages
-from scenarios.sglang import mooncake
+from scenarios.judge.checker import check, check_pages
+from scenarios.sut.sglang import mooncake
 from tests.sglang_envs import POST, PRE, need, started, verdicts_by_release
 
 pytestmark = pytest.mark.mooncake
@@ -99,7 +99,7 @@ def test_read_back_asks_once_more_for_what_failed_in_transit(fails: int) -> None
     `read_back_retries`); one that fails twice is recorded as failed and raises ReadBackFailed,
     which the rank reports as infrastructure (the run is `unknown`): the page invariant checks
     only reads that came back, so a silent partial check would pass unseen."""
-    from scenarios.sglang.rank import _machine_broke
+    from scenarios.sut.sglang.rank import _machine_broke
 
     held = {"k1": b"\x01" * 8, "k2": b"\x02" * 8}
     address = f"flaky-{fails}:1"
@@ -128,7 +128,7 @@ def test_read_back_asks_once_more_for_what_failed_in_transit(fails: int) -> None
 
 def _result(rank: int, storage: list, stored: list):  # noqa: ANN202
     """A rank result holding only what the page invariant reads (as the SGLang rank builds it)."""
-    from scenarios.records import RankResult, StorageCall
+    from scenarios.core.records import RankResult, StorageCall
 
     return RankResult(rank=rank, stored=tuple(stored), storage=tuple(
         StorageCall(op, tuple(k), tuple(ok), tuple(c)) for op, k, ok, c in storage))
@@ -151,7 +151,7 @@ def test_storage_args_configure_sglangs_store_as_a_user_would() -> None:
 
 
 def test_executor_master_starts_on_first_use_and_stops_on_close() -> None:
-    from scenarios.mooncake_master import master_pids, mooncake_available
+    from scenarios.nemesis.mooncake_master import master_pids, mooncake_available
 
     ok, why = mooncake_available()
     if not ok:
@@ -166,7 +166,7 @@ def test_executor_master_starts_on_first_use_and_stops_on_close() -> None:
 
 
 def test_a_given_master_that_does_not_answer_cannot_judge() -> None:
-    from scenarios.contract import CannotJudge
+    from scenarios.core.contract import CannotJudge
 
     with pytest.raises(CannotJudge, match="unreachable"):
         mooncake.MasterHolder("127.0.0.1:1").address()
@@ -175,7 +175,7 @@ def test_a_given_master_that_does_not_answer_cannot_judge() -> None:
 # -- real releases ------------------------------------------------------------------------------
 
 def _need(*versions: str) -> None:
-    from scenarios.mooncake_master import mooncake_available
+    from scenarios.nemesis.mooncake_master import mooncake_available
 
     ok, why = mooncake_available()
     if not ok:
@@ -190,7 +190,7 @@ def executors():
 
 
 def _write_acks(layout: str = "1x2"):
-    from scenarios.catalog import load_scenario
+    from scenarios.generate.catalog import load_scenario
 
     return load_scenario("write_acks").with_(layout=layout, backend="mooncake")
 
@@ -219,7 +219,7 @@ def test_write_acks_on_mooncake_split_cp_peers_before_the_fix_only(executors) ->
 def test_corpus_keeps_its_verdict_per_release_on_mooncake(executors, path: Path) -> None:
     """The corpus replays (found on the file backend) keep their verdict per release on
     Mooncake: the pre-fix divergence is still found, the post-fix release still agrees."""
-    from scenarios.replay import read_replay
+    from scenarios.store.replay import read_replay
 
     s, data = read_replay(path)
     s = s.with_(backend="mooncake")
@@ -275,7 +275,7 @@ def test_keys_are_read_back_from_the_master(executors) -> None:
     off = ex.run(s.with_(dp_attention=False), False)
     parts = [{KEY.match(k).group(3) for k in r.stored} for r in sorted(off, key=lambda r: r.rank)]
     assert parts == [{"0"}, {"1"}]  # SGLang keys by the global TP rank without DP attention
-    from scenarios.sglang.executor import annotate
+    from scenarios.sut.sglang.executor import annotate
 
     assert annotate(check(s.with_(dp_attention=False), off), False, "mooncake").ok
     v = check(s.with_(dp_attention=True), off)
@@ -289,7 +289,7 @@ def test_cli_run_with_mooncake_exits_1_before_the_fix_and_leaves_no_master(capsy
                                                                            ) -> None:
     import psutil
 
-    from scenarios.cli import main
+    from scenarios.cli.main import main
 
     def masters() -> set[int]:  # this process's own (a module fixture's executors hold some)
         return {p.pid for p in psutil.Process().children(recursive=True)
@@ -309,8 +309,8 @@ def test_cli_run_with_mooncake_exits_1_before_the_fix_and_leaves_no_master(capsy
 def test_0_5_13_agrees_on_mooncake_where_it_agrees_on_files() -> None:
     """0.5.13 (MIN over the finished loads) agrees on Mooncake: write_acks on 1x2 with and
     without DP attention, and the 2x2 corpus file that 0.5.11 still diverges on."""
-    from scenarios.replay import read_replay
-    from scenarios.sglang.executor import SglangExecutor
+    from scenarios.store.replay import read_replay
+    from scenarios.sut.sglang.executor import SglangExecutor
 
     _need("0.5.13")
     sut = "sglang==0.5.13"

@@ -1,4 +1,4 @@
-"""The quick reset (scenarios/sglang/quick_reset.py) changes how long SGLang's cache takes to
+"""The quick reset (scenarios/sut/sglang/quick_reset.py) changes how long SGLang's cache takes to
 build, not what the cache decides: the same generated Schedules get the same verdicts with it
 and with SGLang's own reset and its idle second, and with the quick reset a Schedule's per-rank
 logs are the same on every run. Marker `sglang`.
@@ -17,7 +17,7 @@ import random
 
 import pytest
 
-from scenarios.sglang import envs
+from scenarios.sut.sglang import envs
 
 PRE = "0.5.10.post1"
 #: one release per controller generation: revoke queue (0.5.10.post1, 0.5.13), hit queue (0.5.20)
@@ -28,7 +28,7 @@ def _schedules(n: int, version: str) -> list:
     from hypothesis import HealthCheck, Phase, find, settings
     from hypothesis.errors import NoSuchExample
 
-    from scenarios.strategies import schedules
+    from scenarios.generate.strategies import schedules
 
     got: list = []
 
@@ -62,8 +62,8 @@ KEYS = ("coords", "decisions", "digests", "outcomes", "collectives", "stored", "
 
 
 def _logs(version: str, scheds: list, idle: bool) -> list[list[dict]]:
-    from scenarios.sglang.executor import SglangExecutor
-    from scenarios.sglang.quick_reset import IDLE_RESET_ENV
+    from scenarios.sut.sglang.executor import SglangExecutor
+    from scenarios.sut.sglang.quick_reset import IDLE_RESET_ENV
 
     os.environ.pop(IDLE_RESET_ENV, None)
     if idle:
@@ -96,14 +96,14 @@ def test_quick_reset_keeps_every_log_and_drops_the_idle_second(version: str) -> 
       group's own sequence. Measured: 0.5.10.post1 x3 and 0.5.13 x4 runs identical, 0.5.20 x3
       runs differing in `collective_order` only.
     - Only the quick reset drops the idle second."""
-    from scenarios.checker import check
-    from scenarios.contract import CannotJudge
-    from scenarios.records import RankResult
-    from scenarios.sglang.executor import check_pipeline
+    from scenarios.core.contract import CannotJudge
+    from scenarios.core.records import RankResult
+    from scenarios.judge.checker import check
+    from scenarios.sut.sglang.executor import check_pipeline
 
     m = envs.load_manifest(version)
     if m is None or not m.ok:
-        pytest.skip(f"sglang env not built here: python -m scenarios.sglang.envs {version}")
+        pytest.skip(f"sglang env not built here: python -m scenarios.sut.sglang.envs {version}")
     try:
         check_pipeline(version)
     except CannotJudge as e:
@@ -209,7 +209,7 @@ def test_quick_reset_skips_the_idle_join_and_leaves_one_live_aux_thread(
     import time
     from types import SimpleNamespace
 
-    from scenarios.sglang import quick_reset
+    from scenarios.sut.sglang import quick_reset
 
     monkeypatch.delenv(quick_reset.IDLE_RESET_ENV, raising=False)
     cls = type("HiCacheController", (_Controller,), {})
@@ -245,7 +245,7 @@ def test_quick_reset_is_off_when_asked_or_when_the_release_has_no_stop_path(
         monkeypatch: pytest.MonkeyPatch) -> None:
     from types import SimpleNamespace
 
-    from scenarios.sglang import quick_reset
+    from scenarios.sut.sglang import quick_reset
 
     cls = type("HiCacheController", (_Controller,), {})
     monkeypatch.setenv(quick_reset.IDLE_RESET_ENV, "1")

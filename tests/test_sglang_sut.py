@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from scenarios.catalog import load_scenario
-from scenarios.contract import CannotJudge, UsageError
-from scenarios.sglang import envs, shim
-from scenarios.sglang.seams import GatedDevice, IoGates
+from scenarios.core.contract import CannotJudge, UsageError
+from scenarios.generate.catalog import load_scenario
+from scenarios.sut.sglang import envs, shim
+from scenarios.sut.sglang.seams import GatedDevice, IoGates
 from tests.sglang_envs import POST, PRE, IdleExecutor, need, started, verdicts_by_release
 
 CORPUS = sorted((Path(__file__).parent.parent / "scenarios" / "corpus" / "sglang").glob("*.json"))
@@ -123,9 +123,9 @@ def test_host_pool_builds_with_the_reserve_lent_but_not_past_free_ram(monkeypatc
 def test_a_broken_machine_is_unknown_not_a_divergence(monkeypatch) -> None:
     """SglangExecutor.check: a rank's infrastructure error (SGLang's host pool refused by the
     machine) is `unknown`, as the judge says it; annotate() must not turn it into an agree."""
-    from scenarios.catalog import load_scenario
-    from scenarios.records import ErrorKind, RankError, RankResult
-    from scenarios.sglang.executor import SglangExecutor
+    from scenarios.core.records import ErrorKind, RankError, RankResult
+    from scenarios.generate.catalog import load_scenario
+    from scenarios.sut.sglang.executor import SglangExecutor
 
     refused = RankError.of(ValueError("Not enough host memory available."),
                            ErrorKind.INFRASTRUCTURE, "building SGLang's host pool")
@@ -140,9 +140,9 @@ def test_a_broken_machine_is_unknown_not_a_divergence(monkeypatch) -> None:
 def test_a_broken_machine_exits_unknown_and_writes_no_replay(monkeypatch, tmp_path) -> None:
     """`cpcheck run --sut sglang==V` on a run the machine broke: exit 125 (the contract's
     unknown), not 1, and no replay file (there is no divergence to replay)."""
-    from scenarios.checker import Verdict
-    from scenarios.cli import main
-    from scenarios.sglang import hunting
+    from scenarios.campaigns import release_walk as hunting
+    from scenarios.cli.main import main
+    from scenarios.core.verdict import Verdict
 
     broke = Verdict.unknown("rank 0: building SGLang's host pool: ValueError: Not enough host "
                             "memory available.")
@@ -151,7 +151,10 @@ def test_a_broken_machine_exits_unknown_and_writes_no_replay(monkeypatch, tmp_pa
         def check(self, s: object) -> Verdict:
             return broke
 
+    import scenarios.sut.sglang.executor as sglang_executor
+
     monkeypatch.setattr(hunting, "SglangExecutor", BrokenMachine)
+    monkeypatch.setattr(sglang_executor, "SglangExecutor", BrokenMachine)  # executor_for's
     assert hunting.judge(load_scenario("write_acks").with_(sut=f"sglang=={POST}")) == (125, broke)
     need(POST)  # the CLI checks that the release's environment exists before it runs
     rc = main(["run", "write_acks", "--sut", f"sglang=={POST}", "--replay-dir", str(tmp_path)])
@@ -191,7 +194,7 @@ def executors():
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("path", CORPUS, ids=[p.stem for p in CORPUS])
 def test_corpus_keeps_its_verdict_per_release(executors, path: Path) -> None:
-    from scenarios.replay import read_replay
+    from scenarios.store.replay import read_replay
 
     s, data = read_replay(path)
     for sut, invariant, v in verdicts_by_release(executors, s, data):
@@ -207,12 +210,12 @@ def test_write_acks_split_cp_peers_before_the_fix_only(executors) -> None:
     """The catalog's write-ack interleaving on CP=2 with DP attention: 0.5.10.post1 issues no
     collective at all (its TP group is the attention-TP group, size 1) and the peers ack
     different writes; 0.5.11 reduces over the attention-CP group and agrees."""
-    from scenarios.catalog import load_scenario
+    from scenarios.generate.catalog import load_scenario
 
     s = load_scenario("write_acks").with_(layout="1x2")
     pre = executors[PRE].run(s, True)
     post = executors[POST].run(s, True)
-    from scenarios.checker import check
+    from scenarios.judge.checker import check
 
     assert check(s, pre).invariant == "decisions"
     assert all(not r.collectives for r in pre)
@@ -225,8 +228,8 @@ def test_write_acks_split_cp_peers_before_the_fix_only(executors) -> None:
 @pytest.mark.sglang
 @pytest.mark.timeout(900)
 def test_replay_exit_codes(capsys) -> None:
-    from scenarios.cli import main
-    from scenarios.replay import read_replay
+    from scenarios.cli.main import main
+    from scenarios.store.replay import read_replay
 
     need(PRE, POST)
     # a file the fix turned from diverge to agree (not one every release fails)
@@ -234,7 +237,11 @@ def test_replay_exit_codes(capsys) -> None:
              if (e := read_replay(p)[1]["expect_by_release"]).get(f"sglang=={POST}", "") is None
              and e.get(f"sglang=={PRE}"))
     assert main(["replay", f, "--sut", f"sglang=={POST}"]) == 0
-    assert main(["replay", f, "--sut", f"sglang=={PRE}"]) == 1
+    capsys.readouterr()
+    assert main(["replay", f, "--sut", f"sglang=={PRE}", "--json"]) == 1
+    d = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    # a release's divergence is replayed before it is reported, as the reference's is
+    assert d["status"] == "diverge" and d["confirmed_by_replay"] is True
     assert main(["replay", f, "--sut", "sglang==0.5.21"]) == 125
     assert main(["replay", f, "--sut", "sglang==0.5.99"]) == 2
 

@@ -18,12 +18,12 @@ from reference.api import (
     WRITE_POLICIES,
     CacheConfig,
 )
-from scenarios.cli import build_parser
-from scenarios.contract import ExitCode
-from scenarios.executor import MODES
+from scenarios.cli.main import build_parser
+from scenarios.core.contract import ExitCode
+from scenarios.core.schedule import CachePolicy, Schedule
+from scenarios.generate.workload import INTENTS
 from scenarios.runner.worker import DEVICES
-from scenarios.schedule import CachePolicy, Schedule
-from scenarios.workload import INTENTS
+from scenarios.sut.reference_executor import MODES
 
 REPO = Path(__file__).resolve().parent.parent
 #: CachePolicy field -> CacheConfig's (the Schedule counts the prefetch timeout in ticks)
@@ -103,7 +103,7 @@ def _exit_code_literals(source: str, where: str) -> list[str]:
 
 
 def test_exit_code_numbers_live_in_contract_only() -> None:
-    """No module but scenarios/contract.py spells 125 or 130 (or exits with a literal)."""
+    """No module but scenarios/core/contract.py spells 125 or 130 (or exits with a literal)."""
     found = [hit for path in sorted((REPO / "scenarios").rglob("*.py"))
              if path.name != "contract.py"
              for hit in _exit_code_literals(path.read_text(), str(path.relative_to(REPO)))]
@@ -111,3 +111,38 @@ def test_exit_code_numbers_live_in_contract_only() -> None:
     # the scan fires on what it exists to catch (the help text this commit fixed had a 125)
     planted = 'help="exit 0 agree, " + str(125)\nsys.exit(2)\n'
     assert len(_exit_code_literals(planted, "planted.py")) == 2
+
+
+def _assigned_names(source: str) -> set[str]:
+    return {t.id for node in ast.walk(ast.parse(source)) if isinstance(node, ast.Assign)
+            for t in node.targets if isinstance(t, ast.Name)}
+
+
+def _layout_tuples(source: str) -> list[int]:
+    """Lines with a literal sequence of two or more layout strings ("1x2", "2x2", ...)."""
+    out = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Tuple | ast.List) and len(node.elts) >= 2 and all(
+                isinstance(e, ast.Constant) and isinstance(e.value, str)
+                and re.fullmatch(r"\d+x\d+(x\d+)?", e.value) for e in node.elts):
+            out.append(node.lineno)
+    return out
+
+
+def test_page_size_and_default_layouts_live_in_config_only() -> None:
+    """PAGE was defined three times and default layouts six: scenarios/core/config.py holds
+    them; another module that assigns PAGE or spells a default layout list fails here."""
+    from scenarios.core import config
+
+    assert config.PAGE == CacheConfig().page_size
+    found = []
+    for path in sorted((REPO / "scenarios").rglob("*.py")):
+        if path.name == "config.py":
+            continue
+        src = path.read_text()
+        if "PAGE" in _assigned_names(src):
+            found.append(f"{path.relative_to(REPO)}: PAGE =")
+        found += [f"{path.relative_to(REPO)}:{n}: layouts" for n in _layout_tuples(src)]
+    assert found == []
+    assert _layout_tuples('LAYOUTS = ("1x2", "2x2")\nx = ["2x2x2", "1x4"]\n') == [1, 2]
+    assert "PAGE" in _assigned_names("PAGE = 4\n")

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from scenarios.cli import main
-from scenarios.nemesis import KINDS, Nemesis, NemesisError, RankKilled
+from scenarios.cli.main import main
+from scenarios.nemesis.faults import KINDS, Nemesis, NemesisError, RankKilled
 
 
 def _soak(tmp_path: Path, *extra: str, minutes: str = "0.05") -> tuple[int, dict]:

@@ -15,8 +15,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from scenarios.cli import main
-from scenarios.report import SOAK_REPORT_SCHEMA
+from scenarios.cli.main import main
+from scenarios.store.report import SOAK_REPORT_SCHEMA
 from tests.subprocess_env import REPO, child_env
 
 STOP_WITHIN_S = 3.0  # the requirement, on a host whose CPUs are not oversubscribed
@@ -103,7 +103,7 @@ def test_unwritable_out_is_found_before_the_first_run(tmp_path: Path, capsys) ->
 
 def test_divergence_is_kept_when_interrupted_while_confirming(monkeypatch, tmp_path: Path,
                                                               capsys) -> None:
-    import scenarios.judge as judge
+    import scenarios.judge.judging as judge
 
     def interrupted(*a, **kw):  # noqa: ANN002, ANN003, ANN202
         raise KeyboardInterrupt
@@ -130,7 +130,7 @@ def test_confirmed_divergence_is_in_the_report(tmp_path: Path, capsys) -> None:
 
 def test_internal_error_still_prints_verdict_and_report(monkeypatch, tmp_path: Path,
                                                         capsys) -> None:
-    import scenarios.soak as soak
+    import scenarios.campaigns.soak as soak
 
     real, calls = soak.make_chunk, {"n": 0}
 
@@ -150,7 +150,7 @@ def test_internal_error_still_prints_verdict_and_report(monkeypatch, tmp_path: P
 
 # -- Mooncake --------------------------------------------------------------------------------
 def _needs_mooncake() -> None:
-    from scenarios.mooncake_master import mooncake_available
+    from scenarios.nemesis.mooncake_master import mooncake_available
 
     ok, why = mooncake_available()
     if not ok:
@@ -160,7 +160,7 @@ def _needs_mooncake() -> None:
 @pytest.mark.mooncake
 def test_mooncake_soak_ctrl_c_within_3s_and_log_in_out(tmp_path: Path) -> None:
     _needs_mooncake()
-    from scenarios.mooncake_master import master_pids
+    from scenarios.nemesis.mooncake_master import master_pids
 
     out = tmp_path / "soak"
     proc = _start_soak(out, "--backend", "mooncake")
@@ -189,7 +189,7 @@ def _parent(pid: int) -> int | None:
 def test_sigkill_of_the_soaks_own_master_is_unknown(tmp_path: Path, capsys) -> None:
     """No master_restart fault asked: a lost master is infrastructure, not a divergence."""
     _needs_mooncake()
-    from scenarios.mooncake_master import master_pids
+    from scenarios.nemesis.mooncake_master import master_pids
 
     killed: list[int] = []
     # under pytest-xdist this process may already own a session fixture's master: not the soak's

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from scenarios.cli import main
+from scenarios.cli.main import main
 
 
 def _seed(tmp_path: Path, name: str, *extra: str) -> int:

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-import scenarios.judge as judge
-from scenarios.checker import Verdict
-from scenarios.cli import main
-from scenarios.soak import MAX_UNCONFIRMED
+import scenarios.judge.judging as judge
+from scenarios.campaigns.soak import MAX_UNCONFIRMED
+from scenarios.cli.main import main
+from scenarios.core.verdict import Verdict
 
 VARIANT = "tp_only_sync"
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from scenarios.cli import main
+from scenarios.cli.main import main
 
 FAST = ["cp_rank_in_key", "leak_on_revoke", "misaligned_batch", "tp_only_sync",
         "writing_check_local_skip"]

@@ -42,11 +42,11 @@ def test_child_env_extends_pythonpath(tmp_path: Path) -> None:
 
 
 def test_storage_that_never_came_up_is_unknown(monkeypatch) -> None:
-    import scenarios.rank_run as rank_run
+    import scenarios.sut.reference_rank as rank_run
     from reference.api import StorageError
-    from scenarios.catalog import load_scenario
-    from scenarios.executor import Executor
-    from scenarios.judge import run_checked
+    from scenarios.generate.catalog import load_scenario
+    from scenarios.judge.judging import run_checked
+    from scenarios.sut.reference_executor import Executor
 
     def no_backend(backend, env):  # noqa: ANN001, ANN202
         raise StorageError("Mooncake master 127.0.0.1:9 unreachable (setup returned -1)")

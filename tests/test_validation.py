@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from scenarios.catalog import load_scenario
-from scenarios.cli import main
-from scenarios.schedule import Schedule, ScheduleError
+from scenarios.cli.main import main
+from scenarios.core.schedule import Schedule, ScheduleError
+from scenarios.generate.catalog import load_scenario
 
 OP = '[[ops]]\nkind = "add"\nrid = "a"\nshared = 0\nshared_len = 8\nown_len = 3\n'
 STEP = '[[ops]]\nkind = "step"\n'

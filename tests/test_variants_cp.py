@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-from scenarios.catalog import catalog_names, load_scenario
-from scenarios.checker import INVARIANTS, check
+from scenarios.generate.catalog import catalog_names, load_scenario
+from scenarios.judge.checker import INVARIANTS, check
 
 # (scenario, variant, the invariant that must fire first)
 TRIPS = [

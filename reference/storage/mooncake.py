@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 
 INSTALL_HINT = "mooncake is not installed: pip install 'cpcheck[mooncake-cpu]'"
 
-# Mooncake error codes seen in 0.3.13 (see shared/design/mooncake.md).
+# Mooncake error codes seen in 0.3.13 (see docs/design/mooncake.md).
 OBJECT_ALREADY_EXISTS = -705
 
 

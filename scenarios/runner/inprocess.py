@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -142,6 +142,7 @@ class ThreadCollectives:
 
 def run_schedule_inprocess(
     schedule: Any,
+    job: Callable[..., Any],
     *,
     gated: bool = True,
     storage_root: str = "",
@@ -151,10 +152,10 @@ def run_schedule_inprocess(
     nemesis: Any = None,
     device: str = "cpu",
 ) -> list[dict]:
-    """Run every rank of `schedule` as a thread of this process; results in rank order."""
-    import uuid
+    """Run every rank of `schedule` as a thread of this process; results in rank order.
 
-    from scenarios.rank_run import RunEnv, execute
+    `job(schedule, rank, collectives, **env)` runs one rank (the SUT's own client)."""
+    import uuid
 
     world = ThreadWorld(timeout_s)
     run_id = run_id or f"r{uuid.uuid4().hex[:10]}"
@@ -162,16 +163,10 @@ def run_schedule_inprocess(
     results: list[dict | None] = [None] * n
 
     def one(rank: int) -> None:
-        env = RunEnv(
-            rank=rank,
-            run_id=run_id,
-            device=device,
-            storage_root=storage_root,
-            mooncake_master=mooncake_master,
-            gated=gated,
-            agree_timeout_s=timeout_s,
-        )
-        results[rank] = execute(schedule, env, ThreadCollectives(world, rank), nemesis)
+        results[rank] = job(schedule, rank, ThreadCollectives(world, rank), run_id=run_id,
+                            device=device, storage_root=storage_root,
+                            mooncake_master=mooncake_master, gated=gated, timeout_s=timeout_s,
+                            nemesis=nemesis)
 
     threads = [
         threading.Thread(target=one, args=(r,), name=f"rank{r}", daemon=True) for r in range(n)

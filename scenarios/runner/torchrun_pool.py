@@ -49,7 +49,8 @@ from typing import Any, Literal, NoReturn
 
 import psutil
 
-from scenarios.layout import Layout
+from scenarios.core.config import REPO_ROOT
+from scenarios.core.layout import Layout
 from scenarios.runner.launch import ENV_FAILURES, FailureReport, RankFailure, read_failures
 from scenarios.runner.worker import ENV_ADDRESS, ENV_AUTHKEY, Diagnosis
 
@@ -70,7 +71,7 @@ __all__ = [
 
 Device = Literal["auto", "cpu", "cuda"]
 
-_REPO_ROOT = Path(__file__).resolve().parents[2]
+_REPO_ROOT = REPO_ROOT
 _WORKER_MODULE = "scenarios.runner.worker"
 _LAUNCH_MODULE = "scenarios.runner.launch"  # torchrun + a JSON record of failed ranks
 _POLL_S = 0.5  # slice for waits, so a dead torchrun is noticed while results are awaited

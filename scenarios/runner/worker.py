@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Client, Connection
 from typing import TYPE_CHECKING, Any
 
-from scenarios.layout import GROUP_KINDS, GroupKind, Layout
+from scenarios.core.layout import GROUP_KINDS, GroupKind, Layout
 
 if TYPE_CHECKING:
     import torch
@@ -296,7 +296,7 @@ def _one_liner(exc: BaseException) -> str:
 def _close_storage_clients() -> None:
     """On a graceful exit, close the Mooncake clients jobs kept open (storage_clients), so the
     master unmounts their segments now instead of placing objects on them until its TTL."""
-    mod = sys.modules.get("scenarios.storage_clients")
+    mod = sys.modules.get("scenarios.client.storage_clients")
     if mod is not None:
         try:
             mod.close_all()

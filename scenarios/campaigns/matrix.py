@@ -1,0 +1,216 @@
+"""The release matrix: each SGLang release x DP attention on/off x layout -> agree / diverge.
+
+Per cell: the corpus replays (every Schedule in scenarios/corpus/, run with that release,
+configuration and layout where the file's layout matches), then a generated budget
+(`--examples`). A divergence is shrunk, replayed `--replays` times (k/n) and written as a replay
+file: divergences in releases after the fix are findings and are kept; one that never recurs is
+"flaky", never "agree". Every cell is written to the cells file (`--out`/cells.json) as it
+starts and again as it finishes, so a cut run keeps what it measured and `--resume` skips the
+finished cells; `python -m scenarios.store.matrix_table FILE...` prints the
+table of docs/sglang-release-matrix.md (`--write` puts it there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from scenarios.core.config import CORPUS_DIR, CP_LAYOUTS, REPO_ROOT
+from scenarios.core.contract import CannotJudge, ExitCode
+from scenarios.store import matrix_cells
+from scenarios.sut.sglang import envs
+
+CORPUS = CORPUS_DIR
+_REPO = REPO_ROOT
+
+
+def add_matrix_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--release", action="append", help="repeatable (default: 0.5.9 .. 0.5.20)")
+    p.add_argument("--layout", action="append", help="repeatable (default: 1x2 2x2)")
+    p.add_argument("--dp-attention", choices=["on", "off", "both"], default="both")
+    p.add_argument("--examples", type=int, default=30, help="generated schedules per cell")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timeout", type=float, default=20.0)
+    p.add_argument("--shrink-s", type=float, default=90.0, help="shrinking budget per cell")
+    p.add_argument("--replays", type=int, default=3,
+                   help="replays of each divergence (generated or corpus) to confirm it (k/n)")
+    p.add_argument("--out", default="cpcheck-out/matrix",
+                   help="directory of the cells file (cells.json) and the replay files")
+    p.add_argument("--replay-dir", default="", help="replay files here instead of --out")
+    p.add_argument("--json", default="", help="the cells file (default: OUT/cells.json)")
+    p.add_argument("--resume", action="store_true",
+                   help="skip cells the cells file holds as finished (agree / diverge / flaky)")
+
+
+def corpus_for(layout: str) -> list[Any]:
+    from scenarios.store.replay import read_replay
+
+    out = []
+    # the reference's variants do not exist in SGLang: their Schedules are just interleavings
+    for f in sorted(CORPUS.glob("*.json")) + sorted((CORPUS / "sglang").glob("*.json")):
+        s, _ = read_replay(f)
+        if s.layout == layout and not s.cache.mla:
+            out.append((f.name, s))
+    return out
+
+
+def run_corpus(ex: Any, version: str, dp: bool, layout: str, replays: int,
+               replay_dir: str | None = None) -> list[dict]:
+    """Each corpus Schedule of this layout once; a divergence is replayed `replays` times and,
+    if it reproduced, written to `replay_dir` with this release and DP setting."""
+    from scenarios.judge.judging import confirm, run_checked
+    from scenarios.store.replay import write_replay
+
+    rows = []
+    for name, s in corpus_for(layout):
+        s = s.with_(sut=f"sglang=={version}", dp_attention=dp)
+        _, v = run_checked(ex, s)
+        if v.status == "unknown":  # the pool or the machine broke the run: not judged
+            rows.append({"file": name, "verdict": "error", "error": (v.diagnosis or "")[:1500]})
+            continue
+        row: dict = {"file": name, "verdict": "agree" if v.ok else "diverge"}
+        if not v.ok:
+            first = v.summary()
+            v = confirm(ex, s, v, replays)
+            k = (v.stats.get("confirmation") or {}).get("reproduced", 0)
+            row.update(invariant=v.invariant, message=v.message[:300],
+                       reproduced=f"{k}/{replays}")
+            if k == 0:
+                row["verdict"] = "flaky"
+                row["first_seen"] = first[:300]
+            elif replay_dir:
+                row["replay"] = str(write_replay(s, v, replay_dir, "torchrun"))
+        rows.append(row)
+    return rows
+
+
+def _loadavg() -> list[float]:
+    try:
+        return [round(x, 1) for x in os.getloadavg()]
+    except OSError:
+        return []
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=_REPO, text=True,
+                              capture_output=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def run_cell(ex: Any, version: str, dp: bool, layout: str, examples: int, seed: int,
+             replay_dir: str, shrink_s: float | None = 90.0, replays: int = 3) -> dict:
+    from scenarios.campaigns.explore import hunt
+    from scenarios.generate.strategies import for_sut
+    from scenarios.store.replay import write_replay
+
+    t0 = time.monotonic()
+    row: dict = {"release": version, "dp_attention": dp, "layout": layout}
+    corpus = run_corpus(ex, version, dp, layout, replays, replay_dir)
+    n = len(corpus)
+    div = [c for c in corpus if c["verdict"] == "diverge"]
+    row["corpus"] = {"n": n, "diverge": len(div),
+                     "flaky": sum(c["verdict"] == "flaky" for c in corpus),
+                     "error": sum(c["verdict"] == "error" for c in corpus), "files": corpus}
+    h = hunt(ex, for_sut(f"sglang=={version}", (layout,), dp_attention=dp), examples, seed,
+             shrink_s=shrink_s, replays=replays)
+    row["generated"] = {"examples": h.examples, "seed": seed, "budget": examples,
+                        "infra_errors": h.infra_errors}
+    if h.infra_schedules:
+        from scenarios.core.verdict import Verdict
+
+        row["generated"]["infra_replays"] = [
+            str(write_replay(s, Verdict.unknown(msg[:300]), replay_dir, "torchrun"))
+            for s, msg in zip(h.infra_schedules, h.infra_errors, strict=False)]
+    if h.found is not None and h.verdict is not None:
+        v = h.verdict
+        row["generated"].update(
+            first_s=round(h.seconds_to_first or 0.0, 1), first_n=h.first_n,
+            shrink_s=round(h.seconds_shrinking or 0.0, 1), shrunk_ops=h.steps,
+            reproduced=f"{h.reproduced}/{h.replays}",
+            invariant=None if v.ok else v.invariant, message=v.message[:300],
+            first_seen=h.first_seen, shrunk_seen=h.best_seen,
+            replay=str(write_replay(h.found, v, replay_dir, "torchrun")))
+    row["verdict"] = cell_verdict(row)
+    row["seconds"] = round(time.monotonic() - t0, 1)
+    return row
+
+
+def cell_verdict(row: dict) -> str:
+    """diverge if any divergence reproduced; flaky if divergences were seen and none recurred;
+    error if nothing diverged but some runs were not judged; else agree."""
+    gen, corpus = row.get("generated", {}), row.get("corpus", {})
+    if gen.get("reproduced") and not gen["reproduced"].startswith("0/"):
+        return "diverge"
+    if corpus.get("diverge"):
+        return "diverge"
+    if gen.get("reproduced") or corpus.get("flaky"):
+        return "flaky"
+    if corpus.get("error") or gen.get("infra_errors"):
+        return "error"
+    return "agree"
+
+
+def cmd_matrix(args: argparse.Namespace) -> int:
+    from scenarios.sut.sglang.executor import SglangExecutor
+
+    releases = args.release or envs.releases_in_range()
+    layouts = args.layout or list(CP_LAYOUTS)
+    dps = {"on": [True], "off": [False], "both": [True, False]}[args.dp_attention]
+    cells_file = Path(args.json or Path(args.out) / "cells.json")
+    replay_dir = args.replay_dir or args.out
+    have = matrix_cells.load(cells_file)  # a bad file is a usage error before any work
+    meta = {"command": " ".join(["cpcheck", *sys.argv[1:]]) if sys.argv else "cpcheck matrix",
+            "commit": _commit(), "examples_budget": args.examples, "shrink_budget_s":
+            args.shrink_s, "host_cpus": os.cpu_count()}
+    print(f"cells: {cells_file}", file=sys.stderr)
+    for v in releases:
+        todo = [(dp, lay) for dp in dps for lay in layouts
+                if not (args.resume and matrix_cells.finished(
+                    have.get(matrix_cells.cell_key(v, dp, lay))))]
+        if not todo:
+            print(f"sglang {v}: every cell finished already (--resume)", file=sys.stderr)
+            continue
+        try:
+            ex = SglangExecutor(v, timeout_s=args.timeout, log=lambda m: print(m, file=sys.stderr))
+        except CannotJudge as e:
+            for dp, lay in todo:
+                cell = {"release": v, "dp_attention": dp, "layout": lay, "verdict": "cannot",
+                        "why": e.diagnosis, "finished_at": _now(), **meta}
+                matrix_cells.record(cells_file, cell)
+            print(f"sglang {v}: cannot run here: {e.diagnosis}", flush=True)
+            continue
+        with ex:
+            for dp, lay in todo:
+                start = {"release": v, "dp_attention": dp, "layout": lay, "verdict": "running",
+                         "started_at": _now(), "loadavg_start": _loadavg(), **meta}
+                matrix_cells.record(cells_file, start)
+                try:
+                    row = run_cell(ex, v, dp, lay, args.examples, args.seed, replay_dir,
+                                   args.shrink_s, args.replays)
+                except (KeyboardInterrupt, SystemExit):
+                    raise  # the cell stays "running": --resume redoes it
+                except Exception as e:  # one broken cell must not hide the others
+                    row = {"release": v, "dp_attention": dp, "layout": lay, "verdict": "error",
+                           "error": f"{type(e).__name__}: {str(e)[:300]}"}
+                row = {**start, **row, "finished_at": _now(), "loadavg_end": _loadavg()}
+                matrix_cells.record(cells_file, row)
+                from scenarios.store.matrix_table import cell_text
+
+                print(f"sglang {v} dp={'on' if dp else 'off'} {lay}: {cell_text(row)} "
+                      f"({row.get('seconds', '?')} s)", flush=True)
+    from scenarios.store.matrix_table import render
+
+    print(render(matrix_cells.load(cells_file)))
+    return int(ExitCode.AGREE)

@@ -1,0 +1,165 @@
+"""Per-rank recording: the observer the harness installs and a collective-call fingerprint.
+
+The collective log is the same idea as PyTorch's desync debug (group, op, shape, dtype per
+call), but kept for every run and compared after it, not only after a hang.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from reference.api import Decision, Observer, StorageAccess, TorchCollectives
+from scenarios.core import records
+
+
+class Recorder(Observer):
+    """Appends plain tuples on the hot path; `decisions_records()` etc. build the typed
+    records of scenarios/core/records.py once, at the end of the run."""
+
+    wants_checksums = True
+
+    def __init__(self) -> None:
+        #: per channel: (kind, rid, local, agreed, outcome)
+        self.decisions: dict[str, list[tuple]] = defaultdict(list)
+        self.digests: list[str] = []
+        self.storage: list[StorageAccess] = []
+        #: per channel, parallel to `decisions`: what the rank did with each agreed value
+        self.effects: dict[str, list[tuple]] = defaultdict(list)
+        #: (kind, rid, values) of actions taken outside a decision (see scenarios/judge/oracle.py)
+        self.actions: list[tuple] = []
+        self._lock = threading.Lock()
+
+    def on_decision(self, d: Decision) -> None:
+        with self._lock:
+            self.decisions[d.channel].append((d.kind, d.rid, d.local, d.agreed, d.outcome))
+            self.effects[d.channel].append(tuple(d.effect))
+
+    def on_tree_changed(self, channel: str, digest_fn) -> None:  # noqa: ANN001
+        self.digests.append(digest_fn())
+
+    def on_storage(self, a: StorageAccess) -> None:
+        with self._lock:
+            self.storage.append(a)
+
+    def on_effect(self, kind: str, rid: str, values: tuple) -> None:
+        with self._lock:
+            self.actions.append((kind, rid, tuple(values)))
+
+    def decision_count(self) -> int:
+        return sum(len(v) for v in self.decisions.values())
+
+    # -- the records, at the end of a run --------------------------------------------------
+    def decision_records(self) -> dict[str, tuple[records.Decision, ...]]:
+        return {ch: tuple(map(records.Decision.of, v)) for ch, v in self.decisions.items()}
+
+    def effect_records(self) -> dict[str, tuple[tuple, ...]]:
+        return {ch: tuple(v) for ch, v in self.effects.items()}
+
+    def action_records(self) -> tuple[records.Action, ...]:
+        return tuple(records.Action(*a) for a in self.actions)
+
+    def storage_records(self) -> tuple[records.StorageCall, ...]:
+        return tuple(records.StorageCall(a.op, tuple(a.keys), tuple(a.ok), tuple(a.checksums))
+                     for a in self.storage)
+
+
+class RecordingCollectives:
+    """Wraps a Collectives; logs every call before making it, so a hang shows the pending call.
+
+    A call is logged as a tuple (records.CollectiveCall's fields); `call_records()` builds the
+    records at the end. torch.distributed reports a failed collective (gloo timeout, peer gone)
+    as a bare RuntimeError: here, where the call is known, it becomes records.CollectiveError.
+    """
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.rank = inner.rank
+        self.log: dict[str, list[tuple]] = defaultdict(list)
+        #: per group, the rank-wide index of each call, to tell which divergence came first
+        self.order: dict[str, list[int]] = defaultdict(list)
+        self._count = 0
+        self.pending: dict[str, tuple[tuple, str]] = {}  # thread -> (call, group)
+        self._lock = threading.Lock()
+        self._torch = isinstance(inner, TorchCollectives)
+
+    def new_groups(self, rank_sets: Sequence[tuple[int, ...]], tag: str) -> list[Any]:
+        try:
+            handles = self.inner.new_groups(rank_sets, tag)
+        except RuntimeError as e:
+            self._failed(e, "new_groups", tag)
+            raise
+        return [(f"{tag}{list(r)}", h) for r, h in zip(rank_sets, handles, strict=True)]
+
+    def _log(self, name: str, entry: tuple) -> str:
+        thread = threading.current_thread().name
+        with self._lock:
+            self.log[name].append(entry)
+            self.order[name].append(self._count)
+            self._count += 1
+            self.pending[thread] = (entry, name)
+        return thread
+
+    def _failed(self, e: RuntimeError, what: str, name: str) -> None:
+        if self._torch and type(e) is RuntimeError:
+            raise records.CollectiveError(f"{what} over {name}: {e}") from e
+
+    def all_reduce(self, tensor: torch.Tensor, op: str, group: Any) -> None:
+        name, handle = group
+        thread = self._log(name, (f"all_reduce {op.upper()}", tuple(tensor.shape),
+                                  _dtype(tensor), None, _call_site()))
+        try:
+            self.inner.all_reduce(tensor, op, handle)
+        except RuntimeError as e:
+            self._failed(e, "all_reduce", name)
+            raise
+        with self._lock:
+            self.pending.pop(thread, None)
+
+    def forward(self, tensor: torch.Tensor, src: int, group: Any) -> None:
+        """PP rank 0 sends, the others receive: logged alike on both ends, so they compare."""
+        name, handle = group
+        thread = self._log(name, ("forward", tuple(tensor.shape), _dtype(tensor), src,
+                                  _call_site()))
+        try:
+            self.inner.forward(tensor, src, handle)
+        except RuntimeError as e:
+            self._failed(e, "forward", name)
+            raise
+        with self._lock:
+            self.pending.pop(thread, None)
+
+    # -- the records, at the end of a run --------------------------------------------------
+    def call_records(self) -> dict[str, tuple[records.CollectiveCall, ...]]:
+        return {g: tuple(records.CollectiveCall(*c) for c in v) for g, v in self.log.items()}
+
+    def order_records(self) -> dict[str, tuple[int, ...]]:
+        return {g: tuple(v) for g, v in self.order.items()}
+
+    def pending_text(self) -> dict[str, str]:
+        """thread -> "call over group" for every call that had not returned."""
+        return {t: f"{records.CollectiveCall(*c)} over {g}" for t, (c, g) in self.pending.items()}
+
+
+def _dtype(t: torch.Tensor) -> str:
+    return str(t.dtype).removeprefix("torch.")
+
+
+_SYNC_FILE = "sync.py"
+
+
+def _call_site() -> str:
+    """The reference function that issued the collective (e.g. `writing_check`), so a
+    mispaired call is named, as PyTorch's desync debug names the pending call."""
+    f = sys._getframe(2)
+    while f is not None:
+        path = f.f_code.co_filename.replace("\\", "/")
+        if "/reference/" in path and not path.endswith(_SYNC_FILE):
+            return f.f_code.co_name
+        f = f.f_back
+    return "?"

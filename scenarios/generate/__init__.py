@@ -1,0 +1,1 @@
+"""Generators: Hypothesis strategies, workload shaping and the named scenarios that make Schedules."""

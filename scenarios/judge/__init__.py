@@ -1,0 +1,1 @@
+"""Judging a run: cross-rank invariants, the protocol oracle, outcome coverage and the verdict."""

@@ -1,0 +1,1 @@
+"""Faults injected into runs, and the Mooncake master the harness owns (starts, stops, restarts)."""

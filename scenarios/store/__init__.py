@@ -1,0 +1,1 @@
+"""What the harness writes: replay files, soak reports, plots, matrix cells, atomic writes."""

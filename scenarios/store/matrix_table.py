@@ -1,0 +1,181 @@
+"""Print the release-matrix table from one or more cells files, or write it into its docs file.
+
+    python -m scenarios.store.matrix_table cpcheck-out/matrix/cells.json [other.json ...]
+        [--details]
+    python -m scenarios.store.matrix_table docs/sglang-matrix/cells.json \
+        --write docs/sglang-release-matrix.md   # the committed table, between its markers
+
+Rows: release x DP attention (on, off); columns: 1x2, 2x2. A cell reads
+"diverge [writing_check], 5.2 s, 7 ops, replay 3/3, corpus 1/9", "agree (corpus 9/9, 5
+generated)", "flaky [...]: ... 0/3 on replay", "error: ...", "not finished" (a cut run) or
+"not run". Several files merge by cell (the later finished measurement wins), so a second
+machine's or branch's cells join the same table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from scenarios.core.config import CP_LAYOUTS
+from scenarios.store import matrix_cells
+from scenarios.store.doc_tables import write_block
+
+LAYOUTS = CP_LAYOUTS
+#: the name of the table's block in its docs file
+TABLE = "release-matrix"
+
+
+def _corpus(c: dict) -> str:
+    cp = c.get("corpus") or {}
+    if not cp.get("n"):
+        return ""
+    parts = [f"corpus {cp.get('diverge', 0)}/{cp['n']} diverge" if cp.get("diverge")
+             else f"corpus {cp['n'] - cp.get('flaky', 0) - cp.get('error', 0)}/{cp['n']} agree"]
+    div = [f for f in cp.get("files", []) if f.get("verdict") == "diverge"]
+    if div:
+        invs = sorted({str(f.get("invariant")) for f in div})
+        reps = sorted({str(f.get("reproduced")) for f in div})
+        parts[0] += (f" ([{', '.join(invs)}], replay "
+                     + (f"{reps[0]} each" if len(reps) == 1 and len(div) > 1 else
+                        ", ".join(str(f.get("reproduced")) for f in div)) + ")")
+    if cp.get("flaky"):
+        parts.append(f"{cp['flaky']} corpus run(s) diverged once, agreed on every replay")
+    if cp.get("error"):
+        parts.append(f"{cp['error']} corpus run(s) not judged (pool error)")
+    return ", ".join(parts)
+
+
+def _invariant(summary: str) -> str:
+    """' [tree]' from a verdict summary 'DIVERGE [tree]: ...', else ''."""
+    if "[" in summary and "]" in summary:
+        return " " + summary[summary.index("["):summary.index("]") + 1]
+    return ""
+
+
+def cell_text(c: dict | None) -> str:
+    if c is None:
+        return "not run"
+    verdict = c.get("verdict")
+    if verdict == "running":
+        return f"not finished (cut; started {c.get('started_at', '?')})"
+    if verdict == "cannot":
+        return "cannot run here (125)"
+    if verdict == "error" and "error" in c:
+        return f"error: {c['error'][:100]}"
+    gen = c.get("generated") or {}
+    corpus = _corpus(c)
+    bits: list[str] = []
+    if gen.get("first_s") is not None or gen.get("reproduced"):
+        k = gen.get("reproduced") or ""
+        if k.startswith("0/"):
+            seen = _invariant(gen.get("shrunk_seen") or gen.get("first_seen") or "")
+            when = f" ({gen['first_s']} s)" if gen.get("first_s") is not None else ""
+            bits.append(f"generated{seen}: diverged once{when}, {k} on replay")
+        else:
+            bits.append(f"[{gen.get('invariant')}], {gen.get('first_s')} s, "
+                        f"{gen.get('shrunk_ops')} ops, "
+                        + (f"replay {k}" if k else "not replay-confirmed (first matrix code)"))
+    else:
+        bits.append(f"{gen.get('examples', 0)} generated agree")
+    if gen.get("infra_errors"):
+        bits.append(f"{len(gen['infra_errors'])} generated run(s) not judged (pool error)")
+    if corpus:
+        bits.append(corpus)
+    return f"{verdict}: " + ", ".join(bits) if verdict != "agree" else \
+        "agree (" + ", ".join(bits) + ")"
+
+
+def render(cells: dict[str, dict], releases: list[str] | None = None) -> str:
+    rel = releases or sorted({c["release"] for c in cells.values()},
+                             key=matrix_cells.release_sort_key)
+    lines = ["| release | DP attention | " + " | ".join(LAYOUTS) + " |",
+             "|---|---|" + "---|" * len(LAYOUTS)]
+    for v in rel:
+        for dp in (True, False):
+            row = [cell_text(cells.get(matrix_cells.cell_key(v, dp, lay))) for lay in LAYOUTS]
+            lines.append(f"| {v} | {'on' if dp else 'off'} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def details(cells: dict[str, dict]) -> str:
+    """Per cell: when, how long, the load, the command and the replay file."""
+    lines = ["| cell | finished | s | load (start, end) | generated | replay | command |",
+             "|---|---|---|---|---|---|---|"]
+    for k in sorted(cells, key=matrix_cells.order):
+        c = cells[k]
+        gen = c.get("generated") or {}
+        load = f"{(c.get('loadavg_start') or ['?'])[0]}, {(c.get('loadavg_end') or ['?'])[0]}"
+        replay = (gen.get("replay") or "").rsplit("/", 1)[-1]
+        lines.append(f"| {k} | {c.get('finished_at', '')} | {c.get('seconds', '')} | {load} | "
+                     f"{gen.get('examples', '')} (seed {gen.get('seed', '')}) | {replay} | "
+                     f"`{c.get('command', '')}` |")
+    return "\n".join(lines)
+
+
+def divergences(cells: dict[str, dict]) -> str:
+    """Every divergence behind the table: cell, where it came from (a corpus file or the
+    generated hunt's replay file), invariant, replays that reproduced it, the verdict."""
+    lines = ["| cell | source | invariant | reproduced | verdict |", "|---|---|---|---|---|"]
+    for k in sorted(cells, key=matrix_cells.order):
+        c = cells[k]
+        for f in (c.get("corpus") or {}).get("files", []):
+            if f.get("verdict") in ("diverge", "flaky"):
+                lines.append(f"| {k} | corpus {f['file']} | {f.get('invariant')} | "
+                             f"{f.get('reproduced')} | {_cell_md(f.get('message', ''))} |")
+        gen = c.get("generated") or {}
+        if gen.get("first_s") is not None:
+            seen = gen.get("shrunk_seen") or gen.get("first_seen") or gen.get("message", "")
+            lines.append(f"| {k} | generated {(gen.get('replay') or '').rsplit('/', 1)[-1]} | "
+                         f"{gen.get('invariant') or _invariant(seen).strip(' []') or '-'} | "
+                         f"{gen.get('reproduced')} | {_cell_md(seen)} |")
+        for path in gen.get("infra_replays", []):
+            lines.append(f"| {k} | not judged {path.rsplit('/', 1)[-1]} | - | - | pool error |")
+    return "\n".join(lines)
+
+
+def _cell_md(text: str) -> str:
+    return text.replace("|", "/").replace("\n", " ")[:160]
+
+
+def _shown(path: str) -> str:
+    """A path as the docs file should name it: relative to the repository when inside it."""
+    from scenarios.core.config import REPO_ROOT
+
+    p = Path(path).resolve()
+    return str(p.relative_to(REPO_ROOT)) if p.is_relative_to(REPO_ROOT) else Path(path).name
+
+
+def main(argv: list[str] | None = None) -> int:
+    from scenarios.core.contract import ExitCode, UsageError
+
+    ap = argparse.ArgumentParser(prog="python -m scenarios.store.matrix_table",
+                                 description=__doc__.split("\n\n")[0])
+    ap.add_argument("files", nargs="+", help="cells files (cells.json of `cpcheck matrix`)")
+    ap.add_argument("--details", action="store_true", help="also when / load / command per cell")
+    ap.add_argument("--write", default="", help="write the table (and --details) into this docs "
+                    "file, between its generated markers, instead of printing it")
+    args = ap.parse_args(argv)
+    try:
+        missing = [f for f in args.files if not __import__("os").path.exists(f)]
+        if missing:
+            raise UsageError(f"no such cells file: {missing[0]}")
+        cells = matrix_cells.merge(*args.files)
+    except UsageError as e:
+        print(f"matrix_table: {e}", file=sys.stderr)
+        return int(ExitCode.USAGE)
+    text = render(cells)
+    if args.details:
+        text += "\n\n" + details(cells) + "\n\n" + divergences(cells)
+    if args.write:
+        command = ("python -m scenarios.store.matrix_table " + " ".join(map(_shown, args.files))
+                   + (" --details" if args.details else "") + f" --write {_shown(args.write)}")
+        write_block(args.write, TABLE, text, command, title="The SGLang release matrix")
+    else:
+        print(text)
+    return int(ExitCode.AGREE)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

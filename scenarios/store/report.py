@@ -1,0 +1,203 @@
+"""Crash-safe output: atomic file writes and the soak's report, kept current as the soak goes.
+
+A soak that is interrupted (Ctrl-C, SIGTERM) or killed must not lose what it found, so the
+report is rewritten (write to a temporary file, then `os.replace`) after every chunk, the plots
+every few seconds, and both once more at the end. A reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from scenarios.core.contract import UsageError
+
+#: 1: the first versioned report (adds "schema", "status", "interrupted", "unknown_runs",
+#: "coverage", "fault_events"); 2: adds "unconfirmed_divergences" (the soak hunts on past them)
+SOAK_REPORT_SCHEMA = 2
+PLOT_EVERY_S = 5.0
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that readers see the old file or the new one, never half."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o644)  # mkstemp makes 0600; a report is for everyone to read
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)  # no fsync: os.replace is atomic against a killed process
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(Path(path), text.encode())
+
+
+def check_writable(out: Path, flag: str = "--out", *, create: bool = True) -> Path:
+    """Prove a file can be written under `out` before any work starts (UsageError if not).
+
+    With `create=False` nothing is made: the nearest existing folder must be writable.
+    """
+    out = Path(out)
+    try:
+        if not create:
+            probe_dir = out
+            while not probe_dir.exists() and probe_dir != probe_dir.parent:
+                probe_dir = probe_dir.parent
+            if not probe_dir.is_dir():
+                raise NotADirectoryError(20, "Not a directory")
+            if not os.access(probe_dir, os.W_OK | os.X_OK):
+                raise PermissionError(13, "Permission denied")
+            return out
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".cpcheck-probe-", dir=out)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UsageError(f"{flag} {out}: not writable ({e.strerror or type(e).__name__})") from None
+    return out
+
+
+@contextlib.contextmanager
+def native_stderr_to(path: Path) -> Iterator[None]:
+    """Send what native code writes to fd 2 (Mooncake's glog) to `path`; Python's own
+    stderr (progress, errors) keeps going to the terminal."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    log_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    old_stderr = sys.stderr
+    try:
+        on_fd2 = old_stderr.fileno() == 2
+    except (AttributeError, OSError, ValueError):  # already captured (pytest's capsys)
+        on_fd2 = False
+    if on_fd2:
+        sys.stderr = os.fdopen(os.dup(saved), "w", buffering=1, encoding="utf-8",
+                               errors="replace")
+    os.dup2(log_fd, 2)
+    os.close(log_fd)
+    try:
+        yield
+    finally:
+        if on_fd2:
+            with contextlib.suppress(OSError, ValueError):
+                sys.stderr.flush()
+                sys.stderr.close()
+            sys.stderr = old_stderr
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _finite(obj: Any) -> Any:
+    """JSON has no NaN / inf: write them as null rather than as invalid JSON."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+class SoakReport:
+    """report.json and the plots under `out`, rewritten atomically as the soak goes."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = Path(out)
+        self.path = self.out / "report.json"
+        # the first plots come PLOT_EVERY_S in (or at the end): a short soak spends its
+        # budget on runs, not on drawing
+        self._last_plot = time.monotonic()
+        self.plotted = False
+        _figure(1, 1)  # import matplotlib now: an import cut by Ctrl-C leaves a broken module
+
+    def write(self, report: dict, timeline: list[dict], outcomes: Counter,
+              host_used: list[int], *, plots: bool | None = None,
+              extra_plots: dict[str, Callable[[Path], None]] | None = None) -> None:
+        """report.json every call; plots when asked, else at most every PLOT_EVERY_S seconds.
+
+        `extra_plots` maps a file name under `out` to what draws it (coverage.png, faults.png):
+        they are redrawn with the others."""
+        data = {"schema": SOAK_REPORT_SCHEMA, **report}
+        atomic_write_text(self.path, json.dumps(_finite(data), indent=1, default=str))
+        now = time.monotonic()
+        if plots or (plots is None and now - self._last_plot >= PLOT_EVERY_S):
+            self._last_plot = now
+            try:
+                write_plots(self.out, timeline, outcomes, host_used)
+                for name, draw in (extra_plots or {}).items():
+                    draw(self.out / name)
+                self.plotted = True
+            except Exception as e:  # plots are a view of report.json, never worth a verdict
+                print(f"cpcheck: warning: plots not written: {type(e).__name__}: {e}",
+                      file=sys.stderr)
+
+
+def new_figure(w: float, h: float) -> Any:
+    """A figure without pyplot's global state (cheaper, and safe beside other threads)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(w, h))
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _figure(w: float, h: float) -> tuple[Any, Any]:
+    fig = new_figure(w, h)
+    fig.subplots_adjust(left=0.12, right=0.97, bottom=0.14, top=0.95)
+    return fig, fig.add_subplot()
+
+
+def save_figure(fig: Any, path: Path) -> None:
+    """PNG bytes first, then an atomic replace: a reader never sees half a plot."""
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    atomic_write_bytes(Path(path), buf.getvalue())
+
+
+_save = save_figure
+
+
+def write_plots(out: Path, timeline: list[dict], outcomes: Counter, host_used: list[int]) -> None:
+    """Decisions per second with fault markers, prefetch outcomes, host-pool occupancy."""
+    fig, ax = _figure(7, 3.5)
+    ts = [p["t"] for p in timeline]
+    ax.plot(ts, [p["run_decisions_per_s"] for p in timeline], lw=1, label="per run")
+    ax.plot(ts, [p["decisions_per_s"] for p in timeline], lw=1.5, label="cumulative")
+    marks = [p["t"] for p in timeline if p["faults_in_run"]]
+    if marks:  # one collection, not one artist per run: plotting stays fast on long soaks
+        ax.vlines(marks, 0, 1, transform=ax.get_xaxis_transform(), color="red", alpha=0.25,
+                  lw=0.8, label="faults injected")
+    ax.set_xlabel("seconds")
+    ax.set_ylabel("decisions / s")
+    ax.legend(loc="best", fontsize=8)
+    _save(fig, out / "decisions_per_s.png")
+
+    fig, ax = _figure(5, 3.5)
+    names = sorted(outcomes) or ["none"]
+    ax.bar(names, [outcomes.get(n, 0) for n in names])
+    ax.set_ylabel("prefetch decisions (all ranks)")
+    _save(fig, out / "prefetch_outcomes.png")
+
+    fig, ax = _figure(7, 3.5)
+    ax.plot(range(1, len(host_used) + 1), host_used, marker=".", lw=1)
+    ax.set_xlabel("run")
+    ax.set_ylabel("host slots used at end (max over ranks)")
+    _save(fig, out / "host_pool.png")

@@ -1,0 +1,54 @@
+"""Systems under test, one adapter each: our reference HiCache and SGLang's own releases.
+
+Every SUT is driven the same way: a `SutRank` per rank under the one client loop
+(scenarios/client/loop.py), and a `SutExecutor` that runs a whole Schedule on every rank and
+reads the checker's verdict as that SUT's behaviour allows. Campaigns and the command line
+only ever hold a `SutExecutor`, chosen by `executor_for`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from scenarios.core.records import RankResult
+from scenarios.core.schedule import Schedule
+from scenarios.core.suts import REFERENCE, sglang_version
+from scenarios.core.verdict import Verdict
+
+
+class SutExecutor(Protocol):
+    """Runs Schedules on one system under test and owns what lives across runs."""
+
+    sut: str  # "reference" or "sglang==VERSION"
+    mode: str  # "inprocess" or "torchrun"
+    #: a run whose ranks never finish is a finding (the SUT froze), not the harness's trouble
+    hangs_are_findings: bool
+
+    def run(self, s: Schedule, *, gated: bool = True, nemesis: Any = None) -> list[RankResult]:
+        """Every rank's result; raises only for the runner's own failures (RankPoolError...)."""
+
+    def judge(self, s: Schedule, results: list[RankResult]) -> Verdict:
+        """The checker's verdict, as this SUT's documented behaviour reads it."""
+
+    def close(self) -> None: ...
+
+    def __enter__(self) -> SutExecutor: ...
+
+    def __exit__(self, *exc: object) -> None: ...
+
+
+def executor_for(sut: str, mode: str = "inprocess", *, timeout_s: float | None = None,
+                 mooncake_master: str = "", device: str = "auto",
+                 log: Any = None) -> SutExecutor:
+    """The executor of `sut` ("reference" or "sglang==V"). SGLang runs under torchrun only
+    (one release's environment per worker), so `mode` applies to the reference."""
+    version = sglang_version(sut or REFERENCE)
+    if version is None:
+        from scenarios.sut.reference_executor import Executor
+
+        return Executor(mode, timeout_s=timeout_s or 10.0, mooncake_master=mooncake_master,
+                        device=device)
+    from scenarios.sut.sglang.executor import SglangExecutor
+
+    return SglangExecutor(version, timeout_s=timeout_s or 20.0, mooncake_master=mooncake_master,
+                          **({"log": log} if log is not None else {}))

@@ -1,0 +1,172 @@
+"""Executor: runs Schedules in one mode and owns what lives across runs.
+
+Modes: `inprocess` (ranks as threads over an in-memory collective: fast exploration) and
+`torchrun` (a pool of long-lived torchrun workers with gloo groups: the truth). Pools are kept
+per layout and rebuilt after any failed run, since a timed-out gloo group cannot be trusted.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import uuid
+from typing import Any
+
+from scenarios.core.contract import stop_requested
+from scenarios.core.schedule import Schedule
+from scenarios.core.suts import REFERENCE
+from scenarios.core.verdict import Verdict
+from scenarios.judge import checker
+
+MODES = ("inprocess", "torchrun")
+
+#: most ranks an executor keeps alive across its pools (least recently used pools close first)
+MAX_POOL_RANKS_ENV = "CPCHECK_MAX_POOL_RANKS"
+#: the default on CUDA: every rank holds a CUDA context on its GPU; with `pytest -n 8` on one
+#: H200, pools of every layout kept per worker ran CUDA out of memory at context creation
+CUDA_MAX_POOL_RANKS = 8
+
+
+def max_pool_ranks(device: str) -> int:
+    """Ranks an executor may keep alive (0 = no bound: on CPU a rank costs host memory only)."""
+    raw = os.environ.get(MAX_POOL_RANKS_ENV, "")
+    if raw.strip():
+        try:
+            n = int(raw)
+        except ValueError:
+            raise ValueError(f"{MAX_POOL_RANKS_ENV}={raw!r} is not a whole number") from None
+        if n < 0:
+            raise ValueError(f"{MAX_POOL_RANKS_ENV}={raw!r} must be >= 0 (0: no bound)")
+        return n
+    return CUDA_MAX_POOL_RANKS if device == "cuda" else 0
+
+
+class Executor:
+    """The reference as a `SutExecutor` (scenarios/sut/__init__.py), in one mode."""
+
+    sut = REFERENCE
+    #: ranks that never finish froze in the reference's own agreement: a finding
+    hangs_are_findings = True
+
+    def __init__(self, mode: str = "inprocess", *, timeout_s: float = 10.0,
+                 mooncake_master: str = "", device: str = "auto",
+                 storage_root: str | None = None) -> None:
+        if mode not in MODES:
+            raise ValueError(f"unknown mode '{mode}': choose one of {', '.join(MODES)}")
+        self.mode = mode
+        self.timeout_s = timeout_s
+        self.mooncake_master = mooncake_master
+        self.device = device
+        self._own_root = storage_root is None
+        self.storage_root = storage_root or tempfile.mkdtemp(prefix="cpcheck-store-")
+        self._pools: dict[str, Any] = {}
+
+    def __enter__(self) -> Executor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _check_backend(self, s: Schedule) -> None:
+        if s.backend == "mooncake" and not self.mooncake_master:
+            raise ValueError("backend 'mooncake' needs a master: pass --mooncake-master HOST:PORT "
+                             "or let the harness start one")
+
+    def run(self, s: Schedule, *, gated: bool = True, nemesis: Any = None) -> list[Any]:
+        self._check_backend(s)
+        run_id = f"r{uuid.uuid4().hex[:10]}"
+        if self.mode == "inprocess":
+            from scenarios.runner.inprocess import run_schedule_inprocess
+            from scenarios.sut.reference_rank import execute_inprocess
+
+            return run_schedule_inprocess(
+                s, execute_inprocess, gated=gated, storage_root=self.storage_root,
+                mooncake_master=self.mooncake_master, timeout_s=self.timeout_s,
+                run_id=run_id, nemesis=nemesis, device=self.resolved_device,
+            )
+        return self._run_torchrun(s, run_id, gated, nemesis)
+
+    @property
+    def resolved_device(self) -> str:
+        """'auto' means CUDA where present: ranks share the GPUs, sync groups stay gloo."""
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def pool(self, layout: str) -> Any:
+        from scenarios.runner import RankPool
+
+        pool = self._pools.pop(layout, None)
+        if pool is None or not pool.running:
+            pool = RankPool(layout, device=self.device,
+                            collective_timeout_s=self.timeout_s * 3,
+                            env={"MC_LOG_LEVEL": "ERROR", "OMP_NUM_THREADS": "1"})
+            self._make_room(pool.world_size)
+            pool.start()
+        self._pools[layout] = pool  # last: the most recently used
+        return pool
+
+    def _make_room(self, ranks: int) -> None:
+        """Close least recently used pools until `ranks` more fit the rank bound."""
+        bound = max_pool_ranks(self.resolved_device)
+        while bound and self._pools and (
+                sum(p.world_size for p in self._pools.values()) + ranks > bound):
+            oldest = next(iter(self._pools))
+            old = self._pools.pop(oldest)
+            try:
+                old.close()
+            except Exception:
+                pass
+
+    def _run_torchrun(self, s: Schedule, run_id: str, gated: bool,
+                      nemesis: Any = None) -> list[Any]:
+        from scenarios.runner import RankPoolError
+
+        pool = self.pool(s.layout)
+        payload = {"schedule": s.model_dump_json(), "run_id": run_id, "gated": gated,
+                   "storage_root": self.storage_root, "mooncake_master": self.mooncake_master,
+                   "collective_timeout_s": self.timeout_s}
+        if nemesis is not None:  # faults on the real workers / master (scenarios.nemesis.faults)
+            payload["nemesis"] = nemesis.arm([r.pid for r in pool.ranks])
+        try:
+            results = pool.run("scenarios.sut.reference_jobs:run_schedule", payload,
+                               timeout_s=self.timeout_s * 6 + 30)
+        except RankPoolError:
+            pool.close()
+            self._pools.pop(s.layout, None)
+            raise
+        finally:
+            if nemesis is not None:
+                nemesis.disarm()
+        if nemesis is not None:
+            nemesis.collect(results)
+            if nemesis.explain():  # a kill landed as the job finished: that pool is broken
+                pool.close()
+                self._pools.pop(s.layout, None)
+        if any(r.error is not None for r in results):
+            pool.close()  # leftover threads may still sit in gloo calls: start clean
+            self._pools.pop(s.layout, None)
+        return results
+
+    def judge(self, s: Schedule, results: list[Any]) -> Verdict:
+        return checker.check(s, results)  # looked up per call: tests script the checker
+
+    def close(self) -> None:
+        for pool in self._pools.values():
+            try:
+                pool.close()
+            except Exception:
+                pass
+        self._pools.clear()
+        if self.mooncake_master and not stop_requested.is_set():
+            # in-process ranks' clients outlive runs (storage_clients). After Ctrl-C / SIGTERM
+            # they are left to die with the process: the soak has killed its master by then,
+            # and closing a client of a dead master retries for seconds (the 3 s stop limit)
+            from scenarios.client.storage_clients import close_all
+
+            close_all()
+        if self._own_root:
+            shutil.rmtree(self.storage_root, ignore_errors=True)

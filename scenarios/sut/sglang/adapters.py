@@ -1,0 +1,180 @@
+"""Per-release differences in SGLang's HiCache API, absorbed in one place.
+
+The differences are listed in docs/design/driving-sglang.md.
+
+- CacheInitParams gained fields over time (attn_cp/attn_tp groups in 0.5.11, pp_cache_group
+  in 0.5.13): pass only the fields the release's dataclass has.
+- 0.5.20 reads config from a process-global runtime_context: publish a real ServerArgs there
+  (0.5.15.post1 has the module without `publish`: call it only where it exists).
+- 0.5.16 reads "is DP attention on" from the runtime flags, not from the dp_attention module.
+- 0.5.20 takes a handle with `.rid` where earlier releases take a request-id string.
+- match_prefix / insert / evict / init_load_back take *Params objects where the release
+  defines them, plain arguments otherwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from types import SimpleNamespace
+from typing import Any
+
+
+def call_filtered(fn: Any, **kwargs: Any) -> Any:
+    """Call with only the keyword arguments `fn`'s signature accepts."""
+    params = inspect.signature(fn).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return fn(**kwargs)
+    return fn(**{k: v for k, v in kwargs.items() if k in params})
+
+
+def cache_init_params(**kwargs: Any) -> Any:
+    from sglang.srt.mem_cache.cache_init_params import CacheInitParams
+
+    names = {f.name for f in dataclasses.fields(CacheInitParams)}
+    return CacheInitParams(**{k: v for k, v in kwargs.items() if k in names})
+
+
+def server_args(model_dir: str, *, dp_attention: bool, tp: int, **hicache: Any) -> Any:
+    from sglang.srt.server_args import ServerArgs
+
+    kw = {"model_path": model_dir, "skip_tokenizer_init": True, "device": "cpu",
+          "enable_hierarchical_cache": True, "tp_size": tp, **hicache}
+    # a dataclass up to 0.5.19, a plain class with a keyword constructor in 0.5.20
+    args = call_filtered(ServerArgs, **kw)
+    try:
+        import sglang.srt.server_args as sa
+
+        if hasattr(sa, "set_global_server_args_for_scheduler"):
+            sa.set_global_server_args_for_scheduler(args)
+    except Exception:
+        pass
+    try:
+        from sglang.srt import runtime_context
+
+        if hasattr(runtime_context, "publish"):
+            call_filtered(runtime_context.publish, args=args, server_args=args, role="scheduler")
+    except ImportError:
+        pass
+    return args
+
+
+def set_dp_attention(enabled: bool) -> None:
+    """Where SGLang reads whether DP attention is on: a module flag up to 0.5.15.post1, the
+    process-global runtime flags (`get_flags().dp.enabled`, set by `initialize_dp_attention`)
+    from 0.5.16 on. It decides the storage config's tp rank, i.e. the keys CP peers write."""
+    import sglang.srt.layers.dp_attention as dpa
+
+    dpa._ENABLE_DP_ATTENTION_FLAG = bool(enabled)
+    try:
+        from sglang.srt.runtime_context import get_flags
+    except ImportError:
+        return
+    flags = get_flags()
+    if hasattr(getattr(flags, "dp", None), "enabled"):
+        flags.dp.enabled = bool(enabled)
+
+
+def storage_prefetch_retry_max_attempts(args: Any) -> int:
+    """0.5.20 reads it from the published memory namespace; a ServerArgs field before."""
+    v = getattr(args, "hicache_storage_prefetch_retry_max_attempts", None)
+    if v is None:
+        try:
+            from sglang.srt.runtime_context import get_memory
+
+            v = get_memory().hicache_storage_prefetch_retry_max_attempts
+        except (ImportError, AttributeError, ValueError):
+            v = 0
+    return int(v)
+
+
+def _params(cls_name: str, **kwargs: Any) -> Any:
+    from sglang.srt.mem_cache import base_prefix_cache as b
+
+    cls = getattr(b, cls_name)
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in kwargs.items() if k in names})
+
+
+def _takes_params(fn: Any) -> bool:
+    ps = list(inspect.signature(fn).parameters)
+    return bool(ps) and ps[0] == "params"
+
+
+def radix_key(tokens: list[int]) -> Any:
+    try:
+        from sglang.srt.mem_cache.radix_cache import RadixKey
+    except ImportError:
+        return list(tokens)
+    return RadixKey(token_ids=list(tokens))
+
+
+def token_ids(key: Any) -> list[int]:
+    return list(getattr(key, "token_ids", key))
+
+
+def match(cache: Any, tokens: list[int]) -> Any:
+    key = radix_key(tokens)
+    if _takes_params(cache.match_prefix):
+        return cache.match_prefix(_params("MatchPrefixParams", key=key))
+    return cache.match_prefix(key)
+
+
+def insert(cache: Any, tokens: list[int], value: Any) -> int:
+    key = radix_key(tokens)
+    if _takes_params(cache.insert):
+        out = cache.insert(_params("InsertParams", key=key, value=value))
+    else:
+        out = cache.insert(key, value)
+    return int(getattr(out, "prefix_len", out))
+
+
+def evict(cache: Any, n: int) -> None:
+    if _takes_params(cache.evict):
+        cache.evict(_params("EvictParams", num_tokens=n))
+    else:
+        cache.evict(n)
+
+
+def init_load_back(cache: Any, m: Any, host_hit_length: int) -> Any:
+    """`m` is the match result: 0.5.13 loads back from its `best_match_node`."""
+    last_host_node = m.last_host_node
+    if _takes_params(cache.init_load_back):
+        return cache.init_load_back(_params(
+            "InitLoadBackParams", last_host_node=last_host_node,
+            best_match_node=getattr(m, "best_match_node", last_host_node),
+            host_hit_length=host_hit_length))
+    return call_filtered(cache.init_load_back, last_node=last_host_node,
+                         host_hit_length=host_hit_length, prefix_len=host_hit_length)
+
+
+def last_hash(node: Any) -> str | None:
+    fn = getattr(node, "get_last_hash_value", None)
+    if fn is not None:
+        return fn()
+    hv = getattr(node, "hash_value", None)
+    return hv[-1] if hv else None
+
+
+def _rid_arg(fn: Any, rid: str) -> Any:
+    """0.5.20 takes a handle with `.rid` (parameter named `handle`); earlier a string."""
+    ps = list(inspect.signature(fn).parameters)
+    return SimpleNamespace(rid=rid) if ps and ps[0] == "handle" else rid
+
+
+def prefetch_from_storage(cache: Any, rid: str, last_host_node: Any, tokens: list[int],
+                          last_hash_value: str | None) -> None:
+    fn = cache.prefetch_from_storage
+    call_filtered(fn, **{list(inspect.signature(fn).parameters)[0]: _rid_arg(fn, rid)},
+                  last_host_node=last_host_node, new_input_tokens=tokens,
+                  last_hash=last_hash_value)
+
+
+def check_prefetch_progress(cache: Any, rid: str) -> bool:
+    fn = cache.check_prefetch_progress
+    return bool(fn(_rid_arg(fn, rid)))
+
+
+def release_aborted_request(cache: Any, rid: str) -> None:
+    fn = cache.release_aborted_request
+    fn(_rid_arg(fn, rid))

@@ -1,0 +1,359 @@
+"""One rank of a Schedule on SGLang's own HiRadixCache + HiCacheController (a torchrun job).
+
+Runs inside a pool worker whose PYTHONPATH holds one release's environment (envs.py). The
+parallel state is SGLang's own (init_distributed_environment + initialize_model_parallel on
+gloo, attention CP), built once per worker; a fresh cache is built per run. The result is a
+`scenarios.core.records.RankResult` as `scenarios.sut.reference_rank.execute`'s, so the checker judges it
+unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import threading
+import time
+from collections import defaultdict
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from scenarios.client.loop import run_rank
+from scenarios.core.records import (
+    CollectiveCall,
+    CollectiveError,
+    Decision,
+    Outcome,
+    RankResult,
+    StorageCall,
+)
+from scenarios.sut.sglang import adapters, mooncake, quick_reset, shim
+from scenarios.sut.sglang.seams import GatedDevice, IoGates, SglangPacer
+
+#: failures that say the machine, not SGLang's protocol, broke the run (judged "unknown"):
+#: SGLang's host pool refuses to allocate when the RAM is not there (the shim lends back its
+#: 10 GiB reserve, so only a really full box), a plain ValueError with this text
+HOST_MEMORY_REFUSED = "Not enough host memory available"
+
+
+def _machine_broke(e: BaseException) -> str | None:
+    """What the harness was doing when the machine, not SGLang, broke the run; else None."""
+    if isinstance(e, ValueError) and HOST_MEMORY_REFUSED in str(e):
+        return "building SGLang's host pool"
+    if isinstance(e, mooncake.ReadBackFailed):
+        return "reading the run's pages back from the Mooncake master"
+    return None
+#: SGLang builds a registered backend only under a built-in name: ours replaces "file"
+BACKEND_NAME = "file"
+HEADS, HEAD_DIM, LAYERS = 2, 4, 2
+
+
+class Run:
+    """What the storage backend and the collective recorder of the current run write into."""
+
+    def __init__(self, rank: int, pacer: SglangPacer, gates: IoGates, storage_dir: str) -> None:
+        self.rank = rank
+        self.pacer = pacer
+        self.gates = gates
+        self.storage_dir = storage_dir
+        self.storage: list[list] = []
+        self.calls: dict[str, int] = defaultdict(int)
+        self.lock = threading.Lock()
+        self.key_tp = 0
+        self.log: dict[str, list[str]] = defaultdict(list)
+        self.order: dict[str, list[int]] = defaultdict(list)
+        self.pending: dict[str, str] = {}
+        self.count = 0
+        self.run_id = ""
+        self.mooncake_master = ""  # "host:port" when the Schedule's backend is mooncake
+        self.stored: list[str] | None = None  # read back from the store (Mooncake)
+
+
+CURRENT: Run | None = None
+_GROUP_NAMES: dict[int, str] = {}
+_HARNESS: set[int] = set()
+#: the timeout of every gloo group made in this worker (set once at setup_worker)
+_GROUP_TIMEOUT_S = [60.0]
+
+
+# -- collectives: recorded on the way through, never changed --------------------------------
+
+def _op_name(op: Any) -> str:
+    for name in ("MIN", "MAX", "SUM", "PRODUCT", "AVG"):
+        if op == getattr(dist.ReduceOp, name, object()):
+            return name
+    return str(op)
+
+
+def _group_name(group: Any) -> str | None:
+    if group is None or group is dist.group.WORLD:
+        return f"world{list(range(dist.get_world_size()))}"
+    if id(group) in _HARNESS:
+        return None
+    name = _GROUP_NAMES.get(id(group))
+    if name is None:
+        name = f"g{list(dist.get_process_group_ranks(group))}"
+    return name
+
+
+def _recorded(kind: str, fn: Any) -> Any:
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        run = CURRENT
+        group = kwargs.get("group")
+        if group is None and kind == "all_reduce" and len(args) > 2:
+            group = args[2]
+        name = _group_name(group) if run is not None else None
+        if name is None:
+            return fn(*args, **kwargs)
+        if kind == "all_reduce":
+            t = args[0] if args else kwargs["tensor"]
+            op = kwargs.get("op", args[1] if len(args) > 1 else dist.ReduceOp.SUM)
+            entry = f"all_reduce {_op_name(op)} {list(t.shape)} " \
+                    f"{str(t.dtype).removeprefix('torch.')}"
+        else:
+            entry = kind
+        thread = threading.current_thread().name
+        with run.lock:
+            run.log[name].append(entry)
+            run.order[name].append(run.count)
+            run.count += 1
+            run.pending[thread] = f"{entry} over {name}"
+        try:
+            return fn(*args, **kwargs)
+        except RuntimeError as e:  # gloo's timeout / lost peer is a bare RuntimeError: type it
+            if type(e) is RuntimeError:
+                raise CollectiveError(f"{entry} over {name}: {e}") from e
+            raise
+        finally:
+            with run.lock:
+                run.pending.pop(thread, None)
+    wrapper._cpcheck = True  # type: ignore[attr-defined]
+    return wrapper
+
+
+def _install_recorders() -> None:
+    for kind in ("all_reduce", "barrier", "all_gather_object", "broadcast", "all_gather",
+                 "send", "recv"):
+        fn = getattr(dist, kind)
+        if not getattr(fn, "_cpcheck", False):
+            setattr(dist, kind, _recorded(kind, fn))
+    new_group = dist.new_group
+    if not getattr(new_group, "_cpcheck", False):
+        counter = [0]
+
+        def named_new_group(*args: Any, **kwargs: Any) -> Any:
+            # SGLang's gloo groups wait 120 min (torch's default 30): a rank that SGLang leaves
+            # alone in a collective (0.5.13's writing_check early return under a host_alloc
+            # fault) must raise within the run's budget, so the checker sees the lone call and
+            # who waited on it, not a job timeout. Only how long a hang lasts changes.
+            ours = timedelta(seconds=_GROUP_TIMEOUT_S[0])
+            if len(args) >= 2:
+                args = (args[0], min(args[1] or ours, ours), *args[2:])
+            else:
+                kwargs["timeout"] = min(kwargs.get("timeout") or ours, ours)
+            g = new_group(*args, **kwargs)
+            ranks = kwargs.get("ranks", args[0] if args else None)
+            counter[0] += 1
+            if g is not None and not isinstance(g, int):
+                # overwrite: SGLang destroys the per-cache prefetch group at detach, and a new
+                # group may get a freed one's id on one rank only; a stale name there made the
+                # same group two names across ranks (a flaky [collectives] divergence)
+                _GROUP_NAMES[id(g)] = f"g{counter[0]}_{list(ranks or [])}"
+            return g
+        named_new_group._cpcheck = True  # type: ignore[attr-defined]
+        dist.new_group = named_new_group
+
+
+# -- per worker: SGLang's parallel state, once ----------------------------------------------
+
+def setup_worker(ctx: Any, version: str, dp_attention: bool, timeout_s: float) -> dict:
+    st = ctx.state.get("sglang")
+    if st is not None:
+        return st
+    shim.install()
+    import sglang.srt.managers.cache_controller as cc_mod
+    import sglang.srt.mem_cache.hiradix_cache  # noqa: F401
+    from sglang.srt.distributed import parallel_state as ps
+
+    shim.patch_loaded()
+    quick_reset.install(cc_mod)  # no idle 1 s per cache construction (see quick_reset.py)
+    # from 0.5.15 page hashes come from a C++ extension JIT-compiled on first use (minutes on a
+    # busy box, one compile shared through ~/.cache/torch_extensions): do it now, not in a run
+    try:
+        from sglang.srt.mem_cache.utils import get_hash_str
+    except ImportError:
+        from sglang.srt.mem_cache.hicache_storage import get_hash_str
+    get_hash_str([1, 2, 3, 4], None)
+    for g in (ctx.groups.attn_tp_group, ctx.groups.attn_cp_group, ctx.groups.tp_group,
+              ctx.groups.pp_group):
+        _HARNESS.add(id(g))
+    _GROUP_TIMEOUT_S[0] = max(1.5 * timeout_s, 30.0)
+    _install_recorders()
+
+    def thread_died(args: Any) -> None:
+        run = CURRENT
+        line = f"{args.thread.name if args.thread else '?'}: {args.exc_type.__name__}: " \
+               f"{args.exc_value}"
+        if run is not None:
+            run.gates.thread_errors.append(line)
+            with run.gates.cond:
+                run.gates.cond.notify_all()
+    threading.excepthook = thread_died
+    lay = ctx.layout
+    ps.init_distributed_environment(world_size=ctx.world_size, rank=ctx.rank,
+                                    local_rank=ctx.rank, backend="gloo",
+                                    distributed_init_method="env://")
+    adapters.call_filtered(ps.initialize_model_parallel,
+                           tensor_model_parallel_size=lay.tp * lay.cp,
+                           attention_context_model_parallel_size=lay.cp, backend="gloo")
+    tp = ps.get_tp_group()
+    attn_tp, attn_cp = ps.get_attn_tp_group(), ps.get_attn_cp_group()
+    for tag, coord in (("tp", tp), ("attn_tp", attn_tp), ("attn_cp", attn_cp)):
+        for g in (coord.cpu_group, coord.device_group):
+            _GROUP_NAMES[id(g)] = f"{tag}{list(dist.get_process_group_ranks(g))}"
+    harness = dist.new_group(list(range(ctx.world_size)), backend="gloo")
+    _HARNESS.add(id(harness))
+    model_dir = tempfile.mkdtemp(prefix="cpcheck-sgl-model-")
+    with open(os.path.join(model_dir, "config.json"), "w") as f:
+        json.dump({"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+                   "hidden_size": HEADS * HEAD_DIM, "num_attention_heads": HEADS,
+                   "num_key_value_heads": HEADS, "num_hidden_layers": LAYERS,
+                   "intermediate_size": 16, "vocab_size": 2_000_000,
+                   "max_position_embeddings": 4096, "torch_dtype": "float32"}, f)
+    st = ctx.state["sglang"] = {
+        "cc_mod": cc_mod, "tp": tp, "attn_tp": attn_tp, "attn_cp": attn_cp,
+        "harness": harness, "model_dir": model_dir, "version": version,
+    }
+    from sglang.srt.mem_cache.storage import StorageBackendFactory
+
+    StorageBackendFactory.register_backend(BACKEND_NAME, "scenarios.sut.sglang.storage", "GatedStorage")  # noqa: E501
+    StorageBackendFactory.register_backend("mooncake", "scenarios.sut.sglang.mooncake_store",
+                                           "GatedMooncakeStore")
+    return st
+
+
+def _any_rank(st: dict, flag: int) -> int:
+    t = torch.tensor([flag], dtype=torch.int64)
+    try:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=st["harness"])
+    except RuntimeError as e:  # a peer that never came to the harness's barrier: type it
+        if type(e) is RuntimeError:
+            raise CollectiveError(f"harness all_reduce MAX: {e}") from e
+        raise
+    return int(t.item())
+
+
+# -- the run --------------------------------------------------------------------------------
+
+class SglangRank:
+    """One SGLang release's cache as a `SutRank` (scenarios/client/loop.py)."""
+
+    def __init__(self, s: Any, st: dict, run: Run, dev: GatedDevice, dp_attention: bool,
+                 mooncake_metrics: str = "") -> None:
+        self.s, self.st, self.run, self.dev, self.dp = s, st, run, dev, dp_attention
+        self.mooncake_metrics = mooncake_metrics
+        self.driver: Any = None
+        self.build_s = 0.0
+        self.shutdown_s = 0.0
+
+    def open(self) -> None:
+        t0 = time.monotonic()
+        self.driver = Driver(self.s, self.st, self.run, self.dev, self.dp)
+        self.build_s = time.monotonic() - t0  # where a run's time goes (bench_sglang.py)
+
+    def apply(self, op: Any) -> None:
+        self.driver.apply(op)
+
+    def step(self) -> None:
+        self.driver.step()
+
+    def busy(self) -> bool:
+        return bool(self.driver is not None and self.driver.busy())
+
+    def draining(self) -> None:
+        self.run.pacer.drain = True
+
+    def finish(self) -> dict:
+        run = self.run
+        snapshot = self.driver.snapshot()
+        if run.mooncake_master:  # before any rank cleans up: clients own their objects
+            run.stored = mooncake.read_back(run)
+            snapshot["mooncake_client"] = mooncake.client_info(run)
+            if run.rank == 0 and self.mooncake_metrics:  # all of the run's keys
+                snapshot["mooncake_master_keys"] = mooncake.master_keys(
+                    self.mooncake_metrics, mooncake.run_tag(run) + "_")
+        return snapshot
+
+    def sync(self, flag: int) -> int:
+        return _any_rank(self.st, flag)
+
+    def machine_broke(self, e: BaseException) -> str | None:
+        # SGLang's host pool refusing to allocate is a plain ValueError, recognised here once
+        return _machine_broke(e)
+
+    def unblock(self) -> None:
+        self.run.gates.release_all()
+
+    def close(self) -> None:
+        t0 = time.monotonic()
+        if self.driver is not None:
+            try:
+                self.driver.shutdown()
+            except Exception:
+                pass
+        self.shutdown_s = time.monotonic() - t0
+        if self.run.mooncake_master:
+            mooncake.end_run(self.run)
+
+
+def run_schedule(ctx: Any, payload: dict) -> RankResult:
+    """Pool job: execute one Schedule on this rank against SGLang's cache."""
+    global CURRENT
+    from scenarios.core.schedule import Schedule
+
+    s = Schedule.model_validate_json(payload["schedule"])
+    timeout = float(payload["collective_timeout_s"])
+    st = setup_worker(ctx, payload["version"], payload["dp_attention"], timeout)
+    t0 = time.monotonic()
+    rank = ctx.rank
+    dev = GatedDevice()
+    gates = IoGates(rank, timeout)
+    pacer = SglangPacer(rank, s.choices.get(rank, []), s.faults.get(rank, []),
+                        s.clock_skew.get(rank, 0), dev, gates)
+    storage_dir = os.path.join(payload["storage_root"], payload["run_id"])
+    os.makedirs(storage_dir, exist_ok=True)
+    run = CURRENT = Run(rank, pacer, gates, storage_dir)
+    run.run_id = payload["run_id"]
+    run.mooncake_master = payload.get("mooncake_master", "")
+    sut = SglangRank(s, st, run, dev, payload["dp_attention"],
+                     payload.get("mooncake_metrics") or "")
+    try:
+        out = run_rank(sut, s.ops, gated=True)
+    finally:
+        CURRENT = None
+    driver = sut.driver
+    return RankResult(
+        rank=rank, coords=tuple(ctx.layout.coords(rank)),
+        decisions={ch: tuple(map(Decision.of, v))
+                   for ch, v in (driver.decisions if driver else {}).items()},
+        evictions=tuple(out.evictions),
+        digests=tuple(driver.digests if driver else ()),
+        collectives={g: tuple(CollectiveCall(e) for e in v) for g, v in run.log.items()},
+        collective_order={g: tuple(v) for g, v in run.order.items()},
+        pending_collectives=dict(run.pending),
+        storage=tuple(StorageCall(op, tuple(k), tuple(ok), tuple(c)) for op, k, ok, c in run.storage),
+        stored=tuple(run.stored) if run.stored is not None else
+        tuple(sorted({k for op, keys, ok, _ in run.storage if op == "set"
+                      for k, good in zip(keys, ok, strict=False) if good})),
+        outcomes=tuple(map(Outcome.of, driver.outcomes if driver else ())),
+        snapshot=out.snapshot, error=out.error, ops_done=out.ops_done,
+        waiting_on=dict(gates.waiting_on), wall_s=time.monotonic() - t0,
+        sut=f"sglang=={st['version']}", pacer_trace=tuple(pacer.trace),
+        phase_s={"build": sut.build_s, "shutdown": sut.shutdown_s},
+    )
+
+
+from scenarios.sut.sglang.driver import Driver  # noqa: E402  (needs the names above)
