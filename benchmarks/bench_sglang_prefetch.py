@@ -517,7 +517,7 @@ def child_env(release: str) -> dict[str, str]:
 
 def check_release(release: str) -> None:
     """2 for a malformed release number, 125 for one without a built environment."""
-    from scenarios.core.contract import UsageError
+    from scenarios.core.errors import UsageError
     from scenarios.sut.sglang import envs
 
     try:

@@ -10,7 +10,7 @@ from typing import Any
 
 from scenarios.client.loop import FAILED, PeerFailed, run_rank
 from scenarios.core.config import DRAIN_STEPS
-from scenarios.core.records import ErrorKind
+from scenarios.core.errors import ErrorKind
 from scenarios.core.schedule import Op
 
 

@@ -14,7 +14,8 @@ import pytest
 
 import scenarios.cli.main as cli
 from scenarios.cli.main import main
-from scenarios.core.contract import TABLE, CannotJudge, ExitCode, UsageError, classify
+from scenarios.core.contract import TABLE, ExitCode, classify
+from scenarios.core.errors import CannotJudge, UsageError
 from scenarios.generate.catalog import load_scenario
 from scenarios.judge.checker import check
 from scenarios.store.replay import write_replay

@@ -14,14 +14,8 @@ import torch
 from reference.api import AgreementTimeout, HiCacheError, TorchCollectives
 from scenarios.client.gates import GateTimeout
 from scenarios.client.recorder import RecordingCollectives
-from scenarios.core.records import (
-    CollectiveError,
-    Decision,
-    ErrorKind,
-    RankError,
-    RankResult,
-    error_kind,
-)
+from scenarios.core.errors import CollectiveError, ErrorKind
+from scenarios.core.records import Decision, RankError, RankResult, error_kind
 from scenarios.generate.catalog import load_scenario
 from scenarios.judge.checker import check
 from scenarios.runner.inprocess import CollectiveTimeout, RunAborted, ThreadWorld

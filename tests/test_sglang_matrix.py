@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from scenarios.campaigns import matrix
-from scenarios.core.contract import UsageError
+from scenarios.core.errors import UsageError
 from scenarios.core.verdict import Verdict
 from scenarios.store import matrix_cells, matrix_table
 from tests.sglang_envs import IdleExecutor
@@ -405,7 +405,8 @@ def test_a_new_group_with_a_freed_groups_id_gets_its_own_name(
 def test_a_run_the_machine_broke_is_not_judged(monkeypatch: pytest.MonkeyPatch) -> None:
     """SGLang's host pool refuses to allocate when the shared box has < 10 GiB free: such a
     run is neither a divergence nor an agreement (seen as a flaky [error] cell)."""
-    from scenarios.core.records import ErrorKind, RankError, RankResult
+    from scenarios.core.errors import ErrorKind
+    from scenarios.core.records import RankError, RankResult
     from scenarios.judge.judging import confirm
 
     class BrokeEx(_RunEx):

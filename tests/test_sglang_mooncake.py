@@ -166,7 +166,7 @@ def test_executor_master_starts_on_first_use_and_stops_on_close() -> None:
 
 
 def test_a_given_master_that_does_not_answer_cannot_judge() -> None:
-    from scenarios.core.contract import CannotJudge
+    from scenarios.core.errors import CannotJudge
 
     with pytest.raises(CannotJudge, match="unreachable"):
         mooncake.MasterHolder("127.0.0.1:1").address()

@@ -96,7 +96,7 @@ def test_quick_reset_keeps_every_log_and_drops_the_idle_second(version: str) -> 
       group's own sequence. Measured: 0.5.10.post1 x3 and 0.5.13 x4 runs identical, 0.5.20 x3
       runs differing in `collective_order` only.
     - Only the quick reset drops the idle second."""
-    from scenarios.core.contract import CannotJudge
+    from scenarios.core.errors import CannotJudge
     from scenarios.core.records import RankResult
     from scenarios.judge.checker import check
     from scenarios.sut.sglang.executor import check_pipeline

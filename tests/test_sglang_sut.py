@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from scenarios.core.contract import CannotJudge, UsageError
+from scenarios.core.errors import CannotJudge, UsageError
 from scenarios.generate.catalog import load_scenario
 from scenarios.sut.sglang import envs, shim
 from scenarios.sut.sglang.seams import GatedDevice, IoGates
@@ -123,7 +123,8 @@ def test_host_pool_builds_with_the_reserve_lent_but_not_past_free_ram(monkeypatc
 def test_a_broken_machine_is_unknown_not_a_divergence(monkeypatch) -> None:
     """SglangExecutor.check: a rank's infrastructure error (SGLang's host pool refused by the
     machine) is `unknown`, as the judge says it; annotate() must not turn it into an agree."""
-    from scenarios.core.records import ErrorKind, RankError, RankResult
+    from scenarios.core.errors import ErrorKind
+    from scenarios.core.records import RankError, RankResult
     from scenarios.generate.catalog import load_scenario
     from scenarios.sut.sglang.executor import SglangExecutor
 

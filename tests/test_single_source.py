@@ -134,7 +134,7 @@ def test_page_size_and_default_layouts_live_in_config_only() -> None:
     them; another module that assigns PAGE or spells a default layout list fails here."""
     from scenarios.core import config
 
-    assert config.PAGE == CacheConfig().page_size
+    assert CacheConfig().page_size == config.PAGE
     found = []
     for path in sorted((REPO / "scenarios").rglob("*.py")):
         if path.name == "config.py":
@@ -146,3 +146,33 @@ def test_page_size_and_default_layouts_live_in_config_only() -> None:
     assert found == []
     assert _layout_tuples('LAYOUTS = ("1x2", "2x2")\nx = ["2x2x2", "1x4"]\n') == [1, 2]
     assert "PAGE" in _assigned_names("PAGE = 4\n")
+
+
+def _exception_classes(source: str) -> list[str]:
+    """Public classes whose bases name an exception (…Error, …Exception, …Timeout, ...)."""
+    out = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ClassDef) and not node.name.startswith("_"):
+            bases = [ast.unparse(b) for b in node.bases]
+            if any(re.search(r"(Error|Exception|Timeout|Interrupt|Judge|Wait|Stopped)$", b)
+                   or b in ("Exception", "BaseException") for b in bases):
+                out.append(node.name)
+    return out
+
+
+def test_exceptions_live_in_the_errors_module_only() -> None:
+    """26 exception classes were spread over 14 modules; each now carries its exit code and
+    rank kind from one of a few bases in scenarios/core/errors.py."""
+    from scenarios.core import errors
+
+    found = [f"{path.relative_to(REPO)}: {name}"
+             for path in sorted((REPO / "scenarios").rglob("*.py"))
+             if path.name not in ("errors.py", "contract.py")
+             for name in _exception_classes(path.read_text())]
+    assert found == []
+    assert _exception_classes("class GateTimeout(RuntimeError):\n    pass\n") == ["GateTimeout"]
+    # every harness error classifies by its type alone
+    for name in dir(errors):
+        cls = getattr(errors, name)
+        if isinstance(cls, type) and issubclass(cls, errors.CpcheckError):
+            assert cls.exit_code in (ExitCode.USAGE, ExitCode.UNKNOWN), name

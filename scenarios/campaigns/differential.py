@@ -95,7 +95,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
         s = s.with_(dp_attention=args.dp_attention == "on")
     version = parse_sut(args.sut)
     if version is None:
-        from scenarios.core.contract import UsageError
+        from scenarios.core.errors import UsageError
 
         raise UsageError("diff needs --sut sglang==VERSION")
     same, msg = differential(s, version, args.protocol, args.timeout)

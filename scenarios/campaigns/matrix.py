@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from scenarios.core.config import CORPUS_DIR, CP_LAYOUTS, REPO_ROOT
-from scenarios.core.contract import CannotJudge, ExitCode
+from scenarios.core.contract import ExitCode
+from scenarios.core.errors import CannotJudge
 from scenarios.store import matrix_cells
 from scenarios.sut.sglang import envs
 

@@ -26,7 +26,7 @@ def judge(s: Any, *, timeout: float = 20.0, mooncake_master: str = "") -> tuple[
     releases compares verdicts; `unknown`, 125, when the machine broke the run)."""
     version = sglang_version(s.sut)
     if version is None:
-        from scenarios.core.contract import UsageError
+        from scenarios.core.errors import UsageError
 
         raise UsageError("judge() is for sglang SUTs")
     with SglangExecutor(version, timeout_s=timeout, mooncake_master=mooncake_master) as ex:

@@ -27,7 +27,8 @@ from scenarios.cli.conventions import (
 )
 from scenarios.cli.protocol_args import add_protocol_arguments, protocol_changes
 from scenarios.core.config import PAGE
-from scenarios.core.contract import STATUS_EXIT, ExitCode, UsageError, stop_requested
+from scenarios.core.contract import STATUS_EXIT, ExitCode, stop_requested
+from scenarios.core.errors import UsageError
 from scenarios.core.records import RankResult
 from scenarios.core.schedule import CachePolicy, Op, Schedule, tokens_for
 from scenarios.generate.workload import soak_chunk

@@ -13,7 +13,8 @@ import platform
 import sys
 from typing import Any, TextIO
 
-from scenarios.core.contract import CannotJudge, ExitCode, UsageError
+from scenarios.core.contract import ExitCode
+from scenarios.core.errors import CannotJudge, UsageError
 
 
 def version_text() -> str:

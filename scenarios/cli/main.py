@@ -34,14 +34,8 @@ from scenarios.cli.conventions import (
 )
 from scenarios.cli.protocol_args import add_protocol_arguments, protocol_changes
 from scenarios.core.config import CP_LAYOUTS, EXPLORE_LAYOUTS
-from scenarios.core.contract import (
-    CannotJudge,
-    ExitCode,
-    Interrupted,
-    classify,
-    epilog,
-    stop_requested,
-)
+from scenarios.core.contract import ExitCode, Interrupted, classify, epilog, stop_requested
+from scenarios.core.errors import CannotJudge
 from scenarios.core.suts import REFERENCE, sglang_version
 from scenarios.nemesis.mooncake_session import mooncake_for
 from scenarios.runner.worker import DEVICES

@@ -15,7 +15,7 @@ from reference.api import (
     UnknownProfileError,
     get_profile,
 )
-from scenarios.core.contract import UsageError
+from scenarios.core.errors import UsageError
 
 
 def add_protocol_arguments(p: argparse.ArgumentParser) -> None:

@@ -15,7 +15,8 @@ from typing import Any
 
 from scenarios.campaigns.release_walk import judge, with_sut
 from scenarios.cli.conventions import emit_status
-from scenarios.core.contract import CannotJudge, ExitCode, UsageError
+from scenarios.core.contract import ExitCode
+from scenarios.core.errors import CannotJudge, UsageError
 from scenarios.sut.sglang import envs
 
 

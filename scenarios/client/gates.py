@@ -11,9 +11,7 @@ import threading
 import time
 from collections import defaultdict
 
-
-class GateTimeout(RuntimeError):
-    pass
+from scenarios.core.errors import GateTimeout
 
 
 class GatedPacer:

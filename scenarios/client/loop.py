@@ -12,14 +12,11 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from scenarios.core.config import DRAIN_STEPS
-from scenarios.core.records import ErrorKind, Eviction, RankError
+from scenarios.core.errors import ErrorKind, PeerFailed
+from scenarios.core.records import Eviction, RankError
 
 #: the harness-sync flag of a rank whose run failed: its peers stop at the same sync
 FAILED = 2
-
-
-class PeerFailed(RuntimeError):
-    """Another rank's run failed; this one stopped at the same harness sync."""
 
 
 class SutRank(Protocol):

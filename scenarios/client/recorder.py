@@ -16,6 +16,7 @@ import torch
 
 from reference.api import Decision, Observer, StorageAccess, TorchCollectives
 from scenarios.core import records
+from scenarios.core.errors import CollectiveError
 
 
 class Recorder(Observer):
@@ -74,7 +75,7 @@ class RecordingCollectives:
 
     A call is logged as a tuple (records.CollectiveCall's fields); `call_records()` builds the
     records at the end. torch.distributed reports a failed collective (gloo timeout, peer gone)
-    as a bare RuntimeError: here, where the call is known, it becomes records.CollectiveError.
+    as a bare RuntimeError: here, where the call is known, it becomes CollectiveError.
     """
 
     def __init__(self, inner: Any) -> None:
@@ -107,7 +108,7 @@ class RecordingCollectives:
 
     def _failed(self, e: RuntimeError, what: str, name: str) -> None:
         if self._torch and type(e) is RuntimeError:
-            raise records.CollectiveError(f"{what} over {name}: {e}") from e
+            raise CollectiveError(f"{what} over {name}: {e}") from e
 
     def all_reduce(self, tensor: torch.Tensor, op: str, group: Any) -> None:
         name, handle = group

@@ -2,8 +2,9 @@
 
 `git bisect run` reads them: 0 good, 1 bad, 125 skip. Anything that is not a reproducible
 verdict about the system under test must never exit 1. Errors are classified by their exception
-TYPE (`classify`), never by the words in their message. An exception nobody anticipated is an
-internal error of the harness, not a verdict on the system under test: it exits 125 too.
+TYPE (`classify`: each carries its `exit_code`, scenarios/core/errors.py), never by the words in
+their message. An exception nobody anticipated is an internal error of the harness, not a
+verdict on the system under test: it exits 125 too.
 """
 
 from __future__ import annotations
@@ -49,26 +50,6 @@ def epilog() -> str:
     return "exit codes:\n" + "\n".join(f"  {int(c):>3}  {m}" for c, m in TABLE)
 
 
-class UsageError(ValueError):
-    """Bad input, found before any work starts: one line, exit 2."""
-
-    exit_code = ExitCode.USAGE
-
-
-class CannotJudge(RuntimeError):
-    """Infrastructure, not the system under test: verdict `unknown`, exit 125.
-
-    `diagnosis` says what broke (master unreachable, rank killed by the OS, too many ranks,
-    unknown variant / profile / SUT at this commit, newer file schema).
-    """
-
-    exit_code = ExitCode.UNKNOWN
-
-    def __init__(self, diagnosis: str) -> None:
-        super().__init__(diagnosis)
-        self.diagnosis = diagnosis
-
-
 class Interrupted(KeyboardInterrupt):
     """SIGTERM, raised in the main thread like Ctrl-C so that every `with` block cleans up."""
 
@@ -76,32 +57,6 @@ class Interrupted(KeyboardInterrupt):
 #: set by the CLI's SIGINT / SIGTERM handler; long loops check it, because the exception the
 #: handler raises can be swallowed (a handler that runs inside a GC callback, e.g. Hypothesis's)
 stop_requested = threading.Event()
-
-
-#: exception types of other modules, by "module:Class"; looked up only if the module is loaded
-#: (an exception of a type whose module was never imported cannot exist)
-_FOREIGN: tuple[tuple[str, ExitCode], ...] = (
-    ("scenarios.core.layout:LayoutError", ExitCode.USAGE),
-    ("scenarios.nemesis.faults:NemesisError", ExitCode.USAGE),
-    ("scenarios.nemesis.mooncake_master:MooncakeMasterError", ExitCode.UNKNOWN),
-    ("scenarios.runner.torchrun_pool:RankPoolError", ExitCode.UNKNOWN),
-    ("reference.storage.base:StorageError", ExitCode.UNKNOWN),
-)
-
-
-def loaded(where: str) -> type | None:
-    """The class named "module:Class" if its module is loaded, else None.
-
-    Never imports (this runs while an exception, maybe Ctrl-C, is on its way out); an exception
-    of a type whose module was never imported cannot exist, so nothing is missed."""
-    module, name = where.split(":")
-    cls = getattr(sys.modules.get(module), name, None)
-    return cls if isinstance(cls, type) else None
-
-
-def is_a(exc: BaseException, *where: str) -> bool:
-    """isinstance by "module:Class" names (see `loaded`)."""
-    return any(c is not None and isinstance(exc, c) for c in map(loaded, where))
 
 
 def _first_line(exc: BaseException) -> str:
@@ -113,10 +68,12 @@ def classify(exc: BaseException) -> tuple[ExitCode, str]:
     """(exit code, one line) for an exception that ended a subcommand, by its type alone."""
     if isinstance(exc, KeyboardInterrupt):
         return ExitCode.INTERRUPTED, "interrupted"
-    code = getattr(type(exc), "exit_code", None)
+    code = getattr(type(exc), "exit_code", None)  # the harness's own (scenarios/core/errors.py)
     if isinstance(code, int) and code in (ExitCode.USAGE, ExitCode.UNKNOWN):
         return ExitCode(code), _first_line(exc)
-    for where, mapped in _FOREIGN:
-        if is_a(exc, where):
-            return mapped, _first_line(exc)
+    # the one foreign type: a storage backend of the reference failing outside any run (a
+    # master that does not answer); its module is loaded wherever one can be raised
+    api = sys.modules.get("reference.api")
+    if api is not None and isinstance(exc, api.StorageError):
+        return ExitCode.UNKNOWN, _first_line(exc)
     return ExitCode.UNKNOWN, f"internal error: {type(exc).__name__}: {_first_line(exc)}"

@@ -13,6 +13,8 @@ import re
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
+from scenarios.core.errors import LayoutError
+
 __all__ = [
     "GROUP_KINDS",
     "MAX_WORLD",
@@ -31,10 +33,6 @@ GroupKind = Literal["attn_tp", "attn_cp", "tp", "pp"]
 GROUP_KINDS: tuple[GroupKind, ...] = ("attn_tp", "attn_cp", "tp", "pp")
 
 _LAYOUT_RE = re.compile(r"^\s*(-?\d+)\s*[xX]\s*(-?\d+)\s*(?:[xX]\s*(-?\d+)\s*)?$")
-
-
-class LayoutError(ValueError):
-    """A layout string or size that cannot describe a run; the message is one clear line."""
 
 
 class RankCoords(NamedTuple):

@@ -17,11 +17,10 @@ import dataclasses
 import operator
 import traceback
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import Any
 
 from reference.api import AgreementTimeout
-from scenarios.core.contract import is_a
+from scenarios.core.errors import ErrorKind
 
 Values = tuple[int | None, ...]  # None: a value this SUT does not expose (SGLang)
 
@@ -38,47 +37,20 @@ def _compact(cls: type) -> type:
     return cls
 
 
-class ErrorKind(str, Enum):
-    """Why a rank stopped. The checker reports FAILED ranks (causes) before every invariant
-    and WAITED / STOPPED ones (consequences) after them; INFRASTRUCTURE makes the verdict
-    `unknown` (scenarios/judge/verdict.py)."""
-
-    FAILED = "failed"  # this rank failed on its own: a cause
-    INFRASTRUCTURE = "infrastructure"  # outside the system under test (storage never came up)
-    WAITED = "waited"  # a peer never came: agreement, collective or gate timeout; a consequence
-    STOPPED = "stopped"  # the harness stopped the run (Ctrl-C, SIGTERM)
-
-
-class CollectiveError(RuntimeError):
-    """A torch.distributed collective failed (gloo timeout, peer gone). torch raises these as a
-    bare RuntimeError; the recorder, which knows the call, re-raises them as this type."""
-
-
-#: exception types, as classes or by "module:Class" (looked up only if loaded: see
-#: contract.loaded), first match wins; an exception of none of them is FAILED. The exception
-#: itself is tried first, then its explicit cause (`raise ... from e`: a dead IO thread behind
-#: HiCacheError).
-ERROR_KINDS: tuple[tuple[type | str, ErrorKind], ...] = (
-    ("scenarios.runner.inprocess:RunAborted", ErrorKind.STOPPED),
-    (AgreementTimeout, ErrorKind.WAITED),
-    ("scenarios.client.gates:GateTimeout", ErrorKind.WAITED),
-    ("scenarios.sut.sglang.seams:GateTimeout", ErrorKind.WAITED),
-    ("scenarios.runner.inprocess:CollectiveTimeout", ErrorKind.WAITED),
-    ("scenarios.client.loop:PeerFailed", ErrorKind.WAITED),
-    (CollectiveError, ErrorKind.WAITED),
-)
-
-
 def error_kind(exc: BaseException) -> ErrorKind:
-    """The kind of an exception that ended a rank's run, from its type (see ERROR_KINDS)."""
+    """The kind of an exception that ended a rank's run, from its type: the harness's own carry
+    `rank_kind` (scenarios/core/errors.py); the reference's AgreementTimeout is a wait. The
+    exception itself is tried first, then its explicit cause (`raise ... from e`: a dead IO
+    thread behind HiCacheError). Any other exception is this rank's own failure."""
     seen: BaseException | None = exc
     for _ in range(8):  # an explicit cause chain is short; never loop on a cycle
         if seen is None:
             break
-        for where, kind in ERROR_KINDS:
-            if isinstance(where, type) and isinstance(seen, where) or (
-                    isinstance(where, str) and is_a(seen, where)):
-                return kind
+        kind = getattr(type(seen), "rank_kind", None)
+        if isinstance(kind, ErrorKind):
+            return kind
+        if isinstance(seen, AgreementTimeout):
+            return ErrorKind.WAITED
         seen = seen.__cause__
     return ErrorKind.FAILED
 

@@ -35,7 +35,7 @@ from reference.api import (
     get_profile,
 )
 from scenarios.core import suts
-from scenarios.core.contract import UsageError
+from scenarios.core.errors import FieldProblem, NotAtThisCommit, ScheduleError
 from scenarios.core.layout import Layout, LayoutError
 
 SCHEDULE_VERSION = 1
@@ -50,33 +50,6 @@ StorageCall = Literal["exists", "get", "set", "host_alloc"]
 #: fields that name something that exists only at some commits (a replay file from a newer
 #: commit may name a variant, profile or SUT this one does not know: cannot judge, not bad input)
 NAMED_AT_SOME_COMMITS = ("variant", "protocol", "sut")
-
-
-class ScheduleError(UsageError):
-    """A schedule or scenario that cannot describe a run; one clear line.
-
-    `loc` is the field's path, `kind` pydantic's error type and `cause` the validator's own
-    exception, so callers classify by type and field, never by the message.
-    """
-
-    def __init__(self, message: str, loc: tuple = (), kind: str = "",
-                 cause: BaseException | None = None) -> None:
-        super().__init__(message)
-        self.loc = loc
-        self.kind = kind
-        self.cause = cause
-
-
-class FieldProblem(ValueError):
-    """A whole-Schedule check that names the field it is about (`loc`)."""
-
-    def __init__(self, loc: tuple, message: str) -> None:
-        super().__init__(message)
-        self.loc = loc
-
-
-class NotAtThisCommit(ValueError):
-    """A name or schema version this commit does not know (it may exist at another)."""
 
 
 #: the reference's own defaults: a Schedule's cache settings default to exactly these

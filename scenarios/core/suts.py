@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from scenarios.core.contract import UsageError
+from scenarios.core.errors import UsageError
 
 REFERENCE = "reference"
 SGLANG_PREFIX = "sglang=="

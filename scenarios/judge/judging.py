@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from scenarios.core.contract import is_a
+from scenarios.core.errors import CollectiveTimeout, RankPoolError, RankTimeoutError
 from scenarios.core.records import RankResult
 from scenarios.core.schedule import Schedule
 from scenarios.core.verdict import Verdict
@@ -30,13 +30,12 @@ def run_checked(ex: Any, s: Schedule, **run_kw: Any) -> tuple[list[RankResult], 
         results = ex.run(s, **run_kw)
     except Exception as e:
         line = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
-        hang = is_a(e, "scenarios.runner.inprocess:CollectiveTimeout",
-                    "scenarios.runner.torchrun_pool:RankTimeoutError")
+        hang = isinstance(e, CollectiveTimeout | RankTimeoutError)
         if hang and getattr(ex, "hangs_are_findings", True):
             # ranks froze: a hang of the system under test (confirmed by replay like any other)
             return [], Verdict(False, "error", f"ranks did not finish: {line}",
                                [("error", f"ranks did not finish: {line}")])
-        if is_a(e, "scenarios.runner.torchrun_pool:RankPoolError"):
+        if isinstance(e, RankPoolError):
             return [], Verdict.unknown(line)  # a rank killed by the OS, a pool that never started
         raise
     broke = infrastructure(results)

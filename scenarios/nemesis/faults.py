@@ -28,15 +28,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from scenarios.core.errors import NemesisError, RankKilled
+
 KINDS = ("slow_rank", "storage_latency", "storage_errors", "master_restart", "kill_rank")
-
-
-class NemesisError(ValueError):
-    """A bad --faults list; one line."""
-
-
-class RankKilled(RuntimeError):
-    """Raised inside a rank's IO thread by `kill_rank`: the run must end with a diagnosis."""
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,8 @@ from typing import Any
 
 import psutil
 
+from scenarios.core.errors import MooncakeMasterError
+
 __all__ = [
     "MooncakeMaster",
     "MooncakeMasterError",
@@ -38,10 +40,6 @@ __all__ = [
 ]
 
 LOOPBACK = "127.0.0.1"
-
-
-class MooncakeMasterError(RuntimeError):
-    """The master could not be started, or an existing one cannot be reached (one line)."""
 
 
 # ------------------------------------------------------------------ discovery

@@ -10,11 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from scenarios.core.contract import CannotJudge
-
-
-class CannotRun(CannotJudge):
-    """This machine cannot run what was asked (Mooncake missing, too few ranks): exit 125."""
+from scenarios.core.errors import CannotRun
 
 
 def probe_master(address: str) -> None:

@@ -14,13 +14,7 @@ from typing import Any
 
 import torch
 
-
-class CollectiveTimeout(RuntimeError):
-    pass
-
-
-class RunAborted(RuntimeError):
-    """The harness stopped the run (Ctrl-C, SIGTERM): every collective raises at once."""
+from scenarios.core.errors import CollectiveTimeout, RunAborted
 
 
 class _Group:

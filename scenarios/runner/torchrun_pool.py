@@ -50,6 +50,15 @@ from typing import Any, Literal, NoReturn
 import psutil
 
 from scenarios.core.config import REPO_ROOT
+from scenarios.core.errors import (
+    PoolNotRunningError,
+    RankDiedError,
+    RankJobError,
+    RankPoolConfigError,
+    RankPoolError,
+    RankPoolStartError,
+    RankTimeoutError,
+)
 from scenarios.core.layout import Layout
 from scenarios.runner.launch import ENV_FAILURES, FailureReport, RankFailure, read_failures
 from scenarios.runner.worker import ENV_ADDRESS, ENV_AUTHKEY, Diagnosis
@@ -82,57 +91,6 @@ _LOG_TAIL_LINES = 25
 
 
 # -- errors --------------------------------------------------------------------------------------
-
-
-class RankPoolError(RuntimeError):
-    """Base of every pool failure."""
-
-
-class RankPoolConfigError(RankPoolError, ValueError):
-    """Bad pool arguments (too many ranks for this machine, port in use, no GPU)."""
-
-
-class RankPoolStartError(RankPoolError):
-    """torchrun or a worker failed before every rank connected; the message ends with the log."""
-
-
-class PoolNotRunningError(RankPoolError):
-    """``run`` on a pool that was never started, was closed, or was torn down by a failure."""
-
-
-class RankJobError(RankPoolError):
-    """The job raised on one or more ranks; the pool stays usable if every rank replied."""
-
-    def __init__(self, message: str, job: str, failures: dict[int, tuple[str, str]]) -> None:
-        super().__init__(message)
-        self.job = job
-        #: rank -> (one-line exception, full formatted traceback)
-        self.failures = failures
-
-    @property
-    def ranks(self) -> list[int]:
-        return sorted(self.failures)
-
-
-class RankTimeoutError(RankPoolError):
-    """Some ranks did not finish in time; ``diagnoses`` holds what each rank said it was doing."""
-
-    def __init__(
-        self, message: str, job: str, ranks: list[int], diagnoses: dict[int, Diagnosis | str]
-    ) -> None:
-        super().__init__(message)
-        self.job = job
-        self.ranks = ranks
-        self.diagnoses = diagnoses
-
-
-class RankDiedError(RankPoolError):
-    """A worker process (or torchrun itself, ``rank=None``) exited; the pool was torn down."""
-
-    def __init__(self, message: str, rank: int | None, exitcode: int | None) -> None:
-        super().__init__(message)
-        self.rank = rank
-        self.exitcode = exitcode
 
 
 def _add_note(exc: BaseException, note: str) -> None:

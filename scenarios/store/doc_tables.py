@@ -11,11 +11,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from scenarios.core.errors import MarkerError
 from scenarios.store.report import atomic_write_text
-
-
-class MarkerError(ValueError):
-    """The docs file has a broken pair of markers for this table."""
 
 
 def begin_marker(name: str, command: str) -> str:

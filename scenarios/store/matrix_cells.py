@@ -31,7 +31,7 @@ def key_of(cell: dict) -> str:
 def load(path: str | Path) -> dict[str, dict]:
     """The cells of one file, by key; a missing file has none. A file that is not a cells file
     is a usage error, not an empty matrix."""
-    from scenarios.core.contract import UsageError
+    from scenarios.core.errors import UsageError
 
     p = Path(path)
     if not p.exists():

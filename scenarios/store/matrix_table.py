@@ -148,7 +148,8 @@ def _shown(path: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from scenarios.core.contract import ExitCode, UsageError
+    from scenarios.core.contract import ExitCode
+    from scenarios.core.errors import UsageError
 
     ap = argparse.ArgumentParser(prog="python -m scenarios.store.matrix_table",
                                  description=__doc__.split("\n\n")[0])

@@ -21,7 +21,7 @@ import torch
 
 from scenarios import __version__
 from scenarios.core.config import REPO_ROOT
-from scenarios.core.contract import CannotJudge
+from scenarios.core.errors import CannotJudge
 from scenarios.core.schedule import (
     NAMED_AT_SOME_COMMITS,
     NotAtThisCommit,

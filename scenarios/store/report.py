@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from scenarios.core.contract import UsageError
+from scenarios.core.errors import UsageError
 
 #: 1: the first versioned report (adds "schema", "status", "interrupted", "unknown_runs",
 #: "coverage", "fault_events"); 2: adds "unconfirmed_divergences" (the soak hunts on past them)

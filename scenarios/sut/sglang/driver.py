@@ -60,7 +60,7 @@ class Driver:
         self.last_match: dict[str, int] = {}
         self.reissues: dict[str, int] = {}
         if s.cache.mla:
-            from scenarios.core.contract import CannotJudge
+            from scenarios.core.errors import CannotJudge
 
             raise CannotJudge("MLA schedules are not driven on SGLang yet (MHA pools only)")
         self.ps = s.cache.page_size

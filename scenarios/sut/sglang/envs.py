@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from scenarios.core.config import REPO_ROOT, SGLANG_ENVS_DIR
-from scenarios.core.contract import CannotJudge, UsageError
+from scenarios.core.errors import CannotJudge, EnvBuildError, UsageError
 
 ROOT = SGLANG_ENVS_DIR
 FIRST, LAST = (0, 5, 9), (0, 5, 20)  # HiRadixCache exists in this range (docs/design/)
@@ -42,10 +42,6 @@ BASE_NO_DEPS = ["compressed-tensors", "loguru", "frozendict"]
 EXTRAS = {"xgrammar": "xgrammar==0.2.1", "tvm_ffi": "apache-tvm-ffi==0.1.11"}
 _FORBIDDEN = re.compile(r"^(torch|torchvision|torchaudio|triton|nvidia-.*|flashinfer.*|"
                         r"sgl-kernel|sglang-kernel|cuda-.*|cupy.*)$", re.I)
-
-
-class EnvBuildError(CannotJudge):
-    """An environment that cannot be built here; the message names the package."""
 
 
 def parse_release(text: str) -> tuple[int, ...]:

@@ -16,7 +16,7 @@ from typing import Any
 
 from scenarios.core import suts
 from scenarios.core.config import REPO_ROOT
-from scenarios.core.contract import CannotJudge, UsageError
+from scenarios.core.errors import CannotJudge, UsageError
 from scenarios.core.verdict import Verdict
 from scenarios.sut.sglang import envs, mooncake
 

@@ -25,6 +25,8 @@ import time
 import urllib.request
 from typing import Any
 
+from scenarios.core.errors import ReadBackFailed
+
 #: the name SGLang's controller and host pool key their Mooncake paths on (zero-copy
 #: batch_get_v1 / batch_set_v1, MooncakeHostTensorAllocator)
 BACKEND = "mooncake"
@@ -70,7 +72,7 @@ class MasterHolder:
                 self.master = False
             return self.given, ""
         if self.master is None or not self.master.running:
-            from scenarios.core.contract import CannotJudge
+            from scenarios.core.errors import CannotJudge
             from scenarios.nemesis.mooncake_master import MooncakeMaster, mooncake_available
 
             ok, why = mooncake_available()
@@ -88,7 +90,7 @@ class MasterHolder:
 
 def check_master(address: str) -> None:
     """A given --mooncake-master must answer (one line, 125, otherwise)."""
-    from scenarios.core.contract import CannotJudge
+    from scenarios.core.errors import CannotJudge
     from scenarios.nemesis.mooncake_master import MooncakeMasterError, check_master_reachable
 
     try:
@@ -224,11 +226,6 @@ def read_back(run: Any) -> list[str]:
             raise ReadBackFailed(f"{lost} of {len(stored)} keys the master lists could not be "
                                  "read back (twice): their bytes go unchecked")
     return stored
-
-
-class ReadBackFailed(RuntimeError):
-    """The master's copy of this rank's pages could not be fetched: the run's page check
-    would be partial, so the run is judged `unknown` (infrastructure), not agree."""
 
 
 def client_info(run: Any) -> dict:

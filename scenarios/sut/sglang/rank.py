@@ -22,14 +22,8 @@ import torch
 import torch.distributed as dist
 
 from scenarios.client.loop import run_rank
-from scenarios.core.records import (
-    CollectiveCall,
-    CollectiveError,
-    Decision,
-    Outcome,
-    RankResult,
-    StorageCall,
-)
+from scenarios.core.errors import CollectiveError
+from scenarios.core.records import CollectiveCall, Decision, Outcome, RankResult, StorageCall
 from scenarios.sut.sglang import adapters, mooncake, quick_reset, shim
 from scenarios.sut.sglang.seams import GatedDevice, IoGates, SglangPacer
 

@@ -21,9 +21,7 @@ from collections import defaultdict
 from collections.abc import Iterator
 from typing import Any
 
-
-class GateTimeout(RuntimeError):
-    pass
+from scenarios.core.errors import GateTimeout
 
 
 class _Stream:
