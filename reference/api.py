@@ -13,7 +13,15 @@ from __future__ import annotations
 import torch
 
 from reference.cache_controller import STOP_POLICIES, WRITE_POLICIES, HiCacheError
-from reference.hashing import KeySuffix, page_hash, page_hashes, storage_tp_rank
+from reference.hashing import (
+    TOKEN_ID_LIMIT,
+    KeySuffix,
+    backend_tag_prefix,
+    namespace_seed,
+    page_hash,
+    page_hashes,
+    storage_tp_rank,
+)
 from reference.hiradix_cache import AgreementTimeout, CacheConfig, HiRadixCache, RankInfo
 from reference.memory_pool import KVShape
 from reference.observer import NULL_OBSERVER, Decision, Observer, StorageAccess
@@ -50,10 +58,11 @@ __all__ = [
     "KNOWN", "KVShape", "KeySuffix", "MemoryStorage", "MiniScheduler", "MooncakeConfig",
     "MooncakeStorage", "NULL_OBSERVER", "Observer", "PROFILES", "Pacer", "ParallelGroups",
     "ProtocolProfile", "RankInfo", "RequestOutcome", "STOP_POLICIES", "STORAGE_BACKENDS",
-    "StorageAccess", "StorageError", "TorchCollectives", "UnknownProfileError",
-    "UnknownVariantError", "VARIANTS", "WRITE_POLICIES", "check_variant", "clear_namespace",
+    "StorageAccess", "StorageError", "TOKEN_ID_LIMIT", "TorchCollectives", "UnknownProfileError",
+    "UnknownVariantError", "VARIANTS", "WRITE_POLICIES", "backend_tag_prefix", "check_variant",
+    "clear_namespace",
     "effective_configuration", "get_profile", "import_mooncake_store", "namespace_keys",
-    "open_rank", "page_hash", "page_hashes", "storage_tp_rank", "sync_rank_sets",
+    "namespace_seed", "open_rank", "page_hash", "page_hashes", "storage_tp_rank", "sync_rank_sets",
 ]
 
 

@@ -371,6 +371,12 @@ class HiCacheController:
         )
 
     # -- prefetch (L3 -> L2) ----------------------------------------------------------------
+    def append_host_mem_release(self, host_indices: torch.Tensor) -> None:
+        """Queue host pages for the drain to free, one page per item: the drain agrees on the
+        number of pages (SGLang's `append_host_mem_release`)."""
+        for first in range(0, host_indices.numel(), self.page_size):
+            self.host_mem_release_queue.put(host_indices[first : first + self.page_size])
+
     def prefetch(self, request_id: str, host_indices: torch.Tensor, token_ids: list[int],
                  last_hash: str | None) -> PrefetchOperation:
         op = PrefetchOperation(self.prefetch_seq, request_id, host_indices, token_ids,
@@ -403,10 +409,15 @@ class HiCacheController:
                 op.revoked = True
                 op.mark_terminate()
                 self.prefetch_revoke_queue.put(op.request_id)
+                if self.variant != "leak_on_revoke":  # the bug: never returns them
+                    self.append_host_mem_release(op.host_indices)
                 outcome = "revoke"
             else:
                 op.storage_hit_count = agreed
                 op.hash_value = op.hash_value[:agreed]
+                # the pages past the hit are released now, by this thread (as SGLang does)
+                self.append_host_mem_release(op.host_indices[agreed * self.page_size :])
+                op.host_indices = op.host_indices[: agreed * self.page_size]
                 bp = self.cfg.prefetch_batch_pages
                 op.num_batches = (agreed + bp - 1) // bp
                 op.first_batch = self.prefetch_batches_issued
@@ -451,7 +462,10 @@ class HiCacheController:
                 self.pacer.after("prefetch_io", op.first_batch + b)
 
     def _finish_io(self, op: PrefetchOperation) -> None:
-        """The final ack; `io_done` is set before the last batch reports done to a pacer."""
+        """The final ack; `io_done` is set before the last batch reports done to a pacer. The
+        pages the IO did not fill (failed or terminated) go back from this thread, as SGLang's
+        IO thread returns them after `_page_transfer`."""
+        self.append_host_mem_release(op.host_indices[op.completed_tokens :])
         if self.per_batch_acks:
             self.prefetch_sync_queue.put(PrefetchAck(op, op.completed_tokens, final=True))
         op.io_done = True

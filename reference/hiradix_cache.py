@@ -220,9 +220,8 @@ class HiRadixCache:
             rid = self._take(cc.prefetch_revoke_queue, "revoke")
             popped[0] += 1
             info = self.ongoing_prefetch.pop(rid, None)
-            if info is not None:
-                self._release_prefetch(info, keep_tokens=0,
-                                       leak=self.cfg.variant == "leak_on_revoke")
+            if info is not None:  # its pages went back from the prefetch thread
+                self._release_prefetch(info, keep_tokens=0)
         for _ in range(agreed[1]):
             op = self._take(cc.ack_backup_queue, "backup ack", "backup", self._backup_acks_taken)
             self._backup_acks_taken += 1
@@ -293,8 +292,7 @@ class HiRadixCache:
             return False
         completed = self._terminate_prefetch(op, batches_seen=op.batches_seen)
         self.ongoing_prefetch.pop(rid)
-        leak = op.revoked and self.cfg.variant == "leak_on_revoke"
-        self._release_prefetch(info, keep_tokens=completed, leak=leak)
+        self._release_prefetch(info, keep_tokens=completed)
         return True
 
     def _terminate_prefetch(self, op: PrefetchOperation, agree: bool = True,
@@ -337,9 +335,14 @@ class HiRadixCache:
                      f"insert {op.agreed_tokens} tokens")
         return completed
 
-    def _release_prefetch(self, info: OngoingPrefetch, keep_tokens: int, leak: bool = False) -> None:
+    def _release_prefetch(self, info: OngoingPrefetch, keep_tokens: int) -> None:
+        """Insert the first `keep_tokens` fetched tokens and give back this side's share of the
+        op's host pages, as SGLang splits them: the prefetch thread returned the pages past the
+        hit (all of them on a revoke), the IO thread those past what it filled; here, the pages
+        already in the tree are freed at once and those filled past the agreed count queued."""
         host = info.host_indices
-        self.observer.on_effect("prefetch_insert", info.operation.request_id, (keep_tokens,))
+        op = info.operation
+        self.observer.on_effect("prefetch_insert", op.request_id, (keep_tokens,))
         if keep_tokens:
             node, dups = self.tree.insert(
                 info.token_ids[:keep_tokens], host_indices=host[:keep_tokens],
@@ -348,9 +351,9 @@ class HiRadixCache:
             for n in self._path(node, info.last_host_node):
                 n.backuped_storage = True
             for d in dups:
-                self.cache_controller.host_mem_release_queue.put(d)
-        if not leak and keep_tokens < host.numel():
-            self.cache_controller.host_mem_release_queue.put(host[keep_tokens:])
+                self.host_pool.allocator.free(d)
+        if not op.revoked:
+            self.cache_controller.append_host_mem_release(host[keep_tokens : op.completed_tokens])
         self.tree.dec_host_ref(info.last_host_node)
 
     def _path(self, node: TreeNode, stop: TreeNode) -> list[TreeNode]:

@@ -10,6 +10,7 @@ from contextlib import ExitStack, contextmanager
 from typing import Any
 from unittest import mock
 
+from reference.cache_controller import HiCacheController
 from reference.hiradix_cache import HiRadixCache
 from reference.sync import SyncGroup
 from scenarios.sut import reference_rank as rank_run
@@ -52,9 +53,8 @@ def _writing_check_one_short(self: HiRadixCache, write_back: bool = False) -> No
         del self._ack_writes
 
 
-def _release_one_page_short(self: HiRadixCache, info: Any, keep_tokens: int,
-                            leak: bool = False) -> None:
-    return _release_prefetch(self, info, max(keep_tokens - self.page_size, 0), leak)
+def _release_one_page_short(self: HiRadixCache, info: Any, keep_tokens: int) -> None:
+    return _release_prefetch(self, info, max(keep_tokens - self.page_size, 0))
 
 
 def _terminate_always(self: HiRadixCache, op: Any) -> bool:
@@ -104,3 +104,15 @@ def run_planted(ctx: Any, payload: dict) -> Any:
 
     with planted(payload["plant"]):
         return run_schedule(ctx, payload)
+
+
+def _release_per_call(self: HiCacheController, host_indices: Any) -> None:
+    if host_indices.numel():
+        self.host_mem_release_queue.put(host_indices)
+
+
+#: differential plants (no oracle rule is meant to see them: both SUTs stay self-consistent)
+DIFFERENTIAL_PLANTS: dict[str, list[tuple[Any, str, Any]]] = {
+    # host pages queued one item per call, as the reference did, instead of one per page
+    "host_release_per_call": [(HiCacheController, "append_host_mem_release", _release_per_call)],
+}

@@ -10,7 +10,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from scenarios.campaigns.differential import differential, first_difference
+from scenarios.campaigns import differential as diff_mod
+from scenarios.campaigns.differential import as_sglang_runs_it, differential, first_difference
 from scenarios.generate.catalog import load_scenario
 from scenarios.sut.sglang.executor import CACHE_CLASS_ENV
 from tests.sglang_envs import need
@@ -57,12 +58,46 @@ def test_0_5_20_first_differs_at_the_drain() -> None:
 @pytest.mark.sglang
 def test_0_5_14_profile_models_its_writing_check() -> None:
     """Judged with sglang-0.5.13 (as before the 0.5.14 profile), 0.5.14 differs at the first
-    decision: it reduces in writing_check with nothing in flight. With its own profile the first
-    difference moves past it, to the drain's host-release queue (also unmodelled for 0.5.13)."""
+    decision: it reduces in writing_check with nothing in flight. With its own profile every
+    decision agrees (the drain's host-release queue, where it differed next, is modelled)."""
     need("0.5.14")
     s = load_scenario("write_acks")
     same, old = differential(s, "0.5.14", protocol="sglang-0.5.13")
     assert not same and "decision #0" in old and "'writing_check'" in old, old
     same, new = differential(s, "0.5.14")
-    assert not same and "reference sglang-0.5.14" in new, new
-    assert "decision #2" in new and "'drain'" in new, new
+    assert same and "reference sglang-0.5.14" in new, new
+
+
+@pytest.mark.sglang
+@pytest.mark.parametrize("version", ["0.5.11", "0.5.13"])
+@pytest.mark.parametrize("scenario", ["write_acks", "revoke", "prefetch_error"])
+def test_reference_models_0_5_11_and_0_5_13(version: str, scenario: str) -> None:
+    """Every scheduler decision agrees. Before: decision #0 (SGLang's driver logged a
+    writing_check where these releases return with no collective), then the drain's host
+    releases (SGLang queues a prefetch's pages one per item from its prefetch and IO threads;
+    the reference queued whole tensors at the drain), then the detach's local drain."""
+    need(version)
+    same, msg = differential(load_scenario(scenario), version)
+    assert same, msg
+
+
+@pytest.mark.sglang
+def test_a_planted_release_difference_is_found(monkeypatch) -> None:  # noqa: ANN001
+    """The pin above can fail: host pages queued as one item per call (as the reference did)
+    instead of one per page are named at the drain's release count."""
+    from tests.oracle_plants import DIFFERENTIAL_PLANTS
+
+    need("0.5.11")
+    for obj, attr, value in DIFFERENTIAL_PLANTS["host_release_per_call"]:
+        monkeypatch.setattr(obj, attr, value)
+    same, msg = differential(load_scenario("write_acks"), "0.5.11")
+    assert not same and "'drain'" in msg and "release 2')" in msg, msg
+
+
+def test_differential_runs_the_reference_at_sglangs_storage_batch() -> None:
+    """The one configuration difference taken out (SGLang's prefetch IO batch is fixed): the
+    reference's Schedule differs from the release's in that field only."""
+    s = load_scenario("prefetch_partial")
+    ref = as_sglang_runs_it(s)
+    assert ref.cache.prefetch_batch_pages == diff_mod.SGLANG_STORAGE_BATCH_PAGES == 128
+    assert ref.with_(cache={**ref.cache.model_dump(), "prefetch_batch_pages": 1}) == s

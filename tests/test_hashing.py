@@ -17,7 +17,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from reference.hashing import KeySuffix, page_hash, page_hashes
+from reference.hashing import (
+    KeySuffix,
+    backend_tag_prefix,
+    namespace_seed,
+    page_hash,
+    page_hashes,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 PS = 4
@@ -25,7 +31,8 @@ PS = 4
 EXAMPLES = max(100, settings.default.max_examples)
 MORE_EXAMPLES = max(150, settings.default.max_examples)
 
-tokens_st = st.lists(st.integers(-(2**40), 2**40), min_size=0, max_size=40)
+UINT32 = st.integers(0, 2**32 - 1)
+tokens_st = st.lists(UINT32, min_size=0, max_size=40)
 
 
 @settings(max_examples=MORE_EXAMPLES, deadline=None)
@@ -80,7 +87,7 @@ _CHILD = (
 
 def test_identical_across_processes() -> None:
     """Two fresh interpreters (different hash seeds) compute the same hashes as this one."""
-    tokens = [7, -3, 2**40, 0, 5, 5, 5, 5, 1, 2, 3, 4, 9]
+    tokens = [7, 3, 2**32 - 1, 0, 5, 5, 5, 5, 1, 2, 3, 4, 9]
     outs = []
     for seed in ("1", "2"):
         proc = subprocess.run(
@@ -144,22 +151,23 @@ def test_mha_tp_ranks_have_distinct_keys_mla_share() -> None:
 
 
 def _per_token_page_hash(token_ids: list, prior_hash: str | None) -> str:
-    """The definition: one SHA-256 update per token (what page_hash packs into one)."""
+    """The definition, SGLang's `get_hash_str`: one SHA-256 update per token, 4 bytes unsigned
+    little-endian (what page_hash packs into one)."""
     import hashlib
 
     hasher = hashlib.sha256()
     if prior_hash is not None:
         hasher.update(bytes.fromhex(prior_hash))
     for t in token_ids:
-        hasher.update(int(t).to_bytes(8, "little", signed=True))
+        hasher.update(int(t).to_bytes(4, "little", signed=False))
     return hasher.hexdigest()
 
 
 @settings(max_examples=EXAMPLES, deadline=None)
-@given(tokens=st.lists(st.integers(-(2**63), 2**63 - 1), max_size=40),
+@given(tokens=st.lists(UINT32, max_size=40),
        prior=st.none() | st.binary(min_size=32, max_size=32).map(bytes.hex))
 def test_packed_hash_is_the_per_token_definition(tokens: list[int], prior: str | None) -> None:
-    """Packing the tokens at once keeps every digest, hence every key of earlier runs."""
+    """Packing the tokens at once gives the per-token digest, hence SGLang's keys."""
     assert page_hash(tokens, prior) == _per_token_page_hash(tokens, prior)
     # int-likes hash as the ints they are: bools, and floats (int() of them, as before)
     assert page_hash([bool(t % 2) for t in tokens], prior) == _per_token_page_hash(
@@ -181,3 +189,44 @@ def test_keys_are_key_of_every_hash_and_part(hashes: list[str], tp: int, pp: int
     fresh = KeySuffix(tp_rank=tp, pp_rank=pp, pp_size=pp_size, is_mla=mla, prefix=prefix,
                       cp_rank=cp)
     assert fresh == s and hash(fresh) == hash(s)  # the tail cache is no field
+
+
+#: SGLang's own digests (`get_hash_str` of sglang 0.5.11, computed once): pinned here so that
+#: the default suite, without any release environment, still fails if the bytes hashed change
+SGLANG_1234 = "cf97adeedb59e05bfd73a2b4c2a8885708c4f4f70c84c64b27120e72ab733b72"
+SGLANG_NEXT = "7ef05fce7cd1197332d9d5e4708ced3ed29dd09db04b8f96a177dacf0567eacf"
+
+
+def test_digests_are_sglangs() -> None:
+    """Token ids hash as SGLang hashes them (4-byte unsigned), not as 8-byte signed ints."""
+    assert page_hash([1, 2, 3, 4]) == SGLANG_1234
+    assert page_hash([0, 2**32 - 1, 5, 6], SGLANG_1234) == SGLANG_NEXT
+    assert page_hashes([1, 2, 3, 4, 0, 2**32 - 1, 5, 6], PS) == [SGLANG_1234, SGLANG_NEXT]
+    assert page_hash([1, 2, 3, 4], "") == SGLANG_1234  # an empty prior is none (`if prior_hash:`)
+
+
+@pytest.mark.parametrize("bad", [-1, 2**32, 2**40])
+def test_token_ids_sglang_cannot_hash_are_refused(bad: int) -> None:
+    with pytest.raises(ValueError, match=f"token id {bad} is not a uint32"):
+        page_hash([1, bad, 3])
+
+
+@pytest.mark.parametrize(
+    ("tag", "model", "want"),
+    [(None, None, ""), ("run7", None, "run7_"), ("run7", "org/llama-3", "run7_org-llama-3_"),
+     (None, "m", "m_"), ("", None, "_")],
+)
+def test_backend_tag_prefix_is_mooncakes(tag: str | None, model: str | None, want: str) -> None:
+    """0.5.11 `_tag_keys`: `{tag}_{key}`; 0.5.20 `config_prefix`: tag and model joined by '_'."""
+    assert backend_tag_prefix(tag, model) == want
+
+
+def test_namespace_seed_keeps_unnamespaced_keys_and_tells_parts_apart() -> None:
+    assert namespace_seed(None, None) is None
+    seeds = [namespace_seed(*p) for p in [("", None), (None, ""), ("a", None), (None, "a"),
+                                          ("ab", ""), ("a", "b"), ("", "ab")]]
+    assert len(set(seeds)) == len(seeds)
+    assert all(re.fullmatch(r"[0-9a-f]{64}", x) for x in seeds)
+    # a seeded chain names other keys than the unseeded one for the same tokens
+    assert page_hashes(list(range(8)), PS, namespace_seed("a", None)) != page_hashes(
+        list(range(8)), PS)

@@ -26,6 +26,9 @@ STEP = '[[ops]]\nkind = "step"\n'
     (OP.replace("own_len = 3", "own_len = -1"), ":6:", "field 'ops.0.own_len'"),
     ('[[ops]]\nkind = "add"\nrid = "a"\ntokens = []\n', ":4:", "field 'ops.0.tokens'"),
     ('[[ops]]\nkind = "add"\nrid = "a"\ntokens = [1, -2]\n', ":4:", "field 'ops.0.tokens.1'"),
+    # SGLang hashes token ids as 4-byte unsigned integers: it cannot hash a larger one
+    ('[[ops]]\nkind = "add"\nrid = "a"\ntokens = [1, 4294967296]\n', ":4:",
+     "field 'ops.0.tokens.1': Input should be less than 4294967296"),
     ('[[ops]]\nkind = "add"\nrid = ""\ntokens = [1]\n', ":3:", "field 'ops.0.rid'"),
     (OP + STEP + OP, ":11:", "field 'ops.2.rid': duplicate request id 'a'"),
     ('[[ops]]\nkind = "evict_host"\nn = -4\n', ":3:", "field 'ops.0.n'"),

@@ -18,6 +18,26 @@ from reference.api import DP_ATTENTION_CHOICES
 from scenarios.core.contract import ExitCode
 from scenarios.core.releases import profile_for
 
+#: SGLang's prefetch IO batch, in pages: 128 in every release driven, not a setting (0.5.11
+#: `HiCacheController.storage_batch_size = 128`; 0.5.13+ `hicache_storage.STORAGE_BATCH_SIZE`).
+#: A Schedule's `prefetch_batch_pages` sizes only the reference's batches, so a Schedule's
+#: "n batches in" choices mean other pages on the two SUTs unless both batch alike.
+SGLANG_STORAGE_BATCH_PAGES = 128
+
+
+def as_sglang_runs_it(s: Any) -> Any:
+    """The Schedule the reference runs in differential mode: the known differences of
+    configuration, each named here with the release code it comes from, taken out so that
+    what remains is a difference of behaviour.
+
+    - prefetch IO batch: SGLang's is fixed (SGLANG_STORAGE_BATCH_PAGES); the reference runs
+      at it. Without this, `prefetch_partial` and `prefetch_error` on 0.5.11 / 0.5.13 insert
+      a batch of 1 page (reference) vs the whole 6-page batch (SGLang) at their first
+      `prefetch_done`.
+    """
+    cache = s.cache.model_copy(update={"prefetch_batch_pages": SGLANG_STORAGE_BATCH_PAGES})
+    return s.with_(cache=cache.model_dump())
+
 
 def _rows(results: list[dict]) -> dict[int, list[tuple]]:
     # an outcome's words after ";" are what only one SUT has (0.5.16+'s hit queue): not compared
@@ -45,7 +65,7 @@ def differential(s: Any, version: str, protocol: str | None = None,
     from scenarios.sut.sglang.executor import SglangExecutor
 
     protocol = protocol or profile_for(version)
-    ref_s = s.with_(sut="reference")
+    ref_s = as_sglang_runs_it(s).with_(sut="reference")
     if "protocol" in Schedule.model_fields:
         ref_s = ref_s.with_(protocol=protocol)
         label = f"reference {protocol}"

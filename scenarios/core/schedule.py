@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -26,6 +26,7 @@ from reference.api import (
     DEFAULT_PROFILE,
     STOP_POLICIES,
     STORAGE_BACKENDS,
+    TOKEN_ID_LIMIT,
     WRITE_POLICIES,
     CacheConfig,
     UnknownProfileError,
@@ -38,6 +39,8 @@ from scenarios.core.errors import FieldProblem, NotAtThisCommit, ScheduleError
 from scenarios.core.layout import Layout, LayoutError
 
 SCHEDULE_VERSION = 1
+#: what SGLang can hash: a token id is a 4-byte unsigned integer in its page hashes
+TokenId = Annotated[int, Field(ge=0, lt=TOKEN_ID_LIMIT)]
 Backend = Literal[STORAGE_BACKENDS]  # type: ignore[valid-type]  # names from reference.api
 #: the storage calls a Schedule may fail (reference/cache_controller.py asks the pacer for these)
 #: a call that a Schedule's faults can fail on one rank: a storage call, or "host_alloc" (this
@@ -79,7 +82,7 @@ class Op(BaseModel):
 
     kind: Literal["add", "step", "abort", "evict_device", "evict_host"]
     rid: str | None = Field(None, min_length=1)
-    tokens: list[NonNegativeInt] | None = Field(None, min_length=1)
+    tokens: list[TokenId] | None = Field(None, min_length=1)
     n: int | None = Field(None, ge=0)
     prefetch: bool = True
 

@@ -18,6 +18,7 @@ import hashlib
 import inspect
 import json
 import os
+import re
 from collections import OrderedDict, defaultdict
 from typing import Any
 
@@ -27,6 +28,16 @@ from scenarios.sut.sglang import adapters, server_cache
 from scenarios.sut.sglang.hitqueue import HitQueuePipeline, io_busy, uses_hit_queue
 from scenarios.sut.sglang.mooncake import storage_args
 from scenarios.sut.sglang.seams import count_puts, leading_done, record_terminated
+
+
+def returns_early_when_idle(cache: Any) -> bool:
+    """Whether this release's `writing_check` returns before its agreement when nothing is in
+    flight (to 0.5.13: "all ranks has the same ongoing_write_through, can skip sync if empty");
+    read from the release's own source, so the driver logs a decision exactly where the release
+    makes one."""
+    src = inspect.getsource(type(cache).writing_check)
+    head = src.split("finish_count", 1)[0]
+    return re.search(r"if len\(self\.ongoing_write_through\) == 0:\s*return\b", head) is not None
 
 
 class Driver:
@@ -181,10 +192,18 @@ class Driver:
         orig_drain_impl = getattr(cache, "_drain_storage_control_queues_impl", None)
         orig_can = cache.can_terminate_prefetch
 
+        idle_return = returns_early_when_idle(cache)
+
         def writing_check(write_back: bool = False) -> Any:
-            if write_back:
-                return orig_writing(write_back=True)
+            if write_back:  # blocks until every write finished: no collective, as the reference
+                before = len(cc.ack_write_queue)
+                out = orig_writing(write_back=True)
+                n = before - len(cc.ack_write_queue)
+                self._decide("writing_check", "", (n,), (n,), f"ack {n} writes (write-back)")
+                return out
             self.pacer.events("writing_check", "write")
+            if idle_return and not cache.ongoing_write_through:
+                return orig_writing()  # no collective, no decision: the reference logs none
             local = sum(1 for _ in leading_done(cc.ack_write_queue))
             before = len(cc.ack_write_queue)
             out = orig_writing()
@@ -218,6 +237,8 @@ class Driver:
             def drain_impl(n_revoke: int, n_backup: int, n_release: int, **kw: Any) -> Any:
                 out = orig_drain_impl(n_revoke=n_revoke, n_backup=n_backup,
                                       n_release=n_release, **kw)
+                if (n_revoke, n_backup, n_release) == (None, None, None):
+                    return out  # the detach's local drain: no collective, no decision
                 self._decide("drain", "", getattr(self, "_local_q", ()),
                              (n_revoke, n_backup, n_release),
                              f"revoke {n_revoke}, backup acks {n_backup}, release {n_release}")
