@@ -182,10 +182,11 @@ def _soak_over_two_agents(tmp_path: Path, endpoint: str, variant: str,
     rc = main(["soak", "--mode", "torchrun", "--layout", "2x2", "--nnodes", "2",
                "--rdzv-endpoint", endpoint, "--minutes", minutes, "--seed", "4",
                "--variant", variant, "--out", str(out)])
-    return rc, json.loads((out / "report.json").read_text())
+    return rc, json.loads((out / "latest" / "report.json").read_text())
 
 
 @pytest.mark.cp
+@pytest.mark.soak  # minutes on 2 cores: `-m cp` and the nightly run it
 def test_2x2_soak_over_two_agents_agrees_when_fixed(tmp_path: Path, endpoint: str,
                                                     agent: subprocess.Popen) -> None:
     rc, rep = _soak_over_two_agents(tmp_path, endpoint, "fixed", "0.6")
@@ -193,6 +194,7 @@ def test_2x2_soak_over_two_agents_agrees_when_fixed(tmp_path: Path, endpoint: st
 
 
 @pytest.mark.cp
+@pytest.mark.soak  # minutes on 2 cores: `-m cp` and the nightly run it
 def test_2x2_soak_over_two_agents_catches_tp_only_sync_replayable_on_one(
         tmp_path: Path, endpoint: str, agent: subprocess.Popen) -> None:
     rc, rep = _soak_over_two_agents(tmp_path, endpoint, "tp_only_sync", "2")
@@ -215,6 +217,7 @@ def test_multihost_flags_bad_input_is_one_line_exit_2(tmp_path: Path, capsys) ->
 
 
 @pytest.mark.cp
+@pytest.mark.soak  # minutes on 2 cores: `-m cp` and the nightly run it
 def test_4x4_over_two_agents_agrees_and_catches_tp_only_sync(tmp_path: Path, endpoint: str,
                                                              agent: subprocess.Popen) -> None:
     """16 ranks, 8 per host: every CP group spans both hosts (TP groups of 4 stay on one)."""

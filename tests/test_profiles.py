@@ -423,7 +423,7 @@ def test_soak_finds_sglang_0_5_10_with_dp_attention_and_replay_reproduces(tmp_pa
     rc = main(["soak", "--layout", "2x2", "--minutes", "0.5", "--protocol", "sglang-0.5.10",
                "--dp-attention", "on", "--out", str(tmp_path), "--seed", "0"])
     assert rc == 1
-    (replay,) = tmp_path.glob("replay-*.json")
+    (replay,) = (tmp_path / "latest").glob("replay-*.json")
     from scenarios.store.replay import read_replay
 
     s, _ = read_replay(replay)

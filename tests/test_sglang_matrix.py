@@ -314,7 +314,7 @@ def test_a_rank_that_fails_stops_its_peers_at_the_next_sync(
             self.rank, self.decisions, self.digests, self.outcomes = st["rank"], {}, [], []
 
         def apply(self, op: object) -> None:
-            if self.rank == 0 and getattr(op, "rid", "") == "boom":
+            if self.rank == 0 and getattr(op, "kind", "") == "abort":
                 raise RuntimeError("planted failure on rank 0")
 
         def step(self) -> None:
@@ -333,8 +333,8 @@ def test_a_rank_that_fails_stops_its_peers_at_the_next_sync(
     monkeypatch.setattr(rank_mod, "Driver", FakeDriver)
     monkeypatch.setattr(rank_mod, "setup_worker",
                         lambda ctx, *a: {"rank": ctx.rank, "version": "0.5.11"})
-    s = Schedule(layout="1x2", ops=[Op(kind="step"), Op(kind="abort", rid="boom"),
-                                    Op(kind="step")])
+    s = Schedule(layout="1x2", ops=[Op(kind="add", rid="boom", tokens=[1, 2, 3, 4]),
+                                    Op(kind="abort", rid="boom"), Op(kind="step")])
     payload = {"schedule": s.model_dump_json(), "collective_timeout_s": 5, "version": "0.5.11",
                "dp_attention": True, "storage_root": "/tmp", "run_id": "peer-failed-test"}
     out: dict = {}

@@ -54,8 +54,9 @@ def add_soak_arguments(p: argparse.ArgumentParser) -> None:
                    help="seconds any rank may wait on a peer before the run fails")
     p.add_argument("--device", choices=DEVICES, default="auto")
     p.add_argument("--sut", default="reference",
-                   help="reference or sglang==VERSION (a release: gated runs under torchrun, "
-                        "faults from the Schedules, no --variant / --protocol / --faults)")
+                   help="reference or sglang==VERSION (a release runs gated under torchrun and "
+                        "takes its faults from the Schedules; variants, protocol and faults "
+                        "flags are the reference's)")
     add_shard_argument(p)
     add_multihost_flags(p)
     add_protocol_arguments(p)
