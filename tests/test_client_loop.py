@@ -62,6 +62,7 @@ class FakeRank:
         return {"rank": self.rank}
 
     def sync(self, flag: int) -> int:
+        self.seen.append("sync")
         return self.sync_over(self.rank, flag)
 
     def machine_broke(self, e: BaseException) -> str | None:
@@ -114,6 +115,9 @@ def test_a_failed_rank_stops_its_peer_at_the_next_sync() -> None:
     assert out[1].ops_done == 2  # it applied op 2, then met FAILED at that op's sync
     assert sync.flags[0] == FAILED
     assert all("close" in r.seen for r in ranks)
+    # one sync each after the failure, no more: a rank told FAILED does not tell the others
+    # again (it would wait for peers that already left, until the group's timeout)
+    assert ranks[0].seen.count("sync") == ranks[1].seen.count("sync") == 2
 
 
 def test_a_machine_failure_is_infrastructure_not_the_sut() -> None:

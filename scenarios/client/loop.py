@@ -74,9 +74,9 @@ def run_rank(sut: SutRank, ops: list[Any], *, gated: bool, free_run_s: float = 0
         nonlocal in_sync
         in_sync = True
         got = sut.sync(flag)
-        in_sync = False
-        if got >= FAILED:
+        if got >= FAILED:  # every rank saw it at this same sync: nobody left to tell
             raise PeerFailed("a peer rank failed; stopped with it (peer not agreed to go on)")
+        in_sync = False
         return got
 
     try:
