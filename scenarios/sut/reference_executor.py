@@ -18,6 +18,7 @@ from scenarios.core.schedule import Schedule
 from scenarios.core.suts import REFERENCE
 from scenarios.core.verdict import Verdict
 from scenarios.judge import checker
+from scenarios.runner.pools import close_pools, drop_pool
 
 MODES = ("inprocess", "torchrun")
 
@@ -122,12 +123,7 @@ class Executor:
             bound = 1  # any other pool closes: the agents serve one pool at a time
         while bound and self._pools and (
                 sum(p.world_size for p in self._pools.values()) + ranks > bound):
-            oldest = next(iter(self._pools))
-            old = self._pools.pop(oldest)
-            try:
-                old.close()
-            except Exception:
-                pass
+            drop_pool(self._pools, next(iter(self._pools)), quietly=True)
 
     def _run_torchrun(self, s: Schedule, run_id: str, gated: bool,
                       nemesis: Any = None) -> list[Any]:
@@ -143,8 +139,7 @@ class Executor:
             results = pool.run("scenarios.sut.reference_jobs:run_schedule", payload,
                                timeout_s=self.timeout_s * 6 + 30)
         except RankPoolError:
-            pool.close()
-            self._pools.pop(s.layout, None)
+            drop_pool(self._pools, s.layout)
             raise
         finally:
             if nemesis is not None:
@@ -152,23 +147,17 @@ class Executor:
         if nemesis is not None:
             nemesis.collect(results)
             if nemesis.explain():  # a kill landed as the job finished: that pool is broken
-                pool.close()
-                self._pools.pop(s.layout, None)
+                drop_pool(self._pools, s.layout)
         if any(r.error is not None for r in results):
-            pool.close()  # leftover threads may still sit in gloo calls: start clean
-            self._pools.pop(s.layout, None)
+            # leftover threads may still sit in gloo calls: start clean
+            drop_pool(self._pools, s.layout)
         return results
 
     def judge(self, s: Schedule, results: list[Any]) -> Verdict:
         return checker.check(s, results)  # looked up per call: tests script the checker
 
     def close(self) -> None:
-        for pool in self._pools.values():
-            try:
-                pool.close()
-            except Exception:
-                pass
-        self._pools.clear()
+        close_pools(self._pools)
         if self.mooncake_master and not stop_requested.is_set():
             # in-process ranks' clients outlive runs (storage_clients). After Ctrl-C / SIGTERM
             # they are left to die with the process: the soak has killed its master by then,

@@ -18,6 +18,7 @@ from scenarios.core import suts
 from scenarios.core.config import REPO_ROOT
 from scenarios.core.errors import CannotJudge, RankJobError, SglangSetupFailed, UsageError
 from scenarios.core.verdict import Verdict
+from scenarios.runner.pools import close_pools, drop_pool
 from scenarios.sut.sglang import envs, mooncake
 
 JOB = "scenarios.sut.sglang.rank:run_schedule"
@@ -94,8 +95,7 @@ class SglangExecutor:
                 pool.run(JOB, self._payload(warm, dp_attention),
                          timeout_s=self.timeout_s * 12 + 120)
             except RankJobError as e:  # the harness could not set SGLang up: say why
-                pool.close()
-                self._pools.pop(key, None)
+                drop_pool(self._pools, key)
                 raise SglangSetupFailed(self.version, e) from e
         return pool
 
@@ -129,12 +129,10 @@ class SglangExecutor:
         try:
             results = pool.run(JOB, payload, timeout_s=self.timeout_s * 6 + 60)
         except RankPoolError:
-            pool.close()
-            self._pools.pop(s.layout, None)
+            drop_pool(self._pools, s.layout)
             raise
         if any(r.error is not None for r in results):
-            pool.close()
-            self._pools.pop(s.layout, None)
+            drop_pool(self._pools, s.layout)
         return results
 
     def judge(self, s: Any, results: list[Any]) -> Verdict:
@@ -146,12 +144,7 @@ class SglangExecutor:
         return verdict_of(s, self.run(s, dp), dp)
 
     def close(self) -> None:
-        for pool in self._pools.values():
-            try:
-                pool.close()
-            except Exception:
-                pass
-        self._pools.clear()
+        close_pools(self._pools)
         self.mooncake.close()  # after the workers: their clients go first
         shutil.rmtree(self.storage_root, ignore_errors=True)
 
