@@ -15,13 +15,14 @@ from scenarios.campaigns import matrix
 from scenarios.core.errors import UsageError
 from scenarios.core.verdict import Verdict
 from scenarios.store import matrix_cells, matrix_table
+from scenarios.store.cell import Cell, CorpusResult, GeneratedResult
 from tests.sglang_envs import IdleExecutor
 
 
 def _cell(release: str, dp: bool, layout: str, verdict: str = "agree", at: str = "2026-01-01",
-          **kw: object) -> dict:
-    return {"release": release, "dp_attention": dp, "layout": layout, "verdict": verdict,
-            "finished_at": at, **kw}
+          **kw: object) -> Cell:
+    return Cell.model_validate({"release": release, "dp_attention": dp, "layout": layout,
+                                "verdict": verdict, "finished_at": at, **kw})
 
 
 def test_cells_roundtrip_atomically_and_record_rereads(tmp_path: Path) -> None:
@@ -31,7 +32,7 @@ def test_cells_roundtrip_atomically_and_record_rereads(tmp_path: Path) -> None:
     matrix_cells.record(f, _cell("0.5.11", True, "1x2", "flaky"))  # replaces, keeps the other
     cells = matrix_cells.load(f)
     assert set(cells) == {"0.5.11|on|1x2", "0.5.9|off|2x2"}
-    assert cells["0.5.11|on|1x2"]["verdict"] == "flaky"
+    assert cells["0.5.11|on|1x2"].verdict == "flaky"
     assert [p.name for p in f.parent.iterdir()] == ["cells.json"]  # no temporary left behind
     data = json.loads(f.read_text())
     assert data["format"] == matrix_cells.FORMAT
@@ -48,6 +49,11 @@ def test_a_bad_cells_file_is_a_usage_error(tmp_path: Path) -> None:
         matrix_cells.load(f)
     assert matrix_table.main([str(f)]) == 2
     assert matrix_table.main([str(tmp_path / "missing.json")]) == 2
+    # a cell that is not a cell names the field, once, at load (no reader parses "k/n" later)
+    f.write_text(json.dumps({"cells": [{"release": "0.5.11", "verdict": "diverge",
+                                        "generated": {"reproduced": "three of 3"}}]}))
+    with pytest.raises(UsageError, match=r"cell 0 \(0.5.11\): generated.reproduced"):
+        matrix_cells.load(f)
 
 
 def test_merge_prefers_finished_then_later(tmp_path: Path) -> None:
@@ -58,8 +64,8 @@ def test_merge_prefers_finished_then_later(tmp_path: Path) -> None:
                           "k2": _cell("0.5.14", True, "2x2", "agree", "2026-01-09"),
                           "k3": _cell("0.5.17", False, "1x2", "agree")})
     cells = matrix_cells.merge(a, b)
-    assert cells["0.5.13|on|2x2"]["verdict"] == "agree"  # a cut cell never hides a finished one
-    assert cells["0.5.14|on|2x2"]["verdict"] == "agree"  # the later measurement wins
+    assert cells["0.5.13|on|2x2"].verdict == "agree"  # a cut cell never hides a finished one
+    assert cells["0.5.14|on|2x2"].verdict == "agree"  # the later measurement wins
     assert "0.5.17|off|1x2" in cells  # the second file's releases join the table
     assert matrix_cells.release_sort_key("0.5.9") < matrix_cells.release_sort_key("0.5.10") \
         < matrix_cells.release_sort_key("0.5.10.post1") < matrix_cells.release_sort_key("0.5.11")
@@ -75,7 +81,8 @@ def test_merge_prefers_finished_then_later(tmp_path: Path) -> None:
     ({"generated": {"examples": 5}, "corpus": {"n": 9, "diverge": 0}}, "agree"),
 ])
 def test_cell_verdict_is_honest(row: dict, want: str) -> None:
-    assert matrix.cell_verdict(row) == want
+    assert matrix.cell_verdict(CorpusResult(**row["corpus"]),
+                               GeneratedResult(**row["generated"])) == want
 
 
 def test_table_renders_every_kind_of_cell(tmp_path: Path) -> None:
@@ -132,25 +139,23 @@ def test_a_cut_run_keeps_finished_cells_and_resume_redoes_only_the_rest(
         ran.append((dp, lay))
         if len(ran) == 3:
             raise KeyboardInterrupt
-        return {"release": v, "dp_attention": dp, "layout": lay, "verdict": "agree",
-                "generated": {"examples": 1}, "seconds": 0.1}
+        return _cell(v, dp, lay, generated={"examples": 1}, seconds=0.1)
 
     monkeypatch.setattr(matrix, "run_cell", cut_at_third)
     with pytest.raises(KeyboardInterrupt):
         matrix.cmd_matrix(_args(tmp_path))
     cells = matrix_cells.load(tmp_path / "cells.json")
-    verdicts = {k: c["verdict"] for k, c in cells.items()}
+    verdicts = {k: c.verdict for k, c in cells.items()}
     assert verdicts == {"0.5.11|on|1x2": "agree", "0.5.11|on|2x2": "agree",
                         "0.5.11|off|1x2": "running"}
-    assert cells["0.5.11|on|1x2"]["finished_at"] and cells["0.5.11|on|1x2"]["loadavg_start"]
+    assert cells["0.5.11|on|1x2"].finished_at and cells["0.5.11|on|1x2"].loadavg_start
 
     ran.clear()
     monkeypatch.setattr(matrix, "run_cell", lambda ex, v, dp, lay, *a: (
-        ran.append((dp, lay)) or {"release": v, "dp_attention": dp, "layout": lay,
-                                  "verdict": "agree", "generated": {"examples": 1}}))
+        ran.append((dp, lay)) or _cell(v, dp, lay, generated={"examples": 1})))
     assert matrix.cmd_matrix(_args(tmp_path, resume=True)) == 0
     assert ran == [(False, "1x2"), (False, "2x2")]  # the two finished cells are skipped
-    assert all(c["verdict"] == "agree" for c in matrix_cells.load(tmp_path / "cells.json").values())
+    assert all(c.verdict == "agree" for c in matrix_cells.load(tmp_path / "cells.json").values())
     ran.clear()
     matrix.cmd_matrix(_args(tmp_path, resume=False, layout=["2x2"], dp_attention="on"))
     assert ran == [(True, "2x2")]  # without --resume the named cells are measured again
@@ -168,7 +173,7 @@ def test_a_broken_cell_is_an_error_cell_not_a_lost_run(tmp_path: Path,
     monkeypatch.setattr(matrix, "run_cell", boom)
     matrix.cmd_matrix(_args(tmp_path, layout=["1x2"], dp_attention="on"))
     c = matrix_cells.load(tmp_path / "cells.json")["0.5.11|on|1x2"]
-    assert c["verdict"] == "error" and "pool start failed" in c["error"]
+    assert c.verdict == "error" and "pool start failed" in (c.error or "")
     assert not matrix_cells.finished(c)  # --resume redoes it
 
 
@@ -372,9 +377,9 @@ def test_rows_of_the_first_matrix_code_merge_into_the_table(tmp_path: Path) -> N
                                        generated={"reproduced": "3/3", "first_s": 1.0,
                                                   "invariant": "tree", "shrunk_ops": 5})})
     cells = matrix_cells.merge(old, new)
-    assert cells["0.5.16|on|2x2"]["verdict"] == "diverge"  # the newer, finished measurement
-    assert cells["0.5.17|off|1x2"]["corpus"] == {"n": 9, "diverge": 1}
-    assert cells["0.5.18|on|1x2"]["verdict"] == "flaky"
+    assert cells["0.5.16|on|2x2"].verdict == "diverge"  # the newer, finished measurement
+    assert cells["0.5.17|off|1x2"].corpus == CorpusResult(n=9, diverge=1)
+    assert cells["0.5.18|on|1x2"].verdict == "flaky"
     table = matrix_table.render(cells)
     assert "[decisions], 4.2 s, 9 ops, not replay-confirmed (first matrix code)" in table
     assert "agree (4" not in table and "corpus 1/9 diverge" in table

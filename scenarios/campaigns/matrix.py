@@ -25,6 +25,7 @@ from scenarios.core.config import CORPUS_DIR, CP_LAYOUTS, REPO_ROOT
 from scenarios.core.contract import ExitCode
 from scenarios.core.errors import CannotJudge
 from scenarios.store import matrix_cells
+from scenarios.store.cell import Cell, CorpusFile, CorpusResult, GeneratedResult, Replays
 from scenarios.sut.sglang import envs
 
 CORPUS = CORPUS_DIR
@@ -62,7 +63,7 @@ def corpus_for(layout: str) -> list[Any]:
 
 
 def run_corpus(ex: Any, version: str, dp: bool, layout: str, replays: int,
-               replay_dir: str | None = None) -> list[dict]:
+               replay_dir: str | None = None) -> list[CorpusFile]:
     """Each corpus Schedule of this layout once; a divergence is replayed `replays` times and,
     if it reproduced, written to `replay_dir` with this release and DP setting."""
     from scenarios.judge.judging import confirm, run_checked
@@ -73,20 +74,21 @@ def run_corpus(ex: Any, version: str, dp: bool, layout: str, replays: int,
         s = s.with_(sut=f"sglang=={version}", dp_attention=dp)
         _, v = run_checked(ex, s)
         if v.status == "unknown":  # the pool or the machine broke the run: not judged
-            rows.append({"file": name, "verdict": "error", "error": (v.diagnosis or "")[:1500]})
+            rows.append(CorpusFile(file=name, verdict="error",
+                                   error=(v.diagnosis or "")[:1500]))
             continue
-        row: dict = {"file": name, "verdict": "agree" if v.ok else "diverge"}
-        if not v.ok:
-            first = v.summary()
-            v = confirm(ex, s, v, replays)
-            k = (v.stats.get("confirmation") or {}).get("reproduced", 0)
-            row.update(invariant=v.invariant, message=v.message[:300],
-                       reproduced=f"{k}/{replays}")
-            if k == 0:
-                row["verdict"] = "flaky"
-                row["first_seen"] = first[:300]
-            elif replay_dir:
-                row["replay"] = str(write_replay(s, v, replay_dir, "torchrun"))
+        if v.ok:
+            rows.append(CorpusFile(file=name, verdict="agree"))
+            continue
+        first = v.summary()
+        v = confirm(ex, s, v, replays)
+        k = (v.stats.get("confirmation") or {}).get("reproduced", 0)
+        row = CorpusFile(file=name, verdict="diverge" if k else "flaky", invariant=v.invariant,
+                         message=v.message[:300], reproduced=Replays(k=k, n=replays))
+        if k == 0:
+            row.first_seen = first[:300]
+        elif replay_dir:
+            row.replay = str(write_replay(s, v, replay_dir, "torchrun"))
         rows.append(row)
     return rows
 
@@ -111,54 +113,48 @@ def _commit() -> str:
 
 
 def run_cell(ex: Any, version: str, dp: bool, layout: str, examples: int, seed: int,
-             replay_dir: str, shrink_s: float | None = 90.0, replays: int = 3) -> dict:
+             replay_dir: str, shrink_s: float | None = 90.0, replays: int = 3) -> Cell:
     from scenarios.campaigns.explore import hunt
     from scenarios.generate.strategies import for_sut
     from scenarios.store.replay import write_replay
 
     t0 = time.monotonic()
-    row: dict = {"release": version, "dp_attention": dp, "layout": layout}
-    corpus = run_corpus(ex, version, dp, layout, replays, replay_dir)
-    n = len(corpus)
-    div = [c for c in corpus if c["verdict"] == "diverge"]
-    row["corpus"] = {"n": n, "diverge": len(div),
-                     "flaky": sum(c["verdict"] == "flaky" for c in corpus),
-                     "error": sum(c["verdict"] == "error" for c in corpus), "files": corpus}
+    files = run_corpus(ex, version, dp, layout, replays, replay_dir)
+    corpus = CorpusResult(n=len(files), diverge=sum(f.verdict == "diverge" for f in files),
+                          flaky=sum(f.verdict == "flaky" for f in files),
+                          error=sum(f.verdict == "error" for f in files), files=files)
     h = hunt(ex, for_sut(f"sglang=={version}", (layout,), dp_attention=dp), examples, seed,
              shrink_s=shrink_s, replays=replays)
-    row["generated"] = {"examples": h.examples, "seed": seed, "budget": examples,
-                        "infra_errors": h.infra_errors}
+    gen = GeneratedResult(examples=h.examples, seed=seed, budget=examples,
+                          infra_errors=list(h.infra_errors))
     if h.infra_schedules:
         from scenarios.core.verdict import Verdict
 
-        row["generated"]["infra_replays"] = [
+        gen.infra_replays = [
             str(write_replay(s, Verdict.unknown(msg[:300]), replay_dir, "torchrun"))
             for s, msg in zip(h.infra_schedules, h.infra_errors, strict=False)]
     if h.found is not None and h.verdict is not None:
         v = h.verdict
-        row["generated"].update(
+        gen = gen.model_copy(update=dict(
             first_s=round(h.seconds_to_first or 0.0, 1), first_n=h.first_n,
             shrink_s=round(h.seconds_shrinking or 0.0, 1), shrunk_ops=h.steps,
-            reproduced=f"{h.reproduced}/{h.replays}",
+            reproduced=Replays(k=h.reproduced, n=h.replays),
             invariant=None if v.ok else v.invariant, message=v.message[:300],
             first_seen=h.first_seen, shrunk_seen=h.best_seen,
-            replay=str(write_replay(h.found, v, replay_dir, "torchrun")))
-    row["verdict"] = cell_verdict(row)
-    row["seconds"] = round(time.monotonic() - t0, 1)
-    return row
+            replay=str(write_replay(h.found, v, replay_dir, "torchrun"))))
+    return Cell(release=version, dp_attention=dp, layout=layout,
+                verdict=cell_verdict(corpus, gen), corpus=corpus, generated=gen,
+                seconds=round(time.monotonic() - t0, 1))
 
 
-def cell_verdict(row: dict) -> str:
+def cell_verdict(corpus: CorpusResult, gen: GeneratedResult) -> str:
     """diverge if any divergence reproduced; flaky if divergences were seen and none recurred;
     error if nothing diverged but some runs were not judged; else agree."""
-    gen, corpus = row.get("generated", {}), row.get("corpus", {})
-    if gen.get("reproduced") and not gen["reproduced"].startswith("0/"):
+    if (gen.reproduced is not None and gen.reproduced.recurred) or corpus.diverge:
         return "diverge"
-    if corpus.get("diverge"):
-        return "diverge"
-    if gen.get("reproduced") or corpus.get("flaky"):
+    if gen.reproduced is not None or corpus.flaky:
         return "flaky"
-    if corpus.get("error") or gen.get("infra_errors"):
+    if corpus.error or gen.infra_errors:
         return "error"
     return "agree"
 
@@ -187,15 +183,15 @@ def cmd_matrix(args: argparse.Namespace) -> int:
             ex = SglangExecutor(v, timeout_s=args.timeout, log=lambda m: print(m, file=sys.stderr))
         except CannotJudge as e:
             for dp, lay in todo:
-                cell = {"release": v, "dp_attention": dp, "layout": lay, "verdict": "cannot",
-                        "why": e.diagnosis, "finished_at": _now(), **meta}
-                matrix_cells.record(cells_file, cell)
+                matrix_cells.record(cells_file, Cell(
+                    release=v, dp_attention=dp, layout=lay, verdict="cannot", why=e.diagnosis,
+                    finished_at=_now(), **meta))
             print(f"sglang {v}: cannot run here: {e.diagnosis}", flush=True)
             continue
         with ex:
             for dp, lay in todo:
-                start = {"release": v, "dp_attention": dp, "layout": lay, "verdict": "running",
-                         "started_at": _now(), "loadavg_start": _loadavg(), **meta}
+                start = Cell(release=v, dp_attention=dp, layout=lay, verdict="running",
+                             started_at=_now(), loadavg_start=_loadavg(), **meta)
                 matrix_cells.record(cells_file, start)
                 try:
                     row = run_cell(ex, v, dp, lay, args.examples, args.seed, replay_dir,
@@ -203,14 +199,16 @@ def cmd_matrix(args: argparse.Namespace) -> int:
                 except (KeyboardInterrupt, SystemExit):
                     raise  # the cell stays "running": --resume redoes it
                 except Exception as e:  # one broken cell must not hide the others
-                    row = {"release": v, "dp_attention": dp, "layout": lay, "verdict": "error",
-                           "error": f"{type(e).__name__}: {str(e)[:300]}"}
-                row = {**start, **row, "finished_at": _now(), "loadavg_end": _loadavg()}
+                    row = Cell(release=v, dp_attention=dp, layout=lay, verdict="error",
+                               error=f"{type(e).__name__}: {str(e)[:300]}")
+                row = start.model_copy(update={
+                    **{k: getattr(row, k) for k in row.model_fields_set},
+                    "finished_at": _now(), "loadavg_end": _loadavg()})
                 matrix_cells.record(cells_file, row)
                 from scenarios.store.matrix_table import cell_text
 
                 print(f"sglang {v} dp={'on' if dp else 'off'} {lay}: {cell_text(row)} "
-                      f"({row.get('seconds', '?')} s)", flush=True)
+                      f"({row.seconds if row.seconds is not None else '?'} s)", flush=True)
     from scenarios.store.matrix_table import render
 
     print(render(matrix_cells.load(cells_file)))

@@ -14,23 +14,23 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-#: verdicts of a finished cell; anything else ("running", "error") is redone by --resume
-FINISHED = ("agree", "diverge", "flaky", "cannot")
+from pydantic import ValidationError
+
+from scenarios.store.cell import FINISHED, Cell, cell_key
+
+__all__ = ["FINISHED", "FORMAT", "Cell", "cell_key", "finished", "key_of", "load", "merge",
+           "record", "save"]
+
 FORMAT = "cpcheck-sglang-matrix/1"
 
 
-def cell_key(release: str, dp_attention: bool | None, layout: str | None) -> str:
-    dp = "-" if dp_attention is None else ("on" if dp_attention else "off")
-    return f"{release}|{dp}|{layout or '-'}"
+def key_of(cell: Cell) -> str:
+    return cell.key
 
 
-def key_of(cell: dict) -> str:
-    return cell_key(cell["release"], cell.get("dp_attention"), cell.get("layout"))
-
-
-def load(path: str | Path) -> dict[str, dict]:
+def load(path: str | Path) -> dict[str, Cell]:
     """The cells of one file, by key; a missing file has none. A file that is not a cells file
-    is a usage error, not an empty matrix."""
+    (or a cell that is not a cell: the field is named) is a usage error, not an empty matrix."""
     from scenarios.core.errors import UsageError
 
     p = Path(path)
@@ -44,7 +44,17 @@ def load(path: str | Path) -> dict[str, dict]:
     if not isinstance(cells, list) or not all(isinstance(c, dict) and "release" in c
                                               for c in cells):
         raise UsageError(f"{p}: not a matrix cells file (no list of cells with a release)")
-    return {key_of(c): c for c in (from_legacy(c) for c in cells)}
+    out: dict[str, Cell] = {}
+    for i, row in enumerate(cells):
+        try:
+            c = Cell.model_validate(from_legacy(row))
+        except ValidationError as e:
+            err = e.errors()[0]
+            where = ".".join(str(x) for x in err["loc"])
+            raise UsageError(f"{p}: cell {i} ({row.get('release')}): {where}: {err['msg']}"
+                             ) from None
+        out[c.key] = c
+    return out
 
 
 def from_legacy(row: dict) -> dict:
@@ -80,13 +90,13 @@ def from_legacy(row: dict) -> dict:
     return out
 
 
-def save(path: str | Path, cells: dict[str, dict]) -> None:
+def save(path: str | Path, cells: dict[str, Cell]) -> None:
     """Write all cells at once: a temporary file in the same directory, then a rename, so a
     reader (or a cut) never sees half a file."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    rows = sorted(cells.values(), key=lambda c: order(key_of(c)))
-    body = json.dumps({"format": FORMAT, "cells": rows}, indent=1)
+    rows = sorted(cells.values(), key=lambda c: order(c.key))
+    body = json.dumps({"format": FORMAT, "cells": [c.to_json() for c in rows]}, indent=1)
     fd, tmp = tempfile.mkstemp(prefix=".cells-", dir=p.parent)
     try:
         with os.fdopen(fd, "w") as f:
@@ -99,14 +109,14 @@ def save(path: str | Path, cells: dict[str, dict]) -> None:
         raise
 
 
-def record(path: str | Path, cell: dict) -> None:
+def record(path: str | Path, cell: Cell) -> None:
     """Put one cell into the file (re-read first: the file is the truth, not our memory)."""
     cells = load(path)
-    cells[key_of(cell)] = cell
+    cells[cell.key] = cell
     save(path, cells)
 
 
-def merge(*files: str | Path) -> dict[str, dict]:
+def merge(*files: str | Path) -> dict[str, Cell]:
     """Cells of several files; for a cell in more than one, a finished one beats an unfinished
     one, then the later `finished_at` wins."""
     out: dict[str, dict] = {}
@@ -118,12 +128,12 @@ def merge(*files: str | Path) -> dict[str, dict]:
     return out
 
 
-def finished(cell: dict | None) -> bool:
-    return bool(cell) and cell.get("verdict") in FINISHED
+def finished(cell: Cell | None) -> bool:
+    return cell is not None and cell.finished
 
 
-def _rank(c: dict) -> tuple:
-    return (finished(c), c.get("finished_at") or "")
+def _rank(c: Cell) -> tuple:
+    return (c.finished, c.finished_at or "")
 
 
 def order(key: str) -> tuple:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from scenarios.core.config import CP_LAYOUTS
 from scenarios.store import matrix_cells
+from scenarios.store.cell import Cell, GeneratedResult
 from scenarios.store.doc_tables import write_block
 
 LAYOUTS = CP_LAYOUTS
@@ -27,23 +28,23 @@ LAYOUTS = CP_LAYOUTS
 TABLE = "release-matrix"
 
 
-def _corpus(c: dict) -> str:
-    cp = c.get("corpus") or {}
-    if not cp.get("n"):
+def _corpus(c: Cell) -> str:
+    cp = c.corpus
+    if cp is None or not cp.n:
         return ""
-    parts = [f"corpus {cp.get('diverge', 0)}/{cp['n']} diverge" if cp.get("diverge")
-             else f"corpus {cp['n'] - cp.get('flaky', 0) - cp.get('error', 0)}/{cp['n']} agree"]
-    div = [f for f in cp.get("files", []) if f.get("verdict") == "diverge"]
+    parts = [f"corpus {cp.diverge}/{cp.n} diverge" if cp.diverge
+             else f"corpus {cp.agreed}/{cp.n} agree"]
+    div = cp.divergent
     if div:
-        invs = sorted({str(f.get("invariant")) for f in div})
-        reps = sorted({str(f.get("reproduced")) for f in div})
+        invs = sorted({str(f.invariant) for f in div})
+        reps = sorted({str(f.reproduced) for f in div})
         parts[0] += (f" ([{', '.join(invs)}], replay "
                      + (f"{reps[0]} each" if len(reps) == 1 and len(div) > 1 else
-                        ", ".join(str(f.get("reproduced")) for f in div)) + ")")
-    if cp.get("flaky"):
-        parts.append(f"{cp['flaky']} corpus run(s) diverged once, agreed on every replay")
-    if cp.get("error"):
-        parts.append(f"{cp['error']} corpus run(s) not judged (pool error)")
+                        ", ".join(str(f.reproduced) for f in div)) + ")")
+    if cp.flaky:
+        parts.append(f"{cp.flaky} corpus run(s) diverged once, agreed on every replay")
+    if cp.error:
+        parts.append(f"{cp.error} corpus run(s) not judged (pool error)")
     return ", ".join(parts)
 
 
@@ -54,41 +55,39 @@ def _invariant(summary: str) -> str:
     return ""
 
 
-def cell_text(c: dict | None) -> str:
+def cell_text(c: Cell | None) -> str:
     if c is None:
         return "not run"
-    verdict = c.get("verdict")
-    if verdict == "running":
-        return f"not finished (cut; started {c.get('started_at', '?')})"
-    if verdict == "cannot":
+    if c.verdict == "running":
+        return f"not finished (cut; started {c.started_at or '?'})"
+    if c.verdict == "cannot":
         return "cannot run here (125)"
-    if verdict == "error" and "error" in c:
-        return f"error: {c['error'][:100]}"
-    gen = c.get("generated") or {}
+    if c.verdict == "error" and c.error is not None:
+        return f"error: {c.error[:100]}"
+    gen = c.generated or GeneratedResult()
     corpus = _corpus(c)
     bits: list[str] = []
-    if gen.get("first_s") is not None or gen.get("reproduced"):
-        k = gen.get("reproduced") or ""
-        if k.startswith("0/"):
-            seen = _invariant(gen.get("shrunk_seen") or gen.get("first_seen") or "")
-            when = f" ({gen['first_s']} s)" if gen.get("first_s") is not None else ""
+    if gen.found:
+        k = gen.reproduced
+        if k is not None and not k.recurred:
+            seen = _invariant(gen.shrunk_seen or gen.first_seen or "")
+            when = f" ({gen.first_s} s)" if gen.first_s is not None else ""
             bits.append(f"generated{seen}: diverged once{when}, {k} on replay")
         else:
-            bits.append(f"[{gen.get('invariant')}], {gen.get('first_s')} s, "
-                        f"{gen.get('shrunk_ops')} ops, "
+            bits.append(f"[{gen.invariant}], {gen.first_s} s, {gen.shrunk_ops} ops, "
                         + (f"replay {k}" if k else "not replay-confirmed (first matrix code)"))
     else:
-        bits.append(f"{gen.get('examples', 0)} generated agree")
-    if gen.get("infra_errors"):
-        bits.append(f"{len(gen['infra_errors'])} generated run(s) not judged (pool error)")
+        bits.append(f"{gen.examples} generated agree")
+    if gen.infra_errors:
+        bits.append(f"{len(gen.infra_errors)} generated run(s) not judged (pool error)")
     if corpus:
         bits.append(corpus)
-    return f"{verdict}: " + ", ".join(bits) if verdict != "agree" else \
+    return f"{c.verdict}: " + ", ".join(bits) if c.verdict != "agree" else \
         "agree (" + ", ".join(bits) + ")"
 
 
-def render(cells: dict[str, dict], releases: list[str] | None = None) -> str:
-    rel = releases or sorted({c["release"] for c in cells.values()},
+def render(cells: dict[str, Cell], releases: list[str] | None = None) -> str:
+    rel = releases or sorted({c.release for c in cells.values()},
                              key=matrix_cells.release_sort_key)
     lines = ["| release | DP attention | " + " | ".join(LAYOUTS) + " |",
              "|---|---|" + "---|" * len(LAYOUTS)]
@@ -99,38 +98,42 @@ def render(cells: dict[str, dict], releases: list[str] | None = None) -> str:
     return "\n".join(lines)
 
 
-def details(cells: dict[str, dict]) -> str:
+def details(cells: dict[str, Cell]) -> str:
     """Per cell: when, how long, the load, the command and the replay file."""
     lines = ["| cell | finished | s | load (start, end) | generated | replay | command |",
              "|---|---|---|---|---|---|---|"]
     for k in sorted(cells, key=matrix_cells.order):
         c = cells[k]
-        gen = c.get("generated") or {}
-        load = f"{(c.get('loadavg_start') or ['?'])[0]}, {(c.get('loadavg_end') or ['?'])[0]}"
-        replay = (gen.get("replay") or "").rsplit("/", 1)[-1]
-        lines.append(f"| {k} | {c.get('finished_at', '')} | {c.get('seconds', '')} | {load} | "
-                     f"{gen.get('examples', '')} (seed {gen.get('seed', '')}) | {replay} | "
-                     f"`{c.get('command', '')}` |")
+        gen = c.generated or GeneratedResult()
+        load = f"{(c.loadavg_start or ['?'])[0]}, {(c.loadavg_end or ['?'])[0]}"
+        replay = (gen.replay or "").rsplit("/", 1)[-1]
+        lines.append(f"| {k} | {c.finished_at or ''} | {_or_blank(c.seconds)} | {load} | "
+                     f"{gen.examples if c.generated else ''} (seed {_or_blank(gen.seed)}) | "
+                     f"{replay} | `{c.command or ''}` |")
     return "\n".join(lines)
 
 
-def divergences(cells: dict[str, dict]) -> str:
+def _or_blank(x: object) -> str:
+    return "" if x is None else str(x)
+
+
+def divergences(cells: dict[str, Cell]) -> str:
     """Every divergence behind the table: cell, where it came from (a corpus file or the
     generated hunt's replay file), invariant, replays that reproduced it, the verdict."""
     lines = ["| cell | source | invariant | reproduced | verdict |", "|---|---|---|---|---|"]
     for k in sorted(cells, key=matrix_cells.order):
         c = cells[k]
-        for f in (c.get("corpus") or {}).get("files", []):
-            if f.get("verdict") in ("diverge", "flaky"):
-                lines.append(f"| {k} | corpus {f['file']} | {f.get('invariant')} | "
-                             f"{f.get('reproduced')} | {_cell_md(f.get('message', ''))} |")
-        gen = c.get("generated") or {}
-        if gen.get("first_s") is not None:
-            seen = gen.get("shrunk_seen") or gen.get("first_seen") or gen.get("message", "")
-            lines.append(f"| {k} | generated {(gen.get('replay') or '').rsplit('/', 1)[-1]} | "
-                         f"{gen.get('invariant') or _invariant(seen).strip(' []') or '-'} | "
-                         f"{gen.get('reproduced')} | {_cell_md(seen)} |")
-        for path in gen.get("infra_replays", []):
+        for f in (c.corpus.files if c.corpus else []):
+            if f.verdict in ("diverge", "flaky"):
+                lines.append(f"| {k} | corpus {f.file} | {f.invariant} | "
+                             f"{f.reproduced} | {_cell_md(f.message or '')} |")
+        gen = c.generated or GeneratedResult()
+        if gen.first_s is not None:
+            seen = gen.shrunk_seen or gen.first_seen or gen.message or ""
+            lines.append(f"| {k} | generated {(gen.replay or '').rsplit('/', 1)[-1]} | "
+                         f"{gen.invariant or _invariant(seen).strip(' []') or '-'} | "
+                         f"{gen.reproduced} | {_cell_md(seen)} |")
+        for path in gen.infra_replays:
             lines.append(f"| {k} | not judged {path.rsplit('/', 1)[-1]} | - | - | pool error |")
     return "\n".join(lines)
 
