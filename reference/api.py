@@ -24,7 +24,18 @@ from reference.hashing import (
 )
 from reference.hiradix_cache import AgreementTimeout, CacheConfig, HiRadixCache, RankInfo
 from reference.memory_pool import KVShape
-from reference.observer import NULL_OBSERVER, Decision, Observer, StorageAccess
+from reference.observer import (
+    NULL_OBSERVER,
+    AckEffect,
+    Decision,
+    DrainEffect,
+    Effect,
+    HitsEffect,
+    Observer,
+    ProgressSeen,
+    StorageAccess,
+    effect_of,
+)
 from reference.pacing import FREE_RUNNING, FreeRunning, Pacer
 from reference.profiles import (
     DEFAULT_PROFILE,
@@ -54,7 +65,8 @@ STORAGE_BACKENDS = ("memory", "file", "mooncake")
 
 __all__ = [
     "AgreementTimeout", "CacheConfig", "Collectives", "DEFAULT_PROFILE", "DP_ATTENTION_CHOICES",
-    "Decision", "FREE_RUNNING", "FileStorage", "FreeRunning", "HiCacheError", "HiCacheStorage",
+    "AckEffect", "Decision", "DrainEffect", "Effect", "FREE_RUNNING", "HitsEffect",
+    "ProgressSeen", "effect_of", "FileStorage", "FreeRunning", "HiCacheError", "HiCacheStorage",
     "KNOWN", "KVShape", "KeySuffix", "MemoryStorage", "MiniScheduler", "MooncakeConfig",
     "MooncakeStorage", "NULL_OBSERVER", "Observer", "PROFILES", "Pacer", "ParallelGroups",
     "ProtocolProfile", "RankInfo", "RequestOutcome", "STOP_POLICIES", "STORAGE_BACKENDS",

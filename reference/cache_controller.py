@@ -24,7 +24,7 @@ import torch
 
 from reference.hashing import KeySuffix, page_hashes
 from reference.memory_pool import DeviceKVPool, HostKVPool, device_to_host, host_to_device
-from reference.observer import Decision, Observer, StorageAccess
+from reference.observer import Decision, Effect, HitsEffect, Observer, StorageAccess
 from reference.pacing import Pacer
 from reference.profiles import DEFAULT_PROFILE, ProtocolProfile, get_profile
 from reference.storage.base import HiCacheStorage
@@ -277,7 +277,7 @@ class HiCacheController:
             raise HiCacheError("; ".join(self.thread_errors)) from self.thread_exceptions[0]
 
     def decide(self, channel: str, kind: str, rid: str, local: tuple[int, ...],
-               agreed: tuple[int, ...], outcome: str, effect: tuple = ()) -> None:
+               agreed: tuple[int, ...], outcome: str, effect: Effect | tuple[()] = ()) -> None:
         self.observer.on_decision(Decision(channel, kind, rid, local, agreed, outcome, effect))
 
     def host_page_parts(self, host_indices: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
@@ -425,7 +425,8 @@ class HiCacheController:
                 self.prefetch_buffer.put(op)
                 outcome = f"fetch {agreed} pages"
             self.decide("prefetch", "prefetch_hits", op.request_id, (local,), (agreed,), outcome,
-                        (int(op.revoked), op.storage_hit_count, len(op.token_ids) // self.page_size))
+                        HitsEffect(int(op.revoked), op.storage_hit_count,
+                                   len(op.token_ids) // self.page_size))
             op.query_done.set()
             self.pacer.after("prefetch_query", op.seq)
 

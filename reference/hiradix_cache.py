@@ -23,7 +23,7 @@ from reference.cache_controller import (
 )
 from reference.hashing import KeySuffix, storage_tp_rank
 from reference.memory_pool import DeviceKVPool, HostKVPool, KVShape
-from reference.observer import NULL_OBSERVER, Observer
+from reference.observer import NULL_OBSERVER, AckEffect, DrainEffect, Effect, Observer, ProgressSeen
 from reference.pacing import FREE_RUNNING, Pacer
 from reference.profiles import DEFAULT_PROFILE
 from reference.radix_tree import MatchResult, RadixTree, TreeNode
@@ -142,7 +142,7 @@ class HiRadixCache:
         self._backup_acks_taken = 0
 
     def _decide(self, kind: str, rid: str, local: tuple[int, ...], agreed: tuple[int, ...],
-                outcome: str, effect: tuple = ()) -> None:
+                outcome: str, effect: Effect | tuple[()] = ()) -> None:
         self.cache_controller.decide("scheduler", kind, rid, local, agreed, outcome, effect)
         self.observer.on_tree_changed("scheduler", self.tree.digest)
 
@@ -169,7 +169,7 @@ class HiRadixCache:
         self._decide("writing_check", "", (finish_count,), (agreed,), f"ack {agreed} writes",
                      effect)
 
-    def _ack_writes(self, n: int) -> tuple[int, int]:
+    def _ack_writes(self, n: int) -> AckEffect:
         """Pop n write acks; returns (popped, queued before) for the observer."""
         cc = self.cache_controller
         queued = len(cc.ack_write_queue)
@@ -181,7 +181,7 @@ class HiRadixCache:
                 self.tree.dec_lock_ref(node)
                 if self.enable_storage:
                     self.write_backup_storage(node)
-        return queued - len(cc.ack_write_queue), queued
+        return AckEffect(queued - len(cc.ack_write_queue), queued)
 
     def _synchronize(self, ack, stream: str) -> None:  # noqa: ANN001
         """SGLang's `finish_event.synchronize()` after popping an agreed ack: the agreed count
@@ -207,7 +207,7 @@ class HiRadixCache:
             for node_id in ack.node_ids:
                 self.tree.dec_lock_ref(self.ongoing_load_back.pop(node_id))
         self._decide("loading_check", "", (finish_count,), (agreed,), f"ack {agreed} loads",
-                     (queued - len(cc.ack_load_queue), queued))
+                     AckEffect(queued - len(cc.ack_load_queue), queued))
 
     def drain_storage_control_queues(self) -> None:
         cc = self.cache_controller
@@ -234,7 +234,7 @@ class HiRadixCache:
             popped[2] += 1
         self._decide("drain", "", local, agreed,
                      f"revoke {agreed[0]}, backup acks {agreed[1]}, release {agreed[2]}",
-                     tuple(popped))
+                     DrainEffect(*popped))
 
     def _take(self, q: queue.Queue, what: str, stream: str = "", seq: int = 0):  # noqa: ANN202
         """One queued item; blocks, as SGLang's `get()` does, when the agreed count is above
@@ -266,15 +266,16 @@ class HiRadixCache:
         io_done = queried and (op.revoked or all_seen or
                                completed == op.storage_hit_count * self.page_size)
         # what this rank's IO had done when it decided: for an oracle, whatever the policy
-        seen = (int(queried), int(op.revoked), int(all_seen), completed,
-                op.storage_hit_count * self.page_size, self.pacer.now() - op.start_time)
+        seen = ProgressSeen(int(queried), int(op.revoked), int(all_seen), completed,
+                            op.storage_hit_count * self.page_size,
+                            self.pacer.now() - op.start_time)
         if policy == "best_effort":  # every rank may stop: no collective
             self._decide("can_terminate", op.request_id, (0, 0), (0, 0), "terminate", seen)
             return True
         if policy == "wait_complete":
             can = io_done
         else:
-            can = io_done or seen[5] > self.cfg.prefetch_timeout_s
+            can = io_done or seen.elapsed > self.cfg.prefetch_timeout_s
         local = (1 - int(can), int(terminated))
         agreed = self.cache_controller.control_sync.reduce(local, "max")
         decision = agreed[0] == 0 or agreed[1] == 1

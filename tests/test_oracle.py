@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from reference.api import AckEffect, DrainEffect
 from scenarios.core.layout import Layout
 from scenarios.core.records import Decision, RankResult
 from scenarios.core.schedule import Schedule
@@ -160,7 +161,7 @@ def test_a_planted_bug_is_reported_by_the_oracle_under_torchrun(torchrun_executo
 def _logs(kind: str, rows: dict[int, tuple[list[int], list[int], str]]) -> list[RankResult]:
     return [RankResult(rank=r, decisions={"scheduler": (Decision.of((kind, "", local, agreed,
                                                                       outcome)),)},
-                       effects={"scheduler": ((agreed[0], agreed[0]),)})
+                       effects={"scheduler": (AckEffect(agreed[0], agreed[0]),)})
             for r, (local, agreed, outcome) in rows.items()]
 
 
@@ -188,7 +189,9 @@ def _pp_logs(kind: str, locals_: dict[int, list[int]],
     return [RankResult(rank=r,
                        decisions={"scheduler": (Decision.of((kind, "", locals_[r], agreed[r],
                                                              "x")),)},
-                       effects={"scheduler": (tuple(agreed[r]),)}) for r in locals_]
+                       effects={"scheduler": (DrainEffect(*agreed[r]) if kind == "drain" else
+                                              AckEffect(agreed[r][0], agreed[r][0]),)})
+            for r in locals_]
 
 
 def test_0_5_13_forwards_stage_0_only_for_the_ack_checks() -> None:

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from reference.api import Decision, Observer, StorageAccess, TorchCollectives
+from reference.api import Decision, Effect, Observer, StorageAccess, TorchCollectives
 from scenarios.core import records
 from scenarios.core.errors import CollectiveError
 
@@ -31,7 +31,7 @@ class Recorder(Observer):
         self.digests: list[str] = []
         self.storage: list[StorageAccess] = []
         #: per channel, parallel to `decisions`: what the rank did with each agreed value
-        self.effects: dict[str, list[tuple]] = defaultdict(list)
+        self.effects: dict[str, list[Effect | tuple[()]]] = defaultdict(list)
         #: (kind, rid, values) of actions taken outside a decision (see scenarios/judge/oracle.py)
         self.actions: list[tuple] = []
         self._lock = threading.Lock()
@@ -39,7 +39,7 @@ class Recorder(Observer):
     def on_decision(self, d: Decision) -> None:
         with self._lock:
             self.decisions[d.channel].append((d.kind, d.rid, d.local, d.agreed, d.outcome))
-            self.effects[d.channel].append(tuple(d.effect))
+            self.effects[d.channel].append(d.effect)
 
     def on_tree_changed(self, channel: str, digest_fn) -> None:  # noqa: ANN001
         self.digests.append(digest_fn())
@@ -59,7 +59,7 @@ class Recorder(Observer):
     def decision_records(self) -> dict[str, tuple[records.Decision, ...]]:
         return {ch: tuple(map(records.Decision.of, v)) for ch, v in self.decisions.items()}
 
-    def effect_records(self) -> dict[str, tuple[tuple, ...]]:
+    def effect_records(self) -> dict[str, tuple[Effect | tuple[()], ...]]:
         return {ch: tuple(v) for ch, v in self.effects.items()}
 
     def action_records(self) -> tuple[records.Action, ...]:

@@ -19,7 +19,7 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
-from reference.api import AgreementTimeout
+from reference.api import AgreementTimeout, Effect, effect_of
 from scenarios.core.errors import ErrorKind
 
 Values = tuple[int | None, ...]  # None: a value this SUT does not expose (SGLang)
@@ -193,8 +193,9 @@ class RankResult:
     coords: tuple[int, int, int] = (0, 0, 0)  # (tp, cp, pp)
     #: per channel; every rank of a channel must log the same decided() sequence
     decisions: dict[str, tuple[Decision, ...]] = field(default_factory=dict)
-    #: per channel, parallel to `decisions`: what this rank did with each agreed value
-    effects: dict[str, tuple[tuple, ...]] = field(default_factory=dict)
+    #: per channel, parallel to `decisions`: what this rank did with each agreed value (a typed
+    #: effect of the reference's observer seam; () where a decision or a SUT has none)
+    effects: dict[str, tuple[Effect | tuple[()], ...]] = field(default_factory=dict)
     actions: tuple[Action, ...] = ()
     evictions: tuple[Eviction, ...] = ()
     digests: tuple[str, ...] = ()  # radix-tree digest after every scheduler decision
@@ -254,12 +255,19 @@ class RankResult:
                 else CollectiveCall(str(c))
 
         rec = d.get("recorded")
+        decisions = {ch: tuple(Decision.of((x["kind"], x["rid"], x["local"], x["agreed"],
+                                            x["outcome"]) if isinstance(x, dict) else x)
+                               for x in v) for ch, v in d.get("decisions", {}).items()}
+
+        def effects(ch: str, v: list) -> tuple[Effect | tuple[()], ...]:
+            kinds = [x.kind for x in decisions.get(ch, ())]
+            return tuple(effect_of(kinds[i] if i < len(kinds) else "", e)
+                         for i, e in enumerate(v))
+
         return cls(
             rank=int(d["rank"]), coords=tuple(d.get("coords", (0, 0, 0))),  # type: ignore[arg-type]
-            decisions={ch: tuple(Decision.of((x["kind"], x["rid"], x["local"], x["agreed"],
-                                              x["outcome"]) if isinstance(x, dict) else x)
-                                 for x in v) for ch, v in d.get("decisions", {}).items()},
-            effects={ch: tuple(tuple(e) for e in v) for ch, v in d.get("effects", {}).items()},
+            decisions=decisions,
+            effects={ch: effects(ch, v) for ch, v in d.get("effects", {}).items()},
             actions=tuple(Action(a["kind"], a["rid"], tuple(a["values"])) if isinstance(a, dict)
                           else Action(a[0], a[1], tuple(a[2])) for a in d.get("actions", ())),
             evictions=tuple(Eviction(**e) if isinstance(e, dict) else Eviction(e[0], bool(e[1]))

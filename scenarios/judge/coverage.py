@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from typing import Any
 
+from reference.api import AckEffect, HitsEffect, ProgressSeen
 from scenarios.core.records import RankResult
 
 PREFETCH_CLASSES = ("revoked", "aborted", "complete", "partial", "terminated", "storage_error")
@@ -46,6 +47,7 @@ def prefetch_classes(s: Any, results: list[RankResult]) -> dict[str, str]:
     aborted = {o.rid for o in s.ops if o.kind == "abort"}
     out: dict[str, str] = {}
     for rid, (outcome, agreed, eff) in hits.items():
+        requested = eff.requested_pages if isinstance(eff, HitsEffect) else None
         if outcome == "revoke":
             out[rid] = "revoked"
             continue
@@ -55,7 +57,7 @@ def prefetch_classes(s: Any, results: list[RankResult]) -> dict[str, str]:
         if rid not in term_at and rid in aborted:
             out[rid] = "aborted"  # stopped by the abort, not by a can_terminate
         elif done[rid] >= hit_tokens:
-            whole = len(eff) >= 3 and int(agreed[0]) >= int(eff[2])
+            whole = requested is not None and int(agreed[0]) >= requested
             out[rid] = "complete" if whole else "partial"
         elif rid not in term_at or _io_outstanding(results, term_at[rid]):
             out[rid] = "terminated"
@@ -68,10 +70,8 @@ def _io_outstanding(results: list[RankResult], index: int) -> bool:
     """At scheduler decision #index (a can_terminate), did any rank still have IO running?"""
     for r in results:
         effs = r.effects.get("scheduler", ())
-        if index >= len(effs) or len(effs[index]) < 6:
-            continue
-        queried, revoked, io_done, completed, hit_tokens = effs[index][:5]
-        if not queried or (not revoked and not io_done and completed < hit_tokens):
+        seen = effs[index] if index < len(effs) else ()
+        if isinstance(seen, ProgressSeen) and seen.outstanding:
             return True
     return False
 
@@ -94,8 +94,8 @@ def count(s: Any, results: list[RankResult], faults: dict[str, int] | None = Non
     effs = base.effects.get("scheduler", ())
     for i, e in enumerate(sched):
         eff = effs[i] if i < len(effs) else ()
-        if e.kind in ("writing_check", "loading_check") and len(eff) >= 2:
-            c = _ack_class(int(eff[0]), int(eff[1]))
+        if isinstance(eff, AckEffect):
+            c = _ack_class(eff.popped, eff.queued)
             if c:
                 cov["write_acks" if e.kind == "writing_check" else "load_acks"][c] += 1
         elif e.kind == "drain" and e.agreed:

@@ -48,6 +48,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+from reference.api import AckEffect, DrainEffect, Effect, HitsEffect, ProgressSeen
 from scenarios.core.layout import Layout
 from scenarios.core.records import Decision, RankResult
 
@@ -180,7 +181,8 @@ class Oracle:
         if len(self.out) < MAX_VIOLATIONS:
             self.out.append((rule, f"rule '{rule}': {msg}"))
 
-    def _entries(self, rank: int, ch: str) -> tuple[tuple[Decision, ...], tuple[tuple, ...]]:
+    def _entries(self, rank: int, ch: str
+                 ) -> tuple[tuple[Decision, ...], tuple[Effect | tuple[()], ...]]:
         res = self.results.get(rank)
         if res is None:
             return (), ()
@@ -209,11 +211,12 @@ class Oracle:
                     if len(kinds) != 1:
                         break  # the logs themselves diverge here: the cross-rank checks say so
                     kind, rid = next(iter(kinds))
-                    effs = {r: (rows[r][1][i] if i < len(rows[r][1]) else []) for r in comp}
+                    effs = {r: (rows[r][1][i] if i < len(rows[r][1]) else ()) for r in comp}
                     self._one(ch, i, kind, rid, ents, effs, comp, finals)
 
     def _one(self, ch: str, i: int, kind: str, rid: str, ents: dict[int, Decision],
-             effs: dict[int, list], comp: tuple[int, ...], finals: dict[int, dict]) -> None:
+             effs: dict[int, Effect | tuple[()]], comp: tuple[int, ...],
+             finals: dict[int, dict]) -> None:
         where = f"channel '{ch}' decision #{i} {kind}" + (f"({rid})" if rid else "")
         if any(v is None for e in ents.values() for v in (*e.local, *e.agreed)):
             return  # a value this SUT does not expose (SGLang): nothing to judge here
@@ -248,24 +251,24 @@ class Oracle:
 
     def _consequences(self, where: str, kind: str, r: int, ents: dict, effs: dict,
                       locals_: dict, agreed: dict, comp: tuple[int, ...]) -> None:
-        eff = effs.get(r) or []
+        eff = effs.get(r) or ()
         ag = agreed[r]
         outcome = str(ents[r].outcome)
-        if kind in ("writing_check", "loading_check", "drain") and eff:
-            popped = [int(x) for x in eff[:len(ag)]]  # ack checks add the queue length after
+        if isinstance(eff, AckEffect | DrainEffect):
+            popped = list(eff.popped_per_value)
             if popped != ag:
                 self.fail("acks", f"{where} on rank {r}: agreed {ag}, so pop exactly that many; "
                           f"locals {locals_}, expected {ag} popped, actual {popped}")
-        elif kind == "prefetch_hits" and ag:
+        elif isinstance(eff, HitsEffect) and ag:
             thr = max(self.s.cache.prefetch_threshold, self.page)
-            revoked = bool(eff[0]) if eff else outcome == "revoke"
+            revoked = bool(eff.revoked)
             expect = ag[0] * self.page < thr
             if revoked != expect:
                 self.fail("revoke", f"{where} on rank {r}: agreed {ag[0]} pages x {self.page} vs "
                           f"threshold {thr} tokens; locals {locals_}, expected "
                           f"{'revoke' if expect else 'fetch'}, actual {outcome}")
             elif not revoked:
-                pages = int(eff[1]) if len(eff) > 1 else _first_int(outcome)
+                pages = eff.hit_pages
                 if pages != ag[0]:
                     self.fail("revoke", f"{where} on rank {r}: locals {locals_}, expected fetch "
                               f"of {ag[0]} agreed pages, actual {pages}")
@@ -273,7 +276,7 @@ class Oracle:
             self._termination(where, r, ag, outcome, locals_, effs, comp)
 
     def _termination(self, where: str, r: int, ag: list[int], outcome: str, locals_: dict,
-                     effs: dict, comp: tuple[int, ...]) -> None:
+                     effs: dict[int, Effect | tuple[()]], comp: tuple[int, ...]) -> None:
         decided = outcome == "terminate"
         if decided != (ag[0] == 0 or ag[1] == 1):
             self.fail("terminate", f"{where} on rank {r}: agreed [1-can, terminated]={ag}, "
@@ -287,22 +290,18 @@ class Oracle:
         if not decided or r != min(comp) or any(locals_[m][1] for m in comp):
             return  # one report per agreement; a terminated (revoked) member may stop everyone
         for m in comp:
-            e = effs.get(m) or []
-            if len(e) < 6:
-                continue
-            queried, revoked, io_done, completed, hit_tokens, elapsed = e[:6]
-            outstanding = not queried or (not revoked and not io_done and completed < hit_tokens)
-            if not outstanding:
+            e = effs.get(m)
+            if not isinstance(e, ProgressSeen) or not e.outstanding:
                 continue
             if self.policy == "wait_complete":
                 self.fail("wait_complete", f"{where}: terminated while rank {m} had IO "
-                          f"outstanding (queried={bool(queried)}, {completed} of {hit_tokens} "
-                          f"tokens, final ack sent={bool(io_done)}); locals {locals_}, expected "
-                          f"wait, actual {outcome}")
-            elif self.policy == "timeout" and float(elapsed) <= self.timeout_s:
+                          f"outstanding (queried={bool(e.queried)}, {e.completed} of "
+                          f"{e.hit_tokens} tokens, final ack sent={bool(e.io_done)}); locals "
+                          f"{locals_}, expected wait, actual {outcome}")
+            elif self.policy == "timeout" and float(e.elapsed) <= self.timeout_s:
                 self.fail("timeout", f"{where}: terminated while rank {m} had IO outstanding "
-                          f"({completed} of {hit_tokens} tokens) {float(elapsed):g} into a "
-                          f"{self.timeout_s:g} deadline; locals {locals_}, expected wait, "
+                          f"({e.completed} of {e.hit_tokens} tokens) {float(e.elapsed):g} into "
+                          f"a {self.timeout_s:g} deadline; locals {locals_}, expected wait, "
                           f"actual {outcome}")
 
     def check_forwarded_acks(self) -> None:
@@ -373,11 +372,6 @@ class Oracle:
         self.check_inserts()
         self.check_stops()
         return self.out
-
-
-def _first_int(text: str) -> int:
-    m = re.search(r"\d+", text)
-    return int(m.group()) if m else -1
 
 
 def check_oracle(s: Any, results: list[RankResult]) -> list[tuple[str, str]]:
