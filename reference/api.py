@@ -25,6 +25,7 @@ from reference.hashing import (
 from reference.hiradix_cache import AgreementTimeout, CacheConfig, HiRadixCache, RankInfo
 from reference.memory_pool import KVShape
 from reference.observer import (
+    EFFECT_OF_KIND,
     NULL_OBSERVER,
     AckEffect,
     Decision,
@@ -65,7 +66,7 @@ STORAGE_BACKENDS = ("memory", "file", "mooncake")
 
 __all__ = [
     "AgreementTimeout", "CacheConfig", "Collectives", "DEFAULT_PROFILE", "DP_ATTENTION_CHOICES",
-    "AckEffect", "Decision", "DrainEffect", "Effect", "FREE_RUNNING", "HitsEffect",
+    "AckEffect", "Decision", "DrainEffect", "EFFECT_OF_KIND", "Effect", "FREE_RUNNING", "HitsEffect",
     "ProgressSeen", "effect_of", "FileStorage", "FreeRunning", "HiCacheError", "HiCacheStorage",
     "KNOWN", "KVShape", "KeySuffix", "MemoryStorage", "MiniScheduler", "MooncakeConfig",
     "MooncakeStorage", "NULL_OBSERVER", "Observer", "PROFILES", "Pacer", "ParallelGroups",

@@ -144,6 +144,12 @@ def test_results_pickle_and_json_round_trip(inprocess_executor) -> None:
     assert again == results
     from_disk = [RankResult.from_json(json.loads(json.dumps(r.to_json()))) for r in results]
     assert from_disk == results
+    # effects come back typed (the oracle reads their fields), by their decision's kind
+    from reference.api import EFFECT_OF_KIND
+
+    typed = [(d.kind, e) for r in from_disk for ch, v in r.decisions.items()
+             for d, e in zip(v, r.effects.get(ch, ()), strict=False) if d.kind in EFFECT_OF_KIND]
+    assert typed and all(type(e) is EFFECT_OF_KIND[k] for k, e in typed if e)
     assert check(s, from_disk).to_dict() == check(s, results).to_dict()
 
 
