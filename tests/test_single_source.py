@@ -176,3 +176,40 @@ def test_exceptions_live_in_the_errors_module_only() -> None:
         cls = getattr(errors, name)
         if isinstance(cls, type) and issubclass(cls, errors.CpcheckError):
             assert cls.exit_code in (ExitCode.USAGE, ExitCode.UNKNOWN), name
+
+
+def _timeout_multiples(source: str, where: str) -> list[str]:
+    """`timeout * <number>` / `<number> * timeout` / `timeout + <number>` arithmetic: a wait
+    derived from --timeout outside scenarios/core/timeouts.py."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Mult | ast.Add):
+            sides = (node.left, node.right)
+            named = [s for s in sides if "timeout" in ast.unparse(s).lower()]
+            number = [s for s in sides if isinstance(s, ast.Constant)
+                      and isinstance(s.value, int | float)]
+            if named and number:
+                found.append(f"{where}:{node.lineno}: {ast.unparse(node)}")
+    return found
+
+
+def test_waits_derive_from_one_timeout_in_one_place() -> None:
+    """Every wait of a run is a multiple of --timeout spelt in scenarios/core/timeouts.py only,
+    and every --timeout defaults to one of its constants."""
+    from scenarios.core import timeouts
+
+    found = [hit for path in sorted((REPO / "scenarios").rglob("*.py"))
+             if path.name != "timeouts.py"
+             for hit in _timeout_multiples(path.read_text(), str(path.relative_to(REPO)))]
+    assert found == []
+    assert _timeout_multiples("deadline = time.monotonic() + timeout_s * 6 + 60\n", "p.py")
+    defaults = {a.default for sub in _subparsers(build_parser()) for a in sub._actions
+                if "--timeout" in a.option_strings}
+    assert defaults <= {timeouts.DEFAULT_AGREEMENT_S, timeouts.SGLANG_AGREEMENT_S}, defaults
+    t = timeouts.Timeouts(7.0)  # the order the module promises: each fires before the next
+    assert t.agreement_s < t.collective_s < t.run_s < t.sglang_setup_s
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return list(subs.choices.values())

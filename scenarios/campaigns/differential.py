@@ -17,6 +17,7 @@ from typing import Any
 from reference.api import DP_ATTENTION_CHOICES
 from scenarios.core.contract import ExitCode
 from scenarios.core.releases import profile_for
+from scenarios.core.timeouts import SGLANG_AGREEMENT_S
 
 #: SGLang's prefetch IO batch, in pages: 128 in every release driven, not a setting (0.5.11
 #: `HiCacheController.storage_batch_size = 128`; 0.5.13+ `hicache_storage.STORAGE_BATCH_SIZE`).
@@ -111,4 +112,5 @@ def add_diff_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layout")
     p.add_argument("--dp-attention", choices=DP_ATTENTION_CHOICES, default=None,
                    help="default: the scenario's")
-    p.add_argument("--timeout", type=float, default=20.0)
+    p.add_argument("--timeout", type=float, default=SGLANG_AGREEMENT_S,
+                   help="seconds a rank waits at one agreement (every other wait derives from it)")

@@ -24,6 +24,7 @@ from typing import Any
 from scenarios.core.config import CORPUS_DIR, CP_LAYOUTS, REPO_ROOT
 from scenarios.core.contract import ExitCode
 from scenarios.core.errors import CannotJudge
+from scenarios.core.timeouts import SGLANG_AGREEMENT_S
 from scenarios.store import matrix_cells
 from scenarios.store.cell import Cell, CorpusFile, CorpusResult, GeneratedResult, Replays
 from scenarios.sut.sglang import envs
@@ -38,7 +39,8 @@ def add_matrix_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dp-attention", choices=["on", "off", "both"], default="both")
     p.add_argument("--examples", type=int, default=30, help="generated schedules per cell")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--timeout", type=float, default=20.0)
+    p.add_argument("--timeout", type=float, default=SGLANG_AGREEMENT_S,
+                   help="seconds a rank waits at one agreement (every other wait derives from it)")
     p.add_argument("--shrink-s", type=float, default=90.0, help="shrinking budget per cell")
     p.add_argument("--replays", type=int, default=3,
                    help="replays of each divergence (generated or corpus) to confirm it (k/n)")

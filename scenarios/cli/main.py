@@ -41,6 +41,7 @@ from scenarios.core.config import CP_LAYOUTS, EXPLORE_LAYOUTS
 from scenarios.core.contract import ExitCode, Interrupted, classify, epilog, stop_requested
 from scenarios.core.errors import CannotJudge, UsageError
 from scenarios.core.suts import REFERENCE, sglang_version
+from scenarios.core.timeouts import DEFAULT_AGREEMENT_S
 from scenarios.nemesis.mooncake_session import mooncake_for
 from scenarios.runner.worker import DEVICES
 from scenarios.sut.reference_executor import MODES
@@ -56,8 +57,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="storage backend (default: the scenario's)")
     p.add_argument("--mooncake-master", metavar="HOST:PORT", default="", type=master_address,
                    help="use this Mooncake master instead of starting one (Mooncake backend)")
-    p.add_argument("--timeout", type=positive_float, default=10.0,
-                   help="seconds any rank may wait on a peer before the run fails")
+    p.add_argument("--timeout", type=positive_float, default=DEFAULT_AGREEMENT_S,
+                   help="seconds a rank waits for its peers at one agreement; every other "
+                   "wait of a run (collective, whole run, SGLang set-up) is a multiple of it")
     p.add_argument("--device", choices=DEVICES, default="auto")
     add_output_flags(p)
     add_multihost_flags(p)

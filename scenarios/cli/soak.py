@@ -25,6 +25,7 @@ from scenarios.cli.protocol_args import add_protocol_arguments, protocol_changes
 from scenarios.core.errors import UsageError
 from scenarios.core.soak_config import SoakConfig
 from scenarios.core.suts import sglang_version
+from scenarios.core.timeouts import DEFAULT_AGREEMENT_S
 from scenarios.runner.worker import DEVICES
 from scenarios.sut.reference_executor import MODES
 
@@ -50,8 +51,9 @@ def add_soak_arguments(p: argparse.ArgumentParser) -> None:
                         "replay, logs) and points OUT/latest at it")
     p.add_argument("--mooncake-master", metavar="HOST:PORT", default="", type=master_address,
                    help="use this Mooncake master instead of starting one (--backend mooncake)")
-    p.add_argument("--timeout", type=positive_float, default=10.0,
-                   help="seconds any rank may wait on a peer before the run fails")
+    p.add_argument("--timeout", type=positive_float, default=DEFAULT_AGREEMENT_S,
+                   help="seconds a rank waits for its peers at one agreement; every other "
+                   "wait of a run (collective, whole run, SGLang set-up) is a multiple of it")
     p.add_argument("--device", choices=DEVICES, default="auto")
     p.add_argument("--sut", default="reference",
                    help="reference or sglang==VERSION (a release runs gated under torchrun and "

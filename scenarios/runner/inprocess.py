@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from scenarios.core.errors import CollectiveTimeout, RunAborted
+from scenarios.core.timeouts import DEFAULT_AGREEMENT_S, Timeouts
 
 
 class _Group:
@@ -94,7 +95,7 @@ class _Group:
 class ThreadWorld:
     """Shared by all rank threads of one run."""
 
-    def __init__(self, timeout_s: float = 10.0) -> None:
+    def __init__(self, timeout_s: float = DEFAULT_AGREEMENT_S) -> None:
         self.timeout_s = timeout_s
         self._groups: dict[tuple[tuple[int, ...], str], _Group] = {}
         self._lock = threading.Lock()
@@ -141,7 +142,7 @@ def run_schedule_inprocess(
     gated: bool = True,
     storage_root: str = "",
     mooncake_master: str = "",
-    timeout_s: float = 10.0,
+    timeout_s: float = DEFAULT_AGREEMENT_S,
     run_id: str | None = None,
     nemesis: Any = None,
     device: str = "cpu",
@@ -167,7 +168,7 @@ def run_schedule_inprocess(
     ]
     for t in threads:
         t.start()
-    deadline = time.monotonic() + timeout_s * 6 + 60
+    deadline = time.monotonic() + Timeouts(timeout_s).run_s
     try:
         for t in threads:
             # short joins: a signal the kernel hands to another thread (Mooncake's own) is

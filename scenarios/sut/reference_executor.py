@@ -16,6 +16,7 @@ from typing import Any
 from scenarios.core.contract import stop_requested
 from scenarios.core.schedule import Schedule
 from scenarios.core.suts import REFERENCE
+from scenarios.core.timeouts import DEFAULT_AGREEMENT_S, Timeouts
 from scenarios.core.verdict import Verdict
 from scenarios.judge import checker
 from scenarios.runner.pools import close_pools, drop_pool
@@ -50,7 +51,7 @@ class Executor:
     #: ranks that never finish froze in the reference's own agreement: a finding
     hangs_are_findings = True
 
-    def __init__(self, mode: str = "inprocess", *, timeout_s: float = 10.0,
+    def __init__(self, mode: str = "inprocess", *, timeout_s: float = DEFAULT_AGREEMENT_S,
                  mooncake_master: str = "", device: str = "auto",
                  storage_root: str | None = None, nnodes: int = 1,
                  rdzv_endpoint: str | None = None) -> None:
@@ -108,7 +109,7 @@ class Executor:
         pool = self._pools.pop(layout, None)
         if pool is None or not pool.running:
             pool = RankPool(layout, device=self.device,
-                            collective_timeout_s=self.timeout_s * 3,
+                            collective_timeout_s=Timeouts(self.timeout_s).collective_s,
                             env={"MC_LOG_LEVEL": "ERROR", "OMP_NUM_THREADS": "1"},
                             nnodes=self.nnodes, rdzv_endpoint=self.rdzv_endpoint)
             self._make_room(pool.world_size)
@@ -137,7 +138,7 @@ class Executor:
             payload["nemesis"] = nemesis.arm([r.pid for r in pool.ranks])
         try:
             results = pool.run("scenarios.sut.reference_jobs:run_schedule", payload,
-                               timeout_s=self.timeout_s * 6 + 30)
+                               timeout_s=Timeouts(self.timeout_s).run_s)
         except RankPoolError:
             drop_pool(self._pools, s.layout)
             raise

@@ -17,6 +17,7 @@ from typing import Any
 from scenarios.core import suts
 from scenarios.core.config import REPO_ROOT
 from scenarios.core.errors import CannotJudge, RankJobError, SglangSetupFailed, UsageError
+from scenarios.core.timeouts import SGLANG_AGREEMENT_S, Timeouts
 from scenarios.core.verdict import Verdict
 from scenarios.runner.pools import close_pools, drop_pool
 from scenarios.sut.sglang import envs, mooncake
@@ -42,7 +43,7 @@ class SglangExecutor:
     #: made to time out inside the run, so a hang of the release shows as a rank's error
     hangs_are_findings = False
 
-    def __init__(self, version: str, *, timeout_s: float = 20.0, build: bool = True,
+    def __init__(self, version: str, *, timeout_s: float = SGLANG_AGREEMENT_S, build: bool = True,
                  log: Any = print, mooncake_master: str = "", cache_class: str = "") -> None:
         envs.check_runnable(version)
         self.version = version
@@ -77,7 +78,8 @@ class SglangExecutor:
             pp = os.pathsep.join([str(_REPO), envs.pythonpath(self.version)]
                                  + ([os.environ["PYTHONPATH"]]
                                     if os.environ.get("PYTHONPATH") else []))
-            pool = RankPool(layout, device="cpu", collective_timeout_s=self.timeout_s * 3,
+            pool = RankPool(layout, device="cpu",
+                            collective_timeout_s=Timeouts(self.timeout_s).collective_s,
                             start_timeout_s=240,
                             env={"PYTHONPATH": pp, "OMP_NUM_THREADS": "1",
                                  "TORCH_EXTENSIONS_DIR": envs.torch_extensions_dir(self.version),
@@ -93,7 +95,7 @@ class SglangExecutor:
             warm = Schedule(layout=layout, sut=f"sglang=={self.version}", ops=[Op(kind="step")])
             try:
                 pool.run(JOB, self._payload(warm, dp_attention),
-                         timeout_s=self.timeout_s * 12 + 120)
+                         timeout_s=Timeouts(self.timeout_s).sglang_setup_s)
             except RankJobError as e:  # the harness could not set SGLang up: say why
                 drop_pool(self._pools, key)
                 raise SglangSetupFailed(self.version, e) from e
@@ -127,7 +129,7 @@ class SglangExecutor:
         pool = self.pool(s.layout, dp)
         payload = self._payload(s, dp)
         try:
-            results = pool.run(JOB, payload, timeout_s=self.timeout_s * 6 + 60)
+            results = pool.run(JOB, payload, timeout_s=Timeouts(self.timeout_s).run_s)
         except RankPoolError:
             drop_pool(self._pools, s.layout)
             raise

@@ -32,6 +32,7 @@ from scenarios.core.records import (
     StorageCall,
     error_kind,
 )
+from scenarios.core.timeouts import Timeouts
 from scenarios.sut.sglang import adapters, mooncake, quick_reset, shim
 from scenarios.sut.sglang.blame import harness_origin
 from scenarios.sut.sglang.seams import GatedDevice, IoGates, SglangPacer
@@ -209,7 +210,7 @@ def setup_worker(ctx: Any, version: str, dp_attention: bool, timeout_s: float) -
     for g in (ctx.groups.attn_tp_group, ctx.groups.attn_cp_group, ctx.groups.tp_group,
               ctx.groups.pp_group):
         _HARNESS.add(id(g))
-    _GROUP_TIMEOUT_S[0] = max(1.5 * timeout_s, 30.0)
+    _GROUP_TIMEOUT_S[0] = Timeouts(timeout_s).sglang_group_s
     _install_recorders()
 
     def thread_died(args: Any) -> None:
