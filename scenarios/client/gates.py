@@ -14,21 +14,55 @@ from collections import defaultdict
 from scenarios.core.errors import GateTimeout
 
 
-class GatedPacer:
-    def __init__(self, rank: int, choices: list[int], faults: list[tuple[str, int]],
-                 clock_skew: int = 0, wait_timeout_s: float = 20.0) -> None:
-        self.rank = rank
+class ChoiceStream:
+    """A rank's Schedule choices and planted faults, read in order at its decision points, and
+    its logical clock: what pacing means on every SUT. A choice is how many more units of a
+    stream finish before the decision reads it, modulo what is pending (`target`); past the
+    last choice, or while draining, everything pending finishes."""
+
+    def __init__(self, choices: list[int], faults: list[tuple[str, int]] | list,
+                 clock_skew: int = 0) -> None:
         self._choices = list(choices)
         self._next = 0
         self._faults = {(c, int(s)) for c, s in faults}
         self._skew = clock_skew
         self._ticks = 0
+        self.drain = False
+
+    def _choice(self) -> int | None:
+        """The next choice (one decision point consumes one), None once drained or exhausted."""
+        if self.drain or self._next >= len(self._choices):
+            return None
+        c = self._choices[self._next]
+        self._next += 1
+        return c
+
+    def _tick(self) -> None:
+        self._ticks += 1
+
+    @staticmethod
+    def target(done: int, issued: int, choice: int | None) -> int:
+        """How far a stream may get at this point: `choice` more of what is pending."""
+        pending = max(issued - done, 0)
+        return done + (pending if choice is None else choice % (pending + 1))
+
+    def fail(self, call: str, seq: int) -> bool:
+        return (call, seq) in self._faults
+
+    def now(self) -> float:
+        return float(self._ticks + self._skew)
+
+
+class GatedPacer(ChoiceStream):
+    def __init__(self, rank: int, choices: list[int], faults: list[tuple[str, int]],
+                 clock_skew: int = 0, wait_timeout_s: float = 20.0) -> None:
+        super().__init__(choices, faults, clock_skew)
+        self.rank = rank
         self._timeout = wait_timeout_s
         self._cond = threading.Condition()
         self._opened: dict[str, int] = defaultdict(int)
         self._done: dict[str, int] = defaultdict(int)
         self._released = False
-        self.drain = False
         self.waiting_on: dict[str, str] = {}
         #: what this rank actually chose at each point, for reports
         self.trace: list[tuple[str, str, int, int]] = []
@@ -52,27 +86,12 @@ class GatedPacer:
             self._done[stream] = max(self._done[stream], seq + 1)
             self._cond.notify_all()
 
-    def fail(self, call: str, seq: int) -> bool:
-        return (call, seq) in self._faults
-
-    def now(self) -> float:
-        return float(self._ticks + self._skew)
-
     # -- scheduler side ------------------------------------------------------------------
-    def _choice(self) -> int | None:
-        if self.drain or self._next >= len(self._choices):
-            return None
-        c = self._choices[self._next]
-        self._next += 1
-        return c
-
     def at(self, point: str, stream: str, issued: int) -> int:
-        self._ticks += 1
+        self._tick()
         with self._cond:
             done = self._done[stream]
-        pending = max(issued - done, 0)
-        c = self._choice()
-        target = done + (pending if c is None else c % (pending + 1))
+        target = self.target(done, issued, self._choice())
         self.trace.append((point, stream, issued, target))
         self._open_and_wait(stream, target)
         return target

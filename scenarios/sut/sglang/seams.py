@@ -21,6 +21,7 @@ from collections import defaultdict
 from collections.abc import Iterator
 from typing import Any
 
+from scenarios.client.gates import ChoiceStream
 from scenarios.core.errors import GateTimeout
 
 
@@ -235,49 +236,30 @@ def io_stacks() -> str:
     return "; ".join(out) or "no IO thread alive"
 
 
-class SglangPacer:
+class SglangPacer(ChoiceStream):
     """The Schedule's per-rank choices, read at SGLang's decision points."""
 
     def __init__(self, rank: int, choices: list[int], faults: list, clock_skew: int,
                  dev: GatedDevice, gates: IoGates) -> None:
+        super().__init__(choices, faults, clock_skew)
         self.rank = rank
-        self._choices = list(choices)
-        self._next = 0
-        self._faults = {(c, int(s)) for c, s in faults}
-        self.skew = clock_skew
-        self.ticks = 0
         self.dev = dev
         self.gates = gates
-        self.drain = False
         self.trace: list[tuple[str, str, int]] = []
-
-    def _choice(self) -> int | None:
-        if self.drain or self._next >= len(self._choices):
-            return None
-        c = self._choices[self._next]
-        self._next += 1
-        return c
-
-    def fail(self, call: str, seq: int) -> bool:
-        return (call, seq) in self._faults
-
-    def now(self) -> int:
-        return self.ticks + self.skew
 
     def events(self, point: str, stream: str) -> None:
         """Completion events: how many more of the recorded copies this rank sees finished."""
-        self.ticks += 1
+        self._tick()
         c = self._choice()
         with self.dev.lock:
             done, issued = self.dev.opened[stream], self.dev.recorded[stream]
-            pending = max(issued - done, 0)
-            target = done + (pending if c is None else c % (pending + 1))
+            target = self.target(done, issued, c)
             self.dev.opened[stream] = target
         self.trace.append((point, stream, target))
 
     def io(self, point: str, stream: str) -> None:
         """Storage IO: let up to `choice` more calls of the stream's thread run, one at a time."""
-        self.ticks += 1
+        self._tick()
         c = self._choice()
         n = 0
         while (c is None or n < c) and self.gates.settle(stream):
