@@ -217,24 +217,31 @@ class Schedule(BaseModel):
 
     @classmethod
     def from_json_file(cls, path: str | Path) -> Schedule:
-        try:
-            text = Path(path).read_text()
-        except FileNotFoundError:
-            raise ScheduleError(f"{path}: no such file") from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise ScheduleError(f"{path}: cannot read ({type(e).__name__})") from None
-        if not text.strip():
-            raise ScheduleError(f"{path}: empty file")
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ScheduleError(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from None
+        data = read_json(path, "file")
         if isinstance(data, dict) and "schedule" in data:
             data = data["schedule"]
         return cls.from_dict(data, str(path))
 
     def num_steps(self) -> int:
         return len(self.ops)
+
+
+def read_json(path: str | Path, what: str) -> Any:
+    """A JSON file's data; a missing, unreadable, empty or malformed file is a ScheduleError
+    (exit 2) naming the file and, for bad JSON, the line. `what` names the file in the error
+    ("replay file", "file")."""
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise ScheduleError(f"{path}: no such {what}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ScheduleError(f"{path}: cannot read ({type(e).__name__})") from None
+    if not text.strip():
+        raise ScheduleError(f"{path}: empty file")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ScheduleError(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from None
 
 
 def tokens_for(shared: int, shared_len: int, own: int, own_len: int) -> list[int]:

@@ -25,6 +25,7 @@ from scenarios.core.schedule import (
     NotAtThisCommit,
     Schedule,
     ScheduleError,
+    read_json,
 )
 from scenarios.core.suts import sglang_version
 from scenarios.core.verdict import Verdict
@@ -84,18 +85,7 @@ def write_replay(s: Schedule, verdict: Verdict, out_dir: str | Path, mode: str,
 def read_replay(path: str | Path) -> tuple[Schedule, dict]:
     """(Schedule, the file's data); ScheduleError (exit 2) or CannotJudge (exit 125)."""
     p = Path(path)
-    try:
-        text = p.read_text()
-    except FileNotFoundError:
-        raise ScheduleError(f"{p}: no such replay file") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ScheduleError(f"{p}: cannot read ({type(e).__name__})") from None
-    if not text.strip():
-        raise ScheduleError(f"{p}: empty file")
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ScheduleError(f"{p}: line {e.lineno}: not valid JSON ({e.msg})") from None
+    data = read_json(p, "replay file")
     if not isinstance(data, dict) or "schedule" not in data:
         raise ScheduleError(f"{p}: not a cpcheck replay file (no 'schedule')")
     schema = data.get("schema", 1)
