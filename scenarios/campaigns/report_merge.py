@@ -255,7 +255,8 @@ def check_inputs(dirs: list[str], out: Path) -> list[Path]:
 def write_merged(out: Path, merged: dict, coverage: Coverage) -> None:
     """report.json first (everything, compact: the C encoder is ~10x faster than an indented
     dump at this size), then the soak's plots drawn from the merged data, thinned."""
-    from scenarios.campaigns.merged_plots import plot_faults, plot_host_pool, thin_timeline
+    from scenarios.nemesis.faults import KINDS
+    from scenarios.store.plots_thinned import plot_faults, plot_host_pool, thin_timeline
     from scenarios.store.report import _finite, write_plots
 
     data = {"schema": SOAK_REPORT_SCHEMA, **merged}
@@ -270,7 +271,7 @@ def write_merged(out: Path, merged: dict, coverage: Coverage) -> None:
         plot_host_pool(out / "host_pool.png", merged["host_used"])
         coverage.plot(out / "coverage.png")
         if merged["faults"]:
-            plot_faults(out / "faults.png", merged["fault_events"], merged["seconds"],
-                        merged["faults"])
+            plot_faults(out / "faults.png", merged["fault_events"], merged["seconds"], KINDS,
+                        merged["faults"], merged=True)
     except Exception as e:  # plots are a view of report.json, never worth a verdict
         print(f"cpcheck: warning: plots not written: {type(e).__name__}: {e}", file=sys.stderr)

@@ -587,9 +587,11 @@ class Soak:
         st = self.st
         extra: dict = {"coverage.png": st.coverage.plot}
         if self.nem is not None:
-            from scenarios.nemesis.faults import plot_events
+            from scenarios.nemesis.faults import KINDS
+            from scenarios.store.plots_thinned import plot_faults
 
-            extra["faults.png"] = lambda path: plot_events(path, self.nem.events, st.elapsed())
+            extra["faults.png"] = lambda path: plot_faults(path, self.nem.events, st.elapsed(),
+                                                           KINDS)
         try:
             self.writer.write_plots(st.timeline, st.outcomes, st.host_used, extra,
                                     st.host_capacity)

@@ -386,19 +386,3 @@ def _signal(pid: int, sig: int) -> bool:
         return False
 
 
-def plot_events(path: Any, events: list[dict], seconds: float) -> None:
-    """One row per fault kind, a mark at each time it fired (the soak's faults.png)."""
-    from scenarios.store.report import new_figure, save_figure
-
-    fig = new_figure(7, 2.8)
-    ax = fig.add_subplot()
-    for row, kind in enumerate(KINDS):
-        ts = [e["t"] for e in events if e["kind"] == kind]
-        ax.scatter(ts, [row] * len(ts), s=14 if kind != "kill_rank" else 40,
-                   marker="|" if kind != "kill_rank" else "x", label=f"{kind} ({len(ts)})")
-    ax.set_yticks(range(len(KINDS)), KINDS, fontsize=8)
-    ax.set_xlim(0, max(seconds, 1.0))
-    ax.set_xlabel("seconds into the soak")
-    ax.set_title("faults injected", fontsize=9)
-    fig.tight_layout()
-    save_figure(fig, path)

@@ -1,4 +1,4 @@
-"""The soak's plots for a merged report, thinned to what a figure can show.
+"""Soak plots thinned to what a figure can show: a merged report's, and every soak's faults.
 
 Sixteen one-hour shards hold ~300,000 runs and ~300,000 fault events; drawing each as its own
 mark took most of a merge's time and changes no pixel. Series are cut into at most `BINS` time
@@ -51,27 +51,29 @@ def plot_host_pool(path: Path, host_used: list[int], bins: int = BINS) -> None:
     save_figure(fig, path)
 
 
-def plot_faults(path: Path, events: list[dict], seconds: float, counts: dict[str, int],
-                bins: int = BINS) -> None:
-    """One row per fault kind, a mark per bucket in which it fired (the soak's faults.png)."""
-    from scenarios.nemesis.faults import KINDS
+def plot_faults(path: Path, events: list[dict], seconds: float, kinds: tuple[str, ...],
+                counts: dict[str, int] | None = None, bins: int = BINS,
+                merged: bool = False) -> None:
+    """One row per fault kind (`kinds`: the nemesis's), a mark per time bucket in which it
+    fired (faults.png of a soak, or of a merged report). Labels count every event (or
+    `counts`, the report's totals, where events were capped)."""
     from scenarios.store.report import new_figure, save_figure
 
     width = max(seconds, 1.0) / bins
-    seen: dict[str, set[int]] = {k: set() for k in KINDS}
+    seen: dict[str, set[int]] = {k: set() for k in kinds}
     fired = Counter(e.get("kind") for e in events)
     for kind, marks in seen.items():
         marks.update(int(e["t"] / width) for e in events if e.get("kind") == kind)
     fig = new_figure(7, 2.8)
     ax = fig.add_subplot()
-    for row, kind in enumerate(KINDS):
+    for row, kind in enumerate(kinds):
         ts = [b * width for b in sorted(seen[kind])]
-        n = int(counts.get(kind, fired[kind]))
+        n = int((counts or {}).get(kind, fired[kind]))
         ax.scatter(ts, [row] * len(ts), s=14 if kind != "kill_rank" else 40,
                    marker="|" if kind != "kill_rank" else "x", label=f"{kind} ({n})")
-    ax.set_yticks(range(len(KINDS)), KINDS, fontsize=8)
+    ax.set_yticks(range(len(kinds)), kinds, fontsize=8)
     ax.set_xlim(0, max(seconds, 1.0))
-    ax.set_xlabel("seconds into each shard's soak")
-    ax.set_title("faults injected (all shards)", fontsize=9)
+    ax.set_xlabel("seconds into each shard's soak" if merged else "seconds into the soak")
+    ax.set_title("faults injected (all shards)" if merged else "faults injected", fontsize=9)
     fig.tight_layout()
     save_figure(fig, path)
