@@ -26,6 +26,16 @@ def need(*versions: str) -> None:
         pytest.skip(f"sglang env not built here: python -m scenarios.sut.sglang.envs {' '.join(missing)}")
 
 
+def driving_hiradix_cache() -> Iterator[None]:
+    """The SGLang SUT builds HiRadixCache instead of what the release's server builds
+    (UnifiedRadixCache from 0.5.19): for tests that pin down that class in a newer release."""
+    from scenarios.sut.sglang.executor import CACHE_CLASS_ENV
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(CACHE_CLASS_ENV, "HiRadixCache")
+        yield
+
+
 def started(*versions: str) -> Iterator[dict[str, Any]]:
     """For a module fixture: one executor per release, closed (pools and masters) after."""
     from scenarios.sut.sglang.executor import SglangExecutor

@@ -5,7 +5,6 @@ reference stops modelling SGLang; these tests pin that place, so a profile that 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from types import SimpleNamespace
 
 import pytest
@@ -13,18 +12,11 @@ import pytest
 from scenarios.campaigns import differential as diff_mod
 from scenarios.campaigns.differential import as_sglang_runs_it, differential, first_difference
 from scenarios.generate.catalog import load_scenario
-from scenarios.sut.sglang.executor import CACHE_CLASS_ENV
-from tests.sglang_envs import need
+from tests.sglang_envs import driving_hiradix_cache, need
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _hiradix_cache() -> Iterator[None]:
-    """These tests pin down 0.5.20's HiRadixCache (the hit-queue pipeline as 0.5.16 .. 0.5.18
-    servers build it): 0.5.20's own server builds UnifiedRadixCache, which the SGLang SUT
-    drives by default (server_cache.py; tests/test_sglang_today.py)."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(CACHE_CLASS_ENV, "HiRadixCache")
-        yield
+#: these tests pin down 0.5.20's HiRadixCache (the hit-queue pipeline as 0.5.16 .. 0.5.18
+#: servers build it), not the UnifiedRadixCache 0.5.20's own server builds
+_hiradix_cache = pytest.fixture(autouse=True, scope="module")(driving_hiradix_cache)
 
 
 def _result(rank: int, rows: list[tuple[str, str, str]]) -> SimpleNamespace:

@@ -8,24 +8,16 @@ when its environment is not built here.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from scenarios.core.releases import profile_for
-from scenarios.sut.sglang.executor import CACHE_CLASS_ENV
-from tests.sglang_envs import need, started
+from tests.sglang_envs import driving_hiradix_cache, need, started
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _hiradix_cache() -> Iterator[None]:
-    """These tests pin down 0.5.20's HiRadixCache (the hit-queue pipeline as 0.5.16 .. 0.5.18
-    servers build it): 0.5.20's own server builds UnifiedRadixCache, which the SGLang SUT
-    drives by default (server_cache.py; tests/test_sglang_today.py)."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(CACHE_CLASS_ENV, "HiRadixCache")
-        yield
+#: these tests pin down 0.5.20's HiRadixCache (the hit-queue pipeline as 0.5.16 .. 0.5.18
+#: servers build it), not the UnifiedRadixCache 0.5.20's own server builds
+_hiradix_cache = pytest.fixture(autouse=True, scope="module")(driving_hiradix_cache)
 
 ROOT = Path(__file__).parent.parent
 CORPUS_FILE = ROOT / "scenarios" / "corpus" / "sglang" / \

@@ -18,6 +18,7 @@ import random
 import pytest
 
 from scenarios.sut.sglang import envs
+from tests.sglang_envs import driving_hiradix_cache
 
 PRE = "0.5.10.post1"
 #: one release per controller generation: revoke queue (0.5.10.post1, 0.5.13), hit queue (0.5.20)
@@ -80,16 +81,17 @@ def _logs(version: str, scheds: list, idle: bool) -> list[list[dict]]:
         os.environ.pop(IDLE_RESET_ENV, None)
 
 
+#: the idle second is HiRadixCache's construction; 0.5.20's server builds UnifiedRadixCache,
+#: whose construction has none: the test pins the class this reset exists for
+_hiradix_cache = pytest.fixture(driving_hiradix_cache)
+
+
 @pytest.mark.sglang
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("version", RELEASES)
+@pytest.mark.usefixtures("_hiradix_cache")
 def test_quick_reset_keeps_every_log_and_drops_the_idle_second(version: str,
                                                               monkeypatch) -> None:
-    from scenarios.sut.sglang.executor import CACHE_CLASS_ENV
-
-    # the idle second is HiRadixCache's construction; 0.5.20's server builds UnifiedRadixCache,
-    # whose construction has none: pin the class this reset exists for
-    monkeypatch.setenv(CACHE_CLASS_ENV, "HiRadixCache")
     """Budget: 12 generated 1x2 Schedules (DP attention), run with the quick reset and with
     SGLang's own, and the first `SAME_LOG_SCHEDULES` once more with the quick reset.
     - Every Schedule gets the same verdict both ways. A Schedule whose verdicts differ is rerun:
