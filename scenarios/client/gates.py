@@ -10,8 +10,21 @@ from __future__ import annotations
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 
 from scenarios.core.errors import GateTimeout
+
+
+def wait_for(cond: threading.Condition, done: Callable[[], bool], timeout_s: float,
+             why: Callable[[], str]) -> None:
+    """Wait on `cond` (held by the caller) until `done()`; past `timeout_s`, GateTimeout with
+    `why()`: which rank was held where, so a hang names itself."""
+    deadline = time.monotonic() + timeout_s
+    while not done():
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise GateTimeout(why())
+        cond.wait(left)
 
 
 class ChoiceStream:
@@ -70,15 +83,11 @@ class GatedPacer(ChoiceStream):
     # -- IO thread side ------------------------------------------------------------------
     def before(self, stream: str, seq: int) -> None:
         name = threading.current_thread().name
-        deadline = time.monotonic() + self._timeout
         with self._cond:
             self.waiting_on[name] = f"gate {stream}#{seq}"
-            while seq >= self._opened[stream] and not self._released:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise GateTimeout(f"rank {self.rank}: {name} held at gate {stream}#{seq} "
-                                      f"for {self._timeout:.0f} s")
-                self._cond.wait(left)
+            wait_for(self._cond, lambda: seq < self._opened[stream] or self._released,
+                     self._timeout, lambda: f"rank {self.rank}: {name} held at gate "
+                     f"{stream}#{seq} for {self._timeout:.0f} s")
             self.waiting_on.pop(name, None)
 
     def after(self, stream: str, seq: int) -> None:
@@ -100,19 +109,13 @@ class GatedPacer(ChoiceStream):
         self._open_and_wait(stream, seq + 1)
 
     def _open_and_wait(self, stream: str, target: int) -> None:
-        deadline = time.monotonic() + self._timeout
         with self._cond:
             self._opened[stream] = max(self._opened[stream], target)
             self._cond.notify_all()
-            while self._done[stream] < target and not self._released:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise GateTimeout(
-                        f"rank {self.rank}: scheduler waited {self._timeout:.0f} s for "
-                        f"{stream} to reach {target} (done {self._done[stream]}); IO threads: "
-                        f"{self.waiting_on or 'none at a gate'}"
-                    )
-                self._cond.wait(left)
+            wait_for(self._cond, lambda: self._done[stream] >= target or self._released,
+                     self._timeout, lambda: f"rank {self.rank}: scheduler waited "
+                     f"{self._timeout:.0f} s for {stream} to reach {target} (done "
+                     f"{self._done[stream]}); IO threads: {self.waiting_on or 'none at a gate'}")
 
     def release_all(self) -> None:
         with self._cond:

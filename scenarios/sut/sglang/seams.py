@@ -21,7 +21,7 @@ from collections import defaultdict
 from collections.abc import Iterator
 from typing import Any
 
-from scenarios.client.gates import ChoiceStream
+from scenarios.client.gates import ChoiceStream, wait_for
 from scenarios.core.errors import GateTimeout
 
 
@@ -147,19 +147,15 @@ class IoGates:
 
     # IO thread side
     def before(self, stream: str) -> int:
-        deadline = time.monotonic() + self.timeout_s
         with self.cond:
             seq = self.arrived[stream]
             self.arrived[stream] += 1
             self.at_gate[stream] = True
             self.waiting_on[threading.current_thread().name] = f"gate {stream}#{seq}"
             self.cond.notify_all()
-            while seq >= self.opened[stream] and not self.released:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise GateTimeout(f"rank {self.rank}: held at gate {stream}#{seq} "
-                                      f"for {self.timeout_s:.0f} s")
-                self.cond.wait(left)
+            wait_for(self.cond, lambda: seq < self.opened[stream] or self.released,
+                     self.timeout_s, lambda: f"rank {self.rank}: held at gate {stream}#{seq} "
+                     f"for {self.timeout_s:.0f} s")
             self.at_gate[stream] = False
             self.waiting_on.pop(threading.current_thread().name, None)
             return seq
@@ -203,17 +199,13 @@ class IoGates:
                 self.cond.wait(min(left, 0.5))
 
     def open_one(self, stream: str) -> None:
-        deadline = time.monotonic() + self.timeout_s
         with self.cond:
             self.opened[stream] += 1
             target = self.opened[stream]
             self.cond.notify_all()
-            while self.done[stream] < target and not self.released:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise GateTimeout(f"rank {self.rank}: {stream} unit {target - 1} opened "
-                                      f"but not done in {self.timeout_s:.0f} s")
-                self.cond.wait(left)
+            wait_for(self.cond, lambda: self.done[stream] >= target or self.released,
+                     self.timeout_s, lambda: f"rank {self.rank}: {stream} unit {target - 1} "
+                     f"opened but not done in {self.timeout_s:.0f} s")
 
     def release_all(self) -> None:
         with self.cond:
