@@ -11,6 +11,7 @@ from typing import Any
 from scenarios.client.loop import FAILED, PeerFailed, run_rank
 from scenarios.core.config import DRAIN_STEPS
 from scenarios.core.errors import ErrorKind
+from scenarios.core.records import Snapshot
 from scenarios.core.schedule import Op
 
 
@@ -58,8 +59,8 @@ class FakeRank:
     def draining(self) -> None:
         self.seen.append("drain")
 
-    def finish(self) -> dict:
-        return {"rank": self.rank}
+    def finish(self) -> Snapshot:
+        return Snapshot(tree_digest=f"rank {self.rank}")
 
     def sync(self, flag: int) -> int:
         self.seen.append("sync")
@@ -99,7 +100,8 @@ def test_ranks_agree_then_drain_until_no_rank_is_busy() -> None:
     out = _run(ranks, OPS, gated=True)
     assert [o.error for o in out] == [None, None]
     assert [o.ops_done for o in out] == [3, 3]
-    assert [o.snapshot for o in out] == [{"rank": 0}, {"rank": 1}]
+    assert [o.snapshot for o in out] == [Snapshot(tree_digest="rank 0"),
+                                         Snapshot(tree_digest="rank 1")]
     # the busiest rank decides: both step 5 times (a MAX), then both close
     assert [r.seen.count("step") for r in ranks] == [5, 5]
     assert all(r.seen[-1] == "close" for r in ranks)

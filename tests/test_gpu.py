@@ -19,5 +19,5 @@ def test_device_pool_on_cuda_pinned_host_cuda_event_acks(torchrun_executor, inpr
     assert check(s, results).ok
     for r in results:
         snap = r.snapshot
-        assert snap["device"].startswith("cuda"), snap
-        assert snap["host_pinned"] and snap["cuda_event_acks"], snap
+        assert snap is not None and snap.device.startswith("cuda"), snap
+        assert snap.host_pinned and snap.cuda_event_acks, snap

@@ -3,6 +3,7 @@ survive pickle (torchrun workers) and JSON, and the checker ordering causes befo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pickle
 import threading
@@ -172,7 +173,7 @@ def test_from_json_reads_the_dict_results_of_older_commits(inprocess_executor) -
                                                 "device_hit": o.device_hit, "host_hit": o.host_hit,
                                                 "computed": o.computed, "bad_pages": []}
                                                for o in r.outcomes],
-        "snapshot": r.snapshot, "error": None, "infrastructure": None, "ops_done": r.ops_done,
+        "snapshot": dataclasses.asdict(r.snapshot) if r.snapshot else {}, "error": None, "infrastructure": None, "ops_done": r.ops_done,
         "waiting_on": {}, "wall_s": r.wall_s,
     } for r in results]
     old = [RankResult.from_json(d) for d in legacy]

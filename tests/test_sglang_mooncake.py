@@ -250,7 +250,7 @@ def test_keys_are_read_back_from_the_master(executors) -> None:
     assert asked[0] and asked[0] == asked[1]  # the same SGLang names on both CP peers
     assert stored[0] <= asked[0] and stored[1] <= asked[1] and stored[0] | stored[1]
     # nothing reached the master outside the recorded (gated) calls; all it lists was asked
-    listed = set(next(r for r in on if r.rank == 0).snapshot["mooncake_master_keys"])
+    listed = set(next(r for r in on if r.rank == 0).snapshot.mooncake_master_keys)
     assert stored[0] | stored[1] <= listed <= asked[0]
     assert {KEY.match(k).group(3) for k in asked[0]} == {"0"}  # attention-TP rank 0
     tags = {KEY.match(k).group(1) for k in asked[0]}
@@ -262,12 +262,12 @@ def test_keys_are_read_back_from_the_master(executors) -> None:
     assert check(s, on).ok
     # SGLang's own set-up arguments: P2PHANDSHAKE, its per-TP segment, tcp, this master; one
     # client per worker, reused by every run (SGLang asked once per run)
-    info = on[0].snapshot["mooncake_client"]
+    info = on[0].snapshot.mooncake_client
     host, meta, segment, _buf, proto, _dev, master = info["setup_args"][:7]
     master_address, metrics = ex.mooncake.address()
     assert (host, meta, proto, master) == ("127.0.0.1", "P2PHANDSHAKE", "tcp", master_address)
     assert segment == mooncake.SEGMENT_BYTES and info["opened"] and info["setup_calls"] >= 1
-    again = ex.run(s, True)[0].snapshot["mooncake_client"]
+    again = ex.run(s, True)[0].snapshot.mooncake_client
     assert again["setup_calls"] == info["setup_calls"] + 1 and again["setup_args"] == \
         info["setup_args"]
     assert mooncake.master_keys(metrics, "cpcheck") == []  # the run removed its keys

@@ -135,8 +135,7 @@ def _prefetch_outcomes(results: list[RankResult]) -> Counter:
 
 
 def _host_used(results: list[RankResult]) -> int:
-    vals = [r.snapshot.get("host_used") for r in results]
-    return max((int(v) for v in vals if isinstance(v, (int, float))), default=0)
+    return max((r.snapshot.host_used for r in results if r.snapshot is not None), default=0)
 
 
 # -- the soak ------------------------------------------------------------------------------

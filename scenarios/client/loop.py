@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 from scenarios.core.config import DRAIN_STEPS
 from scenarios.core.errors import ErrorKind, PeerFailed
-from scenarios.core.records import Eviction, RankError
+from scenarios.core.records import Eviction, RankError, Snapshot
 
 #: the harness-sync flag of a rank whose run failed: its peers stop at the same sync
 FAILED = 2
@@ -37,7 +37,7 @@ class SutRank(Protocol):
     def draining(self) -> None:
         """The ops are done: gated IO may now run to the end."""
 
-    def finish(self) -> dict:
+    def finish(self) -> Snapshot:
         """The post-run snapshot (and read-backs), taken before any peer cleans up."""
 
     def sync(self, flag: int) -> int:
@@ -58,7 +58,7 @@ class RankRun:
     """What the loop saw on one rank; the adapter adds its own records to make a RankResult."""
 
     ops_done: int = 0
-    snapshot: dict = field(default_factory=dict)
+    snapshot: Snapshot | None = None
     error: RankError | None = None
     evictions: list[Eviction] = field(default_factory=list)
 
@@ -97,7 +97,6 @@ def run_rank(sut: SutRank, ops: list[Any], *, gated: bool, free_run_s: float = 0
     except Exception as e:  # the result carries it; the checker turns it into a verdict
         where = sut.machine_broke(e)
         out.error = RankError.of(e, ErrorKind.INFRASTRUCTURE if where else None, where or "")
-        out.snapshot = {"traceback": out.error.traceback}
         if not in_sync:  # tell the peers at their next sync (not after a broken sync itself)
             sut.unblock()
             try:

@@ -188,6 +188,39 @@ class Recorded:
 
 @_compact
 @dataclass(frozen=True, slots=True)
+class Snapshot:
+    """A rank's accounting after the drain, as every SUT reports it: what the leak checks
+    compare (every slot in use is held by the tree or in flight) and what the run ran on."""
+
+    tree_digest: str = ""
+    device_used: int = 0
+    host_used: int = 0
+    tree_device_tokens: int = 0
+    tree_host_tokens: int = 0
+    in_flight: dict[str, Any] = field(default_factory=dict)
+    busy: bool = False
+    device: str = "cpu"
+    host_pinned: bool = False
+    cuda_event_acks: bool = False
+    #: the cache class the SGLang SUT built ("" on the reference)
+    cache_class: str = ""
+    #: Mooncake runs of the SGLang SUT: the client's settings, and (rank 0) the run's keys
+    #: the master lists
+    mooncake_client: dict[str, Any] | None = None
+    mooncake_master_keys: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, d: dict[str, Any]) -> Snapshot:
+        """From a SUT's own accounting dict (the reference scheduler's `snapshot()`, the SGLang
+        driver's); a key this record does not know is a programming error, not data to drop."""
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise TypeError(f"snapshot keys this record does not know: {sorted(unknown)}")
+        return cls(**{**d, "mooncake_master_keys": tuple(d.get("mooncake_master_keys", ()))})
+
+
+@_compact
+@dataclass(frozen=True, slots=True)
 class RankResult:
     rank: int
     coords: tuple[int, int, int] = (0, 0, 0)  # (tp, cp, pp)
@@ -206,7 +239,7 @@ class RankResult:
     storage: tuple[StorageCall, ...] = ()
     stored: tuple[str, ...] = ()  # keys this rank wrote that the store still held at the end
     outcomes: tuple[Outcome, ...] = ()
-    snapshot: dict[str, Any] = field(default_factory=dict)  # accounting after the drain
+    snapshot: Snapshot | None = None  # accounting after the drain; None: never taken
     error: RankError | None = None
     ops_done: int = 0
     waiting_on: dict[str, str] = field(default_factory=dict)  # thread -> gate
@@ -255,6 +288,8 @@ class RankResult:
                 else CollectiveCall(str(c))
 
         rec = d.get("recorded")
+        snap = {k: v for k, v in (d.get("snapshot") or {}).items()
+                if k not in ("traceback", "harness_error")}  # older results kept these here
         decisions = {ch: tuple(Decision.of((x["kind"], x["rid"], x["local"], x["agreed"],
                                             x["outcome"]) if isinstance(x, dict) else x)
                                for x in v) for ch, v in d.get("decisions", {}).items()}
@@ -283,7 +318,7 @@ class RankResult:
                           for x in d.get("storage", ())),
             stored=tuple(d.get("stored", ())),
             outcomes=tuple(Outcome.of(o) for o in d.get("outcomes", ())),
-            snapshot=dict(d.get("snapshot", {})), error=err, ops_done=int(d.get("ops_done", 0)),
+            snapshot=Snapshot.of(snap) if snap and "device_used" in snap else None, error=err, ops_done=int(d.get("ops_done", 0)),
             waiting_on=dict(d.get("waiting_on", {})), wall_s=float(d.get("wall_s", 0.0)),
             recorded=None if rec is None else Recorded(
                 tuple(seq(rec)["choices"]), tuple((str(c), int(n)) for c, n in seq(rec)["faults"])),

@@ -242,17 +242,17 @@ def check_leaks(results: list[RankResult]) -> list[str]:
     out = []
     for res in results:
         snap = res.snapshot
-        if "device_used" not in snap:
+        if snap is None:
             continue
         r = res.rank
-        if snap["busy"]:
-            out.append(f"rank {r}: still busy after the drain: {snap['in_flight']}")
-        if snap["device_used"] != snap["tree_device_tokens"]:
-            out.append(f"rank {r}: {snap['device_used']} device slots in use, the tree holds "
-                       f"{snap['tree_device_tokens']}")
-        if snap["host_used"] != snap["tree_host_tokens"]:
-            out.append(f"rank {r}: {snap['host_used']} host slots in use, the tree holds "
-                       f"{snap['tree_host_tokens']}")
+        if snap.busy:
+            out.append(f"rank {r}: still busy after the drain: {snap.in_flight}")
+        if snap.device_used != snap.tree_device_tokens:
+            out.append(f"rank {r}: {snap.device_used} device slots in use, the tree holds "
+                       f"{snap.tree_device_tokens}")
+        if snap.host_used != snap.tree_host_tokens:
+            out.append(f"rank {r}: {snap.host_used} host slots in use, the tree holds "
+                       f"{snap.tree_host_tokens}")
     return out
 
 

@@ -30,6 +30,7 @@ from scenarios.core.records import (
     Outcome,
     RankResult,
     Recorded,
+    Snapshot,
 )
 from scenarios.core.schedule import Schedule
 
@@ -131,8 +132,8 @@ class ReferenceRank:
     def draining(self) -> None:
         self.pacer.drain = True
 
-    def finish(self) -> dict:
-        snapshot = self.sched.snapshot()
+    def finish(self) -> Snapshot:
+        snapshot = Snapshot.of(self.sched.snapshot())
         self.stored = _confirm_stored(self.storage, self.rec.storage)
         return snapshot
 

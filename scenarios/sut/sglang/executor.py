@@ -186,7 +186,8 @@ def verdict_of(s: Any, results: list, dp_attention: bool) -> Verdict:
     if broke:
         return Verdict.unknown(broke)
     v = annotate(checker.check(s, results), dp_attention, s.backend)
-    classes = sorted({c for r in results if (c := (r.snapshot or {}).get("cache_class"))})
+    classes = sorted({r.snapshot.cache_class for r in results
+                      if r.snapshot is not None and r.snapshot.cache_class})
     if classes:  # the class the run drove (server_cache.py): in the verdict, --json, replays
         v.stats["cache_class"] = classes[0] if len(classes) == 1 else classes
         if v.message:

@@ -29,6 +29,7 @@ from scenarios.core.records import (
     Outcome,
     RankError,
     RankResult,
+    Snapshot,
     StorageCall,
     error_kind,
 )
@@ -307,7 +308,7 @@ class SglangRank:
     def draining(self) -> None:
         self.run.pacer.drain = True
 
-    def finish(self) -> dict:
+    def finish(self) -> Snapshot:
         run = self.run
         snapshot = self.driver.snapshot()
         if run.mooncake_master:  # before any rank cleans up: clients own their objects
@@ -316,7 +317,7 @@ class SglangRank:
             if run.rank == 0 and self.mooncake_metrics:  # all of the run's keys
                 snapshot["mooncake_master_keys"] = mooncake.master_keys(
                     self.mooncake_metrics, mooncake.run_tag(run) + "_")
-        return snapshot
+        return Snapshot.of(snapshot)
 
     def sync(self, flag: int) -> int:
         return _any_rank(self.st, flag)
@@ -372,7 +373,6 @@ def run_schedule(ctx: Any, payload: dict) -> RankResult:
         # (a gate timeout, a divergence) is no verdict on the release
         out.error = RankError(ErrorKind.INFRASTRUCTURE, "HarnessError", run.harness_error,
                               "an SGLang IO thread", out.error.traceback if out.error else "")
-        out.snapshot = {**out.snapshot, "harness_error": run.harness_error}
     driver = sut.driver
     return RankResult(
         rank=rank, coords=tuple(ctx.layout.coords(rank)),
