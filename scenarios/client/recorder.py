@@ -9,7 +9,8 @@ from __future__ import annotations
 import sys
 import threading
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -70,6 +71,52 @@ class Recorder(Observer):
                      for a in self.storage)
 
 
+class CollectiveLog:
+    """Every collective call of one rank's run, logged before it is made: per group the calls in
+    order, the rank-wide index of each (which divergence came first), and the call each thread
+    has not returned from (a hang, or a failure, names its call). torch.distributed reports a
+    failed collective (gloo timeout, peer gone) as a bare RuntimeError: with `typed_errors`, it
+    becomes CollectiveError here, where the call is known. Both SUTs' recorders write here."""
+
+    def __init__(self, typed_errors: bool = True) -> None:
+        self.log: dict[str, list[records.CollectiveCall]] = defaultdict(list)
+        self.order: dict[str, list[int]] = defaultdict(list)
+        self.pending: dict[str, tuple[records.CollectiveCall, str]] = {}  # thread -> call
+        self._count = 0
+        self._lock = threading.Lock()
+        self._typed_errors = typed_errors
+
+    @contextmanager
+    def call(self, group: str, call: records.CollectiveCall) -> Iterator[None]:
+        """Log `call` on `group`, then run the body (the call itself). A call that raised stays
+        pending: what the rank was in when it failed."""
+        thread = threading.current_thread().name
+        with self._lock:
+            self.log[group].append(call)
+            self.order[group].append(self._count)
+            self._count += 1
+            self.pending[thread] = (call, group)
+        try:
+            yield
+        except RuntimeError as e:
+            if self._typed_errors and type(e) is RuntimeError:
+                raise CollectiveError(f"{call} over {group}: {e}") from e
+            raise
+        with self._lock:
+            self.pending.pop(thread, None)
+
+    # -- the records, at the end of a run --------------------------------------------------
+    def call_records(self) -> dict[str, tuple[records.CollectiveCall, ...]]:
+        return {g: tuple(v) for g, v in self.log.items()}
+
+    def order_records(self) -> dict[str, tuple[int, ...]]:
+        return {g: tuple(v) for g, v in self.order.items()}
+
+    def pending_text(self) -> dict[str, str]:
+        """thread -> "call over group" for every call that had not returned."""
+        return {t: f"{c} over {g}" for t, (c, g) in self.pending.items()}
+
+
 class RecordingCollectives:
     """Wraps a Collectives; logs every call before making it, so a hang shows the pending call.
 
@@ -81,70 +128,33 @@ class RecordingCollectives:
     def __init__(self, inner: Any) -> None:
         self.inner = inner
         self.rank = inner.rank
-        self.log: dict[str, list[tuple]] = defaultdict(list)
-        #: per group, the rank-wide index of each call, to tell which divergence came first
-        self.order: dict[str, list[int]] = defaultdict(list)
-        self._count = 0
-        self.pending: dict[str, tuple[tuple, str]] = {}  # thread -> (call, group)
-        self._lock = threading.Lock()
-        self._torch = isinstance(inner, TorchCollectives)
+        self.calls = CollectiveLog(typed_errors=isinstance(inner, TorchCollectives))
+        self.call_records = self.calls.call_records
+        self.order_records = self.calls.order_records
+        self.pending_text = self.calls.pending_text
 
     def new_groups(self, rank_sets: Sequence[tuple[int, ...]], tag: str) -> list[Any]:
         try:
             handles = self.inner.new_groups(rank_sets, tag)
         except RuntimeError as e:
-            self._failed(e, "new_groups", tag)
+            if self.calls._typed_errors and type(e) is RuntimeError:
+                raise CollectiveError(f"new_groups over {tag}: {e}") from e
             raise
         return [(f"{tag}{list(r)}", h) for r, h in zip(rank_sets, handles, strict=True)]
 
-    def _log(self, name: str, entry: tuple) -> str:
-        thread = threading.current_thread().name
-        with self._lock:
-            self.log[name].append(entry)
-            self.order[name].append(self._count)
-            self._count += 1
-            self.pending[thread] = (entry, name)
-        return thread
-
-    def _failed(self, e: RuntimeError, what: str, name: str) -> None:
-        if self._torch and type(e) is RuntimeError:
-            raise CollectiveError(f"{what} over {name}: {e}") from e
-
     def all_reduce(self, tensor: torch.Tensor, op: str, group: Any) -> None:
         name, handle = group
-        thread = self._log(name, (f"all_reduce {op.upper()}", tuple(tensor.shape),
-                                  _dtype(tensor), None, _call_site()))
-        try:
+        with self.calls.call(name, records.CollectiveCall(
+                f"all_reduce {op.upper()}", tuple(tensor.shape), _dtype(tensor), None,
+                _call_site())):
             self.inner.all_reduce(tensor, op, handle)
-        except RuntimeError as e:
-            self._failed(e, "all_reduce", name)
-            raise
-        with self._lock:
-            self.pending.pop(thread, None)
 
     def forward(self, tensor: torch.Tensor, src: int, group: Any) -> None:
         """PP rank 0 sends, the others receive: logged alike on both ends, so they compare."""
         name, handle = group
-        thread = self._log(name, ("forward", tuple(tensor.shape), _dtype(tensor), src,
-                                  _call_site()))
-        try:
+        with self.calls.call(name, records.CollectiveCall(
+                "forward", tuple(tensor.shape), _dtype(tensor), src, _call_site())):
             self.inner.forward(tensor, src, handle)
-        except RuntimeError as e:
-            self._failed(e, "forward", name)
-            raise
-        with self._lock:
-            self.pending.pop(thread, None)
-
-    # -- the records, at the end of a run --------------------------------------------------
-    def call_records(self) -> dict[str, tuple[records.CollectiveCall, ...]]:
-        return {g: tuple(records.CollectiveCall(*c) for c in v) for g, v in self.log.items()}
-
-    def order_records(self) -> dict[str, tuple[int, ...]]:
-        return {g: tuple(v) for g, v in self.order.items()}
-
-    def pending_text(self) -> dict[str, str]:
-        """thread -> "call over group" for every call that had not returned."""
-        return {t: f"{records.CollectiveCall(*c)} over {g}" for t, (c, g) in self.pending.items()}
 
 
 def _dtype(t: torch.Tensor) -> str:

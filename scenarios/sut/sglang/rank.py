@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from scenarios.client.loop import run_rank
+from scenarios.client.recorder import CollectiveLog
 from scenarios.core.errors import CannotJudge, CollectiveError, ErrorKind
 from scenarios.core.records import (
     CollectiveCall,
@@ -72,10 +73,7 @@ class Run:
         self.calls: dict[str, int] = defaultdict(int)
         self.lock = threading.Lock()
         self.key_tp = 0
-        self.log: dict[str, list[str]] = defaultdict(list)
-        self.order: dict[str, list[int]] = defaultdict(list)
-        self.pending: dict[str, str] = {}
-        self.count = 0
+        self.calls = CollectiveLog()
         self.run_id = ""
         self.mooncake_master = ""  # "host:port" when the Schedule's backend is mooncake
         self.stored: list[str] | None = None  # read back from the store (Mooncake)
@@ -124,25 +122,12 @@ def _recorded(kind: str, fn: Any) -> Any:
         if kind == "all_reduce":
             t = args[0] if args else kwargs["tensor"]
             op = kwargs.get("op", args[1] if len(args) > 1 else dist.ReduceOp.SUM)
-            entry = f"all_reduce {_op_name(op)} {list(t.shape)} " \
-                    f"{str(t.dtype).removeprefix('torch.')}"
+            call = CollectiveCall(f"all_reduce {_op_name(op)}", tuple(t.shape),
+                                  str(t.dtype).removeprefix("torch."))
         else:
-            entry = kind
-        thread = threading.current_thread().name
-        with run.lock:
-            run.log[name].append(entry)
-            run.order[name].append(run.count)
-            run.count += 1
-            run.pending[thread] = f"{entry} over {name}"
-        try:
+            call = CollectiveCall(kind)
+        with run.calls.call(name, call):
             return fn(*args, **kwargs)
-        except RuntimeError as e:  # gloo's timeout / lost peer is a bare RuntimeError: type it
-            if type(e) is RuntimeError:
-                raise CollectiveError(f"{entry} over {name}: {e}") from e
-            raise
-        finally:
-            with run.lock:
-                run.pending.pop(thread, None)
     wrapper._cpcheck = True  # type: ignore[attr-defined]
     return wrapper
 
@@ -380,9 +365,9 @@ def run_schedule(ctx: Any, payload: dict) -> RankResult:
                    for ch, v in (driver.decisions if driver else {}).items()},
         evictions=tuple(out.evictions),
         digests=tuple(driver.digests if driver else ()),
-        collectives={g: tuple(CollectiveCall(e) for e in v) for g, v in run.log.items()},
-        collective_order={g: tuple(v) for g, v in run.order.items()},
-        pending_collectives=dict(run.pending),
+        collectives=run.calls.call_records(),
+        collective_order=run.calls.order_records(),
+        pending_collectives=run.calls.pending_text(),
         storage=tuple(StorageCall(op, tuple(k), tuple(ok), tuple(c)) for op, k, ok, c in run.storage),
         stored=tuple(run.stored) if run.stored is not None else
         tuple(sorted({k for op, keys, ok, _ in run.storage if op == "set"
