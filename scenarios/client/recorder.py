@@ -100,7 +100,8 @@ class CollectiveLog:
             yield
         except RuntimeError as e:
             if self._typed_errors and type(e) is RuntimeError:
-                raise CollectiveError(f"{call} over {group}: {e}") from e
+                # the call's kind only: its shape and site are in the pending call it leaves
+                raise CollectiveError(f"{call.op.split()[0]} over {group}: {e}") from e
             raise
         with self._lock:
             self.pending.pop(thread, None)
