@@ -82,7 +82,7 @@ def soak_config(args: argparse.Namespace, argv: list[str] | None = None) -> Soak
         layout=layout, backend=args.backend, minutes=args.minutes, variant=args.variant,
         faults=args.faults, seed=plan.seed, mode=args.mode, out=Path(args.out),
         shard=plan.to_dict() if args.shard else None,
-        pool_options=multihost_options(args, args.mode),  # bad flags: exit 2 before any work
+        pool_options=multihost_options(args, args.mode, [layout]),  # bad flags: exit 2 before any work
         mooncake_master=args.mooncake_master, timeout=args.timeout, device=args.device,
         protocol_changes=changes, sut=args.sut, json=args.json, verbose=args.verbose,
         argv=tuple(["cpcheck", *(argv if argv is not None else sys.argv[1:])]))

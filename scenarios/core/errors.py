@@ -93,6 +93,10 @@ class NemesisError(UsageError):
     """A bad --faults list; one line."""
 
 
+class PlacementError(UsageError):
+    """A --placement these hosts cannot give the layout (a group larger than a host); one line."""
+
+
 class MarkerError(UsageError):
     """A docs file has a broken pair of markers for a generated table."""
 

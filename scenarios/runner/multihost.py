@@ -47,6 +47,7 @@ class PoolConfig:
     nproc_per_node: int
     address: str  # host:port of the controller's listener
     authkey_hex: str
+    placement: str = "torchrun"  # scenarios/runner/placement.py
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -70,11 +71,16 @@ def node_of(rank: int, nproc_per_node: int) -> int:
     return rank // nproc_per_node
 
 
-def describe_node(node: int, nnodes: int, nproc_per_node: int) -> str:
-    """'agent 2 of 2 (ranks 2-3)': how a diagnosis names a host."""
+def describe_node(node: int, nnodes: int, nproc_per_node: int,
+                  ranks: tuple[int, ...] | None = None) -> str:
+    """'agent 2 of 2 (ranks 2-3)': how a diagnosis names a host (`ranks`: its layout ranks
+    under a placement; default torchrun's contiguous block)."""
     lo = node * nproc_per_node
     hi = lo + nproc_per_node - 1
     where = "the first host" if node == 0 else f"agent {node + 1} of {nnodes}"
+    if ranks is not None and tuple(ranks) != tuple(range(lo, hi + 1)):
+        listed = ", ".join(map(str, ranks))
+        return f"{where} (rank{'s' if len(ranks) > 1 else ''} {listed})"
     return f"{where} (ranks {lo}-{hi})" if hi > lo else f"{where} (rank {lo})"
 
 
@@ -90,7 +96,8 @@ def torchrun_command(python: str, cfg: PoolConfig, endpoint: str, *, is_host: bo
     if host in ("127.0.0.1", "localhost"):
         cmd.append("--local-addr=127.0.0.1")  # one machine as several hosts (tests)
     return [*cmd, "-m", _WORKER_MODULE, f"--pool-id={cfg.pool_id}", f"--layout={cfg.layout}",
-            f"--device={cfg.device}", f"--collective-timeout-s={cfg.collective_timeout_s}"]
+            f"--device={cfg.device}", f"--collective-timeout-s={cfg.collective_timeout_s}",
+            f"--placement={cfg.placement}"]
 
 
 def _listening(host: str, port: int) -> bool:

@@ -53,7 +53,7 @@ class Executor:
     def __init__(self, mode: str = "inprocess", *, timeout_s: float = 10.0,
                  mooncake_master: str = "", device: str = "auto",
                  storage_root: str | None = None, nnodes: int = 1,
-                 rdzv_endpoint: str | None = None) -> None:
+                 rdzv_endpoint: str | None = None, placement: str | None = None) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown mode '{mode}': choose one of {', '.join(MODES)}")
         self.mode = mode
@@ -67,6 +67,7 @@ class Executor:
         #: every pool uses the one rendezvous endpoint the agents know
         self.nnodes = nnodes
         self.rdzv_endpoint = rdzv_endpoint
+        self.placement = placement or "torchrun"  # scenarios/runner/placement.py
 
     def __enter__(self) -> Executor:
         return self
@@ -110,7 +111,8 @@ class Executor:
             pool = RankPool(layout, device=self.device,
                             collective_timeout_s=self.timeout_s * 3,
                             env={"MC_LOG_LEVEL": "ERROR", "OMP_NUM_THREADS": "1"},
-                            nnodes=self.nnodes, rdzv_endpoint=self.rdzv_endpoint)
+                            nnodes=self.nnodes, rdzv_endpoint=self.rdzv_endpoint,
+                            placement=self.placement)
             self._make_room(pool.world_size)
             pool.start()
         self._pools[layout] = pool  # last: the most recently used
