@@ -195,12 +195,15 @@ class RankTimeoutError(RankPoolError):
 
 
 class RankDiedError(RankPoolError):
-    """A worker process (or torchrun itself, ``rank=None``) exited; the pool was torn down."""
+    """A worker process (or torchrun itself, ``rank=None``) exited; the pool was torn down.
+    ``node``: the host that left, when every rank of another host went at once."""
 
-    def __init__(self, message: str, rank: int | None, exitcode: int | None) -> None:
+    def __init__(self, message: str, rank: int | None, exitcode: int | None,
+                 node: int | None = None) -> None:
         super().__init__(message)
         self.rank = rank
         self.exitcode = exitcode
+        self.node = node
 
 
 class RankKilled(CpcheckError, RuntimeError):

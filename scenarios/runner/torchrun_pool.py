@@ -65,8 +65,10 @@ from scenarios.core.errors import (
 from scenarios.core.layout import Layout
 from scenarios.runner.launch import ENV_FAILURES, FailureReport, RankFailure, read_failures
 from scenarios.runner.multihost import (
+    LocalAgent,
     PoolConfig,
     describe_node,
+    find_local_agent,
     parse_endpoint,
     publish_config,
     torchrun_command,
@@ -642,6 +644,20 @@ class RankPool:
         nodes = sorted({self.placement.node_of(r) for r in missing})
         return "; missing: " + ", ".join(self.describe_node(k) for k in nodes)
 
+    def local_agents(self) -> dict[int, LocalAgent]:
+        """The other hosts' agents that run on this machine (one machine as several hosts),
+        by node: what `stop_agent` / `kill_agent` signal and a soak restarts."""
+        if self.nnodes == 1 or not self.running:
+            return {}
+        pids = {r.info.rank: r.info.pid for r in self._ranks}
+        out = {}
+        for node in range(1, self.nnodes):
+            agent = find_local_agent(node, [pids[r] for r in self.placement.ranks_on(node)],
+                                     self.pool_id)
+            if agent is not None:
+                out[node] = agent
+        return out
+
     def describe_node(self, node: int) -> str:
         """'agent 2 of 2 (ranks 1, 3)': a host and the layout ranks it holds."""
         return describe_node(node, self.nnodes, self.world_size // self.nnodes,
@@ -818,9 +834,7 @@ class RankPool:
             msg = (f"{where} left during job '{name}': every rank there closed its connection; "
                    f"pool torn down, call start() to run again")
             self._teardown(graceful=False, reason=msg)
-            exc = RankDiedError(msg, self.placement.ranks_on(gone[0])[0], None)
-            exc.node = gone[0]  # type: ignore[attr-defined]
-            raise exc
+            raise RankDiedError(msg, self.placement.ranks_on(gone[0])[0], None, node=gone[0])
         if proc is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=10.0)  # torchrun reaps the rest and writes who failed
