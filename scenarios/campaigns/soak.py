@@ -240,7 +240,9 @@ class Soak:
             self.ex = stack.enter_context(executor_for(cfg.sut, timeout_s=cfg.timeout,
                                                        mooncake_master=master))
         else:
+            links = self.nem is not None and self.nem.needs_links  # network faults
             self.ex = stack.enter_context(Executor(cfg.mode, **cfg.pool_options,
+                                                   **({"proxy_hosts": True} if links else {}),
                                                    timeout_s=cfg.timeout,
                                                    mooncake_master=master, device=cfg.device))
         self.watchdog = Watchdog(self._check_in_flight, self._waiting_on, can_interrupt)
@@ -713,6 +715,10 @@ def run_soak(cfg: SoakConfig) -> int:
                          "itself (--backend mooncake without --mooncake-master)")
     if cfg.mode == "torchrun":
         nem.for_torchrun()  # faults act on the real worker processes and the master
+    if nem.needs_links:  # say what the network faults reach here, and what they cannot
+        from scenarios.runner.netproxy import REACH
+
+        print(f"cpcheck soak: {REACH}", file=sys.stderr, flush=True)
     check_writable(cfg.out)  # before the first run, not after the budget
     run_dir = RunDir.fresh(cfg.out, seed)
     soak = Soak(cfg, run_dir, seed, nem if nem.active else None,

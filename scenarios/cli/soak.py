@@ -39,7 +39,8 @@ def add_soak_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--variant", default="fixed", help=variant_help("fixed or a known-bad variant"))
     p.add_argument("--faults", default="", metavar="LIST",
                    help="comma list of slow_rank,storage_latency,storage_errors,master_restart,"
-                        "kill_rank (default: none)")
+                        "kill_rank; over several hosts also stop_agent,kill_agent,net_latency,"
+                        "net_drop (default: none)")
     p.add_argument("--seed", type=int, default=None,
                    help="pin the run (default: a fresh random seed, printed and in the report)")
     p.add_argument("--mode", choices=MODES, default="inprocess",

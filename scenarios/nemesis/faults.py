@@ -19,6 +19,8 @@ Over several hosts (`--nnodes`), stop_agent SIGSTOPs one other host's whole agen
 agent` loop, its torchrun and its workers) for its window and kill_agent SIGKILLs it; both reach
 agents on this machine only (one machine as several hosts): a remote agent's processes are out
 of reach, which the event says. The soak restarts a killed agent it can (scenarios/sut).
+net_latency delays and net_drop cuts one other host's connections to the controller, through
+the pool's TCP proxy for that host (scenarios/runner/netproxy.py says what that reaches).
 """
 
 from __future__ import annotations
@@ -36,9 +38,11 @@ from typing import Any
 from scenarios.core.errors import NemesisError, RankKilled
 
 KINDS = ("slow_rank", "storage_latency", "storage_errors", "master_restart", "kill_rank",
-         "stop_agent", "kill_agent")
-#: faults on a whole host's agent (a pool over hosts): the Window's `rank` is the node
+         "stop_agent", "kill_agent", "net_latency", "net_drop")
+#: faults on one other host (a pool over hosts): the Window's `rank` is the node
 AGENT_KINDS = ("stop_agent", "kill_agent")
+NET_KINDS = ("net_latency", "net_drop")
+HOST_KINDS = AGENT_KINDS + NET_KINDS
 
 
 @dataclass(frozen=True)
@@ -136,11 +140,16 @@ class Nemesis:
 
     def unsupported_agents(self) -> str | None:
         """Agent faults need a pool over hosts (nothing else has an agent to stop)."""
-        kind = next((k for k in self.kinds if k in AGENT_KINDS), None)
+        kind = next((k for k in self.kinds if k in HOST_KINDS), None)
         if kind and self.nnodes < 2:
-            return (f"fault '{kind}' acts on another host's agent: it needs --mode torchrun "
+            return (f"fault '{kind}' acts on another host: it needs --mode torchrun "
                     "--nnodes N > 1")
         return None
+
+    @property
+    def needs_links(self) -> bool:
+        """Whether the pool must route other hosts through proxies (network faults)."""
+        return any(k in NET_KINDS for k in self.kinds)
 
     def now(self) -> float:
         """Seconds since the nemesis was made (the soak's clock for events)."""
@@ -176,11 +185,15 @@ class Nemesis:
                 w = Window(kind, rank, start, end, probability=rng.uniform(0.2, 0.8))
             elif kind == "master_restart":
                 w = Window(kind, -1, start, start)
-            elif kind in AGENT_KINDS:  # rank: one of the other hosts' nodes
+            elif kind in HOST_KINDS:  # rank: one of the other hosts' nodes
                 node = 1 + rank % max(self.nnodes - 1, 1)
-                w = (Window(kind, node, start, start + rng.uniform(expected_s * 0.1,
-                                                                   expected_s * 0.5))
-                     if kind == "stop_agent" else Window(kind, node, start * 0.5, 1e9))
+                if kind == "stop_agent":
+                    w = Window(kind, node, start, start + rng.uniform(expected_s * 0.1,
+                                                                      expected_s * 0.5))
+                elif kind == "net_latency":
+                    w = Window(kind, node, start, end, delay_s=rng.uniform(0.002, 0.05))
+                else:  # kill_agent, net_drop: the host is lost for this run
+                    w = Window(kind, node, start * 0.5, 1e9)
             else:  # kill_rank: in-process at the rank's first IO, under torchrun at a time
                 w = Window(kind, rank, start * 0.5 if self.torchrun else 0.0, 1e9)
             if now - self._last_run.get(kind, -1e9) < self.min_gap_s.get(kind, 0.0):
@@ -292,6 +305,7 @@ class Nemesis:
         self.torchrun = True
         self.min_gap_s.setdefault("kill_rank", 30.0)
         self.min_gap_s.setdefault("kill_agent", 30.0)  # a lost agent restarts, then rejoins
+        self.min_gap_s.setdefault("net_drop", 30.0)
         self.min_gap_s.setdefault("master_restart", 5.0)
 
     def worker_kinds(self) -> tuple[str, ...]:
@@ -300,9 +314,11 @@ class Nemesis:
             kinds.append("storage_latency")
         return tuple(kinds)
 
-    def arm(self, pids: list[int], agents: dict[int, Any] | None = None) -> dict | None:
+    def arm(self, pids: list[int], agents: dict[int, Any] | None = None,
+            links: dict[int, Any] | None = None) -> dict | None:
         """Start this run's process faults against worker `pids` (rank order) and the other
-        hosts' `agents` on this machine (node -> runner.multihost.LocalAgent), and return the
+        hosts' `agents` on this machine (node -> runner.multihost.LocalAgent) and `links`
+        (node -> runner.netproxy.TcpProxy), and return the
         part of the plan the workers apply (`from_wire`), or None when there is none."""
         with self._lock:
             self._t0 = time.monotonic()
@@ -310,7 +326,7 @@ class Nemesis:
         local = [w for w in plan if w.kind in self.worker_kinds()]
         remote = [w for w in plan if w not in local]
         if remote:
-            self._actuator = _ProcessActuator(self, remote, pids, agents or {})
+            self._actuator = _ProcessActuator(self, remote, pids, agents or {}, links or {})
             self._actuator.start()
         for w in local:
             self._event(w.kind, w.rank, f"planned window {w.start_s:.3f}-{w.end_s:.3f} s "
@@ -347,18 +363,21 @@ class _ProcessActuator(threading.Thread):
     a master SIGSTOP never overlap; `stop()` cancels what is left and SIGCONTs everything."""
 
     def __init__(self, nem: Nemesis, windows: list[Window], pids: list[int],
-                 agents: dict[int, Any] | None = None) -> None:
+                 agents: dict[int, Any] | None = None,
+                 links: dict[int, Any] | None = None) -> None:
         super().__init__(name="nemesis-actuator", daemon=True)
         self.nem = nem
         self.pids = pids
         self.agents = agents or {}
+        self.links = links or {}
+        self._slowed: set[int] = set()  # nodes whose link has a delay now
         self._halt = threading.Event()
         self._stopped: set[int] = set()
         steps: list[tuple[float, int, str, Window]] = []
         for w in windows:
-            if w.kind in ("slow_rank", "storage_latency", "stop_agent"):
+            if w.kind in ("slow_rank", "storage_latency", "stop_agent", "net_latency"):
                 steps += [(w.start_s, 0, "stop", w), (w.end_s, 1, "cont", w)]
-            elif w.kind in ("master_restart", "kill_rank", "kill_agent"):
+            elif w.kind in ("master_restart", "kill_rank", "kill_agent", "net_drop"):
                 steps.append((w.start_s, 0, w.kind, w))
         self.steps = sorted(steps, key=lambda s: (s[0], s[1]))
 
@@ -372,6 +391,10 @@ class _ProcessActuator(threading.Thread):
         for at, _, action, w in self.steps:
             if self._halt.wait(max(0.0, t0 + at - time.monotonic())):
                 return
+            if w.kind in NET_KINDS:
+                if self._net_fault(w, action, at):
+                    return  # a host cut off: the pool is going down
+                continue
             if w.kind in AGENT_KINDS:
                 if self._agent_fault(w, action, at):
                     return  # an agent killed: the pool is going down
@@ -436,10 +459,43 @@ class _ProcessActuator(threading.Thread):
             return True
         return False
 
+    def _net_fault(self, w: Window, action: str, at: float) -> bool:
+        """net_latency: delay node `w.rank`'s link for the window; net_drop: cut it (True)."""
+        link = self.links.get(w.rank)
+        if link is None:
+            if action != "cont":
+                self.nem._event(w.kind, w.rank, f"no proxy in front of node {w.rank}: "
+                                                "its traffic is out of reach")
+            return False
+        if action == "stop":
+            link.delay_s = w.delay_s
+            self._slowed.add(w.rank)
+            self.nem._count(w.kind)
+            self.nem._event(w.kind, w.rank, f"+{w.delay_s * 1e3:.0f} ms each way on node "
+                                            f"{w.rank}'s link for "
+                                            f"{(w.end_s - w.start_s) * 1e3:.0f} ms")
+        elif action == "cont":
+            link.delay_s = 0.0
+            self._slowed.discard(w.rank)
+        else:  # net_drop
+            self._cont_all()
+            with self.nem._lock:
+                self.nem._killed.add(-1 - w.rank)
+                self.nem._kill_note = (f"nemesis dropped the connections of the agent of node "
+                                       f"{w.rank} {at:.3f} s into the run")
+            n = link.drop()
+            self.nem._count("net_drop")
+            self.nem._event("net_drop", w.rank, f"dropped {n} connection(s) of node {w.rank}")
+            return True
+        return False
+
     def _cont_all(self) -> None:
         for pid in list(self._stopped):
             _signal(pid, signal.SIGCONT)
         self._stopped.clear()
+        for node in list(self._slowed):
+            self.links[node].delay_s = 0.0
+        self._slowed.clear()
 
     def stop(self) -> None:
         self._halt.set()

@@ -73,6 +73,7 @@ from scenarios.runner.multihost import (
     publish_config,
     torchrun_command,
 )
+from scenarios.runner.netproxy import TcpProxy
 from scenarios.runner.placement import DEFAULT_PLACEMENT, make_placement
 from scenarios.runner.worker import ENV_ADDRESS, ENV_AUTHKEY, Diagnosis
 
@@ -378,6 +379,7 @@ class RankPool:
         nnodes: int = 1,
         rdzv_endpoint: str | None = None,
         placement: str = DEFAULT_PLACEMENT,
+        proxy_hosts: bool = False,
     ) -> None:
         self.layout = Layout.parse(layout, max_world=None)
         self.nnodes = int(nnodes)
@@ -398,6 +400,10 @@ class RankPool:
             raise RankPoolConfigError(f"nnodes {nnodes}: expected >= 1")
         #: which host each layout rank lives on (scenarios/runner/placement.py)
         self.placement = make_placement(placement, self.layout, self.nnodes)
+        #: each other host's workers reach the controller through a TCP proxy of its own
+        #: (scenarios/runner/netproxy.py: the network faults act there)
+        self.proxy_hosts = bool(proxy_hosts) and self.nnodes > 1
+        self.links: dict[int, TcpProxy] = {}
         cap = max_ranks if max_ranks is not None else max_ranks_here()
         if self.layout.world_size // self.nnodes > cap:
             how = "max_ranks" if max_ranks is not None else f"4 x {cap // 4} CPU cores"
@@ -511,6 +517,12 @@ class RankPool:
         bind = parse_endpoint(self.rdzv_endpoint)[0] if self.nnodes > 1 else "127.0.0.1"
         self._acceptor = _Acceptor(authkey, 2 * self.world_size, bind)
         host, port = self._acceptor.address
+        address = f"{host}:{port}"
+        if self.proxy_hosts:
+            self.links = {k: TcpProxy((host, port), bind, name=f"node {k}")
+                          for k in range(1, self.nnodes)}
+            address = ",".join([address] + [f"{p.address[0]}:{p.address[1]}"
+                                            for _, p in sorted(self.links.items())])
         if self.keep_log_dir is not None:
             os.makedirs(self.keep_log_dir, exist_ok=True)
             self._log_dir = self.keep_log_dir
@@ -539,7 +551,7 @@ class RankPool:
                 env.pop(key, None)
             else:
                 env[key] = str(value)
-        env[ENV_ADDRESS] = f"{host}:{port}"
+        env[ENV_ADDRESS] = address
         env[ENV_AUTHKEY] = authkey.hex()
         env[ENV_FAILURES] = self._failures_path()
 
@@ -566,7 +578,7 @@ class RankPool:
         if self.nnodes > 1:  # the same torchrun on every host; this one hosts the store
             cfg = PoolConfig(self.pool_id, str(self.layout), self.device,
                              self.collective_timeout_s, self.nnodes,
-                             self.world_size // self.nnodes, f"{host}:{port}", authkey.hex(),
+                             self.world_size // self.nnodes, address, authkey.hex(),
                              self.placement.name)
             cmd = torchrun_command(self.python, cfg, str(self.rdzv_endpoint), is_host=True)
         self._proc = subprocess.Popen(
@@ -949,6 +961,9 @@ class RankPool:
         if self._acceptor is not None:
             self._acceptor.close()
             self._acceptor = None
+        for link in self.links.values():
+            link.close()
+        self.links = {}
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None

@@ -387,7 +387,10 @@ def _main(argv: list[str] | None) -> int:
         torchrun_rank = int(os.environ["RANK"])
         world_size = int(os.environ["WORLD_SIZE"])
         local_rank = int(os.environ.get("LOCAL_RANK", torchrun_rank))
-        host, port = os.environ[ENV_ADDRESS].rsplit(":", 1)
+        # one address, or one per host (a pool whose other hosts reach it through proxies)
+        addresses = os.environ[ENV_ADDRESS].split(",")
+        node = int(os.environ.get("GROUP_RANK", 0))
+        host, port = addresses[node if len(addresses) > 1 else 0].rsplit(":", 1)
         authkey = bytes.fromhex(os.environ[ENV_AUTHKEY])
     except (KeyError, ValueError) as exc:
         print(f"cpcheck worker: missing torchrun/controller environment: {exc}", file=sys.stderr)

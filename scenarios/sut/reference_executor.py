@@ -62,7 +62,8 @@ class Executor:
     def __init__(self, mode: str = "inprocess", *, timeout_s: float = 10.0,
                  mooncake_master: str = "", device: str = "auto",
                  storage_root: str | None = None, nnodes: int = 1,
-                 rdzv_endpoint: str | None = None, placement: str | None = None) -> None:
+                 rdzv_endpoint: str | None = None, placement: str | None = None,
+                 proxy_hosts: bool = False) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown mode '{mode}': choose one of {', '.join(MODES)}")
         self.mode = mode
@@ -77,6 +78,7 @@ class Executor:
         self.nnodes = nnodes
         self.rdzv_endpoint = rdzv_endpoint
         self.placement = placement or "torchrun"  # scenarios/runner/placement.py
+        self.proxy_hosts = proxy_hosts  # other hosts through proxies (network faults)
         #: the other hosts' agents seen on this machine (node -> LocalAgent), kept past their
         #: loss so a lost one can be started again; the agents this executor restarted
         self.local_agents: dict[int, Any] = {}
@@ -127,7 +129,7 @@ class Executor:
                             collective_timeout_s=self.timeout_s * 3,
                             env={"MC_LOG_LEVEL": "ERROR", "OMP_NUM_THREADS": "1"},
                             nnodes=self.nnodes, rdzv_endpoint=self.rdzv_endpoint,
-                            placement=self.placement)
+                            placement=self.placement, proxy_hosts=self.proxy_hosts)
             self._make_room(pool.world_size)
             pool.start()
             if self.nnodes > 1:
@@ -155,7 +157,7 @@ class Executor:
         self.lost_agent = ""
         if nemesis is not None:  # faults on the real workers / master (scenarios.nemesis.faults)
             payload["nemesis"] = nemesis.arm([r.pid for r in pool.ranks],
-                                             agents=pool.local_agents())
+                                             agents=pool.local_agents(), links=pool.links)
         try:
             results = pool.run("scenarios.sut.reference_jobs:run_schedule", payload,
                                timeout_s=self.timeout_s * 6 + 30)
