@@ -167,11 +167,11 @@ def test_an_agent_lost_mid_soak_is_restarted_here_and_the_soak_goes_on(tmp_path)
     killed = threading.Event()
 
     def kill_when_pooled() -> None:
+        report = tmp_path / "soak" / "latest" / "report.json"
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
-            with contextlib.suppress(psutil.Error):
-                if len(psutil.Process(agent.pid).children(recursive=True)) >= 2:
-                    time.sleep(3.0)  # some runs in
+            with contextlib.suppress(OSError, ValueError, psutil.Error):
+                if json.loads(report.read_text())["runs"] >= 1:  # the pool runs: lose the host
                     _kill_tree(agent.pid)
                     killed.set()
                     return
@@ -191,3 +191,13 @@ def test_an_agent_lost_mid_soak_is_restarted_here_and_the_soak_goes_on(tmp_path)
     assert "agent 2 of 2" in lost[0]["diagnosis"] and "restarted here" in lost[0]["diagnosis"]
     assert rep["runs"] > lost[0]["run"]
     assert not _agents_running(endpoint)
+
+
+def test_report_merge_sums_the_runs_lost_agents_cut() -> None:
+    from scenarios.campaigns.report_merge import merge
+    from tests.test_soak_shard import _rep
+
+    reps = [_rep("agree", i + 1) for i in range(3)]
+    reps[0]["lost_runs"], reps[2]["lost_runs"] = 1, 2
+    m, _ = merge(reps, ["a", "b", "c"], {}, [])
+    assert m["lost_runs"] == 3

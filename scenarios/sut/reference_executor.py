@@ -121,7 +121,7 @@ class Executor:
         return "cuda" if torch.cuda.is_available() else "cpu"
 
     def pool(self, layout: str) -> Any:
-        from scenarios.runner import RankPool
+        from scenarios.runner import RankPool, RankPoolStartError
 
         pool = self._pools.pop(layout, None)
         if pool is None or not pool.running:
@@ -131,7 +131,14 @@ class Executor:
                             nnodes=self.nnodes, rdzv_endpoint=self.rdzv_endpoint,
                             placement=self.placement, proxy_hosts=self.proxy_hosts)
             self._make_room(pool.world_size)
-            pool.start()
+            try:
+                pool.start()
+            except RankPoolStartError:
+                # a host lost while the pool started: once its agent is started again here,
+                # start again (an agent elsewhere is not waited for twice)
+                if self.nnodes == 1 or not self.restart_lost_agents():
+                    raise
+                pool.start()
             if self.nnodes > 1:
                 self.local_agents.update(pool.local_agents())
         self._pools[layout] = pool  # last: the most recently used
