@@ -114,6 +114,7 @@ def _who_shares_an_agent(layout: str, placement: str) -> list[set[int]]:
         _stop(agent)
 
 
+@pytest.mark.cp  # the one two-agent case of the default suite
 def test_cp_local_2x2_over_two_agents_keeps_each_cp_group_on_one_agent() -> None:
     assert _who_shares_an_agent("2x2", "cp-local") == [{0, 2}, {1, 3}]
 
@@ -136,3 +137,21 @@ def test_a_placement_agent_reads_it_from_the_store() -> None:
     old = '{"pool_id": "a", "layout": "1x2", "device": "cpu", "collective_timeout_s": 1.0, ' \
           '"nnodes": 2, "nproc_per_node": 1, "address": "h:1", "authkey_hex": "00"}'
     assert PoolConfig.from_json(old).placement == "torchrun"  # a config of an older controller
+
+
+@pytest.mark.cp
+@pytest.mark.soak  # two agents, four runs: `-m cp` and the nightly
+@pytest.mark.parametrize("name", ["cp-local", "spread"])
+def test_a_placed_2x2_agrees_when_fixed_and_catches_tp_only_sync(tmp_path, name: str) -> None:
+    """The verdicts do not depend on where ranks live; the replay file runs on one host."""
+    ep = f"127.0.0.1:{_free_port()}"
+    agent = _agent(ep)
+    base = ["run", "write_acks", "--layout", "2x2", "--mode", "torchrun", "--nnodes", "2",
+            "--rdzv-endpoint", ep, "--placement", name, "--replay-dir", str(tmp_path)]
+    try:
+        assert main(base) == 0
+        assert main([*base, "--variant", "tp_only_sync"]) == 1
+    finally:
+        _stop(agent)
+    (replay,) = tmp_path.glob("replay-tp_only_sync-2x2-*.json")
+    assert main(["replay", str(replay), "--mode", "torchrun"]) == 1
