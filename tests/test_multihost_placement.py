@@ -155,3 +155,20 @@ def test_a_placed_2x2_agrees_when_fixed_and_catches_tp_only_sync(tmp_path, name:
         _stop(agent)
     (replay,) = tmp_path.glob("replay-tp_only_sync-2x2-*.json")
     assert main(["replay", str(replay), "--mode", "torchrun"]) == 1
+
+
+def test_torch_elastic_failures_are_named_by_layout_rank(tmp_path) -> None:
+    """torch elastic names torchrun's ranks; under cp-local torchrun rank 1 is layout rank 2."""
+    import json
+
+    from scenarios.runner.launch import SCHEMA_VERSION
+
+    pool = RankPool("2x2", nnodes=2, rdzv_endpoint="127.0.0.1:1", placement="cp-local")
+    pool._tmp_dir = str(tmp_path)  # where the launcher writes its record
+    failure = {"rank": 1, "local_rank": 1, "pid": 7, "exitcode": -9, "signal": "SIGKILL",
+               "timestamp": 1, "message": "", "traceback": "", "error_file": ""}
+    (tmp_path / "rank-failures.json").write_text(json.dumps(
+        {"schema_version": SCHEMA_VERSION, "root_cause": 1, "failures": [failure]}))
+    report = pool._failures()
+    pool._tmp_dir = None
+    assert report is not None and report.root_cause == 2 and report.first.rank == 2
