@@ -187,6 +187,7 @@ def merge(reps: list[dict], names: list[str], kept: dict[str, str],
         "confirmed_by_replay": reps[worst].get("confirmed_by_replay")
         if statuses[worst] != "agree" else None,
         "interrupted": interrupted, "unknown_runs": unknown_runs,
+        "lost_runs": sum(int(r.get("lost_runs") or 0) for r in reps),
         "unconfirmed_divergences": [u for r, t in zip(reps, tags, strict=True)
                                     for u in _tagged(r.get("unconfirmed_divergences") or [], t,
                                                      kept)],

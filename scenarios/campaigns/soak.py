@@ -169,6 +169,8 @@ class SoakState:
     not_saved: list[str] = field(default_factory=list)
     #: runs a fault plan was drawn for, and runs each kind fired in
     faultable_runs: int = 0
+    #: runs cut by a lost agent (kill_agent, or a host that left): in `unknown`, never judged
+    lost_runs: int = 0
     fault_runs: Counter = field(default_factory=Counter)
     #: (run number, start) of the run in flight, for the watchdog's progress line
     in_flight: tuple[int, float] | None = None
@@ -237,7 +239,9 @@ class Soak:
             self.ex = stack.enter_context(executor_for(cfg.sut, timeout_s=cfg.timeout,
                                                        mooncake_master=master))
         else:
+            links = self.nem is not None and self.nem.needs_links  # network faults
             self.ex = stack.enter_context(Executor(cfg.mode, **cfg.pool_options,
+                                                   **({"proxy_hosts": True} if links else {}),
                                                    timeout_s=cfg.timeout,
                                                    mooncake_master=master, device=cfg.device))
         self.watchdog = Watchdog(self._check_in_flight, self._waiting_on, can_interrupt)
@@ -257,7 +261,8 @@ class Soak:
         if st.runs == len(st.unknown) and st.verdict.status == "agree":  # nothing was judged
             st.verdict = Verdict.unknown(
                 f"no run was judged within the {self.cfg.budget_s:.0f} s budget "
-                f"({st.runs} run(s), {len(st.unknown)} cut by kill_rank)")
+                f"({st.runs} run(s), {len(st.unknown)} cut by an injected kill or a lost "
+                f"agent)")
 
     # -- one chunk ---------------------------------------------------------------------------
     def _chunk(self) -> bool:
@@ -345,10 +350,15 @@ class Soak:
         """A run that did not agree: a kill we asked for, an unknown, or a divergence."""
         st = self.st
         killed = self.faulted.explain() if self.faulted else None
-        if killed:  # the kill_rank the user asked for: record, go on
-            st.unknown.append({"run": st.runs, "t": round(st.elapsed(), 3),
-                               "diagnosis": f"{killed} (kill_rank): the run is not judged",
-                               "error": v.summary()[:300]})
+        lost = getattr(self.ex, "lost_agent", "") if v.status == "unknown" else ""
+        if killed or lost:  # a kill asked for, or a host that left: record, go on
+            entry = {"run": st.runs, "t": round(st.elapsed(), 3),
+                     "diagnosis": (f"{killed} (an injected kill)" if killed else lost)
+                     + ": the run is not judged", "error": v.summary()[:300]}
+            if lost or (killed and "agent of node" in killed):
+                st.lost_runs += 1
+                entry["lost_agent"] = True
+            st.unknown.append(entry)
             self._save()
             return False
         if v.status == "unknown":
@@ -551,7 +561,7 @@ class Soak:
             status=st.verdict.status or "unknown", verdict=st.verdict.to_dict(),
             seconds_to_divergence=st.first_s,
             confirmed_by_replay=st.verdict.stats.get("confirmed_by_replay"),
-            interrupted=st.interrupted, unknown_runs=st.unknown,
+            interrupted=st.interrupted, unknown_runs=st.unknown, lost_runs=st.lost_runs,
             unconfirmed_divergences=st.unconfirmed,
             unknown_diagnoses=[u["diagnosis"] for u in st.unknown[:20]],
             fault_events=nem.events if nem else [],
@@ -638,8 +648,10 @@ class Soak:
                          f"{', '.join(rep.faults_never_fired)} (runs too short or too few for "
                          "their windows: soak longer)")
         if rep.unknown_runs:
-            notes.append(f"{len(rep.unknown_runs)} run(s) broken by an injected kill were not "
-                         f"judged (unknown): {rep.unknown_runs[0]['diagnosis']}")
+            lost = f", {rep.lost_runs} of them lost an agent" if rep.lost_runs else ""
+            notes.append(f"{len(rep.unknown_runs)} run(s) broken by an injected kill or a lost "
+                         f"agent were not judged (unknown{lost}): "
+                         f"{rep.unknown_runs[0]['diagnosis']}")
         if rep.unconfirmed_divergences and self.st.verdict.status != "unknown":
             u = rep.unconfirmed_divergences
             notes.append(f"{len(u)} divergence(s) did not reproduce on replay (kept, both "
@@ -695,11 +707,19 @@ def run_soak(cfg: SoakConfig) -> int:
 
     seed = cfg.seed if cfg.seed is not None else random.randrange(1 << 31)
     nem = Nemesis.parse(cfg.faults, seed=seed)
+    nem.nnodes = int(cfg.pool_options.get("nnodes", 1))
+    agents = nem.unsupported_agents()
+    if agents:
+        raise UsageError(agents)
     if "master_restart" in nem.kinds and (cfg.backend != "mooncake" or cfg.mooncake_master):
         raise UsageError("fault 'master_restart' needs a Mooncake master this soak starts "
                          "itself (--backend mooncake without --mooncake-master)")
     if cfg.mode == "torchrun":
         nem.for_torchrun()  # faults act on the real worker processes and the master
+    if nem.needs_links:  # say what the network faults reach here, and what they cannot
+        from scenarios.runner.netproxy import REACH
+
+        print(f"cpcheck soak: {REACH}", file=sys.stderr, flush=True)
     check_writable(cfg.out)  # before the first run, not after the budget
     run_dir = RunDir.fresh(cfg.out, seed)
     soak = Soak(cfg, run_dir, seed, nem if nem.active else None,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 from scenarios.cli.conventions import positive_float, positive_int
@@ -47,17 +48,25 @@ def add_multihost_flags(p: argparse.ArgumentParser) -> None:
                         "`cpcheck agent` with the same two flags)")
     p.add_argument("--rdzv-endpoint", metavar="HOST:PORT", default=None,
                    help="torchrun's c10d rendezvous, hosted here (with --nnodes > 1)")
+    p.add_argument("--placement", default=None, metavar="NAME",
+                   help="which host each rank lives on (with --nnodes > 1): torchrun (its "
+                        "node-by-node order, the default), tp-local / cp-local (each attention-"
+                        "TP / CP group on one host), spread (each group over several hosts)")
 
 
-def multihost_options(args: argparse.Namespace, mode: str | None) -> dict[str, Any]:
+def multihost_options(args: argparse.Namespace, mode: str | None,
+                      layouts: Sequence[str] = ()) -> dict[str, Any]:
     """The Executor's `nnodes` / `rdzv_endpoint`, or a UsageError before any work."""
     from scenarios.runner.multihost import parse_endpoint
 
     nnodes = getattr(args, "nnodes", 1) or 1
     endpoint = getattr(args, "rdzv_endpoint", None)
+    placement = getattr(args, "placement", None)
     if nnodes == 1:
         if endpoint:
             raise UsageError("--rdzv-endpoint needs --nnodes N > 1")
+        if placement:
+            raise UsageError(f"--placement {placement}: placing ranks on hosts needs --nnodes N > 1")
         return {}
     if mode != "torchrun":
         raise UsageError(f"--nnodes {nnodes}: ranks on several hosts need --mode torchrun")
@@ -67,4 +76,11 @@ def multihost_options(args: argparse.Namespace, mode: str | None) -> dict[str, A
         parse_endpoint(endpoint)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    return {"nnodes": nnodes, "rdzv_endpoint": endpoint}
+    out: dict[str, Any] = {"nnodes": nnodes, "rdzv_endpoint": endpoint}
+    if placement:
+        from scenarios.runner.placement import make_placement
+
+        for layout in layouts:  # a group larger than a host: exit 2 before any work
+            make_placement(placement, layout, nnodes)
+        out["placement"] = placement
+    return out

@@ -375,7 +375,8 @@ def main(argv: list[str] | None = None) -> int:
         handlers["report"] = cmd_report
     try:
         if args.cmd in ("run", "explore"):  # bad multi-host flags: exit 2 before any work
-            multihost_options(args, args.mode)
+            lay = args.layout
+            multihost_options(args, args.mode, lay if isinstance(lay, list) else [lay] if lay else [])
         with signals_unwind():
             code = handlers[args.cmd](args)
         if argv is None and (code == ExitCode.INTERRUPTED or args.cmd == "soak"):

@@ -40,7 +40,8 @@ def add_soak_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--variant", default="fixed", help=variant_help("fixed or a known-bad variant"))
     p.add_argument("--faults", default="", metavar="LIST",
                    help="comma list of slow_rank,storage_latency,storage_errors,master_restart,"
-                        "kill_rank (default: none)")
+                        "kill_rank; over several hosts also stop_agent,kill_agent,net_latency,"
+                        "net_drop (default: none)")
     p.add_argument("--seed", type=int, default=None,
                    help="pin the run (default: a fresh random seed, printed and in the report)")
     p.add_argument("--mode", choices=MODES, default="inprocess",
@@ -84,7 +85,7 @@ def soak_config(args: argparse.Namespace, argv: list[str] | None = None) -> Soak
         layout=layout, backend=args.backend, minutes=args.minutes, variant=args.variant,
         faults=args.faults, seed=plan.seed, mode=args.mode, out=Path(args.out),
         shard=plan.to_dict() if args.shard else None,
-        pool_options=multihost_options(args, args.mode),  # bad flags: exit 2 before any work
+        pool_options=multihost_options(args, args.mode, [layout]),  # bad flags: exit 2 before any work
         mooncake_master=args.mooncake_master, timeout=args.timeout, device=args.device,
         protocol_changes=changes, sut=args.sut, json=args.json, verbose=args.verbose,
         argv=tuple(["cpcheck", *(argv if argv is not None else sys.argv[1:])]))

@@ -93,6 +93,10 @@ class NemesisError(UsageError):
     """A bad --faults list; one line."""
 
 
+class PlacementError(UsageError):
+    """A --placement these hosts cannot give the layout (a group larger than a host); one line."""
+
+
 class MarkerError(UsageError):
     """A docs file has a broken pair of markers for a generated table."""
 
@@ -191,12 +195,15 @@ class RankTimeoutError(RankPoolError):
 
 
 class RankDiedError(RankPoolError):
-    """A worker process (or torchrun itself, ``rank=None``) exited; the pool was torn down."""
+    """A worker process (or torchrun itself, ``rank=None``) exited; the pool was torn down.
+    ``node``: the host that left, when every rank of another host went at once."""
 
-    def __init__(self, message: str, rank: int | None, exitcode: int | None) -> None:
+    def __init__(self, message: str, rank: int | None, exitcode: int | None,
+                 node: int | None = None) -> None:
         super().__init__(message)
         self.rank = rank
         self.exitcode = exitcode
+        self.node = node
 
 
 class RankKilled(CpcheckError, RuntimeError):

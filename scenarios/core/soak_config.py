@@ -30,7 +30,7 @@ class SoakConfig:
     sut: str = "reference"
     #: `--shard I/N` of a nightly spread over runners (campaigns/shard.py), or None
     shard: dict[str, Any] | None = None
-    #: the rank pool over several hosts (`--nnodes`, `--rdzv-endpoint`), or {} for one host
+    #: the rank pool over several hosts (`--nnodes`, `--rdzv-endpoint`, `--placement`), or {} for one host
     pool_options: dict[str, Any] = field(default_factory=dict)
     json: bool = False
     verbose: bool = False

@@ -14,6 +14,13 @@ worker (the executor then starts a fresh pool: a gloo world cannot readmit one r
 storage_errors travel to the workers as a plan (`wire` / `from_wire`) their pacers apply. A run
 broken by a kill we injected is not a divergence: `explain()` gives the diagnosis and the soak
 counts the run as unknown.
+
+Over several hosts (`--nnodes`), stop_agent SIGSTOPs one other host's whole agent (the `cpcheck
+agent` loop, its torchrun and its workers) for its window and kill_agent SIGKILLs it; both reach
+agents on this machine only (one machine as several hosts): a remote agent's processes are out
+of reach, which the event says. The soak restarts a killed agent it can (scenarios/sut).
+net_latency delays and net_drop cuts one other host's connections to the controller, through
+the pool's TCP proxy for that host (scenarios/runner/netproxy.py says what that reaches).
 """
 
 from __future__ import annotations
@@ -30,7 +37,12 @@ from typing import Any
 
 from scenarios.core.errors import NemesisError, RankKilled
 
-KINDS = ("slow_rank", "storage_latency", "storage_errors", "master_restart", "kill_rank")
+KINDS = ("slow_rank", "storage_latency", "storage_errors", "master_restart", "kill_rank",
+         "stop_agent", "kill_agent", "net_latency", "net_drop")
+#: faults on one other host (a pool over hosts): the Window's `rank` is the node
+AGENT_KINDS = ("stop_agent", "kill_agent")
+NET_KINDS = ("net_latency", "net_drop")
+HOST_KINDS = AGENT_KINDS + NET_KINDS
 
 
 @dataclass(frozen=True)
@@ -75,6 +87,10 @@ class Nemesis:
     min_gap_s: dict[str, float] = field(default_factory=dict)
     #: what fired, with times in seconds since the nemesis was made (the soak's start)
     events: list[dict] = field(default_factory=list)
+    #: hosts of the pool (agent faults pick one of nodes 1..nnodes-1: never the controller's)
+    nnodes: int = 1
+    #: agents kill_agent killed (runner.multihost.LocalAgent), for the executor to restart
+    killed_agents: list[Any] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         bad = [k for k in self.kinds if k not in KINDS]
@@ -120,7 +136,20 @@ class Nemesis:
         if "master_restart" in self.kinds and self.restart is None:
             return ("fault 'master_restart' needs a Mooncake master this soak starts itself "
                     "(--backend mooncake without --mooncake-master)")
+        return self.unsupported_agents()
+
+    def unsupported_agents(self) -> str | None:
+        """Agent faults need a pool over hosts (nothing else has an agent to stop)."""
+        kind = next((k for k in self.kinds if k in HOST_KINDS), None)
+        if kind and self.nnodes < 2:
+            return (f"fault '{kind}' acts on another host: it needs --mode torchrun "
+                    "--nnodes N > 1")
         return None
+
+    @property
+    def needs_links(self) -> bool:
+        """Whether the pool must route other hosts through proxies (network faults)."""
+        return any(k in NET_KINDS for k in self.kinds)
 
     def now(self) -> float:
         """Seconds since the nemesis was made (the soak's clock for events)."""
@@ -156,6 +185,15 @@ class Nemesis:
                 w = Window(kind, rank, start, end, probability=rng.uniform(0.2, 0.8))
             elif kind == "master_restart":
                 w = Window(kind, -1, start, start)
+            elif kind in HOST_KINDS:  # rank: one of the other hosts' nodes
+                node = 1 + rank % max(self.nnodes - 1, 1)
+                if kind == "stop_agent":
+                    w = Window(kind, node, start, start + rng.uniform(expected_s * 0.1,
+                                                                      expected_s * 0.5))
+                elif kind == "net_latency":
+                    w = Window(kind, node, start, end, delay_s=rng.uniform(0.002, 0.05))
+                else:  # kill_agent, net_drop: the host is lost for this run
+                    w = Window(kind, node, start * 0.5, 1e9)
             else:  # kill_rank: in-process at the rank's first IO, under torchrun at a time
                 w = Window(kind, rank, start * 0.5 if self.torchrun else 0.0, 1e9)
             if now - self._last_run.get(kind, -1e9) < self.min_gap_s.get(kind, 0.0):
@@ -266,6 +304,8 @@ class Nemesis:
         """Switch to process faults (a kill costs a pool restart: at most one per 30 s)."""
         self.torchrun = True
         self.min_gap_s.setdefault("kill_rank", 30.0)
+        self.min_gap_s.setdefault("kill_agent", 30.0)  # a lost agent restarts, then rejoins
+        self.min_gap_s.setdefault("net_drop", 30.0)
         self.min_gap_s.setdefault("master_restart", 5.0)
 
     def worker_kinds(self) -> tuple[str, ...]:
@@ -274,8 +314,11 @@ class Nemesis:
             kinds.append("storage_latency")
         return tuple(kinds)
 
-    def arm(self, pids: list[int]) -> dict | None:
-        """Start this run's process faults against worker `pids` (rank order) and return the
+    def arm(self, pids: list[int], agents: dict[int, Any] | None = None,
+            links: dict[int, Any] | None = None) -> dict | None:
+        """Start this run's process faults against worker `pids` (rank order) and the other
+        hosts' `agents` on this machine (node -> runner.multihost.LocalAgent) and `links`
+        (node -> runner.netproxy.TcpProxy), and return the
         part of the plan the workers apply (`from_wire`), or None when there is none."""
         with self._lock:
             self._t0 = time.monotonic()
@@ -283,7 +326,7 @@ class Nemesis:
         local = [w for w in plan if w.kind in self.worker_kinds()]
         remote = [w for w in plan if w not in local]
         if remote:
-            self._actuator = _ProcessActuator(self, remote, pids)
+            self._actuator = _ProcessActuator(self, remote, pids, agents or {}, links or {})
             self._actuator.start()
         for w in local:
             self._event(w.kind, w.rank, f"planned window {w.start_s:.3f}-{w.end_s:.3f} s "
@@ -319,17 +362,22 @@ class _ProcessActuator(threading.Thread):
     """Applies one run's process faults in time order on one thread, so a master restart and
     a master SIGSTOP never overlap; `stop()` cancels what is left and SIGCONTs everything."""
 
-    def __init__(self, nem: Nemesis, windows: list[Window], pids: list[int]) -> None:
+    def __init__(self, nem: Nemesis, windows: list[Window], pids: list[int],
+                 agents: dict[int, Any] | None = None,
+                 links: dict[int, Any] | None = None) -> None:
         super().__init__(name="nemesis-actuator", daemon=True)
         self.nem = nem
         self.pids = pids
+        self.agents = agents or {}
+        self.links = links or {}
+        self._slowed: set[int] = set()  # nodes whose link has a delay now
         self._halt = threading.Event()
         self._stopped: set[int] = set()
         steps: list[tuple[float, int, str, Window]] = []
         for w in windows:
-            if w.kind in ("slow_rank", "storage_latency"):
+            if w.kind in ("slow_rank", "storage_latency", "stop_agent", "net_latency"):
                 steps += [(w.start_s, 0, "stop", w), (w.end_s, 1, "cont", w)]
-            elif w.kind in ("master_restart", "kill_rank"):
+            elif w.kind in ("master_restart", "kill_rank", "kill_agent", "net_drop"):
                 steps.append((w.start_s, 0, w.kind, w))
         self.steps = sorted(steps, key=lambda s: (s[0], s[1]))
 
@@ -343,6 +391,14 @@ class _ProcessActuator(threading.Thread):
         for at, _, action, w in self.steps:
             if self._halt.wait(max(0.0, t0 + at - time.monotonic())):
                 return
+            if w.kind in NET_KINDS:
+                if self._net_fault(w, action, at):
+                    return  # a host cut off: the pool is going down
+                continue
+            if w.kind in AGENT_KINDS:
+                if self._agent_fault(w, action, at):
+                    return  # an agent killed: the pool is going down
+                continue
             pid = self._pid_for(w)
             if action == "stop" and pid is not None and _signal(pid, signal.SIGSTOP):
                 self._stopped.add(pid)
@@ -367,10 +423,79 @@ class _ProcessActuator(threading.Thread):
                     self.nem._event("kill_rank", w.rank, f"SIGKILL pid {pid}")
                 return  # the pool is going down: nothing else of this run matters
 
+    def _agent_fault(self, w: Window, action: str, at: float) -> bool:
+        """stop / cont / kill_agent on every process of node `w.rank`'s agent, root first (a
+        stopped tree cannot react to its children stopping); True once an agent is killed."""
+        agent = self.agents.get(w.rank)
+        if agent is None:
+            if action != "cont":
+                self.nem._event(w.kind, w.rank, f"agent of node {w.rank} is not on this "
+                                                "machine: its processes are out of reach")
+            return False
+        pids = list(agent.pids)
+        if action == "stop":
+            stopped = [p for p in pids if _signal(p, signal.SIGSTOP)]
+            if stopped:
+                self._stopped.update(stopped)
+                self.nem._count(w.kind)
+                self.nem._event(w.kind, w.rank, f"SIGSTOP agent of node {w.rank} (pids "
+                                                f"{stopped}) for {(w.end_s - w.start_s) * 1e3:.0f} ms")
+        elif action == "cont":
+            for p in reversed(pids):  # workers first, the loop last
+                if p in self._stopped:
+                    _signal(p, signal.SIGCONT)
+                    self._stopped.discard(p)
+        else:  # kill_agent
+            self._cont_all()
+            with self.nem._lock:
+                self.nem._killed.add(-1 - w.rank)
+                self.nem._kill_note = (f"nemesis SIGKILLed the agent of node {w.rank} "
+                                       f"(pids {pids}) {at:.3f} s into the run")
+                self.nem.killed_agents.append(agent)
+            if [p for p in pids if _signal(p, signal.SIGKILL)]:
+                self.nem._count("kill_agent")
+                self.nem._event("kill_agent", w.rank, f"SIGKILL agent of node {w.rank} "
+                                                     f"(pids {pids})")
+            return True
+        return False
+
+    def _net_fault(self, w: Window, action: str, at: float) -> bool:
+        """net_latency: delay node `w.rank`'s link for the window; net_drop: cut it (True)."""
+        link = self.links.get(w.rank)
+        if link is None:
+            if action != "cont":
+                self.nem._event(w.kind, w.rank, f"no proxy in front of node {w.rank}: "
+                                                "its traffic is out of reach")
+            return False
+        if action == "stop":
+            link.delay_s = w.delay_s
+            self._slowed.add(w.rank)
+            self.nem._count(w.kind)
+            self.nem._event(w.kind, w.rank, f"+{w.delay_s * 1e3:.0f} ms each way on node "
+                                            f"{w.rank}'s link for "
+                                            f"{(w.end_s - w.start_s) * 1e3:.0f} ms")
+        elif action == "cont":
+            link.delay_s = 0.0
+            self._slowed.discard(w.rank)
+        else:  # net_drop
+            self._cont_all()
+            with self.nem._lock:
+                self.nem._killed.add(-1 - w.rank)
+                self.nem._kill_note = (f"nemesis dropped the connections of the agent of node "
+                                       f"{w.rank} {at:.3f} s into the run")
+            n = link.drop()
+            self.nem._count("net_drop")
+            self.nem._event("net_drop", w.rank, f"dropped {n} connection(s) of node {w.rank}")
+            return True
+        return False
+
     def _cont_all(self) -> None:
         for pid in list(self._stopped):
             _signal(pid, signal.SIGCONT)
         self._stopped.clear()
+        for node in list(self._slowed):
+            self.links[node].delay_s = 0.0
+        self._slowed.clear()
 
     def stop(self) -> None:
         self._halt.set()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -52,6 +53,11 @@ def ping(ctx: RankContext, payload: Any = None) -> dict[str, Any]:
         "device": str(ctx.device),
         "world_size": ctx.world_size,
         "job_id": ctx.job_id,
+        # which host and agent this rank runs on (a pool over hosts places ranks by --placement)
+        "node": int(os.environ.get("GROUP_RANK", 0)),
+        "torchrun_rank": int(os.environ.get("RANK", ctx.rank)),
+        "hostname": socket.gethostname(),
+        "agent_pid": os.getppid(),
     }
 
 

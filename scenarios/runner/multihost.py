@@ -47,6 +47,7 @@ class PoolConfig:
     nproc_per_node: int
     address: str  # host:port of the controller's listener
     authkey_hex: str
+    placement: str = "torchrun"  # scenarios/runner/placement.py
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -70,11 +71,16 @@ def node_of(rank: int, nproc_per_node: int) -> int:
     return rank // nproc_per_node
 
 
-def describe_node(node: int, nnodes: int, nproc_per_node: int) -> str:
-    """'agent 2 of 2 (ranks 2-3)': how a diagnosis names a host."""
+def describe_node(node: int, nnodes: int, nproc_per_node: int,
+                  ranks: tuple[int, ...] | None = None) -> str:
+    """'agent 2 of 2 (ranks 2-3)': how a diagnosis names a host (`ranks`: its layout ranks
+    under a placement; default torchrun's contiguous block)."""
     lo = node * nproc_per_node
     hi = lo + nproc_per_node - 1
     where = "the first host" if node == 0 else f"agent {node + 1} of {nnodes}"
+    if ranks is not None and tuple(ranks) != tuple(range(lo, hi + 1)):
+        listed = ", ".join(map(str, ranks))
+        return f"{where} (rank{'s' if len(ranks) > 1 else ''} {listed})"
     return f"{where} (ranks {lo}-{hi})" if hi > lo else f"{where} (rank {lo})"
 
 
@@ -90,7 +96,8 @@ def torchrun_command(python: str, cfg: PoolConfig, endpoint: str, *, is_host: bo
     if host in ("127.0.0.1", "localhost"):
         cmd.append("--local-addr=127.0.0.1")  # one machine as several hosts (tests)
     return [*cmd, "-m", _WORKER_MODULE, f"--pool-id={cfg.pool_id}", f"--layout={cfg.layout}",
-            f"--device={cfg.device}", f"--collective-timeout-s={cfg.collective_timeout_s}"]
+            f"--device={cfg.device}", f"--collective-timeout-s={cfg.collective_timeout_s}",
+            f"--placement={cfg.placement}"]
 
 
 def _listening(host: str, port: int) -> bool:
@@ -211,3 +218,75 @@ def _stop(proc: subprocess.Popen) -> None:
         with contextlib.suppress(psutil.Error):
             p.kill()
     psutil.wait_procs(alive, timeout=5.0)
+
+
+# -- agents on this machine: what the nemesis signals and the soak restarts ---------------------
+
+
+@dataclass(frozen=True)
+class LocalAgent:
+    """One host's agent found running on this machine: its processes, root first (the
+    `cpcheck agent` loop when there is one, then its torchrun, then the workers), and how to
+    start it again (its command line, folder and environment)."""
+
+    node: int
+    pids: tuple[int, ...]
+    argv: tuple[str, ...] = ()
+    cwd: str = ""
+    env: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def restartable(self) -> bool:
+        return bool(self.argv)
+
+
+def _is_agent_loop(cmdline: list[str]) -> bool:
+    return "agent" in cmdline and any(a.startswith("--rdzv-endpoint") for a in cmdline)
+
+
+def find_local_agent(node: int, worker_pids: list[int], pool_id: str) -> LocalAgent | None:
+    """The agent of `node` if its workers (`worker_pids`, as they said in their hellos) run on
+    this machine: a pid is taken as local only when that process carries the pool's id."""
+    import psutil
+
+    token = f"--pool-id={pool_id}"
+    workers, parents = [], set()
+    for pid in worker_pids:
+        try:
+            proc = psutil.Process(pid)
+            if token not in proc.cmdline():
+                return None  # another host's pid, or reused: not ours to signal
+            workers.append(pid)
+            parents.add(proc.ppid())
+        except psutil.Error:
+            return None
+    if len(parents) != 1:
+        return None
+    try:
+        torchrun = psutil.Process(parents.pop())
+        loop = torchrun.parent()
+        if loop is not None and _is_agent_loop(loop.cmdline()):
+            return LocalAgent(node, (loop.pid, torchrun.pid, *workers), tuple(loop.cmdline()),
+                              loop.cwd(), tuple(sorted(loop.environ().items())))
+        return LocalAgent(node, (torchrun.pid, *workers))
+    except psutil.Error:
+        return None
+
+
+def restart_agent(agent: LocalAgent, log_path: str | None = None) -> subprocess.Popen:
+    """Start a lost agent again as it was started (its own session: the caller stops it)."""
+    out = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115
+    try:
+        return subprocess.Popen(list(agent.argv), cwd=agent.cwd or None, env=dict(agent.env),
+                                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    finally:
+        if log_path:
+            out.close()  # type: ignore[union-attr]
+
+
+def stop_agent_process(proc: subprocess.Popen) -> None:
+    """Stop an agent this harness restarted, with its torchrun and workers."""
+    _stop(proc)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=5.0)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import dataclasses
 import itertools
 import os
 import pickle
@@ -52,6 +53,7 @@ import psutil
 from scenarios.core.config import REPO_ROOT
 from scenarios.core.errors import (
     MultiHostError,
+    PlacementError,
     PoolNotRunningError,
     RankDiedError,
     RankJobError,
@@ -63,13 +65,16 @@ from scenarios.core.errors import (
 from scenarios.core.layout import Layout
 from scenarios.runner.launch import ENV_FAILURES, FailureReport, RankFailure, read_failures
 from scenarios.runner.multihost import (
+    LocalAgent,
     PoolConfig,
     describe_node,
-    node_of,
+    find_local_agent,
     parse_endpoint,
     publish_config,
     torchrun_command,
 )
+from scenarios.runner.netproxy import TcpProxy
+from scenarios.runner.placement import DEFAULT_PLACEMENT, make_placement
 from scenarios.runner.worker import ENV_ADDRESS, ENV_AUTHKEY, Diagnosis
 
 __all__ = [
@@ -373,10 +378,15 @@ class RankPool:
         python: str = sys.executable,
         nnodes: int = 1,
         rdzv_endpoint: str | None = None,
+        placement: str = DEFAULT_PLACEMENT,
+        proxy_hosts: bool = False,
     ) -> None:
         self.layout = Layout.parse(layout, max_world=None)
         self.nnodes = int(nnodes)
         self.rdzv_endpoint = rdzv_endpoint
+        if self.nnodes == 1 and placement != DEFAULT_PLACEMENT:
+            raise PlacementError(f"--placement {placement}: placing ranks on hosts needs "
+                                 "--nnodes N > 1")
         if self.nnodes > 1:  # ranks on several hosts: see scenarios/runner/multihost.py
             try:
                 parse_endpoint(rdzv_endpoint or "")
@@ -388,6 +398,12 @@ class RankPool:
                     f"{self.nnodes} hosts cannot share evenly")
         elif self.nnodes < 1:
             raise RankPoolConfigError(f"nnodes {nnodes}: expected >= 1")
+        #: which host each layout rank lives on (scenarios/runner/placement.py)
+        self.placement = make_placement(placement, self.layout, self.nnodes)
+        #: each other host's workers reach the controller through a TCP proxy of its own
+        #: (scenarios/runner/netproxy.py: the network faults act there)
+        self.proxy_hosts = bool(proxy_hosts) and self.nnodes > 1
+        self.links: dict[int, TcpProxy] = {}
         cap = max_ranks if max_ranks is not None else max_ranks_here()
         if self.layout.world_size // self.nnodes > cap:
             how = "max_ranks" if max_ranks is not None else f"4 x {cap // 4} CPU cores"
@@ -501,6 +517,12 @@ class RankPool:
         bind = parse_endpoint(self.rdzv_endpoint)[0] if self.nnodes > 1 else "127.0.0.1"
         self._acceptor = _Acceptor(authkey, 2 * self.world_size, bind)
         host, port = self._acceptor.address
+        address = f"{host}:{port}"
+        if self.proxy_hosts:
+            self.links = {k: TcpProxy((host, port), bind, name=f"node {k}")
+                          for k in range(1, self.nnodes)}
+            address = ",".join([address] + [f"{p.address[0]}:{p.address[1]}"
+                                            for _, p in sorted(self.links.items())])
         if self.keep_log_dir is not None:
             os.makedirs(self.keep_log_dir, exist_ok=True)
             self._log_dir = self.keep_log_dir
@@ -529,7 +551,7 @@ class RankPool:
                 env.pop(key, None)
             else:
                 env[key] = str(value)
-        env[ENV_ADDRESS] = f"{host}:{port}"
+        env[ENV_ADDRESS] = address
         env[ENV_AUTHKEY] = authkey.hex()
         env[ENV_FAILURES] = self._failures_path()
 
@@ -556,7 +578,8 @@ class RankPool:
         if self.nnodes > 1:  # the same torchrun on every host; this one hosts the store
             cfg = PoolConfig(self.pool_id, str(self.layout), self.device,
                              self.collective_timeout_s, self.nnodes,
-                             self.world_size // self.nnodes, f"{host}:{port}", authkey.hex())
+                             self.world_size // self.nnodes, address, authkey.hex(),
+                             self.placement.name)
             cmd = torchrun_command(self.python, cfg, str(self.rdzv_endpoint), is_host=True)
         self._proc = subprocess.Popen(
             cmd,
@@ -630,9 +653,27 @@ class RankPool:
             return (f"; the rendezvous at {self.rdzv_endpoint} never completed: at least one "
                     f"of the {self.nnodes - 1} agent(s) (`cpcheck agent --nnodes {self.nnodes} "
                     f"--rdzv-endpoint {self.rdzv_endpoint}`) never joined")
-        per = self.world_size // self.nnodes
-        nodes = sorted({node_of(r, per) for r in missing})
-        return "; missing: " + ", ".join(describe_node(k, self.nnodes, per) for k in nodes)
+        nodes = sorted({self.placement.node_of(r) for r in missing})
+        return "; missing: " + ", ".join(self.describe_node(k) for k in nodes)
+
+    def local_agents(self) -> dict[int, LocalAgent]:
+        """The other hosts' agents that run on this machine (one machine as several hosts),
+        by node: what `stop_agent` / `kill_agent` signal and a soak restarts."""
+        if self.nnodes == 1 or not self.running:
+            return {}
+        pids = {r.info.rank: r.info.pid for r in self._ranks}
+        out = {}
+        for node in range(1, self.nnodes):
+            agent = find_local_agent(node, [pids[r] for r in self.placement.ranks_on(node)],
+                                     self.pool_id)
+            if agent is not None:
+                out[node] = agent
+        return out
+
+    def describe_node(self, node: int) -> str:
+        """'agent 2 of 2 (ranks 1, 3)': a host and the layout ranks it holds."""
+        return describe_node(node, self.nnodes, self.world_size // self.nnodes,
+                             self.placement.ranks_on(node))
 
     def _raise_start_failed(self, code: int, connected: int) -> NoReturn:
         msg = (
@@ -659,7 +700,13 @@ class RankPool:
 
     def _failures(self) -> FailureReport | None:
         """The launcher's record of failed ranks, once torchrun has exited after a failure."""
-        return read_failures(self._failures_path()) if self._tmp_dir is not None else None
+        report = read_failures(self._failures_path()) if self._tmp_dir is not None else None
+        if report is None or self.placement.name == DEFAULT_PLACEMENT:
+            return report
+        # torch elastic names torchrun's ranks; diagnoses speak layout ranks
+        to = self.placement.layout_rank
+        return FailureReport(to(report.root_cause), {
+            to(r): dataclasses.replace(f, rank=to(r)) for r, f in report.failures.items()})
 
     # -- run -------------------------------------------------------------------------------
 
@@ -767,9 +814,8 @@ class RankPool:
 
     def _raise_timeout(self, name: str, stuck: list[int], timeout_s: float) -> NoReturn:
         diag = self.diagnose()
-        per = self.world_size // self.nnodes
         lines = [
-            f"rank {r}{'' if self.nnodes == 1 else ' on ' + describe_node(node_of(r, per), self.nnodes, per)}"
+            f"rank {r}{'' if self.nnodes == 1 else ' on ' + self.describe_node(self.placement.node_of(r))}"
             f" did not finish job '{name}' in {timeout_s:g} s: {_summary(diag.get(r))}"
             for r in stuck
         ]
@@ -796,12 +842,11 @@ class RankPool:
         if gone:
             # every rank of another host closed its connection: that host's agent left (this
             # host's ranks then fail in collectives with the ones that are gone; not the cause)
-            per = self.world_size // self.nnodes
-            where = ", ".join(describe_node(k, self.nnodes, per) for k in gone)
+            where = ", ".join(self.describe_node(k) for k in gone)
             msg = (f"{where} left during job '{name}': every rank there closed its connection; "
                    f"pool torn down, call start() to run again")
             self._teardown(graceful=False, reason=msg)
-            raise RankDiedError(msg, gone[0] * per, None)
+            raise RankDiedError(msg, self.placement.ranks_on(gone[0])[0], None, node=gone[0])
         if proc is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=10.0)  # torchrun reaps the rest and writes who failed
@@ -832,7 +877,6 @@ class RankPool:
     def _hosts_gone(self, window_s: float = 2.0) -> list[int]:
         """Nodes other than this one whose ranks all closed their job connections (waits up to
         `window_s` for them: a host's ranks go together, seen one by one)."""
-        per = self.world_size // self.nnodes
         closed: set[int] = set()
         deadline = time.monotonic() + window_s
         while True:
@@ -845,7 +889,7 @@ class RankPool:
                 except (EOFError, OSError):
                     closed.add(r.info.rank)
             gone = [k for k in range(1, self.nnodes)
-                    if all(r in closed for r in range(k * per, (k + 1) * per))]
+                    if all(r in closed for r in self.placement.ranks_on(k))]
             if gone or time.monotonic() >= deadline:
                 return gone
             time.sleep(0.05)
@@ -917,6 +961,9 @@ class RankPool:
         if self._acceptor is not None:
             self._acceptor.close()
             self._acceptor = None
+        for link in self.links.values():
+            link.close()
+        self.links = {}
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None

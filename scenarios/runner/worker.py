@@ -352,7 +352,20 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--layout", required=True)
     p.add_argument("--device", choices=DEVICES, default="auto")
     p.add_argument("--collective-timeout-s", type=float, default=120.0)
+    p.add_argument("--placement", default="torchrun",
+                   help="which layout rank each torchrun rank takes (scenarios/runner/placement.py)")
     return p.parse_args(argv)
+
+
+def layout_rank(layout: Layout, placement: str, torchrun_rank: int) -> int:
+    """This worker's layout rank: torchrun's rank through the pool's placement (hosts hold
+    ``LOCAL_WORLD_SIZE`` ranks each, torchrun numbering them node by node)."""
+    if placement == "torchrun":
+        return torchrun_rank
+    from scenarios.runner.placement import make_placement
+
+    per = int(os.environ.get("LOCAL_WORLD_SIZE", layout.world_size))
+    return make_placement(placement, layout, layout.world_size // per).layout_rank(torchrun_rank)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -371,10 +384,13 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None) -> int:
     args = _parse_args(argv)
     try:
-        rank = int(os.environ["RANK"])
+        torchrun_rank = int(os.environ["RANK"])
         world_size = int(os.environ["WORLD_SIZE"])
-        local_rank = int(os.environ.get("LOCAL_RANK", rank))
-        host, port = os.environ[ENV_ADDRESS].rsplit(":", 1)
+        local_rank = int(os.environ.get("LOCAL_RANK", torchrun_rank))
+        # one address, or one per host (a pool whose other hosts reach it through proxies)
+        addresses = os.environ[ENV_ADDRESS].split(",")
+        node = int(os.environ.get("GROUP_RANK", 0))
+        host, port = addresses[node if len(addresses) > 1 else 0].rsplit(":", 1)
         authkey = bytes.fromhex(os.environ[ENV_AUTHKEY])
     except (KeyError, ValueError) as exc:
         print(f"cpcheck worker: missing torchrun/controller environment: {exc}", file=sys.stderr)
@@ -386,6 +402,11 @@ def _main(argv: list[str] | None) -> int:
             f"WORLD_SIZE={world_size}",
             file=sys.stderr,
         )
+        return EXIT_BAD_SETUP
+    try:
+        rank = layout_rank(layout, args.placement, torchrun_rank)
+    except ValueError as exc:
+        print(f"cpcheck worker: {exc}", file=sys.stderr)
         return EXIT_BAD_SETUP
 
     from datetime import timedelta
@@ -405,7 +426,8 @@ def _main(argv: list[str] | None) -> int:
         device = torch.device("cpu")
 
     timeout = timedelta(seconds=args.collective_timeout_s)
-    dist.init_process_group("gloo", timeout=timeout)
+    # under the layout rank: every group, job and record speaks layout ranks on any host
+    dist.init_process_group("gloo", timeout=timeout, rank=rank, world_size=world_size)
     groups = _build_groups(layout, rank, timeout)
     ctx = RankContext(
         rank=rank,

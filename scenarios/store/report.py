@@ -154,6 +154,8 @@ class SoakReport(BaseModel):
     confirmed_by_replay: bool | None = None
     interrupted: bool = False
     unknown_runs: list[dict[str, Any]] = Field(default_factory=list)
+    #: runs cut by a lost agent (a pool over hosts): counted in unknown_runs too
+    lost_runs: int = 0
     unconfirmed_divergences: list[dict[str, Any]] = Field(default_factory=list)
     unknown_diagnoses: list[str] = Field(default_factory=list)
     fault_events: list[dict[str, Any]] = Field(default_factory=list)

@@ -40,7 +40,8 @@ class SutExecutor(Protocol):
 def executor_for(sut: str, mode: str = "inprocess", *, timeout_s: float | None = None,
                  mooncake_master: str = "", device: str = "auto",
                  log: Any = None, nnodes: int = 1,
-                 rdzv_endpoint: str | None = None) -> SutExecutor:
+                 rdzv_endpoint: str | None = None,
+                 placement: str | None = None) -> SutExecutor:
     """The executor of `sut` ("reference" or "sglang==V"). SGLang runs under torchrun only
     (one release's environment per worker), so `mode` applies to the reference."""
     version = sglang_version(sut or REFERENCE)
@@ -48,7 +49,8 @@ def executor_for(sut: str, mode: str = "inprocess", *, timeout_s: float | None =
         from scenarios.sut.reference_executor import Executor
 
         return Executor(mode, timeout_s=timeout_s or 10.0, mooncake_master=mooncake_master,
-                        device=device, nnodes=nnodes, rdzv_endpoint=rdzv_endpoint)
+                        device=device, nnodes=nnodes, rdzv_endpoint=rdzv_endpoint,
+                        placement=placement)
     if nnodes > 1:
         raise ValueError(f"--nnodes {nnodes}: SGLang as the SUT runs on one host here")
     from scenarios.sut.sglang.executor import SglangExecutor

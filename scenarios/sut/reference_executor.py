@@ -44,6 +44,15 @@ def max_pool_ranks(device: str) -> int:
     return CUDA_MAX_POOL_RANKS if device == "cuda" else 0
 
 
+def _running(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
 class Executor:
     """The reference as a `SutExecutor` (scenarios/sut/__init__.py), in one mode."""
 
@@ -54,7 +63,8 @@ class Executor:
     def __init__(self, mode: str = "inprocess", *, timeout_s: float = DEFAULT_AGREEMENT_S,
                  mooncake_master: str = "", device: str = "auto",
                  storage_root: str | None = None, nnodes: int = 1,
-                 rdzv_endpoint: str | None = None) -> None:
+                 rdzv_endpoint: str | None = None, placement: str | None = None,
+                 proxy_hosts: bool = False) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown mode '{mode}': choose one of {', '.join(MODES)}")
         self.mode = mode
@@ -68,6 +78,14 @@ class Executor:
         #: every pool uses the one rendezvous endpoint the agents know
         self.nnodes = nnodes
         self.rdzv_endpoint = rdzv_endpoint
+        self.placement = placement or "torchrun"  # scenarios/runner/placement.py
+        self.proxy_hosts = proxy_hosts  # other hosts through proxies (network faults)
+        #: the other hosts' agents seen on this machine (node -> LocalAgent), kept past their
+        #: loss so a lost one can be started again; the agents this executor restarted
+        self.local_agents: dict[int, Any] = {}
+        self._restarted: list[Any] = []
+        #: the host the last run lost ("" if none): the soak counts that run and goes on
+        self.lost_agent = ""
 
     def __enter__(self) -> Executor:
         return self
@@ -104,16 +122,26 @@ class Executor:
         return "cuda" if torch.cuda.is_available() else "cpu"
 
     def pool(self, layout: str) -> Any:
-        from scenarios.runner import RankPool
+        from scenarios.runner import RankPool, RankPoolStartError
 
         pool = self._pools.pop(layout, None)
         if pool is None or not pool.running:
             pool = RankPool(layout, device=self.device,
                             collective_timeout_s=Timeouts(self.timeout_s).collective_s,
                             env={"MC_LOG_LEVEL": "ERROR", "OMP_NUM_THREADS": "1"},
-                            nnodes=self.nnodes, rdzv_endpoint=self.rdzv_endpoint)
+                            nnodes=self.nnodes, rdzv_endpoint=self.rdzv_endpoint,
+                            placement=self.placement, proxy_hosts=self.proxy_hosts)
             self._make_room(pool.world_size)
-            pool.start()
+            try:
+                pool.start()
+            except RankPoolStartError:
+                # a host lost while the pool started: once its agent is started again here,
+                # start again (an agent elsewhere is not waited for twice)
+                if self.nnodes == 1 or not self.restart_lost_agents():
+                    raise
+                pool.start()
+            if self.nnodes > 1:
+                self.local_agents.update(pool.local_agents())
         self._pools[layout] = pool  # last: the most recently used
         return pool
 
@@ -134,17 +162,25 @@ class Executor:
         payload = {"schedule": s.model_dump_json(), "run_id": run_id, "gated": gated,
                    "storage_root": self.storage_root, "mooncake_master": self.mooncake_master,
                    "collective_timeout_s": self.timeout_s}
+        self.lost_agent = ""
         if nemesis is not None:  # faults on the real workers / master (scenarios.nemesis.faults)
-            payload["nemesis"] = nemesis.arm([r.pid for r in pool.ranks])
+            payload["nemesis"] = nemesis.arm([r.pid for r in pool.ranks],
+                                             agents=pool.local_agents(), links=pool.links)
         try:
             results = pool.run("scenarios.sut.reference_jobs:run_schedule", payload,
                                timeout_s=Timeouts(self.timeout_s).run_s)
-        except RankPoolError:
+        except RankPoolError as e:
             drop_pool(self._pools, s.layout)
+            node = getattr(e, "node", None)
+            if node is not None:  # a whole host left: say which, start it again if it is here
+                self.lost_agent = f"{(str(e).splitlines() or [''])[0]}{self.restart_lost_agents()}"
             raise
         finally:
             if nemesis is not None:
                 nemesis.disarm()
+                if nemesis.killed_agents:  # kill_agent: start it again for the next pool
+                    nemesis.killed_agents.clear()
+                    self.restart_lost_agents()
         if nemesis is not None:
             nemesis.collect(results)
             if nemesis.explain():  # a kill landed as the job finished: that pool is broken
@@ -157,8 +193,28 @@ class Executor:
     def judge(self, s: Schedule, results: list[Any]) -> Verdict:
         return checker.check(s, results)  # looked up per call: tests script the checker
 
+    def restart_lost_agents(self) -> str:
+        """Start again every agent on this machine whose `cpcheck agent` loop is gone (it
+        rejoins the next pool); what was done, as a clause for the diagnosis. An agent on
+        another host, or one started without the loop, is waited for by the next pool start
+        (its start timeout is the deadline)."""
+        from scenarios.runner.multihost import restart_agent
+
+        done = []
+        for node, agent in sorted(self.local_agents.items()):
+            if not agent.restartable or _running(agent.pids[0]):
+                continue
+            self._restarted.append(restart_agent(agent))
+            done.append(f"agent of node {node} restarted here (pid {self._restarted[-1].pid})")
+        return f"; {', '.join(done)}" if done else ""
+
     def close(self) -> None:
         close_pools(self._pools)
+        from scenarios.runner.multihost import stop_agent_process
+
+        for proc in self._restarted:  # we started them: we stop them
+            stop_agent_process(proc)
+        self._restarted = []
         if self.mooncake_master and not stop_requested.is_set():
             # in-process ranks' clients outlive runs (storage_clients). After Ctrl-C / SIGTERM
             # they are left to die with the process: the soak has killed its master by then,
