@@ -73,7 +73,7 @@ class Run:
         self.calls: dict[str, int] = defaultdict(int)
         self.lock = threading.Lock()
         self.key_tp = 0
-        self.calls = CollectiveLog()
+        self.collectives = CollectiveLog()
         self.run_id = ""
         self.mooncake_master = ""  # "host:port" when the Schedule's backend is mooncake
         self.stored: list[str] | None = None  # read back from the store (Mooncake)
@@ -126,7 +126,7 @@ def _recorded(kind: str, fn: Any) -> Any:
                                   str(t.dtype).removeprefix("torch."))
         else:
             call = CollectiveCall(kind)
-        with run.calls.call(name, call):
+        with run.collectives.call(name, call):
             return fn(*args, **kwargs)
     wrapper._cpcheck = True  # type: ignore[attr-defined]
     return wrapper
@@ -365,9 +365,9 @@ def run_schedule(ctx: Any, payload: dict) -> RankResult:
                    for ch, v in (driver.decisions if driver else {}).items()},
         evictions=tuple(out.evictions),
         digests=tuple(driver.digests if driver else ()),
-        collectives=run.calls.call_records(),
-        collective_order=run.calls.order_records(),
-        pending_collectives=run.calls.pending_text(),
+        collectives=run.collectives.call_records(),
+        collective_order=run.collectives.order_records(),
+        pending_collectives=run.collectives.pending_text(),
         storage=tuple(StorageCall(op, tuple(k), tuple(ok), tuple(c)) for op, k, ok, c in run.storage),
         stored=tuple(run.stored) if run.stored is not None else
         tuple(sorted({k for op, keys, ok, _ in run.storage if op == "set"
