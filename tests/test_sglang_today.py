@@ -8,6 +8,7 @@ tests drive built releases and skip, with the command that builds them, where th
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -205,3 +206,24 @@ def test_sglang_reading_a_field_a_harness_stand_in_lacks_is_the_harness() -> Non
     with pytest.raises(AttributeError) as theirs:
         sglang_reads(SimpleNamespace(rid="r"))  # not one of ours: SGLang's own bug
     assert blame.harness_origin(theirs.value) is None
+
+
+def test_a_compile_lock_a_killed_process_left_is_cleared(tmp_path, monkeypatch) -> None:
+    """torch's FileBaton waits for ever on a lock a process killed mid-compile left (seen: a
+    0.5.20 run stalled to 125 on one); a fresh lock (a compile running now) is kept."""
+    import os
+    import time
+
+    from scenarios.sut.sglang import envs
+
+    monkeypatch.setattr(envs, "release_dir", lambda v, root=None: tmp_path / v)
+    ext = Path(envs.torch_extensions_dir("0.5.20"))
+    assert ext.parent.name == ".torch_extensions" and ext.name  # one folder per checkout
+    stale, fresh = ext / "hicache_hash_cpp" / "lock", ext / "other" / "lock"
+    for p in (stale, fresh):
+        p.parent.mkdir(parents=True)
+        p.write_text("")
+    old = time.time() - envs.STALE_COMPILE_LOCK_S - 5
+    os.utime(stale, (old, old))
+    assert envs.clear_stale_compile_locks("0.5.20") == [str(stale)]
+    assert not stale.exists() and fresh.exists()

@@ -14,6 +14,7 @@ and a resolution that would is refused before anything is downloaded.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -210,8 +211,30 @@ def pythonpath(version: str, root: Path = ROOT) -> str:
 
 def torch_extensions_dir(version: str, root: Path = ROOT) -> str:
     """Where a release JIT-compiles its C++ helpers (0.5.15+ page hashing): compiled once by
-    the import check, so no run ever waits on a compile or on another rank's compile lock."""
-    return str(release_dir(version, root) / ".torch_extensions")
+    the import check, so no run ever waits on a compile or on another rank's compile lock.
+    One folder per checkout: a build records the paths it was reached by, so two checkouts
+    sharing one `build/` would otherwise recompile over each other."""
+    here = hashlib.sha1(str(REPO_ROOT.resolve()).encode()).hexdigest()[:10]
+    return str(release_dir(version, root) / ".torch_extensions" / here)
+
+
+#: a compile lock older than this was left by a process killed mid-compile (a compile takes
+#: well under a minute): torch's FileBaton would wait on it for ever
+STALE_COMPILE_LOCK_S = 600
+
+
+def clear_stale_compile_locks(version: str, root: Path = ROOT) -> list[str]:
+    """Remove compile locks left by killed processes; returns the ones removed."""
+    gone = []
+    base = release_dir(version, root) / ".torch_extensions"
+    for lock in base.glob("**/lock") if base.exists() else ():
+        try:
+            if time.time() - lock.stat().st_mtime > STALE_COMPILE_LOCK_S:
+                lock.unlink()
+                gone.append(str(lock))
+        except OSError:
+            pass
+    return gone
 
 
 def load_manifest(version: str, root: Path = ROOT) -> Manifest | None:

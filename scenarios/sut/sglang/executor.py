@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 import uuid
 from typing import Any
@@ -53,6 +54,7 @@ class SglangExecutor:
         #: (the environment variable CPCHECK_SGLANG_CACHE_CLASS sets it for the command line)
         self.cache_class = cache_class or os.environ.get(CACHE_CLASS_ENV) or "server"
         self.timeout_s = timeout_s
+        self.log = log
         if build:
             envs.build_release(version, log=log)
         elif envs.load_manifest(version) is None or not envs.load_manifest(version).ok:
@@ -75,6 +77,10 @@ class SglangExecutor:
         key = layout  # DP attention is per run: the parallel state is the same either way
         pool = self._pools.get(key)
         if pool is None or not pool.running:
+            for lock in envs.clear_stale_compile_locks(self.version):
+                self.log(f"removed a compile lock a killed process left: {lock}",
+                         file=sys.stderr) if self.log is print else self.log(
+                    f"removed a compile lock a killed process left: {lock}")
             pp = os.pathsep.join([str(_REPO), envs.pythonpath(self.version)]
                                  + ([os.environ["PYTHONPATH"]]
                                     if os.environ.get("PYTHONPATH") else []))
