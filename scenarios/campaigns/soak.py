@@ -39,8 +39,6 @@ from scenarios.store.run_dir import RunDir
 #: divergences that did not replay before the soak stops hunting (the IO timing it cannot pin
 #: is then too common for a confirmed finding): the verdict is unknown, with their files
 MAX_UNCONFIRMED = 5
-#: most share of a fault soak's runs that may be gated coverage chunks (they draw no faults)
-MAX_GATED_SHARE = 0.3
 #: free bytes on --out below which the soak warns that its report may not be saved
 LOW_DISK_BYTES = 1 << 20
 
@@ -168,9 +166,10 @@ class SoakState:
     protocol: dict = field(default_factory=lambda: {"protocol": None, "dp_attention": None})
     #: what could not be written (a full or unwritable --out), one line each
     not_saved: list[str] = field(default_factory=list)
-    #: runs a fault plan was drawn for, and runs each kind fired in
-    faultable_runs: int = 0
+    #: gated coverage chunks run, and per fault kind the runs (and gated runs) it fired in
+    gated_runs: int = 0
     fault_runs: Counter = field(default_factory=Counter)
+    fault_gated_runs: Counter = field(default_factory=Counter)
     #: (run number, start) of the run in flight, for the watchdog's progress line
     in_flight: tuple[int, float] | None = None
 
@@ -195,7 +194,7 @@ class Soak:
         self.mm: Any = None  # the master this soak started (None: none, or the user's)
         self.watchdog: Watchdog | None = None
         self.progress: Progress | None = None
-        self.faulted: Any = None  # the nemesis of the run in flight (None: a gated chunk)
+        self.faulted: Any = None  # the nemesis of the run in flight (None: no faults)
 
     # -- the whole soak ----------------------------------------------------------------------
     def run(self) -> int:
@@ -264,8 +263,7 @@ class Soak:
     def _chunk(self) -> bool:
         """Draw, run, account and judge one chunk; True when the soak must stop."""
         s, gated = soak_chunk(self.rng, self.st.runs, self.layout, self.cfg.variant,
-                              self.cfg.backend, make_chunk, self.st.coverage,
-                              allow_gated=self._gated_allowed())
+                              self.cfg.backend, make_chunk, self.st.coverage)
         if self.cfg.protocol_changes:
             s = s.with_(**self.cfg.protocol_changes)
         if sglang_version(self.cfg.sut) is not None:  # the release's own protocol, MHA pools
@@ -276,7 +274,7 @@ class Soak:
             profile, dp = effective_configuration(s.protocol, s.dp_attention, s.variant)
             self.st.protocol.update(protocol=profile.name, dp_attention=dp)
         results, v, fired, run_s = self._run(s, gated)
-        self._account(s, results, v, fired, run_s)
+        self._account(s, results, v, fired, run_s, gated)
         broke = self._infrastructure()
         if broke:
             self.st.verdict = Verdict.unknown(f"{broke}; the run said: {v.summary()}")
@@ -287,24 +285,17 @@ class Soak:
             return False
         return self._judge(s, results, v)
 
-    def _gated_allowed(self) -> bool:
-        """Gated coverage chunks draw no faults (their timing is scripted): a fault soak keeps
-        them to MAX_GATED_SHARE of its runs, so most runs meet the faults asked for."""
-        st = self.st
-        if self.nem is None or st.runs == 0:
-            return True
-        return (st.runs - st.faultable_runs) / st.runs < MAX_GATED_SHARE
-
     def _run(self, s: Schedule, gated: bool) -> tuple[list[RankResult], Verdict, dict, float]:
-        """Run one chunk (faults unless gated: a gated chunk's timing is scripted)."""
+        """Run one chunk under the nemesis, gated or not: a gated chunk's IO timing is
+        scripted, yet delays, kills, restarts and storage errors all act in it (the storage
+        errors it meets are scripted into its replay, see `_confirm`)."""
         from scenarios.judge.judging import run_checked
 
         nem = self.nem
         before = nem.counts() if nem else {}
-        self.faulted = nem if nem and not gated else None
+        self.faulted = nem
         if self.faulted:
-            self.faulted.begin_run(self.layout_world)
-            self.st.faultable_runs += 1
+            self.faulted.begin_run(self.layout_world, run=self.st.runs + 1, gated=gated)
         t = time.monotonic()
         self.st.in_flight = (self.st.runs + 1, t)
         try:
@@ -323,9 +314,12 @@ class Soak:
         return Layout.parse(self.layout).world_size
 
     def _account(self, s: Schedule, results: list[RankResult], v: Verdict, fired: dict,
-                 run_s: float) -> None:
+                 run_s: float, gated: bool = False) -> None:
         st = self.st
         st.runs += 1
+        st.gated_runs += gated
+        if gated:
+            st.fault_gated_runs.update(k for k, n in fired.items() if n)
         n_dec = int(v.stats.get("decisions", 0))
         st.decisions += n_dec
         st.outcomes.update(_prefetch_outcomes(results))
@@ -367,6 +361,9 @@ class Soak:
         if results and all(r.recorded is not None for r in results):
             rep = s.with_(choices={r.rank: list(r.recorded.choices) for r in results},
                           faults={r.rank: [list(f) for f in r.recorded.faults] for r in results})
+        elif any(r.injected_faults for r in results):  # a gated chunk the nemesis failed calls in
+            rep = s.with_(faults={r.rank: [list(f) for f in s.faults.get(r.rank, [])]
+                                  + [list(f) for f in r.injected_faults] for r in results})
         st.verdict, st.candidate = v, rep  # kept even if interrupted while confirming
         self._phase("confirming a divergence")
         st.verdict = confirm(self.ex, rep, v)  # a divergence is replayed once before it counts
@@ -555,21 +552,23 @@ class Soak:
             interrupted=st.interrupted, unknown_runs=st.unknown,
             unconfirmed_divergences=st.unconfirmed,
             unknown_diagnoses=[u["diagnosis"] for u in st.unknown[:20]],
-            fault_events=nem.events if nem else [],
+            fault_events=list(nem.events) if nem else [],
             replay=str(st.replay_path) if st.replay_path else None, not_saved=st.not_saved,
             prefetch_outcomes=dict(st.outcomes), coverage=st.coverage.to_dict(),
             timeline=st.timeline, host_used=st.host_used, shard=cfg.shard)
 
     def _fault_runs(self) -> dict:
-        """How many runs could meet a fault (gated chunks draw none) and, per kind, the runs
-        it fired in and their share of all runs."""
+        """Per kind, the runs it fired in, their share of all runs, and how many of them were
+        gated coverage chunks (every run, gated or not, draws a fault plan)."""
         st = self.st
         if self.nem is None:
             return {}
-        return {"runs": st.runs, "faultable_runs": st.faultable_runs,
+        return {"runs": st.runs, "gated_runs": st.gated_runs,
                 "by_kind": {k: {"runs": st.fault_runs.get(k, 0),
                                 "share": round(st.fault_runs.get(k, 0) / st.runs, 3)
-                                if st.runs else 0.0} for k in self.nem.kinds}}
+                                if st.runs else 0.0,
+                                "gated_runs": st.fault_gated_runs.get(k, 0)}
+                            for k in self.nem.kinds}}
 
     def _phase(self, phase: str) -> None:
         self.st.phase = phase
@@ -589,7 +588,8 @@ class Soak:
         if self.nem is not None:
             from scenarios.nemesis.faults import plot_events
 
-            extra["faults.png"] = lambda path: plot_events(path, self.nem.events, st.elapsed())
+            extra["faults.png"] = lambda path: plot_events(path, list(self.nem.events),
+                                                           st.elapsed())
         try:
             self.writer.write_plots(st.timeline, st.outcomes, st.host_used, extra,
                                     st.host_capacity)
@@ -629,9 +629,10 @@ class Soak:
         notes = []
         fr = rep.fault_runs
         if fr:
-            share = ", ".join(f"{k} {v['runs']}/{fr['runs']}" for k, v in fr["by_kind"].items())
-            notes.append(f"faults met: {share} runs ({fr['faultable_runs']} of {fr['runs']} "
-                         "runs could meet a fault; gated coverage chunks draw none)")
+            share = ", ".join(f"{k} {v['runs']}/{fr['runs']} ({v['gated_runs']} gated)"
+                              for k, v in fr["by_kind"].items())
+            notes.append(f"faults met, in runs: {share}; {fr['gated_runs']} of {fr['runs']} "
+                         "runs were gated coverage chunks")
         if rep.faults_never_fired:
             notes.append(f"warning: fault(s) asked for but never fired: "
                          f"{', '.join(rep.faults_never_fired)} (runs too short or too few for "

@@ -15,9 +15,18 @@ from scenarios.core.errors import GateTimeout
 
 
 class GatedPacer:
+    """Opens IO units as the Schedule says. A soak's nemesis acts here too (a gated coverage
+    chunk meets the faults asked for): its delays and kills come before the gate, where they
+    cannot change what the Schedule decides, and the storage calls it fails are kept in
+    `injected_faults` so the soak's replay Schedule scripts them."""
+
     def __init__(self, rank: int, choices: list[int], faults: list[tuple[str, int]],
-                 clock_skew: int = 0, wait_timeout_s: float = 20.0) -> None:
+                 clock_skew: int = 0, wait_timeout_s: float = 20.0,
+                 nemesis=None) -> None:  # noqa: ANN001
         self.rank = rank
+        self.nemesis = nemesis
+        #: storage faults the nemesis injected, as (call, seq): scripted faults of a replay
+        self.injected_faults: list[tuple[str, int]] = []
         self._choices = list(choices)
         self._next = 0
         self._faults = {(c, int(s)) for c, s in faults}
@@ -35,6 +44,8 @@ class GatedPacer:
 
     # -- IO thread side ------------------------------------------------------------------
     def before(self, stream: str, seq: int) -> None:
+        if self.nemesis is not None:
+            self.nemesis.io_delay(self.rank, stream)
         name = threading.current_thread().name
         deadline = time.monotonic() + self._timeout
         with self._cond:
@@ -53,7 +64,12 @@ class GatedPacer:
             self._cond.notify_all()
 
     def fail(self, call: str, seq: int) -> bool:
-        return (call, seq) in self._faults
+        if (call, seq) in self._faults:
+            return True
+        if self.nemesis is not None and self.nemesis.storage_fails(self.rank, call):
+            self.injected_faults.append((call, seq))
+            return True
+        return False
 
     def now(self) -> float:
         return float(self._ticks + self._skew)
