@@ -39,8 +39,17 @@ from scenarios.store.run_dir import RunDir
 #: divergences that did not replay before the soak stops hunting (the IO timing it cannot pin
 #: is then too common for a confirmed finding): the verdict is unknown, with their files
 MAX_UNCONFIRMED = 5
-#: free bytes on --out below which the soak warns that its report may not be saved
-LOW_DISK_BYTES = 1 << 20
+#: free bytes on --out the soak keeps for its report and replay files: once the disk falls
+#: below it during the soak, no new run starts and the soak ends `unknown`
+LOW_DISK_BYTES = 16 << 20
+
+
+def free_bytes(path: Path) -> int | None:
+    """Free bytes on the filesystem of `path` (None if it cannot be read)."""
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
 
 
 # -- chunk generation ----------------------------------------------------------------------
@@ -195,6 +204,7 @@ class Soak:
         self.watchdog: Watchdog | None = None
         self.progress: Progress | None = None
         self.faulted: Any = None  # the nemesis of the run in flight (None: no faults)
+        self.free_at_start: int | None = None
 
     # -- the whole soak ----------------------------------------------------------------------
     def run(self) -> int:
@@ -248,9 +258,14 @@ class Soak:
         self._phase("running")
 
     def _loop(self) -> None:
+        self._disk_at_start()
         while self.st.elapsed() < self.cfg.budget_s:
             if stop_requested.is_set():  # a signal whose exception was swallowed somewhere
                 raise KeyboardInterrupt
+            low = self._disk_low()
+            if low:
+                self.st.verdict = Verdict.unknown(low)
+                return
             if self._chunk():
                 break
         st = self.st
@@ -412,7 +427,6 @@ class Soak:
         lost = self._master_lost()
         if lost:
             return lost
-        self._check_disk()
         return ""
 
     def _master_lost(self) -> str:
@@ -449,13 +463,25 @@ class Soak:
                 f"its {self.layout_world} ranks ({self.cfg.mode}, timeout {self.cfg.timeout:g} "
                 f"s per wait){master}")
 
-    def _check_disk(self) -> None:
-        try:
-            free = shutil.disk_usage(self.out).free
-        except OSError:
-            return
-        if free < LOW_DISK_BYTES:
-            self._not_saved("space", OSError(28, f"only {free} bytes free on --out"))
+    def _disk_at_start(self) -> None:
+        """A disk already low when the soak starts: said once, and the soak runs on (there is
+        no report room to keep; a divergence is printed in full before any write)."""
+        self.free_at_start = free_bytes(self.out)
+        if self.free_at_start is not None and self.free_at_start < LOW_DISK_BYTES:
+            self._not_saved("space", OSError(28, f"disk low on --out at the start "
+                                                 f"({_mib(self.free_at_start)} free)"))
+
+    def _disk_low(self) -> str:
+        """Checked before each run: a disk that falls below LOW_DISK_BYTES during the soak
+        (its own logs, a neighbour) would soon leave its findings unsaved. No new run starts;
+        the soak ends `unknown` while there is still room for its report ("" if not low)."""
+        free = free_bytes(self.out)
+        if free is None or free >= LOW_DISK_BYTES:
+            return ""
+        if self.free_at_start is not None and self.free_at_start < LOW_DISK_BYTES:
+            return ""  # low from the start: said then
+        return (f"disk low on --out ({_mib(free)} free, below {_mib(LOW_DISK_BYTES)}): no new "
+                f"run started after run {self.st.runs}; everything found so far is kept")
 
     # -- ways out ------------------------------------------------------------------------------
     def _on_lost(self) -> None:
@@ -682,6 +708,10 @@ class Soak:
             "replay": str(st.replay_path) if st.replay_path else None,
             "report": str(self.out / "report.json"), "not_saved": rep.not_saved}, default=str),
             flush=True)
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB"
 
 
 # -- the command ---------------------------------------------------------------------------
