@@ -56,8 +56,8 @@ def test_storage_errors_in_a_gated_run_are_scripted_into_its_replay(seed: int) -
 
 def test_a_gated_run_meets_delays_and_kills() -> None:
     """slow_rank delays and kill_rank acts through the gated pacer too."""
-    from scenarios.core.errors import RankKilled
     from scenarios.client.gates import GatedPacer
+    from scenarios.core.errors import RankKilled
 
     nem = Nemesis.parse("slow_rank,kill_rank", seed=0)
     nem.begin_run(2, gated=True)

@@ -597,7 +597,10 @@ class Soak:
                             for k in self.nem.kinds}}
 
     def _phase(self, phase: str) -> None:
-        self.st.phase = phase
+        """Enter `phase`; report.json says it at once (a soak killed in it says where)."""
+        if phase != self.st.phase:
+            self.st.phase = phase
+            self._save(plots=False)
 
     def _save(self, plots: bool | None = None) -> None:
         """report.json now, the plots when due; what cannot be written is said, not fatal."""
