@@ -121,7 +121,7 @@ def test_the_mooncake_master_listens_on_loopback_only() -> None:
 @pytest.mark.mooncake
 @pytest.mark.xfail(strict=True, reason=MOONCAKE_NO_KNOB)
 def test_a_mooncake_clients_transfer_engine_listens_on_loopback_only() -> None:
-    from reference.storage.mooncake import MooncakeConfig, MooncakeStorage
+    from reference.api import MooncakeConfig, MooncakeStorage
     from scenarios.nemesis.mooncake_master import MooncakeMaster, mooncake_available
 
     ok, why = mooncake_available()
