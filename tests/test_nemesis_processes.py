@@ -52,7 +52,7 @@ def test_slow_rank_sigstops_the_worker_for_its_window_then_sigconts(sleeper) -> 
     assert _state(b.pid) != "T"
     nem.end_run()
     assert nem.counts()["slow_rank"] == 1
-    assert "SIGSTOP rank 1" in nem.events[0]["detail"]
+    assert "SIGSTOP rank 1" in nem.events[0].detail
 
 
 def test_end_run_always_sigconts_a_stopped_worker(sleeper) -> None:

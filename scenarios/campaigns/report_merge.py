@@ -20,7 +20,7 @@ from typing import Any
 
 from scenarios.core.errors import CannotJudge, UsageError
 from scenarios.judge.coverage import Coverage
-from scenarios.store.report import SOAK_REPORT_SCHEMA, atomic_write_text
+from scenarios.store.report import SOAK_REPORT_SCHEMA, atomic_write_text, upgrade_report
 
 #: which status wins when shards disagree (a finding first, then a run that could not judge)
 SEVERITY = {"agree": 0, "unknown": 1, "diverge": 2}
@@ -49,7 +49,7 @@ def load_report(folder: Path) -> dict:
     if schema > SOAK_REPORT_SCHEMA:
         raise CannotJudge(f"{path}: report schema {schema} is newer than this commit's "
                           f"({SOAK_REPORT_SCHEMA})")
-    return data
+    return upgrade_report(data)  # an older report's faults counted hits: recount its events
 
 
 def _status(rep: dict) -> str:
@@ -121,6 +121,28 @@ def merge_coverage(reps: list[dict]) -> Coverage:
     return cov
 
 
+def merge_fault_runs(reps: list[dict]) -> dict:
+    """Runs each fault kind met, summed over the reports; shares of the merged runs (a report
+    of schema 3 said `faultable_runs`: its other runs were gated chunks)."""
+    runs = gated = 0
+    by_kind: dict[str, dict[str, int]] = {}
+    for r in reps:
+        fr = r.get("fault_runs") or {}
+        if not fr:
+            continue
+        runs += int(fr.get("runs", 0))
+        gated += int(fr.get("gated_runs", fr.get("runs", 0) - fr.get("faultable_runs", 0)))
+        for k, v in (fr.get("by_kind") or {}).items():
+            acc = by_kind.setdefault(k, {"runs": 0, "gated_runs": 0})
+            acc["runs"] += int(v.get("runs", 0))
+            acc["gated_runs"] += int(v.get("gated_runs", 0))
+    if not by_kind:
+        return {}
+    return {"runs": runs, "gated_runs": gated,
+            "by_kind": {k: {"runs": v["runs"], "share": round(v["runs"] / runs, 3) if runs else 0.0,
+                            "gated_runs": v["gated_runs"]} for k, v in sorted(by_kind.items())}}
+
+
 def _tagged(items: list, tag: str, paths: dict[str, str] | None = None) -> list:
     out = []
     for it in items:
@@ -179,7 +201,7 @@ def merge(reps: list[dict], names: list[str], kept: dict[str, str],
         "runner_seconds": round(sum(float(r.get("seconds") or 0.0) for r in reps), 2),
         "decisions_per_s": round(decisions / seconds, 1) if seconds else 0.0,
         "runs_per_s": round(runs / seconds, 2) if seconds else 0.0,
-        "faults": dict(sorted(faults.items())),
+        "faults": dict(sorted(faults.items())), "fault_runs": merge_fault_runs(reps),
         "faults_never_fired": sorted(k for k in asked if faults.get(k, 0) == 0),
         "status": verdict["status"], "verdict": verdict,
         "seconds_to_divergence": reps[worst].get("seconds_to_divergence")

@@ -39,10 +39,17 @@ from scenarios.store.run_dir import RunDir
 #: divergences that did not replay before the soak stops hunting (the IO timing it cannot pin
 #: is then too common for a confirmed finding): the verdict is unknown, with their files
 MAX_UNCONFIRMED = 5
-#: most share of a fault soak's runs that may be gated coverage chunks (they draw no faults)
-MAX_GATED_SHARE = 0.3
-#: free bytes on --out below which the soak warns that its report may not be saved
-LOW_DISK_BYTES = 1 << 20
+#: free bytes on --out the soak keeps for its report and replay files: once the disk falls
+#: below it during the soak, no new run starts and the soak ends `unknown`
+LOW_DISK_BYTES = 16 << 20
+
+
+def free_bytes(path: Path) -> int | None:
+    """Free bytes on the filesystem of `path` (None if it cannot be read)."""
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
 
 
 # -- chunk generation ----------------------------------------------------------------------
@@ -167,11 +174,12 @@ class SoakState:
     protocol: dict = field(default_factory=lambda: {"protocol": None, "dp_attention": None})
     #: what could not be written (a full or unwritable --out), one line each
     not_saved: list[str] = field(default_factory=list)
-    #: runs a fault plan was drawn for, and runs each kind fired in
-    faultable_runs: int = 0
     #: runs cut by a lost agent (kill_agent, or a host that left): in `unknown`, never judged
     lost_runs: int = 0
+    #: gated coverage chunks run, and per fault kind the runs (and gated runs) it fired in
+    gated_runs: int = 0
     fault_runs: Counter = field(default_factory=Counter)
+    fault_gated_runs: Counter = field(default_factory=Counter)
     #: (run number, start) of the run in flight, for the watchdog's progress line
     in_flight: tuple[int, float] | None = None
 
@@ -196,7 +204,8 @@ class Soak:
         self.mm: Any = None  # the master this soak started (None: none, or the user's)
         self.watchdog: Watchdog | None = None
         self.progress: Progress | None = None
-        self.faulted: Any = None  # the nemesis of the run in flight (None: a gated chunk)
+        self.faulted: Any = None  # the nemesis of the run in flight (None: no faults)
+        self.free_at_start: int | None = None
 
     # -- the whole soak ----------------------------------------------------------------------
     def run(self) -> int:
@@ -252,9 +261,14 @@ class Soak:
         self._phase("running")
 
     def _loop(self) -> None:
+        self._disk_at_start()
         while self.st.elapsed() < self.cfg.budget_s:
             if stop_requested.is_set():  # a signal whose exception was swallowed somewhere
                 raise KeyboardInterrupt
+            low = self._disk_low()
+            if low:
+                self.st.verdict = Verdict.unknown(low)
+                return
             if self._chunk():
                 break
         st = self.st
@@ -268,8 +282,7 @@ class Soak:
     def _chunk(self) -> bool:
         """Draw, run, account and judge one chunk; True when the soak must stop."""
         s, gated = soak_chunk(self.rng, self.st.runs, self.layout, self.cfg.variant,
-                              self.cfg.backend, make_chunk, self.st.coverage,
-                              allow_gated=self._gated_allowed())
+                              self.cfg.backend, make_chunk, self.st.coverage)
         if self.cfg.protocol_changes:
             s = s.with_(**self.cfg.protocol_changes)
         if sglang_version(self.cfg.sut) is not None:  # the release's own protocol, MHA pools
@@ -280,7 +293,7 @@ class Soak:
             profile, dp = effective_configuration(s.protocol, s.dp_attention, s.variant)
             self.st.protocol.update(protocol=profile.name, dp_attention=dp)
         results, v, fired, run_s = self._run(s, gated)
-        self._account(s, results, v, fired, run_s)
+        self._account(s, results, v, fired, run_s, gated)
         broke = self._infrastructure()
         if broke:
             self.st.verdict = Verdict.unknown(f"{broke}; the run said: {v.summary()}")
@@ -291,24 +304,17 @@ class Soak:
             return False
         return self._judge(s, results, v)
 
-    def _gated_allowed(self) -> bool:
-        """Gated coverage chunks draw no faults (their timing is scripted): a fault soak keeps
-        them to MAX_GATED_SHARE of its runs, so most runs meet the faults asked for."""
-        st = self.st
-        if self.nem is None or st.runs == 0:
-            return True
-        return (st.runs - st.faultable_runs) / st.runs < MAX_GATED_SHARE
-
     def _run(self, s: Schedule, gated: bool) -> tuple[list[RankResult], Verdict, dict, float]:
-        """Run one chunk (faults unless gated: a gated chunk's timing is scripted)."""
+        """Run one chunk under the nemesis, gated or not: a gated chunk's IO timing is
+        scripted, yet delays, kills, restarts and storage errors all act in it (the storage
+        errors it meets are scripted into its replay, see `_confirm`)."""
         from scenarios.judge.judging import run_checked
 
         nem = self.nem
         before = nem.counts() if nem else {}
-        self.faulted = nem if nem and not gated else None
+        self.faulted = nem
         if self.faulted:
-            self.faulted.begin_run(self.layout_world)
-            self.st.faultable_runs += 1
+            self.faulted.begin_run(self.layout_world, run=self.st.runs + 1, gated=gated)
         t = time.monotonic()
         self.st.in_flight = (self.st.runs + 1, t)
         try:
@@ -327,9 +333,12 @@ class Soak:
         return Layout.parse(self.layout).world_size
 
     def _account(self, s: Schedule, results: list[RankResult], v: Verdict, fired: dict,
-                 run_s: float) -> None:
+                 run_s: float, gated: bool = False) -> None:
         st = self.st
         st.runs += 1
+        st.gated_runs += gated
+        if gated:
+            st.fault_gated_runs.update(k for k, n in fired.items() if n)
         n_dec = int(v.stats.get("decisions", 0))
         st.decisions += n_dec
         st.outcomes.update(_prefetch_outcomes(results))
@@ -376,6 +385,9 @@ class Soak:
         if results and all(r.recorded is not None for r in results):
             rep = s.with_(choices={r.rank: list(r.recorded.choices) for r in results},
                           faults={r.rank: [list(f) for f in r.recorded.faults] for r in results})
+        elif any(r.injected_faults for r in results):  # a gated chunk the nemesis failed calls in
+            rep = s.with_(faults={r.rank: [list(f) for f in s.faults.get(r.rank, [])]
+                                  + [list(f) for f in r.injected_faults] for r in results})
         st.verdict, st.candidate = v, rep  # kept even if interrupted while confirming
         self._phase("confirming a divergence")
         st.verdict = confirm(self.ex, rep, v)  # a divergence is replayed once before it counts
@@ -424,7 +436,6 @@ class Soak:
         lost = self._master_lost()
         if lost:
             return lost
-        self._check_disk()
         return ""
 
     def _master_lost(self) -> str:
@@ -461,13 +472,25 @@ class Soak:
                 f"its {self.layout_world} ranks ({self.cfg.mode}, timeout {self.cfg.timeout:g} "
                 f"s per wait){master}")
 
-    def _check_disk(self) -> None:
-        try:
-            free = shutil.disk_usage(self.out).free
-        except OSError:
-            return
-        if free < LOW_DISK_BYTES:
-            self._not_saved("space", OSError(28, f"only {free} bytes free on --out"))
+    def _disk_at_start(self) -> None:
+        """A disk already low when the soak starts: said once, and the soak runs on (there is
+        no report room to keep; a divergence is printed in full before any write)."""
+        self.free_at_start = free_bytes(self.out)
+        if self.free_at_start is not None and self.free_at_start < LOW_DISK_BYTES:
+            self._not_saved("space", OSError(28, f"disk low on --out at the start "
+                                                 f"({_mib(self.free_at_start)} free)"))
+
+    def _disk_low(self) -> str:
+        """Checked before each run: a disk that falls below LOW_DISK_BYTES during the soak
+        (its own logs, a neighbour) would soon leave its findings unsaved. No new run starts;
+        the soak ends `unknown` while there is still room for its report ("" if not low)."""
+        free = free_bytes(self.out)
+        if free is None or free >= LOW_DISK_BYTES:
+            return ""
+        if self.free_at_start is not None and self.free_at_start < LOW_DISK_BYTES:
+            return ""  # low from the start: said then
+        return (f"disk low on --out ({_mib(free)} free, below {_mib(LOW_DISK_BYTES)}): no new "
+                f"run started after run {self.st.runs}; everything found so far is kept")
 
     # -- ways out ------------------------------------------------------------------------------
     def _on_lost(self) -> None:
@@ -564,24 +587,29 @@ class Soak:
             interrupted=st.interrupted, unknown_runs=st.unknown, lost_runs=st.lost_runs,
             unconfirmed_divergences=st.unconfirmed,
             unknown_diagnoses=[u["diagnosis"] for u in st.unknown[:20]],
-            fault_events=nem.events if nem else [],
+            fault_events=list(nem.events) if nem else [],
             replay=str(st.replay_path) if st.replay_path else None, not_saved=st.not_saved,
             prefetch_outcomes=dict(st.outcomes), coverage=st.coverage.to_dict(),
             timeline=st.timeline, host_used=st.host_used, shard=cfg.shard)
 
     def _fault_runs(self) -> dict:
-        """How many runs could meet a fault (gated chunks draw none) and, per kind, the runs
-        it fired in and their share of all runs."""
+        """Per kind, the runs it fired in, their share of all runs, and how many of them were
+        gated coverage chunks (every run, gated or not, draws a fault plan)."""
         st = self.st
         if self.nem is None:
             return {}
-        return {"runs": st.runs, "faultable_runs": st.faultable_runs,
+        return {"runs": st.runs, "gated_runs": st.gated_runs,
                 "by_kind": {k: {"runs": st.fault_runs.get(k, 0),
                                 "share": round(st.fault_runs.get(k, 0) / st.runs, 3)
-                                if st.runs else 0.0} for k in self.nem.kinds}}
+                                if st.runs else 0.0,
+                                "gated_runs": st.fault_gated_runs.get(k, 0)}
+                            for k in self.nem.kinds}}
 
     def _phase(self, phase: str) -> None:
-        self.st.phase = phase
+        """Enter `phase`; report.json says it at once (a soak killed in it says where)."""
+        if phase != self.st.phase:
+            self.st.phase = phase
+            self._save(plots=False)
 
     def _save(self, plots: bool | None = None) -> None:
         """report.json now, the plots when due; what cannot be written is said, not fatal."""
@@ -599,8 +627,8 @@ class Soak:
             from scenarios.nemesis.faults import KINDS
             from scenarios.store.plots_thinned import plot_faults
 
-            extra["faults.png"] = lambda path: plot_faults(path, self.nem.events, st.elapsed(),
-                                                           KINDS)
+            extra["faults.png"] = lambda path: plot_faults(path, list(self.nem.events),
+                                                           st.elapsed(), KINDS)
         try:
             self.writer.write_plots(st.timeline, st.outcomes, st.host_used, extra,
                                     st.host_capacity)
@@ -640,9 +668,10 @@ class Soak:
         notes = []
         fr = rep.fault_runs
         if fr:
-            share = ", ".join(f"{k} {v['runs']}/{fr['runs']}" for k, v in fr["by_kind"].items())
-            notes.append(f"faults met: {share} runs ({fr['faultable_runs']} of {fr['runs']} "
-                         "runs could meet a fault; gated coverage chunks draw none)")
+            share = ", ".join(f"{k} {v['runs']}/{fr['runs']} ({v['gated_runs']} gated)"
+                              for k, v in fr["by_kind"].items())
+            notes.append(f"faults met, in runs: {share}; {fr['gated_runs']} of {fr['runs']} "
+                         "runs were gated coverage chunks")
         if rep.faults_never_fired:
             notes.append(f"warning: fault(s) asked for but never fired: "
                          f"{', '.join(rep.faults_never_fired)} (runs too short or too few for "
@@ -694,6 +723,10 @@ class Soak:
             "replay": str(st.replay_path) if st.replay_path else None,
             "report": str(self.out / "report.json"), "not_saved": rep.not_saved}, default=str),
             flush=True)
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB"
 
 
 # -- the command ---------------------------------------------------------------------------

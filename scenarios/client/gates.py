@@ -67,10 +67,19 @@ class ChoiceStream:
 
 
 class GatedPacer(ChoiceStream):
+    """Opens IO units as the Schedule says. A soak's nemesis acts here too (a gated coverage
+    chunk meets the faults asked for): its delays and kills come before the gate, where they
+    cannot change what the Schedule decides, and the storage calls it fails are kept in
+    `injected_faults` so the soak's replay Schedule scripts them."""
+
     def __init__(self, rank: int, choices: list[int], faults: list[tuple[str, int]],
-                 clock_skew: int = 0, wait_timeout_s: float = 20.0) -> None:
+                 clock_skew: int = 0, wait_timeout_s: float = 20.0,
+                 nemesis=None) -> None:  # noqa: ANN001
         super().__init__(choices, faults, clock_skew)
         self.rank = rank
+        self.nemesis = nemesis
+        #: storage faults the nemesis injected, as (call, seq): scripted faults of a replay
+        self.injected_faults: list[tuple[str, int]] = []
         self._timeout = wait_timeout_s
         self._cond = threading.Condition()
         self._opened: dict[str, int] = defaultdict(int)
@@ -82,6 +91,8 @@ class GatedPacer(ChoiceStream):
 
     # -- IO thread side ------------------------------------------------------------------
     def before(self, stream: str, seq: int) -> None:
+        if self.nemesis is not None:
+            self.nemesis.io_delay(self.rank, stream)
         name = threading.current_thread().name
         with self._cond:
             self.waiting_on[name] = f"gate {stream}#{seq}"
@@ -94,6 +105,14 @@ class GatedPacer(ChoiceStream):
         with self._cond:
             self._done[stream] = max(self._done[stream], seq + 1)
             self._cond.notify_all()
+
+    def fail(self, call: str, seq: int) -> bool:
+        if super().fail(call, seq):
+            return True
+        if self.nemesis is not None and self.nemesis.storage_fails(self.rank, call):
+            self.injected_faults.append((call, seq))
+            return True
+        return False
 
     # -- scheduler side ------------------------------------------------------------------
     def at(self, point: str, stream: str, issued: int) -> int:

@@ -248,6 +248,9 @@ class RankResult:
     sut: str = "reference"
     pacer_trace: tuple = ()
     nemesis_injected: dict[str, int] = field(default_factory=dict)
+    #: gated runs only: storage calls a soak's nemesis failed, as (call, seq) (its replay
+    #: Schedule scripts them as `faults`)
+    injected_faults: tuple[tuple[str, int], ...] = ()
     #: where the run's time went, seconds per phase (SGLang: building and shutting down the cache)
     phase_s: dict[str, float] = field(default_factory=dict)
 
@@ -324,4 +327,5 @@ class RankResult:
                 tuple(seq(rec)["choices"]), tuple((str(c), int(n)) for c, n in seq(rec)["faults"])),
             sut=str(d.get("sut", "reference")), pacer_trace=tuple(map(tuple, d.get("pacer_trace", ()))),
             nemesis_injected=dict(d.get("nemesis_injected", {})),
+            injected_faults=tuple((str(c), int(n)) for c, n in d.get("injected_faults", ())),
         )

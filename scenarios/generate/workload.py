@@ -198,8 +198,7 @@ def soak_chunk(rng: random.Random, index: int, layout: str, variant: str, backen
     Coverage-guided: while some prefetch class is below LAGGING of the prefetches counted so
     far, the chunk is a gated Schedule built to reach the lagging classes (timing alone rarely
     stops IO mid-transfer, and storage errors need faults); otherwise a shaped free-running
-    chunk. `allow_gated=False` (a fault soak that has run its share of gated chunks, which
-    draw no faults) forces a free-running one.
+    chunk. `allow_gated=False` forces a free-running one. A soak's faults act in both kinds.
     """
     low = coverage.lagging(LAGGING) if allow_gated else []
     if low:

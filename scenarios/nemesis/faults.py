@@ -21,6 +21,8 @@ agents on this machine only (one machine as several hosts): a remote agent's pro
 of reach, which the event says. The soak restarts a killed agent it can (scenarios/sut).
 net_latency delays and net_drop cuts one other host's connections to the controller, through
 the pool's TCP proxy for that host (scenarios/runner/netproxy.py says what that reaches).
+Gated coverage chunks meet the same faults (the gated pacer calls the same hooks); what fired
+is one `FaultEvent` per window that acted (with its `hits`), per SIGSTOP, kill or restart.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from scenarios.core.errors import NemesisError, RankKilled
+from scenarios.core.fault_event import FaultEvent
 
 KINDS = ("slow_rank", "storage_latency", "storage_errors", "master_restart", "kill_rank",
          "stop_agent", "kill_agent", "net_latency", "net_drop")
@@ -60,7 +63,7 @@ class Window:
         return (self.rank < 0 or self.rank == rank) and self.start_s <= t < self.end_s
 
 
-#: fault events kept for the report (counts keep counting past it)
+#: fault events kept for the report (`counts` keeps counting past it)
 MAX_EVENTS = 20_000
 
 #: the calls storage_errors fail
@@ -79,14 +82,17 @@ class Nemesis:
     restart: Callable[[], None] | None = None
     #: chance that an enabled kind is active in a given run
     rate: float = 0.6
+    #: hits per kind (IO units delayed, calls failed): what a worker sends back to `collect`
     injected: Counter = field(default_factory=Counter)
+    #: fault events per kind, also those past MAX_EVENTS: the report's `faults`
+    fired: Counter = field(default_factory=Counter)
     plan: list[Window] = field(default_factory=list)
     #: the Mooncake master (scenarios.nemesis.mooncake_master.MooncakeMaster) process faults act on
     master: Any = None
     #: least seconds between two runs with this kind (a kill restarts a whole torchrun pool)
     min_gap_s: dict[str, float] = field(default_factory=dict)
     #: what fired, with times in seconds since the nemesis was made (the soak's start)
-    events: list[dict] = field(default_factory=list)
+    events: list[FaultEvent] = field(default_factory=list)
     #: hosts of the pool (agent faults pick one of nodes 1..nnodes-1: never the controller's)
     nnodes: int = 1
     #: agents kill_agent killed (runner.multihost.LocalAgent), for the executor to restart
@@ -106,7 +112,11 @@ class Nemesis:
         self._killed: set[int] = set()
         self._kill_note = ""
         self._last_run: dict[str, float] = {}
-        self._seen_windows: set[int] = set()
+        self._window_events: dict[int, FaultEvent | None] = {}
+        self._run_no = 0
+        self._gated = False
+        self._worker_plan: list[Window] = []
+        self._armed_at = 0.0
         self._actuator: _ProcessActuator | None = None
         self.torchrun = False
         # running mean of faulted run durations: where plan windows fall (None until one ran:
@@ -155,16 +165,24 @@ class Nemesis:
         """Seconds since the nemesis was made (the soak's clock for events)."""
         return round(time.monotonic() - self._created, 3)
 
-    def _event(self, kind: str, rank: int, detail: str) -> None:
+    def _event(self, kind: str, rank: int, detail: str, hits: int = 1,
+               t: float | None = None) -> FaultEvent | None:
+        """Record one fault that fired (None once MAX_EVENTS are kept; it still counts)."""
         with self._lock:
-            if len(self.events) < MAX_EVENTS:  # a long in-process soak fires ~10^5 windows
-                self.events.append({"t": self.now(), "kind": kind, "rank": rank,
-                                    "detail": detail})
+            self.fired[kind] += 1
+            if len(self.events) >= MAX_EVENTS:  # a long in-process soak fires ~10^5 windows
+                return None
+            ev = FaultEvent(t=self.now() if t is None else round(t, 3), kind=kind, rank=rank,
+                            detail=detail, hits=hits, run=self._run_no, gated=self._gated)
+            self.events.append(ev)
+            return ev
 
     # -- soak side -------------------------------------------------------------------------
-    def begin_run(self, world_size: int, expected_s: float | None = None) -> list[Window]:
+    def begin_run(self, world_size: int, expected_s: float | None = None, *, run: int = 0,
+                  gated: bool = False) -> list[Window]:
         """Draw this run's fault plan; windows fall inside the first `expected_s` seconds
-        (default: the mean length of recent runs, so they land inside runs of any speed)."""
+        (default: the mean length of recent runs, so they land inside runs of any speed).
+        `run` and `gated` are written into the events this plan fires."""
         if expected_s is None:
             expected_s = min(max(self._run_s or 0.5, 0.05), 2.0)
         rng = self._rng
@@ -204,7 +222,9 @@ class Nemesis:
             self.plan = plan
             self._killed.clear()
             self._kill_note = ""
-            self._seen_windows.clear()
+            self._window_events.clear()
+            self._worker_plan = []
+            self._run_no, self._gated = run, gated
             self._t0 = time.monotonic()
         if not self.torchrun:  # under torchrun `arm` starts the clock once the job is sent
             for w in plan:
@@ -249,12 +269,20 @@ class Nemesis:
         with self._lock:
             return [w for w in self.plan if w.covers(rank, t)]
 
-    def _first_hit(self, w: Window, rank: int) -> None:
+    def _hit(self, w: Window, rank: int) -> None:
+        """One IO unit or call this window acted on: its event at the first, `hits` after."""
         with self._lock:
-            if id(w) in self._seen_windows:
+            self.injected[w.kind] += 1
+            if id(w) in self._window_events:
+                ev = self._window_events[id(w)]
+                if ev is not None:
+                    ev.hits = (ev.hits or 0) + 1
                 return
-            self._seen_windows.add(id(w))
-        self._event(w.kind, rank, f"window {w.start_s:.3f}-{min(w.end_s, 1e3):.3f} s of the run")
+            self._window_events[id(w)] = None
+        ev = self._event(w.kind, w.rank, f"window {w.start_s:.3f}-{min(w.end_s, 1e3):.3f} s "
+                                         f"of the run")
+        with self._lock:
+            self._window_events[id(w)] = ev
 
     # -- pacer hooks (IO threads) ----------------------------------------------------------
     def io_delay(self, rank: int, stream: str) -> None:
@@ -269,8 +297,7 @@ class Nemesis:
                 self._event("kill_rank", rank, f"killed at its {stream} IO")
                 raise RankKilled(f"nemesis killed rank {rank} at its {stream} IO")
             if w.kind in ("slow_rank", "storage_latency"):
-                self._count(w.kind)
-                self._first_hit(w, rank)
+                self._hit(w, rank)
                 delay += w.delay_s
         if delay:
             time.sleep(delay)
@@ -284,20 +311,19 @@ class Nemesis:
             if w.kind == "storage_errors":
                 with self._lock:
                     hit = self._call_rng.random() < w.probability
-                    if hit:
-                        self.injected["storage_errors"] += 1
                 if hit:
-                    self._first_hit(w, rank)
+                    self._hit(w, rank)
                     return True
         return False
 
     def counts(self) -> dict[str, int]:
+        """Fault events per kind asked for (the report's `faults`)."""
         with self._lock:
-            return {k: int(self.injected.get(k, 0)) for k in self.kinds}
+            return {k: int(self.fired.get(k, 0)) for k in self.kinds}
 
     def total(self) -> int:
         with self._lock:
-            return int(sum(self.injected.values()))
+            return int(sum(self.fired.values()))
 
     # -- torchrun: real processes ----------------------------------------------------------
     def for_torchrun(self) -> None:
@@ -325,12 +351,10 @@ class Nemesis:
             plan = list(self.plan)
         local = [w for w in plan if w.kind in self.worker_kinds()]
         remote = [w for w in plan if w not in local]
+        self._worker_plan, self._armed_at = local, self.now()
         if remote:
             self._actuator = _ProcessActuator(self, remote, pids, agents or {}, links or {})
             self._actuator.start()
-        for w in local:
-            self._event(w.kind, w.rank, f"planned window {w.start_s:.3f}-{w.end_s:.3f} s "
-                                        "(applied by the workers)")
         if not local:
             return None
         return {"kinds": sorted({w.kind for w in local}), "seed": self._rng.randrange(1 << 30),
@@ -342,11 +366,20 @@ class Nemesis:
             act.stop()
 
     def collect(self, results: list[Any]) -> None:
-        """Add the faults the workers fired (their RankResults' `nemesis_injected`)."""
+        """Add the faults the workers fired (their RankResults' `nemesis_injected`): one event
+        per rank and window that acted, its hits as the worker counted them."""
         for r in results:
             for kind, n in r.nemesis_injected.items():
+                if int(n) <= 0:
+                    continue
                 with self._lock:
                     self.injected[kind] += int(n)
+                w = next((w for w in self._worker_plan
+                          if w.kind == kind and w.rank in (-1, r.rank)), None)
+                start = w.start_s if w is not None else 0.0
+                self._event(kind, r.rank, f"window {start:.3f}-"
+                            f"{w.end_s if w is not None else start:.3f} s of the run, applied "
+                            f"by the worker", hits=int(n), t=self._armed_at + start)
 
     @classmethod
     def from_wire(cls, wire: dict | None) -> Nemesis | None:

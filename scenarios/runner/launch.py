@@ -6,6 +6,11 @@ parser and ``run``. When a worker fails, torch elastic raises ``ChildFailedError
 error file written by ``@record``); this launcher writes them as JSON to the path in
 :data:`ENV_FAILURES` and exits 1 as torchrun does, so the pool reads the root cause instead of
 scraping torchrun's log text. Importing this module does not import torch (the pool imports it).
+
+With :data:`ENV_STORE_BIND` set, the TCPStore servers torchrun's agent hosts (the c10d
+rendezvous store and the workers' store) listen on that address only: torch binds them to every
+interface (``[::]``) whatever host it is given, so the launcher hands each one a socket it bound
+itself (``master_listen_fd``).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,6 +28,8 @@ __all__ = ["ENV_FAILURES", "FailureReport", "RankFailure", "read_failures", "wri
 
 #: Where the launcher writes the failure record (set by the pool; absent: nothing is written).
 ENV_FAILURES = "CPCHECK_POOL_FAILURES"
+#: The address the agent's TCPStore servers listen on (set by the pool: 127.0.0.1 on one host)
+ENV_STORE_BIND = "CPCHECK_STORE_BIND"
 SCHEMA_VERSION = 1
 
 
@@ -122,10 +130,44 @@ def read_failures(path: str | os.PathLike[str]) -> FailureReport | None:
     return FailureReport(root_cause=root, failures=failures)
 
 
+def bind_stores_to(host: str) -> None:
+    """Make every TCPStore server this process starts listen on `host` only."""
+    import torch.distributed as dist
+    from torch.distributed.elastic.rendezvous import c10d_rendezvous_backend
+
+    base = dist.TCPStore
+    if getattr(base, "cpcheck_bind", None) is not None:
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+    class BoundTCPStore(base):  # type: ignore[misc, valid-type]
+        cpcheck_bind = host
+
+        def __init__(self, host_name: str, port: int, world_size: int | None = None,
+                     is_master: bool = False, *args: Any, master_listen_fd: int | None = None,
+                     **kw: Any) -> None:
+            if is_master and master_listen_fd is None:
+                try:
+                    sock = socket.create_server((host, int(port)), family=family, backlog=512)
+                except OSError:  # the port is taken (a multi-tenant store): torch's own way
+                    sock = None
+                if sock is not None:
+                    port = sock.getsockname()[1]
+                    master_listen_fd = sock.detach()
+            super().__init__(host_name, port, world_size, is_master, *args,
+                             master_listen_fd=master_listen_fd, **kw)
+
+    dist.TCPStore = BoundTCPStore  # type: ignore[misc]
+    c10d_rendezvous_backend.TCPStore = BoundTCPStore  # type: ignore[misc]
+
+
 def main(argv: list[str] | None = None) -> int:
     """torchrun's ``main`` with the failure record; returns torchrun's exit status."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
+
+    if os.environ.get(ENV_STORE_BIND):
+        bind_stores_to(os.environ[ENV_STORE_BIND])
 
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:

@@ -63,7 +63,13 @@ from scenarios.core.errors import (
     RankTimeoutError,
 )
 from scenarios.core.layout import Layout
-from scenarios.runner.launch import ENV_FAILURES, FailureReport, RankFailure, read_failures
+from scenarios.runner.launch import (
+    ENV_FAILURES,
+    ENV_STORE_BIND,
+    FailureReport,
+    RankFailure,
+    read_failures,
+)
 from scenarios.runner.multihost import (
     LocalAgent,
     PoolConfig,
@@ -554,6 +560,7 @@ class RankPool:
         env[ENV_ADDRESS] = address
         env[ENV_AUTHKEY] = authkey.hex()
         env[ENV_FAILURES] = self._failures_path()
+        env[ENV_STORE_BIND] = bind  # the agent's stores listen where the acceptor does
 
         cmd = [
             self.python,

@@ -51,19 +51,21 @@ def plot_host_pool(path: Path, host_used: list[int], bins: int = BINS) -> None:
     save_figure(fig, path)
 
 
-def plot_faults(path: Path, events: list[dict], seconds: float, kinds: tuple[str, ...],
+def plot_faults(path: Path, events: list, seconds: float, kinds: tuple[str, ...],
                 counts: dict[str, int] | None = None, bins: int = BINS,
                 merged: bool = False) -> None:
     """One row per fault kind (`kinds`: the nemesis's), a mark per time bucket in which it
     fired (faults.png of a soak, or of a merged report). Labels count every event (or
     `counts`, the report's totals, where events were capped)."""
+    from scenarios.core.fault_event import FaultEvent
     from scenarios.store.report import new_figure, save_figure
 
+    evs = [e if isinstance(e, FaultEvent) else FaultEvent.model_validate(e) for e in events]
     width = max(seconds, 1.0) / bins
     seen: dict[str, set[int]] = {k: set() for k in kinds}
-    fired = Counter(e.get("kind") for e in events)
+    fired = Counter(e.kind for e in evs)
     for kind, marks in seen.items():
-        marks.update(int(e["t"] / width) for e in events if e.get("kind") == kind)
+        marks.update(int(e.t / width) for e in evs if e.kind == kind)
     fig = new_figure(7, 2.8)
     ax = fig.add_subplot()
     for row, kind in enumerate(kinds):

@@ -22,12 +22,16 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from scenarios.core.errors import UsageError
+from scenarios.core.fault_event import FaultEvent
 
 #: 1: the first versioned report (adds "schema", "status", "interrupted", "unknown_runs",
 #: "coverage", "fault_events"); 2: adds "unconfirmed_divergences" (the soak hunts on past them);
 #: 3: adds "complete", "phase", "run_dir", "not_saved", "fault_runs", "provenance" (git commit,
-#: cpcheck version, command line); docs/soak-report.md describes every field
-SOAK_REPORT_SCHEMA = 3
+#: cpcheck version, command line); 4: one fault model, `FaultEvent`: "faults" counts fault
+#: events (it counted hits), each event has "hits", "run", "gated"; "fault_runs" has
+#: "gated_runs" (gated chunks meet faults) instead of "faultable_runs"; docs/soak-report.md
+#: describes every field
+SOAK_REPORT_SCHEMA = 4
 PLOT_EVERY_S = 5.0
 
 
@@ -158,7 +162,7 @@ class SoakReport(BaseModel):
     lost_runs: int = 0
     unconfirmed_divergences: list[dict[str, Any]] = Field(default_factory=list)
     unknown_diagnoses: list[str] = Field(default_factory=list)
-    fault_events: list[dict[str, Any]] = Field(default_factory=list)
+    fault_events: list[FaultEvent] = Field(default_factory=list)
     replay: str | None = None
     not_saved: list[str] = Field(default_factory=list)
     prefetch_outcomes: dict[str, int] = Field(default_factory=dict)
@@ -181,7 +185,22 @@ class SoakReport(BaseModel):
         data = json.loads(p.read_text())
         if not isinstance(data, dict) or "schema" not in data:
             raise ValueError(f"{p}: not a cpcheck soak report (no 'schema')")
-        return cls.model_validate(data)
+        return cls.model_validate(upgrade_report(data))
+
+
+def upgrade_report(data: dict[str, Any]) -> dict[str, Any]:
+    """A report of schema < 4 in today's fault model: its `faults` counted hits (delayed IO
+    units, failed calls), so they are recounted from its `fault_events` (one per window at its
+    first hit), whose `hits` it did not record (None). The old counts stay as `fault_hits_v3`."""
+    schema = data.get("schema")
+    if not isinstance(schema, int) or schema >= 4:
+        return data
+    from scenarios.core.fault_event import count_events
+
+    events = [{**e, "hits": None} for e in data.get("fault_events") or ()
+              if isinstance(e, dict)]
+    return {**data, "fault_events": events, "fault_hits_v3": data.get("faults") or {},
+            "faults": count_events(events, data.get("faults") or {})}
 
 
 class ReportWriter:

@@ -168,7 +168,7 @@ def execute(s: Schedule, env: RunEnv, collectives: Any, nemesis: Any = None) -> 
     if env.gated:
         pacer: Any = GatedPacer(env.rank, s.choices.get(env.rank, []),
                                 s.faults.get(env.rank, []), s.clock_skew.get(env.rank, 0),
-                                wait_timeout_s=env.agree_timeout_s)
+                                wait_timeout_s=env.agree_timeout_s, nemesis=nemesis)
     else:
         pacer = RecordingPacer(env.rank, nemesis, wait_timeout_s=env.agree_timeout_s)
     sut = ReferenceRank(s, env, collectives, pacer)
@@ -197,6 +197,7 @@ def execute(s: Schedule, env: RunEnv, collectives: Any, nemesis: Any = None) -> 
         waiting_on=dict(pacer.waiting_on),
         wall_s=time.monotonic() - t0,
         recorded=recorded,
+        injected_faults=tuple(getattr(pacer, "injected_faults", ())),
     )
 
 
