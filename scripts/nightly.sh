@@ -59,7 +59,8 @@ seed_args=()
   "${seed_args[@]}" "${shard_args[@]}" \
   --out "$out" 2>&1 | tee "$out/soak.log"
 soak_rc=${PIPESTATUS[0]}
-if [ "${MUTATION_MINUTES:-60}" != "0" ] && [ "${SOAK_SHARD%%/*}" = "" -o "${SOAK_SHARD%%/*}" = "1" ]; then
+shard="${SOAK_SHARD:-1/1}"
+if [ "${MUTATION_MINUTES:-60}" != "0" ] && [ "${shard%%/*}" = "1" ]; then
   "$py" -c "import cosmic_ray" 2>/dev/null || "$py" -m pip install -q -c constraints.txt cosmic-ray
   diff_args=()
   [ -n "${MUTATION_DIFF:-}" ] && diff_args=(--diff "$MUTATION_DIFF")
