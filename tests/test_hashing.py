@@ -114,6 +114,9 @@ H = "ab" * 32
         (KeySuffix(tp_rank=1, pp_rank=2, pp_size=4), "k", f"{H}_1_2_k"),
         (KeySuffix(tp_rank=1, pp_rank=0, pp_size=2), "v", f"{H}_1_0_v"),
         (KeySuffix(tp_rank=1, pp_rank=0, pp_size=1), "v", f"{H}_1_v"),
+        # pp_rank defaults to the first stage (mutation testing found this default unpinned)
+        (KeySuffix(tp_rank=1, pp_size=2), "k", f"{H}_1_0_k"),
+        (KeySuffix(tp_rank=0, pp_size=3, is_mla=True), "k", f"{H}_0_k"),
         (KeySuffix(tp_rank=0, is_mla=True), "k", f"{H}__k"),
         (KeySuffix(tp_rank=5, is_mla=True), "k", f"{H}__k"),
         (KeySuffix(tp_rank=1, pp_rank=1, pp_size=2, is_mla=True), "k", f"{H}_1_k"),
