@@ -152,3 +152,26 @@ def test_boundary_classes_of_one_built_schedule(inprocess_executor) -> None:
                  "fault: exists on stored pages", "progress: one batch short"):
         assert got[name] > 0, (name, dict(got))
     assert prefetch_classes(s, results)["f3"] == "revoked"  # the failed hit query's MIN is 0
+
+
+@pytest.mark.soak
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_every_boundary_is_reached_over_other_seeds(inprocess_executor, seed: int) -> None:
+    """The `ci` budget (60 examples) with random generation from three other seeds: reaching
+    every boundary is the generator's property, not the derandomized sequence's."""
+    from hypothesis import seed as hseed
+
+    from scenarios.generate.workload import prefetch_workloads
+
+    cov = Coverage()
+
+    @hseed(seed)
+    @settings(settings.get_profile("ci"), derandomize=False)
+    @given(s=prefetch_workloads(layouts=("1x2", "2x2")))
+    def run(s: Schedule) -> None:
+        results = inprocess_executor.run(s)
+        cov.add(s, results)
+        assert check(s, results).ok
+
+    run()
+    assert cov.missing_boundaries() == [], cov.table()

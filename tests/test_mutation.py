@@ -92,3 +92,10 @@ def test_a_real_mutant_of_the_key_hashing_is_killed(tmp_path: Path) -> None:
     assert 'fmt = f"<{len(token_ids)}I"' in text, "the packing moved: update this plant"
     hashing.write_text(text.replace('fmt = f"<{len(token_ids)}I"', 'fmt = f"<{len(token_ids)}q"'))
     assert subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True).returncode != 0
+
+
+def test_committed_score_table_is_generated_from_the_committed_results() -> None:
+    if not mutation.RESULTS.exists():
+        pytest.skip("no mutation run committed yet")
+    results = json.loads(mutation.RESULTS.read_text())
+    assert mutation.SCORE_DOC.read_text() == mutation.render(results, mutation.load_equivalent())
