@@ -158,7 +158,8 @@ def test_boundary_classes_of_one_built_schedule(inprocess_executor) -> None:
 @pytest.mark.soak
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_every_boundary_is_reached_over_other_seeds(inprocess_executor, seed: int) -> None:
-    """The `ci` budget (60 examples) with random generation from three other seeds: reaching
+    """Random generation from three other seeds, 150 examples each (2.5 times the `ci` budget:
+    at 60, single seeds missed one or two of the deadline and 3-page-batch classes): reaching
     every boundary is the generator's property, not the derandomized sequence's."""
     from hypothesis import seed as hseed
 
@@ -167,7 +168,7 @@ def test_every_boundary_is_reached_over_other_seeds(inprocess_executor, seed: in
     cov = Coverage()
 
     @hseed(seed)
-    @settings(settings.get_profile("ci"), derandomize=False)
+    @settings(settings.get_profile("ci"), derandomize=False, max_examples=150)
     @given(s=prefetch_workloads(layouts=("1x2", "2x2")))
     def run(s: Schedule) -> None:
         results = inprocess_executor.run(s)
