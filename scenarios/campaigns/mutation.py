@@ -113,6 +113,7 @@ def detect_generated(examples: int | None = None) -> int:
     and 2x2, in-process; exit 1 on the first run the checker or the oracle rejects."""
     from hypothesis import HealthCheck, given, settings
 
+    from scenarios.core.config import CP_LAYOUTS
     from scenarios.core.schedule import Schedule
     from scenarios.generate.strategies import schedules
     from scenarios.judge.judging import run_checked
@@ -123,7 +124,7 @@ def detect_generated(examples: int | None = None) -> int:
                    suppress_health_check=list(HealthCheck))
     with Executor("inprocess", timeout_s=10.0) as ex:
         @cfg
-        @given(s=schedules(layouts=("1x2", "2x2")))
+        @given(s=schedules(layouts=CP_LAYOUTS))
         def run(s: Schedule) -> None:
             if bad:
                 return
