@@ -390,8 +390,9 @@ class HiCacheController:
         op.hash_value = page_hashes(op.token_ids, self.page_size, op.last_hash)
         flat = op.keys = self.flat_storage_keys(op.hash_value)
         assert self.storage_backend is not None
-        if self.pacer.fail("exists", op.seq):
-            hit_parts = 0
+        if self.pacer.fail("exists", op.seq):  # the query failed: recorded as failed
+            self.observer.on_storage(StorageAccess("exists", tuple(flat[:1]), (False,)))
+            return 0
         else:
             hit_parts = self.storage_backend.batch_exists(flat)
         self.observer.on_storage(StorageAccess("exists", tuple(flat[: hit_parts + 1])))

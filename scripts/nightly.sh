@@ -2,7 +2,11 @@
 # The nightly, defined once: .github/workflows/nightly-soak.yml and `tox -e soak` both run this.
 #   1. the soak-marked tests (long Hypothesis searches, soak replays);
 #   2. a torchrun soak over a real Mooncake master with every fault on, a fresh seed each night
-#      (printed and in report.json; SOAK_SEED pins it).
+#      (printed and in report.json; SOAK_SEED pins it);
+#   3. the mutation score of the fast detectors over reference/ (cosmic-ray, the `mutation`
+#      extra): docs/measurements/mutation-score.md regenerated, copied to $1 (MUTATION_MINUTES
+#      per target, 60; 0 skips it; MUTATION_DIFF=VERSION adds the catalog's diff on that
+#      built release to the kill command). Its result is reported, never the nightly's exit.
 # Output (a run dir $1/TIMESTAMP-seedN with report.json, decisions_per_s.png, faults.png, ...,
 # replay-*.json on a divergence; $1/latest points at it)
 # goes to $1 (default soak-out). Exit: the soak's code (0 agree, 1 diverge, 125 cannot run
@@ -55,6 +59,16 @@ seed_args=()
   "${seed_args[@]}" "${shard_args[@]}" \
   --out "$out" 2>&1 | tee "$out/soak.log"
 soak_rc=${PIPESTATUS[0]}
+shard="${SOAK_SHARD:-1/1}"
+if [ "${MUTATION_MINUTES:-60}" != "0" ] && [ "${shard%%/*}" = "1" ]; then
+  "$py" -c "import cosmic_ray" 2>/dev/null || "$py" -m pip install -q -c constraints.txt cosmic-ray
+  diff_args=()
+  [ -n "${MUTATION_DIFF:-}" ] && diff_args=(--diff "$MUTATION_DIFF")
+  "$py" -m scenarios.campaigns.mutation run --minutes "${MUTATION_MINUTES:-60}" \
+    "${diff_args[@]}" > "$out/mutation.log" 2>&1 \
+    && cp docs/measurements/mutation-score.md docs/measurements/mutation-results.json "$out/"
+  echo "nightly: mutation run exit $? (see $out/mutation.log)" >&2
+fi
 echo "nightly: soak exit $soak_rc, soak tests exit $tests_rc; output in $out" >&2
 if [ "$soak_rc" != 0 ]; then exit "$soak_rc"; fi
 exit "$tests_rc"

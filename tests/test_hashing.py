@@ -114,6 +114,9 @@ H = "ab" * 32
         (KeySuffix(tp_rank=1, pp_rank=2, pp_size=4), "k", f"{H}_1_2_k"),
         (KeySuffix(tp_rank=1, pp_rank=0, pp_size=2), "v", f"{H}_1_0_v"),
         (KeySuffix(tp_rank=1, pp_rank=0, pp_size=1), "v", f"{H}_1_v"),
+        # pp_rank defaults to the first stage (mutation testing found this default unpinned)
+        (KeySuffix(tp_rank=1, pp_size=2), "k", f"{H}_1_0_k"),
+        (KeySuffix(tp_rank=0, pp_size=3, is_mla=True), "k", f"{H}_0_k"),
         (KeySuffix(tp_rank=0, is_mla=True), "k", f"{H}__k"),
         (KeySuffix(tp_rank=5, is_mla=True), "k", f"{H}__k"),
         (KeySuffix(tp_rank=1, pp_rank=1, pp_size=2, is_mla=True), "k", f"{H}_1_k"),
@@ -230,3 +233,11 @@ def test_namespace_seed_keeps_unnamespaced_keys_and_tells_parts_apart() -> None:
     # a seeded chain names other keys than the unseeded one for the same tokens
     assert page_hashes(list(range(8)), PS, namespace_seed("a", None)) != page_hashes(
         list(range(8)), PS)
+
+
+def test_int_likes_in_the_uint32_range_hash_as_their_ints() -> None:
+    """Values int() accepts but struct does not (floats) take the slow path, checked against
+    the same uint32 limit: up to 2**32 - 1 they hash as their ints (mutation testing found the
+    limit unpinned below 2**32)."""
+    ints = [7, 2**31 + 5, 2**32 - 1]
+    assert page_hash([float(t) for t in ints]) == page_hash(ints)

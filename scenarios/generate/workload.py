@@ -50,12 +50,18 @@ def build_prefetch_schedule(layout: str, policy: str, intents: list[str], *, sha
                             fault_batch: list[int], fault_rank: list[int],
                             variant: str = "fixed", backend: str = "memory",
                             timeout_ticks: int = 2, seed: int = 0,
-                            protocol: str = DEFAULT_PROFILE, dp_attention: bool = True
+                            protocol: str = DEFAULT_PROFILE, dp_attention: bool = True,
+                            threshold: int = 0, fault_kind: list[str] | None = None
                             ) -> Schedule:
     """A gated Schedule whose k-th fetch realises intents[k].
 
     picks[k][r]: for terminated, how many IO batches rank r has done at the progress point
-    (clamped below all); fault_batch[k] / fault_rank[k]: which batch fails where.
+    (clamped below all); fault_batch[k] / fault_rank[k]: which batch fails where;
+    fault_kind[k] ("get" by default): a storage_error fails that `get`, ("exists") the hit
+    query of pages that are stored, which revokes the fetch, or ("set") the warm-up's backup on
+    one rank (its later hit queries miss). `threshold` (tokens): the prefetch
+    threshold; a fetch whose stored pages fall below it is revoked whatever its intent, and one
+    whose own page-aligned length falls below it starts no prefetch at all.
     """
     world = 1
     for x in layout.split("x"):
@@ -69,6 +75,8 @@ def build_prefetch_schedule(layout: str, policy: str, intents: list[str], *, sha
     choices: dict[int, list[int]] = {r: [ALL] * (WARM_STEPS * STEP_POINTS) for r in range(world)}
     faults: dict[int, list[tuple[str, int]]] = {}
     gets = [0] * world  # get calls so far per rank: a fault names the call by its index
+    started = 0  # prefetches started so far (every rank the same): an exists fault's index
+    floor = max(threshold, PAGE)  # SGLang clamps the threshold to at least one page
     for k, intent in enumerate(intents):
         rid = f"f{k}"
         shared = 0 if intent != "revoked" else 100 + k  # a prefix nobody stored
@@ -78,6 +86,20 @@ def build_prefetch_schedule(layout: str, policy: str, intents: list[str], *, sha
             ops.append(Op(kind="abort", rid=rid))
         ops.append(Op(kind="step"))
         progress: list[int | None] = [None] * world  # None: no progress point this step
+        kind = (fault_kind or ["get"] * len(intents))[k]
+        if len(tokens) // PAGE * PAGE < floor:
+            intent = "none"  # too short to prefetch at all
+        else:
+            started += 1
+            if intent == "storage_error" and kind == "set":  # the warm-up's backup fails
+                faults.setdefault(fault_rank[k] % world, []).append(("set", 0))
+                intent = "partial"
+            elif intent == "storage_error" and kind == "exists":
+                fr = fault_rank[k] % world
+                faults.setdefault(fr, []).append(("exists", started - 1))
+                intent = "revoked"  # this rank's hit query finds nothing: the MIN is 0
+            elif hits * PAGE < floor:
+                intent = "revoked"
         if intent in ("complete", "partial"):
             progress = [ALL] * world
             for r in range(world):
@@ -102,34 +124,51 @@ def build_prefetch_schedule(layout: str, policy: str, intents: list[str], *, sha
                     Op(kind="evict_device", n=1000), Op(kind="evict_host", n=1000)]
     cache = CachePolicy(page_size=PAGE, device_pages=64, host_pages=96, mla=mla,
                         write_policy="write_through", prefetch_stop_policy=policy,
-                        prefetch_threshold=0, prefetch_batch_pages=batch_pages,
+                        prefetch_threshold=threshold, prefetch_batch_pages=batch_pages,
                         prefetch_timeout_ticks=timeout_ticks)
     return Schedule(name="shaped", layout=layout, variant=variant, backend=backend, cache=cache,
                     ops=ops, choices=choices, faults=faults, seed=seed, protocol=protocol,
                     dp_attention=dp_attention)
 
 
+#: the prefetch threshold, in pages relative to the stored prefix's pages (None: 0, clamped to
+#: one page): most workloads put it one page below, at or one page above the hits
+THRESHOLDS = (0, None, -1, 1, None)
+
+
 @st.composite
 def prefetch_workloads(draw: st.DrawFn, layouts: tuple[str, ...] = CP_LAYOUTS,
                        variant: str = "fixed", backend: str = "memory",
                        protocol: str = DEFAULT_PROFILE, dp_attention: bool = True) -> Schedule:
-    """One Schedule of 1-4 fetches, each drawn with an outcome intent (see the module doc)."""
+    """One Schedule of 1-4 fetches, each drawn with an outcome intent (see the module doc).
+
+    Drawn to meet coverage.BOUNDARY_CLASSES: the prefetch threshold one page below, at or above
+    the stored pages; a `timeout` deadline one tick before, at or after the progress point (4
+    ticks after the add); 3-page batches over 4, 6 or 8 stored pages; a storage error on a
+    get, a hit query of stored pages or the warm-up's backup."""
     layout = draw(st.sampled_from(layouts))
-    policy = draw(st.sampled_from(list(INTENTS)))
+    policy = draw(st.sampled_from(["timeout", "best_effort", "wait_complete", "timeout"]))
     n = draw(st.integers(1, 4))
     intents = draw(st.lists(st.sampled_from(INTENTS[policy]), min_size=n, max_size=n))
+    if draw(st.booleans()):  # a fetch that meets a fault or the deadline, wherever drawn
+        intents[draw(st.integers(0, n - 1))] = draw(st.sampled_from(
+            ["terminated", "storage_error"] if policy != "wait_complete" else ["storage_error"]))
     ints = st.integers(0, 7)
+    shared_len = draw(st.sampled_from([16, 24, 32, 16]))
+    at = draw(st.sampled_from(THRESHOLDS))
     return build_prefetch_schedule(
         layout, policy, intents,
-        shared_len=draw(st.sampled_from([16, 24, 32])),
-        batch_pages=draw(st.sampled_from([1, 1, 2])),
+        shared_len=shared_len,
+        # 3 pages: 4, 6 and 8 stored pages fill whole batches, leave one page over or one short
+        batch_pages=draw(st.sampled_from([3, 1, 2, 3])),
         mla=draw(st.booleans()),
         picks=[draw(st.lists(ints, min_size=4, max_size=4)) for _ in range(n)],
         fault_batch=[draw(ints) for _ in range(n)],
         fault_rank=[draw(ints) for _ in range(n)],
         variant=variant, backend=backend, protocol=protocol, dp_attention=dp_attention,
-        # a timeout expires by the progress point (4 ticks after the add) unless it is long
-        timeout_ticks=draw(st.integers(0, 3)),
+        timeout_ticks=draw(st.sampled_from([3, 5, 4])),
+        threshold=0 if at is None else (shared_len // PAGE + at) * PAGE,
+        fault_kind=[draw(st.sampled_from(["exists", "get", "set"])) for _ in range(n)],
     )
 
 

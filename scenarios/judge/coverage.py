@@ -24,6 +24,27 @@ from scenarios.core.records import RankResult
 
 PREFETCH_CLASSES = ("revoked", "aborted", "complete", "partial", "terminated", "storage_error")
 
+#: Policy predicates of the reference's decisions, each reached just below, at and just above
+#: its threshold (`boundaries` counts them per run; tests/test_coverage.py asserts the `ci`
+#: profile reaches every one), and every storage call kind failing while pages are behind it.
+#:   threshold   prefetch_thread_func: revoke iff agreed hit pages * page < prefetch_threshold
+#:               (clamped to one page); agreed hits one page below / at / one page above it
+#:   deadline    can_terminate_prefetch under `timeout`, IO still running: terminate iff
+#:               elapsed ticks > prefetch_timeout; checked one tick before / at / one tick after
+#:   batch       num_batches = ceil(hits / batch pages) with batch pages > 1: hits fill whole
+#:               batches, leave one page over, or one page short of a whole last batch
+#:   progress    the io_done predicate completed == hit tokens: one batch short / every page in
+#:   fault       a storage call failing with pages behind it: a hit query (exists) for pages
+#:               written in this run (the query records a failure), a get of agreed hits, a
+#:               set of a backup
+BOUNDARY_CLASSES = (
+    "threshold: hits one page below", "threshold: hits at", "threshold: hits one page above",
+    "deadline: one tick before", "deadline: at", "deadline: one tick after",
+    "batch: whole batches", "batch: one page over", "batch: one page short",
+    "progress: one batch short", "progress: every page in",
+    "fault: exists on stored pages", "fault: get of agreed hits", "fault: set of a backup",
+)
+
 
 def _base(results: list[RankResult]) -> RankResult | None:
     ok = [r for r in results if r.error is None]
@@ -63,6 +84,64 @@ def prefetch_classes(s: Any, results: list[RankResult]) -> dict[str, str]:
             out[rid] = "terminated"
         else:
             out[rid] = "storage_error"
+    return out
+
+
+def boundaries(s: Any, results: list[RankResult]) -> Counter:
+    """Which BOUNDARY_CLASSES this run reached (threshold, batch and progress classes from the
+    lowest healthy rank's agreed values; deadlines and faults from every rank)."""
+    out: Counter = Counter()
+    base = _base(results)
+    if base is None:
+        return out
+    c = s.cache
+    page, bp = c.page_size, c.prefetch_batch_pages
+    threshold = max(c.prefetch_threshold, page)
+    for e in base.decisions.get("prefetch", ()):
+        if e.kind != "prefetch_hits" or not e.agreed:
+            continue
+        hits = int(e.agreed[0])
+        gap = hits * page - threshold
+        if gap in (-page, 0, page):
+            out[("threshold: hits one page below", "threshold: hits at",
+                 "threshold: hits one page above")[gap // page + 1]] += 1
+        if hits * page >= threshold and hits and bp > 1:
+            over = hits % bp
+            if over == 0:
+                out["batch: whole batches"] += 1
+            elif over == 1:
+                out["batch: one page over"] += 1
+            if over == bp - 1 and bp > 2:
+                out["batch: one page short"] += 1
+    stored = {k for r in results for call in r.storage if call.op == "set"
+              for k, ok in zip(call.keys, call.ok, strict=False) if ok}
+    for r in results:
+        for e, eff in zip(r.decisions.get("scheduler", ()), r.effects.get("scheduler", ()),
+                          strict=False):
+            if e.kind != "can_terminate" or len(eff) < 6:
+                continue
+            queried, revoked, all_seen, completed, hit_tokens, elapsed = eff[:6]
+            if not queried or revoked or not hit_tokens:
+                continue
+            step = bp * page
+            if completed == hit_tokens:
+                out["progress: every page in"] += 1
+            elif hit_tokens - step <= completed < hit_tokens and not all_seen:
+                out["progress: one batch short"] += 1
+            if c.prefetch_stop_policy == "timeout" and not all_seen and completed < hit_tokens:
+                d = float(elapsed) - c.prefetch_timeout_ticks
+                if d in (-1.0, 0.0, 1.0):
+                    out[("deadline: one tick before", "deadline: at",
+                         "deadline: one tick after")[int(d) + 1]] += 1
+        for call in r.storage:
+            if not call.ok or all(call.ok):
+                continue
+            if call.op == "exists" and stored.intersection(call.keys):
+                out["fault: exists on stored pages"] += 1
+            elif call.op == "get":
+                out["fault: get of agreed hits"] += 1
+            elif call.op == "set":
+                out["fault: set of a backup"] += 1
     return out
 
 
@@ -111,6 +190,7 @@ def count(s: Any, results: list[RankResult], faults: dict[str, int] | None = Non
         for call in r.storage:
             if call.ok and not all(call.ok):
                 cov["storage"][f"{call.op} failed"] += 1
+    cov["boundary"].update(boundaries(s, results))
     if faults:
         for kind, n in faults.items():
             if n:
@@ -148,6 +228,10 @@ class Coverage:
         c = self.counts.get("prefetch", Counter())
         return [k for k in PREFETCH_CLASSES if not c.get(k)]
 
+    def missing_boundaries(self) -> list[str]:
+        c = self.counts.get("boundary", Counter())
+        return [k for k in BOUNDARY_CLASSES if not c.get(k)]
+
     def to_dict(self) -> dict:
         d: dict[str, Any] = {p: dict(sorted(c.items())) for p, c in sorted(self.counts.items())}
         d["prefetch_shares"] = {k: round(v, 3) for k, v in self.prefetch_shares().items()}
@@ -158,7 +242,8 @@ class Coverage:
         lines = ["| point | outcome | count | share |", "|---|---|---|---|"]
         for point, c in sorted(self.counts.items()):
             total = sum(c.values())
-            keys = list(PREFETCH_CLASSES) if point == "prefetch" else sorted(c)
+            keys = (list(PREFETCH_CLASSES) if point == "prefetch" else
+                    list(BOUNDARY_CLASSES) if point == "boundary" else sorted(c))
             for k in keys:
                 n = c.get(k, 0)
                 lines.append(f"| {point} | {k} | {n} | {n / total:.0%} |" if total

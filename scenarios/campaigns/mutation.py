@@ -1,0 +1,389 @@
+"""The harness measures its own power: mutation testing of `reference/` with cosmic-ray.
+
+Cross-rank checks see ranks that disagree; a bug that keeps every rank agreeing (a wrong key
+encoding, a predicate wrong only at its boundary) escapes them. This mutates the reference's
+decision, sync and hashing modules one operator at a time and runs the fast detectors on each
+mutant (the kill command, DETECTORS below); a mutant that every detector passes survived.
+
+    python -m scenarios.campaigns.mutation run --targets hashing --minutes 20
+    python -m scenarios.campaigns.mutation report        # the table from the kept results
+    python -m scenarios.campaigns.mutation kill          # the kill command on this tree
+
+`run` mutates a throwaway copy of the tracked tree (never the checkout), keeps each target's
+outcomes in RESULTS (JSON, one entry per mutant) and regenerates SCORE_DOC from them and the
+reviewed list of equivalent mutants (EQUIVALENT). A time limit stops the run; the table then
+says how many mutants were not run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+RESULTS = REPO / "docs" / "measurements" / "mutation-results.json"
+SCORE_DOC = REPO / "docs" / "measurements" / "mutation-score.md"
+EQUIVALENT = REPO / "docs" / "measurements" / "mutation-equivalent.toml"
+
+#: the reference's modules under mutation, by target name
+TARGETS: dict[str, tuple[str, ...]] = {
+    "hashing": ("reference/hashing.py",),
+    "sync": ("reference/sync.py",),
+    "decisions": ("reference/hiradix_cache.py", "reference/cache_controller.py"),
+}
+
+#: operators left out (regexes over cosmic-ray operator names): bit, power and modulo
+#: replacements of arithmetic, identity comparisons, and decorator / exception removal make
+#: mutants that cannot run or that no HiCache bug resembles; every `|` in the mutated modules is
+#: a type annotation (`X | None`, never evaluated under `from __future__ import annotations`).
+#: What stays: comparisons (the boundaries), + - *, numbers, not / and / or, True / False,
+#: loops run zero times, break / continue.
+EXCLUDED_OPERATORS = (
+    r"core/ReplaceBinaryOperator_BitOr_\w+$",
+    r"core/ReplaceBinaryOperator_\w+_(BitAnd|BitOr|BitXor|LShift|RShift|Pow|Mod|Div|FloorDiv)$",
+    r"core/ReplaceComparisonOperator_\w+_(Is|IsNot|In|NotIn)$",
+    r"core/RemoveDecorator",
+    r"core/ExceptionReplacer",
+    r"core/ReplaceUnaryOperator_\w+_(UAdd|USub|Invert)$",
+)
+
+#: seconds one mutant's kill command may take before it counts as killed by timeout
+MUTANT_TIMEOUT_S = 300.0
+
+
+def _py() -> str:
+    return sys.executable
+
+
+#: The kill command, cheapest first; the first detector that fails kills the mutant. One
+#: place: the differential explore (`explore --differential`) is added here as one more entry.
+DETECTORS: dict[str, list[str]] = {
+    # the reference's keys pinned byte for byte (SGLang's hashing, without any release)
+    "hashing": ["-m", "pytest", "-p", "no:cacheprovider", "-q", "-x", "--no-header",
+                "tests/test_hashing.py"],
+    # the `ci` generator budget in-process: checker (six invariants) and protocol oracle
+    "generated": ["-m", "scenarios.campaigns.mutation", "detect-generated"],
+}
+#: opt-in (`--diff VERSION`): the catalog's `cpcheck diff` on one built release, 40-100 s a
+#: scenario on a loaded 2-core box, so the nightly runs it and a local run need not
+DIFF_SCENARIOS = ("write_acks", "revoke", "prefetch_batches")
+
+
+def detectors(diff_release: str | None = None) -> dict[str, list[str]]:
+    out = dict(DETECTORS)
+    if diff_release:
+        for name in DIFF_SCENARIOS:
+            out[f"diff {name}"] = ["-m", "scenarios.cli", "diff", name, "--sut",
+                                   f"sglang=={diff_release}"]
+    return out
+
+
+def kill_command(diff_release: str | None = None) -> str:
+    """The shell command cosmic-ray runs per mutant (exit 0: survived, else killed)."""
+    args = [_py(), "-m", "scenarios.campaigns.mutation", "kill"]
+    if diff_release:
+        args += ["--diff", diff_release]
+    return " ".join(args)
+
+
+def run_detectors(diff_release: str | None = None, verbose: bool = True) -> int:
+    """Run the kill command's detectors in order; the exit code of the first that fails."""
+    for name, argv in detectors(diff_release).items():
+        t0 = time.monotonic()
+        rc = subprocess.run([_py(), *argv], cwd=os.getcwd(), capture_output=not verbose,
+                            timeout=MUTANT_TIMEOUT_S).returncode
+        if verbose:
+            print(f"detector {name}: exit {rc} in {time.monotonic() - t0:.1f} s", flush=True)
+        if rc != 0:
+            return 1
+    return 0
+
+
+def detect_generated(examples: int | None = None) -> int:
+    """The `ci` Hypothesis budget (60 derandomized examples) of the explore generator on 1x2
+    and 2x2, in-process; exit 1 on the first run the checker or the oracle rejects."""
+    from hypothesis import HealthCheck, given, settings
+
+    from scenarios.core.config import CP_LAYOUTS
+    from scenarios.core.schedule import Schedule
+    from scenarios.generate.strategies import schedules
+    from scenarios.judge.judging import run_checked
+    from scenarios.sut.reference_executor import Executor
+
+    bad: list[str] = []
+    cfg = settings(max_examples=examples or 60, deadline=None, derandomize=True, database=None,
+                   suppress_health_check=list(HealthCheck))
+    with Executor("inprocess", timeout_s=10.0) as ex:
+        @cfg
+        @given(s=schedules(layouts=CP_LAYOUTS))
+        def run(s: Schedule) -> None:
+            if bad:
+                return
+            _, v = run_checked(ex, s)
+            if not v.ok:
+                bad.append(v.summary()[:300])
+
+        run()
+    if bad:
+        print(f"detect-generated: {bad[0]}")
+        return 1
+    return 0
+
+
+# -- a run ------------------------------------------------------------------------------------
+def _copy_tree(dst: Path) -> None:
+    """The tracked files (this checkout's content, uncommitted edits included), plus links to
+    the environments (.venv, build/) the detectors need."""
+    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                           cwd=REPO, capture_output=True, check=True).stdout.split(b"\0")
+    for f in filter(None, files):
+        src = REPO / f.decode()
+        if src.is_file():
+            (dst / f.decode()).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst / f.decode())
+    for link in (".venv", "build"):
+        if (REPO / link).exists():
+            (dst / link).symlink_to((REPO / link).resolve())
+
+
+def _config(modules: tuple[str, ...], command: str) -> str:
+    mods = ", ".join(json.dumps(m) for m in modules)
+    ops = ", ".join(json.dumps(o) for o in EXCLUDED_OPERATORS)
+    return (f"[cosmic-ray]\nmodule-path = [{mods}]\ntimeout = {MUTANT_TIMEOUT_S}\n"
+            f"excluded-modules = []\ntest-command = {json.dumps(command)}\n"
+            f"[cosmic-ray.distributor]\nname = \"local\"\n"
+            f"[cosmic-ray.filters.operators-filter]\nexclude-operators = [{ops}]\n")
+
+
+def _cr(name: str) -> str:
+    return str(Path(_py()).with_name(name))
+
+
+def run_target(target: str, seconds: float, diff_release: str | None = None) -> list[dict]:
+    """Mutate one target in a throwaway copy for at most `seconds`; every mutant's entry
+    (those not reached have outcome `not run`)."""
+    modules = TARGETS[target]
+    with tempfile.TemporaryDirectory(prefix="cpcheck-mutation-") as tmp:
+        root = Path(tmp)
+        _copy_tree(root)
+        (root / "cr.toml").write_text(_config(modules, kill_command(diff_release)))
+        env = {**os.environ, "PYTHONPATH": str(root)}
+        for cmd in ([_cr("cosmic-ray"), "init", "cr.toml", "session.sqlite"],
+                    [_cr("cr-filter-operators"), "session.sqlite", "cr.toml"]):
+            subprocess.run(cmd, cwd=root, env=env, check=True, capture_output=True)
+        proc = subprocess.Popen([_cr("cosmic-ray"), "exec", "cr.toml", "session.sqlite"],
+                                cwd=root, env=env, start_new_session=True,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            proc.wait(timeout=max(seconds, 1))
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        dump = subprocess.run([_cr("cosmic-ray"), "dump", "session.sqlite"], cwd=root, env=env,
+                              check=True, capture_output=True, text=True).stdout
+        return entries(dump, lambda m: (REPO / m).read_text().splitlines(), target)
+
+
+def entries(dump: str, source_lines, target: str) -> list[dict]:  # noqa: ANN001
+    """One compact entry per mutant from `cosmic-ray dump` output (JSON lines of
+    [work_item, result]); operator-filtered mutants are left out."""
+    out: list[dict] = []
+    cache: dict[str, list[str]] = {}
+    for line in dump.splitlines():
+        if not line.strip():
+            continue
+        item, result = json.loads(line)
+        m = item["mutations"][0]
+        if (result and result.get("worker_outcome") == "skipped") or any(
+                re.match(x, m["operator_name"]) for x in EXCLUDED_OPERATORS):
+            continue
+        lines = cache.setdefault(m["module_path"], source_lines(m["module_path"]))
+        row = m["start_pos"][0]
+        if result is None:
+            outcome = "not run"
+        elif result.get("worker_outcome") != "normal":
+            outcome = "incompetent"
+        else:  # a kill command past MUTANT_TIMEOUT_S is "killed" (cosmic-ray: a hang caught)
+            outcome = {"killed": "killed", "survived": "survived"}.get(
+                result.get("test_outcome"), "incompetent")
+        out.append({"target": target, "module": m["module_path"], "line": row,
+                    "col": m["start_pos"][1], "function": m.get("definition_name") or "",
+                    "operator": m["operator_name"].removeprefix("core/"),
+                    "occurrence": m["occurrence"],
+                    "source": lines[row - 1].strip() if row <= len(lines) else "",
+                    "outcome": outcome})
+    out.sort(key=lambda e: (e["module"], e["line"], e["col"], e["operator"]))
+    return out
+
+
+# -- results, equivalence and the table --------------------------------------------------------
+def load_equivalent(path: Path = EQUIVALENT) -> list[dict]:
+    """The reviewed list: each entry names module, operator, the source line and why the
+    mutant cannot change behaviour."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib  # type: ignore[no-redef]
+    if not path.exists():
+        return []
+    data = tomllib.loads(path.read_text())
+    out = data.get("mutant", [])
+    for e in out:
+        for key in ("module", "operator", "source", "reason"):
+            if not str(e.get(key, "")).strip():
+                raise ValueError(f"{path.name}: an equivalent mutant without {key!r}: {e}")
+    return out
+
+
+def is_equivalent(entry: dict, equivalent: list[dict]) -> str | None:
+    for e in equivalent:
+        if (e["module"] == entry["module"] and e["operator"] == entry["operator"]
+                and e["source"].strip() == entry["source"]
+                and int(e.get("occurrence", entry["occurrence"])) == entry["occurrence"]):
+            return e["reason"]
+    return None
+
+
+def score(rows: list[dict], equivalent: list[dict]) -> dict[str, dict[str, int]]:
+    """Per module and in total: mutants, run, killed, survived, equivalent, incompetent."""
+    table: dict[str, dict[str, int]] = {}
+    for r in rows:
+        for key in (r["module"], "total"):
+            t = table.setdefault(key, dict.fromkeys(
+                ("mutants", "run", "killed", "survived", "equivalent", "incompetent"), 0))
+            t["mutants"] += 1
+            if r["outcome"] == "not run":
+                continue
+            t["run"] += 1
+            if r["outcome"] == "survived" and is_equivalent(r, equivalent):
+                t["equivalent"] += 1
+            else:
+                t[r["outcome"]] += 1
+    return table
+
+
+def _excluded(operator: str) -> bool:
+    return any(re.match(x, f"core/{operator}") for x in EXCLUDED_OPERATORS)
+
+
+def render(results: dict, equivalent: list[dict]) -> str:
+    """The score page; rows of operators excluded since the run are left out."""
+    rows = [r for t in results["targets"].values() for r in t["rows"]
+            if not _excluded(r["operator"])]
+    sc = score(rows, equivalent)
+    out = ["# Mutation score of the fast detectors", "",
+           "Generated by `python -m scenarios.campaigns.mutation report` from",
+           "`docs/measurements/mutation-results.json` (written by `... mutation run`) and the",
+           "reviewed list of equivalent mutants `docs/measurements/mutation-equivalent.toml`.",
+           "Never edit this file by hand.", "",
+           "Score = killed / (run - equivalent - incompetent): a surviving mutant that is not",
+           "listed as equivalent counts against it. Tool: cosmic-ray; operators:",
+           "`EXCLUDED_OPERATORS` in `scenarios/campaigns/mutation.py` says which are left out.",
+           "", "| target | when | commit | machine | time limit | kill command |",
+           "|---|---|---|---|---|---|"]
+    for name, t in sorted(results["targets"].items()):
+        out.append(f"| {name} | {t['when']} | {t['commit']} | {t['machine']} | "
+                   f"{t['limit_s']:.0f} s | {', '.join(t['detectors'])} |")
+    out += ["", "| module | mutants | run | killed | survived | equivalent | incompetent | "
+                "score |", "|---|---|---|---|---|---|---|---|"]
+    for mod, t in sorted(sc.items(), key=lambda kv: (kv[0] == "total", kv[0])):
+        judged = t["run"] - t["equivalent"] - t["incompetent"]
+        pct = f"{100 * t['killed'] / judged:.0f}%" if judged else "-"
+        out.append(f"| {mod} | {t['mutants']} | {t['run']} | {t['killed']} | {t['survived']} | "
+                   f"{t['equivalent']} | {t['incompetent']} | {pct} |")
+    surv = [r for r in rows if r["outcome"] == "survived" and not is_equivalent(r, equivalent)]
+    out += ["", f"## Surviving mutants ({len(surv)})", ""]
+    if surv:
+        out += ["| module:line | function | operator | source line |", "|---|---|---|---|"]
+        out += [f"| {r['module']}:{r['line']} | {r['function']} | {r['operator']} | "
+                f"`{r['source'].replace('|', '/')}` |" for r in surv]
+    eq = [(r, is_equivalent(r, equivalent)) for r in rows if r["outcome"] == "survived"]
+    eq = [(r, why) for r, why in eq if why]
+    out += ["", f"## Equivalent mutants ({len(eq)})", ""]
+    if eq:
+        out += ["| module:line | operator | source line | why it cannot change behaviour |",
+                "|---|---|---|---|"]
+        out += [f"| {r['module']}:{r['line']} | {r['operator']} | "
+                f"`{r['source'].replace('|', '/')}` | {why} |" for r, why in eq]
+    not_run = sum(r["outcome"] == "not run" for r in rows)
+    out += ["", f"Not run (time limit): {not_run} of {len(rows)} mutants.", ""]
+    return "\n".join(out)
+
+
+def _commit() -> str:
+    r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                       text=True)
+    return r.stdout.strip() or "unknown"
+
+
+def write_report(results_path: Path = RESULTS, doc: Path = SCORE_DOC,
+                 equivalent_path: Path = EQUIVALENT) -> str:
+    results = json.loads(results_path.read_text())
+    text = render(results, load_equivalent(equivalent_path))
+    doc.write_text(text)
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m scenarios.campaigns.mutation",
+                                description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="mutate targets, keep results, regenerate the table")
+    r.add_argument("--targets", default=",".join(TARGETS),
+                   help=f"comma list of {', '.join(TARGETS)}")
+    r.add_argument("--minutes", type=float, default=60.0, help="time limit per target")
+    r.add_argument("--diff", default=None, metavar="VERSION",
+                   help="add the catalog's `cpcheck diff` on this built release to the kill "
+                        "command")
+    sub.add_parser("report", help="regenerate the table from the kept results")
+    k = sub.add_parser("kill", help="the kill command: every detector on this tree")
+    k.add_argument("--diff", default=None, metavar="VERSION")
+    g = sub.add_parser("detect-generated", help="the `ci` generator budget in-process")
+    g.add_argument("--examples", type=int, default=None)
+    args = p.parse_args(argv)
+    if args.cmd == "kill":
+        return run_detectors(args.diff)
+    if args.cmd == "detect-generated":
+        return detect_generated(args.examples)
+    if args.cmd == "report":
+        print(write_report())
+        return 0
+    targets = [t for t in args.targets.split(",") if t]
+    unknown = [t for t in targets if t not in TARGETS]
+    if unknown or args.minutes <= 0:
+        print(f"mutation: unknown target(s) {unknown} or a time limit <= 0 "
+              f"(targets: {', '.join(TARGETS)})", file=sys.stderr)
+        return 2
+    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"targets": {}}
+    commit = _commit()
+    for t in targets:
+        t0 = time.monotonic()
+        rows = run_target(t, args.minutes * 60, args.diff)
+        results["targets"][t] = {
+            "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": commit,
+            "machine": f"{os.cpu_count()} cores", "limit_s": args.minutes * 60,
+            "seconds": round(time.monotonic() - t0), "detectors": list(detectors(args.diff)),
+            "rows": rows}
+        RESULTS.write_text(json.dumps(results, indent=1) + "\n")
+        print(f"mutation: {t}: {sum(r['outcome'] == 'killed' for r in rows)} killed, "
+              f"{sum(r['outcome'] == 'survived' for r in rows)} survived, "
+              f"{sum(r['outcome'] == 'not run' for r in rows)} not run", flush=True)
+    print(write_report())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""The mutation tooling (scenarios/campaigns/mutation.py): cosmic-ray's dump becomes one entry per
+mutant, the reviewed equivalence list takes listed survivors out of the score, the table is
+generated; and (soak) one real mutant of reference/hashing.py is killed by the kill command."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from scenarios.campaigns import mutation
+
+SOURCE = ["def f(a, b):", "    return a < b", "x = 1"]
+
+
+def _item(op: str, line: int, result: dict | None) -> str:
+    return json.dumps([{"job_id": "j", "mutations": [{
+        "module_path": "reference/m.py", "operator_name": f"core/{op}", "occurrence": 0,
+        "start_pos": [line, 4], "end_pos": [line, 5], "operator_args": {},
+        "definition_name": "f"}]}, result])
+
+
+def _dump() -> str:
+    return "\n".join([
+        _item("ReplaceComparisonOperator_Lt_LtE", 2,
+              {"worker_outcome": "normal", "test_outcome": "killed"}),
+        _item("ReplaceComparisonOperator_Lt_NotEq", 2,
+              {"worker_outcome": "normal", "test_outcome": "survived"}),
+        _item("NumberReplacer", 3, {"worker_outcome": "normal", "test_outcome": "survived"}),
+        _item("ReplaceComparisonOperator_Lt_Is", 2, {"worker_outcome": "skipped"}),
+        _item("AddNot", 2, {"worker_outcome": "exception", "test_outcome": "incompetent"}),
+        _item("ReplaceComparisonOperator_Lt_Gt", 2, None),
+    ])
+
+
+def test_entries_score_and_table_from_a_dump(tmp_path: Path) -> None:
+    rows = mutation.entries(_dump(), lambda _m: SOURCE, "t")
+    assert sorted(r["outcome"] for r in rows) == ["incompetent", "killed", "not run",
+                                                   "survived", "survived"]
+    assert all(r["operator"] != "ReplaceComparisonOperator_Lt_Is" for r in rows)  # filtered
+    eq_file = tmp_path / "eq.toml"
+    eq_file.write_text('[[mutant]]\nmodule = "reference/m.py"\noperator = "NumberReplacer"\n'
+                       'occurrence = 0\nsource = "x = 1"\nreason = "x is never read"\n')
+    equivalent = mutation.load_equivalent(eq_file)
+    sc = mutation.score(rows, equivalent)["total"]
+    assert sc == {"mutants": 5, "run": 4, "killed": 1, "survived": 1, "equivalent": 1,
+                  "incompetent": 1}
+    results = {"targets": {"t": {"when": "now", "commit": "abc", "machine": "2 cores",
+                                 "limit_s": 60, "detectors": ["hashing"], "rows": rows}}}
+    res, doc = tmp_path / "r.json", tmp_path / "score.md"
+    res.write_text(json.dumps(results))
+    text = mutation.write_report(res, doc, eq_file)
+    assert doc.read_text() == text
+    assert "| total | 5 | 4 | 1 | 1 | 1 | 1 | 50% |" in text  # 1 killed of 2 judged
+    assert "## Surviving mutants (1)" in text and "`return a < b`" in text
+    assert "## Equivalent mutants (1)" in text and "x is never read" in text
+    assert "Not run (time limit): 1 of 5 mutants." in text
+
+
+def test_equivalent_entry_without_a_reason_is_refused(tmp_path: Path) -> None:
+    eq_file = tmp_path / "eq.toml"
+    eq_file.write_text('[[mutant]]\nmodule = "reference/m.py"\noperator = "AddNot"\n'
+                       'source = "x = 1"\n')
+    with pytest.raises(ValueError, match="reason"):
+        mutation.load_equivalent(eq_file)
+
+
+def test_the_reviewed_equivalence_list_parses() -> None:
+    for e in mutation.load_equivalent():
+        assert e["module"] in {m for ms in mutation.TARGETS.values() for m in ms}
+
+
+@pytest.mark.soak
+def test_a_real_mutant_of_the_key_hashing_is_killed(tmp_path: Path) -> None:
+    """Token ids packed as 8-byte signed integers again (the bug issue 22 found): the kill
+    command's first detector fails on the mutated copy; the unmutated copy passes it."""
+    repo = Path(mutation.__file__).resolve().parents[2]
+    for d in ("reference", "tests", "scenarios"):
+        shutil.copytree(repo / d, tmp_path / d)
+    for f in ("conftest.py", "pyproject.toml"):
+        shutil.copy2(repo / f, tmp_path / f)
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    argv = [sys.executable, *mutation.DETECTORS["hashing"]]
+    assert subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True).returncode == 0
+    hashing = tmp_path / "reference" / "hashing.py"
+    text = hashing.read_text()
+    assert 'fmt = f"<{len(token_ids)}I"' in text, "the packing moved: update this plant"
+    hashing.write_text(text.replace('fmt = f"<{len(token_ids)}I"', 'fmt = f"<{len(token_ids)}q"'))
+    assert subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True).returncode != 0
+
+
+def test_committed_score_table_is_generated_from_the_committed_results() -> None:
+    if not mutation.RESULTS.exists():
+        pytest.skip("no mutation run committed yet")
+    results = json.loads(mutation.RESULTS.read_text())
+    assert mutation.SCORE_DOC.read_text() == mutation.render(results, mutation.load_equivalent())
