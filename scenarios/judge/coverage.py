@@ -118,18 +118,18 @@ def boundaries(s: Any, results: list[RankResult]) -> Counter:
     for r in results:
         for e, eff in zip(r.decisions.get("scheduler", ()), r.effects.get("scheduler", ()),
                           strict=False):
-            if e.kind != "can_terminate" or len(eff) < 6:
+            if e.kind != "can_terminate" or not isinstance(eff, ProgressSeen):
                 continue
-            queried, revoked, all_seen, completed, hit_tokens, elapsed = eff[:6]
-            if not queried or revoked or not hit_tokens:
+            if not eff.queried or eff.revoked or not eff.hit_tokens:
                 continue
             step = bp * page
-            if completed == hit_tokens:
+            if eff.completed == eff.hit_tokens:
                 out["progress: every page in"] += 1
-            elif hit_tokens - step <= completed < hit_tokens and not all_seen:
+            elif eff.hit_tokens - step <= eff.completed < eff.hit_tokens and not eff.io_done:
                 out["progress: one batch short"] += 1
-            if c.prefetch_stop_policy == "timeout" and not all_seen and completed < hit_tokens:
-                d = float(elapsed) - c.prefetch_timeout_ticks
+            if (c.prefetch_stop_policy == "timeout" and not eff.io_done
+                    and eff.completed < eff.hit_tokens):
+                d = float(eff.elapsed) - c.prefetch_timeout_ticks
                 if d in (-1.0, 0.0, 1.0):
                     out[("deadline: one tick before", "deadline: at",
                          "deadline: one tick after")[int(d) + 1]] += 1
