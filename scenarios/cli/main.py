@@ -40,7 +40,8 @@ from scenarios.cli.protocol_args import add_protocol_arguments, protocol_changes
 from scenarios.core.config import CP_LAYOUTS, EXPLORE_LAYOUTS
 from scenarios.core.contract import ExitCode, Interrupted, classify, epilog, stop_requested
 from scenarios.core.errors import CannotJudge, UsageError
-from scenarios.core.suts import REFERENCE, sglang_version
+from scenarios.core.suts import REFERENCE, is_sglang, sglang_tree
+from scenarios.core.suts import check as check_sut
 from scenarios.nemesis.mooncake_session import mooncake_for
 from scenarios.runner.worker import DEVICES
 from scenarios.sut.reference_executor import MODES
@@ -128,7 +129,7 @@ def _executor(args: argparse.Namespace, sut: str, backend: str | None,
     from scenarios.sut import executor_for
 
     check_device(args.device)
-    if sglang_version(sut) is not None:  # its executor starts its own master (metrics too)
+    if is_sglang(sut):  # its executor starts its own master (metrics too)
         with executor_for(sut, timeout_s=args.timeout, mooncake_master=args.mooncake_master,
                           **multihost_options(args, "torchrun")) as ex:
             yield ex
@@ -145,7 +146,7 @@ def _executor(args: argparse.Namespace, sut: str, backend: str | None,
 
 def _header(s: Any, mode: str) -> str:
     """The run's one-line description (what ran, on which SUT, in which configuration)."""
-    if sglang_version(s.sut) is not None:
+    if is_sglang(s.sut):
         dp = "on" if s.dp_attention else "off"
         return f"layout={s.layout} sut={s.sut} dp_attention={dp} backend={s.backend}"
     from reference.api import effective_configuration
@@ -192,12 +193,15 @@ def _write_if_found(args: argparse.Namespace, s: Any, verdict: Any, mode: str) -
 
 
 def _release_known(file: str, sut: str) -> None:
-    """A release named by a replay file that this commit does not know is `unknown` (125: a
-    file from another commit), not bad input as the same name given with --sut is."""
+    """A release (or source tree) named by a replay file that this commit (or machine) does not
+    know is `unknown` (125: a file from elsewhere), not bad input as the same name given with
+    --sut is."""
     from scenarios.sut.sglang.envs import check_runnable
+    from scenarios.sut.sglang.tree import check_tree
 
     try:
-        check_runnable(sut.split("==", 1)[1])
+        tree = sglang_tree(sut)
+        check_tree(tree) if tree is not None else check_runnable(sut.split("==", 1)[1])
     except UsageError as e:
         raise CannotJudge(f"{file}: {e}") from None
 
@@ -222,7 +226,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     changes.update(proto)
     if changes:
         s = s.from_dict({**s.model_dump(), **changes}, args.scenario)
-    mode = "torchrun" if sglang_version(s.sut) is not None else args.mode
+    mode = "torchrun" if is_sglang(s.sut) else args.mode
     check_writable(Path(args.replay_dir), "--replay-dir", create=False)
     _master_needs_mooncake(args, s.backend)
     with _executor(args, s.sut, s.backend, mode) as ex:
@@ -241,7 +245,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     changes = {k: v for k, v in (("backend", args.backend), ("sut", args.sut)) if v}
     if changes:
         s = s.from_dict({**s.model_dump(), **changes}, args.file)
-    sglang = sglang_version(s.sut) is not None
+    sglang = is_sglang(s.sut)
     if sglang and not args.sut:
         _release_known(args.file, s.sut)
     mode = "torchrun" if sglang else (args.mode or data.get("mode", "torchrun"))
@@ -269,8 +273,8 @@ def cmd_explore(args: argparse.Namespace) -> int:
     from scenarios.store.report import check_writable
 
     proto = protocol_changes(args)
-    sut = args.sut or REFERENCE
-    sglang = sglang_version(sut) is not None
+    sut = check_sut(args.sut or REFERENCE)
+    sglang = is_sglang(sut)
     check_writable(Path(args.replay_dir), "--replay-dir", create=False)
     layouts = tuple(args.layout or (CP_LAYOUTS if sglang else EXPLORE_LAYOUTS))
     for lay in layouts:

@@ -389,7 +389,7 @@ def run_schedule(ctx: Any, payload: dict) -> RankResult:
         outcomes=tuple(map(Outcome.of, driver.outcomes if driver else ())),
         snapshot=out.snapshot, error=out.error, ops_done=out.ops_done,
         waiting_on=dict(gates.waiting_on), wall_s=time.monotonic() - t0,
-        sut=f"sglang=={st['version']}", pacer_trace=tuple(pacer.trace),
+        sut=payload.get("sut") or f"sglang=={st['version']}", pacer_trace=tuple(pacer.trace),
         phase_s={"build": sut.build_s, "shutdown": sut.shutdown_s},
     )
 
