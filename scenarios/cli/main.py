@@ -91,6 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
                                         f"{ExitCode.DIVERGE:d} diverge, {ExitCode.UNKNOWN:d} "
                                         "cannot judge", **sub_kw)
     rep.add_argument("file")
+    rep.add_argument("--find-fix", action="store_true",
+                     help="for `git bisect run` over a fix: exit 0 while the divergence "
+                          "reproduces and 1 once the run agrees (125 and 2 unchanged), so "
+                          "`git bisect start --term-old=broken --term-new=fixed NEW OLD` names "
+                          "the first fixed commit")
     _add_common(rep)
     rep.set_defaults(mode=None)
 
@@ -170,7 +175,13 @@ def finish(args: argparse.Namespace, verdict: Any, replay: Path | None) -> int:
         print(f"  not observable on SGLang: {note}", file=out)
     if replay is not None:
         print(f"replay: cpcheck replay {replay}", file=out)
-    emit_verdict(args, verdict, replay=replay, **({"not_observed": notes} if notes else {}))
+    tree = verdict.stats.get("sglang_tree")
+    if tree:  # --sut sglang@PATH: which code ran
+        print(f"  sglang tree: {tree['path']} at {tree['commit'] or 'no git commit'}"
+              f"{' (dirty)' if tree['dirty'] else ''}; dependencies of sglang=={tree['env']}",
+              file=out)
+    emit_verdict(args, verdict, replay=replay, **({"not_observed": notes} if notes else {}),
+                 **({"sglang_tree": tree} if tree else {}))
     return verdict.exit_code
 
 
@@ -263,7 +274,11 @@ def cmd_replay(args: argparse.Namespace) -> int:
         status = was.get("status") or ("agree" if was.get("ok") else "diverge")
         print(f"recorded: {status.upper()}"
               f"{' [' + str(was.get('invariant')) + ']' if status != 'agree' else ''}", file=out)
-    return finish(args, verdict, None)
+    code = finish(args, verdict, None)
+    if args.find_fix and code in (ExitCode.AGREE, ExitCode.DIVERGE):
+        code = int(ExitCode.DIVERGE if code == ExitCode.AGREE else ExitCode.AGREE)
+        print(f"--find-fix: exit {code} ({'fixed' if code else 'still broken'})", file=out)
+    return code
 
 
 def cmd_explore(args: argparse.Namespace) -> int:

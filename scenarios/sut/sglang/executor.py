@@ -147,17 +147,26 @@ class SglangExecutor:
 
     def judge(self, s: Any, results: list[Any]) -> Verdict:
         """The checker's verdict as SGLang's behaviour reads it (see `annotate`)."""
-        return self._provenance(verdict_of(s, results, s_dp_attention(s)))
+        return self._provenance(verdict_of(s, results, s_dp_attention(s)), results)
 
     def check(self, s: Any, dp_attention: bool | None = None) -> Verdict:
         dp = s_dp_attention(s) if dp_attention is None else dp_attention
-        return self._provenance(verdict_of(s, self.run(s, dp), dp))
+        results = self.run(s, dp)
+        return self._provenance(verdict_of(s, results, dp), results)
 
-    def _provenance(self, v: Verdict) -> Verdict:
+    def _provenance(self, v: Verdict, results: list[Any]) -> Verdict:
         """A source tree's path, git commit, dirtiness and borrowed environment, in the
-        verdict (so in --json and replay files)."""
-        if self.tree is not None:
-            v.stats["sglang_tree"] = self.tree.to_dict()
+        verdict (so in --json and replay files); `unknown` if a rank imported `sglang` from
+        anywhere else (the verdict would be on the wrong code)."""
+        if self.tree is None:
+            return v
+        root = self.tree.path.rstrip(os.sep) + os.sep
+        wrong = sorted({p for r in results if (p := (r.snapshot or {}).get("sglang_package"))
+                        and not p.startswith(root)})
+        if wrong:
+            return Verdict.unknown(f"{self.tree.label()}: the workers imported sglang from "
+                                   f"{', '.join(wrong)}, not from the tree")
+        v.stats["sglang_tree"] = self.tree.to_dict()
         return v
 
     def close(self) -> None:

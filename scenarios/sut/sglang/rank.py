@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 import threading
 import time
@@ -256,6 +257,8 @@ def setup_worker(ctx: Any, version: str, dp_attention: bool, timeout_s: float) -
     st = ctx.state["sglang"] = {
         "cc_mod": cc_mod, "tp": tp, "attn_tp": attn_tp, "attn_cp": attn_cp,
         "harness": harness, "model_dir": model_dir, "version": version,
+        # where `sglang` was imported from: a source tree's runs prove they ran the tree
+        "sglang_package": os.path.dirname(os.path.abspath(sys.modules["sglang"].__file__)),
     }
     from sglang.srt.mem_cache.storage import StorageBackendFactory
 
@@ -372,6 +375,7 @@ def run_schedule(ctx: Any, payload: dict) -> RankResult:
         out.error = RankError(ErrorKind.INFRASTRUCTURE, "HarnessError", run.harness_error,
                               "an SGLang IO thread", out.error.traceback if out.error else "")
         out.snapshot = {**out.snapshot, "harness_error": run.harness_error}
+    out.snapshot = {**out.snapshot, "sglang_package": st.get("sglang_package")}
     driver = sut.driver
     return RankResult(
         rank=rank, coords=tuple(ctx.layout.coords(rank)),
