@@ -45,6 +45,7 @@ from scenarios.core.suts import check as check_sut
 from scenarios.nemesis.mooncake_session import mooncake_for
 from scenarios.runner.worker import DEVICES
 from scenarios.sut.reference_executor import MODES
+from scenarios.sut.sglang.consensus import line as consensus_line
 
 # Mooncake's clients log ~70 INFO lines per run to stderr; read once, at its import
 os.environ.setdefault("MC_LOG_LEVEL", "WARNING")
@@ -180,8 +181,12 @@ def finish(args: argparse.Namespace, verdict: Any, replay: Path | None) -> int:
         print(f"  sglang tree: {tree['path']} at {tree['commit'] or 'no git commit'}"
               f"{' (dirty)' if tree['dirty'] else ''}; dependencies of sglang=={tree['env']}",
               file=out)
+    said = verdict.stats.get("consensus_checker")
+    if said:  # SGLang's own rank-consensus checker ran beside ours
+        print(f"  SGLang's rank-consensus checker: {consensus_line(said)}", file=out)
     emit_verdict(args, verdict, replay=replay, **({"not_observed": notes} if notes else {}),
-                 **({"sglang_tree": tree} if tree else {}))
+                 **({"sglang_tree": tree} if tree else {}),
+                 **({"consensus_checker": said} if said else {}))
     return verdict.exit_code
 
 

@@ -20,7 +20,7 @@ from scenarios.core.config import REPO_ROOT
 from scenarios.core.errors import CannotJudge, RankJobError, SglangSetupFailed, UsageError
 from scenarios.core.verdict import Verdict
 from scenarios.runner.pools import close_pools, drop_pool
-from scenarios.sut.sglang import envs, mooncake
+from scenarios.sut.sglang import consensus, envs, mooncake
 from scenarios.sut.sglang.tree import SglangTree, open_tree, worker_path
 
 JOB = "scenarios.sut.sglang.rank:run_schedule"
@@ -48,7 +48,7 @@ class SglangExecutor:
 
     def __init__(self, version: str = "", *, timeout_s: float = 20.0, build: bool = True,
                  log: Any = print, mooncake_master: str = "", cache_class: str = "",
-                 tree: str | None = None) -> None:
+                 tree: str | None = None, consensus_checker: bool = False) -> None:
         #: a source tree (--sut sglang@PATH) runs on the closest built release's environment
         self.tree: SglangTree | None = open_tree(tree, build=build, log=log) if tree else None
         if self.tree is not None:
@@ -61,6 +61,9 @@ class SglangExecutor:
         #: (the environment variable CPCHECK_SGLANG_CACHE_CLASS sets it for the command line)
         self.cache_class = cache_class or os.environ.get(CACHE_CLASS_ENV) or "server"
         self.timeout_s = timeout_s
+        #: SGLang's own rank-consensus checker on in the workers (consensus.py), per run
+        #: (SGLANG_ENABLE_RANK_CONSENSUS_CHECKER=1 in cpcheck's environment turns it on too)
+        self.consensus_checker = consensus_checker or consensus.enabled()
         if build:
             envs.build_release(version, log=log)
         elif envs.load_manifest(version) is None or not envs.load_manifest(version).ok:
@@ -92,6 +95,7 @@ class SglangExecutor:
                                  "TORCH_EXTENSIONS_DIR": envs.torch_extensions_dir(self.version),
                                  "SGLANG_LOG_LEVEL": "error", "PYTHONWARNINGS": "ignore",
                                  "TOKENIZERS_PARALLELISM": "false",
+                                 **({consensus.ENV: "1"} if self.consensus_checker else {}),
                                  **mooncake.worker_env()})
             pool.start()
             self._pools[key] = pool
@@ -114,7 +118,7 @@ class SglangExecutor:
         return {"mooncake_metrics": metrics,"schedule": s.model_dump_json(), "run_id": f"r{uuid.uuid4().hex[:10]}",
                 "storage_root": self.storage_root, "collective_timeout_s": self.timeout_s,
                 "version": self.version, "sut": self.sut, "dp_attention": dp, "mooncake_master": master,
-                "cache_class": self.cache_class}
+                "cache_class": self.cache_class, "consensus_checker": self.consensus_checker}
 
     def run(self, s: Any, dp_attention: bool | None = None, *, gated: bool = True,
             nemesis: Any = None) -> list[Any]:
@@ -141,8 +145,10 @@ class SglangExecutor:
         except RankPoolError:
             drop_pool(self._pools, s.layout)
             raise
-        if any(r.error is not None for r in results):
-            drop_pool(self._pools, s.layout)
+        said = consensus.compare(results) if self.consensus_checker else None
+        if any(r.error is not None for r in results) or (
+                said and (said["fired_ranks"] or said["stuck_ranks"])):
+            drop_pool(self._pools, s.layout)  # a fired or stuck checker thread: start afresh
         return results
 
     def judge(self, s: Any, results: list[Any]) -> Verdict:
@@ -158,6 +164,9 @@ class SglangExecutor:
         """A source tree's path, git commit, dirtiness and borrowed environment, in the
         verdict (so in --json and replay files); `unknown` if a rank imported `sglang` from
         anywhere else (the verdict would be on the wrong code)."""
+        said = consensus.compare(results) if self.consensus_checker else None
+        if said is not None:
+            v.stats["consensus_checker"] = said
         if self.tree is None:
             return v
         root = self.tree.path.rstrip(os.sep) + os.sep

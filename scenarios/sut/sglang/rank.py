@@ -33,7 +33,7 @@ from scenarios.core.records import (
     StorageCall,
     error_kind,
 )
-from scenarios.sut.sglang import adapters, mooncake, quick_reset, shim
+from scenarios.sut.sglang import adapters, consensus, mooncake, quick_reset, shim
 from scenarios.sut.sglang.blame import harness_origin
 from scenarios.sut.sglang.seams import GatedDevice, IoGates, SglangPacer
 
@@ -342,6 +342,19 @@ class SglangRank:
             mooncake.end_run(self.run)
 
 
+def _checker_groups(st: dict) -> list:
+    """The groups SGLang's Scheduler gives its consensus checker (init_rank_consensus_checker):
+    attention CP and attention TP, else TP (PP is 1 here)."""
+    if st.get("attn_cp") is not None and st.get("attn_tp") is not None:
+        return [st["attn_cp"], st["attn_tp"]]
+    return [st["tp"]]
+
+
+def _scheduler_decisions(held: dict) -> int:
+    sut = held.get("sut")
+    return len(sut.driver.decisions["scheduler"]) if sut is not None and sut.driver else 0
+
+
 def run_schedule(ctx: Any, payload: dict) -> RankResult:
     """Pool job: execute one Schedule on this rank against SGLang's cache."""
     global CURRENT
@@ -358,16 +371,28 @@ def run_schedule(ctx: Any, payload: dict) -> RankResult:
                         s.clock_skew.get(rank, 0), dev, gates)
     storage_dir = os.path.join(payload["storage_root"], payload["run_id"])
     os.makedirs(storage_dir, exist_ok=True)
+    held: dict[str, Any] = {}  # SGLang's own rank-consensus checker, when asked for
+    checker = consensus.load() if payload.get("consensus_checker") else None
+    if checker is not None:  # before CURRENT: its group set-up is not the cache's collective
+        consensus.start(checker, _checker_groups(st), lambda: _scheduler_decisions(held),
+                        _HARNESS)
     run = CURRENT = Run(rank, pacer, gates, storage_dir)
     run.run_id = payload["run_id"]
     run.mooncake_master = payload.get("mooncake_master", "")
     run.cache_class = payload.get("cache_class", "server")
     sut = SglangRank(s, st, run, dev, payload["dp_attention"],
                      payload.get("mooncake_metrics") or "")
+    held["sut"] = sut
     try:
         out = run_rank(sut, s.ops, gated=True)
     finally:
         CURRENT = None
+        if checker is not None:
+            said = consensus.finish(checker)
+            d = sut.driver
+            t0 = said.pop("t0")
+            said["decided_s"] = [round(x - t0, 4) for x in (d.decided_at if d else [])]
+            held["said"] = said
     if run.harness_error is not None and (out.error is None or out.error.kind is not
                                           ErrorKind.INFRASTRUCTURE):
         # an IO thread of SGLang's died in the harness's code: whatever the run did after that
@@ -375,7 +400,8 @@ def run_schedule(ctx: Any, payload: dict) -> RankResult:
         out.error = RankError(ErrorKind.INFRASTRUCTURE, "HarnessError", run.harness_error,
                               "an SGLang IO thread", out.error.traceback if out.error else "")
         out.snapshot = {**out.snapshot, "harness_error": run.harness_error}
-    out.snapshot = {**out.snapshot, "sglang_package": st.get("sglang_package")}
+    out.snapshot = {**out.snapshot, "sglang_package": st.get("sglang_package"),
+                    **({"consensus_checker": held["said"]} if "said" in held else {})}
     driver = sut.driver
     return RankResult(
         rank=rank, coords=tuple(ctx.layout.coords(rank)),
