@@ -214,6 +214,8 @@ def setup_worker(ctx: Any, version: str, dp_attention: bool, timeout_s: float) -
     _install_recorders()
 
     def thread_died(args: Any) -> None:
+        if args.exc_type is SystemExit:  # SGLang's consensus checker fired (consensus.py)
+            return
         run = CURRENT
         line = f"{args.thread.name if args.thread else '?'}: {args.exc_type.__name__}: " \
                f"{args.exc_value}"
