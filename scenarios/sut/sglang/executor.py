@@ -146,9 +146,8 @@ class SglangExecutor:
             drop_pool(self._pools, s.layout)
             raise
         said = consensus.compare(results) if self.consensus_checker else None
-        if any(r.error is not None for r in results) or (
-                said and (said["fired_ranks"] or said["stuck_ranks"])):
-            drop_pool(self._pools, s.layout)  # a fired or stuck checker thread: start afresh
+        if any(r.error is not None for r in results) or (said and said["stuck_ranks"]):
+            drop_pool(self._pools, s.layout)  # a checker thread stuck in its all-reduce too
         return results
 
     def judge(self, s: Any, results: list[Any]) -> Verdict:
