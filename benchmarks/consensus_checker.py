@@ -22,8 +22,10 @@ run is a real SGLang cache on two or four ranks.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -90,8 +92,7 @@ def _said(v: Any) -> tuple[str, str, str]:
         return f"no ({min(ev)}-{max(ev)} events/rank){stuck}", "", ""
     when = "" if c["after_decisions"] is None else \
         f"{c['after_decisions']} decisions / {c['after_s']:.2f} s after #{c['first_divergent_decision']}"
-    msg = c["message"].replace("|", "\\|").replace("\n", " ")
-    return f"yes, ranks {c['fired_ranks']}", when, msg[:220]
+    return f"yes, ranks {c['fired_ranks']}", when, c["message"][:220]
 
 
 def _verdict(v: Any) -> str:
@@ -100,12 +101,29 @@ def _verdict(v: Any) -> str:
     return v.status if v.status != "unknown" else f"unknown: {(v.diagnosis or '')[:80]}"
 
 
-def corpus_rows(targets: list[str], log: Any) -> list[str]:
+def _row(file: str, sut: str, cpcheck: str, fired: str = "", when: str = "",
+         said: str = "") -> dict:
+    return {"file": file, "sut": sut, "cpcheck": cpcheck, "fired": fired, "when": when,
+            "said": said}
+
+
+def corpus_rows(targets: list[str], log: Any) -> list[dict]:
+    rows: list[dict] = []
+    held: dict[str, Any] = {}
+    try:
+        _corpus(targets, log, rows, held)
+    finally:
+        for ex in held.values():
+            ex.close()
+    return rows
+
+
+def _corpus(targets: list[str], log: Any, rows: list[dict], held: dict) -> None:
     from scenarios.judge.judging import run_checked
     from scenarios.runner import max_ranks_here
     from scenarios.store.replay import read_replay
+    from scenarios.sut.sglang import envs
 
-    rows = []
     for path in CORPUS:
         s, data = read_replay(path)
         named = list((data.get("expect_by_release") or {}).keys())
@@ -113,32 +131,30 @@ def corpus_rows(targets: list[str], log: Any) -> list[str]:
             named.insert(0, s.sut)
         for sut in dict.fromkeys(named + targets):
             rel = sut.split("==")[1] if sut.startswith("sglang==") else None
-            label = f"`{path.name}`"
-            if rel is not None and not has_checker(rel):
-                rows.append(f"| {label} | {sut} | not run | absent in this release | | |")
-                continue
-            if s.layout_obj.pp > 1 or s.layout_obj.world_size > max_ranks_here():
-                rows.append(f"| {label} | {sut} | cannot run here (layout {s.layout}) | | | |")
-                continue
+            label = path.name
             if rel is not None:
-                from scenarios.sut.sglang import envs
-
                 m = envs.load_manifest(rel)
                 if m is None or not m.ok:
-                    rows.append(f"| {label} | {sut} | env not built | | | |")
+                    rows.append(_row(label, sut, "not run (env not built here)"))
                     continue
+                if not has_checker(rel):
+                    rows.append(_row(label, sut, "not run", "absent in this release"))
+                    continue
+            if s.layout_obj.pp > 1 or s.layout_obj.world_size > max_ranks_here():
+                rows.append(_row(label, _short(sut), f"cannot run here (layout {s.layout})"))
+                continue
             t = time.monotonic()
             try:
-                with _executor(sut) as ex:
-                    _, v = run_checked(ex, s.with_(sut=sut))
+                if sut not in held:  # one executor per SUT: its pools serve every file
+                    held[sut] = _executor(sut)
+                _, v = run_checked(held[sut], s.with_(sut=sut))
             except (CannotJudge, UsageError) as e:
-                rows.append(f"| {label} | {sut} | cannot run here: {str(e)[:80]} | | | |")
+                rows.append(_row(label, sut, f"cannot run here: {str(e)[:80]}"))
                 continue
             fired, when, msg = _said(v)
             log(f"{path.name} on {sut}: {_verdict(v)}; checker {fired} {when} "
                 f"({time.monotonic() - t:.0f} s)")
-            rows.append(f"| {label} | {_short(sut)} | {_verdict(v)} | {fired} | {when} | {msg} |")
-    return rows
+            rows.append(_row(label, _short(sut), _verdict(v), fired, when, msg))
 
 
 def _short(sut: str) -> str:
@@ -160,7 +176,7 @@ class Tally:
         return v
 
 
-def generated_rows(targets: list[str], examples: int, seed: int, log: Any) -> list[str]:
+def generated_rows(targets: list[str], examples: int, seed: int, log: Any) -> list[dict]:
     from scenarios.campaigns.explore import hunt
     from scenarios.generate.strategies import for_sut
 
@@ -178,10 +194,44 @@ def generated_rows(targets: list[str], examples: int, seed: int, log: Any) -> li
         f_fired, f_when, f_msg = _said(h.verdict) if h.verdict is not None else ("", "", "")
         log(f"generated on {sut}: {len(judged)} runs, {len(div)} diverge, {len(fired)} fired "
             f"({time.monotonic() - t:.0f} s)")
-        rows.append(f"| {_short(sut)} | {len(judged)} ({len(tally.runs) - len(judged)} not "
-                    f"judged) | {len(div)} | {len(fired)} | {len(both)} | {found} | "
-                    f"{f_fired} {f_when} | {f_msg} |")
+        rows.append({"sut": _short(sut), "runs": len(judged),
+                     "not_judged": len(tally.runs) - len(judged), "diverged": len(div),
+                     "fired": len(fired), "both": len(both), "finding": found,
+                     "on_finding": f"{f_fired} {f_when}".strip(), "said": f_msg})
     return rows
+
+
+TABLE = "consensus-checker"
+COMMAND = "python -m benchmarks.consensus_checker"
+
+
+def _cells(*values: object) -> str:
+    return "| " + " | ".join(str(v).replace("|", "\\|").replace("\n", " ") for v in values) + " |"
+
+
+def render(data: dict) -> str:
+    """The doc's table from the raw rows (docs/measurements/consensus-checker.json)."""
+    m = data["meta"]
+    body = [f"Measured {m['date']} in {m['seconds']} s (load average {m['load']} on {m['cores']} "
+            f"cores; seconds are wall-clock on that box) by `{m['command']}`. "
+            "`sglang@...-no-cp-sync`: the release with PR #20460 reverted in "
+            "`_all_reduce_attn_groups` (`--plant`).", ""]
+    if data["corpus"]:
+        body += ["| finding (corpus file) | SUT | cpcheck | SGLang's checker fired | after the "
+                 "first divergent decision | what it said |", "|---|---|---|---|---|---|"]
+        body += [_cells(f"`{r['file']}`", r["sut"], r["cpcheck"], r["fired"], r["when"],
+                        r["said"]) for r in data["corpus"]]
+        body.append("")
+    if data["generated"]:
+        body += [f"Generated budget: `explore` on 1x2, {m['examples']} Schedules (seed "
+                 f"{m['seed']}) plus shrinking; every judged run counted.", "",
+                 "| SUT | runs judged (not judged) | cpcheck diverged | checker fired | both | "
+                 "finding | checker on the finding | what it said |",
+                 "|---|---|---|---|---|---|---|---|"]
+        body += [_cells(r["sut"], f"{r['runs']} ({r['not_judged']})", r["diverged"],
+                        r["fired"], r["both"], r["finding"], r["on_finding"], r["said"])
+                 for r in data["generated"]]
+    return "\n".join(body).rstrip()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -193,9 +243,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--examples", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-corpus", action="store_true")
+    ap.add_argument("--from-json", default=None,
+                    help="only re-render the table from this raw file (no runs)")
     ap.add_argument("--out", default=str(REPO_ROOT / "docs" / "measurements" /
                                          "consensus-checker.md"))
     args = ap.parse_args(argv)
+    if args.from_json:
+        write_block(args.out, TABLE, render(json.loads(Path(args.from_json).read_text())),
+                    COMMAND, title="SGLang's rank-consensus checker beside cpcheck")
+        print(f"wrote {args.out}")
+        return 0
     releases = [f"sglang=={v}" for v in (args.release or ["0.5.20"])]
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="cpcheck-plant-") as tmp:
@@ -204,23 +261,14 @@ def main(argv: list[str] | None = None) -> int:
         corpus = [] if args.skip_corpus else corpus_rows(targets, print)
         generated = generated_rows(targets, args.examples, args.seed, print) \
             if args.examples else []
-    load = os.getloadavg()[0]
-    command = "python -m benchmarks.consensus_checker " + " ".join(argv or [])
-    body = [f"Measured {time.strftime('%Y-%m-%d')} in {time.monotonic() - t0:.0f} s "
-            f"(load average {load:.0f} on {os.cpu_count()} cores; seconds are wall-clock on "
-            "that box). `sglang@...-no-cp-sync`: the release with PR #20460 reverted in "
-            "`_all_reduce_attn_groups` (`--plant`).", ""]
-    if corpus:
-        body += ["| finding (corpus file) | SUT | cpcheck | SGLang's checker fired | after the "
-                 "first divergent decision | what it said |", "|---|---|---|---|---|---|",
-                 *corpus, ""]
-    if generated:
-        body += [f"Generated budget: `explore` on 1x2, {args.examples} Schedules (seed "
-                 f"{args.seed}) plus shrinking; every judged run counted.", "",
-                 "| SUT | runs | cpcheck diverged | checker fired | both | finding | checker "
-                 "on the finding | what it said |", "|---|---|---|---|---|---|---|---|",
-                 *generated]
-    write_block(args.out, "consensus-checker", "\n".join(body), command,
+    data = {"meta": {"date": time.strftime("%Y-%m-%d"), "seconds": round(time.monotonic() - t0),
+                     "load": round(os.getloadavg()[0]), "cores": os.cpu_count(),
+                     "examples": args.examples, "seed": args.seed,
+                     "command": " ".join(["python -m benchmarks.consensus_checker",
+                                          *(argv if argv is not None else sys.argv[1:])])},
+            "corpus": corpus, "generated": generated}
+    Path(args.out).with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n")
+    write_block(args.out, TABLE, render(data), COMMAND,
                 title="SGLang's rank-consensus checker beside cpcheck")
     print(f"wrote {args.out}")
     return 0
