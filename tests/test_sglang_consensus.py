@@ -96,3 +96,41 @@ def test_compare_measures_from_the_first_divergent_decision() -> None:
     assert c["fired_ranks"] == [] and c["after_s"] is None
     assert consensus.line(c).startswith("did not fire (12-12 events")
     assert consensus.compare([_rank(0, [], [], None), _rank(1, [], [], None)]) is None
+
+
+# -- the real checker on a real release -------------------------------------------------------
+PLANTED_PUT = "    _q.put(msg_fmt % args)\n"
+
+
+@pytest.mark.soak
+@pytest.mark.sglang
+@pytest.mark.timeout(900)
+def test_real_checker_fires_through_the_seam(tmp_path) -> None:  # noqa: ANN001
+    """0.5.20 with one plant in the checker's input (each rank appends its rank to every
+    event): SGLang's own checker must fire on both ranks, say so, and the run goes on (the
+    cache is right, so cpcheck agrees). About 2-3 minutes on the loaded 2-core box."""
+    import shutil
+
+    from scenarios.generate.catalog import load_scenario
+    from scenarios.judge.judging import run_checked
+    from scenarios.sut.sglang import envs
+    from scenarios.sut.sglang.executor import SglangExecutor
+    from tests.sglang_envs import need
+
+    need("0.5.20")
+    root = tmp_path / "python"
+    shutil.copytree(envs.release_dir("0.5.20") / "sglang", root / "sglang",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    f = root / "sglang" / "srt" / "utils" / "rank_consensus_checker.py"
+    text = f.read_text()
+    assert text.count(PLANTED_PUT) == 1
+    f.write_text(text.replace(PLANTED_PUT, "    _q.put(msg_fmt % args + f' rank={dist.get_rank()}')\n"))
+    s = load_scenario("write_acks").with_(layout="1x2", sut=f"sglang@{root}")
+    with SglangExecutor(tree=str(root), build=False, consensus_checker=True) as ex:
+        _, v = run_checked(ex, s)
+    said = v.stats["consensus_checker"]
+    assert v.status == "agree", v.summary()
+    assert said["configured"] and min(said["events"].values()) > 0
+    assert said["fired_ranks"] == [0, 1], said
+    assert "Found rank divergence" in said["message"] and "rank=" in said["message"]
+    assert said["after_decisions"] is None  # nothing diverged in the cache itself

@@ -163,10 +163,10 @@ class SglangExecutor:
         """A source tree's path, git commit, dirtiness and borrowed environment, in the
         verdict (so in --json and replay files); `unknown` if a rank imported `sglang` from
         anywhere else (the verdict would be on the wrong code)."""
-        said = consensus.compare(results) if self.consensus_checker else None
+        said = consensus.compare(results) if getattr(self, "consensus_checker", False) else None
         if said is not None:
             v.stats["consensus_checker"] = said
-        if self.tree is None:
+        if getattr(self, "tree", None) is None:
             return v
         root = self.tree.path.rstrip(os.sep) + os.sep
         wrong = sorted({p for r in results if (p := (r.snapshot or {}).get("sglang_package"))
