@@ -107,8 +107,7 @@ def _row(file: str, sut: str, cpcheck: str, fired: str = "", when: str = "",
             "said": said}
 
 
-def corpus_rows(targets: list[str], log: Any) -> list[dict]:
-    rows: list[dict] = []
+def corpus_rows(targets: list[str], log: Any, rows: list[dict]) -> list[dict]:
     held: dict[str, Any] = {}
     try:
         _corpus(targets, log, rows, held)
@@ -152,9 +151,9 @@ def _corpus(targets: list[str], log: Any, rows: list[dict], held: dict) -> None:
                 rows.append(_row(label, sut, f"cannot run here: {str(e)[:80]}"))
                 continue
             fired, when, msg = _said(v)
+            rows.append(_row(label, _short(sut), _verdict(v), fired, when, msg))
             log(f"{path.name} on {sut}: {_verdict(v)}; checker {fired} {when} "
                 f"({time.monotonic() - t:.0f} s)")
-            rows.append(_row(label, _short(sut), _verdict(v), fired, when, msg))
 
 
 def _short(sut: str) -> str:
@@ -176,11 +175,11 @@ class Tally:
         return v
 
 
-def generated_rows(targets: list[str], examples: int, seed: int, log: Any) -> list[dict]:
+def generated_rows(targets: list[str], examples: int, seed: int, log: Any,
+                   rows: list[dict]) -> list[dict]:
     from scenarios.campaigns.explore import hunt
     from scenarios.generate.strategies import for_sut
 
-    rows = []
     for sut in targets:
         t = time.monotonic()
         with _executor(sut) as ex:
@@ -192,12 +191,12 @@ def generated_rows(targets: list[str], examples: int, seed: int, log: Any) -> li
         both = [v for v in div if any(v is f for f in fired)]
         found = "none" if h.verdict is None else _verdict(h.verdict)
         f_fired, f_when, f_msg = _said(h.verdict) if h.verdict is not None else ("", "", "")
-        log(f"generated on {sut}: {len(judged)} runs, {len(div)} diverge, {len(fired)} fired "
-            f"({time.monotonic() - t:.0f} s)")
         rows.append({"sut": _short(sut), "runs": len(judged),
                      "not_judged": len(tally.runs) - len(judged), "diverged": len(div),
                      "fired": len(fired), "both": len(both), "finding": found,
                      "on_finding": f"{f_fired} {f_when}".strip(), "said": f_msg})
+        log(f"generated on {sut}: {len(judged)} runs, {len(div)} diverge, {len(fired)} fired "
+            f"({time.monotonic() - t:.0f} s)")
     return rows
 
 
@@ -212,7 +211,8 @@ def _cells(*values: object) -> str:
 def render(data: dict) -> str:
     """The doc's table from the raw rows (docs/measurements/consensus-checker.json)."""
     m = data["meta"]
-    body = [f"Measured {m['date']} in {m['seconds']} s (load average {m['load']} on {m['cores']} "
+    body = [("" if m.get("complete", True) else "**Incomplete** (the run was stopped; the rows "
+             "below are what it measured). ") + f"Measured {m['date']} in {m['seconds']} s (load average {m['load']} on {m['cores']} "
             f"cores; seconds are wall-clock on that box) by `{m['command']}`. "
             "`sglang@...-no-cp-sync`: the release with PR #20460 reverted in "
             "`_all_reduce_attn_groups` (`--plant`).", ""]
@@ -255,21 +255,32 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     releases = [f"sglang=={v}" for v in (args.release or ["0.5.20"])]
     t0 = time.monotonic()
+    data: dict[str, Any] = {
+        "meta": {"date": time.strftime("%Y-%m-%d"), "seconds": 0, "load": 0,
+                 "cores": os.cpu_count(), "examples": args.examples, "seed": args.seed,
+                 "complete": False,
+                 "command": " ".join(["python -m benchmarks.consensus_checker",
+                                      *(argv if argv is not None else sys.argv[1:])])},
+        "corpus": [], "generated": []}
+
+    def save(line: str = "") -> None:  # after every row: a stopped run keeps what it measured
+        if line:
+            print(line, flush=True)
+        data["meta"].update(seconds=round(time.monotonic() - t0),
+                            load=round(os.getloadavg()[0]))
+        Path(args.out).with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n")
+        write_block(args.out, TABLE, render(data), COMMAND,
+                    title="SGLang's rank-consensus checker beside cpcheck")
+
     with tempfile.TemporaryDirectory(prefix="cpcheck-plant-") as tmp:
         trees = [f"sglang@{plant(v, Path(tmp))}" for v in args.plant]
         targets = releases + trees
-        corpus = [] if args.skip_corpus else corpus_rows(targets, print)
-        generated = generated_rows(targets, args.examples, args.seed, print) \
-            if args.examples else []
-    data = {"meta": {"date": time.strftime("%Y-%m-%d"), "seconds": round(time.monotonic() - t0),
-                     "load": round(os.getloadavg()[0]), "cores": os.cpu_count(),
-                     "examples": args.examples, "seed": args.seed,
-                     "command": " ".join(["python -m benchmarks.consensus_checker",
-                                          *(argv if argv is not None else sys.argv[1:])])},
-            "corpus": corpus, "generated": generated}
-    Path(args.out).with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n")
-    write_block(args.out, TABLE, render(data), COMMAND,
-                title="SGLang's rank-consensus checker beside cpcheck")
+        if args.examples:  # the generated budget first: the planted trees' findings
+            generated_rows(targets, args.examples, args.seed, save, data["generated"])
+        if not args.skip_corpus:
+            corpus_rows(targets, save, data["corpus"])
+    data["meta"]["complete"] = True
+    save()
     print(f"wrote {args.out}")
     return 0
 
