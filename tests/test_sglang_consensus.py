@@ -98,6 +98,22 @@ def test_compare_measures_from_the_first_divergent_decision() -> None:
     assert consensus.compare([_rank(0, [], [], None), _rank(1, [], [], None)]) is None
 
 
+def test_the_doc_table_is_its_raw_rows_rendered() -> None:
+    """docs/measurements/consensus-checker.md is benchmarks/consensus_checker.py's JSON,
+    rendered (never edited by hand)."""
+    import json
+
+    from benchmarks import consensus_checker as bench
+    from scenarios.core.config import REPO_ROOT
+    from scenarios.store.doc_tables import read_block
+
+    doc = REPO_ROOT / "docs" / "measurements" / "consensus-checker.md"
+    data = json.loads(doc.with_suffix(".json").read_text())
+    assert read_block(doc.read_text(), bench.TABLE) == bench.render(data), \
+        f"regenerate: {bench.COMMAND} --from-json {doc.with_suffix('.json')}"
+    assert data["corpus"] or data["generated"]
+
+
 # -- the real checker on a real release -------------------------------------------------------
 PLANTED_PUT = "    _q.put(msg_fmt % args)\n"
 
