@@ -42,13 +42,15 @@ class _Watch:
         self.fired_at: float | None = None
         self.decisions_at_fire: int | None = None
         self.message = ""
-        self.events = 0
+        self.events = 0  #: events queued for comparison
+        self.refused = 0  #: assert_same calls from another thread (SGLang raises)
 
     def summary(self, stuck: bool, configured: bool) -> dict:
         return {"configured": configured, "fired": self.fired_at is not None,
                 "fired_s": None if self.fired_at is None else self.fired_at - self.t0,
                 "decisions_at_fire": self.decisions_at_fire, "message": self.message[:2000],
-                "events": self.events, "stuck_at_end": stuck, "t0": self.t0}
+                "events": self.events, "refused": self.refused, "stuck_at_end": stuck,
+                "t0": self.t0}
 
 
 _WATCH: list[_Watch | None] = [None]
@@ -101,9 +103,15 @@ def start(mod: Any, groups: list, decisions: Callable[[], int], harness: set) ->
     put = mod.assert_same
 
     def counted(*a: Any, **k: Any) -> None:
-        if mod.enabled() and _WATCH[0] is not None:
-            _WATCH[0].events += 1
-        return put(*a, **k)
+        w = _WATCH[0]
+        try:
+            put(*a, **k)
+        except RuntimeError:  # not from the thread configure() ran in: SGLang refuses it
+            if w is not None:
+                w.refused += 1
+            raise
+        if mod.enabled() and w is not None:
+            w.events += 1
     if not getattr(put, "_cpcheck", False):
         counted._cpcheck = True  # type: ignore[attr-defined]
         mod.assert_same = counted
@@ -157,6 +165,7 @@ def compare(results: list) -> dict | None:
     out: dict[str, Any] = {
         "configured": all(v["configured"] for v in said.values()),
         "fired_ranks": fired, "events": {k: v["events"] for k, v in said.items()},
+        "refused": {k: v.get("refused", 0) for k, v in said.items() if v.get("refused")},
         "stuck_ranks": sorted(k for k, v in said.items() if v["stuck_at_end"]),
         "first_divergent_decision": first_divergent_decision(results),
         "message": "", "after_decisions": None, "after_s": None}
