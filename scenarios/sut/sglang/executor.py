@@ -193,7 +193,7 @@ def check_pipeline(version: str, tree: SglangTree | None = None) -> None:
     except OSError:
         return
     if "prefetch_hit_queue" not in text and "prefetch_revoke_queue" not in text:
-        what = tree.label() if tree else f"sglang {version}"
+        what = f"sglang {tree.label() if tree else version}"
         raise CannotJudge(f"{what}: its prefetch pipeline (neither a revoke nor a hit "
                           "queue) is not mapped onto cpcheck's seams (driven: 0.5.9 .. 0.5.20)")
 

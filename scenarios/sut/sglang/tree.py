@@ -36,8 +36,8 @@ class SglangTree:
         return asdict(self)
 
     def label(self) -> str:
-        at = (self.commit or "no git commit")[:12] + ("-dirty" if self.dirty else "")
-        return f"sglang tree {self.path} at {at}"
+        at = self.commit[:12] if self.commit else "no git commit"
+        return f"tree {self.path} at {at}{' (dirty)' if self.dirty else ''}"
 
 
 def check_tree(path: str) -> Path:
