@@ -29,7 +29,7 @@ from scenarios.core.errors import UsageError
 from scenarios.core.records import RankResult
 from scenarios.core.schedule import CachePolicy, Op, Schedule, tokens_for
 from scenarios.core.soak_config import SoakConfig
-from scenarios.core.suts import sglang_version
+from scenarios.core.suts import is_sglang
 from scenarios.core.verdict import Verdict
 from scenarios.generate.workload import soak_chunk
 from scenarios.judge.coverage import Coverage
@@ -244,7 +244,7 @@ class Soak:
         if self.nem is not None and self.mm is not None:
             self.nem.attach_master(self.mm)
         self._phase("start-up: workers")
-        if sglang_version(cfg.sut) is not None:  # a release: its own pools, under torchrun
+        if is_sglang(cfg.sut):  # a release: its own pools, under torchrun
             self.ex = stack.enter_context(executor_for(cfg.sut, timeout_s=cfg.timeout,
                                                        mooncake_master=master))
         else:
@@ -285,7 +285,7 @@ class Soak:
                               self.cfg.backend, make_chunk, self.st.coverage)
         if self.cfg.protocol_changes:
             s = s.with_(**self.cfg.protocol_changes)
-        if sglang_version(self.cfg.sut) is not None:  # the release's own protocol, MHA pools
+        if is_sglang(self.cfg.sut):  # the release's own protocol, MHA pools
             s = s.with_(sut=self.cfg.sut, cache={**s.cache.model_dump(), "mla": False})
             self.st.protocol.update(protocol=self.cfg.sut, dp_attention=s.dp_attention)
         else:

@@ -40,11 +40,13 @@ from scenarios.cli.protocol_args import add_protocol_arguments, protocol_changes
 from scenarios.core.config import CP_LAYOUTS, EXPLORE_LAYOUTS
 from scenarios.core.contract import ExitCode, Interrupted, classify, epilog, stop_requested
 from scenarios.core.errors import CannotJudge, UsageError
-from scenarios.core.suts import REFERENCE, sglang_version
+from scenarios.core.suts import REFERENCE, is_sglang, sglang_tree
+from scenarios.core.suts import check as check_sut
 from scenarios.core.timeouts import DEFAULT_AGREEMENT_S
 from scenarios.nemesis.mooncake_session import mooncake_for
 from scenarios.runner.worker import DEVICES
 from scenarios.sut.reference_executor import MODES
+from scenarios.sut.sglang.consensus import line as consensus_line
 
 # Mooncake's clients log ~70 INFO lines per run to stderr; read once, at its import
 os.environ.setdefault("MC_LOG_LEVEL", "WARNING")
@@ -92,6 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
                                         f"{ExitCode.DIVERGE:d} diverge, {ExitCode.UNKNOWN:d} "
                                         "cannot judge", **sub_kw)
     rep.add_argument("file")
+    rep.add_argument("--find-fix", action="store_true",
+                     help="for `git bisect run` over a fix: exit 0 while the divergence "
+                          "reproduces and 1 once the run agrees (125 and 2 unchanged), so "
+                          "`git bisect start --term-old=broken --term-new=fixed NEW OLD` names "
+                          "the first fixed commit")
     _add_common(rep)
     rep.set_defaults(mode=None)
 
@@ -130,7 +137,7 @@ def _executor(args: argparse.Namespace, sut: str, backend: str | None,
     from scenarios.sut import executor_for
 
     check_device(args.device)
-    if sglang_version(sut) is not None:  # its executor starts its own master (metrics too)
+    if is_sglang(sut):  # its executor starts its own master (metrics too)
         with executor_for(sut, timeout_s=args.timeout, mooncake_master=args.mooncake_master,
                           **multihost_options(args, "torchrun")) as ex:
             yield ex
@@ -147,7 +154,7 @@ def _executor(args: argparse.Namespace, sut: str, backend: str | None,
 
 def _header(s: Any, mode: str) -> str:
     """The run's one-line description (what ran, on which SUT, in which configuration)."""
-    if sglang_version(s.sut) is not None:
+    if is_sglang(s.sut):
         dp = "on" if s.dp_attention else "off"
         return f"layout={s.layout} sut={s.sut} dp_attention={dp} backend={s.backend}"
     from reference.api import effective_configuration
@@ -171,7 +178,17 @@ def finish(args: argparse.Namespace, verdict: Any, replay: Path | None) -> int:
         print(f"  not observable on SGLang: {note}", file=out)
     if replay is not None:
         print(f"replay: cpcheck replay {replay}", file=out)
-    emit_verdict(args, verdict, replay=replay, **({"not_observed": notes} if notes else {}))
+    tree = verdict.stats.get("sglang_tree")
+    if tree:  # --sut sglang@PATH: which code ran
+        print(f"  sglang tree: {tree['path']} at {tree['commit'] or 'no git commit'}"
+              f"{' (dirty)' if tree['dirty'] else ''}; dependencies of sglang=={tree['env']}",
+              file=out)
+    said = verdict.stats.get("consensus_checker")
+    if said:  # SGLang's own rank-consensus checker ran beside ours
+        print(f"  SGLang's rank-consensus checker: {consensus_line(said)}", file=out)
+    emit_verdict(args, verdict, replay=replay, **({"not_observed": notes} if notes else {}),
+                 **({"sglang_tree": tree} if tree else {}),
+                 **({"consensus_checker": said} if said else {}))
     return verdict.exit_code
 
 
@@ -194,12 +211,15 @@ def _write_if_found(args: argparse.Namespace, s: Any, verdict: Any, mode: str) -
 
 
 def _release_known(file: str, sut: str) -> None:
-    """A release named by a replay file that this commit does not know is `unknown` (125: a
-    file from another commit), not bad input as the same name given with --sut is."""
+    """A release (or source tree) named by a replay file that this commit (or machine) does not
+    know is `unknown` (125: a file from elsewhere), not bad input as the same name given with
+    --sut is."""
     from scenarios.sut.sglang.envs import check_runnable
+    from scenarios.sut.sglang.tree import check_tree
 
     try:
-        check_runnable(sut.split("==", 1)[1])
+        tree = sglang_tree(sut)
+        check_tree(tree) if tree is not None else check_runnable(sut.split("==", 1)[1])
     except UsageError as e:
         raise CannotJudge(f"{file}: {e}") from None
 
@@ -224,7 +244,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     changes.update(proto)
     if changes:
         s = s.from_dict({**s.model_dump(), **changes}, args.scenario)
-    mode = "torchrun" if sglang_version(s.sut) is not None else args.mode
+    mode = "torchrun" if is_sglang(s.sut) else args.mode
     check_writable(Path(args.replay_dir), "--replay-dir", create=False)
     _master_needs_mooncake(args, s.backend)
     with _executor(args, s.sut, s.backend, mode) as ex:
@@ -243,7 +263,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     changes = {k: v for k, v in (("backend", args.backend), ("sut", args.sut)) if v}
     if changes:
         s = s.from_dict({**s.model_dump(), **changes}, args.file)
-    sglang = sglang_version(s.sut) is not None
+    sglang = is_sglang(s.sut)
     if sglang and not args.sut:
         _release_known(args.file, s.sut)
     mode = "torchrun" if sglang else (args.mode or data.get("mode", "torchrun"))
@@ -261,7 +281,11 @@ def cmd_replay(args: argparse.Namespace) -> int:
         status = was.get("status") or ("agree" if was.get("ok") else "diverge")
         print(f"recorded: {status.upper()}"
               f"{' [' + str(was.get('invariant')) + ']' if status != 'agree' else ''}", file=out)
-    return finish(args, verdict, None)
+    code = finish(args, verdict, None)
+    if args.find_fix and code in (ExitCode.AGREE, ExitCode.DIVERGE):
+        code = int(ExitCode.DIVERGE if code == ExitCode.AGREE else ExitCode.AGREE)
+        print(f"--find-fix: exit {code} ({'fixed' if code else 'still broken'})", file=out)
+    return code
 
 
 def cmd_explore(args: argparse.Namespace) -> int:
@@ -271,8 +295,8 @@ def cmd_explore(args: argparse.Namespace) -> int:
     from scenarios.store.report import check_writable
 
     proto = protocol_changes(args)
-    sut = args.sut or REFERENCE
-    sglang = sglang_version(sut) is not None
+    sut = check_sut(args.sut or REFERENCE)
+    sglang = is_sglang(sut)
     check_writable(Path(args.replay_dir), "--replay-dir", create=False)
     layouts = tuple(args.layout or (CP_LAYOUTS if sglang else EXPLORE_LAYOUTS))
     for lay in layouts:

@@ -106,7 +106,8 @@ def add_subcommands(sub: Any, common: Callable[[argparse.ArgumentParser], None],
 
 def add_sut_flags(p: argparse.ArgumentParser) -> None:
     # --dp-attention comes from scenarios/cli/protocol_args.py (run, explore, soak)
-    p.add_argument("--sut", default=None, help="reference (default) or sglang==VERSION")
+    p.add_argument("--sut", default=None, help="reference (default), sglang==VERSION (a "
+                   "release) or sglang@PATH (a source tree: PATH holds the sglang package)")
 
 
 def handlers() -> dict[str, Callable[[argparse.Namespace], int]]:

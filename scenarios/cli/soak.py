@@ -24,7 +24,7 @@ from scenarios.cli.conventions import (
 from scenarios.cli.protocol_args import add_protocol_arguments, protocol_changes
 from scenarios.core.errors import UsageError
 from scenarios.core.soak_config import SoakConfig
-from scenarios.core.suts import sglang_version
+from scenarios.core.suts import check, is_sglang
 from scenarios.core.timeouts import DEFAULT_AGREEMENT_S
 from scenarios.runner.worker import DEVICES
 from scenarios.sut.reference_executor import MODES
@@ -79,7 +79,7 @@ def soak_config(args: argparse.Namespace, argv: list[str] | None = None) -> Soak
     check_variant_arg(args.variant)
     check_device(args.device)
     changes = protocol_changes(args)
-    if sglang_version(args.sut) is not None:
+    if is_sglang(check(args.sut)):
         _check_release_soak(args, changes)
     return SoakConfig(
         layout=layout, backend=args.backend, minutes=args.minutes, variant=args.variant,

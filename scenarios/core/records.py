@@ -251,6 +251,10 @@ class RankResult:
     #: gated runs only: storage calls a soak's nemesis failed, as (call, seq) (its replay
     #: Schedule scripts them as `faults`)
     injected_faults: tuple[tuple[str, int], ...] = ()
+    #: the SGLang SUT: where this rank imported `sglang` from (a tree must be what ran), and
+    #: what SGLang's own rank-consensus checker said when it was on (sut/sglang/consensus.py)
+    sglang_package: str = ""
+    consensus_checker: dict[str, Any] | None = None
     #: where the run's time went, seconds per phase (SGLang: building and shutting down the cache)
     phase_s: dict[str, float] = field(default_factory=dict)
 

@@ -35,7 +35,7 @@ from reference.api import (
     get_profile,
 )
 from scenarios.core import suts
-from scenarios.core.errors import FieldProblem, NotAtThisCommit, ScheduleError
+from scenarios.core.errors import FieldProblem, NotAtThisCommit, ScheduleError, UsageError
 from scenarios.core.layout import Layout, LayoutError
 
 SCHEDULE_VERSION = 1
@@ -120,16 +120,16 @@ class Schedule(BaseModel):
     #: per rank: ticks its clock runs ahead (prefetch timeouts are local)
     clock_skew: dict[NonNegativeInt, NonNegativeInt] = Field(default_factory=dict)
     seed: int = 0
-    #: the system under test: "reference" or "sglang==VERSION" (scenarios/core/suts.py)
+    #: the system under test: "reference", "sglang==VERSION" or "sglang@PATH" (core/suts.py)
     sut: str = suts.REFERENCE
 
     @field_validator("sut")
     @classmethod
     def _sut(cls, v: str) -> str:
-        if not suts.valid(v):
-            raise ValueError(f"unknown system under test '{v}': use '{suts.REFERENCE}' or "
-                             f"'{suts.SGLANG_PREFIX}VERSION'")
-        return v
+        try:
+            return suts.check(v)
+        except UsageError as e:
+            raise ValueError(str(e)) from None
 
     @field_validator("layout")
     @classmethod

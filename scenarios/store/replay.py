@@ -27,15 +27,16 @@ from scenarios.core.schedule import (
     ScheduleError,
     read_json,
 )
-from scenarios.core.suts import sglang_version
+from scenarios.core.suts import sglang_tree, sglang_version
 from scenarios.core.verdict import Verdict
 from scenarios.store.provenance import git_state
 from scenarios.store.report import atomic_write_text
 
-#: 1: schedule, mode, verdict, versions, written; 2: + schema, git, sut, profile
+#: 1: schedule, mode, verdict, versions, written; 2: + schema, git, sut, profile (and
+#: sut_tree, optional: an SGLang source tree's path, commit and dirtiness)
 REPLAY_SCHEMA = 2
 KNOWN_FIELDS = frozenset({"kind", "schema", "schedule", "mode", "verdict", "versions", "written",
-                          "git", "sut", "profile", "confirmation",
+                          "git", "sut", "sut_tree", "profile", "confirmation",
                           # corpus annotations: who found it, and its verdict per release
                           "found_by", "expect_by_release", "expect_invariants_by_release"})
 
@@ -43,6 +44,11 @@ KNOWN_FIELDS = frozenset({"kind", "schema", "schedule", "mode", "verdict", "vers
 def replay_name(s: Schedule, verdict: Verdict) -> str:
     """`replay-...` only for a divergence; anything else says what it is (`unknown-...`)."""
     prefix = "replay" if verdict.status == "diverge" else verdict.status or "unknown"
+    if sglang_tree(s.sut) is not None:  # a source tree: named by its git commit
+        tree = verdict.stats.get("sglang_tree") or {}
+        at = (tree.get("commit") or "nogit")[:12] + ("-dirty" if tree.get("dirty") else "")
+        dp = "dpattn" if s.dp_attention else "nodp"
+        return f"{prefix}-sglang-tree-{at}-{dp}-{s.layout}-{s.digest()}.json"
     version = sglang_version(s.sut)
     if version is not None:  # which release, and in which CP configuration
         dp = "dpattn" if s.dp_attention else "nodp"
@@ -61,6 +67,8 @@ def replay_data(s: Schedule, verdict: Verdict, mode: str,
         "verdict": verdict.to_dict(),
         "git": git_state(),
         "sut": getattr(s, "sut", "reference"),
+        # a source tree (sglang@PATH): its absolute path, git commit and dirtiness
+        **({"sut_tree": verdict.stats["sglang_tree"]} if "sglang_tree" in verdict.stats else {}),
         "profile": getattr(s, "protocol", None),
         "versions": {"cpcheck": __version__, "torch": torch.__version__,
                      "python": platform.python_version()},
@@ -114,7 +122,7 @@ def read_replay(path: str | Path) -> tuple[Schedule, dict]:
 _TYPES: dict[str, tuple[type, ...]] = {
     "kind": (str,), "mode": (str,), "sut": (str,), "profile": (str,), "written": (str,),
     "found_by": (str,), "verdict": (dict,), "versions": (dict,), "git": (dict,),
-    "confirmation": (dict,), "expect_by_release": (dict,),
+    "confirmation": (dict,), "sut_tree": (dict,), "expect_by_release": (dict,),
     "expect_invariants_by_release": (dict,)}
 
 

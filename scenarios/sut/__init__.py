@@ -12,14 +12,15 @@ from typing import Any, Protocol
 
 from scenarios.core.records import RankResult
 from scenarios.core.schedule import Schedule
-from scenarios.core.suts import REFERENCE, sglang_version
+from scenarios.core.suts import REFERENCE, sglang_tree, sglang_version
+from scenarios.core.timeouts import DEFAULT_AGREEMENT_S, SGLANG_AGREEMENT_S
 from scenarios.core.verdict import Verdict
 
 
 class SutExecutor(Protocol):
     """Runs Schedules on one system under test and owns what lives across runs."""
 
-    sut: str  # "reference" or "sglang==VERSION"
+    sut: str  # "reference", "sglang==VERSION" or "sglang@PATH"
     mode: str  # "inprocess" or "torchrun"
     #: a run whose ranks never finish is a finding (the SUT froze), not the harness's trouble
     hangs_are_findings: bool
@@ -42,18 +43,19 @@ def executor_for(sut: str, mode: str = "inprocess", *, timeout_s: float | None =
                  log: Any = None, nnodes: int = 1,
                  rdzv_endpoint: str | None = None,
                  placement: str | None = None) -> SutExecutor:
-    """The executor of `sut` ("reference" or "sglang==V"). SGLang runs under torchrun only
-    (one release's environment per worker), so `mode` applies to the reference."""
-    version = sglang_version(sut or REFERENCE)
-    if version is None:
+    """The executor of `sut` ("reference", "sglang==V" or "sglang@PATH"). SGLang runs under
+    torchrun only (one release's environment per worker), so `mode` applies to the reference."""
+    tree = sglang_tree(sut)
+    version = None if tree else sglang_version(sut or REFERENCE)
+    if version is None and tree is None:
         from scenarios.sut.reference_executor import Executor
 
-        return Executor(mode, timeout_s=timeout_s or 10.0, mooncake_master=mooncake_master,
+        return Executor(mode, timeout_s=timeout_s or DEFAULT_AGREEMENT_S, mooncake_master=mooncake_master,
                         device=device, nnodes=nnodes, rdzv_endpoint=rdzv_endpoint,
                         placement=placement)
     if nnodes > 1:
         raise ValueError(f"--nnodes {nnodes}: SGLang as the SUT runs on one host here")
     from scenarios.sut.sglang.executor import SglangExecutor
 
-    return SglangExecutor(version, timeout_s=timeout_s or 20.0, mooncake_master=mooncake_master,
-                          **({"log": log} if log is not None else {}))
+    return SglangExecutor(version or "", tree=tree, timeout_s=timeout_s or SGLANG_AGREEMENT_S,
+                          mooncake_master=mooncake_master, **({"log": log} if log is not None else {}))

@@ -19,6 +19,7 @@ import inspect
 import json
 import os
 import re
+import time
 from collections import OrderedDict, defaultdict
 from typing import Any
 
@@ -50,6 +51,9 @@ class Driver:
         self.gates = run.gates
         self.decisions: dict[str, list[list]] = defaultdict(list)
         self.digests: list[str] = []
+        #: when each scheduler decision was made (time.monotonic()): SGLang's own checker's
+        #: delay is measured from the first divergent one (consensus.py)
+        self.decided_at: list[float] = []
         self.outcomes: list[dict] = []
         self.waiting: OrderedDict[str, list[int]] = OrderedDict()
         self.ready: OrderedDict[str, list[int]] = OrderedDict()
@@ -315,6 +319,7 @@ class Driver:
     def _decide(self, kind: str, rid: str, local: tuple, agreed: tuple, outcome: str) -> None:
         self.decisions["scheduler"].append([kind, rid, list(local), list(agreed), outcome])
         self.digests.append(self.digest())
+        self.decided_at.append(time.monotonic())
 
     def _nodes(self) -> list:
         out, stack = [], [self.cache.root_node]

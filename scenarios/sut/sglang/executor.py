@@ -13,6 +13,7 @@ import shutil
 import sys
 import tempfile
 import uuid
+from pathlib import Path
 from typing import Any
 
 from scenarios.core import suts
@@ -21,7 +22,8 @@ from scenarios.core.errors import CannotJudge, RankJobError, SglangSetupFailed, 
 from scenarios.core.timeouts import SGLANG_AGREEMENT_S, Timeouts
 from scenarios.core.verdict import Verdict
 from scenarios.runner.pools import close_pools, drop_pool
-from scenarios.sut.sglang import envs, mooncake
+from scenarios.sut.sglang import consensus, envs, mooncake
+from scenarios.sut.sglang.tree import SglangTree, open_tree, worker_path
 
 JOB = "scenarios.sut.sglang.rank:run_schedule"
 CACHE_CLASS_ENV = "CPCHECK_SGLANG_CACHE_CLASS"
@@ -30,6 +32,8 @@ _REPO = REPO_ROOT
 
 def parse_sut(sut: str) -> str | None:
     """'reference' -> None; 'sglang==V' -> 'V' (a release number this code can parse)."""
+    if suts.sglang_tree(sut) is not None:
+        return None
     v = suts.sglang_version(sut)
     if v is not None:
         envs.parse_release(v)
@@ -44,23 +48,31 @@ class SglangExecutor:
     #: made to time out inside the run, so a hang of the release shows as a rank's error
     hangs_are_findings = False
 
-    def __init__(self, version: str, *, timeout_s: float = SGLANG_AGREEMENT_S, build: bool = True,
-                 log: Any = print, mooncake_master: str = "", cache_class: str = "") -> None:
+    def __init__(self, version: str = "", *, timeout_s: float = SGLANG_AGREEMENT_S, build: bool = True,
+                 log: Any = print, mooncake_master: str = "", cache_class: str = "",
+                 tree: str | None = None, consensus_checker: bool = False) -> None:
+        #: a source tree (--sut sglang@PATH) runs on the closest built release's environment
+        self.tree: SglangTree | None = open_tree(tree, build=build, log=log) if tree else None
+        if self.tree is not None:
+            version = self.tree.env
         envs.check_runnable(version)
         self.version = version
-        self.sut = suts.sglang(version)
+        self.sut = suts.SGLANG_TREE_PREFIX + tree if tree else suts.sglang(version)
         #: "server": the cache the release's server builds (server_cache.py); "HiRadixCache":
         #: that class, where the release still defines it but its server no longer builds it
         #: (the environment variable CPCHECK_SGLANG_CACHE_CLASS sets it for the command line)
         self.cache_class = cache_class or os.environ.get(CACHE_CLASS_ENV) or "server"
         self.timeout_s = timeout_s
         self.log = log
+        #: SGLang's own rank-consensus checker on in the workers (consensus.py), per run
+        #: (SGLANG_ENABLE_RANK_CONSENSUS_CHECKER=1 in cpcheck's environment turns it on too)
+        self.consensus_checker = consensus_checker or consensus.enabled()
         if build:
             envs.build_release(version, log=log)
         elif envs.load_manifest(version) is None or not envs.load_manifest(version).ok:
             raise CannotJudge(f"no built environment for sglang {version}: run "
                               f"python -m scenarios.sut.sglang.envs {version}")
-        check_pipeline(version)
+        check_pipeline(version, self.tree)
         self.storage_root = tempfile.mkdtemp(prefix="cpcheck-sgl-store-")
         self._pools: dict[str, Any] = {}
         self.mooncake = mooncake.MasterHolder(mooncake_master)
@@ -81,7 +93,7 @@ class SglangExecutor:
                 self.log(f"removed a compile lock a killed process left: {lock}",
                          file=sys.stderr) if self.log is print else self.log(
                     f"removed a compile lock a killed process left: {lock}")
-            pp = os.pathsep.join([str(_REPO), envs.pythonpath(self.version)]
+            pp = os.pathsep.join([str(_REPO), *worker_path(self.tree, self.version)]
                                  + ([os.environ["PYTHONPATH"]]
                                     if os.environ.get("PYTHONPATH") else []))
             pool = RankPool(layout, device="cpu",
@@ -91,6 +103,7 @@ class SglangExecutor:
                                  "TORCH_EXTENSIONS_DIR": envs.torch_extensions_dir(self.version),
                                  "SGLANG_LOG_LEVEL": "error", "PYTHONWARNINGS": "ignore",
                                  "TOKENIZERS_PARALLELISM": "false",
+                                 **({consensus.ENV: "1"} if self.consensus_checker else {}),
                                  **mooncake.worker_env()})
             pool.start()
             self._pools[key] = pool
@@ -98,21 +111,22 @@ class SglangExecutor:
             # empty Schedule now, so no measured run pays for them (or times out on them)
             from scenarios.core.schedule import Op, Schedule
 
-            warm = Schedule(layout=layout, sut=f"sglang=={self.version}", ops=[Op(kind="step")])
+            warm = Schedule(layout=layout, sut=self.sut, ops=[Op(kind="step")])
             try:
                 pool.run(JOB, self._payload(warm, dp_attention),
                          timeout_s=Timeouts(self.timeout_s).sglang_setup_s)
             except RankJobError as e:  # the harness could not set SGLang up: say why
                 drop_pool(self._pools, key)
-                raise SglangSetupFailed(self.version, e) from e
+                raise SglangSetupFailed(self.tree.label() if self.tree else self.version,
+                                        e) from e
         return pool
 
     def _payload(self, s: Any, dp: bool) -> dict:
         master, metrics = self.mooncake.address() if s.backend == mooncake.BACKEND else ("", "")
         return {"mooncake_metrics": metrics,"schedule": s.model_dump_json(), "run_id": f"r{uuid.uuid4().hex[:10]}",
                 "storage_root": self.storage_root, "collective_timeout_s": self.timeout_s,
-                "version": self.version, "dp_attention": dp, "mooncake_master": master,
-                "cache_class": self.cache_class}
+                "version": self.version, "sut": self.sut, "dp_attention": dp, "mooncake_master": master,
+                "cache_class": self.cache_class, "consensus_checker": self.consensus_checker}
 
     def run(self, s: Any, dp_attention: bool | None = None, *, gated: bool = True,
             nemesis: Any = None) -> list[Any]:
@@ -139,17 +153,37 @@ class SglangExecutor:
         except RankPoolError:
             drop_pool(self._pools, s.layout)
             raise
-        if any(r.error is not None for r in results):
-            drop_pool(self._pools, s.layout)
+        said = consensus.compare(results) if self.consensus_checker else None
+        if any(r.error is not None for r in results) or (said and said["stuck_ranks"]):
+            drop_pool(self._pools, s.layout)  # a checker thread stuck in its all-reduce too
         return results
 
     def judge(self, s: Any, results: list[Any]) -> Verdict:
         """The checker's verdict as SGLang's behaviour reads it (see `annotate`)."""
-        return verdict_of(s, results, s_dp_attention(s))
+        return self._provenance(verdict_of(s, results, s_dp_attention(s)), results)
 
     def check(self, s: Any, dp_attention: bool | None = None) -> Verdict:
         dp = s_dp_attention(s) if dp_attention is None else dp_attention
-        return verdict_of(s, self.run(s, dp), dp)
+        results = self.run(s, dp)
+        return self._provenance(verdict_of(s, results, dp), results)
+
+    def _provenance(self, v: Verdict, results: list[Any]) -> Verdict:
+        """A source tree's path, git commit, dirtiness and borrowed environment, in the
+        verdict (so in --json and replay files); `unknown` if a rank imported `sglang` from
+        anywhere else (the verdict would be on the wrong code)."""
+        said = consensus.compare(results) if getattr(self, "consensus_checker", False) else None
+        if said is not None:
+            v.stats["consensus_checker"] = said
+        if getattr(self, "tree", None) is None:
+            return v
+        root = self.tree.path.rstrip(os.sep) + os.sep
+        wrong = sorted({p for r in results if (p := r.sglang_package)
+                        and not p.startswith(root)})
+        if wrong:
+            return Verdict.unknown(f"{self.tree.label()}: the workers imported sglang from "
+                                   f"{', '.join(wrong)}, not from the tree")
+        v.stats["sglang_tree"] = self.tree.to_dict()
+        return v
 
     def close(self) -> None:
         close_pools(self._pools)
@@ -157,16 +191,18 @@ class SglangExecutor:
         shutil.rmtree(self.storage_root, ignore_errors=True)
 
 
-def check_pipeline(version: str) -> None:
+def check_pipeline(version: str, tree: SglangTree | None = None) -> None:
     """The seams map two prefetch pipelines: the revoke queue of 0.5.9 .. 0.5.15.post1 and the
     hit queue of 0.5.16 .. 0.5.20 (hitqueue.py). A controller with neither cannot be judged."""
-    src = envs.release_dir(version) / "sglang" / "srt" / "managers" / "cache_controller.py"
+    top = envs.release_dir(version) if tree is None else tree.path
+    src = Path(top) / "sglang" / "srt" / "managers" / "cache_controller.py"
     try:
         text = src.read_text()
     except OSError:
         return
     if "prefetch_hit_queue" not in text and "prefetch_revoke_queue" not in text:
-        raise CannotJudge(f"sglang {version}: its prefetch pipeline (neither a revoke nor a hit "
+        what = f"sglang {tree.label() if tree else version}"
+        raise CannotJudge(f"{what}: its prefetch pipeline (neither a revoke nor a hit "
                           "queue) is not mapped onto cpcheck's seams (driven: 0.5.9 .. 0.5.20)")
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 import threading
 import time
@@ -35,7 +36,7 @@ from scenarios.core.records import (
     error_kind,
 )
 from scenarios.core.timeouts import Timeouts
-from scenarios.sut.sglang import adapters, mooncake, quick_reset, shim
+from scenarios.sut.sglang import adapters, consensus, mooncake, quick_reset, shim
 from scenarios.sut.sglang.blame import harness_origin
 from scenarios.sut.sglang.seams import GatedDevice, IoGates, SglangPacer
 
@@ -200,6 +201,8 @@ def setup_worker(ctx: Any, version: str, dp_attention: bool, timeout_s: float) -
     _install_recorders()
 
     def thread_died(args: Any) -> None:
+        if args.exc_type is SystemExit:  # SGLang's consensus checker fired (consensus.py)
+            return
         run = CURRENT
         line = f"{args.thread.name if args.thread else '?'}: {args.exc_type.__name__}: " \
                f"{args.exc_value}"
@@ -243,6 +246,8 @@ def setup_worker(ctx: Any, version: str, dp_attention: bool, timeout_s: float) -
     st = ctx.state["sglang"] = {
         "cc_mod": cc_mod, "tp": tp, "attn_tp": attn_tp, "attn_cp": attn_cp,
         "harness": harness, "model_dir": model_dir, "version": version,
+        # where `sglang` was imported from: a source tree's runs prove they ran the tree
+        "sglang_package": os.path.dirname(os.path.abspath(sys.modules["sglang"].__file__)),
     }
     from sglang.srt.mem_cache.storage import StorageBackendFactory
 
@@ -326,6 +331,19 @@ class SglangRank:
             mooncake.end_run(self.run)
 
 
+def _checker_groups(st: dict) -> list:
+    """The groups SGLang's Scheduler gives its consensus checker (init_rank_consensus_checker):
+    attention CP and attention TP, else TP (PP is 1 here)."""
+    if st.get("attn_cp") is not None and st.get("attn_tp") is not None:
+        return [st["attn_cp"], st["attn_tp"]]
+    return [st["tp"]]
+
+
+def _scheduler_decisions(held: dict) -> int:
+    sut = held.get("sut")
+    return len(sut.driver.decisions["scheduler"]) if sut is not None and sut.driver else 0
+
+
 def run_schedule(ctx: Any, payload: dict) -> RankResult:
     """Pool job: execute one Schedule on this rank against SGLang's cache."""
     global CURRENT
@@ -342,16 +360,28 @@ def run_schedule(ctx: Any, payload: dict) -> RankResult:
                         s.clock_skew.get(rank, 0), dev, gates)
     storage_dir = os.path.join(payload["storage_root"], payload["run_id"])
     os.makedirs(storage_dir, exist_ok=True)
+    held: dict[str, Any] = {}  # SGLang's own rank-consensus checker, when asked for
+    checker = consensus.load() if payload.get("consensus_checker") else None
+    if checker is not None:  # before CURRENT: its group set-up is not the cache's collective
+        consensus.start(checker, _checker_groups(st), lambda: _scheduler_decisions(held),
+                        _HARNESS)
     run = CURRENT = Run(rank, pacer, gates, storage_dir)
     run.run_id = payload["run_id"]
     run.mooncake_master = payload.get("mooncake_master", "")
     run.cache_class = payload.get("cache_class", "server")
     sut = SglangRank(s, st, run, dev, payload["dp_attention"],
                      payload.get("mooncake_metrics") or "")
+    held["sut"] = sut
     try:
         out = run_rank(sut, s.ops, gated=True)
     finally:
         CURRENT = None
+        if checker is not None:
+            said = consensus.finish(checker)
+            d = sut.driver
+            t0 = said.pop("t0")
+            said["decided_s"] = [round(x - t0, 4) for x in (d.decided_at if d else [])]
+            held["said"] = said
     if run.harness_error is not None and (out.error is None or out.error.kind is not
                                           ErrorKind.INFRASTRUCTURE):
         # an IO thread of SGLang's died in the harness's code: whatever the run did after that
@@ -375,7 +405,8 @@ def run_schedule(ctx: Any, payload: dict) -> RankResult:
         outcomes=tuple(map(Outcome.of, driver.outcomes if driver else ())),
         snapshot=out.snapshot, error=out.error, ops_done=out.ops_done,
         waiting_on=dict(gates.waiting_on), wall_s=time.monotonic() - t0,
-        sut=f"sglang=={st['version']}", pacer_trace=tuple(pacer.trace),
+        sglang_package=st.get("sglang_package") or "", consensus_checker=held.get("said"),
+        sut=payload.get("sut") or f"sglang=={st['version']}", pacer_trace=tuple(pacer.trace),
         phase_s={"build": sut.build_s, "shutdown": sut.shutdown_s},
     )
 
