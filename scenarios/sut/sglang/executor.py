@@ -1,8 +1,9 @@
 """Run Schedules against one SGLang release: a pool of long-lived workers per layout.
 
 The workers are the harness's own torchrun pool (scenarios/runner), started with the release's
-environment in front of PYTHONPATH; SGLang's import (~5-25 s) and parallel state happen once per
-worker, and each run builds a fresh cache. A pool is dropped after any failed run (a gloo group
+environment in front of PYTHONPATH; SGLang is imported once per pool, by the zygote the ranks
+are forked from (~5-25 s), its parallel state is built once per worker, and each run builds a
+fresh cache. A pool is dropped after any failed run (a gloo group
 that timed out cannot be trusted).
 """
 
@@ -23,6 +24,10 @@ from scenarios.sut.sglang import envs, mooncake
 
 JOB = "scenarios.sut.sglang.rank:run_schedule"
 CACHE_CLASS_ENV = "CPCHECK_SGLANG_CACHE_CLASS"
+#: SGLang imported once per pool, in a zygote that forks the ranks (scenarios/runner/zygote.py)
+PRELOAD = "scenarios.sut.sglang.rank:preload"
+#: set (to anything): every rank imports SGLang itself, as before the zygote (for comparison)
+NO_ZYGOTE_ENV = "CPCHECK_SGLANG_NO_ZYGOTE"
 _REPO = REPO_ROOT
 
 
@@ -83,7 +88,8 @@ class SglangExecutor:
                                  "TORCH_EXTENSIONS_DIR": envs.torch_extensions_dir(self.version),
                                  "SGLANG_LOG_LEVEL": "error", "PYTHONWARNINGS": "ignore",
                                  "TOKENIZERS_PARALLELISM": "false",
-                                 **mooncake.worker_env()})
+                                 **mooncake.worker_env()},
+                            preload=None if os.environ.get(NO_ZYGOTE_ENV) else PRELOAD)
             pool.start()
             self._pools[key] = pool
             # SGLang's imports, parallel state and first cache happen in a first job: run an
