@@ -57,7 +57,8 @@ def _exit_like(code: int) -> None:
     """Leave with `code` as os.waitstatus_to_exitcode gave it (negative: that signal)."""
     if code < 0:
         sig = -code
-        signal.signal(sig, signal.SIG_DFL)
+        if sig not in (signal.SIGKILL, signal.SIGSTOP):  # these two take no handler
+            signal.signal(sig, signal.SIG_DFL)
         os.kill(os.getpid(), sig)
         time.sleep(1.0)  # pragma: no cover - the signal ends us first
         os._exit(128 + sig)
