@@ -127,7 +127,8 @@ time.sleep(120)
 """
 
 
-def test_killed_controller_leaves_nothing() -> None:
+@pytest.mark.parametrize("how", ["SIGKILL", "Ctrl-C"])
+def test_killed_or_interrupted_controller_leaves_nothing(how: str) -> None:
     proc = subprocess.Popen([sys.executable, "-c", _CONTROLLER], cwd=REPO, env=child_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -138,7 +139,11 @@ def test_killed_controller_leaves_nothing() -> None:
         _, err = proc.communicate(timeout=30)
         raise AssertionError(f"controller did not start: {err[-2000:]}") from None
     time.sleep(0.3)
-    proc.kill()  # no atexit, no finally: the zygote and the ranks must notice by themselves
-    proc.communicate(timeout=30)
+    if how == "SIGKILL":
+        proc.kill()  # no atexit, no finally: the zygote and the ranks must notice by themselves
+    else:
+        proc.send_signal(signal.SIGINT)  # KeyboardInterrupt: the pool's atexit close runs
+    _, err = proc.communicate(timeout=30)
+    assert how == "SIGKILL" or "KeyboardInterrupt" in err
     assert len(info["pids"]) == 4
     assert_no_pool_processes(info["pool_id"], info["pids"], timeout_s=15.0)
