@@ -91,8 +91,8 @@ def _run_child(zygote_pid: int, request: dict[str, Any], fds: list[int]) -> int:
     _die_with_parent()
     if os.getppid() != zygote_pid:  # the zygote died between fork and prctl
         return EXIT_ZYGOTE_LOST
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP):
-        signal.signal(sig, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a plain worker's dispositions, as before
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     for target, fd in enumerate(fds[:3]):
         os.dup2(fd, target)
     for fd in fds:
