@@ -616,15 +616,15 @@ class RankPool:
         ctl: dict[int, Connection] = {}
         try:
             while len(job) < n or len(ctl) < n:
-                code = self._proc.poll()
-                if code is not None:
-                    self._raise_start_failed(code, len(job))
-                zcode = self._zygote_exit()
+                zcode = self._zygote_exit()  # first: its death ends the stubs, then torchrun
                 if zcode is not None:
                     raise RankPoolStartError(
                         f"pool '{self.layout}' failed to start: its zygote (pid "
                         f"{self.zygote_pid}, preload {self.preload}) exited "
                         f"({_describe_exit(zcode)}) after {len(job)} of {n} ranks connected")
+                code = self._proc.poll()
+                if code is not None:
+                    self._raise_start_failed(code, len(job))
                 if time.monotonic() > deadline:
                     missing = sorted(set(range(n)) - set(job))
                     raise RankPoolStartError(
