@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from scenarios.core.contract import ExitCode, classify
-from scenarios.runner import RankDiedError, RankPool, RankPoolStartError
+from scenarios.runner import RankDiedError, RankPool
 from scenarios.runner.torchrun_pool import _alive
 from tests.pool_helpers import assert_no_pool_processes
 from tests.subprocess_env import child_env
@@ -106,13 +106,21 @@ def test_killed_zygote_ends_the_run_unknown_naming_it(zpool: RankPool) -> None:
     assert_no_pool_processes(pool_id, pids)
 
 
-def test_failed_preload_fails_the_start_naming_the_zygote() -> None:
+def test_failed_preload_is_only_slower() -> None:
+    """A preload that raises is said in the pool's log; the ranks are forked all the same and
+    import for themselves (a release's import error then reaches the run's own job)."""
     pool = RankPool("1x2", device="cpu", preload="scenarios.no_such_module:f",
-                    start_timeout_s=60.0)
-    with pytest.raises(RankPoolStartError, match="zygote .* exited \\(exit code 1\\)") as info:
+                    start_timeout_s=120.0, log_dir=None)
+    try:
         pool.start()
-    assert "scenarios.no_such_module" in "".join(getattr(info.value, "__notes__", []))
-    assert_no_pool_processes(pool.pool_id, [])
+        assert [me["ppid"] for me in pool.run("scenarios.runner.jobs_builtin:whoami", None,
+                                              timeout_s=30)] == [pool.zygote_pid] * 2
+        log = pool.log_tail(200)
+        assert "preload scenarios.no_such_module:f failed" in log and "ModuleNotFoundError" in log
+    finally:
+        pool_id = pool.pool_id
+        pool.close()
+    assert_no_pool_processes(pool_id, [])
 
 
 _CONTROLLER = f"""

@@ -4,7 +4,9 @@ Why: a rank worker that imports torch and a SGLang release spends ~5 s and ~500 
 a 2x2 pool on a 2-core box pays that four times over before its first job. With ``preload`` a
 :class:`~.torchrun_pool.RankPool` starts this zygote next to torchrun. It binds a Unix socket at
 once, then imports torch, the worker module and the preload function's module and calls it
-(``"module:function"``, no arguments). torchrun still launches one process per rank, but that
+(``"module:function"``, no arguments; if it raises, the zygote says so in the pool's log and
+forks all the same: the ranks then import for themselves and fail, if they do, in their own
+job, as without a zygote). torchrun still launches one process per rank, but that
 process is :mod:`.rank_stub` (no torch): it hands the zygote its argv, environment (RANK,
 WORLD_SIZE, MASTER_ADDR/PORT, TORCHELASTIC_ERROR_FILE, ...), working directory and stdio, and the
 zygote forks a child that runs :func:`scenarios.runner.worker.main` with them. The zygote reaps
@@ -278,10 +280,11 @@ def main(argv: list[str] | None = None) -> int:
         _preload(args.preload)
     except _Stop:
         return 0
-    except BaseException:
-        print(f"cpcheck zygote: preload {args.preload or '(torch)'} failed:", file=sys.stderr)
+    except Exception:  # only a speed-up: the ranks import for themselves and fail, if they do,
+        # in their own job with their own error, as without a zygote
+        print(f"cpcheck zygote: preload {args.preload or '(torch)'} failed; the ranks will "
+              "import for themselves:", file=sys.stderr)
         traceback.print_exc()
-        return 1
     return serve(listener, parent_pid)
 
 
