@@ -46,6 +46,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _sglang_executors() -> Iterator[None]:
+    """The SGLang executors test modules share (tests/sglang_envs.py), closed once at the end."""
+    yield
+    from tests.sglang_envs import close_shared
+
+    close_shared()
+
+
 @pytest.fixture(scope="session")
 def inprocess_executor() -> Iterator:
     from scenarios.sut.reference_executor import Executor

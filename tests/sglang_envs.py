@@ -4,6 +4,7 @@ builds it; it is never counted as a pass."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -36,17 +37,39 @@ def driving_hiradix_cache() -> Iterator[None]:
         yield
 
 
-def started(*versions: str) -> Iterator[dict[str, Any]]:
-    """For a module fixture: one executor per release, closed (pools and masters) after."""
-    from scenarios.sut.sglang.executor import SglangExecutor
+#: executors kept warm across test modules (one pool start per release and layout instead of one
+#: per module), least recently used first; at most `SHARED_MAX` alive, each holding its pools
+_SHARED: dict[tuple[str, ...], Any] = {}
+SHARED_MAX = 3
 
+
+def shared(version: str) -> Any:
+    """This process's executor for `version` and the environment its workers read at start
+    (the cache class and the idle reset), started on first use and kept for later modules."""
+    from scenarios.sut.sglang.executor import CACHE_CLASS_ENV, SglangExecutor
+    from scenarios.sut.sglang.quick_reset import IDLE_RESET_ENV
+
+    key = (version, os.environ.get(CACHE_CLASS_ENV, ""), os.environ.get(IDLE_RESET_ENV, ""))
+    ex = _SHARED.pop(key, None)
+    if ex is None:
+        ex = SglangExecutor(version, timeout_s=20, build=False)
+    _SHARED[key] = ex  # now the most recently used
+    while len(_SHARED) > SHARED_MAX:
+        _SHARED.pop(next(iter(_SHARED))).close()
+    return ex
+
+
+def close_shared() -> None:
+    """Close every kept executor (pools and Mooncake masters): at the end of the session."""
+    while _SHARED:
+        _SHARED.popitem()[1].close()
+
+
+def started(*versions: str) -> Iterator[dict[str, Any]]:
+    """For a module fixture: one executor per release, shared with the other modules that ask
+    for the same release (`shared`) and closed at the end of the session."""
     need(*versions)
-    exs = {v: SglangExecutor(v, timeout_s=20, build=False) for v in versions}
-    try:
-        yield exs
-    finally:
-        for ex in exs.values():
-            ex.close()
+    yield {v: shared(v) for v in versions}
 
 
 def verdicts_by_release(executors: dict[str, Any], s: Any, data: dict) -> Iterator[tuple]:

@@ -229,11 +229,17 @@ def test_write_acks_split_cp_peers_before_the_fix_only(executors) -> None:
 
 @pytest.mark.sglang
 @pytest.mark.timeout(900)
-def test_replay_exit_codes(capsys) -> None:
+def test_replay_exit_codes(executors, capsys, monkeypatch) -> None:
+    import scenarios.sut
     from scenarios.cli.main import main
     from scenarios.store.replay import read_replay
 
     need(PRE, POST)
+    # the command line runs on the module's warm pools (the cold start is the fixture's):
+    # `replay` still builds, runs, confirms and closes its executor as it would its own
+    cold = scenarios.sut.executor_for
+    monkeypatch.setattr(scenarios.sut, "executor_for", lambda sut, *a, **k: Warm(
+        executors[v]) if (v := sut.partition("==")[2]) in executors else cold(sut, *a, **k))
     # a file the fix turned from diverge to agree (not one every release fails)
     f = next(str(p) for p in CORPUS
              if (e := read_replay(p)[1]["expect_by_release"]).get(f"sglang=={POST}", "") is None
@@ -246,6 +252,26 @@ def test_replay_exit_codes(capsys) -> None:
     assert d["status"] == "diverge" and d["confirmed_by_replay"] is True
     assert main(["replay", f, "--sut", "sglang==0.5.21"]) == 125
     assert main(["replay", f, "--sut", "sglang==0.5.99"]) == 2
+
+
+class Warm:
+    """A kept executor handed to the command line: everything but `close` goes through."""
+
+    def __init__(self, ex: object) -> None:
+        self._ex = ex
+        self.closed = False
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._ex, name)
+
+    def close(self) -> None:
+        self.closed = True
+
+    def __enter__(self) -> Warm:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def test_env_failure_names_the_package(monkeypatch) -> None:

@@ -23,12 +23,17 @@ __all__ = [
     "allreduce_min_steps",
     "exit_on_rank",
     "group_ranks",
+    "mark_preloaded",
     "ping",
     "raise_before_collective_on_rank",
     "raise_on_rank",
     "signal_on_rank",
     "sleep_forever_on_rank",
+    "whoami",
 ]
+
+#: the pid of the process that ran `mark_preloaded` (a pool's zygote), inherited by its forks
+PRELOADED_BY: list[int] = []
 
 
 def all_reduce_int(ctx: RankContext, group: str, value: int, op: str = "MIN", tag: str = "") -> int:
@@ -134,3 +139,26 @@ def signal_on_rank(ctx: RankContext, payload: dict[str, Any]) -> int:
         os.kill(os.getpid(), int(payload.get("signal", signal.SIGKILL)))
         signal.pause()  # a signal that does not kill at once still never lets the job return
     return ctx.rank
+
+
+def mark_preloaded() -> None:
+    """A pool's ``preload`` for tests: records the zygote's pid, which every forked rank sees."""
+    PRELOADED_BY.append(os.getpid())
+
+
+def whoami(ctx: RankContext, payload: Any = None) -> dict[str, Any]:
+    """What a rank sees of itself: its context, torchrun's environment, the process group, its
+    pid and parent (a rank forked by a zygote reports the zygote and what it preloaded)."""
+    import torch.distributed as dist
+
+    return {
+        "rank": ctx.rank,
+        "env_rank": int(os.environ["RANK"]),
+        "env_local_rank": int(os.environ["LOCAL_RANK"]),
+        "env_world_size": int(os.environ["WORLD_SIZE"]),
+        "dist_rank": dist.get_rank(),
+        "pid": os.getpid(),
+        "ppid": os.getppid(),
+        "preloaded_by": list(PRELOADED_BY),
+        "error_file": os.environ.get("TORCHELASTIC_ERROR_FILE", ""),
+    }

@@ -82,6 +82,7 @@ from scenarios.runner.multihost import (
 from scenarios.runner.netproxy import TcpProxy
 from scenarios.runner.placement import DEFAULT_PLACEMENT, make_placement
 from scenarios.runner.worker import ENV_ADDRESS, ENV_AUTHKEY, Diagnosis
+from scenarios.runner.zygote import ENV_ZYGOTE
 
 __all__ = [
     "PoolNotRunningError",
@@ -103,6 +104,8 @@ Device = Literal["auto", "cpu", "cuda"]
 _REPO_ROOT = REPO_ROOT
 _WORKER_MODULE = "scenarios.runner.worker"
 _LAUNCH_MODULE = "scenarios.runner.launch"  # torchrun + a JSON record of failed ranks
+_ZYGOTE_MODULE = "scenarios.runner.zygote"  # with preload: forks the ranks (zygote.py)
+_STUB_MODULE = "scenarios.runner.rank_stub"  # with preload: what torchrun launches per rank
 _POLL_S = 0.5  # slice for waits, so a dead torchrun is noticed while results are awaited
 _ERROR_GRACE_S = 5.0  # after a rank errors, how long the other ranks get to finish
 _DIAGNOSE_TIMEOUT_S = 3.0
@@ -386,6 +389,7 @@ class RankPool:
         rdzv_endpoint: str | None = None,
         placement: str = DEFAULT_PLACEMENT,
         proxy_hosts: bool = False,
+        preload: str | None = None,
     ) -> None:
         self.layout = Layout.parse(layout, max_world=None)
         self.nnodes = int(nnodes)
@@ -439,9 +443,16 @@ class RankPool:
         self.error_grace_s = float(error_grace_s)
         self.keep_log_dir = os.fspath(log_dir) if log_dir is not None else None
         self.python = python
+        #: "module:function" a zygote calls once before forking every rank (zygote.py): heavy
+        #: imports paid once per pool; None: torchrun's workers import for themselves. A pool
+        #: over several hosts ignores it (each host's agent launches plain workers).
+        if preload is not None and ":" not in preload:
+            raise RankPoolConfigError(f"preload {preload!r}: expected 'package.module:function'")
+        self.preload = preload if self.nnodes == 1 else None
 
         self.pool_id = ""
         self._proc: subprocess.Popen[bytes] | None = None
+        self._zygote: subprocess.Popen[bytes] | None = None
         self._acceptor: _Acceptor | None = None
         self._ranks: list[_Rank] = []
         self._log_dir: str | None = None
@@ -471,6 +482,15 @@ class RankPool:
     @property
     def torchrun_pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
+
+    @property
+    def zygote_pid(self) -> int | None:
+        """The process the ranks were forked from (``preload``), else None."""
+        return self._zygote.pid if self._zygote is not None else None
+
+    def _zygote_exit(self) -> int | None:
+        """The zygote's exit status once it has died (None while it runs or without one)."""
+        return self._zygote.poll() if self._zygote is not None else None
 
     @property
     def log_path(self) -> Path | None:
@@ -561,6 +581,16 @@ class RankPool:
         env[ENV_AUTHKEY] = authkey.hex()
         env[ENV_FAILURES] = self._failures_path()
         env[ENV_STORE_BIND] = bind  # the agent's stores listen where the acceptor does
+        worker_module = _WORKER_MODULE
+        if self.preload is not None:
+            worker_module = _STUB_MODULE
+            env[ENV_ZYGOTE] = os.path.join(self._tmp_dir, "zygote.sock")
+            self._zygote = subprocess.Popen(
+                [self.python, "-m", _ZYGOTE_MODULE, f"--pool-id={self.pool_id}",
+                 f"--socket={env[ENV_ZYGOTE]}", f"--preload={self.preload}"],
+                stdin=subprocess.DEVNULL, stdout=self._log_file, stderr=subprocess.STDOUT,
+                env=env, start_new_session=True,  # own group: killpg reaches it and its ranks
+            )
 
         cmd = [
             self.python,
@@ -575,7 +605,7 @@ class RankPool:
             "--max-restarts=0",
             "--monitor-interval=0.1",
             "-m",
-            _WORKER_MODULE,
+            worker_module,
             f"--pool-id={self.pool_id}",
             f"--layout={self.layout}",
             f"--device={self.device}",
@@ -616,6 +646,12 @@ class RankPool:
         ctl: dict[int, Connection] = {}
         try:
             while len(job) < n or len(ctl) < n:
+                zcode = self._zygote_exit()  # first: its death ends the stubs, then torchrun
+                if zcode is not None:
+                    raise RankPoolStartError(
+                        f"pool '{self.layout}' failed to start: its zygote (pid "
+                        f"{self.zygote_pid}, preload {self.preload}) exited "
+                        f"({_describe_exit(zcode)}) after {len(job)} of {n} ranks connected")
                 code = self._proc.poll()
                 if code is not None:
                     self._raise_start_failed(code, len(job))
@@ -786,7 +822,8 @@ class RankPool:
                 else:
                     tb, line = value
                     failures[rank] = (line, tb)
-            if not ready and self._proc is not None and self._proc.poll() is not None:
+            if not ready and ((self._proc is not None and self._proc.poll() is not None)
+                              or self._zygote_exit() is not None):
                 self._raise_died(name, first_rank=None)
             if failures and pending:
                 deadline = min(deadline, time.monotonic() + self.error_grace_s)
@@ -859,8 +896,13 @@ class RankPool:
                 proc.wait(timeout=10.0)  # torchrun reaps the rest and writes who failed
         report = self._failures()
         rc = proc.poll() if proc is not None else None
+        zcode = self._zygote_exit()
         rank: int | None
-        if report is not None:
+        if zcode is not None:  # every rank was forked from it: the root cause, whatever else
+            rank, code = None, None
+            msg = (f"the pool's zygote (pid {self.zygote_pid}, the process every rank was "
+                   f"forked from) died ({_describe_exit(zcode)}) during job '{name}'")
+        elif report is not None:
             f = report.first
             rank, code = f.rank, f.exitcode
             msg = f"rank {rank} (pid {f.pid}) died ({f.describe()}) during job '{name}'"
@@ -965,6 +1007,9 @@ class RankPool:
         if proc is not None:
             self._kill_tree(proc, worker_pids)
             self._proc = None
+        if self._zygote is not None:  # after torchrun: its stubs no longer ask for ranks
+            _kill_group(self._zygote)
+            self._zygote = None
         if self._acceptor is not None:
             self._acceptor.close()
             self._acceptor = None
@@ -1024,6 +1069,14 @@ class RankPool:
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"
         return f"RankPool('{self.layout}', device={self.device!r}, {state})"
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL a process started in its own session and everything in its group, and reap it."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=10.0)
 
 
 def _note_failures(exc: BaseException, report: FailureReport) -> None:

@@ -1,8 +1,9 @@
 """Run Schedules against one SGLang release: a pool of long-lived workers per layout.
 
 The workers are the harness's own torchrun pool (scenarios/runner), started with the release's
-environment in front of PYTHONPATH; SGLang's import (~5-25 s) and parallel state happen once per
-worker, and each run builds a fresh cache. A pool is dropped after any failed run (a gloo group
+environment in front of PYTHONPATH; SGLang is imported once per pool, by the zygote the ranks
+are forked from (~5-25 s), its parallel state is built once per worker, and each run builds a
+fresh cache. A pool is dropped after any failed run (a gloo group
 that timed out cannot be trusted).
 """
 
@@ -27,6 +28,10 @@ from scenarios.sut.sglang.tree import SglangTree, open_tree, worker_path
 
 JOB = "scenarios.sut.sglang.rank:run_schedule"
 CACHE_CLASS_ENV = "CPCHECK_SGLANG_CACHE_CLASS"
+#: SGLang imported once per pool, in a zygote that forks the ranks (scenarios/runner/zygote.py)
+PRELOAD = "scenarios.sut.sglang.rank:preload"
+#: set (to anything): every rank imports SGLang itself, as before the zygote (for comparison)
+NO_ZYGOTE_ENV = "CPCHECK_SGLANG_NO_ZYGOTE"
 _REPO = REPO_ROOT
 
 
@@ -104,7 +109,8 @@ class SglangExecutor:
                                  "SGLANG_LOG_LEVEL": "error", "PYTHONWARNINGS": "ignore",
                                  "TOKENIZERS_PARALLELISM": "false",
                                  **({consensus.ENV: "1"} if self.consensus_checker else {}),
-                                 **mooncake.worker_env()})
+                                 **mooncake.worker_env()},
+                            preload=None if os.environ.get(NO_ZYGOTE_ENV) else PRELOAD)
             pool.start()
             self._pools[key] = pool
             # SGLang's imports, parallel state and first cache happen in a first job: run an
