@@ -108,6 +108,7 @@ class HiRadixCache:
         self.host_pool = HostKVPool(config.kv, config.host_pages, config.page_size,
                                     pin=device.type == "cuda")
         self.tree = RadixTree(config.page_size)
+        self.prefetch_threshold = config.prefetch_threshold  # unclamped, as SGLang's
         self.profile, dp_attention = effective_configuration(
             config.protocol, config.enable_dp_attention, config.variant)
         # SGLang's _generate_storage_config: attention-TP rank with DP attention, else global
@@ -404,7 +405,9 @@ class HiRadixCache:
 
     def prefetch_from_storage(self, rid: str, last_host_node: TreeNode, new_input_tokens: list[int]) -> bool:
         n = len(new_input_tokens) // self.page_size * self.page_size
-        if not self.enable_storage or n < self.cache_controller.prefetch_threshold:
+        # SGLang gates here on HiRadixCache's own threshold, as configured (not clamped to a
+        # page as the controller's revoke check is): a 0-token prefetch starts at threshold 0
+        if not self.enable_storage or n < self.prefetch_threshold:
             return False
         # protect the node the fetched pages will hang from before evicting host memory
         self.tree.inc_host_ref(last_host_node)
