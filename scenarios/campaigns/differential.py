@@ -26,10 +26,12 @@ SGLANG_STORAGE_BATCH_PAGES = 128
 
 def as_sglang_runs_it(s: Any) -> Any:
     """The Schedule the reference runs in differential mode: the known differences of
-    configuration, each named here with the release code it comes from, taken out so that
-    what remains is a difference of behaviour.
+    configuration (named in the one table, scenarios/judge/differential.py
+    KNOWN_DIFFERENCES) taken out so that what remains is a difference of behaviour.
 
-    - prefetch IO batch: SGLang's is fixed (SGLANG_STORAGE_BATCH_PAGES); the reference runs
+    - KNOWN_DIFFERENCES["storage_batch_pages"]:
+
+      SGLang's prefetch IO batch is fixed (SGLANG_STORAGE_BATCH_PAGES); the reference runs
       at it. Without this, `prefetch_partial` and `prefetch_error` on 0.5.11 / 0.5.13 insert
       a batch of 1 page (reference) vs the whole 6-page batch (SGLang) at their first
       `prefetch_done`.
