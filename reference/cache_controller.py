@@ -443,10 +443,14 @@ class HiCacheController:
             for b in range(op.num_batches):
                 self.pacer.before("prefetch_io", op.first_batch + b)
                 first, last = b * bp, min((b + 1) * bp, op.storage_hit_count)
-                if not failed and not op.is_terminated():
+                # 0.5.16+ (per_batch_acks) checks termination before a batch's get; before,
+                # SGLang's `_page_transfer` gets the batch, then sees the termination when the
+                # count does not move (the get of a terminated op still happens)
+                if not failed and not (self.per_batch_acks and op.is_terminated()):
                     ok = self._page_transfer(op, b, first, last)
                     if ok:
-                        op.increment(last * ps)
+                        if not op.increment(last * ps) and not self.per_batch_acks:
+                            failed = True  # terminated by the controller: no further gets
                     else:
                         failed = True  # later pages would leave a hole: stop transferring
                         if not self.per_batch_acks:
