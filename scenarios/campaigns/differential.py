@@ -15,6 +15,7 @@ import argparse
 from typing import Any
 
 from reference.api import DP_ATTENTION_CHOICES
+from scenarios.core.contract import ExitCode
 from scenarios.core.releases import profile_for
 
 #: SGLang's prefetch IO batch, in pages: 128 in every release driven, not a setting (0.5.11
@@ -178,6 +179,41 @@ def cmd_diff(args: argparse.Namespace) -> int:
     for inv, msg in v.failures[1:6]:
         print(f"  also [{inv}]: {msg}")
     return v.exit_code
+
+
+def differential_soak(version: str, layout: str, minutes: float, seed: int, out: Any, *,
+                      protocol: str | None = None, timeout: float = 20.0,
+                      dp_attention: bool = True, examples_per_round: int = 25) -> int:
+    """Differential hunts with seeds seed, seed + 1, ... until `minutes` are spent or one
+    finds a confirmed difference (its replay file goes to `out`). Returns the exit code."""
+    import time
+
+    from scenarios.campaigns.explore import hunt
+    from scenarios.generate.strategies import for_sut
+    from scenarios.store.replay import write_replay
+
+    deadline = time.monotonic() + minutes * 60
+    strategy = for_sut(f"sglang=={version}", (layout,), dp_attention=dp_attention)
+    total = rounds = 0
+    with DifferentialExecutor(version, protocol, timeout_s=timeout) as ex:
+        while time.monotonic() < deadline:
+            h = hunt(ex, strategy, examples_per_round, seed + rounds)
+            total, rounds = total + h.examples, rounds + 1
+            if h.verdict is not None and h.verdict.status != "agree":
+                print(h.verdict.summary())
+                if h.verdict.status == "diverge":
+                    path = write_replay(h.found, h.verdict, out, "torchrun")
+                    print(f"replay: cpcheck diff {path}")
+                return h.verdict.exit_code
+            if h.infra_errors:  # a run the machine broke judges nothing: say so, stop
+                print(f"UNKNOWN: {len(h.infra_errors)} runs could not be judged: "
+                      f"{h.infra_errors[0][:300]}")
+                return int(ExitCode.UNKNOWN)
+            print(f"round {rounds} (seed {seed + rounds - 1}): {h.examples} schedules agree "
+                  f"({h.seconds_total:.1f} s)", flush=True)
+    print(f"AGREE: reference {ex.protocol} vs SGLang {version}: {total} schedules in "
+          f"{rounds} rounds (seed {seed})")
+    return int(ExitCode.AGREE)
 
 
 def add_diff_arguments(p: argparse.ArgumentParser) -> None:
