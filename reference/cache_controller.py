@@ -190,6 +190,13 @@ class HiCacheController:
         self.variant = config.variant
         self.backup_skip = backup_skip
         self.prefetch_threshold = max(config.prefetch_threshold, self.page_size)
+        # SGLang's rate limit on storage prefetches: tokens held by prefetches in flight,
+        # updated by the scheduler thread only (so every rank refuses the same prefetch)
+        host, device = host_pool.allocator.size, device_pool.allocator.size
+        self.prefetch_capacity_limit = (int(0.5 * host)
+                                        if config.profile.prefetch_capacity == "half_host"
+                                        else max(0, int(0.8 * (host - device))))
+        self.prefetch_tokens_occupied = 0
 
         self.profile = config.profile
         plan = sync_plan(groups, config.profile)
@@ -384,6 +391,10 @@ class HiCacheController:
         self.prefetch_seq += 1
         self.prefetch_queue.put(op)
         return op
+
+    def prefetch_rate_limited(self) -> bool:
+        """Refuse a new storage prefetch while too many host tokens are held by prefetches."""
+        return self.prefetch_tokens_occupied >= self.prefetch_capacity_limit
 
     def _storage_hit_query(self, op: PrefetchOperation) -> int:
         """Pages of `op` whose every part exists in L3, as a contiguous prefix."""

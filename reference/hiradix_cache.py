@@ -343,6 +343,8 @@ class HiRadixCache:
         already in the tree are freed at once and those filled past the agreed count queued."""
         host = info.host_indices
         op = info.operation
+        cc = self.cache_controller
+        cc.prefetch_tokens_occupied = max(0, cc.prefetch_tokens_occupied - len(info.token_ids))
         self.observer.on_effect("prefetch_insert", op.request_id, (keep_tokens,))
         if keep_tokens:
             node, dups = self.tree.insert(
@@ -407,7 +409,8 @@ class HiRadixCache:
         n = len(new_input_tokens) // self.page_size * self.page_size
         # SGLang gates here on HiRadixCache's own threshold, as configured (not clamped to a
         # page as the controller's revoke check is): a 0-token prefetch starts at threshold 0
-        if not self.enable_storage or n < self.prefetch_threshold:
+        if (not self.enable_storage or n < self.prefetch_threshold
+                or self.cache_controller.prefetch_rate_limited()):
             return False
         # protect the node the fetched pages will hang from before evicting host memory
         self.tree.inc_host_ref(last_host_node)
@@ -422,6 +425,7 @@ class HiRadixCache:
         op = self.cache_controller.prefetch(rid, host_indices, new_input_tokens[:n], last_hash)
         self.ongoing_prefetch[rid] = OngoingPrefetch(last_host_node, new_input_tokens[:n],
                                                      host_indices, op)
+        self.cache_controller.prefetch_tokens_occupied += n
         self.pacer.need("prefetch_query", op.seq)
         return True
 

@@ -180,7 +180,11 @@ def test_a_planted_difference_exits_1_with_a_shrunk_replay_file(
 @pytest.mark.soak
 @pytest.mark.parametrize("seed", [0, 1])
 def test_the_reference_agrees_with_the_release_on_generated_schedules(
-        diff_ex: Any, seed: int) -> None:
+        diff_ex: Any, seed: int, tmp_path: Path) -> None:
+    from scenarios.store.replay import write_replay
+
     h = _hunt(diff_ex, 25, seed, aborts=False)  # REMAINING_DIFFERENCES["abort_io_pacing"]
-    assert h.found is None, h.verdict.summary() if h.verdict else h.first_seen
+    if h.found is not None and h.verdict is not None:
+        path = write_replay(h.found, h.verdict, tmp_path, "torchrun")
+        pytest.fail(f"{h.verdict.summary()} (replay: cpcheck diff {path})")
     assert not h.infra_errors, h.infra_errors[:1]
