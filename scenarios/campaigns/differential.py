@@ -30,6 +30,8 @@ def as_sglang_runs_it(s: Any) -> Any:
     configuration (named in the one table, scenarios/judge/differential.py
     KNOWN_DIFFERENCES) taken out so that what remains is a difference of behaviour.
 
+    - KNOWN_DIFFERENCES["host_pool_pages"]: the reference's host pool has SGLang's size
+      (`sglang_host_pages`).
     - KNOWN_DIFFERENCES["storage_batch_pages"]:
 
       SGLang's prefetch IO batch is fixed (SGLANG_STORAGE_BATCH_PAGES); the reference runs
@@ -37,8 +39,19 @@ def as_sglang_runs_it(s: Any) -> Any:
       a batch of 1 page (reference) vs the whole 6-page batch (SGLang) at their first
       `prefetch_done`.
     """
-    cache = s.cache.model_copy(update={"prefetch_batch_pages": SGLANG_STORAGE_BATCH_PAGES})
+    cache = s.cache.model_copy(update={"prefetch_batch_pages": SGLANG_STORAGE_BATCH_PAGES,
+                                       "host_pages": sglang_host_pages(s.cache)})
     return s.with_(cache=cache.model_dump())
+
+
+def sglang_host_pages(cache: Any) -> int:
+    """KNOWN_DIFFERENCES["host_pool_pages"]: the host pages SGLang's pool has for a Schedule's
+    cache: the driver asks for at least one page more than the device pool (SGLang asserts
+    host > device), and `HostKVCache` adds one page when it aligns its size
+    (`page_num = size // page_size + 1`)."""
+    ps, device = cache.page_size, cache.device_pages * cache.page_size
+    host = max(cache.host_pages, cache.device_pages + 1) * ps  # what the driver asks for
+    return int(device * (host / device)) // ps + 1  # its hicache_ratio, as SGLang sizes it
 
 
 def _rows(results: list[dict]) -> dict[int, list[tuple]]:

@@ -39,6 +39,12 @@ KNOWN_DIFFERENCES: dict[str, str] = {
         "SGLang's prefetch IO batch is fixed at 128 pages (0.5.11 `HiCacheController."
         "storage_batch_size`, 0.5.13+ `hicache_storage.STORAGE_BATCH_SIZE`); a Schedule's "
         "`prefetch_batch_pages` sizes only the reference's: the reference runs at 128"),
+    "host_pool_pages": (
+        "SGLang's host pool is larger than asked: the driver sizes it at least one page above "
+        "the device pool (`HostKVCache` asserts `self.size > device_pool.size`) and "
+        "`HostKVCache.__init__` aligns it up with one more page (`page_num = size // "
+        "page_size + 1`; 0.5.20: `pool_host/base.py`): the reference runs with that many host "
+        "pages"),
     "exists_stops_at_first_miss": (
         "SGLang's prefetch thread asks `batch_exists` for every page of a prefetch at once "
         "(`HiCacheController._storage_hit_query`, MooncakeStore / file `batch_exists`); the "
