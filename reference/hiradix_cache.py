@@ -485,8 +485,9 @@ class HiRadixCache:
                 if (not n.evicted and not n.backuped and n.lock_ref == 0
                         and n.id not in self.ongoing_write_through):
                     self.write_backup(n)
-            while self.ongoing_write_through:
-                self.writing_check(write_back=True)
+            # once, whatever was written, as SGLang's `evict` does under write_back (it blocks
+            # until every write finished)
+            self.writing_check(write_back=True)
         return self.tree.evict_device(num_tokens, self.device_pool.allocator.free)
 
     def evict_host(self, num_tokens: int) -> int:
