@@ -236,6 +236,7 @@ class HiCacheController:
         self.backup_seq = 0
         self.prefetch_batches_issued = 0
         self.get_calls = 0  # L3 reads by the IO thread, in order: what a pacer's faults name
+        self.exists_calls = 0  # L3 hit queries actually made (none for a 0-page prefetch)
         self.stop_event = threading.Event()
         self.thread_errors: list[str] = []
         self.thread_exceptions: list[BaseException] = []  # the first is check_threads' cause
@@ -401,7 +402,10 @@ class HiCacheController:
         op.hash_value = page_hashes(op.token_ids, self.page_size, op.last_hash)
         flat = op.keys = self.flat_storage_keys(op.hash_value)
         assert self.storage_backend is not None
-        if self.pacer.fail("exists", op.seq):
+        if not flat:  # SGLang's query loop makes no `batch_exists` call for 0 pages
+            return 0
+        self.exists_calls += 1
+        if self.pacer.fail("exists", self.exists_calls - 1):
             hit_parts = 0
         else:
             hit_parts = self.storage_backend.batch_exists(flat)
