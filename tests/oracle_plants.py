@@ -181,10 +181,14 @@ DIFFERENTIAL_PLANTS: dict[str, list[tuple[Any, str, Any]]] = {
     "slots": [(HiRadixCache, "evict_host", _evict_host_keeps_slots)],
 }
 
-#: the invariant each differential plant must fire
-DIFFERENTIAL_PLANT_FINDS = {"keys": "diff-keys", "eviction_order": "diff-evictions",
-                            "decisions": "diff-decisions", "releases": "diff-host-releases",
-                            "backup_timing": "diff-backup-acks", "slots": "diff-slots"}
+#: the invariants a differential plant may fire first: its own quantity, or one it moves
+#: (the shrunk Schedule is the smallest that shows any difference): another eviction order
+#: writes other nodes back (keys); one write ack short acks their storage backups later
+DIFFERENTIAL_PLANT_FINDS = {"keys": ("diff-keys",),
+                            "eviction_order": ("diff-evictions", "diff-keys"),
+                            "decisions": ("diff-decisions", "diff-backup-acks"),
+                            "releases": ("diff-host-releases",),
+                            "backup_timing": ("diff-backup-acks",), "slots": ("diff-slots",)}
 
 
 @contextmanager
