@@ -190,6 +190,13 @@ class HiCacheController:
         self.variant = config.variant
         self.backup_skip = backup_skip
         self.prefetch_threshold = max(config.prefetch_threshold, self.page_size)
+        # SGLang's rate limit on storage prefetches: tokens held by prefetches in flight,
+        # updated by the scheduler thread only (so every rank refuses the same prefetch)
+        host, device = host_pool.allocator.size, device_pool.allocator.size
+        self.prefetch_capacity_limit = (int(0.5 * host)
+                                        if config.profile.prefetch_capacity == "half_host"
+                                        else max(0, int(0.8 * (host - device))))
+        self.prefetch_tokens_occupied = 0
 
         self.profile = config.profile
         plan = sync_plan(groups, config.profile)
@@ -229,6 +236,7 @@ class HiCacheController:
         self.backup_seq = 0
         self.prefetch_batches_issued = 0
         self.get_calls = 0  # L3 reads by the IO thread, in order: what a pacer's faults name
+        self.exists_calls = 0  # L3 hit queries actually made (none for a 0-page prefetch)
         self.stop_event = threading.Event()
         self.thread_errors: list[str] = []
         self.thread_exceptions: list[BaseException] = []  # the first is check_threads' cause
@@ -385,16 +393,22 @@ class HiCacheController:
         self.prefetch_queue.put(op)
         return op
 
+    def prefetch_rate_limited(self) -> bool:
+        """Refuse a new storage prefetch while too many host tokens are held by prefetches."""
+        return self.prefetch_tokens_occupied >= self.prefetch_capacity_limit
+
     def _storage_hit_query(self, op: PrefetchOperation) -> int:
         """Pages of `op` whose every part exists in L3, as a contiguous prefix."""
         op.hash_value = page_hashes(op.token_ids, self.page_size, op.last_hash)
         flat = op.keys = self.flat_storage_keys(op.hash_value)
         assert self.storage_backend is not None
-        if self.pacer.fail("exists", op.seq):  # the query failed: recorded as failed
+        if not flat:  # SGLang's query loop makes no `batch_exists` call for 0 pages
+            return 0
+        self.exists_calls += 1
+        if self.pacer.fail("exists", self.exists_calls - 1):  # failed: recorded as failed
             self.observer.on_storage(StorageAccess("exists", tuple(flat[:1]), (False,)))
             return 0
-        else:
-            hit_parts = self.storage_backend.batch_exists(flat)
+        hit_parts = self.storage_backend.batch_exists(flat)
         self.observer.on_storage(StorageAccess("exists", tuple(flat[: hit_parts + 1])))
         return hit_parts // len(self.mem_pool_host.shape.parts)
 
@@ -445,10 +459,14 @@ class HiCacheController:
             for b in range(op.num_batches):
                 self.pacer.before("prefetch_io", op.first_batch + b)
                 first, last = b * bp, min((b + 1) * bp, op.storage_hit_count)
-                if not failed and not op.is_terminated():
+                # 0.5.16+ (per_batch_acks) checks termination before a batch's get; before,
+                # SGLang's `_page_transfer` gets the batch, then sees the termination when the
+                # count does not move (the get of a terminated op still happens)
+                if not failed and not (self.per_batch_acks and op.is_terminated()):
                     ok = self._page_transfer(op, b, first, last)
                     if ok:
-                        op.increment(last * ps)
+                        if not op.increment(last * ps) and not self.per_batch_acks:
+                            failed = True  # terminated by the controller: no further gets
                     else:
                         failed = True  # later pages would leave a hole: stop transferring
                         if not self.per_batch_acks:

@@ -108,6 +108,7 @@ class HiRadixCache:
         self.host_pool = HostKVPool(config.kv, config.host_pages, config.page_size,
                                     pin=device.type == "cuda")
         self.tree = RadixTree(config.page_size)
+        self.prefetch_threshold = config.prefetch_threshold  # unclamped, as SGLang's
         self.profile, dp_attention = effective_configuration(
             config.protocol, config.enable_dp_attention, config.variant)
         # SGLang's _generate_storage_config: attention-TP rank with DP attention, else global
@@ -343,6 +344,8 @@ class HiRadixCache:
         already in the tree are freed at once and those filled past the agreed count queued."""
         host = info.host_indices
         op = info.operation
+        cc = self.cache_controller
+        cc.prefetch_tokens_occupied = max(0, cc.prefetch_tokens_occupied - len(info.token_ids))
         self.observer.on_effect("prefetch_insert", op.request_id, (keep_tokens,))
         if keep_tokens:
             node, dups = self.tree.insert(
@@ -405,7 +408,10 @@ class HiRadixCache:
 
     def prefetch_from_storage(self, rid: str, last_host_node: TreeNode, new_input_tokens: list[int]) -> bool:
         n = len(new_input_tokens) // self.page_size * self.page_size
-        if not self.enable_storage or n < self.cache_controller.prefetch_threshold:
+        # SGLang gates here on HiRadixCache's own threshold, as configured (not clamped to a
+        # page as the controller's revoke check is): a 0-token prefetch starts at threshold 0
+        if (not self.enable_storage or n < self.prefetch_threshold
+                or self.cache_controller.prefetch_rate_limited()):
             return False
         # protect the node the fetched pages will hang from before evicting host memory
         self.tree.inc_host_ref(last_host_node)
@@ -420,6 +426,7 @@ class HiRadixCache:
         op = self.cache_controller.prefetch(rid, host_indices, new_input_tokens[:n], last_hash)
         self.ongoing_prefetch[rid] = OngoingPrefetch(last_host_node, new_input_tokens[:n],
                                                      host_indices, op)
+        self.cache_controller.prefetch_tokens_occupied += n
         self.pacer.need("prefetch_query", op.seq)
         return True
 
@@ -479,8 +486,9 @@ class HiRadixCache:
                 if (not n.evicted and not n.backuped and n.lock_ref == 0
                         and n.id not in self.ongoing_write_through):
                     self.write_backup(n)
-            while self.ongoing_write_through:
-                self.writing_check(write_back=True)
+            # once, whatever was written, as SGLang's `evict` does under write_back (it blocks
+            # until every write finished)
+            self.writing_check(write_back=True)
         return self.tree.evict_device(num_tokens, self.device_pool.allocator.free)
 
     def evict_host(self, num_tokens: int) -> int:

@@ -13,6 +13,7 @@ the one place each behaviour lives.
     writing_check_early_return yes            yes              yes               no                no
     prefetch_progress         at_termination  at_termination   at_termination    at_termination    per_batch_acks
     pp_agreement              none            none             pp0_forwards_acks pp0_forwards_acks in_groups
+    prefetch_capacity         0.8(host-dev)   0.8(host-dev)    0.8(host-dev)     0.8(host-dev)     0.5 host
 
 0.5.14 differs from 0.5.13.post1 only in `writing_check` (the diff of the two wheels'
 hiradix_cache.py and cache_controller.py, protocol paths only); 0.5.15 keeps it. 0.5.16 .. 0.5.18
@@ -56,6 +57,7 @@ from typing import Literal
 
 SyncGroups = Literal["tp_cache_group", "attn_cp_then_attn_tp"]
 PrefetchProgress = Literal["at_termination", "per_batch_acks"]
+PrefetchCapacity = Literal["host_minus_device", "half_host"]
 PPAgreement = Literal["none", "pp0_forwards_acks", "in_groups"]
 
 
@@ -77,6 +79,10 @@ class ProtocolProfile:
     #: other agreement is per stage. in_groups: the PP group is one more all-reduce, everywhere.
     pp_agreement: PPAgreement
     summary: str = ""
+    #: how many tokens storage prefetches may hold before new ones are refused
+    #: (`prefetch_rate_limited`): host_minus_device = 0.8 x (host - device pool tokens), to
+    #: 0.5.18; half_host = 0.5 x the host pool (0.5.19+)
+    prefetch_capacity: PrefetchCapacity = "host_minus_device"
 
 
 PROFILES: dict[str, ProtocolProfile] = {p.name: p for p in (
@@ -107,6 +113,7 @@ PROFILES: dict[str, ProtocolProfile] = {p.name: p for p in (
         writing_check_early_return=False, prefetch_progress="per_batch_acks", pp_agreement="in_groups",
         summary="+ per-batch prefetch progress acks via the prefetch-sync thread (0.5.19); PP "
                 "in the groups",
+        prefetch_capacity="half_host",
     ),
 )}
 

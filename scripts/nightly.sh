@@ -14,7 +14,8 @@
 # Knobs (environment): SOAK_MINUTES (30) SOAK_LAYOUT (2x2; a comma list with SOAK_SHARD)
 #   SOAK_BACKEND (mooncake) SOAK_MODE (torchrun) SOAK_DEVICE (auto: CUDA where present, one
 #   GPU per rank) SOAK_FAULTS (all five) SOAK_SEED (unset: random) SOAK_TESTS (1; 0 skips
-#   step 1) SOAK_SHARD (unset; I/N: this runner soaks part I of N, its own seed and layout
+#   step 1) SOAK_DIFF (1; 0 skips the differential exploration, which runs with the soak
+#   tests) SOAK_DIFF_EXAMPLES (100) SOAK_SHARD (unset; I/N: this runner soaks part I of N, its own seed and layout
 #   derived from SOAK_SEED and SOAK_LAYOUT, which every shard must share; the soak tests run
 #   on shard 1 only) PYTHON (python3)
 # A nightly spread over runners: each runs `SOAK_SHARD=I/N nightly.sh shard-I`, then
@@ -47,6 +48,26 @@ if [ "${SOAK_TESTS:-1}" = "1" ]; then
   [ "$tests_rc" = 5 ] && tests_rc=0  # no soak-marked tests collected is not a failure
 fi
 
+# differential exploration on every built release (shard 1 only): the reference profile of
+# each release against the release, 1x2 and 2x2; replay files of a difference go to $out/diff
+diff_rc=0
+if [ "${SOAK_TESTS:-1}" = "1" ] && [ "${SOAK_DIFF:-1}" = "1" ]; then
+  for manifest in build/sglang-envs/*.json; do
+    [ -e "$manifest" ] || continue
+    v=$(basename "$manifest" .json)
+    [ "$v" = "base" ] && continue
+    for layout in 1x2 2x2; do
+      "$py" -m scenarios.cli explore --differential --sut "sglang==$v" --layout "$layout" \
+        --examples "${SOAK_DIFF_EXAMPLES:-100}" --replay-dir "$out/diff" 2>&1 \
+        | tee -a "$out/differential.log"
+      rc=${PIPESTATUS[0]}
+      echo "nightly: differential $v $layout: exit $rc" | tee -a "$out/differential.log" >&2
+      # 125: a release this machine cannot drive (0.5.23's Rust tree core): not a failure
+      if [ "$rc" = 1 ] || { [ "$rc" != 0 ] && [ "$rc" != 125 ]; }; then diff_rc=$rc; fi
+    done
+  done
+fi
+
 seed_args=()
 [ -n "${SOAK_SEED:-}" ] && seed_args=(--seed "$SOAK_SEED")
 "$py" -m scenarios.cli soak \
@@ -69,6 +90,7 @@ if [ "${MUTATION_MINUTES:-60}" != "0" ] && [ "${shard%%/*}" = "1" ]; then
     && cp docs/measurements/mutation-score.md docs/measurements/mutation-results.json "$out/"
   echo "nightly: mutation run exit $? (see $out/mutation.log)" >&2
 fi
-echo "nightly: soak exit $soak_rc, soak tests exit $tests_rc; output in $out" >&2
+echo "nightly: soak exit $soak_rc, soak tests exit $tests_rc, differential exit $diff_rc; output in $out" >&2
 if [ "$soak_rc" != 0 ]; then exit "$soak_rc"; fi
-exit "$tests_rc"
+if [ "$tests_rc" != 0 ]; then exit "$tests_rc"; fi
+exit "$diff_rc"

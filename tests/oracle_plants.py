@@ -10,8 +10,10 @@ from contextlib import ExitStack, contextmanager
 from typing import Any
 from unittest import mock
 
+from reference import cache_controller as cache_controller_module
 from reference.cache_controller import HiCacheController
 from reference.hiradix_cache import HiRadixCache
+from reference.radix_tree import RadixTree
 from reference.sync import SyncGroup
 from scenarios.sut import reference_rank as rank_run
 
@@ -111,8 +113,87 @@ def _release_per_call(self: HiCacheController, host_indices: Any) -> None:
         self.host_mem_release_queue.put(host_indices)
 
 
-#: differential plants (no oracle rule is meant to see them: both SUTs stay self-consistent)
+_page_hashes = cache_controller_module.page_hashes
+_drain = HiRadixCache.drain_storage_control_queues
+
+
+def _hashes_off_by_one(token_ids: Any, page_size: int, prior: Any = None) -> list[str]:
+    """Every page hash with its last hex digit changed: keys that are not SGLang's, used alike
+    for writes and lookups (the reference stays self-consistent)."""
+    return [h[:-1] + ("0" if h[-1] != "0" else "1")
+            for h in _page_hashes(token_ids, page_size, prior)]
+
+
+def _evict_most_recent_first(self: RadixTree, num_tokens: int, free_device: Any) -> int:
+    """RadixTree.evict_device with the victim chosen MRU first instead of LRU first."""
+    evicted = 0
+    while evicted < num_tokens:
+        cands = [n for n in self.nodes()
+                 if not n.evicted and n.lock_ref == 0
+                 and all(c.evicted for c in n.children.values())
+                 and (n.backuped or n.host_ref_counter == 0)]
+        if not cands:
+            break
+        victim = max(cands, key=lambda n: (n.last_access, n.id))  # the bug: max, not min
+        free_device(victim.value)
+        evicted += victim.value.numel()
+        victim.value = None
+        if not victim.backuped and not victim.children:
+            self._delete(victim)
+    return evicted
+
+
+def _backup_acks_one_drain_late(self: HiRadixCache) -> None:
+    """The drain counts only the backup acks already queued at the previous drain."""
+    q = self.cache_controller.ack_backup_queue
+    ready = getattr(self, "_plant_backup_ready", 0)
+    qsize = q.qsize
+    q.qsize = lambda: min(qsize(), ready)  # type: ignore[method-assign]
+    try:
+        _drain(self)
+    finally:
+        del q.qsize
+    self._plant_backup_ready = q.qsize()
+
+
+def _evict_host_keeps_slots(self: HiRadixCache, num_tokens: int) -> int:
+    """evict_host that drops the host copies but never frees their slots (a leak)."""
+    return self.tree.evict_host(num_tokens, lambda indices: None)
+
+
+#: differential plants (no oracle rule is meant to see them: both SUTs stay self-consistent);
+#: one per quantity differential mode compares, named by the `diff-*` invariant it must fire
 DIFFERENTIAL_PLANTS: dict[str, list[tuple[Any, str, Any]]] = {
     # host pages queued one item per call, as the reference did, instead of one per page
     "host_release_per_call": [(HiCacheController, "append_host_mem_release", _release_per_call)],
+    # keys: every page hash one digit off
+    "keys": [(cache_controller_module, "page_hashes", _hashes_off_by_one)],
+    # eviction order: most recently used first
+    "eviction_order": [(RadixTree, "evict_device", _evict_most_recent_first)],
+    # decisions: writing_check pops one ack fewer than agreed
+    "decisions": [(HiRadixCache, "writing_check", _writing_check_one_short)],
+    # host-page releases: one item per call instead of one per page
+    "releases": [(HiCacheController, "append_host_mem_release", _release_per_call)],
+    # backup-ack timing: acked one drain late
+    "backup_timing": [(HiRadixCache, "drain_storage_control_queues",
+                       _backup_acks_one_drain_late)],
+    # slot accounting: host slots of evicted host copies never freed
+    "slots": [(HiRadixCache, "evict_host", _evict_host_keeps_slots)],
 }
+
+#: the invariants a differential plant may fire first: its own quantity, or one it moves
+#: (the shrunk Schedule is the smallest that shows any difference): another eviction order
+#: writes other nodes back (keys); one write ack short acks their storage backups later
+DIFFERENTIAL_PLANT_FINDS = {"keys": ("diff-keys",),
+                            "eviction_order": ("diff-evictions", "diff-keys"),
+                            "decisions": ("diff-decisions", "diff-backup-acks"),
+                            "releases": ("diff-host-releases",),
+                            "backup_timing": ("diff-backup-acks",), "slots": ("diff-slots",)}
+
+
+@contextmanager
+def planted_differential(name: str) -> Iterator[None]:
+    with ExitStack() as stack:
+        for obj, attr, value in DIFFERENTIAL_PLANTS[name]:
+            stack.enter_context(mock.patch.object(obj, attr, value))
+        yield

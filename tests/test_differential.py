@@ -92,4 +92,6 @@ def test_differential_runs_the_reference_at_sglangs_storage_batch() -> None:
     s = load_scenario("prefetch_partial")
     ref = as_sglang_runs_it(s)
     assert ref.cache.prefetch_batch_pages == diff_mod.SGLANG_STORAGE_BATCH_PAGES == 128
-    assert ref.with_(cache={**ref.cache.model_dump(), "prefetch_batch_pages": 1}) == s
+    assert ref.cache.host_pages == diff_mod.sglang_host_pages(s.cache) > s.cache.host_pages
+    assert ref.with_(cache={**ref.cache.model_dump(), "prefetch_batch_pages": 1,
+                            "host_pages": s.cache.host_pages}) == s

@@ -28,22 +28,37 @@ SGLANG_STORAGE_BATCH_PAGES = 128
 
 def as_sglang_runs_it(s: Any) -> Any:
     """The Schedule the reference runs in differential mode: the known differences of
-    configuration, each named here with the release code it comes from, taken out so that
-    what remains is a difference of behaviour.
+    configuration (named in the one table, scenarios/judge/differential.py
+    KNOWN_DIFFERENCES) taken out so that what remains is a difference of behaviour.
 
-    - prefetch IO batch: SGLang's is fixed (SGLANG_STORAGE_BATCH_PAGES); the reference runs
+    - KNOWN_DIFFERENCES["host_pool_pages"]: the reference's host pool has SGLang's size
+      (`sglang_host_pages`).
+    - KNOWN_DIFFERENCES["storage_batch_pages"]:
+
+      SGLang's prefetch IO batch is fixed (SGLANG_STORAGE_BATCH_PAGES); the reference runs
       at it. Without this, `prefetch_partial` and `prefetch_error` on 0.5.11 / 0.5.13 insert
       a batch of 1 page (reference) vs the whole 6-page batch (SGLang) at their first
       `prefetch_done`.
     """
-    cache = s.cache.model_copy(update={"prefetch_batch_pages": SGLANG_STORAGE_BATCH_PAGES})
+    cache = s.cache.model_copy(update={"prefetch_batch_pages": SGLANG_STORAGE_BATCH_PAGES,
+                                       "host_pages": sglang_host_pages(s.cache)})
     return s.with_(cache=cache.model_dump())
 
 
+def sglang_host_pages(cache: Any) -> int:
+    """KNOWN_DIFFERENCES["host_pool_pages"]: the host pages SGLang's pool has for a Schedule's
+    cache: the driver asks for at least one page more than the device pool (SGLang asserts
+    host > device), and `HostKVCache` adds one page when it aligns its size
+    (`page_num = size // page_size + 1`)."""
+    ps, device = cache.page_size, cache.device_pages * cache.page_size
+    host = max(cache.host_pages, cache.device_pages + 1) * ps  # what the driver asks for
+    return int(device * (host / device)) // ps + 1  # its hicache_ratio, as SGLang sizes it
+
+
 def _rows(results: list[dict]) -> dict[int, list[tuple]]:
-    # an outcome's words after ";" are what only one SUT has (0.5.16+'s hit queue): not compared
-    return {r.rank: [(d.kind, d.rid, str(d.outcome).split(";")[0])
-                     for d in r.decisions.get("scheduler", ())] for r in results}
+    from scenarios.judge.differential import decision_rows
+
+    return {r.rank: decision_rows(r) for r in results}
 
 
 def first_difference(ref: list[dict], sgl: list[dict]) -> tuple[int, int, Any, Any] | None:
@@ -59,54 +74,166 @@ def first_difference(ref: list[dict], sgl: list[dict]) -> tuple[int, int, Any, A
     return best
 
 
-def differential(s: Any, version: str, protocol: str | None = None,
-                 timeout: float = 20.0) -> tuple[bool, str]:
-    from scenarios.core.schedule import Schedule
-    from scenarios.sut.reference_executor import Executor
-    from scenarios.sut.sglang.executor import SglangExecutor
+class DifferentialExecutor:
+    """A `SutExecutor` (scenarios/sut/__init__.py) that runs each Schedule on the reference
+    profile modelling release `version` (threads, as SGLang's schedule asks but for
+    `as_sglang_runs_it`) and on the release itself, and judges the difference between the two
+    (scenarios/judge/differential.py), not the ranks of one. The hunt, shrinking and replay
+    confirmation work on it as on any SUT; `run` returns SGLang's ranks (what coverage and
+    steering read)."""
 
-    protocol = protocol or profile_for(version)
-    ref_s = as_sglang_runs_it(s).with_(sut="reference")
-    if "protocol" in Schedule.model_fields:
-        ref_s = ref_s.with_(protocol=protocol)
-        label = f"reference {protocol}"
-    else:  # the profiles land with branch p9; until then the reference models main
-        label = "reference (no release profiles at this commit: models main)"
-    with Executor("inprocess", timeout_s=timeout) as ex:
-        ref = ex.run(ref_s)
-    with SglangExecutor(version, timeout_s=timeout) as sx:
-        sgl = sx.run(s.with_(sut=f"sglang=={version}"))
-    d = first_difference(ref, sgl)
-    if d is None:
-        n = len(_rows(sgl).get(0, []))
-        return True, f"{label} and SGLang {version} agree on all {n} scheduler decisions"
-    rank, i, x, y = d
-    return False, (f"{label} and SGLang {version} disagree at scheduler decision #{i} on rank "
-                   f"{rank}: reference {x} vs SGLang {y}")
+    mode = "torchrun"
+    hangs_are_findings = False
+
+    def __init__(self, version: str, protocol: str | None = None, *, timeout_s: float = 20.0,
+                 sglang: Any = None, reference: Any = None) -> None:
+        from scenarios.core.suts import sglang as sglang_name
+        from scenarios.sut.reference_executor import Executor
+        from scenarios.sut.sglang.executor import SglangExecutor
+
+        self.version = version
+        self.protocol = protocol or profile_for(version)
+        self.sut = sglang_name(version)
+        #: executors passed in (a test's shared pool) stay open for their owner
+        self._owned = (sglang is None, reference is None)
+        self.sglang = sglang or SglangExecutor(version, timeout_s=timeout_s)
+        self.reference = reference or Executor("inprocess", timeout_s=timeout_s)
+        self._ref_results: dict[str, list[Any]] = {}
+
+    def reference_schedule(self, s: Any) -> Any:
+        return as_sglang_runs_it(s).with_(sut="reference", protocol=self.protocol)
+
+    def run(self, s: Any, *, gated: bool = True, nemesis: Any = None) -> list[Any]:
+        s = s.with_(sut=self.sut)
+        ref = self.reference.run(self.reference_schedule(s), gated=gated)
+        self._ref_results = {s.digest(): ref}  # the last run's, for `judge`
+        return self.sglang.run(s, gated=gated)
+
+    def judge(self, s: Any, results: list[Any]) -> Any:
+        from scenarios.core.verdict import Verdict
+        from scenarios.judge.differential import differential_verdict
+        from scenarios.judge.judging import infrastructure
+
+        ref = self._ref_results.get(s.with_(sut=self.sut).digest())
+        if ref is None:
+            return Verdict.unknown("differential: no reference run for this schedule")
+        broke = infrastructure(ref)
+        if broke:
+            return Verdict.unknown(f"reference: {broke}")
+        v = differential_verdict(ref, results, f"reference {self.protocol} vs SGLang "
+                                               f"{self.version}")
+        v.stats["differential"] = {"release": self.version, "protocol": self.protocol}
+        return v
+
+    def close(self) -> None:
+        for owned, ex in zip(self._owned, (self.sglang, self.reference), strict=True):
+            if owned:
+                ex.close()
+
+    def __enter__(self) -> DifferentialExecutor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def differential(s: Any, version: str, protocol: str | None = None,
+                 timeout: float = 20.0, ex: DifferentialExecutor | None = None) -> tuple[bool, str]:
+    """Run `s` once on both sides: (agree, the verdict line)."""
+    from scenarios.judge.judging import run_checked
+
+    own = ex is None
+    ex = ex or DifferentialExecutor(version, protocol, timeout_s=timeout)
+    try:
+        _, v = run_checked(ex, s)
+    finally:
+        if own:
+            ex.close()
+    return v.ok, v.summary()
+
+
+def _load(name_or_path: str) -> tuple[Any, dict]:
+    """A catalog name, .toml, or a replay .json (whose `differential` record names the release
+    and the profile it was found with)."""
+    from scenarios.generate.catalog import load_scenario
+
+    if name_or_path.endswith(".json"):
+        from scenarios.store.replay import read_replay
+
+        try:
+            return read_replay(name_or_path)
+        except Exception as e:  # a bare Schedule .json (no replay wrapper) loads as before
+            from scenarios.core.errors import ScheduleError
+
+            if not (isinstance(e, ScheduleError) and "no 'schedule'" in str(e)):
+                raise
+    return load_scenario(name_or_path), {}
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
-    from scenarios.generate.catalog import load_scenario
+    from scenarios.core.errors import UsageError
+    from scenarios.judge.judging import confirm, run_checked
     from scenarios.sut.sglang.executor import parse_sut
 
-    s = load_scenario(args.scenario)
+    s, data = _load(args.scenario)
     if args.layout:
         s = s.with_(layout=args.layout)
     if args.dp_attention:
         s = s.with_(dp_attention=args.dp_attention == "on")
-    version = parse_sut(args.sut)
+    recorded = data.get("differential") or {}
+    sut = args.sut or (f"sglang=={recorded['release']}" if recorded.get("release") else None)
+    version = parse_sut(sut) if sut else None
     if version is None:
-        from scenarios.core.errors import UsageError
+        raise UsageError("diff needs --sut sglang==VERSION (or a differential replay file)")
+    protocol = args.protocol or recorded.get("protocol")
+    with DifferentialExecutor(version, protocol, timeout_s=args.timeout) as ex:
+        _, v = run_checked(ex, s)
+        v = confirm(ex, s, v)  # a difference is replayed once before it is reported
+    print(v.summary())
+    for inv, msg in v.failures[1:6]:
+        print(f"  also [{inv}]: {msg}")
+    return v.exit_code
 
-        raise UsageError("diff needs --sut sglang==VERSION")
-    same, msg = differential(s, version, args.protocol, args.timeout)
-    print(msg)
-    return int(ExitCode.AGREE if same else ExitCode.DIVERGE)
+
+def differential_soak(version: str, layout: str, minutes: float, seed: int, out: Any, *,
+                      protocol: str | None = None, timeout: float = 20.0,
+                      dp_attention: bool = True, examples_per_round: int = 25) -> int:
+    """Differential hunts with seeds seed, seed + 1, ... until `minutes` are spent or one
+    finds a confirmed difference (its replay file goes to `out`). Returns the exit code."""
+    import time
+
+    from scenarios.campaigns.explore import hunt
+    from scenarios.generate.strategies import for_sut
+    from scenarios.store.replay import write_replay
+
+    deadline = time.monotonic() + minutes * 60
+    strategy = for_sut(f"sglang=={version}", (layout,), dp_attention=dp_attention)
+    total = rounds = 0
+    with DifferentialExecutor(version, protocol, timeout_s=timeout) as ex:
+        while time.monotonic() < deadline:
+            h = hunt(ex, strategy, examples_per_round, seed + rounds)
+            total, rounds = total + h.examples, rounds + 1
+            if h.verdict is not None and h.verdict.status != "agree":
+                print(h.verdict.summary())
+                if h.verdict.status == "diverge":
+                    path = write_replay(h.found, h.verdict, out, "torchrun")
+                    print(f"replay: cpcheck diff {path}")
+                return h.verdict.exit_code
+            if h.infra_errors:  # a run the machine broke judges nothing: say so, stop
+                print(f"UNKNOWN: {len(h.infra_errors)} runs could not be judged: "
+                      f"{h.infra_errors[0][:300]}")
+                return int(ExitCode.UNKNOWN)
+            print(f"round {rounds} (seed {seed + rounds - 1}): {h.examples} schedules agree "
+                  f"({h.seconds_total:.1f} s)", flush=True)
+    print(f"AGREE: reference {ex.protocol} vs SGLang {version}: {total} schedules in "
+          f"{rounds} rounds (seed {seed})")
+    return int(ExitCode.AGREE)
 
 
 def add_diff_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("scenario", help="a catalog name, .toml, or a replay .json")
-    p.add_argument("--sut", required=True, help="sglang==VERSION")
+    p.add_argument("--sut", default=None, help="sglang==VERSION (default: the release a "
+                   "differential replay file names)")
     p.add_argument("--protocol", default=None, help="reference profile (default: the one "
                    "modelling the release)")
     p.add_argument("--layout")

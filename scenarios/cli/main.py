@@ -40,7 +40,7 @@ from scenarios.cli.protocol_args import add_protocol_arguments, protocol_changes
 from scenarios.core.config import CP_LAYOUTS, EXPLORE_LAYOUTS
 from scenarios.core.contract import ExitCode, Interrupted, classify, epilog, stop_requested
 from scenarios.core.errors import CannotJudge, UsageError
-from scenarios.core.suts import REFERENCE, is_sglang, sglang_tree
+from scenarios.core.suts import REFERENCE, is_sglang, sglang_tree, sglang_version
 from scenarios.core.suts import check as check_sut
 from scenarios.core.timeouts import DEFAULT_AGREEMENT_S
 from scenarios.nemesis.mooncake_session import mooncake_for
@@ -108,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--examples", type=positive_int, default=200)
     ex.add_argument("--seed", type=int, default=0)
     ex.add_argument("--replay-dir", default="cpcheck-out")
+    ex.add_argument("--differential", action="store_true",
+                    help="with --sut sglang==V: run each Schedule on the reference profile of V "
+                         "and on V, and hunt for the first difference between them")
     _add_common(ex)
     add_protocol_arguments(ex)
     ex.set_defaults(mode="inprocess")
@@ -177,7 +180,8 @@ def finish(args: argparse.Namespace, verdict: Any, replay: Path | None) -> int:
     for note in notes:
         print(f"  not observable on SGLang: {note}", file=out)
     if replay is not None:
-        print(f"replay: cpcheck replay {replay}", file=out)
+        again = "diff" if "differential" in verdict.stats else "replay"
+        print(f"replay: cpcheck {again} {replay}", file=out)
     tree = verdict.stats.get("sglang_tree")
     if tree:  # --sut sglang@PATH: which code ran
         print(f"  sglang tree: {tree['path']} at {tree['commit'] or 'no git commit'}"
@@ -271,11 +275,12 @@ def cmd_replay(args: argparse.Namespace) -> int:
     if mode == "torchrun" and s.layout_obj.world_size > max_ranks_here():  # threads: any
         raise CannotJudge(f"layout {s.layout} needs {s.layout_obj.world_size} ranks; "
                           f"this machine runs at most {max_ranks_here()}")
-    with _executor(args, s.sut, s.backend, mode) as ex:
+    with _replay_executor(args, s, data, mode) as ex:
         _, verdict = run_checked(ex, s)
         verdict = confirm(ex, s, verdict)
     out = human(args)
-    print(f"replay {args.file}: {_header(s, mode)}", file=out)
+    print(f"replay {args.file}: {_header(s, mode)}"
+          f"{' differential' if data.get('differential') else ''}", file=out)
     was = data.get("verdict") or {}
     if was:
         status = was.get("status") or ("agree" if was.get("ok") else "diverge")
@@ -286,6 +291,35 @@ def cmd_replay(args: argparse.Namespace) -> int:
         code = int(ExitCode.DIVERGE if code == ExitCode.AGREE else ExitCode.AGREE)
         print(f"--find-fix: exit {code} ({'fixed' if code else 'still broken'})", file=out)
     return code
+
+
+def _replay_executor(args: argparse.Namespace, s: Any, data: dict, mode: str) -> Any:
+    """A differential replay file reruns as `cpcheck diff FILE` does; any other on its SUT."""
+    diff = data.get("differential")
+    if diff:
+        from scenarios.campaigns.differential import DifferentialExecutor
+
+        version = sglang_version(s.sut)
+        if version is None:
+            raise UsageError(f"{args.file}: a differential replay file names no SGLang "
+                             "release (rerun it with: cpcheck diff FILE --sut sglang==V)")
+        return DifferentialExecutor(version, diff.get("protocol"), timeout_s=args.timeout)
+    return _executor(args, s.sut, s.backend, mode)
+
+
+def _differential_executor(args: argparse.Namespace, sut: str) -> Any:
+    """explore --differential: bad input (no release, another backend) is exit 2 here."""
+    version = sglang_version(sut)
+    if version is None:
+        raise UsageError("--differential needs --sut sglang==VERSION (the release to compare "
+                         "with the reference profile that models it)")
+    if (args.backend or "memory") != "memory":
+        raise UsageError(f"--differential compares runs on the memory backend, not "
+                         f"{args.backend!r}")
+    from scenarios.campaigns.differential import DifferentialExecutor
+
+    return DifferentialExecutor(version, getattr(args, "protocol", None),
+                                timeout_s=args.timeout)
 
 
 def cmd_explore(args: argparse.Namespace) -> int:
@@ -304,10 +338,13 @@ def cmd_explore(args: argparse.Namespace) -> int:
     check_variant_arg(args.variant)
     _master_needs_mooncake(args, args.backend or "memory")
     mode = "torchrun" if sglang else args.mode
+    if args.differential:  # the reference's profile is the executor's, not the Schedule's
+        proto.pop("protocol", None)
     strategy = for_sut(sut, layouts, variant=args.variant, backend=args.backend,
                        **{"dp_attention": True, **proto})
     out = human(args)
-    with _executor(args, sut, args.backend, mode) as ex:
+    with (_differential_executor(args, sut) if args.differential
+          else _executor(args, sut, args.backend, mode)) as ex:
         h = hunt(ex, strategy, args.examples, args.seed)
     if h.coverage is not None and h.examples:  # which outcomes the schedules reached
         print(f"outcome coverage over {h.examples} schedules:\n{h.coverage.table()}", file=out)
@@ -319,6 +356,9 @@ def cmd_explore(args: argparse.Namespace) -> int:
 
         return finish(args, Verdict(True, message=f"no divergence in {h.examples} "
                                                   f"schedules"), None)
+    if args.differential and h.verdict.status == "diverge":
+        print("differential finding: rerun it with cpcheck diff FILE (docs/differential.md)",
+              file=out)
     print(f"divergence after {h.seconds_to_first:.2f} s; shrunk to {h.steps} ops "
           f"({h.examples} schedules, {h.seconds_total:.1f} s)", file=out)
     return finish(args, h.verdict, _write_if_found(args, h.found, h.verdict, mode))

@@ -24,7 +24,7 @@ from scenarios.cli.conventions import (
 from scenarios.cli.protocol_args import add_protocol_arguments, protocol_changes
 from scenarios.core.errors import UsageError
 from scenarios.core.soak_config import SoakConfig
-from scenarios.core.suts import check, is_sglang
+from scenarios.core.suts import check, is_sglang, sglang_version
 from scenarios.core.timeouts import DEFAULT_AGREEMENT_S
 from scenarios.runner.worker import DEVICES
 from scenarios.sut.reference_executor import MODES
@@ -60,6 +60,10 @@ def add_soak_arguments(p: argparse.ArgumentParser) -> None:
                    help="reference or sglang==VERSION (a release runs gated under torchrun and "
                         "takes its faults from the Schedules; variants, protocol and faults "
                         "flags are the reference's)")
+    p.add_argument("--differential", action="store_true",
+                   help="with --sut sglang==V: differential exploration (the reference profile "
+                        "of V against V) for the wall-clock budget, a fresh seed per round; "
+                        "stops at the first confirmed difference")
     add_shard_argument(p)
     add_multihost_flags(p)
     add_protocol_arguments(p)
@@ -110,4 +114,30 @@ def _check_release_soak(args: argparse.Namespace, changes: dict) -> None:
 def cmd_soak(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     from scenarios.campaigns.soak import run_soak
 
+    if args.differential:
+        return _differential_soak(args)
+
     return run_soak(soak_config(args, argv))
+
+
+def _differential_soak(args: argparse.Namespace) -> int:
+    """`soak --differential`: rounds of differential exploration until --minutes are spent.
+    Bad input (no release, faults, another backend, a shard) is exit 2 before any work."""
+    from scenarios.campaigns.differential import differential_soak
+    from scenarios.core.layout import Layout
+
+    version = sglang_version(args.sut)
+    if version is None:
+        raise UsageError("--differential needs --sut sglang==VERSION")
+    if args.backend != "memory":
+        raise UsageError(f"--differential compares runs on the memory backend, not "
+                         f"{args.backend!r}")
+    if args.faults.strip() or args.shard or args.variant != "fixed":
+        raise UsageError("--differential takes no --faults, --shard or --variant (the "
+                         "Schedules carry their own storage faults)")
+    layout = str(Layout.parse(args.layout))
+    changes = protocol_changes(args)
+    seed = args.seed if args.seed is not None else random.randrange(1 << 31)
+    return differential_soak(version, layout, args.minutes, seed, Path(args.out),
+                             protocol=changes.get("protocol"), timeout=args.timeout,
+                             dp_attention=changes.get("dp_attention", True))

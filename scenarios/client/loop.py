@@ -82,9 +82,12 @@ def run_rank(sut: SutRank, ops: list[Any], *, gated: bool, free_run_s: float = 0
     try:
         sut.open()
         for op in ops:
-            if op.kind.startswith("evict"):  # for coverage: eviction with IO in flight
-                out.evictions.append(Eviction(op.kind, bool(sut.busy())))
+            busy = op.kind.startswith("evict") and bool(sut.busy())
             sut.apply(op)
+            if op.kind.startswith("evict"):  # coverage: with IO in flight; differential: order
+                residency = getattr(sut, "residency", None)
+                out.evictions.append(Eviction(op.kind, busy,
+                                              residency() if residency is not None else ()))
             out.ops_done += 1
             # the model's forward pass keeps ranks in lockstep per scheduler step in production
             # (its TP/CP collectives); without it a variant that drops the cache's own syncs

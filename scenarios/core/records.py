@@ -155,6 +155,9 @@ class Action:
 class Eviction:
     kind: str  # "evict_device" | "evict_host"
     busy: bool  # IO or requests in flight when it ran
+    #: the pages resident after it ran, "HASH:DH" per page (client/residency.py), sorted;
+    #: empty where the SUT does not report it. Differential mode compares these.
+    resident: tuple[str, ...] = ()
 
 
 @_compact
@@ -312,7 +315,8 @@ class RankResult:
             effects={ch: effects(ch, v) for ch, v in d.get("effects", {}).items()},
             actions=tuple(Action(a["kind"], a["rid"], tuple(a["values"])) if isinstance(a, dict)
                           else Action(a[0], a[1], tuple(a[2])) for a in d.get("actions", ())),
-            evictions=tuple(Eviction(**e) if isinstance(e, dict) else Eviction(e[0], bool(e[1]))
+            evictions=tuple(Eviction(**{**e, "resident": tuple(e.get("resident", ()))})
+                            if isinstance(e, dict) else Eviction(e[0], bool(e[1]))
                             for e in d.get("evictions", ())),
             digests=tuple(d.get("digests", ())),
             collectives={g: tuple(call(c) for c in v)

@@ -37,6 +37,8 @@ from scenarios.store.report import atomic_write_text
 REPLAY_SCHEMA = 2
 KNOWN_FIELDS = frozenset({"kind", "schema", "schedule", "mode", "verdict", "versions", "written",
                           "git", "sut", "sut_tree", "profile", "confirmation",
+                          # differential mode: {"release": V, "protocol": P} (`cpcheck diff`)
+                          "differential",
                           # corpus annotations: who found it, and its verdict per release
                           "found_by", "expect_by_release", "expect_invariants_by_release"})
 
@@ -50,6 +52,8 @@ def replay_name(s: Schedule, verdict: Verdict) -> str:
         dp = "dpattn" if s.dp_attention else "nodp"
         return f"{prefix}-sglang-tree-{at}-{dp}-{s.layout}-{s.digest()}.json"
     version = sglang_version(s.sut)
+    if "differential" in verdict.stats:  # the reference against a release: `cpcheck diff`
+        prefix += "-diff"
     if version is not None:  # which release, and in which CP configuration
         dp = "dpattn" if s.dp_attention else "nodp"
         return f"{prefix}-sglang-{version}-{dp}-{s.layout}-{s.digest()}.json"
@@ -76,6 +80,8 @@ def replay_data(s: Schedule, verdict: Verdict, mode: str,
     }
     if confirmation is not None:
         data["confirmation"] = confirmation
+    if "differential" in verdict.stats:
+        data["differential"] = verdict.stats["differential"]
     return data
 
 
@@ -123,6 +129,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "kind": (str,), "mode": (str,), "sut": (str,), "profile": (str,), "written": (str,),
     "found_by": (str,), "verdict": (dict,), "versions": (dict,), "git": (dict,),
     "confirmation": (dict,), "sut_tree": (dict,), "expect_by_release": (dict,),
+    "differential": (dict,),
     "expect_invariants_by_release": (dict,)}
 
 

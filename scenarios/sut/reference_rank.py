@@ -26,6 +26,7 @@ from reference.api import (
 from scenarios.client.gates import GatedPacer, RecordingPacer
 from scenarios.client.loop import run_rank
 from scenarios.client.recorder import Recorder, RecordingCollectives
+from scenarios.client.residency import page_residency
 from scenarios.core.records import (
     Outcome,
     RankResult,
@@ -125,6 +126,17 @@ class ReferenceRank:
 
     def step(self) -> None:
         self.sched.step()
+
+    def residency(self) -> tuple[str, ...]:
+        """The pages on device and host after an evict op (differential mode compares them)."""
+        rows, stack = [], [(self.sched.cache.tree.root, ())]
+        while stack:
+            n, prefix = stack.pop()
+            for child in n.children.values():
+                path = prefix + tuple(child.key)
+                rows.append((path, len(child.key), not child.evicted, child.backuped))
+                stack.append((child, path))
+        return page_residency(rows, self.s.cache.page_size)
 
     def busy(self) -> bool:
         return bool(self.sched is not None and self.sched.busy())

@@ -342,6 +342,20 @@ class Driver:
         rows = sorted(walk(self.cache.root_node, ()))
         return hashlib.sha256(repr(rows).encode()).hexdigest()[:16]
 
+    def residency(self) -> tuple[str, ...]:
+        """The pages on device and host, as the reference reports them (differential mode)."""
+        from scenarios.client.residency import page_residency
+
+        rows, stack = [], [(self.cache.root_node, ())]
+        while stack:
+            n, prefix = stack.pop()
+            for child in n.children.values():
+                key = tuple(adapters.token_ids(child.key))
+                rows.append((prefix + key, len(key), adapters.on_device(child),
+                             adapters.on_host(child)))
+                stack.append((child, prefix + key))
+        return page_residency(rows, self.ps)
+
     # -- ops -------------------------------------------------------------------------------
     def apply(self, op: Any) -> None:
         if op.kind == "add":

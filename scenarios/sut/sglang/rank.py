@@ -320,6 +320,9 @@ class SglangRank:
     def step(self) -> None:
         self.driver.step()
 
+    def residency(self) -> tuple[str, ...]:
+        return self.driver.residency()
+
     def busy(self) -> bool:
         return bool(self.driver is not None and self.driver.busy())
 
