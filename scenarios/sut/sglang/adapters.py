@@ -119,10 +119,17 @@ def _takes_params(fn: Any) -> bool:
 
 
 def radix_key(tokens: list[int]) -> Any:
+    """The release's RadixKey; its token ids as the release types them: a list, or (0.5.21+,
+    `token_ids: array[int]`, asserted by the Rust tree core) an int64 `array('q')`."""
     try:
         from sglang.srt.mem_cache.radix_cache import RadixKey
     except ImportError:
         return list(tokens)
+    wanted = inspect.signature(RadixKey).parameters["token_ids"].annotation
+    if "array" in str(wanted):
+        from array import array
+
+        return RadixKey(token_ids=array("q", tokens))
     return RadixKey(token_ids=list(tokens))
 
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from scenarios.sut.sglang import adapters, server_cache
+from scenarios.sut.sglang import adapters, server_cache, tree_view
 from scenarios.sut.sglang.hitqueue import HitQueuePipeline, io_busy, uses_hit_queue
 from scenarios.sut.sglang.mooncake import storage_args
 from scenarios.sut.sglang.seams import count_puts, leading_done, record_terminated
@@ -54,6 +54,7 @@ class Driver:
         self.waiting: OrderedDict[str, list[int]] = OrderedDict()
         self.ready: OrderedDict[str, list[int]] = OrderedDict()
         self.cache = None
+        self.view: Any = None  # tree_view: what the checker sees of the tree
         self.cache_class = ""
         self.pipeline: HitQueuePipeline | None = None
         #: 0.5.20 re-issues a storage lookup when the match shrank before admission
@@ -139,6 +140,7 @@ class Driver:
             self.shutdown()
             self.cache = None
             raise
+        self.view = tree_view.for_cache(cache)
         if _scheduler_has("_prefetch_after_device_hit_loss"):
             self.reissue_max = adapters.storage_prefetch_retry_max_attempts(server_args)
         cc = cache.cache_controller
@@ -316,26 +318,8 @@ class Driver:
         self.decisions["scheduler"].append([kind, rid, list(local), list(agreed), outcome])
         self.digests.append(self.digest())
 
-    def _nodes(self) -> list:
-        out, stack = [], [self.cache.root_node]
-        while stack:
-            n = stack.pop()
-            for child in n.children.values():
-                out.append(child)
-                stack.append(child)
-        return out
-
     def digest(self) -> str:
-        def walk(n: Any, prefix: tuple) -> list:
-            rows = []
-            for child in n.children.values():
-                key = tuple(adapters.token_ids(child.key))
-                full = prefix + key
-                rows.append((full, adapters.on_device(child), adapters.on_host(child)))
-                rows += walk(child, full)
-            return rows
-        rows = sorted(walk(self.cache.root_node, ()))
-        return hashlib.sha256(repr(rows).encode()).hexdigest()[:16]
+        return self.view.digest()
 
     # -- ops -------------------------------------------------------------------------------
     def apply(self, op: Any) -> None:
@@ -500,10 +484,7 @@ class Driver:
 
     def snapshot(self) -> dict:
         cache = self.cache
-        dev_tokens = sum(len(adapters.token_ids(n.key)) for n in self._nodes()
-                         if adapters.on_device(n))
-        host_tokens = sum(len(adapters.token_ids(n.key)) for n in self._nodes()
-                          if adapters.on_host(n))
+        dev_tokens, host_tokens = self.view.tokens()
         host = cache.cache_controller.mem_pool_host
         return {
             "tree_digest": self.digest(),

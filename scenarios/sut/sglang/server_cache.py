@@ -17,6 +17,7 @@ import dataclasses
 from typing import Any
 
 from scenarios.core.errors import CannotJudge, MissingSeam
+from scenarios.sut.sglang import tree_view
 
 #: what the driver wraps or reads on the cache, every release (driver.py, hitqueue.py)
 SEAMS = ("writing_check", "loading_check", "drain_storage_control_queues",
@@ -25,6 +26,8 @@ SEAMS = ("writing_check", "loading_check", "drain_storage_control_queues",
          "prefetch_from_storage", "release_aborted_request", "init_load_back",
          "ready_to_load_host_cache", "evict_host", "ongoing_write_through", "ongoing_load_back",
          "ongoing_prefetch", "cache_controller", "root_node")
+#: the tree view (tree_view.py): a walk from `root_node`, or the tree core's KV cache events
+TREE_SEAM = "root_node"
 #: what the hit-queue pipeline (0.5.16+) wraps in addition
 HIT_QUEUE_SEAMS = ("_revoke_pending_prefetch", "_handle_prefetch_result")
 #: the timeout stop policy's clock
@@ -71,7 +74,7 @@ def build(params: Any, server_args: Any, *, tp_group: Any, tp_rank: int, tp_size
                           f"(use '{SERVER}' or 'HiRadixCache')")
     from sglang.srt.mem_cache.registry import TreeCacheBuildContext
 
-    kw = {"server_args": server_args, "params": params, "is_hybrid_swa": False,
+    kw = {"server_args": server_args, "params": tree_view.wants_events(params), "is_hybrid_swa": False,
           "is_hybrid_ssm": False, "is_dsa": False, "enable_hierarchical_cache": True,
           "disable_radix_cache": False,
           "effective_chunked_prefill_size": getattr(server_args, "chunked_prefill_size", None),
@@ -113,7 +116,11 @@ def missing_seams(cache: Any, *, hit_queue: bool, timeout_policy: bool) -> list[
                                                              else ())
     if hasattr(cache, "tree_core") and not hit_queue:  # the revoke-queue hooks: HiRadixCache
         return ["prefetch_hit_queue (UnifiedRadixCache with a revoke-queue controller)"]
-    return [alias(cache, n) for n in need if not _has(cache, alias(cache, n))]
+    missing = [alias(cache, n) for n in need
+               if n != TREE_SEAM and not _has(cache, alias(cache, n))]
+    if tree_view.for_cache(cache) is None:
+        missing.append(f"{TREE_SEAM} (or KV cache events from its tree core)")
+    return missing
 
 
 def check_seams(cache: Any, version: str, *, hit_queue: bool, timeout_policy: bool) -> None:
