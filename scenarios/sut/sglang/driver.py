@@ -349,7 +349,7 @@ class Driver:
         """The scheduler's `_prefetch_kvcache`: match, then prefetch what follows the match."""
         cache = self.cache
         m = adapters.match(cache, tokens)
-        hit = len(m.device_indices) + m.host_hit_length
+        hit = adapters.device_prefix_len(m) + m.host_hit_length
         self.last_match[rid] = hit
         last = m.last_host_node
         last_hash = adapters.last_hash(last, cache)
@@ -368,10 +368,10 @@ class Driver:
         if not self.reissue_max or not self.last_match.get(rid):
             return False
         m = adapters.match(self.cache, tokens)
-        if len(m.device_indices) + m.host_hit_length >= self.last_match[rid]:
+        if adapters.device_prefix_len(m) + m.host_hit_length >= self.last_match[rid]:
             return False
         if self.reissues[rid] >= self.reissue_max:
-            self.last_match[rid] = len(m.device_indices) + m.host_hit_length
+            self.last_match[rid] = adapters.device_prefix_len(m) + m.host_hit_length
             return False
         self.reissues[rid] += 1
         self._prefetch(rid, tokens)
@@ -413,9 +413,9 @@ class Driver:
             adapters.init_load_back(cache, m, host_hit, rid)
             cache.ready_to_load_host_cache()
             m2 = adapters.match(cache, tokens)
-            loaded = len(m2.device_indices) - len(m.device_indices)
+            loaded = adapters.device_prefix_len(m2) - adapters.device_prefix_len(m)
             m = m2
-        prefix = m.device_indices
+        prefix = adapters.device_indices(cache, m)
         receipt = adapters.lock(cache, m.last_device_node)
         try:
             need = aligned - len(prefix)
