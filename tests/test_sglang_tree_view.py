@@ -101,3 +101,49 @@ def test_a_tree_neither_walkable_nor_reporting_events_is_a_missing_seam() -> Non
         missing = server_cache.missing_seams(cache, hit_queue=True, timeout_policy=False)
         assert (missing == []) if on else (missing == [
             "root_node (or KV cache events from its tree core)"]), (on, missing)
+
+
+def _fake_release(monkeypatch, annotation: str) -> None:
+    """A stand-in `sglang.srt.mem_cache.radix_cache` whose RadixKey types `token_ids` as a
+    release does (0.5.20: `List[int]`; 0.5.21+: `array[int]`)."""
+    import sys
+    import types
+
+    ns: dict = {}
+    exec(f"class RadixKey:\n    def __init__(self, token_ids: '{annotation}'):\n"
+         "        self.token_ids = token_ids\n", ns)
+    for name in ("sglang", "sglang.srt", "sglang.srt.mem_cache"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    mod = types.ModuleType("sglang.srt.mem_cache.radix_cache")
+    mod.RadixKey = ns["RadixKey"]
+    monkeypatch.setitem(sys.modules, "sglang.srt.mem_cache.radix_cache", mod)
+
+
+def test_token_ids_are_typed_as_the_release_types_them(monkeypatch) -> None:
+    """0.5.21+'s Rust tree core asserts `array('q')` token ids (a list read as a divergence
+    [error] on every rank before); earlier releases keep lists."""
+    from array import array
+
+    from scenarios.sut.sglang import adapters
+
+    _fake_release(monkeypatch, "array[int]")
+    key = adapters.radix_key([1, 2, 3])
+    assert isinstance(key.token_ids, array) and key.token_ids.typecode == "q"
+    assert adapters.token_seq([4]) == array("q", [4])
+    _fake_release(monkeypatch, "List[int]")
+    assert adapters.radix_key([1, 2]).token_ids == [1, 2] and adapters.token_seq([4]) == [4]
+
+
+def test_a_match_without_indices_reads_them_off_its_device_path() -> None:
+    """0.5.22+ matches carry `device_prefix_len` only: the indices are the path's first ones."""
+    import torch
+
+    from scenarios.sut.sglang import adapters
+
+    cache = SimpleNamespace(path_device_indices=lambda node: torch.arange(10, 18) if node == 7
+                            else None)
+    m = SimpleNamespace(device_prefix_len=4, last_device_node=7, host_hit_length=0)
+    assert adapters.device_prefix_len(m) == 4
+    assert adapters.device_indices(cache, m).tolist() == [10, 11, 12, 13]
+    old = SimpleNamespace(device_indices=torch.arange(3), last_device_node=None)
+    assert adapters.device_prefix_len(old) == 3 and adapters.device_indices(None, old).numel() == 3
