@@ -213,3 +213,17 @@ def test_sglang_reading_a_field_a_harness_stand_in_lacks_is_the_harness() -> Non
     with pytest.raises(AttributeError) as theirs:
         sglang_reads(SimpleNamespace(rid="r"))  # not one of ours: SGLang's own bug
     assert blame.harness_origin(theirs.value) is None
+
+
+def test_the_timeout_seam_is_found_under_each_unified_name() -> None:
+    """The timeout stop policy's clock: `_prefetch_timeout_check_linear_func` (0.5.19, 0.5.20),
+    `_prefetch_deadline_expired` (0.5.21+; every generated timeout Schedule on 0.5.23 was 125
+    naming the first before)."""
+    for name in ("_prefetch_timeout_check_linear_func", "_prefetch_deadline_expired"):
+        cache = SimpleNamespace(tree_core=None, **{name: lambda op: False})
+        assert server_cache.alias(cache, "is_prefetch_timeout") == name
+        missing = server_cache.missing_seams(cache, hit_queue=True, timeout_policy=True)
+        assert name not in missing and not any("timeout" in m for m in missing), missing
+    bare = SimpleNamespace(tree_core=None)
+    assert "_prefetch_deadline_expired" in server_cache.missing_seams(
+        bare, hit_queue=True, timeout_policy=True)

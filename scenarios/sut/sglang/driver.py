@@ -288,7 +288,15 @@ class Driver:
             cc.prefetch = prefetch
             ticks = self.s.cache.prefetch_timeout_ticks
             name = server_cache.alias(cache, "is_prefetch_timeout")
-            setattr(cache, name, lambda op: self.pacer.now() - start.get(id(op), 0) > ticks)
+            ours = lambda op: self.pacer.now() - start.get(id(op), 0) > ticks  # noqa: E731
+            if name == "_prefetch_deadline_expired":
+                # 0.5.21+: the release's own verdict stays (an expiry its ranks agreed on
+                # sticks); its wall-clock deadline is far away (prefetch_timeout_base), ours
+                # counts pacer ticks from the prefetch's start
+                orig_expired = getattr(cache, name)
+                setattr(cache, name, lambda op: bool(orig_expired(op)) or ours(op))
+            else:
+                setattr(cache, name, ours)
 
     def _host_alloc_faults(self, cache: Any, cc: Any) -> None:
         """A Schedule's "host_alloc" fault: this rank's n-th `write_backup` finds no host

@@ -33,10 +33,12 @@ HIT_QUEUE_SEAMS = ("_revoke_pending_prefetch", "_handle_prefetch_result")
 #: the timeout stop policy's clock
 TIMEOUT_SEAMS = ("is_prefetch_timeout",)
 #: a seam's name in UnifiedRadixCache where it differs (read from the 0.5.20 / 0.5.23 wheels)
-UNIFIED_NAMES = {"can_terminate_prefetch": "_can_terminate_prefetch",
+UNIFIED_NAMES: dict[str, str | tuple[str, ...]] = {"can_terminate_prefetch": "_can_terminate_prefetch",
                  "write_backup": "_execute_kv_backup",
                  "_revoke_pending_prefetch": "revoke_pending_prefetch",
-                 "is_prefetch_timeout": "_prefetch_timeout_check_linear_func",
+                 # 0.5.19 .. 0.5.20; 0.5.21+ decide the deadline in `_prefetch_deadline_expired`
+                 "is_prefetch_timeout": ("_prefetch_timeout_check_linear_func",
+                                         "_prefetch_deadline_expired"),
                  "_insert_helper_host": "tree_core.insert_host"}
 #: `cache_class` value: whatever the release's server builds
 SERVER = "server"
@@ -88,7 +90,10 @@ def alias(cache: Any, name: str) -> str:
     """The name of seam `name` on this cache (UnifiedRadixCache renamed some)."""
     if _has_attr(cache, name) or not hasattr(cache, "tree_core"):
         return name
-    return UNIFIED_NAMES.get(name, name)
+    names = UNIFIED_NAMES.get(name, name)
+    if isinstance(names, str):
+        return names
+    return next((n for n in names if _has(cache, n)), names[-1])
 
 
 def _has(cache: Any, dotted: str) -> bool:
