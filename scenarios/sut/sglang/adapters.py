@@ -119,11 +119,26 @@ def _takes_params(fn: Any) -> bool:
 
 
 def radix_key(tokens: list[int]) -> Any:
+    """The release's RadixKey (its token ids as `token_seq` gives them)."""
     try:
         from sglang.srt.mem_cache.radix_cache import RadixKey
     except ImportError:
         return list(tokens)
-    return RadixKey(token_ids=list(tokens))
+    return RadixKey(token_ids=token_seq(tokens))
+
+
+def token_seq(tokens: list[int]) -> Any:
+    """Token ids as the release's scheduler holds them: a list, or (0.5.21+, where RadixKey
+    takes `token_ids: array[int]` and the Rust tree core asserts it) an int64 `array('q')`."""
+    try:
+        from sglang.srt.mem_cache.radix_cache import RadixKey
+    except ImportError:
+        return list(tokens)
+    if "array" in str(inspect.signature(RadixKey).parameters["token_ids"].annotation):
+        from array import array
+
+        return array("q", tokens)
+    return list(tokens)
 
 
 def token_ids(key: Any) -> list[int]:
@@ -135,6 +150,19 @@ def match(cache: Any, tokens: list[int]) -> Any:
     if _takes_params(cache.match_prefix):
         return cache.match_prefix(_params("MatchPrefixParams", key=key))
     return cache.match_prefix(key)
+
+
+def device_prefix_len(m: Any) -> int:
+    """A match's device-resident prefix length (0.5.22+ `device_prefix_len`, no indices)."""
+    return m.device_prefix_len if hasattr(m, "device_prefix_len") else len(m.device_indices)
+
+
+def device_indices(cache: Any, m: Any) -> Any:
+    """A match's device KV indices: its `device_indices`, or (0.5.22+, where the match carries
+    only a length) read off the path to its device node, as `prefix_device_indices` does."""
+    if hasattr(m, "device_indices"):
+        return m.device_indices
+    return cache.path_device_indices(m.last_device_node)[:m.device_prefix_len]
 
 
 def insert(cache: Any, tokens: list[int], value: Any, prefix_len: int = 0) -> int:
@@ -239,7 +267,7 @@ def prefetch_from_storage(cache: Any, rid: str, last_host_node: Any, tokens: lis
     fn = cache.prefetch_from_storage
     call_filtered(fn, **{list(inspect.signature(fn).parameters)[0]: _rid_arg(fn, rid)},
                   last_host_node=last_host_node, last_host_node_id=last_host_node,
-                  new_input_tokens=tokens,
+                  new_input_tokens=token_seq(tokens),
                   last_hash=last_hash_value)
 
 

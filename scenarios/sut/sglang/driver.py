@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from scenarios.sut.sglang import adapters, server_cache
+from scenarios.sut.sglang import adapters, server_cache, tree_view
 from scenarios.sut.sglang.hitqueue import HitQueuePipeline, io_busy, uses_hit_queue
 from scenarios.sut.sglang.mooncake import storage_args
 from scenarios.sut.sglang.seams import count_puts, leading_done, record_terminated
@@ -58,6 +58,7 @@ class Driver:
         self.waiting: OrderedDict[str, list[int]] = OrderedDict()
         self.ready: OrderedDict[str, list[int]] = OrderedDict()
         self.cache = None
+        self.view: Any = None  # tree_view: what the checker sees of the tree
         self.cache_class = ""
         self.pipeline: HitQueuePipeline | None = None
         #: 0.5.20 re-issues a storage lookup when the match shrank before admission
@@ -143,6 +144,7 @@ class Driver:
             self.shutdown()
             self.cache = None
             raise
+        self.view = tree_view.for_cache(cache)
         if _scheduler_has("_prefetch_after_device_hit_loss"):
             self.reissue_max = adapters.storage_prefetch_retry_max_attempts(server_args)
         cc = cache.cache_controller
@@ -290,7 +292,15 @@ class Driver:
             cc.prefetch = prefetch
             ticks = self.s.cache.prefetch_timeout_ticks
             name = server_cache.alias(cache, "is_prefetch_timeout")
-            setattr(cache, name, lambda op: self.pacer.now() - start.get(id(op), 0) > ticks)
+            ours = lambda op: self.pacer.now() - start.get(id(op), 0) > ticks  # noqa: E731
+            if name == "_prefetch_deadline_expired":
+                # 0.5.21+: the release's own verdict stays (an expiry its ranks agreed on
+                # sticks); its wall-clock deadline is far away (prefetch_timeout_base), ours
+                # counts pacer ticks from the prefetch's start
+                orig_expired = getattr(cache, name)
+                setattr(cache, name, lambda op: bool(orig_expired(op)) or ours(op))
+            else:
+                setattr(cache, name, ours)
 
     def _host_alloc_faults(self, cache: Any, cc: Any) -> None:
         """A Schedule's "host_alloc" fault: this rank's n-th `write_backup` finds no host
@@ -321,26 +331,8 @@ class Driver:
         self.digests.append(self.digest())
         self.decided_at.append(time.monotonic())
 
-    def _nodes(self) -> list:
-        out, stack = [], [self.cache.root_node]
-        while stack:
-            n = stack.pop()
-            for child in n.children.values():
-                out.append(child)
-                stack.append(child)
-        return out
-
     def digest(self) -> str:
-        def walk(n: Any, prefix: tuple) -> list:
-            rows = []
-            for child in n.children.values():
-                key = tuple(adapters.token_ids(child.key))
-                full = prefix + key
-                rows.append((full, adapters.on_device(child), adapters.on_host(child)))
-                rows += walk(child, full)
-            return rows
-        rows = sorted(walk(self.cache.root_node, ()))
-        return hashlib.sha256(repr(rows).encode()).hexdigest()[:16]
+        return self.view.digest()
 
     def residency(self) -> tuple[str, ...]:
         """The pages on device and host, as the reference reports them (differential mode)."""
@@ -384,7 +376,7 @@ class Driver:
         """The scheduler's `_prefetch_kvcache`: match, then prefetch what follows the match."""
         cache = self.cache
         m = adapters.match(cache, tokens)
-        hit = len(m.device_indices) + m.host_hit_length
+        hit = adapters.device_prefix_len(m) + m.host_hit_length
         self.last_match[rid] = hit
         last = m.last_host_node
         last_hash = adapters.last_hash(last, cache)
@@ -403,10 +395,10 @@ class Driver:
         if not self.reissue_max or not self.last_match.get(rid):
             return False
         m = adapters.match(self.cache, tokens)
-        if len(m.device_indices) + m.host_hit_length >= self.last_match[rid]:
+        if adapters.device_prefix_len(m) + m.host_hit_length >= self.last_match[rid]:
             return False
         if self.reissues[rid] >= self.reissue_max:
-            self.last_match[rid] = len(m.device_indices) + m.host_hit_length
+            self.last_match[rid] = adapters.device_prefix_len(m) + m.host_hit_length
             return False
         self.reissues[rid] += 1
         self._prefetch(rid, tokens)
@@ -448,9 +440,9 @@ class Driver:
             adapters.init_load_back(cache, m, host_hit, rid)
             cache.ready_to_load_host_cache()
             m2 = adapters.match(cache, tokens)
-            loaded = len(m2.device_indices) - len(m.device_indices)
+            loaded = adapters.device_prefix_len(m2) - adapters.device_prefix_len(m)
             m = m2
-        prefix = m.device_indices
+        prefix = adapters.device_indices(cache, m)
         receipt = adapters.lock(cache, m.last_device_node)
         try:
             need = aligned - len(prefix)
@@ -519,10 +511,7 @@ class Driver:
 
     def snapshot(self) -> dict:
         cache = self.cache
-        dev_tokens = sum(len(adapters.token_ids(n.key)) for n in self._nodes()
-                         if adapters.on_device(n))
-        host_tokens = sum(len(adapters.token_ids(n.key)) for n in self._nodes()
-                          if adapters.on_host(n))
+        dev_tokens, host_tokens = self.view.tokens()
         host = cache.cache_controller.mem_pool_host
         return {
             "tree_digest": self.digest(),

@@ -17,6 +17,7 @@ import dataclasses
 from typing import Any
 
 from scenarios.core.errors import CannotJudge, MissingSeam
+from scenarios.sut.sglang import tree_view
 
 #: what the driver wraps or reads on the cache, every release (driver.py, hitqueue.py)
 SEAMS = ("writing_check", "loading_check", "drain_storage_control_queues",
@@ -25,15 +26,19 @@ SEAMS = ("writing_check", "loading_check", "drain_storage_control_queues",
          "prefetch_from_storage", "release_aborted_request", "init_load_back",
          "ready_to_load_host_cache", "evict_host", "ongoing_write_through", "ongoing_load_back",
          "ongoing_prefetch", "cache_controller", "root_node")
+#: the tree view (tree_view.py): a walk from `root_node`, or the tree core's KV cache events
+TREE_SEAM = "root_node"
 #: what the hit-queue pipeline (0.5.16+) wraps in addition
 HIT_QUEUE_SEAMS = ("_revoke_pending_prefetch", "_handle_prefetch_result")
 #: the timeout stop policy's clock
 TIMEOUT_SEAMS = ("is_prefetch_timeout",)
 #: a seam's name in UnifiedRadixCache where it differs (read from the 0.5.20 / 0.5.23 wheels)
-UNIFIED_NAMES = {"can_terminate_prefetch": "_can_terminate_prefetch",
+UNIFIED_NAMES: dict[str, str | tuple[str, ...]] = {"can_terminate_prefetch": "_can_terminate_prefetch",
                  "write_backup": "_execute_kv_backup",
                  "_revoke_pending_prefetch": "revoke_pending_prefetch",
-                 "is_prefetch_timeout": "_prefetch_timeout_check_linear_func",
+                 # 0.5.19 .. 0.5.20; 0.5.21+ decide the deadline in `_prefetch_deadline_expired`
+                 "is_prefetch_timeout": ("_prefetch_timeout_check_linear_func",
+                                         "_prefetch_deadline_expired"),
                  "_insert_helper_host": "tree_core.insert_host"}
 #: `cache_class` value: whatever the release's server builds
 SERVER = "server"
@@ -71,7 +76,7 @@ def build(params: Any, server_args: Any, *, tp_group: Any, tp_rank: int, tp_size
                           f"(use '{SERVER}' or 'HiRadixCache')")
     from sglang.srt.mem_cache.registry import TreeCacheBuildContext
 
-    kw = {"server_args": server_args, "params": params, "is_hybrid_swa": False,
+    kw = {"server_args": server_args, "params": tree_view.wants_events(params), "is_hybrid_swa": False,
           "is_hybrid_ssm": False, "is_dsa": False, "enable_hierarchical_cache": True,
           "disable_radix_cache": False,
           "effective_chunked_prefill_size": getattr(server_args, "chunked_prefill_size", None),
@@ -85,7 +90,10 @@ def alias(cache: Any, name: str) -> str:
     """The name of seam `name` on this cache (UnifiedRadixCache renamed some)."""
     if _has_attr(cache, name) or not hasattr(cache, "tree_core"):
         return name
-    return UNIFIED_NAMES.get(name, name)
+    names = UNIFIED_NAMES.get(name, name)
+    if isinstance(names, str):
+        return names
+    return next((n for n in names if _has(cache, n)), names[-1])
 
 
 def _has(cache: Any, dotted: str) -> bool:
@@ -113,7 +121,11 @@ def missing_seams(cache: Any, *, hit_queue: bool, timeout_policy: bool) -> list[
                                                              else ())
     if hasattr(cache, "tree_core") and not hit_queue:  # the revoke-queue hooks: HiRadixCache
         return ["prefetch_hit_queue (UnifiedRadixCache with a revoke-queue controller)"]
-    return [alias(cache, n) for n in need if not _has(cache, alias(cache, n))]
+    missing = [alias(cache, n) for n in need
+               if n != TREE_SEAM and not _has(cache, alias(cache, n))]
+    if tree_view.for_cache(cache) is None:
+        missing.append(f"{TREE_SEAM} (or KV cache events from its tree core)")
+    return missing
 
 
 def check_seams(cache: Any, version: str, *, hit_queue: bool, timeout_policy: bool) -> None:
