@@ -52,7 +52,7 @@ def test_stop_agent_sigstops_the_whole_agent_for_its_window_then_sigconts(tree) 
     assert all(_state(p.pid) != "T" for p in tree)
     nem.end_run()
     assert nem.counts()["stop_agent"] == 1 and nem.explain() is None
-    assert "SIGSTOP agent of node 1" in nem.events[0]["detail"]
+    assert "SIGSTOP agent of node 1" in nem.events[0].detail
 
 
 def test_end_run_sigconts_a_stopped_agent(tree) -> None:
@@ -80,7 +80,7 @@ def test_an_agent_on_another_host_is_out_of_reach_and_said_so(tree) -> None:
     nem.end_run()
     assert all(p.poll() is None for p in tree)
     assert nem.explain() is None and nem.counts()["kill_agent"] == 0
-    assert "not on this machine" in nem.events[0]["detail"]
+    assert "not on this machine" in nem.events[0].detail
 
 
 def test_agent_faults_pick_another_host_never_the_first() -> None:

@@ -108,7 +108,7 @@ def test_a_host_without_a_proxy_is_out_of_reach_and_said_so() -> None:
     nem.arm([], links={})
     time.sleep(0.2)
     nem.end_run()
-    assert nem.explain() is None and "out of reach" in nem.events[0]["detail"]
+    assert nem.explain() is None and "out of reach" in nem.events[0].detail
 
 
 def test_network_faults_say_what_they_reach_and_need_hosts(tmp_path, capsys) -> None:

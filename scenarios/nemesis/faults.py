@@ -167,9 +167,12 @@ class Nemesis:
 
     def _event(self, kind: str, rank: int, detail: str, hits: int = 1,
                t: float | None = None) -> FaultEvent | None:
-        """Record one fault that fired (None once MAX_EVENTS are kept; it still counts)."""
+        """Record one fault that fired (None once MAX_EVENTS are kept; it still counts). An
+        event with no hits is a note (a fault that could not reach its target): kept, not
+        counted as fired."""
         with self._lock:
-            self.fired[kind] += 1
+            if hits:
+                self.fired[kind] += 1
             if len(self.events) >= MAX_EVENTS:  # a long in-process soak fires ~10^5 windows
                 return None
             ev = FaultEvent(t=self.now() if t is None else round(t, 3), kind=kind, rank=rank,
@@ -463,7 +466,7 @@ class _ProcessActuator(threading.Thread):
         if agent is None:
             if action != "cont":
                 self.nem._event(w.kind, w.rank, f"agent of node {w.rank} is not on this "
-                                                "machine: its processes are out of reach")
+                                                "machine: its processes are out of reach", hits=0)
             return False
         pids = list(agent.pids)
         if action == "stop":
@@ -498,7 +501,7 @@ class _ProcessActuator(threading.Thread):
         if link is None:
             if action != "cont":
                 self.nem._event(w.kind, w.rank, f"no proxy in front of node {w.rank}: "
-                                                "its traffic is out of reach")
+                                                "its traffic is out of reach", hits=0)
             return False
         if action == "stop":
             link.delay_s = w.delay_s
