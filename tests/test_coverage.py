@@ -111,13 +111,15 @@ def _boundary_run(inprocess_executor, strategy, examples: int = 60) -> Coverage:
 
 
 def test_ci_profile_reaches_every_boundary(inprocess_executor) -> None:
-    """Budget: the `ci` profile's 60 derandomized examples of the shaped prefetch workload on
-    1x2 and 2x2 (about 60 s on a loaded 2-core box). Every policy predicate just below, at and
-    just above its threshold, and every storage call kind failing with pages behind it."""
+    """Budget: 120 derandomized examples (the `ci` profile's settings) of the shaped prefetch
+    workload on 1x2 and 2x2, about 15 s. Every policy predicate just below, at and just above
+    its threshold, and every storage call kind failing with pages behind it. (60 missed
+    `deadline: at` once the reference modelled SGLang's prefetch rate limit; 90 missed a get
+    fault: the classes are reachable, the budget is what buys them.)"""
     from scenarios.generate.workload import prefetch_workloads
     from scenarios.judge.coverage import BOUNDARY_CLASSES
 
-    cov = _boundary_run(inprocess_executor, prefetch_workloads(layouts=("1x2", "2x2")))
+    cov = _boundary_run(inprocess_executor, prefetch_workloads(layouts=("1x2", "2x2")), 120)
     assert cov.missing_boundaries() == [], cov.table()
     assert set(cov.counts["boundary"]) <= set(BOUNDARY_CLASSES)
 
