@@ -113,9 +113,8 @@ def _boundary_run(inprocess_executor, strategy, examples: int = 60) -> Coverage:
 def test_ci_profile_reaches_every_boundary(inprocess_executor) -> None:
     """Budget: 120 derandomized examples (the `ci` profile's settings) of the shaped prefetch
     workload on 1x2 and 2x2, about 15 s. Every policy predicate just below, at and just above
-    its threshold, and every storage call kind failing with pages behind it. (60 missed
-    `deadline: at` once the reference modelled SGLang's prefetch rate limit; 90 missed a get
-    fault: the classes are reachable, the budget is what buys them.)"""
+    its threshold, and every storage call kind failing with pages behind it. (At 60 this draw
+    missed `deadline: at`, at 90 a get fault: the classes are reachable, the budget buys them.)"""
     from scenarios.generate.workload import prefetch_workloads
     from scenarios.judge.coverage import BOUNDARY_CLASSES
 
