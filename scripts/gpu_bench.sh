@@ -65,7 +65,7 @@ tests() {
 soak() {
   local tmp=/tmp/gpu-soak
   rm -rf "$tmp"
-  SOAK_TESTS=0 SOAK_DEVICE=cuda SOAK_MINUTES="${SOAK_MINUTES:-2}" SOAK_LAYOUT=2x2 \
+  MUTATION_MINUTES=0 SOAK_TESTS=0 SOAK_DEVICE=cuda SOAK_MINUTES="${SOAK_MINUTES:-2}" SOAK_LAYOUT=2x2 \
     timeout 400 bash scripts/nightly.sh "$tmp" > "$OUT/soak-log.txt" 2>&1
   echo "soak exit $?" | tee -a "$OUT/soak-log.txt"
   cp "$tmp/latest/report.json" "$OUT/soak-report.json" 2>/dev/null
@@ -92,7 +92,7 @@ wide() {
   done
   local tmp=/tmp/wide-soak
   rm -rf "$tmp"
-  SOAK_TESTS=0 SOAK_DEVICE=cuda SOAK_MINUTES="${WIDE_SOAK_MINUTES:-3}" SOAK_LAYOUT=2x4 \
+  MUTATION_MINUTES=0 SOAK_TESTS=0 SOAK_DEVICE=cuda SOAK_MINUTES="${WIDE_SOAK_MINUTES:-3}" SOAK_LAYOUT=2x4 \
     timeout 330 bash scripts/nightly.sh "$tmp" > "$OUT/wide-soak-log.txt" 2>&1
   echo "wide soak exit $?" | tee -a "$OUT/wide-soak-log.txt"
   cp "$tmp/latest/report.json" "$OUT/wide-soak-report.json" 2>/dev/null

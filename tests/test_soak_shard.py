@@ -170,7 +170,7 @@ def test_nightly_script_runs_shards_and_merges_them(tmp_path: Path) -> None:
 
     from tests.subprocess_env import REPO, child_env
 
-    knobs = {"SOAK_MODE": "inprocess", "SOAK_BACKEND": "memory", "SOAK_FAULTS": "slow_rank",
+    knobs = {"MUTATION_MINUTES": "0", "SOAK_MODE": "inprocess", "SOAK_BACKEND": "memory", "SOAK_FAULTS": "slow_rank",
              "SOAK_MINUTES": "0.02", "SOAK_SEED": "5", "SOAK_LAYOUT": "1x2,2x2",
              "PYTHON": sys.executable}
     script = str(REPO / "scripts" / "nightly.sh")
