@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from scenarios.campaigns import matrix
+from scenarios.cli import campaign_args
 from scenarios.core.errors import UsageError
 from scenarios.core.verdict import Verdict
 from scenarios.store import matrix_cells, matrix_table
@@ -121,7 +122,7 @@ def test_table_renders_every_kind_of_cell(tmp_path: Path) -> None:
 
 def _args(tmp_path: Path, **kw: object) -> argparse.Namespace:
     p = argparse.ArgumentParser()
-    matrix.add_matrix_arguments(p)
+    campaign_args.add_matrix_arguments(p)
     a = p.parse_args(["--release", "0.5.11", "--out", str(tmp_path)])
     for k, v in kw.items():
         setattr(a, k, v)
@@ -143,7 +144,7 @@ def test_a_cut_run_keeps_finished_cells_and_resume_redoes_only_the_rest(
 
     monkeypatch.setattr(matrix, "run_cell", cut_at_third)
     with pytest.raises(KeyboardInterrupt):
-        matrix.cmd_matrix(_args(tmp_path))
+        campaign_args.cmd_matrix(_args(tmp_path))
     cells = matrix_cells.load(tmp_path / "cells.json")
     verdicts = {k: c.verdict for k, c in cells.items()}
     assert verdicts == {"0.5.11|on|1x2": "agree", "0.5.11|on|2x2": "agree",
@@ -153,11 +154,11 @@ def test_a_cut_run_keeps_finished_cells_and_resume_redoes_only_the_rest(
     ran.clear()
     monkeypatch.setattr(matrix, "run_cell", lambda ex, v, dp, lay, *a: (
         ran.append((dp, lay)) or _cell(v, dp, lay, generated={"examples": 1})))
-    assert matrix.cmd_matrix(_args(tmp_path, resume=True)) == 0
+    assert campaign_args.cmd_matrix(_args(tmp_path, resume=True)) == 0
     assert ran == [(False, "1x2"), (False, "2x2")]  # the two finished cells are skipped
     assert all(c.verdict == "agree" for c in matrix_cells.load(tmp_path / "cells.json").values())
     ran.clear()
-    matrix.cmd_matrix(_args(tmp_path, resume=False, layout=["2x2"], dp_attention="on"))
+    campaign_args.cmd_matrix(_args(tmp_path, resume=False, layout=["2x2"], dp_attention="on"))
     assert ran == [(True, "2x2")]  # without --resume the named cells are measured again
 
 
@@ -171,7 +172,7 @@ def test_a_broken_cell_is_an_error_cell_not_a_lost_run(tmp_path: Path,
         raise RuntimeError("pool start failed")
 
     monkeypatch.setattr(matrix, "run_cell", boom)
-    matrix.cmd_matrix(_args(tmp_path, layout=["1x2"], dp_attention="on"))
+    campaign_args.cmd_matrix(_args(tmp_path, layout=["1x2"], dp_attention="on"))
     c = matrix_cells.load(tmp_path / "cells.json")["0.5.11|on|1x2"]
     assert c.verdict == "error" and "pool start failed" in (c.error or "")
     assert not matrix_cells.finished(c)  # --resume redoes it

@@ -213,3 +213,22 @@ def test_waits_derive_from_one_timeout_in_one_place() -> None:
 def _subparsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
     subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     return list(subs.choices.values())
+
+
+def test_no_argparse_namespace_travels_below_the_cli() -> None:
+    """argparse lives in scenarios/cli/ (and in a process's own entry point: a module's
+    `main` / `_parse_args` for `python -m`): a campaign, the runner or a SUT takes plain
+    values or a config, never `args`."""
+    offenders = []
+    for path in sorted((REPO / "scenarios").rglob("*.py")):
+        if "cli" in path.relative_to(REPO / "scenarios").parts:
+            continue
+        tree = ast.parse(path.read_text())
+        own_main = {n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)
+                    and n.name in ("main", "_parse_args")}
+        inside_main = {id(x) for f in own_main for x in ast.walk(f)}
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+                    and node.value.id == "argparse" and id(node) not in inside_main):
+                offenders.append(f"{path.relative_to(REPO)}:{node.lineno}: argparse.{node.attr}")
+    assert offenders == []

@@ -11,10 +11,8 @@ compared (the reference logs the MAX pair, SGLang only exposes the boolean).
 
 from __future__ import annotations
 
-import argparse
 from typing import Any
 
-from reference.api import DP_ATTENTION_CHOICES
 from scenarios.core.contract import ExitCode
 from scenarios.core.releases import profile_for
 from scenarios.core.timeouts import SGLANG_AGREEMENT_S
@@ -170,23 +168,27 @@ def _load(name_or_path: str) -> tuple[Any, dict]:
     return load_scenario(name_or_path), {}
 
 
-def cmd_diff(args: argparse.Namespace) -> int:
+def diff_one(scenario: str, *, sut: str | None = None, protocol: str | None = None,
+             layout: str | None = None, dp_attention: bool | None = None,
+             timeout: float = SGLANG_AGREEMENT_S) -> int:
+    """`cpcheck diff`: one Schedule (a catalog name, a file, a differential replay file) on
+    the reference profile of a release and on the release; the exit code of the verdict."""
     from scenarios.core.errors import UsageError
     from scenarios.judge.judging import confirm, run_checked
     from scenarios.sut.sglang.executor import parse_sut
 
-    s, data = _load(args.scenario)
-    if args.layout:
-        s = s.with_(layout=args.layout)
-    if args.dp_attention:
-        s = s.with_(dp_attention=args.dp_attention == "on")
+    s, data = _load(scenario)
+    if layout:
+        s = s.with_(layout=layout)
+    if dp_attention is not None:
+        s = s.with_(dp_attention=dp_attention)
     recorded = data.get("differential") or {}
-    sut = args.sut or (f"sglang=={recorded['release']}" if recorded.get("release") else None)
+    sut = sut or (f"sglang=={recorded['release']}" if recorded.get("release") else None)
     version = parse_sut(sut) if sut else None
     if version is None:
         raise UsageError("diff needs --sut sglang==VERSION (or a differential replay file)")
-    protocol = args.protocol or recorded.get("protocol")
-    with DifferentialExecutor(version, protocol, timeout_s=args.timeout) as ex:
+    protocol = protocol or recorded.get("protocol")
+    with DifferentialExecutor(version, protocol, timeout_s=timeout) as ex:
         _, v = run_checked(ex, s)
         v = confirm(ex, s, v)  # a difference is replayed once before it is reported
     print(v.summary())
@@ -228,16 +230,3 @@ def differential_soak(version: str, layout: str, minutes: float, seed: int, out:
     print(f"AGREE: reference {ex.protocol} vs SGLang {version}: {total} schedules in "
           f"{rounds} rounds (seed {seed})")
     return int(ExitCode.AGREE)
-
-
-def add_diff_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("scenario", help="a catalog name, .toml, or a replay .json")
-    p.add_argument("--sut", default=None, help="sglang==VERSION (default: the release a "
-                   "differential replay file names)")
-    p.add_argument("--protocol", default=None, help="reference profile (default: the one "
-                   "modelling the release)")
-    p.add_argument("--layout")
-    p.add_argument("--dp-attention", choices=DP_ATTENTION_CHOICES, default=None,
-                   help="default: the scenario's")
-    p.add_argument("--timeout", type=float, default=SGLANG_AGREEMENT_S,
-                   help="seconds a rank waits at one agreement (every other wait derives from it)")

@@ -12,16 +12,16 @@ table of docs/sglang-release-matrix.md (`--write` puts it there).
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from scenarios.core.config import CORPUS_DIR, CP_LAYOUTS, REPO_ROOT
+from scenarios.core.config import CORPUS_DIR, REPO_ROOT
 from scenarios.core.contract import ExitCode
 from scenarios.core.errors import CannotJudge
 from scenarios.core.timeouts import SGLANG_AGREEMENT_S
@@ -31,25 +31,6 @@ from scenarios.sut.sglang import envs
 
 CORPUS = CORPUS_DIR
 _REPO = REPO_ROOT
-
-
-def add_matrix_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--release", action="append", help="repeatable (default: 0.5.9 .. 0.5.20)")
-    p.add_argument("--layout", action="append", help="repeatable (default: 1x2 2x2)")
-    p.add_argument("--dp-attention", choices=["on", "off", "both"], default="both")
-    p.add_argument("--examples", type=int, default=30, help="generated schedules per cell")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--timeout", type=float, default=SGLANG_AGREEMENT_S,
-                   help="seconds a rank waits at one agreement (every other wait derives from it)")
-    p.add_argument("--shrink-s", type=float, default=90.0, help="shrinking budget per cell")
-    p.add_argument("--replays", type=int, default=3,
-                   help="replays of each divergence (generated or corpus) to confirm it (k/n)")
-    p.add_argument("--out", default="cpcheck-out/matrix",
-                   help="directory of the cells file (cells.json) and the replay files")
-    p.add_argument("--replay-dir", default="", help="replay files here instead of --out")
-    p.add_argument("--json", default="", help="the cells file (default: OUT/cells.json)")
-    p.add_argument("--resume", action="store_true",
-                   help="skip cells the cells file holds as finished (agree / diverge / flaky)")
 
 
 def corpus_for(layout: str) -> list[Any]:
@@ -161,28 +142,46 @@ def cell_verdict(corpus: CorpusResult, gen: GeneratedResult) -> str:
     return "agree"
 
 
-def cmd_matrix(args: argparse.Namespace) -> int:
+@dataclass(frozen=True)
+class MatrixConfig:
+    """One matrix run, as the command line asked for it (built in scenarios/cli/)."""
+
+    releases: list[str]
+    layouts: list[str]
+    dps: list[bool]
+    cells_file: Path
+    replay_dir: str
+    examples: int = 30
+    seed: int = 0
+    timeout: float = SGLANG_AGREEMENT_S
+    shrink_s: float = 90.0
+    replays: int = 3
+    resume: bool = False
+    command: str = "cpcheck matrix"
+
+
+def default_releases() -> list[str]:
+    return envs.releases_in_range()
+
+
+def run_matrix(cfg: MatrixConfig) -> int:
     from scenarios.sut.sglang.executor import SglangExecutor
 
-    releases = args.release or envs.releases_in_range()
-    layouts = args.layout or list(CP_LAYOUTS)
-    dps = {"on": [True], "off": [False], "both": [True, False]}[args.dp_attention]
-    cells_file = Path(args.json or Path(args.out) / "cells.json")
-    replay_dir = args.replay_dir or args.out
+    cells_file, replay_dir = cfg.cells_file, cfg.replay_dir
     have = matrix_cells.load(cells_file)  # a bad file is a usage error before any work
-    meta = {"command": " ".join(["cpcheck", *sys.argv[1:]]) if sys.argv else "cpcheck matrix",
-            "commit": _commit(), "examples_budget": args.examples, "shrink_budget_s":
-            args.shrink_s, "host_cpus": os.cpu_count()}
+    meta = {"command": cfg.command, "commit": _commit(), "examples_budget": cfg.examples,
+            "shrink_budget_s": cfg.shrink_s, "host_cpus": os.cpu_count()}
+    releases, layouts, dps = cfg.releases, cfg.layouts, cfg.dps
     print(f"cells: {cells_file}", file=sys.stderr)
     for v in releases:
         todo = [(dp, lay) for dp in dps for lay in layouts
-                if not (args.resume and matrix_cells.finished(
+                if not (cfg.resume and matrix_cells.finished(
                     have.get(matrix_cells.cell_key(v, dp, lay))))]
         if not todo:
             print(f"sglang {v}: every cell finished already (--resume)", file=sys.stderr)
             continue
         try:
-            ex = SglangExecutor(v, timeout_s=args.timeout, log=lambda m: print(m, file=sys.stderr))
+            ex = SglangExecutor(v, timeout_s=cfg.timeout, log=lambda m: print(m, file=sys.stderr))
         except CannotJudge as e:
             for dp, lay in todo:
                 matrix_cells.record(cells_file, Cell(
@@ -196,8 +195,8 @@ def cmd_matrix(args: argparse.Namespace) -> int:
                              started_at=_now(), loadavg_start=_loadavg(), **meta)
                 matrix_cells.record(cells_file, start)
                 try:
-                    row = run_cell(ex, v, dp, lay, args.examples, args.seed, replay_dir,
-                                   args.shrink_s, args.replays)
+                    row = run_cell(ex, v, dp, lay, cfg.examples, cfg.seed, replay_dir,
+                                   cfg.shrink_s, cfg.replays)
                 except (KeyboardInterrupt, SystemExit):
                     raise  # the cell stays "running": --resume redoes it
                 except Exception as e:  # one broken cell must not hide the others

@@ -9,7 +9,6 @@ shard ran what, and rerunning shard I with the same definition reruns exactly th
 
 from __future__ import annotations
 
-import argparse
 import random
 import re
 from dataclasses import dataclass
@@ -18,15 +17,6 @@ from scenarios.core.errors import UsageError
 from scenarios.core.layout import Layout
 
 _SHARD_RE = re.compile(r"^\s*(-?\d+)\s*/\s*(-?\d+)\s*$")
-
-
-def add_shard_argument(p: argparse.ArgumentParser) -> None:
-    """`--shard I/N` (checked by `plan_shard`, so a bad one is one line and exit 2)."""
-    p.add_argument("--shard", metavar="I/N", default=None,
-                   help="run part I of N of one nightly: the same --seed and --layout list on "
-                        "every runner, each shard soaks its own derived seed and layout "
-                        "(layout I of the comma list, round robin); `cpcheck report merge` "
-                        "folds the N reports into one")
 
 
 @dataclass(frozen=True)

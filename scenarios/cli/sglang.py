@@ -94,13 +94,11 @@ def add_subcommands(sub: Any, common: Callable[[argparse.ArgumentParser], None],
     d = sub.add_parser("diff", help="one Schedule on the reference profile of a release and "
                        "on that release: the first scheduler decision where they differ",
                        **sub_kw)
-    from scenarios.campaigns.differential import add_diff_arguments
+    from scenarios.cli.campaign_args import add_diff_arguments, add_matrix_arguments
 
     add_diff_arguments(d)
     m = sub.add_parser("matrix", help="release x dp-attention x layout: agree / diverge",
                        **sub_kw)
-    from scenarios.campaigns.matrix import add_matrix_arguments
-
     add_matrix_arguments(m)
 
 
@@ -111,8 +109,7 @@ def add_sut_flags(p: argparse.ArgumentParser) -> None:
 
 
 def handlers() -> dict[str, Callable[[argparse.Namespace], int]]:
-    from scenarios.campaigns.differential import cmd_diff
-    from scenarios.campaigns.matrix import cmd_matrix
+    from scenarios.cli.campaign_args import cmd_diff, cmd_matrix
 
     return {"diff": contract(cmd_diff), "bisect-releases": cmd_bisect_releases, "sglang-envs": cmd_envs,
             "matrix": contract(cmd_matrix)}

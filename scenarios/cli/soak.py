@@ -11,8 +11,9 @@ import sys
 from pathlib import Path
 
 from reference.api import STORAGE_BACKENDS
-from scenarios.campaigns.shard import add_shard_argument, plan_shard
+from scenarios.campaigns.shard import plan_shard
 from scenarios.cli.agent import add_multihost_flags, multihost_options
+from scenarios.cli.campaign_args import add_shard_argument
 from scenarios.cli.conventions import (
     add_output_flags,
     check_device,
