@@ -432,3 +432,16 @@ def test_a_run_the_machine_broke_is_not_judged(monkeypatch: pytest.MonkeyPatch) 
         ValueError("Not enough host memory available. Requesting 0.00 GB"))
     assert not rank_mod._machine_broke(RuntimeError("Not enough host memory available."))
     assert not rank_mod._machine_broke(ValueError("some other failure"))
+
+
+def test_a_cells_diagnosis_keeps_no_path_of_this_machine() -> None:
+    """Cells are committed (docs/sglang-matrix/cells.json): a traceback's paths of this
+    checkout and this Python must not land there (tests/test_self_contained.py fails on them)."""
+    import sys
+
+    from scenarios.core.config import REPO_ROOT
+
+    text = f"at {REPO_ROOT}/scenarios/x.py, {sys.prefix}/lib/python3.11/torch/utils/file_baton.py"
+    out = matrix.portable(text)
+    assert str(REPO_ROOT) not in out and sys.prefix not in out
+    assert out == "at scenarios/x.py, <python>/lib/python3.11/torch/utils/file_baton.py"

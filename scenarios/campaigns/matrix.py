@@ -58,7 +58,7 @@ def run_corpus(ex: Any, version: str, dp: bool, layout: str, replays: int,
         _, v = run_checked(ex, s)
         if v.status == "unknown":  # the pool or the machine broke the run: not judged
             rows.append(CorpusFile(file=name, verdict="error",
-                                   error=(v.diagnosis or "")[:1500]))
+                                   error=portable(v.diagnosis or "")[:1500]))
             continue
         if v.ok:
             rows.append(CorpusFile(file=name, verdict="agree"))
@@ -74,6 +74,15 @@ def run_corpus(ex: Any, version: str, dp: bool, layout: str, replays: int,
             row.replay = str(write_replay(s, v, replay_dir, "torchrun"))
         rows.append(row)
     return rows
+
+
+def portable(text: str) -> str:
+    """A diagnosis as the committed cells file may keep it: no path of this machine (the
+    checkout and the Python prefix become relative / `<python>`)."""
+    for prefix, name in ((str(REPO_ROOT) + "/", ""), (sys.prefix + "/", "<python>/"),
+                         (sys.base_prefix + "/", "<python>/")):
+        text = text.replace(prefix, name)
+    return text
 
 
 def _loadavg() -> list[float]:
@@ -109,7 +118,7 @@ def run_cell(ex: Any, version: str, dp: bool, layout: str, examples: int, seed: 
     h = hunt(ex, for_sut(f"sglang=={version}", (layout,), dp_attention=dp), examples, seed,
              shrink_s=shrink_s, replays=replays)
     gen = GeneratedResult(examples=h.examples, seed=seed, budget=examples,
-                          infra_errors=list(h.infra_errors))
+                          infra_errors=[portable(e) for e in h.infra_errors])
     if h.infra_schedules:
         from scenarios.core.verdict import Verdict
 
@@ -185,7 +194,7 @@ def run_matrix(cfg: MatrixConfig) -> int:
         except CannotJudge as e:
             for dp, lay in todo:
                 matrix_cells.record(cells_file, Cell(
-                    release=v, dp_attention=dp, layout=lay, verdict="cannot", why=e.diagnosis,
+                    release=v, dp_attention=dp, layout=lay, verdict="cannot", why=portable(e.diagnosis),
                     finished_at=_now(), **meta))
             print(f"sglang {v}: cannot run here: {e.diagnosis}", flush=True)
             continue
@@ -201,7 +210,7 @@ def run_matrix(cfg: MatrixConfig) -> int:
                     raise  # the cell stays "running": --resume redoes it
                 except Exception as e:  # one broken cell must not hide the others
                     row = Cell(release=v, dp_attention=dp, layout=lay, verdict="error",
-                               error=f"{type(e).__name__}: {str(e)[:300]}")
+                               error=portable(f"{type(e).__name__}: {str(e)[:300]}"))
                 row = start.model_copy(update={
                     **{k: getattr(row, k) for k in row.model_fields_set},
                     "finished_at": _now(), "loadavg_end": _loadavg()})
