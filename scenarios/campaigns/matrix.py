@@ -79,8 +79,8 @@ def run_corpus(ex: Any, version: str, dp: bool, layout: str, replays: int,
 def portable(text: str) -> str:
     """A diagnosis as the committed cells file may keep it: no path of this machine (the
     checkout and the Python prefix become relative / `<python>`)."""
-    for prefix, name in ((str(REPO_ROOT) + "/", ""), (sys.prefix + "/", "<python>/"),
-                         (sys.base_prefix + "/", "<python>/")):
+    for prefix, name in ((sys.prefix + "/", "<python>/"), (sys.base_prefix + "/", "<python>/"),
+                         (str(REPO_ROOT) + "/", "")):
         text = text.replace(prefix, name)
     return text
 
