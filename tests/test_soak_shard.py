@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -163,28 +164,46 @@ def test_timelines_interleave_on_one_clock_with_sums_over_shards() -> None:
         (1.0, 1, 1, 10), (2.0, 2, 2, 110), (3.0, 1, 3, 120), (4.0, 2, 4, 220), (5.0, 2, 5, 320)]
 
 
+def _run_group(cmd: list[str], env: dict, timeout: float = 120) -> Any:
+    """Run a script in its own process group and kill the whole group on the way out: a
+    timeout must not leave the script's children running (an orphaned nightly step ran on
+    for an hour once)."""
+    import os
+    import signal
+    import subprocess
+
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=timeout)
+        return subprocess.CompletedProcess(cmd, p.returncode, out, err)
+    finally:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        p.wait()
+
+
 def test_nightly_script_runs_shards_and_merges_them(tmp_path: Path) -> None:
     """scripts/nightly.sh as the workflow runs it: SOAK_SHARD=I/N per runner, then `merge`."""
-    import subprocess
     import sys
 
     from tests.subprocess_env import REPO, child_env
 
-    knobs = {"MUTATION_MINUTES": "0", "SOAK_MODE": "inprocess", "SOAK_BACKEND": "memory", "SOAK_FAULTS": "slow_rank",
-             "SOAK_MINUTES": "0.02", "SOAK_SEED": "5", "SOAK_LAYOUT": "1x2,2x2",
+    knobs = {"MUTATION_MINUTES": "0", "SOAK_MODE": "inprocess", "SOAK_BACKEND": "memory",
+             "SOAK_FAULTS": "slow_rank", "SOAK_MINUTES": "0.02", "SOAK_SEED": "5", "SOAK_LAYOUT": "1x2,2x2",
              "PYTHON": sys.executable}
     script = str(REPO / "scripts" / "nightly.sh")
     for i in (1, 2):
         env = child_env(**knobs, SOAK_SHARD=f"{i}/2", SOAK_TESTS="0")
-        r = subprocess.run(["bash", script, str(tmp_path / f"s{i}")], env=env,
-                           capture_output=True, text=True, timeout=120)
+        r = _run_group(["bash", script, str(tmp_path / f"s{i}")], env)
         assert r.returncode == 0, r.stderr[-2000:]
     reps = [_report(tmp_path / f"s{i}") for i in (1, 2)]
     assert [r["shard"]["shard"] for r in reps] == ["1/2", "2/2"]
     assert [r["layout"] for r in reps] == ["1x2", "2x2"]
-    r = subprocess.run(["bash", script, "merge", str(tmp_path / "m"), str(tmp_path / "s1"),
-                        str(tmp_path / "s2")], env=child_env(PYTHON=sys.executable),
-                       capture_output=True, text=True, timeout=120)
+    r = _run_group(["bash", script, "merge", str(tmp_path / "m"), str(tmp_path / "s1"),
+                    str(tmp_path / "s2")], child_env(PYTHON=sys.executable))
     assert r.returncode == 0, r.stderr[-2000:]
     m = _report(tmp_path / "m")
     assert m["runs"] == sum(x["runs"] for x in reps)
