@@ -15,7 +15,14 @@ from typing import Any
 import pytest
 
 from scenarios.client.residency import page_residency
-from scenarios.core.records import Decision, Eviction, Outcome, RankResult, StorageCall
+from scenarios.core.records import (
+    Decision,
+    Eviction,
+    Outcome,
+    RankResult,
+    Snapshot,
+    StorageCall,
+)
 from scenarios.judge.differential import KNOWN_DIFFERENCES, compare, differential_verdict
 from tests.sglang_envs import need
 
@@ -31,9 +38,9 @@ def _rank(rank: int = 0, **kw: Any) -> RankResult:
         evictions=(Eviction("evict_device", False, ("aa:-H", "bb:DH")),),
         storage=(StorageCall("exists", ("rabcdef0123_h1_0_k",)),
                  StorageCall("set", ("rabcdef0123_h1_0_k", "rabcdef0123_h1_0_v"))),
-        snapshot={"device_used": 8, "host_used": 16, "tree_device_tokens": 8,
-                  "tree_host_tokens": 16, "in_flight": {"write_acks": 0, "load_acks": 0,
-                                                        "prefetches": 0, "backups": 0}},
+        snapshot=Snapshot(device_used=8, host_used=16, tree_device_tokens=8,
+                          tree_host_tokens=16, in_flight={"write_acks": 0, "load_acks": 0,
+                                                          "prefetches": 0, "backups": 0}),
     )
     return RankResult(rank=rank, **{**base, **kw})
 
@@ -42,10 +49,10 @@ def _sglang_side(**kw: Any) -> RankResult:
     """The same run as SGLang reports it: its own key spelling, in-flight names, extra notes."""
     r = _rank(storage=(StorageCall("exists", ("h1_0_k", "h1_0_v", "h2_0_k")),
                        StorageCall("set", ("h1_0_k", "h1_0_v"))),
-              snapshot={"device_used": 8, "host_used": 16, "tree_device_tokens": 8,
-                        "tree_host_tokens": 16, "cache_class": "HiRadixCache",
-                        "in_flight": {"write_through": 0, "load_back": 0, "prefetch": 0,
-                                      "backup": 0}})
+              snapshot=Snapshot(device_used=8, host_used=16, tree_device_tokens=8,
+                                tree_host_tokens=16, cache_class="HiRadixCache",
+                                in_flight={"write_through": 0, "load_back": 0, "prefetch": 0,
+                                           "backup": 0}))
     return dataclasses.replace(r, **kw)
 
 
@@ -77,8 +84,8 @@ def test_the_same_run_on_both_sides_agrees() -> None:
      "diff-keys"),
     ({"storage": (StorageCall("exists", ("h7_0_k",)),
                   StorageCall("set", ("h1_0_k", "h1_0_v")))}, "diff-keys"),
-    ({"snapshot": {"device_used": 8, "host_used": 20, "tree_device_tokens": 8,
-                   "tree_host_tokens": 16, "in_flight": {}}}, "diff-slots"),
+    ({"snapshot": Snapshot(device_used=8, host_used=20, tree_device_tokens=8,
+                           tree_host_tokens=16)}, "diff-slots"),
 ])
 def test_each_quantity_fires(change: dict, invariant: str) -> None:
     """A difference in one quantity on SGLang's side is named by that quantity's invariant."""

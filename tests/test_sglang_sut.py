@@ -250,7 +250,8 @@ def test_replay_exit_codes(executors, capsys, monkeypatch) -> None:
     d = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     # a release's divergence is replayed before it is reported, as the reference's is
     assert d["status"] == "diverge" and d["confirmed_by_replay"] is True
-    assert main(["replay", f, "--sut", "sglang==0.5.21"]) == 125
+    # 0.5.21 answered 125 here while its Rust tree core could not be seen; it is judged now
+    # (test_sglang_today.py), and an unknown release is bad input:
     assert main(["replay", f, "--sut", "sglang==0.5.99"]) == 2
 
 

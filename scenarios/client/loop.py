@@ -87,7 +87,7 @@ def run_rank(sut: SutRank, ops: list[Any], *, gated: bool, free_run_s: float = 0
             if op.kind.startswith("evict"):  # coverage: with IO in flight; differential: order
                 residency = getattr(sut, "residency", None)
                 out.evictions.append(Eviction(op.kind, busy,
-                                              residency() if residency is not None else ()))
+                                              residency() if residency is not None else None))
             out.ops_done += 1
             # the model's forward pass keeps ranks in lockstep per scheduler step in production
             # (its TP/CP collectives); without it a variant that drops the cache's own syncs

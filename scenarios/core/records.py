@@ -156,8 +156,8 @@ class Eviction:
     kind: str  # "evict_device" | "evict_host"
     busy: bool  # IO or requests in flight when it ran
     #: the pages resident after it ran, "HASH:DH" per page (client/residency.py), sorted;
-    #: empty where the SUT does not report it. Differential mode compares these.
-    resident: tuple[str, ...] = ()
+    #: None where the SUT cannot report it. Differential mode compares these.
+    resident: tuple[str, ...] | None = None
 
 
 @_compact
@@ -315,7 +315,8 @@ class RankResult:
             effects={ch: effects(ch, v) for ch, v in d.get("effects", {}).items()},
             actions=tuple(Action(a["kind"], a["rid"], tuple(a["values"])) if isinstance(a, dict)
                           else Action(a[0], a[1], tuple(a[2])) for a in d.get("actions", ())),
-            evictions=tuple(Eviction(**{**e, "resident": tuple(e.get("resident", ()))})
+            evictions=tuple(Eviction(**{**e, "resident": None if e.get("resident") is None
+                                            else tuple(e["resident"])})
                             if isinstance(e, dict) else Eviction(e[0], bool(e[1]))
                             for e in d.get("evictions", ())),
             digests=tuple(d.get("digests", ())),

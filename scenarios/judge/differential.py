@@ -132,6 +132,8 @@ def _outcomes(a: RankResult, b: RankResult) -> Finding | None:
 
 def _evictions(a: RankResult, b: RankResult) -> Finding | None:
     for i, (u, v) in enumerate(zip(a.evictions, b.evictions, strict=False)):
+        if u.resident is None or v.resident is None:
+            continue  # a side that cannot see its pages (0.5.21+'s Rust tree core)
         if u.resident != v.resident:
             only_ref = sorted(set(u.resident) - set(v.resident))[:4]
             only_sgl = sorted(set(v.resident) - set(u.resident))[:4]
@@ -178,8 +180,8 @@ def _keys(a: RankResult, b: RankResult) -> Finding | None:
 
 def slot_view(r: RankResult) -> dict[str, Any]:
     snap = r.snapshot
-    view = {k: snap.get(k) for k in _SLOTS}
-    flight = snap.get("in_flight") or {}
+    view = {k: getattr(snap, k, None) for k in _SLOTS}
+    flight = snap.in_flight if snap is not None else {}
     for ref_name, sgl_name in _IN_FLIGHT:
         view[f"in flight {ref_name}"] = flight.get(ref_name, flight.get(sgl_name))
     return view

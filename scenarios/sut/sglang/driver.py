@@ -334,10 +334,14 @@ class Driver:
     def digest(self) -> str:
         return self.view.digest()
 
-    def residency(self) -> tuple[str, ...]:
-        """The pages on device and host, as the reference reports them (differential mode)."""
+    def residency(self) -> tuple[str, ...] | None:
+        """The pages on device and host, as the reference reports them (differential mode);
+        () where the tree cannot be walked (0.5.21+'s Rust tree core: its KV cache events name
+        pages by hash, not by tokens): None, eviction order is not observable there."""
         from scenarios.client.residency import page_residency
 
+        if not tree_view.walkable(self.cache):
+            return None
         rows, stack = [], [(self.cache.root_node, ())]
         while stack:
             n, prefix = stack.pop()

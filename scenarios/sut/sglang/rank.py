@@ -320,7 +320,7 @@ class SglangRank:
     def step(self) -> None:
         self.driver.step()
 
-    def residency(self) -> tuple[str, ...]:
+    def residency(self) -> tuple[str, ...] | None:
         return self.driver.residency()
 
     def busy(self) -> bool:
