@@ -267,6 +267,13 @@ class Nemesis:
         with self._lock:
             self.injected[kind] += 1
 
+    def _note_kill(self, who: int, note: str) -> None:
+        """Remember that this run broke by our doing (`explain` says so): `who` is the rank, or
+        -1 - node for a whole agent."""
+        with self._lock:
+            self._killed.add(who)
+            self._kill_note = note
+
     def _windows(self, rank: int) -> list[Window]:
         t = time.monotonic() - self._t0
         with self._lock:
@@ -293,10 +300,8 @@ class Nemesis:
         delay = 0.0
         for w in self._windows(rank):
             if w.kind == "kill_rank":
-                with self._lock:
-                    self.injected["kill_rank"] += 1
-                    self._killed.add(rank)
-                    self._kill_note = f"nemesis killed rank {rank} at its {stream} IO"
+                self._count("kill_rank")
+                self._note_kill(rank, f"nemesis killed rank {rank} at its {stream} IO")
                 self._event("kill_rank", rank, f"killed at its {stream} IO")
                 raise RankKilled(f"nemesis killed rank {rank} at its {stream} IO")
             if w.kind in ("slow_rank", "storage_latency"):
@@ -450,10 +455,8 @@ class _ProcessActuator(threading.Thread):
                 self.nem._do_restart()
             elif action == "kill_rank" and pid is not None:
                 self._cont_all()
-                with self.nem._lock:
-                    self.nem._killed.add(w.rank)
-                    self.nem._kill_note = (f"nemesis SIGKILLed rank {w.rank} (pid {pid}) "
-                                           f"{at:.3f} s into the run")
+                self.nem._note_kill(w.rank, f"nemesis SIGKILLed rank {w.rank} (pid {pid}) "
+                                            f"{at:.3f} s into the run")
                 if _signal(pid, signal.SIGKILL):
                     self.nem._count("kill_rank")
                     self.nem._event("kill_rank", w.rank, f"SIGKILL pid {pid}")
@@ -483,10 +486,9 @@ class _ProcessActuator(threading.Thread):
                     self._stopped.discard(p)
         else:  # kill_agent
             self._cont_all()
+            self.nem._note_kill(-1 - w.rank, f"nemesis SIGKILLed the agent of node {w.rank} "
+                                             f"(pids {pids}) {at:.3f} s into the run")
             with self.nem._lock:
-                self.nem._killed.add(-1 - w.rank)
-                self.nem._kill_note = (f"nemesis SIGKILLed the agent of node {w.rank} "
-                                       f"(pids {pids}) {at:.3f} s into the run")
                 self.nem.killed_agents.append(agent)
             if [p for p in pids if _signal(p, signal.SIGKILL)]:
                 self.nem._count("kill_agent")
@@ -515,10 +517,8 @@ class _ProcessActuator(threading.Thread):
             self._slowed.discard(w.rank)
         else:  # net_drop
             self._cont_all()
-            with self.nem._lock:
-                self.nem._killed.add(-1 - w.rank)
-                self.nem._kill_note = (f"nemesis dropped the connections of the agent of node "
-                                       f"{w.rank} {at:.3f} s into the run")
+            self.nem._note_kill(-1 - w.rank, f"nemesis dropped the connections of the agent of "
+                                             f"node {w.rank} {at:.3f} s into the run")
             n = link.drop()
             self.nem._count("net_drop")
             self.nem._event("net_drop", w.rank, f"dropped {n} connection(s) of node {w.rank}")
