@@ -96,15 +96,21 @@ class CollectiveLog:
             self.order[group].append(self._count)
             self._count += 1
             self.pending[thread] = (call, group)
+        # the error names the call's kind only: its shape and site are in the pending call
+        with self.typed_errors(f"{call.op.split()[0]} over {group}"):
+            yield
+        with self._lock:
+            self.pending.pop(thread, None)
+
+    @contextmanager
+    def typed_errors(self, what: str) -> Iterator[None]:
+        """A bare RuntimeError of the body (gloo's) becomes CollectiveError naming `what`."""
         try:
             yield
         except RuntimeError as e:
             if self._typed_errors and type(e) is RuntimeError:
-                # the call's kind only: its shape and site are in the pending call it leaves
-                raise CollectiveError(f"{call.op.split()[0]} over {group}: {e}") from e
+                raise CollectiveError(f"{what}: {e}") from e
             raise
-        with self._lock:
-            self.pending.pop(thread, None)
 
     # -- the records, at the end of a run --------------------------------------------------
     def call_records(self) -> dict[str, tuple[records.CollectiveCall, ...]]:
@@ -119,12 +125,8 @@ class CollectiveLog:
 
 
 class RecordingCollectives:
-    """Wraps a Collectives; logs every call before making it, so a hang shows the pending call.
-
-    A call is logged as a tuple (records.CollectiveCall's fields); `call_records()` builds the
-    records at the end. torch.distributed reports a failed collective (gloo timeout, peer gone)
-    as a bare RuntimeError: here, where the call is known, it becomes CollectiveError.
-    """
+    """Wraps a Collectives; logs every call in a CollectiveLog before making it, so a hang
+    shows the pending call and a failed torch collective becomes a CollectiveError naming it."""
 
     def __init__(self, inner: Any) -> None:
         self.inner = inner
@@ -135,12 +137,8 @@ class RecordingCollectives:
         self.pending_text = self.calls.pending_text
 
     def new_groups(self, rank_sets: Sequence[tuple[int, ...]], tag: str) -> list[Any]:
-        try:
+        with self.calls.typed_errors(f"new_groups over {tag}"):
             handles = self.inner.new_groups(rank_sets, tag)
-        except RuntimeError as e:
-            if self.calls._typed_errors and type(e) is RuntimeError:
-                raise CollectiveError(f"new_groups over {tag}: {e}") from e
-            raise
         return [(f"{tag}{list(r)}", h) for r, h in zip(rank_sets, handles, strict=True)]
 
     def all_reduce(self, tensor: torch.Tensor, op: str, group: Any) -> None:
