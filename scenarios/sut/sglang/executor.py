@@ -68,7 +68,6 @@ class SglangExecutor:
         #: (the environment variable CPCHECK_SGLANG_CACHE_CLASS sets it for the command line)
         self.cache_class = cache_class or os.environ.get(CACHE_CLASS_ENV) or "server"
         self.timeout_s = timeout_s
-        self.log = log
         #: SGLang's own rank-consensus checker on in the workers (consensus.py), per run
         #: (SGLANG_ENABLE_RANK_CONSENSUS_CHECKER=1 in cpcheck's environment turns it on too)
         self.consensus_checker = consensus_checker or consensus.enabled()
@@ -94,10 +93,9 @@ class SglangExecutor:
         key = layout  # DP attention is per run: the parallel state is the same either way
         pool = self._pools.get(key)
         if pool is None or not pool.running:
-            for lock in envs.clear_stale_compile_locks(self.version):
-                self.log(f"removed a compile lock a killed process left: {lock}",
-                         file=sys.stderr) if self.log is print else self.log(
-                    f"removed a compile lock a killed process left: {lock}")
+            for lock in envs.clear_stale_compile_locks(self.version):  # stderr: not --json's
+                print(f"cpcheck: removed a compile lock a killed process left: {lock}",
+                      file=sys.stderr)
             pp = os.pathsep.join([str(_REPO), *worker_path(self.tree, self.version)]
                                  + ([os.environ["PYTHONPATH"]]
                                     if os.environ.get("PYTHONPATH") else []))
