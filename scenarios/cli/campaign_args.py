@@ -6,10 +6,14 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from reference.api import DP_ATTENTION_CHOICES
 from scenarios.core.config import CP_LAYOUTS
 from scenarios.core.timeouts import SGLANG_AGREEMENT_S
+
+if TYPE_CHECKING:  # the campaign imports SGLang helpers: only when a matrix runs
+    from scenarios.campaigns.matrix import MatrixConfig
 
 
 def add_diff_arguments(p: argparse.ArgumentParser) -> None:
@@ -52,7 +56,7 @@ def add_matrix_arguments(p: argparse.ArgumentParser) -> None:
                    help="skip cells the cells file holds as finished (agree / diverge / flaky)")
 
 
-def matrix_config(args: argparse.Namespace) -> object:
+def matrix_config(args: argparse.Namespace) -> MatrixConfig:
     from scenarios.campaigns.matrix import MatrixConfig, default_releases
 
     return MatrixConfig(
@@ -67,7 +71,7 @@ def matrix_config(args: argparse.Namespace) -> object:
 def cmd_matrix(args: argparse.Namespace) -> int:
     from scenarios.campaigns.matrix import run_matrix
 
-    return run_matrix(matrix_config(args))  # type: ignore[arg-type]
+    return run_matrix(matrix_config(args))
 
 
 def add_shard_argument(p: argparse.ArgumentParser) -> None:
