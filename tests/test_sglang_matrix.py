@@ -445,3 +445,30 @@ def test_a_cells_diagnosis_keeps_no_path_of_this_machine() -> None:
     out = matrix.portable(text)
     assert str(REPO_ROOT) not in out and sys.prefix not in out
     assert out == "at scenarios/x.py, <python>/lib/python3.11/torch/utils/file_baton.py"
+
+
+def test_a_cell_records_the_class_the_ranks_built(monkeypatch: pytest.MonkeyPatch,
+                                                  tmp_path: Path) -> None:
+    """The class comes from the ranks' own snapshots (the warm-up run), not from a table."""
+    import types
+
+    import scenarios.campaigns.explore as explore
+    from scenarios.core.records import RankResult, Snapshot
+    from scenarios.sut.sglang.executor import built_class
+
+    def ranks(*classes: str) -> list[RankResult]:
+        return [RankResult(rank=i, snapshot=Snapshot(cache_class=c)) for i, c in enumerate(classes)]
+
+    assert built_class(ranks("UnifiedRadixCache", "UnifiedRadixCache")) == "UnifiedRadixCache"
+    assert built_class(ranks("HiRadixCache", "UnifiedRadixCache")) == \
+        "HiRadixCache/UnifiedRadixCache"  # ranks that built different classes say so
+    assert built_class([RankResult(rank=0)]) == ""  # a failed rank has no snapshot
+
+    monkeypatch.setattr(matrix, "run_corpus", lambda *a, **k: [])
+    monkeypatch.setattr(explore, "hunt", lambda *a, **k: types.SimpleNamespace(
+        examples=1, infra_errors=[], infra_schedules=[], found=None, verdict=None))
+    ex = types.SimpleNamespace(built_class="UnifiedRadixCache")
+    cell = matrix.run_cell(ex, "0.5.23", True, "1x2", 1, 0, str(tmp_path))
+    assert cell.cache_class == "UnifiedRadixCache"
+    assert "UnifiedRadixCache" in matrix_table.details({cell.key: cell})
+    assert Cell.model_validate(cell.to_json()).cache_class == "UnifiedRadixCache"

@@ -136,6 +136,7 @@ def run_cell(ex: Any, version: str, dp: bool, layout: str, examples: int, seed: 
             replay=str(write_replay(h.found, v, replay_dir, "torchrun"))))
     return Cell(release=version, dp_attention=dp, layout=layout,
                 verdict=cell_verdict(corpus, gen), corpus=corpus, generated=gen,
+                cache_class=getattr(ex, "built_class", "") or None,
                 seconds=round(time.monotonic() - t0, 1))
 
 

@@ -116,6 +116,8 @@ class Cell(_Part):
     dp_attention: bool | None = None
     layout: str | None = None
     verdict: CellVerdict
+    #: the cache class the release's ranks built for this cell (what its server builds)
+    cache_class: str | None = None
     why: str | None = None
     error: str | None = None
     legacy: bool = False

@@ -100,14 +100,15 @@ def render(cells: dict[str, Cell], releases: list[str] | None = None) -> str:
 
 def details(cells: dict[str, Cell]) -> str:
     """Per cell: when, how long, the load, the command and the replay file."""
-    lines = ["| cell | finished | s | load (start, end) | generated | replay | command |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| cell | class | finished | s | load (start, end) | generated | replay | command |",
+             "|---|---|---|---|---|---|---|---|"]
     for k in sorted(cells, key=matrix_cells.order):
         c = cells[k]
         gen = c.generated or GeneratedResult()
         load = f"{(c.loadavg_start or ['?'])[0]}, {(c.loadavg_end or ['?'])[0]}"
         replay = (gen.replay or "").rsplit("/", 1)[-1]
-        lines.append(f"| {k} | {c.finished_at or ''} | {_or_blank(c.seconds)} | {load} | "
+        lines.append(f"| {k} | {c.cache_class or ''} | {c.finished_at or ''} | "
+                     f"{_or_blank(c.seconds)} | {load} | "
                      f"{gen.examples if c.generated else ''} (seed {_or_blank(gen.seed)}) | "
                      f"{replay} | `{c.command or ''}` |")
     return "\n".join(lines)

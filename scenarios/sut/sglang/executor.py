@@ -67,6 +67,9 @@ class SglangExecutor:
         #: that class, where the release still defines it but its server no longer builds it
         #: (the environment variable CPCHECK_SGLANG_CACHE_CLASS sets it for the command line)
         self.cache_class = cache_class or os.environ.get(CACHE_CLASS_ENV) or "server"
+        #: the class the ranks actually built, as the warm-up run's snapshots name it ("" until
+        #: a pool has started): the matrix records it per cell
+        self.built_class = ""
         self.timeout_s = timeout_s
         #: SGLang's own rank-consensus checker on in the workers (consensus.py), per run
         #: (SGLANG_ENABLE_RANK_CONSENSUS_CHECKER=1 in cpcheck's environment turns it on too)
@@ -117,12 +120,13 @@ class SglangExecutor:
 
             warm = Schedule(layout=layout, sut=self.sut, ops=[Op(kind="step")])
             try:
-                pool.run(JOB, self._payload(warm, dp_attention),
-                         timeout_s=Timeouts(self.timeout_s).sglang_setup_s)
+                warmed = pool.run(JOB, self._payload(warm, dp_attention),
+                                  timeout_s=Timeouts(self.timeout_s).sglang_setup_s)
             except RankJobError as e:  # the harness could not set SGLang up: say why
                 drop_pool(self._pools, key)
                 raise SglangSetupFailed(self.tree.label() if self.tree else self.version,
                                         e) from e
+            self.built_class = built_class(warmed) or self.built_class
         return pool
 
     def _payload(self, s: Any, dp: bool) -> dict:
@@ -232,13 +236,22 @@ def verdict_of(s: Any, results: list, dp_attention: bool) -> Verdict:
     if broke:
         return Verdict.unknown(broke)
     v = annotate(checker.check(s, results), dp_attention, s.backend)
-    classes = sorted({r.snapshot.cache_class for r in results
-                      if r.snapshot is not None and r.snapshot.cache_class})
+    classes = _classes(results)
     if classes:  # the class the run drove (server_cache.py): in the verdict, --json, replays
         v.stats["cache_class"] = classes[0] if len(classes) == 1 else classes
         if v.message:
             v.message += f" ({'/'.join(classes)})"
     return v
+
+
+def _classes(results: list[Any]) -> list[str]:
+    return sorted({r.snapshot.cache_class for r in results
+                   if r.snapshot is not None and r.snapshot.cache_class})
+
+
+def built_class(results: list[Any]) -> str:
+    """The cache class every rank of a run built ("A/B" if ranks differ, "" if none said)."""
+    return "/".join(_classes(results))
 
 
 #: key findings that are SGLang's documented behaviour without DP attention: CP peers carry
