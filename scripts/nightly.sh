@@ -3,7 +3,10 @@
 #   1. the soak-marked tests (long Hypothesis searches, soak replays);
 #   2. a torchrun soak over a real Mooncake master with every fault on, a fresh seed each night
 #      (printed and in report.json; SOAK_SEED pins it);
-#   3. the mutation score of the fast detectors over reference/ (cosmic-ray, the `mutation`
+#   3. the release matrix of the newest SGLang on the package index next to the newest one
+#      the committed matrix judged (`matrix --release newest --release newest-judged`); its
+#      table is reported, a divergence in it is not the nightly's exit (a harness error is);
+#   4. the mutation score of the fast detectors over reference/ (cosmic-ray, the `mutation`
 #      extra): docs/measurements/mutation-score.md regenerated, copied to $1 (MUTATION_MINUTES
 #      per target, 60; 0 skips it; MUTATION_DIFF=VERSION adds the catalog's diff on that
 #      built release to the kill command). Its result is reported, never the nightly's exit.
@@ -15,7 +18,8 @@
 #   SOAK_BACKEND (mooncake) SOAK_MODE (torchrun) SOAK_DEVICE (auto: CUDA where present, one
 #   GPU per rank) SOAK_FAULTS (all five) SOAK_SEED (unset: random) SOAK_TESTS (1; 0 skips
 #   step 1) SOAK_DIFF (1; 0 skips the differential exploration, which runs with the soak
-#   tests) SOAK_DIFF_EXAMPLES (100) SOAK_SHARD (unset; I/N: this runner soaks part I of N, its own seed and layout
+#   tests) SOAK_DIFF_EXAMPLES (100) SOAK_NEWEST (1; 0 skips the newest-release matrix, which
+#   runs with the soak tests) SOAK_NEWEST_EXAMPLES (25) SOAK_SHARD (unset; I/N: this runner soaks part I of N, its own seed and layout
 #   derived from SOAK_SEED and SOAK_LAYOUT, which every shard must share; the soak tests run
 #   on shard 1 only) PYTHON (python3)
 # A nightly spread over runners: each runs `SOAK_SHARD=I/N nightly.sh shard-I`, then
@@ -68,6 +72,22 @@ if [ "${SOAK_TESTS:-1}" = "1" ] && [ "${SOAK_DIFF:-1}" = "1" ]; then
   done
 fi
 
+# the newest release on the package index next to the newest one the committed matrix judged
+# (shard 1): a release the adapters have never seen gets a run (125 only naming a missing seam),
+# and a change between the two rows is the news; table in $out/newest.md, replays in $out/newest
+newest_rc=0
+if [ "${SOAK_TESTS:-1}" = "1" ] && [ "${SOAK_NEWEST:-1}" = "1" ]; then
+  "$py" -m scenarios.sut.sglang.envs --newest > "$out/newest-env.log" 2>&1
+  echo "nightly: building the newest release: exit $? (see $out/newest-env.log)" >&2
+  "$py" -m scenarios.cli matrix --release newest --release newest-judged --layout 1x2 \
+    --layout 2x2 --dp-attention both --examples "${SOAK_NEWEST_EXAMPLES:-25}" \
+    --out "$out/newest" > "$out/newest.log" 2>&1
+  newest_rc=$?
+  "$py" -m scenarios.store.matrix_table "$out/newest/cells.json" --details > "$out/newest.md"
+  cat "$out/newest.md" >&2
+  echo "nightly: newest release vs newest judged: exit $newest_rc (see $out/newest.log)" >&2
+fi
+
 seed_args=()
 [ -n "${SOAK_SEED:-}" ] && seed_args=(--seed "$SOAK_SEED")
 "$py" -m scenarios.cli soak \
@@ -90,7 +110,9 @@ if [ "${MUTATION_MINUTES:-60}" != "0" ] && [ "${shard%%/*}" = "1" ]; then
     && cp docs/measurements/mutation-score.md docs/measurements/mutation-results.json "$out/"
   echo "nightly: mutation run exit $? (see $out/mutation.log)" >&2
 fi
-echo "nightly: soak exit $soak_rc, soak tests exit $tests_rc, differential exit $diff_rc; output in $out" >&2
+echo "nightly: soak exit $soak_rc, soak tests exit $tests_rc, differential exit $diff_rc," \
+  "newest exit $newest_rc; output in $out" >&2
 if [ "$soak_rc" != 0 ]; then exit "$soak_rc"; fi
 if [ "$tests_rc" != 0 ]; then exit "$tests_rc"; fi
-exit "$diff_rc"
+if [ "$diff_rc" != 0 ]; then exit "$diff_rc"; fi
+exit "$newest_rc"

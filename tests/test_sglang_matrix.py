@@ -472,3 +472,29 @@ def test_a_cell_records_the_class_the_ranks_built(monkeypatch: pytest.MonkeyPatc
     assert cell.cache_class == "UnifiedRadixCache"
     assert "UnifiedRadixCache" in matrix_table.details({cell.key: cell})
     assert Cell.model_validate(cell.to_json()).cache_class == "UnifiedRadixCache"
+
+
+def test_newest_and_newest_judged_resolve_for_the_nightly(monkeypatch: pytest.MonkeyPatch,
+                                                          tmp_path: Path) -> None:
+    from scenarios.sut.sglang import envs
+
+    cells = {c.key: c for c in (_cell("0.5.22", True, "1x2", "diverge"),
+                                _cell("0.5.24", True, "1x2", "cannot"),
+                                _cell("0.5.9", True, "1x2", "agree"),
+                                _cell("0.5.23", False, "2x2", "error"))}
+    # "cannot" and "error" judged nothing; 0.5.22 > 0.5.9 numerically, not as text
+    assert matrix_cells.newest_judged(cells) == "0.5.22"
+    assert matrix_cells.newest_judged({}) is None
+    committed = matrix_cells.newest_judged(matrix_cells.load(matrix_cells.COMMITTED))
+    assert committed is not None  # the committed matrix has judged releases
+
+    monkeypatch.setattr(envs, "newest_release", lambda: "0.5.24")
+    assert campaign_args.resolve_releases(["newest", "newest-judged", "0.5.24"]) == \
+        ["0.5.24", committed]  # named twice, run once
+    with pytest.raises(UsageError, match="not a release number"):
+        campaign_args.resolve_releases(["latest"])
+    path = tmp_path / "cells.json"
+    matrix_cells.save(path, {})
+    monkeypatch.setattr(matrix_cells, "COMMITTED", path)
+    with pytest.raises(UsageError, match="no judged cell"):
+        campaign_args.resolve_releases(["newest-judged"])

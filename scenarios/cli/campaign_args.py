@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING
 
 from reference.api import DP_ATTENTION_CHOICES
 from scenarios.core.config import CP_LAYOUTS
+from scenarios.core.errors import UsageError
+from scenarios.core.releases import release_tuple
 from scenarios.core.timeouts import SGLANG_AGREEMENT_S
 
 if TYPE_CHECKING:  # the campaign imports SGLang helpers: only when a matrix runs
@@ -38,7 +40,10 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
 
 def add_matrix_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--release", action="append", help="repeatable (default: 0.5.9 .. 0.5.20)")
+    p.add_argument("--release", action="append",
+                   help="repeatable (default: every release from 0.5.9 on the package index); "
+                        "'newest': the newest on the index, 'newest-judged': the newest the "
+                        "committed matrix judged (the nightly runs the two side by side)")
     p.add_argument("--layout", action="append", help="repeatable (default: 1x2 2x2)")
     p.add_argument("--dp-attention", choices=["on", "off", "both"], default="both")
     p.add_argument("--examples", type=int, default=30, help="generated schedules per cell")
@@ -60,12 +65,39 @@ def matrix_config(args: argparse.Namespace) -> MatrixConfig:
     from scenarios.campaigns.matrix import MatrixConfig, default_releases
 
     return MatrixConfig(
-        releases=args.release or default_releases(), layouts=args.layout or list(CP_LAYOUTS),
+        releases=resolve_releases(args.release) if args.release else default_releases(),
+        layouts=args.layout or list(CP_LAYOUTS),
         dps={"on": [True], "off": [False], "both": [True, False]}[args.dp_attention],
         cells_file=Path(args.json or Path(args.out) / "cells.json"),
         replay_dir=args.replay_dir or args.out, examples=args.examples, seed=args.seed,
         timeout=args.timeout, shrink_s=args.shrink_s, replays=args.replays, resume=args.resume,
         command=" ".join(["cpcheck", *sys.argv[1:]]) if sys.argv else "cpcheck matrix")
+
+
+def resolve_releases(names: list[str]) -> list[str]:
+    """Release numbers as given, with `newest` and `newest-judged` looked up (once each);
+    the same release named twice runs once."""
+    from scenarios.store import matrix_cells
+    from scenarios.sut.sglang import envs
+
+    out: list[str] = []
+    for name in names:
+        if name == "newest":
+            name = envs.newest_release()
+        elif name == "newest-judged":
+            judged = matrix_cells.newest_judged(matrix_cells.load(matrix_cells.COMMITTED))
+            if judged is None:
+                raise UsageError(f"--release newest-judged: {matrix_cells.COMMITTED.name} "
+                                 "holds no judged cell")
+            name = judged
+        try:
+            release_tuple(name)
+        except ValueError:
+            raise UsageError(f"--release {name}: not a release number (e.g. 0.5.23), "
+                             "'newest' or 'newest-judged'") from None
+        if name not in out:
+            out.append(name)
+    return out
 
 
 def cmd_matrix(args: argparse.Namespace) -> int:

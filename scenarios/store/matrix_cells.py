@@ -152,3 +152,14 @@ def release_sort_key(v: str) -> tuple:
         else:
             parts.append((2, 0, p))
     return tuple(parts)
+
+
+#: the committed release matrix: what the project has judged so far
+COMMITTED = Path(__file__).resolve().parents[2] / "docs" / "sglang-matrix" / "cells.json"
+
+
+def newest_judged(cells: dict[str, Cell]) -> str | None:
+    """The newest release with a judged cell (agree, diverge or flaky): the last release the
+    adapters are known to drive. A "cannot" or "error" cell judged nothing."""
+    judged = {c.release for c in cells.values() if c.verdict in ("agree", "diverge", "flaky")}
+    return max(judged, key=release_sort_key) if judged else None
