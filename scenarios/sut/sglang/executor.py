@@ -145,11 +145,6 @@ class SglangExecutor:
         if s.backend not in ("memory", "file", mooncake.BACKEND):
             raise CannotJudge(f"backend '{s.backend}' is not wired to the SGLang SUT yet "
                               "(it runs SGLang's file backend or its MooncakeStore)")
-        if s.layout_obj.pp > 1:
-            raise CannotJudge(f"layout {s.layout}: pipeline parallelism is not driven on the "
-                              "SGLang SUT yet (TPxCP layouts only)")
-        if s.cache.mla:
-            raise CannotJudge("MLA schedules are not driven on the SGLang SUT yet (MHA only)")
         pool = self.pool(s.layout, dp)
         payload = self._payload(s, dp)
         try:
