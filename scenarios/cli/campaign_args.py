@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from reference.api import DP_ATTENTION_CHOICES
-from scenarios.core.config import CP_LAYOUTS
+from scenarios.core.config import MATRIX_LAYOUTS
 from scenarios.core.timeouts import SGLANG_AGREEMENT_S
 
 if TYPE_CHECKING:  # the campaign imports SGLang helpers: only when a matrix runs
@@ -39,7 +39,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
 def add_matrix_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--release", action="append", help="repeatable (default: 0.5.9 .. 0.5.20)")
-    p.add_argument("--layout", action="append", help="repeatable (default: 1x2 2x2)")
+    p.add_argument("--layout", action="append", help="repeatable (default: 1x2 2x2 1x1x2)")
     p.add_argument("--dp-attention", choices=["on", "off", "both"], default="both")
     p.add_argument("--examples", type=int, default=30, help="generated schedules per cell")
     p.add_argument("--seed", type=int, default=0)
@@ -60,7 +60,7 @@ def matrix_config(args: argparse.Namespace) -> MatrixConfig:
     from scenarios.campaigns.matrix import MatrixConfig, default_releases
 
     return MatrixConfig(
-        releases=args.release or default_releases(), layouts=args.layout or list(CP_LAYOUTS),
+        releases=args.release or default_releases(), layouts=args.layout or list(MATRIX_LAYOUTS),
         dps={"on": [True], "off": [False], "both": [True, False]}[args.dp_attention],
         cells_file=Path(args.json or Path(args.out) / "cells.json"),
         replay_dir=args.replay_dir or args.out, examples=args.examples, seed=args.seed,
