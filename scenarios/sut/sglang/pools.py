@@ -14,11 +14,29 @@ from typing import Any
 
 import torch
 
-from scenarios.sut.sglang import adapters
+from scenarios.sut.sglang import adapters, shim
 
 #: MHA: heads per rank x head dim; MLA: kv_lora_rank + qk_rope_head_dim (one latent per token)
 HEADS, HEAD_DIM, LAYERS = 2, 4, 2
 KV_LORA_RANK, QK_ROPE_HEAD_DIM = 6, 2
+#: where a release defines its MLA host pool (0.5.20+ a module of its own, imported by the cache
+#: only when an MLA pool is built; before, the module every host pool shares)
+MLA_HOST_MODULES = ("sglang.srt.mem_cache.pool_host.mla", "sglang.srt.mem_cache.memory_pool_host")
+
+
+def _load_mla_host_pool() -> None:
+    """Import the MLA host pool's module before the cache does and apply the shim to it (no
+    pinned memory, the CPU copies bound): the worker's shim ran before it was imported, and an
+    unbound copy (0.5.23's `transfer_kv_direct`) would fail in SGLang's code, not ours."""
+    import importlib
+
+    for name in MLA_HOST_MODULES:
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name != name:
+                raise
+    shim.patch_loaded()
 
 
 def build_device_pool(mla: bool, size: int, page_size: int) -> Any:
@@ -26,6 +44,7 @@ def build_device_pool(mla: bool, size: int, page_size: int) -> Any:
     from sglang.srt.mem_cache import memory_pool as mp
 
     if mla:
+        _load_mla_host_pool()
         return adapters.call_filtered(mp.MLATokenToKVPool, size=size, page_size=page_size,
                                       dtype=torch.float32, kv_lora_rank=KV_LORA_RANK,
                                       qk_rope_head_dim=QK_ROPE_HEAD_DIM, layer_num=LAYERS,
