@@ -33,8 +33,8 @@ def _load_mla_host_pool() -> None:
     for name in MLA_HOST_MODULES:
         try:
             importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name != name:
+        except ModuleNotFoundError as e:  # this release lacks it (or its package)
+            if not e.name or not (name == e.name or name.startswith(e.name + ".")):
                 raise
     shim.patch_loaded()
 
