@@ -116,3 +116,25 @@ def test_pp_stage_0_decides_and_forwards_from_0_5_13() -> None:
     assert v.ok, v.summary()
     fw = [r.collectives.get("pp[0, 1]", ()) for r in results]
     assert fw[0] and fw[0] == fw[1] and all(c.op == "forward" for c in fw[0])
+
+
+def test_a_later_stage_short_of_the_forwarded_counts_is_unknown_not_a_hang() -> None:
+    """0.5.20+ PP drain: a later stage whose queue holds fewer items than stage 0's forwarded
+    count raises CannotJudge (125) naming it, instead of blocking in Queue.get(); stage 0, a
+    stage whose queues are full and PP 1 go on."""
+    from queue import Queue
+
+    from scenarios.core.errors import CannotJudge
+    from scenarios.sut.sglang import pp_drain
+
+    q: Queue = Queue()
+    q.put(1)
+    cc = SimpleNamespace(ack_backup_queue=q)
+    counts = {"n_backup": ("ack_backup_queue", 2)}
+    with pytest.raises(CannotJudge, match="ack_backup_queue has 1 of 2"):
+        pp_drain.wait_for_forwarded_counts(SimpleNamespace(pp_rank=1, pp_size=2), cc, counts,
+                                           wait_s=0.05)
+    pp_drain.wait_for_forwarded_counts(SimpleNamespace(pp_rank=0, pp_size=2), cc, counts, 0.05)
+    pp_drain.wait_for_forwarded_counts(SimpleNamespace(pp_rank=0, pp_size=1), cc, counts, 0.05)
+    q.put(2)
+    pp_drain.wait_for_forwarded_counts(SimpleNamespace(pp_rank=1, pp_size=2), cc, counts, 0.05)
