@@ -103,7 +103,7 @@ def test_table_renders_every_kind_of_cell(tmp_path: Path) -> None:
     ]}
     table = matrix_table.render(cells)
     lines = table.splitlines()
-    assert lines[0] == "| release | DP attention | 1x2 | 2x2 |"
+    assert lines[0] == "| release | DP attention | 1x2 | 2x2 | 1x1x2 |"  # PP: 1x1x2
     assert len(lines) == 2 + 4  # two releases x DP on/off
     row_on = next(x for x in lines if x.startswith("| 0.5.10.post1 | on |"))
     assert "diverge: [decisions], 5.2 s, 7 ops, replay 3/3" in row_on
@@ -148,14 +148,15 @@ def test_a_cut_run_keeps_finished_cells_and_resume_redoes_only_the_rest(
     cells = matrix_cells.load(tmp_path / "cells.json")
     verdicts = {k: c.verdict for k, c in cells.items()}
     assert verdicts == {"0.5.11|on|1x2": "agree", "0.5.11|on|2x2": "agree",
-                        "0.5.11|off|1x2": "running"}
+                        "0.5.11|on|1x1x2": "running"}
     assert cells["0.5.11|on|1x2"].finished_at and cells["0.5.11|on|1x2"].loadavg_start
 
     ran.clear()
     monkeypatch.setattr(matrix, "run_cell", lambda ex, v, dp, lay, *a: (
         ran.append((dp, lay)) or _cell(v, dp, lay, generated={"examples": 1})))
     assert campaign_args.cmd_matrix(_args(tmp_path, resume=True)) == 0
-    assert ran == [(False, "1x2"), (False, "2x2")]  # the two finished cells are skipped
+    # the two finished cells are skipped
+    assert ran == [(True, "1x1x2"), (False, "1x2"), (False, "2x2"), (False, "1x1x2")]
     assert all(c.verdict == "agree" for c in matrix_cells.load(tmp_path / "cells.json").values())
     ran.clear()
     campaign_args.cmd_matrix(_args(tmp_path, resume=False, layout=["2x2"], dp_attention="on"))

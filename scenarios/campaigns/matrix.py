@@ -40,7 +40,7 @@ def corpus_for(layout: str) -> list[Any]:
     # the reference's variants do not exist in SGLang: their Schedules are just interleavings
     for f in sorted(CORPUS.glob("*.json")) + sorted((CORPUS / "sglang").glob("*.json")):
         s, _ = read_replay(f)
-        if s.layout == layout and not s.cache.mla:
+        if s.layout == layout:
             out.append((f.name, s))
     return out
 

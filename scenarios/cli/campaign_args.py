@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from reference.api import DP_ATTENTION_CHOICES
-from scenarios.core.config import CP_LAYOUTS
+from scenarios.core.config import MATRIX_LAYOUTS
 from scenarios.core.errors import UsageError
 from scenarios.core.releases import release_tuple
 from scenarios.core.timeouts import SGLANG_AGREEMENT_S
@@ -44,7 +44,7 @@ def add_matrix_arguments(p: argparse.ArgumentParser) -> None:
                    help="repeatable (default: every release from 0.5.9 on the package index); "
                         "'newest': the newest on the index, 'newest-judged': the newest the "
                         "committed matrix judged (the nightly runs the two side by side)")
-    p.add_argument("--layout", action="append", help="repeatable (default: 1x2 2x2)")
+    p.add_argument("--layout", action="append", help="repeatable (default: 1x2 2x2 1x1x2)")
     p.add_argument("--dp-attention", choices=["on", "off", "both"], default="both")
     p.add_argument("--examples", type=int, default=30, help="generated schedules per cell")
     p.add_argument("--seed", type=int, default=0)
@@ -66,7 +66,7 @@ def matrix_config(args: argparse.Namespace) -> MatrixConfig:
 
     return MatrixConfig(
         releases=resolve_releases(args.release) if args.release else default_releases(),
-        layouts=args.layout or list(CP_LAYOUTS),
+        layouts=args.layout or list(MATRIX_LAYOUTS),
         dps={"on": [True], "off": [False], "both": [True, False]}[args.dp_attention],
         cells_file=Path(args.json or Path(args.out) / "cells.json"),
         replay_dir=args.replay_dir or args.out, examples=args.examples, seed=args.seed,

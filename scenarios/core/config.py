@@ -25,3 +25,8 @@ EXPLORE_LAYOUTS = ("1x2", "2x2", "1x4", "2x1")
 #: the smallest layouts with CP peers (one and two TP ranks): SGLang hunts, the release matrix
 #: and the shaped prefetch workloads default to them (2 and 4 processes on a 2-core box)
 CP_LAYOUTS = ("1x2", "2x2")
+#: the smallest pipeline-parallel layout (two stages of one rank): the release matrix's PP
+#: column, 2 processes (2x2x2 is 8, too many for a 2-core box per cell)
+PP_LAYOUT = "1x1x2"
+#: the release matrix's columns and its default layouts
+MATRIX_LAYOUTS = (*CP_LAYOUTS, PP_LAYOUT)

@@ -109,14 +109,13 @@ def for_sut(sut: str, layouts: tuple[str, ...], *, variant: str = "fixed",
             backend: str | None = None, protocol: str = DEFAULT_PROFILE,
             dp_attention: bool = True) -> st.SearchStrategy[Schedule]:
     """The Schedules one hunt draws for `sut`. The reference takes the variant and protocol
-    profile; an SGLang release is its own protocol, and runs MHA pools only."""
+    profile; an SGLang release is its own protocol (MHA or MLA pools, as drawn)."""
     if not is_sglang(sut):
         return schedules(layouts=layouts, variant=variant, backend=backend or "memory",
                          protocol=protocol, dp_attention=dp_attention)
 
     def on_release(s: Schedule) -> Schedule:
-        s = s.with_(cache={**s.cache.model_dump(), "mla": False}, sut=sut,
-                    dp_attention=dp_attention)
+        s = s.with_(sut=sut, dp_attention=dp_attention)
         return s.with_(backend=backend) if backend else s
 
     return schedules(layouts=layouts).map(on_release)

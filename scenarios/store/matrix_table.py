@@ -5,7 +5,7 @@
     python -m scenarios.store.matrix_table docs/sglang-matrix/cells.json \
         --write docs/sglang-release-matrix.md   # the committed table, between its markers
 
-Rows: release x DP attention (on, off); columns: 1x2, 2x2. A cell reads
+Rows: release x DP attention (on, off); columns: 1x2, 2x2 and the PP layout 1x1x2. A cell reads
 "diverge [writing_check], 5.2 s, 7 ops, replay 3/3, corpus 1/9", "agree (corpus 9/9, 5
 generated)", "flaky [...]: ... 0/3 on replay", "error: ...", "not finished" (a cut run) or
 "not run". Several files merge by cell (the later finished measurement wins), so a second
@@ -18,12 +18,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from scenarios.core.config import CP_LAYOUTS
+from scenarios.core.config import MATRIX_LAYOUTS
 from scenarios.store import matrix_cells
 from scenarios.store.cell import Cell, GeneratedResult
 from scenarios.store.doc_tables import write_block
 
-LAYOUTS = CP_LAYOUTS
+LAYOUTS = MATRIX_LAYOUTS
 #: the name of the table's block in its docs file
 TABLE = "release-matrix"
 

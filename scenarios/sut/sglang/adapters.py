@@ -35,12 +35,13 @@ def cache_init_params(**kwargs: Any) -> Any:
     return CacheInitParams(**{k: v for k, v in kwargs.items() if k in names})
 
 
-def server_args(model_dir: str, *, dp_attention: bool, tp: int, cp: int = 1,
+def server_args(model_dir: str, *, dp_attention: bool, tp: int, cp: int = 1, pp_size: int = 1,
                 rank: int | None = None, **hicache: Any) -> Any:
     from sglang.srt.server_args import ServerArgs
 
     kw = {"model_path": model_dir, "skip_tokenizer_init": True, "device": "cpu",
-          "enable_hierarchical_cache": True, "tp_size": tp, "attn_cp_size": cp, **hicache}
+          "enable_hierarchical_cache": True, "tp_size": tp, "attn_cp_size": cp,
+          "pp_size": pp_size, **hicache}
     # a dataclass up to 0.5.19, a plain class with a keyword constructor in 0.5.20
     args = call_filtered(ServerArgs, **kw)
     try:
@@ -64,7 +65,7 @@ def server_args(model_dir: str, *, dp_attention: bool, tp: int, cp: int = 1,
     return args
 
 
-def publish_topology(model_dir: str, *, rank: int, tp: int, cp: int,
+def publish_topology(model_dir: str, *, rank: int, tp: int, cp: int, pp: int = 1,
                      dp_attention: bool) -> None:
     """0.5.21+ read the parallel widths from the published `parallel` config namespace (not
     from `initialize_model_parallel`'s arguments): publish them, with this process's place,
@@ -73,7 +74,7 @@ def publish_topology(model_dir: str, *, rank: int, tp: int, cp: int,
 
     if "tensor_model_parallel_size" in inspect.signature(ps.initialize_model_parallel).parameters:
         return
-    server_args(model_dir, dp_attention=dp_attention, tp=tp, cp=cp, rank=rank)
+    server_args(model_dir, dp_attention=dp_attention, tp=tp, cp=cp, pp_size=pp, rank=rank)
 
 
 def set_dp_attention(enabled: bool) -> None:

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from scenarios.sut.sglang import adapters, server_cache, tree_view
+from scenarios.sut.sglang import adapters, pools, server_cache, tree_view
 from scenarios.sut.sglang.hitqueue import HitQueuePipeline, io_busy, uses_hit_queue
 from scenarios.sut.sglang.mooncake import storage_args
 from scenarios.sut.sglang.seams import count_puts, leading_done, record_terminated
@@ -65,10 +65,6 @@ class Driver:
         self.reissue_max = 0
         self.last_match: dict[str, int] = {}
         self.reissues: dict[str, int] = {}
-        if s.cache.mla:
-            from scenarios.core.errors import CannotJudge
-
-            raise CannotJudge("MLA schedules are not driven on SGLang yet (MHA pools only)")
         self.ps = s.cache.page_size
         self._build(dp_attention)
 
@@ -92,11 +88,9 @@ class Driver:
         device_tokens = c.device_pages * ps
         host_tokens = max(c.host_pages, c.device_pages + 1) * ps
         from sglang.srt.mem_cache.allocator import PagedTokenToKVPoolAllocator
-        from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
+        from sglang.srt.mem_cache.memory_pool import ReqToTokenPool
 
-        kv = adapters.call_filtered(MHATokenToKVPool, size=device_tokens, page_size=ps,
-                                    dtype=torch.float32, head_num=2, head_dim=4, layer_num=2,
-                                    device="cpu", enable_memory_saver=False)
+        kv = pools.build_device_pool(c.mla, device_tokens, ps)  # the host pool follows its class
         alloc = adapters.call_filtered(PagedTokenToKVPoolAllocator, size=device_tokens,
                                        page_size=ps, dtype=torch.float32, device="cpu",
                                        kvcache=kv, need_sort=False)
@@ -117,18 +111,17 @@ class Driver:
             hicache_storage_backend_extra_config=json.dumps(store["extra"]),
             hicache_storage_prefetch_policy=c.prefetch_stop_policy,
             hicache_write_policy=c.write_policy, dp_attention=dp_attention,
-            tp=self.s.layout_obj.world_size, cp=lay.cp, rank=self.run.rank)
+            tp=lay.tp * lay.cp, cp=lay.cp, pp_size=lay.pp, rank=self.run.rank)
         adapters.set_dp_attention(dp_attention)  # after publishing the server args
-        import sglang.srt.distributed.parallel_state as pstate
-
+        pp = self.st["pp"]
         params = adapters.cache_init_params(
             req_to_token_pool=req_pool, token_to_kv_pool_allocator=alloc, page_size=ps,
             disable=False, tp_cache_group=tp_group,
             attn_cp_cache_group=self.st["attn_cp"].cpu_group,
             attn_tp_cache_group=self.st["attn_tp"].cpu_group,
             attn_cp_rank=self.st["attn_cp"].rank_in_group,
-            attn_cp_size=self.st["attn_cp"].world_size, pp_rank=0, pp_size=1,
-            pp_cache_group=getattr(pstate.get_pp_group(), "cpu_group", None))
+            attn_cp_size=self.st["attn_cp"].world_size, pp_rank=pp.rank_in_group,
+            pp_size=pp.world_size, pp_cache_group=pp.cpu_group)
         os.environ["SGLANG_HICACHE_FILE_BACKEND_STORAGE_DIR"] = self.run.storage_dir
         tp_cpu = self.st["tp"]
         self.cache = cache = server_cache.build(
@@ -472,30 +465,22 @@ class Driver:
     def _page_kv(self, tokens: list[int], page: int) -> torch.Tensor:
         ps = self.ps
         h = hashlib.blake2b(repr(tokens[:(page + 1) * ps]).encode(), digest_size=4).digest()
-        base = int.from_bytes(h, "little") % 9973 + 1000 * self.run.key_tp
-        n = ps * 2 * 4
-        return (torch.arange(n, dtype=torch.float32) + base).reshape(ps, 2, 4)
+        shard = 0 if self.s.cache.mla else self.run.key_tp  # MLA's latent is replicated
+        return pools.page_values(self.kv, ps, int.from_bytes(h, "little") % 9973 + 1000 * shard)
 
     def _fill(self, tokens: list[int], indices: torch.Tensor, start: int) -> None:
         ps = self.ps
         for page in range(start // ps, len(tokens) // ps):
             idx = indices[page * ps:(page + 1) * ps]
-            kv = self._page_kv(tokens, page)
-            for layer in range(len(self.kv.k_buffer)):
-                self.kv.k_buffer[layer][idx] = kv + layer
-                self.kv.v_buffer[layer][idx] = -kv - layer
+            pools.write_page(self.kv, idx, self._page_kv(tokens, page))
 
     def _verify(self, tokens: list[int], indices: torch.Tensor) -> list[int]:
         ps = self.ps
         bad = []
         for page in range(len(tokens) // ps):
             idx = indices[page * ps:(page + 1) * ps]
-            kv = self._page_kv(tokens, page)
-            for layer in range(len(self.kv.k_buffer)):
-                if not (torch.equal(self.kv.k_buffer[layer][idx], kv + layer)
-                        and torch.equal(self.kv.v_buffer[layer][idx], -kv - layer)):
-                    bad.append(page)
-                    break
+            if not pools.page_intact(self.kv, idx, self._page_kv(tokens, page)):
+                bad.append(page)
         return bad
 
     # -- end of run ------------------------------------------------------------------------

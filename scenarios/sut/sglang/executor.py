@@ -149,11 +149,6 @@ class SglangExecutor:
         if s.backend not in ("memory", "file", mooncake.BACKEND):
             raise CannotJudge(f"backend '{s.backend}' is not wired to the SGLang SUT yet "
                               "(it runs SGLang's file backend or its MooncakeStore)")
-        if s.layout_obj.pp > 1:
-            raise CannotJudge(f"layout {s.layout}: pipeline parallelism is not driven on the "
-                              "SGLang SUT yet (TPxCP layouts only)")
-        if s.cache.mla:
-            raise CannotJudge("MLA schedules are not driven on the SGLang SUT yet (MHA only)")
         pool = self.pool(s.layout, dp)
         payload = self._payload(s, dp)
         try:
@@ -235,7 +230,7 @@ def verdict_of(s: Any, results: list, dp_attention: bool) -> Verdict:
     broke = infrastructure(results)
     if broke:
         return Verdict.unknown(broke)
-    v = annotate(checker.check(s, results), dp_attention, s.backend)
+    v = annotate(checker.check(s, results), dp_attention, s.backend, mla=s.cache.mla)
     classes = _classes(results)
     if classes:  # the class the run drove (server_cache.py): in the verdict, --json, replays
         v.stats["cache_class"] = classes[0] if len(classes) == 1 else classes
@@ -260,11 +255,13 @@ KEYED_BY_GLOBAL_TP = frozenset({"keys.cp_peers_differ", "keys.cp_peers_share", "
                                 "keys.naming"})
 
 
-def annotate(v: Verdict, dp_attention: bool, backend: str = "file") -> Verdict:
+def annotate(v: Verdict, dp_attention: bool, backend: str = "file", *,
+             mla: bool = False) -> Verdict:
     """Drop the key findings that are SGLang's documented behaviour without DP attention
-    (CP peers use their global TP rank in keys) and say what was not observable."""
+    (CP peers use their global TP rank in MHA keys) and say what was not observable. MLA keys
+    carry no TP rank, so for MLA every key finding stands."""
     notes = list(NOT_OBSERVED if backend != mooncake.BACKEND else mooncake.NOT_OBSERVED)
-    if not dp_attention:
+    if not dp_attention and not mla:
         keep = [f for f in v.failures if getattr(f, "rule", None) not in KEYED_BY_GLOBAL_TP]
         if len(keep) != len(v.failures):
             notes.append("without DP attention SGLang keys pages by global TP rank, so CP peers "

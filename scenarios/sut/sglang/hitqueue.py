@@ -41,7 +41,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from scenarios.sut.sglang import server_cache
+from scenarios.sut.sglang import pp_drain, server_cache
 from scenarios.sut.sglang.seams import GateTimeout, count_puts, leading_done, record_terminated
 
 #: `_drain_storage_control_queues_impl` parameter -> the controller queue it drains
@@ -253,6 +253,8 @@ class HitQueuePipeline:
 
         def drain_impl(**kw: Any) -> Any:
             self.revoked = 0
+            pp_drain.wait_for_forwarded_counts(cache, cc, {
+                p: (QUEUE_OF[p], kw.get(p)) for p in self.drain_params})
             out = orig_impl(**kw)
             agreed = tuple(kw.get(n) for n in self.drain_params)
             if None not in agreed:  # a local drain (shutdown) agrees on nothing

@@ -133,12 +133,58 @@ def _recorded(kind: str, fn: Any) -> Any:
     return wrapper
 
 
+def _pp_forward_call(kind: str, args: tuple, kwargs: dict, group: Any) -> Any:
+    """A point-to-point call on the PP group as one "forward" from its sender, or None when it
+    is not logged. 0.5.13's `_pp_sync` has stage 0 `isend` its agreed value and every later
+    stage `recv` it from the one before (and pass it on): the first stage's send and each
+    receive are logged, so stage 0 and stage 1 compare call for call, as the reference's
+    forward does (a middle stage's pass-on is not a call of its own there)."""
+    ranks = dist.get_process_group_ranks(group)
+    me = dist.get_rank()
+    t = args[0] if args else kwargs["tensor"]
+    if kind == "recv":
+        src = kwargs.get("src")
+        if src is None and kwargs.get("group_src") is not None:
+            src = ranks[kwargs["group_src"]]
+        if src is None and len(args) > 1:
+            src = args[1]
+        src = ranks[0] if src is None else src
+    elif ranks.index(me) == 0:
+        src = me
+    else:
+        return None
+    return CollectiveCall("forward", tuple(t.shape), str(t.dtype).removeprefix("torch."), src)
+
+
+def _recorded_p2p(kind: str, fn: Any) -> Any:
+    """send / isend / recv: on the PP group a forward (_pp_forward_call), elsewhere by kind."""
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        run = CURRENT
+        group = kwargs.get("group")
+        if group is None and len(args) > 2:
+            group = args[2]
+        name = _group_name(group) if run is not None else None
+        if name is None:
+            return fn(*args, **kwargs)
+        if name.startswith("pp["):
+            call = _pp_forward_call(kind, args, kwargs, group)
+            if call is None:
+                return fn(*args, **kwargs)
+        else:
+            call = CollectiveCall(kind)
+        with run.collectives.call(name, call):
+            return fn(*args, **kwargs)
+    wrapper._cpcheck = True  # type: ignore[attr-defined]
+    return wrapper
+
+
 def _install_recorders() -> None:
     for kind in ("all_reduce", "barrier", "all_gather_object", "broadcast", "all_gather",
-                 "send", "recv"):
+                 "send", "isend", "recv"):
         fn = getattr(dist, kind)
         if not getattr(fn, "_cpcheck", False):
-            setattr(dist, kind, _recorded(kind, fn))
+            wrap = _recorded_p2p if kind in ("send", "isend", "recv") else _recorded
+            setattr(dist, kind, wrap(kind, fn))
     new_group = dist.new_group
     if not getattr(new_group, "_cpcheck", False):
         counter = [0]
@@ -257,22 +303,23 @@ def setup_worker(ctx: Any, version: str, dp_attention: bool, timeout_s: float) -
                    "max_position_embeddings": 4096, "torch_dtype": "float32"}, f)
     os.replace(part, os.path.join(model_dir, "config.json"))  # the same bytes from every rank
     adapters.publish_topology(model_dir, rank=ctx.rank, tp=lay.tp * lay.cp, cp=lay.cp,
-                              dp_attention=dp_attention)
+                              pp=lay.pp, dp_attention=dp_attention)
     ps.init_distributed_environment(world_size=ctx.world_size, rank=ctx.rank,
                                     local_rank=ctx.rank, backend="gloo",
                                     distributed_init_method="env://")
     adapters.call_filtered(ps.initialize_model_parallel,
                            tensor_model_parallel_size=lay.tp * lay.cp,
-                           attention_context_model_parallel_size=lay.cp, backend="gloo")
+                           attention_context_model_parallel_size=lay.cp,
+                           pipeline_model_parallel_size=lay.pp, backend="gloo")
     tp = ps.get_tp_group()
-    attn_tp, attn_cp = ps.get_attn_tp_group(), ps.get_attn_cp_group()
-    for tag, coord in (("tp", tp), ("attn_tp", attn_tp), ("attn_cp", attn_cp)):
+    attn_tp, attn_cp, pp = ps.get_attn_tp_group(), ps.get_attn_cp_group(), ps.get_pp_group()
+    for tag, coord in (("tp", tp), ("attn_tp", attn_tp), ("attn_cp", attn_cp), ("pp", pp)):
         for g in (coord.cpu_group, coord.device_group):
             _GROUP_NAMES[id(g)] = f"{tag}{list(dist.get_process_group_ranks(g))}"
     harness = dist.new_group(list(range(ctx.world_size)), backend="gloo")
     _HARNESS.add(id(harness))
     st = ctx.state["sglang"] = {
-        "cc_mod": cc_mod, "tp": tp, "attn_tp": attn_tp, "attn_cp": attn_cp,
+        "cc_mod": cc_mod, "tp": tp, "attn_tp": attn_tp, "attn_cp": attn_cp, "pp": pp,
         "harness": harness, "model_dir": model_dir, "version": version,
         # where `sglang` was imported from: a source tree's runs prove they ran the tree
         "sglang_package": os.path.dirname(os.path.abspath(sys.modules["sglang"].__file__)),

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from sglang.srt.mem_cache.hicache_storage import HiCacheFile
 
-from scenarios.sut.sglang import rank
+from scenarios.sut.sglang import pools, rank
 
 
 def _sum(t: torch.Tensor | None) -> str:
@@ -25,13 +25,15 @@ class GatedStorage(HiCacheFile):
     """SGLang's file backend behind the Schedule's gates and faults, recording every call.
 
     Keys are recorded in Mooncake's naming (`{hash}_{tp}_k` / `_v`, tp = the storage config's
-    tp rank, which is what SGLang puts in every backend's key or file name)."""
+    tp rank, which is what SGLang puts in every backend's key or file name; `_{pp}` after it
+    with PP; MLA `{hash}__k`, or `{hash}_{pp}_k` with PP: pools.key_tail)."""
 
     def __init__(self, storage_config: Any, *a: Any, **k: Any) -> None:
         run = rank.CURRENT
         assert run is not None, "GatedStorage built outside a cpcheck run"
         self.run = run
         run.key_tp = storage_config.tp_rank
+        self.key_tail, self.parts = pools.key_tail(storage_config)
         super().__init__(storage_config, file_path=run.storage_dir)
         self.file_path = run.storage_dir
 
@@ -42,12 +44,13 @@ class GatedStorage(HiCacheFile):
             return s
 
     def _record(self, op: str, keys: list[str], ok: list[bool], pages: list) -> None:
-        tp = self.run.key_tp
+        tail, parts = self.key_tail, self.parts
         names, oks, sums = [], [], []
         for key, good, page in zip(keys, ok, pages, strict=True):
-            halves = page.reshape(2, -1) if page is not None else (None, None)
-            for part, half in zip("kv", halves, strict=True):
-                names.append(f"{key}_{tp}_{part}")
+            halves = (page.reshape(len(parts), -1) if page is not None
+                      else (None,) * len(parts))
+            for part, half in zip(parts, halves, strict=True):
+                names.append(f"{key}{tail}_{part}")
                 oks.append(good)
                 sums.append(_sum(half) if good else "")
         with self.run.lock:
