@@ -80,7 +80,10 @@ class Op(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    kind: Literal["add", "step", "abort", "evict_device", "evict_host"]
+    #: "decode_add": a request arriving at the decode server of a PD-disaggregated deployment
+    #: (its KV comes from a prefill server; the prefix the decode side holds on device, host or
+    #: storage is restored locally through HiCache: SGLang's decode_hicache_mixin, 0.5.13+)
+    kind: Literal["add", "step", "abort", "evict_device", "evict_host", "decode_add"]
     rid: str | None = Field(None, min_length=1)
     tokens: list[TokenId] | None = Field(None, min_length=1)
     n: int | None = Field(None, ge=0)
@@ -88,8 +91,8 @@ class Op(BaseModel):
 
     @model_validator(mode="after")
     def _fields_for_kind(self) -> Op:
-        if self.kind == "add" and (self.rid is None or self.tokens is None):
-            raise ValueError("an 'add' op needs rid and tokens")
+        if self.kind in ("add", "decode_add") and (self.rid is None or self.tokens is None):
+            raise ValueError(f"an '{self.kind}' op needs rid and tokens")
         if self.kind == "abort" and self.rid is None:
             raise ValueError("an 'abort' op needs rid")
         if self.kind in ("evict_device", "evict_host") and self.n is None:
@@ -172,7 +175,7 @@ class Schedule(BaseModel):
             raise FieldProblem(("ops",), "no ops: a schedule must do something")
         seen: set[str] = set()
         for i, op in enumerate(self.ops):
-            if op.kind == "add":
+            if op.kind in ("add", "decode_add"):
                 if op.rid in seen:
                     raise FieldProblem(("ops", i, "rid"), f"duplicate request id '{op.rid}'")
                 seen.add(op.rid or "")

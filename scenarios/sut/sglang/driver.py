@@ -65,6 +65,8 @@ class Driver:
         self.reissue_max = 0
         self.last_match: dict[str, int] = {}
         self.reissues: dict[str, int] = {}
+        #: the decode side of PD disaggregation, made at the first `decode_add` (decode_role.py)
+        self.decode: Any = None
         if s.cache.mla:
             from scenarios.core.errors import CannotJudge
 
@@ -364,6 +366,12 @@ class Driver:
             adapters.evict(self.cache, op.n)
         elif op.kind == "evict_host":
             self.cache.evict_host(op.n)
+        elif op.kind == "decode_add":
+            if self.decode is None:
+                from scenarios.sut.sglang.decode_role import DecodeRole
+
+                self.decode = DecodeRole(self)
+            self.decode.add(op.rid, op.tokens)
 
     def add(self, rid: str, tokens: list[int], prefetch: bool) -> None:
         if rid in self.waiting or rid in self.ready:
@@ -409,6 +417,9 @@ class Driver:
         return True
 
     def abort(self, rid: str) -> None:
+        if self.decode is not None and self.decode.abort(rid):
+            self.outcomes.append(_outcome(rid, "aborted"))
+            return
         if rid in self.waiting:
             self.waiting.pop(rid)
             self._current_rid = rid
@@ -422,6 +433,8 @@ class Driver:
     def step(self) -> None:
         cache = self.cache
         cache.check_hicache_events()
+        if self.decode is not None:  # a decode server's queues (decode_role.py)
+            self.decode.step()
         for rid in list(self.waiting):
             self._current_rid = rid
             if adapters.check_prefetch_progress(cache, rid):
@@ -505,7 +518,8 @@ class Driver:
         io = any(g.ops_in[k] != g.ops_out[k] for k in ("query", "get", "set"))
         if self.pipeline is not None:
             io = io or io_busy(self, cc)
-        return bool(io or self.waiting or self.ready or cache.ongoing_write_through
+        decode = self.decode is not None and self.decode.busy()
+        return bool(io or decode or self.waiting or self.ready or cache.ongoing_write_through
                     or cache.ongoing_load_back or cache.ongoing_prefetch
                     or getattr(cache, "ongoing_backup", None)
                     or (hasattr(cc, "prefetch_revoke_queue") and cc.prefetch_revoke_queue.qsize())

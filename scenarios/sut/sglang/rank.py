@@ -36,7 +36,7 @@ from scenarios.core.records import (
     error_kind,
 )
 from scenarios.core.timeouts import Timeouts
-from scenarios.sut.sglang import adapters, consensus, mooncake, quick_reset, shim
+from scenarios.sut.sglang import adapters, consensus, mooncake, path_trace, quick_reset, shim
 from scenarios.sut.sglang.blame import harness_origin
 from scenarios.sut.sglang.seams import GatedDevice, IoGates, SglangPacer
 
@@ -82,6 +82,8 @@ class Run:
         self.harness_error: str | None = None
         #: which cache to build: "server" (what the release's server builds) or "HiRadixCache"
         self.cache_class = "server"
+        #: which SGLang functions issued collectives, per op (only under path_trace.ENV)
+        self.trace = path_trace.PathTrace() if path_trace.folder() else None
 
 
 CURRENT: Run | None = None
@@ -127,6 +129,8 @@ def _recorded(kind: str, fn: Any) -> Any:
                                   str(t.dtype).removeprefix("torch."))
         else:
             call = CollectiveCall(kind)
+        if run.trace is not None:
+            run.trace.note(kind)
         with run.collectives.call(name, call):
             return fn(*args, **kwargs)
     wrapper._cpcheck = True  # type: ignore[attr-defined]
@@ -315,6 +319,8 @@ class SglangRank:
         self.build_s = time.monotonic() - t0  # where a run's time goes (bench_sglang.py)
 
     def apply(self, op: Any) -> None:
+        if self.run.trace is not None:
+            self.run.trace.op = op.kind
         self.driver.apply(op)
 
     def step(self) -> None:
@@ -328,6 +334,8 @@ class SglangRank:
 
     def draining(self) -> None:
         self.run.pacer.drain = True
+        if self.run.trace is not None:
+            self.run.trace.op = path_trace.DRAIN
 
     def finish(self) -> Snapshot:
         run = self.run
@@ -407,6 +415,8 @@ def run_schedule(ctx: Any, payload: dict) -> RankResult:
         out = run_rank(sut, s.ops, gated=True)
     finally:
         CURRENT = None
+        if run.trace is not None and path_trace.folder():
+            run.trace.write(os.path.join(path_trace.folder() or "", f"{run.run_id}-r{rank}.json"))
         if checker is not None:
             said = consensus.finish(checker)
             d = sut.driver
