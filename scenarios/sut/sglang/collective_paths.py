@@ -24,7 +24,9 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import os
 import sys
+import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,18 +36,19 @@ from pathlib import Path
 GROUP_COLLECTIVES = frozenset({
     "all_reduce", "barrier", "monitored_barrier", "all_gather", "all_gather_object",
     "all_gather_into_tensor", "broadcast", "broadcast_object_list", "reduce_scatter",
-    "reduce_scatter_tensor", "all_to_all", "all_to_all_single", "gather", "gather_object",
-    "scatter", "reduce"})
-#: point-to-point calls, counted only through torch.distributed (a zmq socket also `send`s)
-P2P = frozenset({"send", "recv", "isend", "irecv", "send_object_list", "recv_object_list"})
+    "reduce_scatter_tensor", "all_to_all", "all_to_all_single", "gather_object"})
+#: counted only through torch.distributed or a process group: a zmq socket also `send`s, a
+#: tensor `scatter`s and `gather`s
+P2P = frozenset({"send", "recv", "isend", "irecv", "send_object_list", "recv_object_list",
+                 "scatter", "gather", "reduce"})
 DIST_NAMES = frozenset({"dist", "torch.distributed", "distributed", "torch.distributed.distributed_c10d"})
 #: decorators that issue collectives around the call they wrap
 DECORATORS = frozenset({"rank_consensus"})
 #: receivers through which the cache calls its controller
 CONTROLLER_RECEIVERS = frozenset({"cache_controller", "cc", "controller"})
 CONTROLLER_FILE = "managers/cache_controller.py"
-#: the op label for collectives outside any op: building the cache and the end-of-run drain
-BUILD, DRAIN = "(cache build)", "(end-of-run drain)"
+DOC = "docs/sglang-collective-paths.md"
+OBSERVED = "docs/sglang-collective-paths.json"
 
 
 @dataclass(frozen=True)
@@ -95,9 +98,8 @@ def _scan_body(fn: _Func, body: ast.AST) -> None:
                 fn.calls.add(("self", f.attr))
             elif last in CONTROLLER_RECEIVERS:
                 fn.calls.add(("controller", f.attr))
-            elif f.attr in P2P and recv in DIST_NAMES:
-                fn.direct.add(f.attr)
-            elif f.attr in GROUP_COLLECTIVES and recv:
+            elif (f.attr in P2P and (recv in DIST_NAMES or last.endswith("group"))) or (
+                    f.attr in GROUP_COLLECTIVES and recv):
                 fn.direct.add(f.attr)
             else:
                 fn.calls.add(("attr", f.attr))
@@ -216,7 +218,169 @@ def release_issuers(srt: Path) -> list[Issuer]:
     sources = {}
     for p in scanned_files(srt):
         try:
-            sources[p.relative_to(srt).as_posix()] = p.read_text()
-        except (OSError, UnicodeDecodeError):
+            text = p.read_text()
+            ast.parse(text)
+        except (OSError, UnicodeDecodeError, SyntaxError):
             continue
-    return [i for i in issuers_in(sources)]
+        sources[p.relative_to(srt).as_posix()] = text
+    return issuers_in(sources)
+
+
+# -- why a function no Schedule reaches is out of reach (the first pattern that matches) --------
+UNREACHED: tuple[tuple[str, str], ...] = (
+    ("Mamba", "hybrid SSM models only: cpcheck builds plain MHA pools"),
+    ("SWA", "hybrid sliding-window models only: cpcheck builds plain MHA pools"),
+    ("mem_cache/storage/", "a storage backend cpcheck does not drive (it runs SGLang's file "
+     "backend and MooncakeStore's KV path)"),
+    ("EmbeddingCacheController", "the multimodal embedding cache, not the KV cache"),
+    ("DecodeKVCacheOffloadManager", "decode-side offload of decoded KV "
+     "(`--disaggregation-decode-enable-offload-kvcache`): not driven"),
+    ("linker", "the unified cache's external linker: only hybrid/disaggregated component "
+     "layouts attach one (see below)"),
+    ("sparsity", "sparse attention (hisparse) only"),
+    ("hisparse", "sparse attention (hisparse) only"),
+)
+
+
+def why_unreached(issuer: Issuer, server_class: str) -> str:
+    where = f"{issuer.file}:{issuer.qualname}"
+    for pattern, why in UNREACHED:
+        if pattern in where:
+            return why
+    owner = issuer.qualname.split(".", 1)[0]
+    if owner in ("HiRadixCache", "UnifiedRadixCache") and server_class and owner != server_class:
+        return f"this release's server builds {server_class}"
+    return "no traced Schedule reaches it"
+
+
+# -- the table --------------------------------------------------------------------------------
+def _cell(ops: list[str]) -> str:
+    return ", ".join(f"`{o}`" for o in ops)
+
+
+def render(version: str, issuers: list[Issuer], observed: dict, server_class: str) -> str:
+    """One release's table: each collective-issuing function, what it issues, and the ops
+    that reached it in the traced runs (or why none does)."""
+    seen = observed.get("functions", {})
+    rows = [f"Release {version}: the server builds `{server_class or '?'}`; "
+            f"{len(issuers)} functions issue collectives, "
+            f"{sum(1 for i in issuers if seen.get(i.key))} reached.", "",
+            "| function | file:line | issues | reached by ops |", "|---|---|---|---|"]
+    for i in issuers:
+        ops = seen.get(i.key)
+        reach = _cell(ops) if ops else f"not reached: {why_unreached(i, server_class)}"
+        rows.append(f"| `{i.qualname}` | `{i.file}:{i.line}` | {', '.join(i.issues)} | {reach} |")
+    scanned = ("mem_cache/", CONTROLLER_FILE, "disaggregation/decode")
+    extra = sorted(k for k in observed.get("issued_in", [])
+                   if k.startswith(scanned) and k not in {i.key for i in issuers})
+    if extra:
+        rows += ["", "Seen issuing at run time but not found in the source (an extractor gap): "
+                 + ", ".join(f"`{k}`" for k in extra)]
+    return "\n".join(rows)
+
+
+def server_class(srt: Path) -> str:
+    """The class the release's server builds for a plain MHA model (server_cache.py's rule,
+    read from the source): UnifiedRadixCache where the registry's factory ends in it."""
+    reg = srt / "mem_cache" / "registry.py"
+    try:
+        text = reg.read_text()
+    except OSError:
+        return "HiRadixCache"
+    fn = text.split("def default_radix_cache_factory", 1)[-1]
+    return "UnifiedRadixCache" if "UnifiedRadixCache(" in fn else "HiRadixCache"
+
+
+def block_name(version: str) -> str:
+    return f"collective-paths-{version}"
+
+
+def load_observed(path: str | Path = OBSERVED) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        return {}
+
+
+def release_block(version: str, observed: dict) -> str | None:
+    """The rendered table for `version` from its built environment, or None when absent."""
+    from scenarios.sut.sglang import envs
+
+    srt = envs.release_dir(version) / "sglang" / "srt"
+    if not srt.is_dir():
+        return None
+    return render(version, release_issuers(srt), observed.get(version, {}), server_class(srt))
+
+
+# -- the traced runs ----------------------------------------------------------------------------
+def trace(version: str, log: object = print) -> dict:
+    """Run the traced Schedules on `version` with the path trace on; merge what every rank saw
+    into {"functions": {file:qualname: [ops]}, "issued_in": [innermost functions],
+    "runs": [[schedule, verdict]]}."""
+    from scenarios.sut.sglang import path_trace
+    from scenarios.sut.sglang.executor import SglangExecutor
+    from scenarios.sut.sglang.paths_schedules import traced
+
+    folder = tempfile.mkdtemp(prefix="cpcheck-paths-")
+    os.environ[path_trace.ENV] = folder
+    runs: list[list[str]] = []
+    try:
+        with SglangExecutor(version, build=False, log=log) as ex:
+            for s in traced(f"sglang=={version}"):
+                try:
+                    v = ex.judge(s, ex.run(s))
+                    runs.append([s.name, v.summary().splitlines()[0][:160]])
+                except Exception as e:  # a run that broke still traced what it reached
+                    runs.append([s.name, f"{type(e).__name__}: {str(e).splitlines()[0][:140]}"])
+                log(f"{version} {runs[-1][0]}: {runs[-1][1]}")
+    finally:
+        os.environ.pop(path_trace.ENV, None)
+    functions: dict[str, set[str]] = {}
+    innermost: set[str] = set()
+    for p in Path(folder).glob("*.json"):
+        seen = json.loads(p.read_text())
+        for file, qual, op, _coll in seen["frames"]:
+            functions.setdefault(f"{file}:{qual}", set()).add(op)
+        innermost |= {f"{file}:{qual}" for file, qual in seen["innermost"]}
+    return {"functions": {k: sorted(v) for k, v in sorted(functions.items())},
+            "issued_in": sorted(innermost), "runs": runs}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from scenarios.core.contract import ExitCode
+    from scenarios.store.doc_tables import write_block
+
+    ap = argparse.ArgumentParser(prog="python -m scenarios.sut.sglang.collective_paths",
+                                 description=__doc__.split("\n\n")[0])
+    ap.add_argument("versions", nargs="*", help="releases (default: those in the observations)")
+    ap.add_argument("--trace", action="store_true", help="run the traced Schedules on each "
+                    "release (SGLang pools: minutes) and update the observations file")
+    ap.add_argument("--observed", default=OBSERVED, help="the observations file")
+    ap.add_argument("--write", default="", help="write the tables into this docs file")
+    args = ap.parse_args(argv)
+    observed = load_observed(args.observed)
+    versions = args.versions or sorted(observed)
+    if not versions:
+        print("collective_paths: no release named and no observations", file=sys.stderr)
+        return int(ExitCode.USAGE)
+    if args.trace:
+        for v in versions:
+            observed[v] = trace(v)
+            Path(args.observed).write_text(json.dumps(observed, indent=1, sort_keys=True) + "\n")
+    for v in versions:
+        body = release_block(v, observed)
+        if body is None:
+            print(f"collective_paths: sglang {v} is not built here "
+                  f"(python -m scenarios.sut.sglang.envs {v})", file=sys.stderr)
+            return int(ExitCode.USAGE)
+        if args.write:
+            write_block(args.write, block_name(v), body,
+                        f"python -m scenarios.sut.sglang.collective_paths {v} --write {DOC}",
+                        title="Every path of SGLang's HiCache that issues a collective")
+        else:
+            print(body + "\n")
+    return int(ExitCode.AGREE)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

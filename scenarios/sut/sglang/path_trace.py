@@ -50,16 +50,18 @@ class PathTrace:
         self.op = BUILD
         self.lock = threading.Lock()
         self.seen: set[tuple[str, str, str, str]] = set()  # (file, qualname, op, collective)
+        self.innermost: set[tuple[str, str]] = set()  # the SGLang function nearest the call
 
     def note(self, collective: str) -> None:
         found = frames(sys._getframe(2))
         with self.lock:
             for file, qual in found:
                 self.seen.add((file, qual, self.op, collective))
+            if found:
+                self.innermost.add(found[0])
 
     def write(self, path: str) -> None:
-        rows = sorted(self.seen)
         tmp = path + ".tmp"
         with open(tmp, "w") as f:
-            json.dump(rows, f)
+            json.dump({"frames": sorted(self.seen), "innermost": sorted(self.innermost)}, f)
         os.replace(tmp, path)
