@@ -36,7 +36,15 @@ from scenarios.core.records import (
     error_kind,
 )
 from scenarios.core.timeouts import Timeouts
-from scenarios.sut.sglang import adapters, consensus, mooncake, path_trace, quick_reset, shim
+from scenarios.sut.sglang import (
+    adapters,
+    call_log,
+    consensus,
+    mooncake,
+    path_trace,
+    quick_reset,
+    shim,
+)
 from scenarios.sut.sglang.blame import harness_origin
 from scenarios.sut.sglang.seams import GatedDevice, IoGates, SglangPacer
 
@@ -84,6 +92,8 @@ class Run:
         self.cache_class = "server"
         #: which SGLang functions issued collectives, per op (only under path_trace.ENV)
         self.trace = path_trace.PathTrace() if path_trace.folder() else None
+        #: the calls as they start, in a file that outlives a rank gloo aborts (call_log.py)
+        self.call_log = call_log.CallLog(storage_dir, rank)
 
 
 CURRENT: Run | None = None
@@ -131,6 +141,7 @@ def _recorded(kind: str, fn: Any) -> Any:
             call = CollectiveCall(kind)
         if run.trace is not None:
             run.trace.note(kind)
+        run.call_log.write(name, call)
         with run.collectives.call(name, call):
             return fn(*args, **kwargs)
     wrapper._cpcheck = True  # type: ignore[attr-defined]
@@ -415,6 +426,7 @@ def run_schedule(ctx: Any, payload: dict) -> RankResult:
         out = run_rank(sut, s.ops, gated=True)
     finally:
         CURRENT = None
+        run.call_log.close()
         if run.trace is not None and path_trace.folder():
             run.trace.write(os.path.join(path_trace.folder() or "", f"{run.run_id}-r{rank}.json"))
         if checker is not None:
