@@ -65,6 +65,11 @@ class DecodeRole:
         self.d = driver
         self.cache = driver.cache
         self.m = m = _load_mixin(driver.st["version"])
+        if not hasattr(m, "match_prefix_for_req"):  # 0.5.23: lock handles, match_kv_cache
+            raise MissingSeam(f"sglang {driver.st['version']}'s decode_hicache_mixin matches and "
+                              "locks through the tree cache's lock handles (no "
+                              "match_prefix_for_req): its decode side is not mapped onto "
+                              "cpcheck's seams yet (driven: 0.5.13 .. 0.5.20)")
         from sglang.srt.disaggregation.base import KVPoll
 
         self.KVPoll = KVPoll
@@ -155,10 +160,7 @@ class DecodeRole:
 
     def _match(self, req: Any) -> Any:
         """The release's `match_prefix_for_req` (imported by the mixin) on the request."""
-        fn = getattr(self.m, "match_prefix_for_req", None)
-        if fn is None:
-            raise MissingSeam("decode_hicache_mixin without match_prefix_for_req")
-        return adapters.call_filtered(fn, tree_cache=self.cache, req=req,
+        return adapters.call_filtered(self.m.match_prefix_for_req, tree_cache=self.cache, req=req,
                                       token_ids=req.origin_input_ids, cow_mamba=False,
                                       include_req=True)
 
