@@ -206,7 +206,8 @@ class DecodeRole:
             last_host_node=None, best_match_node=None, prefix_indices=None, host_hit_length=0,
             swa_host_hit_length=0, mamba_host_hit_length=0, lock_receipt="",
             swa_prefix_lock_released=False, swa_branching_seqlen=None,
-            mamba_branching_seqlen=None, num_matched_prefix_tokens=0,
+            mamba_branching_seqlen=None, num_matched_prefix_tokens=0, session=None,
+            to_finish=None, finished_reason=None, session_id=None,
             kv=adapters.RequestStandIn(mamba_pool_idx=None, req_pool_idx=None,
                                        cache_protected_len=None),
             _compute_max_prefix_len=lambda n: n)
