@@ -43,10 +43,12 @@ SCHEDULE_VERSION = 1
 TokenId = Annotated[int, Field(ge=0, lt=TOKEN_ID_LIMIT)]
 Backend = Literal[STORAGE_BACKENDS]  # type: ignore[valid-type]  # names from reference.api
 #: the storage calls a Schedule may fail (reference/cache_controller.py asks the pacer for these)
-#: a call that a Schedule's faults can fail on one rank: a storage call, or "host_alloc" (this
+#: a call that a Schedule's faults can fail on one rank: a storage call, "host_alloc" (this
 #: rank's host pool refuses a write-through: host memory pressure on a subset of ranks, which
-#: SGLang 0.5.14 names as why `writing_check` may no longer return early)
-StorageCall = Literal["exists", "get", "set", "host_alloc"]
+#: SGLang 0.5.14 names as why `writing_check` may no longer return early) or "prefetch_alloc"
+#: (it refuses a storage prefetch's host pages: in `prefetch_from_storage` to 0.5.15, at the
+#: drain that allocates the agreed hit from 0.5.16)
+StorageCall = Literal["exists", "get", "set", "host_alloc", "prefetch_alloc"]
 #: fields that name something that exists only at some commits (a replay file from a newer
 #: commit may name a variant, profile or SUT this one does not know: cannot judge, not bad input)
 NAMED_AT_SOME_COMMITS = ("variant", "protocol", "sut")
@@ -117,7 +119,8 @@ class Schedule(BaseModel):
     #: per rank: one integer per pacer decision point, consumed in order (missing = all done)
     choices: dict[NonNegativeInt, list[NonNegativeInt]] = Field(default_factory=dict)
     #: per rank: calls that fail there, as [call, seq]: "exists" | "get" | "set" (the n-th
-    #: storage call of that kind) or "host_alloc" (the n-th write_backup finds no host memory)
+    #: storage call of that kind), "host_alloc" (the n-th write_backup finds no host memory) or
+    #: "prefetch_alloc" (the n-th prefetch that allocates host pages finds none)
     faults: dict[NonNegativeInt, list[tuple[StorageCall, NonNegativeInt]]] = Field(
         default_factory=dict)
     #: per rank: ticks its clock runs ahead (prefetch timeouts are local)

@@ -157,6 +157,10 @@ class Driver:
         else:
             self.dev.name_streams(cc.write_stream, cc.load_stream)
         self._hook(cache, cc)
+        if any(call == "prefetch_alloc" for fs in self.s.faults.values() for call, _ in fs):
+            from scenarios.sut.sglang import prefetch_alloc_fault
+
+            prefetch_alloc_fault.install(self.pacer, cache, cc)
 
     def _hook(self, cache: Any, cc: Any) -> None:
         """Wrap the decision points and count operations in and out of each IO thread."""
