@@ -59,6 +59,9 @@ class Issuer:
     qualname: str
     line: int
     issues: tuple[str, ...]
+    #: issues collectives only through `@rank_consensus`, which SGLang makes a no-op unless
+    #: SGLANG_ENABLE_RANK_CONSENSUS_CHECKER is set when the module is imported
+    checker_only: bool = False
 
     @property
     def key(self) -> str:
@@ -189,16 +192,22 @@ def issuers_in(sources: dict[str, str]) -> list[Issuer]:
                 for m in same or module_fns.get(name, []):
                     yield name, m
 
-    issues: dict[int, set[str]] = {id(fn): set(fn.direct) for fn in funcs}
-    changed = True
-    while changed:  # wrappers of wrappers: to a fixed point
-        changed = False
-        for fn in funcs:
-            for name, m in callees(fn):
-                if m is not fn and issues[id(m)] and f"via {name}" not in issues[id(fn)]:
-                    issues[id(fn)].add(f"via {name}")
-                    changed = True
-    return sorted((Issuer(fn.file, fn.qualname, fn.line, tuple(sorted(issues[id(fn)])))
+    def closure(direct: dict[int, set[str]]) -> dict[int, set[str]]:
+        issues = {k: set(v) for k, v in direct.items()}
+        changed = True
+        while changed:  # wrappers of wrappers: to a fixed point
+            changed = False
+            for fn in funcs:
+                for name, m in callees(fn):
+                    if m is not fn and issues[id(m)] and f"via {name}" not in issues[id(fn)]:
+                        issues[id(fn)].add(f"via {name}")
+                        changed = True
+        return issues
+
+    issues = closure({id(fn): set(fn.direct) for fn in funcs})
+    always = closure({id(fn): {d for d in fn.direct if not d.startswith("@")} for fn in funcs})
+    return sorted((Issuer(fn.file, fn.qualname, fn.line, tuple(sorted(issues[id(fn)])),
+                          checker_only=not always[id(fn)])
                    for fn in funcs if issues[id(fn)]), key=lambda i: (i.file, i.line))
 
 
@@ -243,6 +252,9 @@ UNREACHED: tuple[tuple[str, str], ...] = (
 
 
 def why_unreached(issuer: Issuer, server_class: str) -> str:
+    if issuer.checker_only:
+        return ("issues only through `@rank_consensus`, a no-op unless "
+                "SGLANG_ENABLE_RANK_CONSENSUS_CHECKER is set (off in the traced runs)")
     where = f"{issuer.file}:{issuer.qualname}"
     for pattern, why in UNREACHED:
         if pattern in where:
@@ -258,18 +270,31 @@ def _cell(ops: list[str]) -> str:
     return ", ".join(f"`{o}`" for o in ops)
 
 
-def render(version: str, issuers: list[Issuer], observed: dict, server_class: str) -> str:
+def driven_class(observed: dict) -> str:
+    """The cache class the traced runs drove, as their verdicts name it ("... (HiRadixCache)")."""
+    import re
+
+    found = {m.group(1) for _, line in observed.get("runs", [])
+             if (m := re.search(r"\((\w+Cache)\)$", line))}
+    return "/".join(sorted(found))
+
+
+def render(version: str, issuers: list[Issuer], observed: dict) -> str:
     """One release's table: each collective-issuing function, what it issues, and the ops
     that reached it in the traced runs (or why none does)."""
     seen = observed.get("functions", {})
-    rows = [f"Release {version}: the server builds `{server_class or '?'}`; "
+    server_class = driven_class(observed)
+    runs = observed.get("runs", [])
+    rows = [f"Release {version}: the traced runs drove `{server_class or '?'}`; "
             f"{len(issuers)} functions issue collectives, "
-            f"{sum(1 for i in issuers if seen.get(i.key))} reached.", "",
+            f"{sum(1 for i in issuers if seen.get(i.key))} reached by "
+            f"{len(runs)} traced Schedules.", "",
             "| function | file:line | issues | reached by ops |", "|---|---|---|---|"]
     for i in issuers:
         ops = seen.get(i.key)
         reach = _cell(ops) if ops else f"not reached: {why_unreached(i, server_class)}"
-        rows.append(f"| `{i.qualname}` | `{i.file}:{i.line}` | {', '.join(i.issues)} | {reach} |")
+        rows.append(f"| `{i.qualname}` | `{i.file}:{i.line}` | {', '.join(i.issues)}"
+                    f"{' (checker only)' if i.checker_only else ''} | {reach} |")
     scanned = ("mem_cache/", CONTROLLER_FILE, "disaggregation/decode")
     extra = sorted(k for k in observed.get("issued_in", [])
                    if k.startswith(scanned) and k not in {i.key for i in issuers})
@@ -277,18 +302,6 @@ def render(version: str, issuers: list[Issuer], observed: dict, server_class: st
         rows += ["", "Seen issuing at run time but not found in the source (an extractor gap): "
                  + ", ".join(f"`{k}`" for k in extra)]
     return "\n".join(rows)
-
-
-def server_class(srt: Path) -> str:
-    """The class the release's server builds for a plain MHA model (server_cache.py's rule,
-    read from the source): UnifiedRadixCache where the registry's factory ends in it."""
-    reg = srt / "mem_cache" / "registry.py"
-    try:
-        text = reg.read_text()
-    except OSError:
-        return "HiRadixCache"
-    fn = text.split("def default_radix_cache_factory", 1)[-1]
-    return "UnifiedRadixCache" if "UnifiedRadixCache(" in fn else "HiRadixCache"
 
 
 def block_name(version: str) -> str:
@@ -309,7 +322,7 @@ def release_block(version: str, observed: dict) -> str | None:
     srt = envs.release_dir(version) / "sglang" / "srt"
     if not srt.is_dir():
         return None
-    return render(version, release_issuers(srt), observed.get(version, {}), server_class(srt))
+    return render(version, release_issuers(srt), observed.get(version, {}))
 
 
 # -- the traced runs ----------------------------------------------------------------------------
