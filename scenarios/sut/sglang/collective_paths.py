@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import functools
 import json
 import os
 import sys
@@ -121,6 +122,7 @@ def _decorators(node: ast.FunctionDef | ast.AsyncFunctionDef) -> set[str]:
     return out
 
 
+@functools.lru_cache(maxsize=4096)
 def _functions(source: str, file: str) -> tuple[list[_Func], dict[str, list[str]]]:
     """Every function and method of a module (nested functions count as their parent's
     body) and each class's base class names."""
@@ -224,15 +226,38 @@ def scanned_files(srt: Path) -> list[Path]:
 
 
 def release_issuers(srt: Path) -> list[Issuer]:
-    sources = {}
+    """The release's issuers. Only files that can matter are parsed (parsing every cache module
+    takes half a minute): those naming a collective or `rank_consensus`, then, until none is
+    added, those that call a function found issuing. A call resolves by name, so a file that
+    names no issuer cannot add one."""
+    import re
+
+    texts: dict[str, str] = {}
     for p in scanned_files(srt):
         try:
-            text = p.read_text()
-            ast.parse(text)
-        except (OSError, UnicodeDecodeError, SyntaxError):
+            texts[p.relative_to(srt).as_posix()] = p.read_text()
+        except (OSError, UnicodeDecodeError):
             continue
-        sources[p.relative_to(srt).as_posix()] = text
-    return issuers_in(sources)
+    names = sorted(GROUP_COLLECTIVES | P2P | DECORATORS)
+    pattern = re.compile(r"\b(?:" + "|".join(names) + r")\b")
+    chosen = {f for f, text in texts.items() if pattern.search(text)}
+    while True:
+        sources = {f: texts[f] for f in chosen if _parses(texts[f], f)}
+        found = issuers_in(sources)
+        called = {i.qualname.rsplit(".", 1)[-1] for i in found}
+        more = {f for f, text in texts.items() if f not in chosen
+                and any(f"{n}(" in text for n in called)}
+        if not more:
+            return found
+        chosen |= more
+
+
+def _parses(text: str, file: str) -> bool:
+    try:
+        _functions(text, file)  # cached: issuers_in reads it again
+    except SyntaxError:
+        return False
+    return True
 
 
 # -- why a function no Schedule reaches is out of reach (the first pattern that matches) --------
