@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from scenarios.store.doc_tables import read_block
-from scenarios.sut.sglang import call_log, collective_paths as cp, path_trace
+from scenarios.sut.sglang import call_log, path_trace
+from scenarios.sut.sglang import collective_paths as cp
 from tests.sglang_envs import need
 from tests.subprocess_env import REPO
 
