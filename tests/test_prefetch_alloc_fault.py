@@ -56,3 +56,35 @@ def test_sglang_keeps_its_prefetch_alloc_verdict(version: str) -> None:
     assert control.status == "agree", control.summary()
     _, v = run_checked(ex, s)
     assert v.invariant == data["expect_by_release"][f"sglang=={version}"], v.summary()
+
+
+def _gloo_fails() -> None:
+    raise RuntimeError("Connection closed by peer")  # raised in tests/, as torch raises it
+
+
+def test_a_lone_collective_in_an_sglang_thread_is_not_blamed_on_the_harness() -> None:
+    """0.5.13's refusing rank leaves its peer's prefetch thread alone in the hit query: the
+    recorder re-types gloo's error (CollectiveError, raised in scenarios/), which blame.py
+    must judge by its cause, or the release's divergence would read as 125."""
+    from scenarios.client.recorder import CollectiveLog
+    from scenarios.core.errors import CollectiveError
+    from scenarios.sut.sglang import blame
+
+    log = CollectiveLog(typed_errors=True)
+    with pytest.raises(CollectiveError) as info, log.typed_errors("all_reduce over g20_[0, 1]"):
+        _gloo_fails()
+    assert blame.harness_origin(info.value) is None
+    # and a harness bug under the same re-typing is still the harness's
+    with pytest.raises(CollectiveError) as ours, log.typed_errors("all_reduce over g20_[0, 1]"):
+        blame_bug()
+    assert blame.harness_origin(ours.value) is not None
+
+
+def blame_bug() -> None:
+    from scenarios.core.errors import ScheduleError
+    from scenarios.core.schedule import read_json
+
+    try:
+        read_json("/nonexistent/cpcheck.json", "file")  # raises inside scenarios/
+    except ScheduleError as e:
+        raise RuntimeError("wrapped") from e
