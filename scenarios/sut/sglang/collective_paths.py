@@ -287,7 +287,7 @@ def why_unreached(issuer: Issuer, server_class: str) -> str:
     owner = issuer.qualname.split(".", 1)[0]
     if owner in ("HiRadixCache", "UnifiedRadixCache") and server_class and owner != server_class:
         return f"this release's server builds {server_class}"
-    return "no traced Schedule reaches it"
+    return "no collective from it in the traced runs (not called, or its group had one rank)"
 
 
 # -- the table --------------------------------------------------------------------------------
