@@ -226,3 +226,15 @@ def test_a_rank_gloo_killed_in_a_mismatch_is_a_divergence_not_infrastructure(tmp
     _, v = run_checked(Dies(), None)  # type: ignore[arg-type]
     assert v.status == "diverge" and v.invariant == "collectives" and "call #0" in v.message
     assert died_in_mismatch(str(tmp_path), RuntimeError("x")) is None  # only a dead rank
+
+
+def test_the_command_rewrites_a_hand_edit(tmp_path: Path) -> None:
+    version = "0.5.13"
+    need(version)
+    copy = tmp_path / "paths.md"
+    committed = DOC.read_text()
+    body = read_block(committed, cp.block_name(version))
+    copy.write_text(committed.replace(body, body.replace("| `step` |", "| `add` |", 1), 1))
+    assert copy.read_text() != committed  # the edit is seen
+    assert cp.main([version, "--observed", str(OBSERVED), "--write", str(copy)]) == 0
+    assert copy.read_text() == committed
