@@ -137,6 +137,8 @@ class HiRadixCache:
         self.enable_storage = storage is not None
         self.ongoing_write_through: dict[int, TreeNode] = {}
         self._write_backups = 0  # write_backup calls so far: what a "host_alloc" fault counts
+        #: prefetches that reached their host allocation: what a "prefetch_alloc" fault counts
+        self._prefetch_allocs = 0
         self.ongoing_load_back: dict[int, TreeNode] = {}
         self.ongoing_prefetch: dict[str, OngoingPrefetch] = {}
         self.ongoing_backup: dict[int, TreeNode] = {}
@@ -415,10 +417,13 @@ class HiRadixCache:
             return False
         # protect the node the fetched pages will hang from before evicting host memory
         self.tree.inc_host_ref(last_host_node)
-        host_indices = self.host_pool.allocator.alloc(n)
+        # a host pool under pressure on this rank only: both attempts find no memory
+        refused = self.pacer.fail("prefetch_alloc", self._prefetch_allocs)
+        self._prefetch_allocs += 1
+        host_indices = None if refused else self.host_pool.allocator.alloc(n)
         if host_indices is None:
             self.evict_host(n)
-            host_indices = self.host_pool.allocator.alloc(n)
+            host_indices = None if refused else self.host_pool.allocator.alloc(n)
             if host_indices is None:
                 self.tree.dec_host_ref(last_host_node)
                 return False

@@ -499,3 +499,40 @@ def test_newest_and_newest_judged_resolve_for_the_nightly(monkeypatch: pytest.Mo
     monkeypatch.setattr(matrix_cells, "COMMITTED", path)
     with pytest.raises(UsageError, match="no judged cell"):
         campaign_args.resolve_releases(["newest-judged"])
+
+
+def test_a_corpus_file_the_release_lacks_a_seam_for_is_cannot_not_error(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A decode-side file on a release with no decode side is not judged, and is not a machine
+    error either: the cell stays agree, the table says what was left out."""
+    import scenarios.judge.judging as judging
+    from scenarios.core.errors import ErrorKind, MissingSeam
+    from scenarios.core.records import RankError, RankResult
+    from scenarios.sut.sglang.rank import CANNOT_DRIVE
+
+    def ranks(where: str) -> list[RankResult]:
+        err = RankError.of(MissingSeam("no decode_hicache_mixin"), ErrorKind.INFRASTRUCTURE,
+                           where=where)
+        return [RankResult(rank=i, error=err) for i in range(2)]
+
+    outcome = {"decode.json": ranks(CANNOT_DRIVE), "broken.json": ranks("building the pool"),
+               "ok.json": [RankResult(rank=0)]}
+    monkeypatch.setattr(matrix, "corpus_for", lambda layout: [(n, _sched()) for n in outcome])
+    current: list[str] = []
+
+    def run_checked(ex: object, s: object) -> tuple:
+        name = current.pop(0)
+        res = outcome[name]
+        return res, (Verdict.unknown("x") if res[0].error else Verdict(True, stats={}))
+
+    monkeypatch.setattr(judging, "run_checked", run_checked)
+    current.extend(outcome)
+    rows = matrix.run_corpus(object(), "0.5.10.post1", True, "1x2", 1)
+    assert [r.verdict for r in rows] == ["cannot", "error", "agree"]
+    corpus = CorpusResult(n=3, error=1, cannot=1, files=rows)
+    cell = _cell("0.5.10.post1", True, "1x2", "error", corpus=corpus.model_dump(),
+                 generated={"examples": 1})
+    text = matrix_table.cell_text(cell)
+    assert "corpus 1/2 agree" in text and "1 corpus file(s) need a seam" in text
+    assert matrix.cell_verdict(CorpusResult(n=2, cannot=1, files=rows[::2]),
+                               GeneratedResult(examples=1)) == "agree"

@@ -55,7 +55,11 @@ def run_corpus(ex: Any, version: str, dp: bool, layout: str, replays: int,
     rows = []
     for name, s in corpus_for(layout):
         s = s.with_(sut=f"sglang=={version}", dp_attention=dp)
-        _, v = run_checked(ex, s)
+        results, v = run_checked(ex, s)
+        if v.status == "unknown" and lacks_seam(results):
+            rows.append(CorpusFile(file=name, verdict="cannot",
+                                   error=portable(v.diagnosis or "")[:300]))
+            continue
         if v.status == "unknown":  # the pool or the machine broke the run: not judged
             rows.append(CorpusFile(file=name, verdict="error",
                                    error=portable(v.diagnosis or "")[:1500]))
@@ -74,6 +78,15 @@ def run_corpus(ex: Any, version: str, dp: bool, layout: str, replays: int,
             row.replay = str(write_replay(s, v, replay_dir, "torchrun"))
         rows.append(row)
     return rows
+
+
+def lacks_seam(results: list) -> bool:
+    """Every rank stopped because the release lacks a seam the Schedule needs (MissingSeam):
+    the file cannot run on this release, which says nothing about the machine or the release."""
+    from scenarios.sut.sglang.rank import CANNOT_DRIVE
+
+    errors = [r.error for r in results if r.error is not None]
+    return bool(errors) and all(e.where == CANNOT_DRIVE for e in errors)
 
 
 def portable(text: str) -> str:
@@ -114,7 +127,8 @@ def run_cell(ex: Any, version: str, dp: bool, layout: str, examples: int, seed: 
     files = run_corpus(ex, version, dp, layout, replays, replay_dir)
     corpus = CorpusResult(n=len(files), diverge=sum(f.verdict == "diverge" for f in files),
                           flaky=sum(f.verdict == "flaky" for f in files),
-                          error=sum(f.verdict == "error" for f in files), files=files)
+                          error=sum(f.verdict == "error" for f in files),
+                          cannot=sum(f.verdict == "cannot" for f in files), files=files)
     h = hunt(ex, for_sut(f"sglang=={version}", (layout,), dp_attention=dp), examples, seed,
              shrink_s=shrink_s, replays=replays)
     gen = GeneratedResult(examples=h.examples, seed=seed, budget=examples,

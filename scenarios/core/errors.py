@@ -215,6 +215,19 @@ class GateTimeout(PeerWait):
     """A gated IO unit or scheduler point waited past its timeout for the Schedule to open it."""
 
 
+class CollectiveMismatchDied(CpcheckError, RuntimeError):
+    """A rank died in a collective whose peers issued a different one (gloo aborts a process
+    on a size mismatch), and the ranks' call logs, written as each call started, show where
+    their sequences parted: a divergence of the system under test, not a broken machine."""
+
+    exit_code = ExitCode.DIVERGE
+
+    def __init__(self, where: str, died: str) -> None:
+        super().__init__(f"collective mismatch at {where} ({died})")
+        self.where = where
+        self.died = died
+
+
 class CollectiveTimeout(PeerWait):
     """An in-process collective whose peers never came (gloo's timeout, for threads)."""
 

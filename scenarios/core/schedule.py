@@ -43,10 +43,12 @@ SCHEDULE_VERSION = 1
 TokenId = Annotated[int, Field(ge=0, lt=TOKEN_ID_LIMIT)]
 Backend = Literal[STORAGE_BACKENDS]  # type: ignore[valid-type]  # names from reference.api
 #: the storage calls a Schedule may fail (reference/cache_controller.py asks the pacer for these)
-#: a call that a Schedule's faults can fail on one rank: a storage call, or "host_alloc" (this
+#: a call that a Schedule's faults can fail on one rank: a storage call, "host_alloc" (this
 #: rank's host pool refuses a write-through: host memory pressure on a subset of ranks, which
-#: SGLang 0.5.14 names as why `writing_check` may no longer return early)
-StorageCall = Literal["exists", "get", "set", "host_alloc"]
+#: SGLang 0.5.14 names as why `writing_check` may no longer return early) or "prefetch_alloc"
+#: (it refuses a storage prefetch's host pages: in `prefetch_from_storage` to 0.5.15, at the
+#: drain that allocates the agreed hit from 0.5.16)
+StorageCall = Literal["exists", "get", "set", "host_alloc", "prefetch_alloc"]
 #: fields that name something that exists only at some commits (a replay file from a newer
 #: commit may name a variant, profile or SUT this one does not know: cannot judge, not bad input)
 NAMED_AT_SOME_COMMITS = ("variant", "protocol", "sut")
@@ -80,7 +82,10 @@ class Op(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    kind: Literal["add", "step", "abort", "evict_device", "evict_host"]
+    #: "decode_add": a request arriving at the decode server of a PD-disaggregated deployment
+    #: (its KV comes from a prefill server; the prefix the decode side holds on device, host or
+    #: storage is restored locally through HiCache: SGLang's decode_hicache_mixin, 0.5.13+)
+    kind: Literal["add", "step", "abort", "evict_device", "evict_host", "decode_add"]
     rid: str | None = Field(None, min_length=1)
     tokens: list[TokenId] | None = Field(None, min_length=1)
     n: int | None = Field(None, ge=0)
@@ -88,8 +93,8 @@ class Op(BaseModel):
 
     @model_validator(mode="after")
     def _fields_for_kind(self) -> Op:
-        if self.kind == "add" and (self.rid is None or self.tokens is None):
-            raise ValueError("an 'add' op needs rid and tokens")
+        if self.kind in ("add", "decode_add") and (self.rid is None or self.tokens is None):
+            raise ValueError(f"an '{self.kind}' op needs rid and tokens")
         if self.kind == "abort" and self.rid is None:
             raise ValueError("an 'abort' op needs rid")
         if self.kind in ("evict_device", "evict_host") and self.n is None:
@@ -114,7 +119,8 @@ class Schedule(BaseModel):
     #: per rank: one integer per pacer decision point, consumed in order (missing = all done)
     choices: dict[NonNegativeInt, list[NonNegativeInt]] = Field(default_factory=dict)
     #: per rank: calls that fail there, as [call, seq]: "exists" | "get" | "set" (the n-th
-    #: storage call of that kind) or "host_alloc" (the n-th write_backup finds no host memory)
+    #: storage call of that kind), "host_alloc" (the n-th write_backup finds no host memory) or
+    #: "prefetch_alloc" (the n-th prefetch that allocates host pages finds none)
     faults: dict[NonNegativeInt, list[tuple[StorageCall, NonNegativeInt]]] = Field(
         default_factory=dict)
     #: per rank: ticks its clock runs ahead (prefetch timeouts are local)
@@ -172,7 +178,7 @@ class Schedule(BaseModel):
             raise FieldProblem(("ops",), "no ops: a schedule must do something")
         seen: set[str] = set()
         for i, op in enumerate(self.ops):
-            if op.kind == "add":
+            if op.kind in ("add", "decode_add"):
                 if op.rid in seen:
                     raise FieldProblem(("ops", i, "rid"), f"duplicate request id '{op.rid}'")
                 seen.add(op.rid or "")

@@ -10,7 +10,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from scenarios.core.errors import CollectiveTimeout, RankPoolError, RankTimeoutError
+from scenarios.core.errors import (
+    CollectiveMismatchDied,
+    CollectiveTimeout,
+    RankPoolError,
+    RankTimeoutError,
+)
 from scenarios.core.records import RankResult
 from scenarios.core.schedule import Schedule
 from scenarios.core.verdict import Verdict
@@ -30,6 +35,8 @@ def run_checked(ex: Any, s: Schedule, **run_kw: Any) -> tuple[list[RankResult], 
         results = ex.run(s, **run_kw)
     except Exception as e:
         line = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+        if isinstance(e, CollectiveMismatchDied):  # ranks issued different collectives
+            return [], Verdict(False, "collectives", str(e), [("collectives", str(e))])
         hang = isinstance(e, CollectiveTimeout | RankTimeoutError)
         if hang and getattr(ex, "hangs_are_findings", True):
             # ranks froze: a hang of the system under test (confirmed by replay like any other)

@@ -57,7 +57,9 @@ class CorpusFile(_Part):
     """One corpus Schedule run in a cell."""
 
     file: str
-    verdict: Literal["agree", "diverge", "flaky", "error"]
+    #: "cannot": the release lacks a seam the file needs (e.g. no decode side): not judged,
+    #: and not an error of the machine either
+    verdict: Literal["agree", "diverge", "flaky", "error", "cannot"]
     invariant: str | None = None
     message: str | None = None
     reproduced: Replays | None = None
@@ -73,11 +75,12 @@ class CorpusResult(_Part):
     diverge: int = 0
     flaky: int = 0
     error: int = 0
+    cannot: int = 0
     files: list[CorpusFile] = []
 
     @property
     def agreed(self) -> int:
-        return self.n - self.flaky - self.error
+        return self.n - self.flaky - self.error - self.cannot
 
     @property
     def divergent(self) -> list[CorpusFile]:

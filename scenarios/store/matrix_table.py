@@ -32,8 +32,9 @@ def _corpus(c: Cell) -> str:
     cp = c.corpus
     if cp is None or not cp.n:
         return ""
-    parts = [f"corpus {cp.diverge}/{cp.n} diverge" if cp.diverge
-             else f"corpus {cp.agreed}/{cp.n} agree"]
+    n = cp.n - cp.cannot  # files the release can run at all
+    parts = [f"corpus {cp.diverge}/{n} diverge" if cp.diverge
+             else f"corpus {cp.agreed}/{n} agree"]
     div = cp.divergent
     if div:
         invs = sorted({str(f.invariant) for f in div})
@@ -45,6 +46,8 @@ def _corpus(c: Cell) -> str:
         parts.append(f"{cp.flaky} corpus run(s) diverged once, agreed on every replay")
     if cp.error:
         parts.append(f"{cp.error} corpus run(s) not judged (pool error)")
+    if cp.cannot:
+        parts.append(f"{cp.cannot} corpus file(s) need a seam this release lacks")
     return ", ".join(parts)
 
 

@@ -100,6 +100,7 @@ class Executor:
 
     def run(self, s: Schedule, *, gated: bool = True, nemesis: Any = None) -> list[Any]:
         self._check_backend(s)
+        refuse_decode_role(s)
         run_id = f"r{uuid.uuid4().hex[:10]}"
         if self.mode == "inprocess":
             from scenarios.runner.inprocess import run_schedule_inprocess
@@ -224,3 +225,14 @@ class Executor:
             close_all()
         if self._own_root:
             shutil.rmtree(self.storage_root, ignore_errors=True)
+
+
+def refuse_decode_role(s: Schedule) -> None:
+    """The reference models a prefill (or mixed) server's cache, not the decode side of PD
+    disaggregation: a Schedule with a `decode_add` op cannot be judged on it (125), only on
+    SGLang, whose ranks must still agree with each other."""
+    if any(op.kind == "decode_add" for op in s.ops):
+        from scenarios.core.errors import CannotJudge
+
+        raise CannotJudge("the reference does not model the decode side of PD disaggregation "
+                          "(op 'decode_add'): run it with --sut sglang==VERSION (0.5.13+)")

@@ -16,6 +16,7 @@ import sys
 from types import TracebackType
 
 from scenarios.core.config import REPO_ROOT
+from scenarios.core.errors import CollectiveError
 
 #: the harness's own code (`scenarios/`)
 HARNESS_DIR = os.path.join(str(REPO_ROOT), "scenarios") + os.sep
@@ -74,6 +75,11 @@ def harness_origin(exc: BaseException) -> str | None:
     e: BaseException | None = exc
     while e is not None and id(e) not in seen:
         seen.add(id(e))
+        if isinstance(e, CollectiveError) and e.__cause__ is not None:
+            # the recorder's typed re-raise of torch's own collective failure (a peer that
+            # never came, or that crashed): whose failure it is lies in the cause
+            e = e.__cause__
+            continue
         callee = _harness_callee(e) or _harness_object(e)
         if callee is not None:
             return callee

@@ -65,6 +65,8 @@ class Driver:
         self.reissue_max = 0
         self.last_match: dict[str, int] = {}
         self.reissues: dict[str, int] = {}
+        #: the decode side of PD disaggregation, made at the first `decode_add` (decode_role.py)
+        self.decode: Any = None
         self.ps = s.cache.page_size
         self._build(dp_attention)
 
@@ -148,6 +150,10 @@ class Driver:
         else:
             self.dev.name_streams(cc.write_stream, cc.load_stream)
         self._hook(cache, cc)
+        if any(call == "prefetch_alloc" for fs in self.s.faults.values() for call, _ in fs):
+            from scenarios.sut.sglang import prefetch_alloc_fault
+
+            prefetch_alloc_fault.install(self.pacer, cache, cc)
 
     def _hook(self, cache: Any, cc: Any) -> None:
         """Wrap the decision points and count operations in and out of each IO thread."""
@@ -357,6 +363,12 @@ class Driver:
             adapters.evict(self.cache, op.n)
         elif op.kind == "evict_host":
             self.cache.evict_host(op.n)
+        elif op.kind == "decode_add":
+            if self.decode is None:
+                from scenarios.sut.sglang.decode_role import DecodeRole
+
+                self.decode = DecodeRole(self)
+            self.decode.add(op.rid, op.tokens)
 
     def add(self, rid: str, tokens: list[int], prefetch: bool) -> None:
         if rid in self.waiting or rid in self.ready:
@@ -402,6 +414,9 @@ class Driver:
         return True
 
     def abort(self, rid: str) -> None:
+        if self.decode is not None and self.decode.abort(rid):
+            self.outcomes.append(_outcome(rid, "aborted"))
+            return
         if rid in self.waiting:
             self.waiting.pop(rid)
             self._current_rid = rid
@@ -415,6 +430,8 @@ class Driver:
     def step(self) -> None:
         cache = self.cache
         cache.check_hicache_events()
+        if self.decode is not None:  # a decode server's queues (decode_role.py)
+            self.decode.step()
         for rid in list(self.waiting):
             self._current_rid = rid
             if adapters.check_prefetch_progress(cache, rid):
@@ -490,7 +507,8 @@ class Driver:
         io = any(g.ops_in[k] != g.ops_out[k] for k in ("query", "get", "set"))
         if self.pipeline is not None:
             io = io or io_busy(self, cc)
-        return bool(io or self.waiting or self.ready or cache.ongoing_write_through
+        decode = self.decode is not None and self.decode.busy()
+        return bool(io or decode or self.waiting or self.ready or cache.ongoing_write_through
                     or cache.ongoing_load_back or cache.ongoing_prefetch
                     or getattr(cache, "ongoing_backup", None)
                     or (hasattr(cc, "prefetch_revoke_queue") and cc.prefetch_revoke_queue.qsize())

@@ -153,8 +153,11 @@ class SglangExecutor:
         payload = self._payload(s, dp)
         try:
             results = pool.run(JOB, payload, timeout_s=Timeouts(self.timeout_s).run_s)
-        except RankPoolError:
+        except RankPoolError as e:
             drop_pool(self._pools, s.layout)
+            mismatch = died_in_mismatch(os.path.join(self.storage_root, payload["run_id"]), e)
+            if mismatch is not None:
+                raise mismatch from e
             raise
         said = consensus.compare(results) if self.consensus_checker else None
         if any(r.error is not None for r in results) or (said and said["stuck_ranks"]):
@@ -273,3 +276,17 @@ def annotate(v: Verdict, dp_attention: bool, backend: str = "file", *,
             v = Verdict(False, keep[0][0], keep[0][1], keep, v.stats)
     v.stats["not_observed"] = notes
     return v
+
+
+def died_in_mismatch(run_dir: str, e: Exception) -> Any:
+    """A rank that died (gloo aborts on mismatched collective sizes) while the ranks' call
+    logs part on one group: the release's divergence (call_log.py), else None."""
+    from scenarios.core.errors import CollectiveMismatchDied, RankDiedError
+    from scenarios.sut.sglang.call_log import first_mismatch
+
+    if not isinstance(e, RankDiedError):
+        return None
+    where = first_mismatch(run_dir)
+    if where is None:
+        return None
+    return CollectiveMismatchDied(where, (str(e).splitlines() or [""])[0])

@@ -36,7 +36,15 @@ from scenarios.core.records import (
     error_kind,
 )
 from scenarios.core.timeouts import Timeouts
-from scenarios.sut.sglang import adapters, consensus, mooncake, quick_reset, shim
+from scenarios.sut.sglang import (
+    adapters,
+    call_log,
+    consensus,
+    mooncake,
+    path_trace,
+    quick_reset,
+    shim,
+)
 from scenarios.sut.sglang.blame import harness_origin
 from scenarios.sut.sglang.seams import GatedDevice, IoGates, SglangPacer
 
@@ -46,6 +54,10 @@ from scenarios.sut.sglang.seams import GatedDevice, IoGates, SglangPacer
 HOST_MEMORY_REFUSED = "Not enough host memory available"
 
 
+#: where a rank stopped because the release lacks a seam the Schedule needs
+CANNOT_DRIVE = "driving this SGLang release"
+
+
 def _machine_broke(e: BaseException) -> str | None:
     """What the harness was doing when the machine, not SGLang, broke the run; else None."""
     if isinstance(e, ValueError) and HOST_MEMORY_REFUSED in str(e):
@@ -53,7 +65,7 @@ def _machine_broke(e: BaseException) -> str | None:
     if isinstance(e, mooncake.ReadBackFailed):
         return "reading the run's pages back from the Mooncake master"
     if isinstance(e, CannotJudge):  # a release the driver cannot drive (MissingSeam)
-        return "driving this SGLang release"
+        return CANNOT_DRIVE
     if error_kind(e) is ErrorKind.FAILED and (at := harness_origin(e)):
         return f"harness error (not SGLang's) raised at {at}"
     return None
@@ -82,6 +94,10 @@ class Run:
         self.harness_error: str | None = None
         #: which cache to build: "server" (what the release's server builds) or "HiRadixCache"
         self.cache_class = "server"
+        #: which SGLang functions issued collectives, per op (only under path_trace.ENV)
+        self.trace = path_trace.PathTrace() if path_trace.folder() else None
+        #: the calls as they start, in a file that outlives a rank gloo aborts (call_log.py)
+        self.call_log = call_log.CallLog(storage_dir, rank)
 
 
 CURRENT: Run | None = None
@@ -127,6 +143,9 @@ def _recorded(kind: str, fn: Any) -> Any:
                                   str(t.dtype).removeprefix("torch."))
         else:
             call = CollectiveCall(kind)
+        if run.trace is not None:
+            run.trace.note(kind)
+        run.call_log.write(name, call)
         with run.collectives.call(name, call):
             return fn(*args, **kwargs)
     wrapper._cpcheck = True  # type: ignore[attr-defined]
@@ -362,6 +381,8 @@ class SglangRank:
         self.build_s = time.monotonic() - t0  # where a run's time goes (bench_sglang.py)
 
     def apply(self, op: Any) -> None:
+        if self.run.trace is not None:
+            self.run.trace.op = op.kind
         self.driver.apply(op)
 
     def step(self) -> None:
@@ -375,6 +396,8 @@ class SglangRank:
 
     def draining(self) -> None:
         self.run.pacer.drain = True
+        if self.run.trace is not None:
+            self.run.trace.op = path_trace.DRAIN
 
     def finish(self) -> Snapshot:
         run = self.run
@@ -454,6 +477,9 @@ def run_schedule(ctx: Any, payload: dict) -> RankResult:
         out = run_rank(sut, s.ops, gated=True)
     finally:
         CURRENT = None
+        run.call_log.close()
+        if run.trace is not None and path_trace.folder():
+            run.trace.write(os.path.join(path_trace.folder() or "", f"{run.run_id}-r{rank}.json"))
         if checker is not None:
             said = consensus.finish(checker)
             d = sut.driver
