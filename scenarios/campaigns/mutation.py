@@ -67,9 +67,11 @@ def _py() -> str:
 #: The kill command, cheapest first; the first detector that fails kills the mutant. One
 #: place: the differential explore (`explore --differential`) is added here as one more entry.
 DETECTORS: dict[str, list[str]] = {
-    # the reference's keys pinned byte for byte (SGLang's hashing, without any release)
-    "hashing": ["-m", "pytest", "-p", "no:cacheprovider", "-q", "-x", "--no-header",
-                "tests/test_hashing.py"],
+    # one pytest process: the reference's keys pinned byte for byte (SGLang's hashing, without
+    # any release); the sync groups per release on pipeline layouts and groups that dedup, which
+    # the generated runs below never build (no PP layout, no repeated rank set)
+    "units": ["-m", "pytest", "-p", "no:cacheprovider", "-q", "-x", "--no-header",
+              "tests/test_hashing.py", "tests/test_sync_units.py"],
     # the `ci` generator budget in-process: checker (six invariants) and protocol oracle
     "generated": ["-m", "scenarios.campaigns.mutation", "detect-generated"],
 }
@@ -165,7 +167,9 @@ def _config(modules: tuple[str, ...], command: str) -> str:
 
 
 def _cr(name: str) -> str:
-    return str(Path(_py()).with_name(name))
+    """A cosmic-ray tool: on PATH, else beside this interpreter (the `mutation` extra). It
+    mutates files without importing them, so any environment's copy serves."""
+    return shutil.which(name) or str(Path(_py()).with_name(name))
 
 
 def run_target(target: str, seconds: float, diff_release: str | None = None) -> list[dict]:
