@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -100,3 +101,58 @@ def test_committed_score_table_is_generated_from_the_committed_results() -> None
         pytest.skip("no mutation run committed yet")
     results = json.loads(mutation.RESULTS.read_text())
     assert mutation.SCORE_DOC.read_text() == mutation.render(results, mutation.load_equivalent())
+
+
+FAKE_COSMIC_RAY = """#!/bin/sh
+# `exec`: what a mutant's kill command looks like to the process tree (a child that outlives
+# nothing on its own); every other verb succeeds at once
+if [ "$1" = exec ]; then
+  sleep 300 &
+  echo "$$ $!" > "$FAKE_PIDS"
+  wait
+fi
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie is dead
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_killed_run_leaves_no_cosmic_ray_process_and_no_tree(tmp_path: Path) -> None:
+    """SIGKILL of the process running a target: the watchdog stops cosmic-ray and its children
+    (a mutant's kill command) and removes the throwaway tree within seconds."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("cosmic-ray", "cr-filter-operators"):
+        (bin_dir / tool).write_text(FAKE_COSMIC_RAY)
+        (bin_dir / tool).chmod(0o755)
+    pids_file, trees = tmp_path / "pids", tmp_path / "tmp"
+    trees.mkdir()
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+           "FAKE_PIDS": str(pids_file), "TMPDIR": str(trees)}
+    code = "from scenarios.campaigns import mutation; mutation.run_target('hashing', 300)"
+    runner = subprocess.Popen([sys.executable, "-c", code], env=env,
+                              cwd=Path(mutation.__file__).resolve().parents[2])
+    try:
+        deadline = time.monotonic() + 120
+        while not (pids_file.exists() and len(pids_file.read_text().split()) == 2):
+            assert runner.poll() is None, "the run ended before cosmic-ray exec started"
+            assert time.monotonic() < deadline, "cosmic-ray exec never started"
+            time.sleep(0.1)
+        pids = [int(p) for p in pids_file.read_text().split()]
+        assert all(_alive(p) for p in pids) and len(list(trees.iterdir())) == 1
+        runner.kill()
+        runner.wait()
+        deadline = time.monotonic() + 30
+        while any(_alive(p) for p in pids) or list(trees.iterdir()):
+            assert time.monotonic() < deadline, (
+                f"left behind: {[p for p in pids if _alive(p)]}, {list(trees.iterdir())}")
+            time.sleep(0.2)
+    finally:
+        runner.kill()
+        runner.wait()

@@ -172,6 +172,46 @@ def _cr(name: str) -> str:
     return shutil.which(name) or str(Path(_py()).with_name(name))
 
 
+def _stop_group(pgid: int, grace_s: float = 20.0) -> None:
+    """SIGTERM the process group, SIGKILL what is left after `grace_s`."""
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline:
+            time.sleep(0.2)
+            os.killpg(pgid, 0)
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+#: the watchdog: argv = our pid, cosmic-ray's process group, the throwaway tree. It runs in a
+#: session of its own, so a SIGKILL of us or of cosmic-ray's group leaves it running; once we
+#: are gone (it is reparented) it stops the group and removes the tree, once the group is gone
+#: it exits.
+_WATCHDOG = """
+import os, shutil, signal, sys, time
+parent, pgid, tree = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+signal.signal(signal.SIGTERM, signal.SIG_DFL)
+while os.getppid() == parent:
+    time.sleep(0.2)
+try:
+    os.killpg(pgid, signal.SIGTERM)
+    time.sleep(3)
+    os.killpg(pgid, signal.SIGKILL)
+except ProcessLookupError:
+    pass
+shutil.rmtree(tree, ignore_errors=True)
+"""
+
+
+def _watch(pgid: int, tree: Path) -> subprocess.Popen:
+    """Stop cosmic-ray's process group (every mutant's kill command in it) and remove the
+    throwaway tree if this process dies without doing it (SIGKILL, OOM killer)."""
+    return subprocess.Popen([_py(), "-c", _WATCHDOG, str(os.getpid()), str(pgid), str(tree)],
+                            start_new_session=True, stdin=subprocess.DEVNULL)
+
+
 def run_target(target: str, seconds: float, diff_release: str | None = None) -> list[dict]:
     """Mutate one target in a throwaway copy for at most `seconds`; every mutant's entry
     (those not reached have outcome `not run`)."""
@@ -187,15 +227,15 @@ def run_target(target: str, seconds: float, diff_release: str | None = None) -> 
         proc = subprocess.Popen([_cr("cosmic-ray"), "exec", "cr.toml", "session.sqlite"],
                                 cwd=root, env=env, start_new_session=True,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        watchdog = _watch(proc.pid, root)
         try:
             proc.wait(timeout=max(seconds, 1))
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+            _stop_group(proc.pid)
+            proc.wait()
+        finally:
+            watchdog.kill()
+            watchdog.wait()
         dump = subprocess.run([_cr("cosmic-ray"), "dump", "session.sqlite"], cwd=root, env=env,
                               check=True, capture_output=True, text=True).stdout
         return entries(dump, lambda m: (REPO / m).read_text().splitlines(), target)
