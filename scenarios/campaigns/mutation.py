@@ -97,12 +97,27 @@ def kill_command(diff_release: str | None = None) -> str:
     return " ".join(args)
 
 
+def _in_process(argv: list[str]) -> int | None:
+    """Run a pytest or detect-generated detector in this process (one interpreter and one torch
+    import per mutant, not one per detector: most of a mutant's cost on a loaded box); None for
+    any other detector."""
+    if argv[:2] == ["-m", "pytest"]:
+        import pytest
+
+        return int(pytest.main(argv[2:]))
+    if argv == DETECTORS["generated"]:
+        return detect_generated()
+    return None
+
+
 def run_detectors(diff_release: str | None = None, verbose: bool = True) -> int:
-    """Run the kill command's detectors in order; the exit code of the first that fails."""
+    """Run the kill command's detectors in order; 1 when one fails (the mutant is killed)."""
     for name, argv in detectors(diff_release).items():
         t0 = time.monotonic()
-        rc = subprocess.run([_py(), *argv], cwd=os.getcwd(), capture_output=not verbose,
-                            timeout=MUTANT_TIMEOUT_S).returncode
+        rc = _in_process(argv)
+        if rc is None:
+            rc = subprocess.run([_py(), *argv], cwd=os.getcwd(), capture_output=not verbose,
+                                timeout=MUTANT_TIMEOUT_S).returncode
         if verbose:
             print(f"detector {name}: exit {rc} in {time.monotonic() - t0:.1f} s", flush=True)
         if rc != 0:
