@@ -426,11 +426,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mutation: unknown target(s) {unknown} or a time limit <= 0 "
               f"(targets: {', '.join(TARGETS)})", file=sys.stderr)
         return 2
-    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"targets": {}}
     commit = _commit()
     for t in targets:
         t0 = time.monotonic()
         rows = run_target(t, args.minutes * 60, args.diff)
+        # read now, not at the start: runs of other targets may have finished meanwhile
+        results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"targets": {}}
         results["targets"][t] = {
             "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": commit,
             "machine": f"{os.cpu_count()} cores", "limit_s": args.minutes * 60,
