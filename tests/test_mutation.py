@@ -87,7 +87,7 @@ def test_a_real_mutant_of_the_key_hashing_is_killed(tmp_path: Path) -> None:
         shutil.copy2(repo / f, tmp_path / f)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [str(tmp_path), *filter(None, [os.environ.get("PYTHONPATH")])])}  # the copy first
-    argv = [sys.executable, *mutation.DETECTORS["units"]]
+    argv = [sys.executable, *mutation.DETECTORS["hashing"]]
     assert subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True).returncode == 0
     hashing = tmp_path / "reference" / "hashing.py"
     text = hashing.read_text()

@@ -2,9 +2,9 @@
 on layouts whose groups are single-rank or repeat, `SyncGroup` over a recording fake of the
 collectives, and `TorchCollectives` over a fake `torch.distributed`.
 
-Fast on purpose (well under a second): the mutation run's kill command runs this file on every
-mutant (scenarios/campaigns/mutation.py, detector "units"), and the cross-rank runs of the
-other detectors use no pipeline layout and no group that dedups, so these paths are pinned here.
+Fast on purpose (well under a second of tests): the mutation run's kill command runs this file
+on every mutant of reference/sync.py (scenarios/campaigns/mutation.py, detector "sync"); the
+generated runs build no PP forward and no group that dedups, so these paths are pinned here.
 What each release does: reference/profiles.py's table (sync groups, PP agreement).
 """
 

@@ -73,24 +73,38 @@ def _py() -> str:
     return sys.executable
 
 
-#: The kill command, cheapest first; the first detector that fails kills the mutant. One
-#: place: the differential explore (`explore --differential`) is added here as one more entry.
+#: The detectors, cheapest first; the first that fails kills the mutant. One place: the
+#: differential explore (`explore --differential`) is added here as one more entry.
 DETECTORS: dict[str, list[str]] = {
-    # one pytest process: the reference's keys pinned byte for byte (SGLang's hashing, without
-    # any release); the sync groups per release on pipeline layouts and groups that dedup, which
-    # the generated runs below never build (no PP layout, no repeated rank set)
-    "units": ["-m", "pytest", "-p", "no:cacheprovider", "-q", "-x", "--no-header",
-              "tests/test_hashing.py", "tests/test_sync_units.py"],
-    # the `ci` generator budget in-process: checker (six invariants) and protocol oracle
+    # the reference's keys pinned byte for byte (SGLang's hashing, without any release)
+    "hashing": ["-m", "pytest", "-p", "no:cacheprovider", "-q", "-x", "--no-header",
+                "tests/test_hashing.py"],
+    # the sync groups per release on pipeline layouts and on groups that dedup, which the
+    # generated runs below never build (no PP forward, no repeated rank set), and SyncGroup /
+    # TorchCollectives over fakes
+    "sync": ["-m", "pytest", "-p", "no:cacheprovider", "-q", "-x", "--no-header",
+             "tests/test_sync_units.py"],
+    # GENERATED_BUDGETS in-process: checker (six invariants) and protocol oracle
     "generated": ["-m", "scenarios.campaigns.mutation", "detect-generated"],
+}
+#: each target's kill command: the detectors that import its modules (a test that never
+#: imports reference/sync.py cannot kill a mutant of it; its run is only cost). The generated
+#: runs import the whole reference.
+TARGET_DETECTORS: dict[str, tuple[str, ...]] = {
+    "hashing": ("hashing", "generated"),
+    "sync": ("sync", "generated"),
+    "decisions": ("generated",),
 }
 #: opt-in (`--diff VERSION`): the catalog's `cpcheck diff` on one built release, 40-100 s a
 #: scenario on a loaded 2-core box, so the nightly runs it and a local run need not
 DIFF_SCENARIOS = ("write_acks", "revoke", "prefetch_batches")
 
 
-def detectors(diff_release: str | None = None) -> dict[str, list[str]]:
-    out = dict(DETECTORS)
+def detectors(target: str | None = None, diff_release: str | None = None
+              ) -> dict[str, list[str]]:
+    """A target's kill command (every detector without one), in order."""
+    names = TARGET_DETECTORS[target] if target else tuple(DETECTORS)
+    out = {n: DETECTORS[n] for n in names}
     if diff_release:
         for name in DIFF_SCENARIOS:
             out[f"diff {name}"] = ["-m", "scenarios.cli", "diff", name, "--sut",
@@ -98,9 +112,9 @@ def detectors(diff_release: str | None = None) -> dict[str, list[str]]:
     return out
 
 
-def kill_command(diff_release: str | None = None) -> str:
+def kill_command(target: str, diff_release: str | None = None) -> str:
     """The shell command cosmic-ray runs per mutant (exit 0: survived, else killed)."""
-    args = [_py(), "-m", "scenarios.campaigns.mutation", "kill"]
+    args = [_py(), "-m", "scenarios.campaigns.mutation", "kill", "--target", target]
     if diff_release:
         args += ["--diff", diff_release]
     return " ".join(args)
@@ -119,9 +133,10 @@ def _in_process(argv: list[str]) -> int | None:
     return None
 
 
-def run_detectors(diff_release: str | None = None, verbose: bool = True) -> int:
+def run_detectors(target: str | None = None, diff_release: str | None = None,
+                  verbose: bool = True) -> int:
     """Run the kill command's detectors in order; 1 when one fails (the mutant is killed)."""
-    for name, argv in detectors(diff_release).items():
+    for name, argv in detectors(target, diff_release).items():
         t0 = time.monotonic()
         rc = _in_process(argv)
         if rc is None:
@@ -273,7 +288,7 @@ def run_target(target: str, seconds: float, diff_release: str | None = None) -> 
     with tempfile.TemporaryDirectory(prefix="cpcheck-mutation-") as tmp:
         root = Path(tmp)
         _copy_tree(root)
-        (root / "cr.toml").write_text(_config(modules, kill_command(diff_release)))
+        (root / "cr.toml").write_text(_config(modules, kill_command(target, diff_release)))
         env = {**os.environ, "PYTHONPATH": str(root)}
         for cmd in ([_cr("cosmic-ray"), "init", "cr.toml", "session.sqlite"],
                     [_cr("cr-filter-operators"), "session.sqlite", "cr.toml"]):
@@ -453,13 +468,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="add the catalog's `cpcheck diff` on this built release to the kill "
                         "command")
     sub.add_parser("report", help="regenerate the table from the kept results")
-    k = sub.add_parser("kill", help="the kill command: every detector on this tree")
+    k = sub.add_parser("kill", help="the kill command: a target's detectors on this tree")
+    k.add_argument("--target", choices=list(TARGETS), default=None,
+                   help="that target's detectors (TARGET_DETECTORS); default every detector")
     k.add_argument("--diff", default=None, metavar="VERSION")
     g = sub.add_parser("detect-generated", help="the `ci` generator budget in-process")
     g.add_argument("--examples", type=int, default=None)
     args = p.parse_args(argv)
     if args.cmd == "kill":
-        return run_detectors(args.diff)
+        return run_detectors(args.target, args.diff)
     if args.cmd == "detect-generated":
         return detect_generated(args.examples)
     if args.cmd == "report":
@@ -480,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
         results["targets"][t] = {
             "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": commit,
             "machine": f"{os.cpu_count()} cores", "limit_s": args.minutes * 60,
-            "seconds": round(time.monotonic() - t0), "detectors": list(detectors(args.diff)),
+            "seconds": round(time.monotonic() - t0), "detectors": list(detectors(t, args.diff)),
             "functions": list(TARGET_FUNCTIONS.get(t, ())), "rows": rows}
         RESULTS.write_text(json.dumps(results, indent=1) + "\n")
         print(f"mutation: {t}: {sum(r['outcome'] == 'killed' for r in rows)} killed, "
