@@ -104,9 +104,9 @@ def test_committed_score_table_is_generated_from_the_committed_results() -> None
 
 
 FAKE_COSMIC_RAY = """#!/bin/sh
-# `exec`: what a mutant's kill command looks like to the process tree (a child that outlives
-# nothing on its own); every other verb succeeds at once
-if [ "$1" = exec ]; then
+# the verb $FAKE_HANG runs a child (as exec runs a mutant's kill command) and waits for it;
+# every other verb succeeds at once
+if [ "$1" = "$FAKE_HANG" ]; then
   sleep 300 &
   echo "$$ $!" > "$FAKE_PIDS"
   wait
@@ -123,9 +123,11 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-def test_a_killed_run_leaves_no_cosmic_ray_process_and_no_tree(tmp_path: Path) -> None:
-    """SIGKILL of the process running a target: the watchdog stops cosmic-ray and its children
-    (a mutant's kill command) and removes the throwaway tree within seconds."""
+@pytest.mark.parametrize("hang", ["init", "exec"])
+def test_a_killed_run_leaves_no_cosmic_ray_process_and_no_tree(tmp_path: Path, hang: str) -> None:
+    """SIGKILL of the process running a target, while cosmic-ray sets up or runs mutants: the
+    watchdog stops the tool and its children (a mutant's kill command) and removes the
+    throwaway tree within seconds."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     for tool in ("cosmic-ray", "cr-filter-operators"):
@@ -134,15 +136,15 @@ def test_a_killed_run_leaves_no_cosmic_ray_process_and_no_tree(tmp_path: Path) -
     pids_file, trees = tmp_path / "pids", tmp_path / "tmp"
     trees.mkdir()
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
-           "FAKE_PIDS": str(pids_file), "TMPDIR": str(trees)}
+           "FAKE_PIDS": str(pids_file), "FAKE_HANG": hang, "TMPDIR": str(trees)}
     code = "from scenarios.campaigns import mutation; mutation.run_target('hashing', 300)"
     runner = subprocess.Popen([sys.executable, "-c", code], env=env,
                               cwd=Path(mutation.__file__).resolve().parents[2])
     try:
         deadline = time.monotonic() + 120
         while not (pids_file.exists() and len(pids_file.read_text().split()) == 2):
-            assert runner.poll() is None, "the run ended before cosmic-ray exec started"
-            assert time.monotonic() < deadline, "cosmic-ray exec never started"
+            assert runner.poll() is None, f"the run ended before cosmic-ray {hang} started"
+            assert time.monotonic() < deadline, f"cosmic-ray {hang} never started"
             time.sleep(0.1)
         pids = [int(p) for p in pids_file.read_text().split()]
         assert all(_alive(p) for p in pids) and len(list(trees.iterdir())) == 1

@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 RESULTS = REPO / "docs" / "measurements" / "mutation-results.json"
@@ -254,31 +255,67 @@ def _stop_group(pgid: int, grace_s: float = 20.0) -> None:
         pass
 
 
-#: the watchdog: argv = our pid, cosmic-ray's process group, the throwaway tree. It runs in a
-#: session of its own, so a SIGKILL of us or of cosmic-ray's group leaves it running; once we
-#: are gone (it is reparented) it stops the group and removes the tree, once the group is gone
-#: it exits.
+#: the watchdog: argv = our pid, the throwaway tree. It runs in a session of its own, so a
+#: SIGKILL of us leaves it running; once we are gone (it is reparented) it stops the process
+#: group of every cosmic-ray tool we started (PGIDS in the tree: each runs in its own session,
+#: a mutant's kill command in the tool's) and removes the tree.
 _WATCHDOG = """
 import os, shutil, signal, sys, time
-parent, pgid, tree = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+parent, tree = int(sys.argv[1]), sys.argv[2]
 signal.signal(signal.SIGTERM, signal.SIG_DFL)
 while os.getppid() == parent:
     time.sleep(0.2)
+time.sleep(0.5)  # a tool forked just before our parent died records itself
 try:
-    os.killpg(pgid, signal.SIGTERM)
+    with open(os.path.join(tree, ".pgids")) as f:
+        pgids = [int(x) for x in f.read().split()]
+except OSError:
+    pgids = []
+for sig in (signal.SIGTERM, signal.SIGKILL):
+    left = 0
+    for pgid in pgids:
+        try:
+            os.killpg(pgid, sig)
+            left += 1
+        except ProcessLookupError:
+            pass
+    if not left:
+        break
     time.sleep(3)
-    os.killpg(pgid, signal.SIGKILL)
-except ProcessLookupError:
-    pass
 shutil.rmtree(tree, ignore_errors=True)
 """
+PGIDS = ".pgids"
 
 
-def _watch(pgid: int, tree: Path) -> subprocess.Popen:
-    """Stop cosmic-ray's process group (every mutant's kill command in it) and remove the
-    throwaway tree if this process dies without doing it (SIGKILL, OOM killer)."""
-    return subprocess.Popen([_py(), "-c", _WATCHDOG, str(os.getpid()), str(pgid), str(tree)],
+def _watch(tree: Path) -> subprocess.Popen:
+    """Stop every cosmic-ray tool started in `tree` (every mutant's kill command with it) and
+    remove the tree if this process dies without doing it (SIGKILL, OOM killer)."""
+    return subprocess.Popen([_py(), "-c", _WATCHDOG, str(os.getpid()), str(tree)],
                             start_new_session=True, stdin=subprocess.DEVNULL)
+
+
+def _spawn(cmd: list[str], root: Path, env: dict[str, str], **kw: Any) -> subprocess.Popen:
+    """A cosmic-ray tool in a process group of its own, recorded for the watchdog by the child
+    itself before it runs the tool (recorded after Popen returns, a SIGKILL in between would
+    leave it unrecorded)."""
+    pgids = str(root / PGIDS)
+
+    def record() -> None:
+        fd = os.open(pgids, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        os.close(fd)
+
+    return subprocess.Popen(cmd, cwd=root, env=env, start_new_session=True,
+                            preexec_fn=record, **kw)  # noqa: PLW1509 (no threads here)
+
+
+def _tool(cmd: list[str], root: Path, env: dict[str, str]) -> str:
+    """Run a short cosmic-ray tool to its end; its stdout."""
+    proc = _spawn(cmd, root, env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = proc.communicate()
+    if proc.returncode:
+        raise subprocess.CalledProcessError(proc.returncode, cmd, out, err)
+    return out
 
 
 def run_target(target: str, seconds: float, diff_release: str | None = None) -> list[dict]:
@@ -287,28 +324,26 @@ def run_target(target: str, seconds: float, diff_release: str | None = None) -> 
     modules = TARGETS[target]
     with tempfile.TemporaryDirectory(prefix="cpcheck-mutation-") as tmp:
         root = Path(tmp)
-        _copy_tree(root)
-        (root / "cr.toml").write_text(_config(modules, kill_command(target, diff_release)))
-        env = {**os.environ, "PYTHONPATH": str(root)}
-        for cmd in ([_cr("cosmic-ray"), "init", "cr.toml", "session.sqlite"],
-                    [_cr("cr-filter-operators"), "session.sqlite", "cr.toml"]):
-            subprocess.run(cmd, cwd=root, env=env, check=True, capture_output=True)
-        if target in TARGET_FUNCTIONS:
-            _skip_outside(root / "session.sqlite", TARGET_FUNCTIONS[target])
-        proc = subprocess.Popen([_cr("cosmic-ray"), "exec", "cr.toml", "session.sqlite"],
-                                cwd=root, env=env, start_new_session=True,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        watchdog = _watch(proc.pid, root)
+        watchdog = _watch(root)
         try:
-            proc.wait(timeout=max(seconds, 1))
-        except subprocess.TimeoutExpired:
-            _stop_group(proc.pid)
-            proc.wait()
+            _copy_tree(root)
+            (root / "cr.toml").write_text(_config(modules, kill_command(target, diff_release)))
+            env = {**os.environ, "PYTHONPATH": str(root)}
+            _tool([_cr("cosmic-ray"), "init", "cr.toml", "session.sqlite"], root, env)
+            _tool([_cr("cr-filter-operators"), "session.sqlite", "cr.toml"], root, env)
+            if target in TARGET_FUNCTIONS:
+                _skip_outside(root / "session.sqlite", TARGET_FUNCTIONS[target])
+            proc = _spawn([_cr("cosmic-ray"), "exec", "cr.toml", "session.sqlite"], root, env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            try:
+                proc.wait(timeout=max(seconds, 1))
+            except subprocess.TimeoutExpired:
+                _stop_group(proc.pid)
+                proc.wait()
+            dump = _tool([_cr("cosmic-ray"), "dump", "session.sqlite"], root, env)
         finally:
             watchdog.kill()
             watchdog.wait()
-        dump = subprocess.run([_cr("cosmic-ray"), "dump", "session.sqlite"], cwd=root, env=env,
-                              check=True, capture_output=True, text=True).stdout
         return entries(dump, lambda m: (REPO / m).read_text().splitlines(), target)
 
 
