@@ -3,11 +3,16 @@
 Cross-rank checks see ranks that disagree; a bug that keeps every rank agreeing (a wrong key
 encoding, a predicate wrong only at its boundary) escapes them. This mutates the reference's
 decision, sync and hashing modules one operator at a time and runs the fast detectors on each
-mutant (the kill command, DETECTORS below); a mutant that every detector passes survived.
+mutant (the kill command: the target's TARGET_DETECTORS of DETECTORS below); a mutant that
+every detector passes survived.
 
     python -m scenarios.campaigns.mutation run --targets hashing --minutes 20
     python -m scenarios.campaigns.mutation report        # the table from the kept results
-    python -m scenarios.campaigns.mutation kill          # the kill command on this tree
+    python -m scenarios.campaigns.mutation kill --target sync   # a kill command on this tree
+
+Targets run one at a time per process; runs of different targets may go at once (each keeps
+its own entry in RESULTS). A watchdog stops cosmic-ray and every mutant's kill command if the
+runner dies, SIGKILL included.
 
 `run` mutates a throwaway copy of the tracked tree (never the checkout), keeps each target's
 outcomes in RESULTS (JSON, one entry per mutant) and regenerates SCORE_DOC from them and the
