@@ -158,3 +158,56 @@ def test_a_killed_run_leaves_no_cosmic_ray_process_and_no_tree(tmp_path: Path, h
     finally:
         runner.kill()
         runner.wait()
+
+
+def _session(path: Path, specs: list[tuple]) -> None:
+    """The two tables of cosmic-ray's session database the run writes to (its schema)."""
+    import sqlite3
+
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE mutation_specs (module_path VARCHAR, operator_name VARCHAR, "
+                   "occurrence INTEGER, start_pos_row INTEGER, start_pos_col INTEGER, "
+                   "definition_name VARCHAR, job_id VARCHAR NOT NULL PRIMARY KEY)")
+        db.execute("CREATE TABLE work_results (worker_outcome VARCHAR(9), output TEXT, "
+                   "test_outcome VARCHAR(11), diff TEXT, job_id VARCHAR NOT NULL PRIMARY KEY)")
+        db.executemany("INSERT INTO mutation_specs VALUES (?, ?, ?, ?, ?, ?, ?)", specs)
+
+
+def _results(path: Path) -> dict[str, str]:
+    import sqlite3
+
+    with sqlite3.connect(path) as db:
+        return dict(db.execute("SELECT job_id, output FROM work_results").fetchall())
+
+
+def test_resume_keeps_earlier_kills_and_runs_the_rest(tmp_path: Path) -> None:
+    db = tmp_path / "s.sqlite"
+    _session(db, [("reference/m.py", "core/ReplaceComparisonOperator_Lt_LtE", 0, 2, 4, "f", "a"),
+                  ("reference/m.py", "core/ReplaceComparisonOperator_Lt_NotEq", 0, 2, 4, "f",
+                   "b"),
+                  ("reference/m.py", "core/NumberReplacer", 0, 3, 4, None, "c")])
+    earlier = mutation.entries(_dump(), lambda _m: SOURCE, "t")
+    judged = {mutation._key(e["module"], e["operator"], e["occurrence"], e["line"], e["col"]): e
+              for e in earlier if e["outcome"] == "killed"}
+    assert len(judged) == 1
+    mutation._skip_judged(db, judged)
+    assert _results(db) == {"a": mutation.KILLED_EARLIER}  # the earlier kill is not run again
+    dump = "\n".join([
+        _item("ReplaceComparisonOperator_Lt_LtE", 2,
+              {"worker_outcome": "skipped", "output": mutation.KILLED_EARLIER}),
+        _item("ReplaceComparisonOperator_Lt_NotEq", 2,
+              {"worker_outcome": "normal", "test_outcome": "killed"}),
+        _item("NumberReplacer", 3, None)])
+    rows = mutation.entries(dump, lambda _m: SOURCE, "t", judged)
+    assert [(r["operator"], r["outcome"]) for r in rows] == [
+        ("ReplaceComparisonOperator_Lt_LtE", "killed"),
+        ("ReplaceComparisonOperator_Lt_NotEq", "killed"), ("NumberReplacer", "not run")]
+
+
+def test_target_functions_leave_the_rest_unrun(tmp_path: Path) -> None:
+    db = tmp_path / "s.sqlite"
+    _session(db, [("reference/m.py", "core/AddNot", 0, 2, 4, "writing_check", "in"),
+                  ("reference/m.py", "core/AddNot", 1, 3, 4, "evict", "out"),
+                  ("reference/m.py", "core/AddNot", 2, 1, 0, None, "module level")])
+    mutation._skip_outside(db, ("writing_check",))
+    assert set(_results(db)) == {"out", "module level"}

@@ -247,6 +247,27 @@ def _skip_outside(session: Path, functions: tuple[str, ...]) -> None:
             functions)
 
 
+def _key(module: str, operator: str, occurrence: int, line: int, col: int) -> tuple:
+    return (module, operator.removeprefix("core/"), int(occurrence), int(line), int(col))
+
+
+KILLED_EARLIER = "killed in an earlier session"
+
+
+def _skip_judged(session: Path, judged: dict[tuple, dict]) -> None:
+    """Mark the mutants an earlier session killed skipped (`--resume`): `exec` leaves them."""
+    import sqlite3
+
+    with sqlite3.connect(session) as db:
+        specs = db.execute(
+            "SELECT job_id, module_path, operator_name, occurrence, start_pos_row, start_pos_col "
+            "FROM mutation_specs WHERE job_id NOT IN (SELECT job_id FROM work_results)").fetchall()
+        db.executemany(
+            "INSERT INTO work_results (worker_outcome, output, test_outcome, diff, job_id) "
+            "VALUES ('SKIPPED', ?, NULL, NULL, ?)",
+            [(KILLED_EARLIER, job) for job, *spec in specs if _key(*spec) in judged])
+
+
 def _stop_group(pgid: int, grace_s: float = 20.0) -> None:
     """SIGTERM the process group, SIGKILL what is left after `grace_s`."""
     try:
@@ -323,10 +344,18 @@ def _tool(cmd: list[str], root: Path, env: dict[str, str]) -> str:
     return out
 
 
-def run_target(target: str, seconds: float, diff_release: str | None = None) -> list[dict]:
+def run_target(target: str, seconds: float, diff_release: str | None = None,
+               earlier: list[dict] | None = None) -> list[dict]:
     """Mutate one target in a throwaway copy for at most `seconds`; every mutant's entry
-    (those not reached have outcome `not run`)."""
+    (those not reached have outcome `not run`). `earlier` (`--resume`): the target's entries
+    from an earlier session; those it killed keep their entry and are not run again (sound
+    while the detectors only grow), the rest (survived, not run) run."""
     modules = TARGETS[target]
+    lines = {m: (REPO / m).read_text().splitlines() for m in modules}
+    judged = {_key(e["module"], e["operator"], e["occurrence"], e["line"], e["col"]): e
+              for e in earlier or [] if e["outcome"] == "killed" and e["module"] in lines
+              and e["line"] <= len(lines[e["module"]])
+              and lines[e["module"]][e["line"] - 1].strip() == e["source"]}
     with tempfile.TemporaryDirectory(prefix="cpcheck-mutation-") as tmp:
         root = Path(tmp)
         watchdog = _watch(root)
@@ -338,6 +367,8 @@ def run_target(target: str, seconds: float, diff_release: str | None = None) -> 
             _tool([_cr("cr-filter-operators"), "session.sqlite", "cr.toml"], root, env)
             if target in TARGET_FUNCTIONS:
                 _skip_outside(root / "session.sqlite", TARGET_FUNCTIONS[target])
+            if judged:
+                _skip_judged(root / "session.sqlite", judged)
             proc = _spawn([_cr("cosmic-ray"), "exec", "cr.toml", "session.sqlite"], root, env,
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             try:
@@ -349,12 +380,14 @@ def run_target(target: str, seconds: float, diff_release: str | None = None) -> 
         finally:
             watchdog.kill()
             watchdog.wait()
-        return entries(dump, lambda m: (REPO / m).read_text().splitlines(), target)
+        return entries(dump, lines.__getitem__, target, judged)
 
 
-def entries(dump: str, source_lines, target: str) -> list[dict]:  # noqa: ANN001
+def entries(dump: str, source_lines, target: str,  # noqa: ANN001
+            judged: dict[tuple, dict] | None = None) -> list[dict]:
     """One compact entry per mutant from `cosmic-ray dump` output (JSON lines of
-    [work_item, result]); operator-filtered mutants are left out."""
+    [work_item, result]); operator-filtered mutants are left out, and those `judged` holds
+    (killed in an earlier session) keep that entry if their source line is unchanged."""
     out: list[dict] = []
     cache: dict[str, list[str]] = {}
     for line in dump.splitlines():
@@ -362,11 +395,16 @@ def entries(dump: str, source_lines, target: str) -> list[dict]:  # noqa: ANN001
             continue
         item, result = json.loads(line)
         m = item["mutations"][0]
+        lines = cache.setdefault(m["module_path"], source_lines(m["module_path"]))
+        row = m["start_pos"][0]
+        source = lines[row - 1].strip() if row <= len(lines) else ""
+        if result and result.get("output") == KILLED_EARLIER:
+            out.append((judged or {})[_key(m["module_path"], m["operator_name"],
+                                           m["occurrence"], *m["start_pos"])])
+            continue
         if (result and result.get("worker_outcome") == "skipped") or any(
                 re.match(x, m["operator_name"]) for x in EXCLUDED_OPERATORS):
             continue
-        lines = cache.setdefault(m["module_path"], source_lines(m["module_path"]))
-        row = m["start_pos"][0]
         if result is None:
             outcome = "not run"
         elif result.get("worker_outcome") != "normal":
@@ -377,9 +415,7 @@ def entries(dump: str, source_lines, target: str) -> list[dict]:  # noqa: ANN001
         out.append({"target": target, "module": m["module_path"], "line": row,
                     "col": m["start_pos"][1], "function": m.get("definition_name") or "",
                     "operator": m["operator_name"].removeprefix("core/"),
-                    "occurrence": m["occurrence"],
-                    "source": lines[row - 1].strip() if row <= len(lines) else "",
-                    "outcome": outcome})
+                    "occurrence": m["occurrence"], "source": source, "outcome": outcome})
     out.sort(key=lambda e: (e["module"], e["line"], e["col"], e["operator"]))
     return out
 
@@ -450,8 +486,9 @@ def render(results: dict, equivalent: list[dict]) -> str:
            "", "| target | when | commit | machine | time limit | kill command |",
            "|---|---|---|---|---|---|"]
     for name, t in sorted(results["targets"].items()):
+        sessions = f" in {t['sessions']} sessions" if t.get("sessions", 1) > 1 else ""
         out.append(f"| {name} | {t['when']} | {t['commit']} | {t['machine']} | "
-                   f"{t['limit_s']:.0f} s | {', '.join(t['detectors'])} |")
+                   f"{t['limit_s']:.0f} s{sessions} | {', '.join(t['detectors'])} |")
     for name, t in sorted(results["targets"].items()):
         if t.get("functions"):
             out += ["", f"Target {name} is mutated inside these functions only: "
@@ -488,6 +525,10 @@ def _commit() -> str:
     return r.stdout.strip() or "unknown"
 
 
+def _load_results() -> dict:
+    return json.loads(RESULTS.read_text()) if RESULTS.exists() else {"targets": {}}
+
+
 def write_report(results_path: Path = RESULTS, doc: Path = SCORE_DOC,
                  equivalent_path: Path = EQUIVALENT) -> str:
     results = json.loads(results_path.read_text())
@@ -504,6 +545,9 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--targets", default=",".join(TARGETS),
                    help=f"comma list of {', '.join(TARGETS)}")
     r.add_argument("--minutes", type=float, default=60.0, help="time limit per target")
+    r.add_argument("--resume", action="store_true",
+                   help="keep the mutants the kept results of a target killed, run the rest "
+                        "(several short sessions; only while the detectors only grew)")
     r.add_argument("--diff", default=None, metavar="VERSION",
                    help="add the catalog's `cpcheck diff` on this built release to the kill "
                         "command")
@@ -531,12 +575,15 @@ def main(argv: list[str] | None = None) -> int:
     commit = _commit()
     for t in targets:
         t0 = time.monotonic()
-        rows = run_target(t, args.minutes * 60, args.diff)
+        before = (_load_results()["targets"].get(t) or {}) if args.resume else {}
+        rows = run_target(t, args.minutes * 60, args.diff, before.get("rows"))
         # read now, not at the start: runs of other targets may have finished meanwhile
-        results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"targets": {}}
+        results = _load_results()
         results["targets"][t] = {
             "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": commit,
-            "machine": f"{os.cpu_count()} cores", "limit_s": args.minutes * 60,
+            "machine": f"{os.cpu_count()} cores",
+            "limit_s": args.minutes * 60 + before.get("limit_s", 0),
+            "sessions": before.get("sessions", 1) + 1 if before else 1,
             "seconds": round(time.monotonic() - t0), "detectors": list(detectors(t, args.diff)),
             "functions": list(TARGET_FUNCTIONS.get(t, ())), "rows": rows}
         RESULTS.write_text(json.dumps(results, indent=1) + "\n")
