@@ -90,6 +90,10 @@ DETECTORS: dict[str, list[str]] = {
     # TorchCollectives over fakes
     "sync": ["-m", "pytest", "-p", "no:cacheprovider", "-q", "-x", "--no-header",
              "tests/test_sync_units.py"],
+    # decision points where every rank computes the same wrong value (the ack prefix, the
+    # best-effort termination record): no cross-rank check sees those
+    "decision-units": ["-m", "pytest", "-p", "no:cacheprovider", "-q", "-x", "--no-header",
+                       "tests/test_decision_units.py"],
     # GENERATED_BUDGETS in-process: checker (six invariants) and protocol oracle
     "generated": ["-m", "scenarios.campaigns.mutation", "detect-generated"],
 }
@@ -99,7 +103,7 @@ DETECTORS: dict[str, list[str]] = {
 TARGET_DETECTORS: dict[str, tuple[str, ...]] = {
     "hashing": ("hashing", "generated"),
     "sync": ("sync", "generated"),
-    "decisions": ("generated",),
+    "decisions": ("decision-units", "generated"),
 }
 #: opt-in (`--diff VERSION`): the catalog's `cpcheck diff` on one built release, 40-100 s a
 #: scenario on a loaded 2-core box, so the nightly runs it and a local run need not
