@@ -23,6 +23,7 @@ from reference.hashing import (
     namespace_seed,
     page_hash,
     page_hashes,
+    storage_tp_rank,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -241,3 +242,17 @@ def test_int_likes_in_the_uint32_range_hash_as_their_ints() -> None:
     limit unpinned below 2**32)."""
     ints = [7, 2**31 + 5, 2**32 - 1]
     assert page_hash([float(t) for t in ints]) == page_hash(ints)
+
+
+@pytest.mark.parametrize("tp_size, cp_size", [(1, 2), (2, 2), (4, 2), (2, 3)])
+def test_storage_tp_rank_is_attention_tp_with_dp_attention_else_the_global_tp_rank(
+        tp_size: int, cp_size: int) -> None:
+    """With DP attention the key carries the attention-TP rank (CP peers share keys); without,
+    the rank within the stage's TP group as the ranks are laid out (CP peers differ)."""
+    from scenarios.core.layout import Layout
+
+    layout = Layout(tp_size, cp_size)
+    for cp in range(cp_size):
+        for tp in range(tp_size):
+            assert storage_tp_rank(tp, tp_size, cp, dp_attention=True) == tp
+            assert storage_tp_rank(tp, tp_size, cp, dp_attention=False) == layout.rank_of(tp, cp)
