@@ -138,6 +138,21 @@ def test_sync_group_without_groups_issues_nothing() -> None:
     assert coll.calls == []
 
 
+@pytest.mark.parametrize("plan, issues", [
+    (SyncPlan([(0, 1)], None), True),  # all-reduces only
+    (SyncPlan([], (0, 4)), True),  # a forward only (0.5.13 acks, a stage without peers)
+    (SyncPlan([(0, 1)], (0, 4)), True),
+    (SyncPlan([], None), False),
+])
+def test_issues_collectives_says_whether_reduce_issues_any(plan: SyncPlan, issues: bool) -> None:
+    coll = FakeCollectives(rank=0, others=[0], pp0_value=0)
+    sg = SyncGroup(coll, plan, "control")
+    assert sg.issues_collectives is issues
+    made = len(coll.calls)
+    sg.reduce([1])
+    assert (len(coll.calls) > made) is issues
+
+
 def test_barrier_is_one_max_over_every_group() -> None:
     coll = FakeCollectives(rank=0, others=[0])
     SyncGroup(coll, [(0, 1), (0, 2)], "control").barrier()
