@@ -122,12 +122,10 @@ def _alive(pid: int) -> bool:
         return False
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-@pytest.mark.parametrize("hang", ["init", "exec"])
-def test_a_killed_run_leaves_no_cosmic_ray_process_and_no_tree(tmp_path: Path, hang: str) -> None:
-    """SIGKILL of the process running a target, while cosmic-ray sets up or runs mutants: the
-    watchdog stops the tool and its children (a mutant's kill command) and removes the
-    throwaway tree within seconds."""
+def _fake_run(tmp_path: Path, hang: str, code: str) -> tuple[subprocess.Popen, list[int], Path]:
+    """`code` (a run of target hashing) in a child over a fake cosmic-ray whose verb `hang` runs
+    a child and waits; returns once that verb runs: the runner, the tool's and its child's pids,
+    the folder that holds the throwaway tree."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     for tool in ("cosmic-ray", "cr-filter-operators"):
@@ -137,27 +135,59 @@ def test_a_killed_run_leaves_no_cosmic_ray_process_and_no_tree(tmp_path: Path, h
     trees.mkdir()
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
            "FAKE_PIDS": str(pids_file), "FAKE_HANG": hang, "TMPDIR": str(trees)}
+    runner = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
+                              text=True, cwd=Path(mutation.__file__).resolve().parents[2])
+    deadline = time.monotonic() + 120
+    while not (pids_file.exists() and len(pids_file.read_text().split()) == 2):
+        assert runner.poll() is None, f"the run ended before cosmic-ray {hang} started"
+        assert time.monotonic() < deadline, f"cosmic-ray {hang} never started"
+        time.sleep(0.1)
+    pids = [int(p) for p in pids_file.read_text().split()]
+    assert all(_alive(p) for p in pids) and len(list(trees.iterdir())) == 1
+    return runner, pids, trees
+
+
+def _nothing_left(pids: list[int], trees: Path) -> None:
+    deadline = time.monotonic() + 30
+    while any(_alive(p) for p in pids) or list(trees.iterdir()):
+        assert time.monotonic() < deadline, (
+            f"left behind: {[p for p in pids if _alive(p)]}, {list(trees.iterdir())}")
+        time.sleep(0.2)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("hang", ["init", "exec"])
+def test_a_killed_run_leaves_no_cosmic_ray_process_and_no_tree(tmp_path: Path, hang: str) -> None:
+    """SIGKILL of the process running a target, while cosmic-ray sets up or runs mutants: the
+    watchdog stops the tool and its children (a mutant's kill command) and removes the
+    throwaway tree within seconds."""
     code = "from scenarios.campaigns import mutation; mutation.run_target('hashing', 300)"
-    runner = subprocess.Popen([sys.executable, "-c", code], env=env,
-                              cwd=Path(mutation.__file__).resolve().parents[2])
+    runner, pids, trees = _fake_run(tmp_path, hang, code)
     try:
-        deadline = time.monotonic() + 120
-        while not (pids_file.exists() and len(pids_file.read_text().split()) == 2):
-            assert runner.poll() is None, f"the run ended before cosmic-ray {hang} started"
-            assert time.monotonic() < deadline, f"cosmic-ray {hang} never started"
-            time.sleep(0.1)
-        pids = [int(p) for p in pids_file.read_text().split()]
-        assert all(_alive(p) for p in pids) and len(list(trees.iterdir())) == 1
         runner.kill()
         runner.wait()
-        deadline = time.monotonic() + 30
-        while any(_alive(p) for p in pids) or list(trees.iterdir()):
-            assert time.monotonic() < deadline, (
-                f"left behind: {[p for p in pids if _alive(p)]}, {list(trees.iterdir())}")
-            time.sleep(0.2)
+        _nothing_left(pids, trees)
     finally:
         runner.kill()
-        runner.wait()
+        runner.communicate()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_sigterm_ends_the_time_limit_early_and_keeps_the_entries(tmp_path: Path) -> None:
+    """SIGTERM (a CI timeout) while mutants run: the run stops them, dumps what was judged and
+    returns it, as at its time limit."""
+    code = ("import signal; from scenarios.campaigns import mutation as m\n"
+            "for s in (signal.SIGTERM, signal.SIGINT): signal.signal(s, m._raise_stopped)\n"
+            "print('entries', len(m.run_target('hashing', 300)))")
+    runner, pids, trees = _fake_run(tmp_path, "exec", code)
+    try:
+        runner.terminate()
+        out, _ = runner.communicate(timeout=60)
+        assert runner.returncode == 0 and "entries 0" in out  # the fake's dump is empty
+        _nothing_left(pids, trees)
+    finally:
+        runner.kill()
+        runner.communicate()
 
 
 def _session(path: Path, specs: list[tuple]) -> None:

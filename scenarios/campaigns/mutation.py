@@ -272,6 +272,31 @@ def _skip_judged(session: Path, judged: dict[tuple, dict]) -> None:
             [(KILLED_EARLIER, job) for job, *spec in specs if _key(*spec) in judged])
 
 
+class Stopped(Exception):
+    """SIGTERM / SIGINT during a run: stop the mutants, keep what was judged."""
+
+
+_STOPPED: list[str] = []
+
+
+def _raise_stopped(signum: int, _frame: object) -> None:
+    for sig in (signal.SIGTERM, signal.SIGINT):  # once: the dump and the write still run
+        signal.signal(sig, signal.SIG_IGN)
+    _STOPPED.append(signal.Signals(signum).name)
+    raise Stopped(_STOPPED[0])
+
+
+def _stop_recorded(tree: Path) -> None:
+    """Stop every tool group recorded in `tree` that is still there (none, after a normal
+    run): an exception (Stopped during set-up, say) must not leave them."""
+    try:
+        pgids = [int(x) for x in (tree / PGIDS).read_text().split()]
+    except OSError:
+        return
+    for pgid in pgids:
+        _stop_group(pgid, grace_s=3.0)
+
+
 def _stop_group(pgid: int, grace_s: float = 20.0) -> None:
     """SIGTERM the process group, SIGKILL what is left after `grace_s`."""
     try:
@@ -377,11 +402,12 @@ def run_target(target: str, seconds: float, diff_release: str | None = None,
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             try:
                 proc.wait(timeout=max(seconds, 1))
-            except subprocess.TimeoutExpired:
+            except (subprocess.TimeoutExpired, Stopped):
                 _stop_group(proc.pid)
                 proc.wait()
             dump = _tool([_cr("cosmic-ray"), "dump", "session.sqlite"], root, env)
         finally:
+            _stop_recorded(root)
             watchdog.kill()
             watchdog.wait()
         return entries(dump, lines.__getitem__, target, judged)
@@ -577,16 +603,23 @@ def main(argv: list[str] | None = None) -> int:
               f"(targets: {', '.join(TARGETS)})", file=sys.stderr)
         return 2
     commit = _commit()
+    for sig in (signal.SIGTERM, signal.SIGINT):  # a CI timeout or ^C ends the time limit early
+        signal.signal(sig, _raise_stopped)
     for t in targets:
         t0 = time.monotonic()
         before = (_load_results()["targets"].get(t) or {}) if args.resume else {}
-        rows = run_target(t, args.minutes * 60, args.diff, before.get("rows"))
+        try:
+            rows = run_target(t, args.minutes * 60, args.diff, before.get("rows"))
+        except Stopped as e:
+            print(f"mutation: {t}: stopped by {e} before any mutant was judged", file=sys.stderr)
+            return 1
         # read now, not at the start: runs of other targets may have finished meanwhile
         results = _load_results()
         results["targets"][t] = {
             "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": commit,
             "machine": f"{os.cpu_count()} cores",
-            "limit_s": args.minutes * 60 + before.get("limit_s", 0),
+            "limit_s": (round(time.monotonic() - t0) if _STOPPED else args.minutes * 60)
+            + before.get("limit_s", 0),
             "sessions": before.get("sessions", 1) + 1 if before else 1,
             "seconds": round(time.monotonic() - t0), "detectors": list(detectors(t, args.diff)),
             "functions": list(TARGET_FUNCTIONS.get(t, ())), "rows": rows}
@@ -594,6 +627,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mutation: {t}: {sum(r['outcome'] == 'killed' for r in rows)} killed, "
               f"{sum(r['outcome'] == 'survived' for r in rows)} survived, "
               f"{sum(r['outcome'] == 'not run' for r in rows)} not run", flush=True)
+        if _STOPPED:
+            print(f"mutation: stopped by {_STOPPED[0]}: {t} kept, the other targets not run",
+                  file=sys.stderr)
+            break
     print(write_report())
     return 0
 
