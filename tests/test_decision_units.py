@@ -1,6 +1,6 @@
 """Decision points where every rank computes the same wrong value, so no cross-rank check sees
-it: the ack prefix `writing_check` / `loading_check` agree on, and the decision a best-effort
-`can_terminate_prefetch` logs without a collective.
+it: the ack prefix `writing_check` / `loading_check` agree on, the decision a best-effort
+`can_terminate_prefetch` logs without a collective, the drain's record of its agreed counts.
 
 The mutation run's kill command for the decision modules runs this file before the generated
 runs (scenarios/campaigns/mutation.py, detector "decision-units"); mutation testing found both
@@ -58,3 +58,9 @@ def test_best_effort_termination_logs_what_it_decided() -> None:
         for d in records:
             assert d.local == d.agreed, d
             assert d.outcome == "terminate" and (d.agreed[0] == 0 or d.agreed[1] == 1), d
+        # the drain's record names its agreed counts in order: [revoke, backup acks, release]
+        drains = [d for d in r.decisions["scheduler"] if d.kind == "drain"]
+        assert any(len(set(d.agreed)) > 1 for d in drains), "no drain tells the counts apart"
+        for d in drains:
+            a = d.agreed
+            assert d.outcome == f"revoke {a[0]}, backup acks {a[1]}, release {a[2]}", d
