@@ -64,3 +64,66 @@ def test_best_effort_termination_logs_what_it_decided() -> None:
         for d in drains:
             a = d.agreed
             assert d.outcome == f"revoke {a[0]}, backup acks {a[1]}, release {a[2]}", d
+
+
+class _Alone:
+    """The collectives of a rank whose every group is itself: never called."""
+
+    rank = 0
+
+
+PS = 4  # CacheConfig's page size
+HIT = 2 * PS  # the op's agreed storage hits, in tokens
+
+
+def _can_terminate(policy: str, queried: bool, revoked: bool, io_done: bool, completed: int,
+                   elapsed: float, timeout: float, terminated: bool = False) -> bool:
+    """One rank, no peers (the agreed value is its own) deciding whether a prefetch stops."""
+    import torch
+
+    from reference.api import CacheConfig, ParallelGroups, RankInfo, open_rank
+    from reference.cache_controller import PrefetchOperation
+
+    cfg = CacheConfig(page_size=PS, prefetch_stop_policy=policy, prefetch_timeout_s=timeout)
+    sched = open_rank(cfg, RankInfo(), ParallelGroups(tp=(0,)), _Alone())
+    try:
+        cache = sched.cache
+        op = PrefetchOperation(0, "r", torch.empty(0, dtype=torch.int64), [], None,
+                               cache.pacer.now() - elapsed)
+        op.storage_hit_count = HIT // PS
+        op.completed_tokens = completed
+        op.revoked, op.io_done = revoked, io_done
+        if queried:
+            op.query_done.set()
+        if terminated:
+            op.mark_terminate()
+        return cache.can_terminate_prefetch(op)
+    finally:
+        sched.shutdown()
+
+
+@pytest.mark.parametrize("policy, queried, revoked, io_done, completed, elapsed, timeout, stop", [
+    ("wait_complete", True, False, False, HIT, 0.0, 1.0, True),  # every hit page landed
+    ("wait_complete", True, False, False, HIT - PS, 0.0, 1.0, False),  # one page still coming
+    ("wait_complete", True, False, False, 0, 0.0, 1.0, False),
+    ("wait_complete", False, False, False, HIT, 0.0, 1.0, False),  # hit count not agreed yet
+    ("wait_complete", True, True, False, 0, 0.0, 1.0, True),  # revoked: nothing to wait for
+    ("wait_complete", True, False, True, PS, 0.0, 1.0, True),  # the IO thread is done
+    ("wait_complete", True, False, False, PS, 50.0, 1.0, False),  # no timeout in this policy
+    ("timeout", True, False, False, PS, 5.0, 1.0, True),  # waited past the timeout
+    ("timeout", True, False, False, PS, 5.0, 1000.0, False),
+    ("timeout", True, False, False, HIT, 0.0, 1000.0, True),
+    ("timeout", False, False, False, PS, 5.0, 1.0, True),  # the timeout ends any wait
+])
+def test_can_terminate_prefetch_per_policy(policy: str, queried: bool, revoked: bool,
+                                           io_done: bool, completed: int, elapsed: float,
+                                           timeout: float, stop: bool) -> None:
+    """Cross-rank runs finish the in-process IO before the check and never reach a timeout,
+    so when a prefetch may stop is pinned here."""
+    assert _can_terminate(policy, queried, revoked, io_done, completed, elapsed,
+                          timeout) is stop
+
+
+@pytest.mark.parametrize("policy", ["wait_complete", "timeout"])
+def test_a_terminated_prefetch_stops_whatever_its_progress(policy: str) -> None:
+    assert _can_terminate(policy, True, False, False, 0, 0.0, 1000.0, terminated=True)
