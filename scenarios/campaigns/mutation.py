@@ -310,7 +310,9 @@ def _stop_group(pgid: int, grace_s: float = 20.0) -> None:
         pass
 
 
-#: the watchdog: argv = our pid, the throwaway tree. It runs in a session of its own, so a
+#: where each cosmic-ray tool records its process group, in the throwaway tree
+PGIDS = ".pgids"
+#: the watchdog: argv = our pid, the throwaway tree, PGIDS. It runs in a session of its own, so a
 #: SIGKILL of us leaves it running; once we are gone (it is reparented) it stops the process
 #: group of every cosmic-ray tool we started (PGIDS in the tree: each runs in its own session,
 #: a mutant's kill command in the tool's) and removes the tree.
@@ -322,7 +324,7 @@ while os.getppid() == parent:
     time.sleep(0.2)
 time.sleep(0.5)  # a tool forked just before our parent died records itself
 try:
-    with open(os.path.join(tree, ".pgids")) as f:
+    with open(os.path.join(tree, sys.argv[3])) as f:
         pgids = [int(x) for x in f.read().split()]
 except OSError:
     pgids = []
@@ -339,13 +341,12 @@ for sig in (signal.SIGTERM, signal.SIGKILL):
     time.sleep(3)
 shutil.rmtree(tree, ignore_errors=True)
 """
-PGIDS = ".pgids"
 
 
 def _watch(tree: Path) -> subprocess.Popen:
     """Stop every cosmic-ray tool started in `tree` (every mutant's kill command with it) and
     remove the tree if this process dies without doing it (SIGKILL, OOM killer)."""
-    return subprocess.Popen([_py(), "-c", _WATCHDOG, str(os.getpid()), str(tree)],
+    return subprocess.Popen([_py(), "-c", _WATCHDOG, str(os.getpid()), str(tree), PGIDS],
                             start_new_session=True, stdin=subprocess.DEVNULL)
 
 
