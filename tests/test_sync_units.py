@@ -72,6 +72,13 @@ def test_a_repeated_rank_set_is_reduced_over_once(protocol: str) -> None:
     assert sync_plan(with_pp, protocol).all_reduce == [(0, 1)]
 
 
+def test_a_group_after_a_repeated_one_is_kept() -> None:
+    """0.5.20 appends the PP group after the attention groups: a repeat before it drops only
+    the repeat."""
+    g = ParallelGroups(tp=(0, 1), attn_tp=(1, 0), attn_cp=(0, 1), pp=(0, 4))
+    assert sync_plan(g, "sglang-0.5.20").all_reduce == [(0, 1), (0, 4)]
+
+
 def test_without_attention_groups_the_tp_group_is_used() -> None:
     g = ParallelGroups(tp=(0, 1, 2, 3))
     for protocol in PROFILES:
