@@ -382,10 +382,11 @@ def run_target(target: str, seconds: float, diff_release: str | None = None,
     while the detectors only grow), the rest (survived, not run) run."""
     modules = TARGETS[target]
     lines = {m: (REPO / m).read_text().splitlines() for m in modules}
-    judged = {_key(e["module"], e["operator"], e["occurrence"], e["line"], e["col"]): e
-              for e in earlier or [] if e["outcome"] == "killed" and e["module"] in lines
-              and e["line"] <= len(lines[e["module"]])
-              and lines[e["module"]][e["line"] - 1].strip() == e["source"]}
+    same = {_key(e["module"], e["operator"], e["occurrence"], e["line"], e["col"]): e
+            for e in earlier or [] if e["outcome"] != "not run" and e["module"] in lines
+            and e["line"] <= len(lines[e["module"]])
+            and lines[e["module"]][e["line"] - 1].strip() == e["source"]}
+    judged = {k: e for k, e in same.items() if e["outcome"] == "killed"}
     with tempfile.TemporaryDirectory(prefix="cpcheck-mutation-") as tmp:
         root = Path(tmp)
         watchdog = _watch(root)
@@ -411,14 +412,15 @@ def run_target(target: str, seconds: float, diff_release: str | None = None,
             _stop_recorded(root)
             watchdog.kill()
             watchdog.wait()
-        return entries(dump, lines.__getitem__, target, judged)
+        return entries(dump, lines.__getitem__, target, same)
 
 
 def entries(dump: str, source_lines, target: str,  # noqa: ANN001
             judged: dict[tuple, dict] | None = None) -> list[dict]:
     """One compact entry per mutant from `cosmic-ray dump` output (JSON lines of
-    [work_item, result]); operator-filtered mutants are left out, and those `judged` holds
-    (killed in an earlier session) keep that entry if their source line is unchanged."""
+    [work_item, result]); operator-filtered mutants are left out. `judged` (`--resume`): an
+    earlier session's entries (source line unchanged): those it killed keep their entry, and
+    one this session did not reach keeps its earlier outcome (a survivor stays counted)."""
     out: list[dict] = []
     cache: dict[str, list[str]] = {}
     for line in dump.splitlines():
@@ -435,6 +437,10 @@ def entries(dump: str, source_lines, target: str,  # noqa: ANN001
             continue
         if (result and result.get("worker_outcome") == "skipped") or any(
                 re.match(x, m["operator_name"]) for x in EXCLUDED_OPERATORS):
+            continue
+        key = _key(m["module_path"], m["operator_name"], m["occurrence"], *m["start_pos"])
+        if result is None and key in (judged or {}):
+            out.append((judged or {})[key])
             continue
         if result is None:
             outcome = "not run"
