@@ -85,6 +85,16 @@ def test_without_attention_groups_the_tp_group_is_used() -> None:
         assert sync_plan(g, protocol).all_reduce == [(0, 1, 2, 3)]
 
 
+@pytest.mark.parametrize("protocol", sorted(set(PROFILES) - {"sglang-0.5.10"}))
+def test_one_attention_group_is_used_without_the_tp_group(protocol: str) -> None:
+    """The TP group only when both attention groups are absent (SGLang's `[attn_cp, attn_tp]`,
+    `[tp]` when neither exists)."""
+    assert sync_plan(ParallelGroups(tp=(0, 1, 2, 3), attn_tp=(0, 1)), protocol).all_reduce \
+        == [(0, 1)]
+    assert sync_plan(ParallelGroups(tp=(0, 1, 2, 3), attn_cp=(0, 2)), protocol).all_reduce \
+        == [(0, 2)]
+
+
 # -- SyncGroup over a recording fake ---------------------------------------------------------
 class FakeCollectives:
     """One rank of a world whose other members contribute `others` to every all-reduce and whose
