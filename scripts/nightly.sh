@@ -7,9 +7,11 @@
 #      the committed matrix judged (`matrix --release newest --release newest-judged`); its
 #      table is reported, a divergence in it is not the nightly's exit (a harness error is);
 #   4. the mutation score of the fast detectors over reference/ (cosmic-ray, the `mutation`
-#      extra): docs/measurements/mutation-score.md regenerated, copied to $1 (MUTATION_MINUTES
-#      per target, 60; 0 skips it; MUTATION_DIFF=VERSION adds the catalog's diff on that
-#      built release to the kill command). Its result is reported, never the nightly's exit.
+#      extra), every target (hashing, sync, decisions: TARGETS in
+#      scenarios/campaigns/mutation.py) one after the other: docs/measurements/mutation-score.md
+#      regenerated, copied to $1 (MUTATION_MINUTES per target, 60; 0 skips it;
+#      MUTATION_DIFF=VERSION adds the catalog's diff on that built release to the kill
+#      command). Its result is reported, never the nightly's exit.
 # Output (a run dir $1/TIMESTAMP-seedN with report.json, decisions_per_s.png, faults.png, ...,
 # replay-*.json on a divergence; $1/latest points at it)
 # goes to $1 (default soak-out). Exit: the soak's code (0 agree, 1 diverge, 125 cannot run

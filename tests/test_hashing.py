@@ -23,6 +23,7 @@ from reference.hashing import (
     namespace_seed,
     page_hash,
     page_hashes,
+    storage_tp_rank,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -241,3 +242,33 @@ def test_int_likes_in_the_uint32_range_hash_as_their_ints() -> None:
     limit unpinned below 2**32)."""
     ints = [7, 2**31 + 5, 2**32 - 1]
     assert page_hash([float(t) for t in ints]) == page_hash(ints)
+
+
+@pytest.mark.parametrize("tp_size, cp_size", [(1, 2), (2, 2), (4, 2), (2, 3)])
+def test_storage_tp_rank_is_attention_tp_with_dp_attention_else_the_global_tp_rank(
+        tp_size: int, cp_size: int) -> None:
+    """With DP attention the key carries the attention-TP rank (CP peers share keys); without,
+    the rank within the stage's TP group as the ranks are laid out (CP peers differ)."""
+    from scenarios.core.layout import Layout
+
+    layout = Layout(tp_size, cp_size)
+    for cp in range(cp_size):
+        for tp in range(tp_size):
+            assert storage_tp_rank(tp, tp_size, cp, dp_attention=True) == tp
+            assert storage_tp_rank(tp, tp_size, cp, dp_attention=False) == layout.rank_of(tp, cp)
+
+
+@pytest.mark.parametrize("extra_key, cache_salt, seed", [
+    ("tenant-a", None, "52487530505be6b1e015cf6a16652cde4a0adf38a8cd6f16b3d6c3998fca01ad"),
+    (None, "salt", "43601f36bb365a5bdb202f3b4398e5edcdc529750311c8aa2028ce19293f8d6e"),
+    ("a", "bc", "b8080ec8e713ddb4b5469eaf5874a021a72286a24e6c55d2046f0acfb48a938b"),
+    ("", "", "bea08aaebe976c9c4f8ebade6674ba3fe15783c47020e10c4721ad211aae36e4"),
+    ("ü", None, "f69e2d81fe86e1c3eb67ce7ab2c047a23cc0c83431953a7fc4cfbc464d6e5237"),
+])
+def test_namespace_seed_is_sglang_0_5_20s_byte_for_byte(extra_key: str | None,
+                                                         cache_salt: str | None,
+                                                         seed: str) -> None:
+    """Known answers of SGLang 0.5.20's `storage_namespace_seed` (computed once with the
+    release's function): the seed is every first page's prior hash, so one byte off (a length
+    field of 9 bytes, say) moves every namespaced key."""
+    assert namespace_seed(extra_key, cache_salt) == seed

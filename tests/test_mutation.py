@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -100,3 +101,143 @@ def test_committed_score_table_is_generated_from_the_committed_results() -> None
         pytest.skip("no mutation run committed yet")
     results = json.loads(mutation.RESULTS.read_text())
     assert mutation.SCORE_DOC.read_text() == mutation.render(results, mutation.load_equivalent())
+
+
+FAKE_COSMIC_RAY = """#!/bin/sh
+# the verb $FAKE_HANG runs a child (as exec runs a mutant's kill command) and waits for it;
+# every other verb succeeds at once
+if [ "$1" = "$FAKE_HANG" ]; then
+  sleep 300 &
+  echo "$$ $!" > "$FAKE_PIDS"
+  wait
+fi
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie is dead
+    except FileNotFoundError:
+        return False
+
+
+def _fake_run(tmp_path: Path, hang: str, code: str) -> tuple[subprocess.Popen, list[int], Path]:
+    """`code` (a run of target hashing) in a child over a fake cosmic-ray whose verb `hang` runs
+    a child and waits; returns once that verb runs: the runner, the tool's and its child's pids,
+    the folder that holds the throwaway tree."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("cosmic-ray", "cr-filter-operators"):
+        (bin_dir / tool).write_text(FAKE_COSMIC_RAY)
+        (bin_dir / tool).chmod(0o755)
+    pids_file, trees = tmp_path / "pids", tmp_path / "tmp"
+    trees.mkdir()
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+           "FAKE_PIDS": str(pids_file), "FAKE_HANG": hang, "TMPDIR": str(trees)}
+    runner = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
+                              text=True, cwd=Path(mutation.__file__).resolve().parents[2])
+    deadline = time.monotonic() + 120
+    while not (pids_file.exists() and len(pids_file.read_text().split()) == 2):
+        assert runner.poll() is None, f"the run ended before cosmic-ray {hang} started"
+        assert time.monotonic() < deadline, f"cosmic-ray {hang} never started"
+        time.sleep(0.1)
+    pids = [int(p) for p in pids_file.read_text().split()]
+    assert all(_alive(p) for p in pids) and len(list(trees.iterdir())) == 1
+    return runner, pids, trees
+
+
+def _nothing_left(pids: list[int], trees: Path) -> None:
+    deadline = time.monotonic() + 30
+    while any(_alive(p) for p in pids) or list(trees.iterdir()):
+        assert time.monotonic() < deadline, (
+            f"left behind: {[p for p in pids if _alive(p)]}, {list(trees.iterdir())}")
+        time.sleep(0.2)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("hang", ["init", "exec"])
+def test_a_killed_run_leaves_no_cosmic_ray_process_and_no_tree(tmp_path: Path, hang: str) -> None:
+    """SIGKILL of the process running a target, while cosmic-ray sets up or runs mutants: the
+    watchdog stops the tool and its children (a mutant's kill command) and removes the
+    throwaway tree within seconds."""
+    code = "from scenarios.campaigns import mutation; mutation.run_target('hashing', 300)"
+    runner, pids, trees = _fake_run(tmp_path, hang, code)
+    try:
+        runner.kill()
+        runner.wait()
+        _nothing_left(pids, trees)
+    finally:
+        runner.kill()
+        runner.communicate()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_sigterm_ends_the_time_limit_early_and_keeps_the_entries(tmp_path: Path) -> None:
+    """SIGTERM (a CI timeout) while mutants run: the run stops them, dumps what was judged and
+    returns it, as at its time limit."""
+    code = ("import signal; from scenarios.campaigns import mutation as m\n"
+            "for s in (signal.SIGTERM, signal.SIGINT): signal.signal(s, m._raise_stopped)\n"
+            "print('entries', len(m.run_target('hashing', 300)))")
+    runner, pids, trees = _fake_run(tmp_path, "exec", code)
+    try:
+        runner.terminate()
+        out, _ = runner.communicate(timeout=60)
+        assert runner.returncode == 0 and "entries 0" in out  # the fake's dump is empty
+        _nothing_left(pids, trees)
+    finally:
+        runner.kill()
+        runner.communicate()
+
+
+def _session(path: Path, specs: list[tuple]) -> None:
+    """The two tables of cosmic-ray's session database the run writes to (its schema)."""
+    import sqlite3
+
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE mutation_specs (module_path VARCHAR, operator_name VARCHAR, "
+                   "occurrence INTEGER, start_pos_row INTEGER, start_pos_col INTEGER, "
+                   "definition_name VARCHAR, job_id VARCHAR NOT NULL PRIMARY KEY)")
+        db.execute("CREATE TABLE work_results (worker_outcome VARCHAR(9), output TEXT, "
+                   "test_outcome VARCHAR(11), diff TEXT, job_id VARCHAR NOT NULL PRIMARY KEY)")
+        db.executemany("INSERT INTO mutation_specs VALUES (?, ?, ?, ?, ?, ?, ?)", specs)
+
+
+def _results(path: Path) -> dict[str, str]:
+    import sqlite3
+
+    with sqlite3.connect(path) as db:
+        return dict(db.execute("SELECT job_id, output FROM work_results").fetchall())
+
+
+def test_resume_keeps_earlier_kills_and_runs_the_rest(tmp_path: Path) -> None:
+    db = tmp_path / "s.sqlite"
+    _session(db, [("reference/m.py", "core/ReplaceComparisonOperator_Lt_LtE", 0, 2, 4, "f", "a"),
+                  ("reference/m.py", "core/ReplaceComparisonOperator_Lt_NotEq", 0, 2, 4, "f",
+                   "b"),
+                  ("reference/m.py", "core/NumberReplacer", 0, 3, 4, None, "c")])
+    earlier = mutation.entries(_dump(), lambda _m: SOURCE, "t")
+    judged = {mutation._key(e["module"], e["operator"], e["occurrence"], e["line"], e["col"]): e
+              for e in earlier if e["outcome"] != "not run"}
+    mutation._skip_judged(db, {k: e for k, e in judged.items() if e["outcome"] == "killed"})
+    assert _results(db) == {"a": mutation.KILLED_EARLIER}  # the earlier kill is not run again
+    dump = "\n".join([
+        _item("ReplaceComparisonOperator_Lt_LtE", 2,
+              {"worker_outcome": "skipped", "output": mutation.KILLED_EARLIER}),
+        _item("ReplaceComparisonOperator_Lt_NotEq", 2,
+              {"worker_outcome": "normal", "test_outcome": "killed"}),
+        _item("NumberReplacer", 3, None)])
+    rows = mutation.entries(dump, lambda _m: SOURCE, "t", judged)
+    assert [(r["operator"], r["outcome"]) for r in rows] == [
+        ("ReplaceComparisonOperator_Lt_LtE", "killed"),  # kept
+        ("ReplaceComparisonOperator_Lt_NotEq", "killed"),  # survived before, killed now
+        ("NumberReplacer", "survived")]  # not reached now: its earlier survival still counts
+
+
+def test_target_functions_leave_the_rest_unrun(tmp_path: Path) -> None:
+    db = tmp_path / "s.sqlite"
+    _session(db, [("reference/m.py", "core/AddNot", 0, 2, 4, "writing_check", "in"),
+                  ("reference/m.py", "core/AddNot", 1, 3, 4, "evict", "out"),
+                  ("reference/m.py", "core/AddNot", 2, 1, 0, None, "module level")])
+    mutation._skip_outside(db, ("writing_check",))
+    assert set(_results(db)) == {"out", "module level"}
