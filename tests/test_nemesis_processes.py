@@ -156,8 +156,10 @@ def test_torchrun_soak_with_process_faults_writes_faults_to_report_and_plot(tmp_
     from scenarios.cli.main import main
 
     out = tmp_path / "soak"
-    rc = main(["soak", "--mode", "torchrun", "--layout", "1x2", "--minutes", "0.3", "--seed",
-               "4", "--faults", "slow_rank,storage_latency,kill_rank", "--out", str(out)])
+    # --min-runs: on a loaded box the 18 s held one run, and the kill cut it (nothing judged)
+    rc = main(["soak", "--mode", "torchrun", "--layout", "1x2", "--minutes", "0.3", "--min-runs",
+               "2", "--seed", "4", "--faults", "slow_rank,storage_latency,kill_rank", "--out",
+               str(out)])
     rep = json.loads((out / "latest" / "report.json").read_text())
     assert rc == 0, rep["verdict"]
     assert rep["mode"] == "torchrun" and rep["seed"] == 4

@@ -201,11 +201,12 @@ def test_a_fault_soak_meets_its_faults_in_gated_chunks_too(tmp_path: Path, capsy
     """Gated coverage chunks used to draw no faults (a 1-minute fault soak ran 24 of 28 chunks
     gated and met almost no fault): now every chunk draws a plan, and the report says how many
     runs, gated ones included, each kind met."""
-    assert main(["soak", "--minutes", "0.2", "--seed", seed, "--faults",
+    # a run count, not a wall-clock one: a loaded CI box ran 4 chunks in 12 s, none gated yet
+    assert main(["soak", "--minutes", "0.2", "--min-runs", "12", "--seed", seed, "--faults",
                  "slow_rank,storage_errors", "--out", str(tmp_path)]) == 0
     rep = SoakReport.load(tmp_path / "latest")
     fr = rep.fault_runs
-    assert fr["runs"] >= 3 and fr["gated_runs"] > 0, fr
+    assert fr["runs"] >= 12 and fr["gated_runs"] > 0, fr
     assert sum(v["gated_runs"] for v in fr["by_kind"].values()) > 0, fr
     assert any(e.gated for e in rep.fault_events)
     assert f"{fr['gated_runs']} of {fr['runs']} runs were gated coverage chunks" in \
@@ -321,3 +322,14 @@ def test_headers_name_the_profile_an_alias_variant_runs(tmp_path: Path, capsys) 
     main(["run", "write_acks", "--variant", "tp_only_sync", "--mode", "inprocess",
           "--replay-dir", str(tmp_path)])
     assert "protocol=sglang-0.5.10 dp_attention=on" in capsys.readouterr().out
+
+
+def test_min_runs_goes_past_the_budget_but_not_for_ever() -> None:
+    from scenarios.core.soak_config import MIN_RUNS_SLACK, SoakConfig
+
+    cfg = SoakConfig(minutes=0.1, min_runs=5)  # a 6 s budget
+    assert cfg.goes_on(5.9, 0)
+    assert cfg.goes_on(30.0, 4)  # past the budget, 4 of 5 runs judged: on
+    assert not cfg.goes_on(30.0, 5)
+    assert not cfg.goes_on(6.0 * MIN_RUNS_SLACK, 0)  # every run cut: it still ends
+    assert not SoakConfig(minutes=0.1).goes_on(6.0, 0)  # without --min-runs: the budget

@@ -262,7 +262,7 @@ class Soak:
 
     def _loop(self) -> None:
         self._disk_at_start()
-        while self.st.elapsed() < self.cfg.budget_s:
+        while self.cfg.goes_on(self.st.elapsed(), self.st.runs - len(self.st.unknown)):
             if stop_requested.is_set():  # a signal whose exception was swallowed somewhere
                 raise KeyboardInterrupt
             low = self._disk_low()

@@ -20,11 +20,12 @@ from scenarios.cli.conventions import (
     check_variant_arg,
     master_address,
     positive_float,
+    positive_int,
     variant_help,
 )
 from scenarios.cli.protocol_args import add_protocol_arguments, protocol_changes
 from scenarios.core.errors import UsageError
-from scenarios.core.soak_config import SoakConfig
+from scenarios.core.soak_config import MIN_RUNS_SLACK, SoakConfig
 from scenarios.core.suts import check, is_sglang, sglang_version
 from scenarios.core.timeouts import DEFAULT_AGREEMENT_S
 from scenarios.runner.worker import DEVICES
@@ -38,6 +39,10 @@ def add_soak_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=STORAGE_BACKENDS, default="memory")
     p.add_argument("--minutes", type=positive_float, default=1.0,
                    help="wall-clock budget (default 1)")
+    p.add_argument("--min-runs", type=positive_int, default=None, metavar="N",
+                   help="go on past --minutes until N runs were judged (at most "
+                        f"{MIN_RUNS_SLACK}x the budget): a run count that does not depend on "
+                        "how loaded the machine is (tests, bisecting)")
     p.add_argument("--variant", default="fixed", help=variant_help("fixed or a known-bad variant"))
     p.add_argument("--faults", default="", metavar="LIST",
                    help="comma list of slow_rank,storage_latency,storage_errors,master_restart,"
@@ -87,7 +92,8 @@ def soak_config(args: argparse.Namespace, argv: list[str] | None = None) -> Soak
     if is_sglang(check(args.sut)):
         _check_release_soak(args, changes)
     return SoakConfig(
-        layout=layout, backend=args.backend, minutes=args.minutes, variant=args.variant,
+        layout=layout, backend=args.backend, minutes=args.minutes, min_runs=args.min_runs or 0,
+        variant=args.variant,
         faults=args.faults, seed=plan.seed, mode=args.mode, out=Path(args.out),
         shard=plan.to_dict() if args.shard else None,
         pool_options=multihost_options(args, args.mode, [layout]),  # bad flags: exit 2 before any work

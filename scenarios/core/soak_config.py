@@ -11,12 +11,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+#: how far past its budget a soak with --min-runs may go to judge that many runs
+MIN_RUNS_SLACK = 20
+
 
 @dataclass(frozen=True)
 class SoakConfig:
     layout: str = "1x2"
     backend: str = "memory"
     minutes: float = 1.0
+    #: judged runs to reach even past the budget (at most MIN_RUNS_SLACK x the budget)
+    min_runs: int = 0
     variant: str = "fixed"
     faults: str = ""
     seed: int | None = None
@@ -41,3 +46,10 @@ class SoakConfig:
     @property
     def budget_s(self) -> float:
         return self.minutes * 60.0
+
+    def goes_on(self, elapsed_s: float, judged_runs: int) -> bool:
+        """Within the budget; or past it while fewer than `min_runs` runs were judged, up to
+        MIN_RUNS_SLACK times the budget (a soak whose every run is cut still ends)."""
+        if elapsed_s < self.budget_s:
+            return True
+        return judged_runs < self.min_runs and elapsed_s < self.budget_s * MIN_RUNS_SLACK
