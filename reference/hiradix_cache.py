@@ -213,8 +213,12 @@ class HiRadixCache:
     def drain_storage_control_queues(self) -> None:
         cc = self.cache_controller
         seen = self.pacer.at("drain", "backup", cc.backup_seq)
+        if self.pacer.drain and self.profile.prefetch_progress == "at_termination":
+            # the end of the run: every prefetch IO gate opens too (an aborted op's batch
+            # waits at its gate until then, or until a later progress check opens it)
+            self.pacer.at("drain", "prefetch_io", cc.prefetch_batches_issued)
         backup_acks = min(cc.ack_backup_queue.qsize(), seen - self._backup_acks_taken)
-        local = (cc.prefetch_revoke_queue.qsize(), backup_acks, cc.host_mem_release_queue.qsize())
+        local = (cc.prefetch_revoke_queue.qsize(), backup_acks, cc.host_mem_releases())
         agreed = cc.control_sync.reduce(local, "min")
         popped = [0, 0, 0]
         for _ in range(agreed[0]):
@@ -316,10 +320,13 @@ class HiRadixCache:
                 (agreed,) = self.cache_controller.control_sync.reduce([frozen], "min")
             else:
                 agreed = frozen
+            if not agree:
+                # an abort does not wait for the IO: SGLang's IO thread still reads the op's
+                # batch and gives its unfilled pages back (`prefetch_io_aux_func`) when its
+                # gate opens, at a later progress check or the end of the run
+                return agreed
             if op.num_batches:  # let the IO thread pass the op's remaining (skipped) batches
                 self.pacer.need("prefetch_io", op.first_batch + op.num_batches - 1)
-            if not agree:
-                return agreed
             self._decide("prefetch_done", op.request_id, (frozen,), (agreed,),
                          f"insert {agreed} tokens")
             return frozen if self.cfg.variant == "insert_local_completed" else agreed
