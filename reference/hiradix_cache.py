@@ -376,10 +376,7 @@ class HiRadixCache:
 
     # -- request-level operations (called by the scheduler) ---------------------------------
     def match_prefix(self, tokens: list[int]) -> MatchResult:
-        result = self.tree.match_prefix(tokens)
-        if self.cfg.write_policy == "write_through_selective":
-            self._selective_write(result.last_device_node)
-        return result
+        return self.tree.match_prefix(tokens)
 
     def init_load_back(self, last_host_node: TreeNode, host_hit_length: int):
         """Load host-only nodes on the path to last_host_node back to the device."""
@@ -447,28 +444,32 @@ class HiRadixCache:
         self._release_prefetch(info, keep_tokens=0)
 
     def insert(self, tokens: list[int], device_indices: torch.Tensor) -> TreeNode:
-        """Cache a finished request's page-aligned prefix; write it through to host."""
-        node, dups = self.tree.insert(tokens, device_indices=device_indices)
+        """Cache a finished request's page-aligned prefix; write it through to host as
+        SGLang's `insert` does: a hit on every node of the path (`_inc_hit_count`), and a node
+        hit `write_through_threshold` times (1 under write_through) is written."""
+        hits: list[TreeNode] = []
+        node, dups = self.tree.insert(tokens, device_indices=device_indices, hits=hits)
         for d in dups:
             self.device_pool.allocator.free(d)
-        if self.cfg.write_policy == "write_through":
-            for n in reversed(self._path(node, self.tree.root)):
-                if not n.backuped and n.id not in self.ongoing_write_through:
+        if self.cfg.write_policy != "write_back":
+            threshold = (1 if self.cfg.write_policy == "write_through"
+                         else self.cfg.write_through_threshold)
+            for n in hits:
+                n.hit_count += 1
+                if not n.backuped and n.hit_count >= threshold:
                     self.write_backup(n)
         return node
 
-    def _selective_write(self, node: TreeNode) -> None:
-        for n in reversed(self._path(node, self.tree.root)):
-            n.hit_count += 1
-            if (n.hit_count >= self.cfg.write_through_threshold and not n.backuped
-                    and not n.evicted and n.id not in self.ongoing_write_through):
-                self.write_backup(n)
-
-    def write_backup(self, node: TreeNode) -> bool:
+    def write_backup(self, node: TreeNode, write_back: bool = False) -> bool:
         assert node.value is not None
         # a host pool under pressure on this rank only: both attempts find no memory
         refused = self.pacer.fail("host_alloc", self._write_backups)
         self._write_backups += 1
+        # SGLang keeps backed-up nodes a contiguous prefix from the root: a node whose parent
+        # is not on host is not written through (write-back writes whatever it evicts)
+        parent = node.parent
+        if not write_back and parent is not self.tree.root and not parent.backuped:
+            return False
         host_indices = None if refused else self.cache_controller.write(node.value, node.id)
         if host_indices is None:
             self.evict_host(node.value.numel())
@@ -492,7 +493,7 @@ class HiRadixCache:
             for n in list(self.tree.nodes()):
                 if (not n.evicted and not n.backuped and n.lock_ref == 0
                         and n.id not in self.ongoing_write_through):
-                    self.write_backup(n)
+                    self.write_backup(n, write_back=True)
             # once, whatever was written, as SGLang's `evict` does under write_back (it blocks
             # until every write finished)
             self.writing_check(write_back=True)
