@@ -136,6 +136,8 @@ class HiRadixCache:
         )
         self.enable_storage = storage is not None
         self.ongoing_write_through: dict[int, TreeNode] = {}
+        #: tokens each write-through covered when it was issued (its node may split meanwhile)
+        self.write_through_len: dict[int, int] = {}
         self._write_backups = 0  # write_backup calls so far: what a "host_alloc" fault counts
         self.ongoing_load_back: dict[int, TreeNode] = {}
         self.ongoing_prefetch: dict[str, OngoingPrefetch] = {}
@@ -179,9 +181,10 @@ class HiRadixCache:
             self._synchronize(ack, "write")
             for node_id in ack.node_ids:
                 node = self.ongoing_write_through.pop(node_id)
+                backup_len = self.write_through_len.pop(node_id)
                 self.tree.dec_lock_ref(node)
                 if self.enable_storage:
-                    self.write_backup_storage(node)
+                    self.write_backup_storage(node, backup_len)
         return AckEffect(queued - len(cc.ack_write_queue), queued)
 
     def _synchronize(self, ack, stream: str) -> None:  # noqa: ANN001
@@ -478,13 +481,25 @@ class HiRadixCache:
             return False
         node.host_value = host_indices
         self.ongoing_write_through[node.id] = node
+        self.write_through_len[node.id] = len(node.key)
         self.tree.inc_lock_ref(node)
         return True
 
-    def write_backup_storage(self, node: TreeNode) -> None:
-        assert node.host_value is not None
-        seq = self.cache_controller.write_storage(node.host_value, list(node.key),
-                                                  node.hash_value, node.id)
+    def write_backup_storage(self, node: TreeNode, backup_len: int | None = None) -> None:
+        """Back `node` up to storage; with the profile's `backup_split_chain`, every page its
+        write-through covered (`backup_len` tokens): the node and the upper parts a split cut
+        off it since (SGLang's `_concat_split_chain`)."""
+        chain = [node]
+        if self.profile.backup_split_chain and backup_len is not None:
+            covered = len(node.key)
+            while covered < backup_len and chain[-1].parent is not self.tree.root:
+                chain.append(chain[-1].parent)  # type: ignore[arg-type]
+                covered += len(chain[-1].key)
+            chain.reverse()
+        assert all(n.host_value is not None for n in chain)
+        seq = self.cache_controller.write_storage(
+            torch.cat([n.host_value for n in chain]),  # type: ignore[misc]
+            [t for n in chain for t in n.key], [h for n in chain for h in n.hash_value], node.id)
         self.ongoing_backup[seq] = node
         self.tree.inc_host_ref(node)
 
