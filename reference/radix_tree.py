@@ -101,7 +101,8 @@ class RadixTree:
                     host_len += len(child.key)
                 else:
                     break
-            last_host = child
+            if child.backuped:  # SGLang's: the deepest matched node on host, not past it
+                last_host = child
             node = child
             pos += n
         dev = torch.cat(device_parts) if device_parts else _EMPTY
