@@ -73,7 +73,8 @@ def test_a_recording_counts_only_the_released_pages_its_decisions_saw() -> None:
         deadline = time.monotonic() + DEADLINE_S
         while cc.prefetch_ops_finished < 1 and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert cc.host_mem_release_queue.qsize() == 2  # the IO ran, freely
+        assert cc.get_calls == 1  # the IO ran, freely; its pages are held, not queued
+        assert cc.host_mem_release_queue.qsize() == 0 and cc.prefetch_io_busy()
         sched.cache.drain_storage_control_queues()
         assert _releases(seen) == [(0, 0)] and sched.busy()
         pacer.drain = True
