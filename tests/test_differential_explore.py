@@ -145,14 +145,14 @@ def _hunt(ex: Any, examples: int, seed: int = 0) -> Any:
     return hunt(ex, strategy, examples, seed, shrink_s=20.0)
 
 
-@pytest.mark.sglang
-@pytest.mark.soak
 _UNREACHED = pytest.mark.xfail(
     reason="2026-12-07: with write-throughs counted at insert (SGLang's) the seed-0 hunt did "
            "not reach this plant in 60 examples (one of the two did in 150); the comparison "
            "itself fires on made-up results (test_each_quantity_fires)", strict=False)
 
 
+@pytest.mark.sglang
+@pytest.mark.soak
 @pytest.mark.parametrize("plant", [
     "keys", pytest.param("eviction_order", marks=_UNREACHED),
     pytest.param("decisions", marks=_UNREACHED), "releases", "backup_timing", "slots"])
