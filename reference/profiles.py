@@ -128,7 +128,8 @@ PROFILES: dict[str, ProtocolProfile] = {p.name: p for p in (
     ),
 )}
 
-#: the newest release with HiRadixCache; the one today's serving stacks run
+#: what the newest release's server runs: 0.5.19 .. 0.5.23 build UnifiedRadixCache, whose
+#: decision points are the same code in 0.5.20 and 0.5.23 (scenarios/core/releases.py)
 DEFAULT_PROFILE = "sglang-0.5.20"
 DP_ATTENTION_CHOICES = ("on", "off")
 

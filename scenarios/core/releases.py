@@ -3,7 +3,9 @@ and differential mode). The profiles are named after the release they were read 
 starts each at the first release with the same protocol: 0.5.14 and 0.5.15 are sglang-0.5.14's
 exactly; 0.5.16 .. 0.5.18 (hit queue, progress still agreed once at termination) are judged with
 it too; per-batch progress acks with a prefetch-sync thread arrive in 0.5.19, which is
-sglang-0.5.20's."""
+sglang-0.5.20's. 0.5.21 .. 0.5.23 (no hiradix_cache.py; UnifiedRadixCache as in 0.5.19 and
+0.5.20) carry the same decision points, read side by side from the 0.5.20 and 0.5.23 wheels
+(docs/design/protocol-by-release.md): sglang-0.5.20 judges them too."""
 
 from __future__ import annotations
 
