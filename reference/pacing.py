@@ -10,10 +10,7 @@ a snapshot taken with the choice, so a unit that finishes while the scheduler re
 cannot make the read differ from what a pacer recorded (free-running: `issued`, no bound).
 `fail(call, seq)` lets a pacer make one storage call fail on this rank (seq counts the calls
 of that kind: prefetch queries for "exists", batch reads for "get", backups for "set"); `now()` is the clock
-that prefetch timeouts read. `seen(stream)` is how many units of a stream the decisions so far
-let finish (None: no bound), for a read that takes no choice of its own (the drain's count of
-pages the prefetch IO thread gave back). `drain` is set once the ops are done: the scheduler
-then lets every unit it issued finish. With no pacer installed (the default) none of this runs.
+that prefetch timeouts read. With no pacer installed (the default) none of this runs.
 """
 
 from __future__ import annotations
@@ -23,8 +20,6 @@ from typing import Protocol
 
 
 class Pacer(Protocol):
-    drain: bool
-
     def before(self, stream: str, seq: int) -> None: ...
 
     def after(self, stream: str, seq: int) -> None: ...
@@ -35,8 +30,6 @@ class Pacer(Protocol):
 
     def fail(self, call: str, seq: int) -> bool: ...
 
-    def seen(self, stream: str) -> int | None: ...
-
     def now(self) -> float: ...
 
     def release_all(self) -> None: ...
@@ -44,8 +37,6 @@ class Pacer(Protocol):
 
 class FreeRunning:
     """The default: no gates, real clock, no injected faults."""
-
-    drain = False
 
     def before(self, stream: str, seq: int) -> None:
         pass
@@ -61,9 +52,6 @@ class FreeRunning:
 
     def fail(self, call: str, seq: int) -> bool:
         return False
-
-    def seen(self, stream: str) -> int | None:
-        return None
 
     def now(self) -> float:
         return time.monotonic()

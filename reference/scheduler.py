@@ -132,7 +132,7 @@ class MiniScheduler:
         return bool(
             self.waiting or self.ready or any(self.cache.in_flight().values())
             or cc.prefetch_revoke_queue.qsize() or cc.ack_backup_queue.qsize()
-            or cc.host_mem_release_queue.qsize() or cc.prefetch_io_busy()
+            or cc.host_mem_release_queue.qsize()
         )
 
     def snapshot(self) -> dict:

@@ -467,7 +467,6 @@ class Driver:
             if new is None:
                 self.outcomes.append(_outcome(rid, "rejected", len(prefix) - loaded, loaded))
                 return
-            self._forward_waits_for_loads()
             indices = torch.cat([prefix.to(torch.int64), new.to(torch.int64)])
             self._fill(tokens, indices, len(prefix))
             bad = self._verify(tokens, indices)
@@ -478,14 +477,6 @@ class Driver:
         finally:
             adapters.unlock(cache, m.last_device_node, receipt)
         self.outcomes.append(_outcome(rid, "done", len(prefix) - loaded, loaded, need, bad))
-
-    def _forward_waits_for_loads(self) -> None:
-        """The forward waits on the load stream for every load issued so far (the layer
-        counter's consumer index; a prefix may have been loaded by a request then rejected),
-        and the scheduler reads the forward's result before its next step: those loads have
-        finished by the next `loading_check`, as the reference's forward `need`s them."""
-        if self.cc.ack_load_queue:
-            self.cc.ack_load_queue[-1][1].synchronize()
 
     # -- KV content: a pure function of the page's tokens and this rank's head shard ---------
     def _page_kv(self, tokens: list[int], page: int) -> torch.Tensor:
