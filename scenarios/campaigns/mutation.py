@@ -35,6 +35,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from scenarios.core.config import CP_LAYOUTS
+from scenarios.core.errors import Stopped
+
 REPO = Path(__file__).resolve().parents[2]
 RESULTS = REPO / "docs" / "measurements" / "mutation-results.json"
 SCORE_DOC = REPO / "docs" / "measurements" / "mutation-score.md"
@@ -166,7 +169,7 @@ def run_detectors(target: str | None = None, diff_release: str | None = None,
 #: stage) nor 0.5.10 with DP attention (its TP group misses the CP peers): real divergences the
 #: checker reports on the unmutated reference; tests/test_sync_units.py pins their groups.
 GENERATED_BUDGETS: tuple[tuple[str, tuple[str, ...], int], ...] = (
-    ("sglang-0.5.20", ("1x2", "2x2"), 60),
+    ("sglang-0.5.20", CP_LAYOUTS, 60),
     ("sglang-0.5.20", ("1x2x2",), 10),
     ("sglang-0.5.13", ("2x2",), 10),
     ("sglang-0.5.11", ("2x2",), 10),
@@ -270,10 +273,6 @@ def _skip_judged(session: Path, judged: dict[tuple, dict]) -> None:
             "INSERT INTO work_results (worker_outcome, output, test_outcome, diff, job_id) "
             "VALUES ('SKIPPED', ?, NULL, NULL, ?)",
             [(KILLED_EARLIER, job) for job, *spec in specs if _key(*spec) in judged])
-
-
-class Stopped(Exception):
-    """SIGTERM / SIGINT during a run: stop the mutants, keep what was judged."""
 
 
 _STOPPED: list[str] = []

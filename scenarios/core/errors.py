@@ -249,3 +249,8 @@ class InfrastructureLost(Interrupted):
     """What a soak's run depends on is gone (its Mooncake master): the soak's watchdog raises
     it in the main thread to cut the run in flight; the soak ends `unknown` (125). An
     Interrupted, so every `with` block that cleans up after Ctrl-C cleans up after it."""
+
+
+class Stopped(Exception):
+    """SIGTERM / SIGINT during a mutation run: stop the mutants, keep what was judged (a plain
+    Exception, not a CpcheckError: it never ends a command with its own exit code)."""
