@@ -238,3 +238,34 @@ def test_the_command_rewrites_a_hand_edit(tmp_path: Path) -> None:
     assert copy.read_text() != committed  # the edit is seen
     assert cp.main([version, "--observed", str(OBSERVED), "--write", str(copy)]) == 0
     assert copy.read_text() == committed
+
+
+@pytest.mark.parametrize("kind", ["all_reduce", "barrier", "send", "isend", "recv"])
+def test_every_recorded_collective_reaches_the_call_log_and_the_trace(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
+    """Collectives and point-to-point calls take one recording path: a call missing from the
+    call log would turn a gloo abort on it into 125 instead of a [collectives] verdict."""
+    import torch
+
+    from scenarios.sut.sglang import rank as sut_rank
+
+    group = object()
+    run = sut_rank.Run(0, pacer=None, gates=None, storage_dir=str(tmp_path))  # type: ignore[arg-type]
+    run.trace = path_trace.PathTrace()
+    noted: list[str] = []
+    monkeypatch.setattr(run.trace, "note", noted.append)
+    monkeypatch.setattr(sut_rank, "CURRENT", run)
+    monkeypatch.setitem(sut_rank._GROUP_NAMES, id(group), "attn_cp[0, 1]")
+    wrap = sut_rank._recorded_p2p if kind in ("send", "isend", "recv") else sut_rank._recorded
+    called = []
+    wrapped = wrap(kind, lambda *a, **k: called.append(kind) or "done")
+    t = torch.zeros(2, dtype=torch.int32)
+    args = {"all_reduce": (t, sut_rank.dist.ReduceOp.MIN, group), "barrier": ()}.get(
+        kind, (t, 1, group))
+    kwargs = {"group": group} if kind == "barrier" else {}
+    assert wrapped(*args, **kwargs) == "done" and called == [kind]
+    run.call_log.close()
+    logged = call_log.read(tmp_path)[0]
+    assert [g for g, _ in logged] == ["attn_cp[0, 1]"] and logged[0][1].startswith(kind)
+    assert noted == [kind]
+    assert run.collectives.log["attn_cp[0, 1]"][0].op.startswith(kind)

@@ -506,16 +506,17 @@ def test_a_corpus_file_the_release_lacks_a_seam_for_is_cannot_not_error(
     """A decode-side file on a release with no decode side is not judged, and is not a machine
     error either: the cell stays agree, the table says what was left out."""
     import scenarios.judge.judging as judging
-    from scenarios.core.errors import ErrorKind, MissingSeam
+    from scenarios.core.errors import CannotJudge, ErrorKind, MissingSeam
     from scenarios.core.records import RankError, RankResult
     from scenarios.sut.sglang.rank import CANNOT_DRIVE
 
-    def ranks(where: str) -> list[RankResult]:
-        err = RankError.of(MissingSeam("no decode_hicache_mixin"), ErrorKind.INFRASTRUCTURE,
-                           where=where)
+    def ranks(e: Exception) -> list[RankResult]:
+        # the same words where both stopped: only the error's type tells a missing seam
+        err = RankError.of(e, ErrorKind.INFRASTRUCTURE, where=CANNOT_DRIVE)
         return [RankResult(rank=i, error=err) for i in range(2)]
 
-    outcome = {"decode.json": ranks(CANNOT_DRIVE), "broken.json": ranks("building the pool"),
+    outcome = {"decode.json": ranks(MissingSeam("no decode_hicache_mixin")),
+               "broken.json": ranks(CannotJudge("the later PP stage waits on a gated item")),
                "ok.json": [RankResult(rank=0)]}
     monkeypatch.setattr(matrix, "corpus_for", lambda layout: [(n, _sched()) for n in outcome])
     current: list[str] = []

@@ -83,10 +83,10 @@ def run_corpus(ex: Any, version: str, dp: bool, layout: str, replays: int,
 def lacks_seam(results: list) -> bool:
     """Every rank stopped because the release lacks a seam the Schedule needs (MissingSeam):
     the file cannot run on this release, which says nothing about the machine or the release."""
-    from scenarios.sut.sglang.rank import CANNOT_DRIVE
+    from scenarios.core.errors import MissingSeam
 
     errors = [r.error for r in results if r.error is not None]
-    return bool(errors) and all(e.where == CANNOT_DRIVE for e in errors)
+    return bool(errors) and all(e.type == MissingSeam.__name__ for e in errors)
 
 
 def portable(text: str) -> str:

@@ -40,17 +40,23 @@ def read(storage_dir: str | Path) -> dict[int, list[tuple[str, str]]]:
 
 def first_mismatch(storage_dir: str | Path) -> str | None:
     """Where two ranks' calls on one group first differ ("group, call #i: rank a X, rank b
-    Y"), or None when every group's calls agree as far as each rank got."""
+    Y"), or None when every group's calls agree as far as each rank got: a log that stops
+    early is a rank that died, not a mismatch, so only the calls both ranks logged compare."""
+    from scenarios.judge.checker import first_mismatch as first_difference
+
     per_group: dict[str, dict[int, list[str]]] = {}
     for rank, calls in read(storage_dir).items():
         for group, call in calls:
             per_group.setdefault(group, {}).setdefault(rank, []).append(call)
+    found: list[tuple[int, str, str]] = []
     for group in sorted(per_group):
-        ranks = per_group[group]
-        longest = max(len(c) for c in ranks.values())
-        for i in range(longest):
-            seen = {r: c[i] for r, c in sorted(ranks.items()) if i < len(c)}
-            if len(set(seen.values())) > 1:
-                said = ", ".join(f"rank {r} {c}" for r, c in seen.items())
-                return f"{group}, call #{i}: {said}"
-    return None
+        ranks = sorted(per_group[group].items())
+        base_rank, base = ranks[0]
+        for rank, calls in ranks[1:]:
+            n = min(len(base), len(calls))
+            m = first_difference(base[:n], calls[:n])
+            if m is not None:
+                i, a, b = m
+                found.append((i, group, f"{group}, call #{i}: rank {base_rank} {a}, "
+                                        f"rank {rank} {b}"))
+    return min(found)[2] if found else None

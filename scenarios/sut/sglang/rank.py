@@ -127,6 +127,17 @@ def _group_name(group: Any) -> str | None:
     return name
 
 
+def _record_and_call(run: Any, name: str, kind: str, call: CollectiveCall, fn: Any,
+                     args: tuple, kwargs: dict) -> Any:
+    """The one path every recorded call takes: the stack trace, the per-rank call log (which
+    outlives a gloo abort) and the in-memory record, then the call itself."""
+    if run.trace is not None:
+        run.trace.note(kind)
+    run.call_log.write(name, call)
+    with run.collectives.call(name, call):
+        return fn(*args, **kwargs)
+
+
 def _recorded(kind: str, fn: Any) -> Any:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         run = CURRENT
@@ -143,11 +154,7 @@ def _recorded(kind: str, fn: Any) -> Any:
                                   str(t.dtype).removeprefix("torch."))
         else:
             call = CollectiveCall(kind)
-        if run.trace is not None:
-            run.trace.note(kind)
-        run.call_log.write(name, call)
-        with run.collectives.call(name, call):
-            return fn(*args, **kwargs)
+        return _record_and_call(run, name, kind, call, fn, args, kwargs)
     wrapper._cpcheck = True  # type: ignore[attr-defined]
     return wrapper
 
@@ -191,8 +198,7 @@ def _recorded_p2p(kind: str, fn: Any) -> Any:
                 return fn(*args, **kwargs)
         else:
             call = CollectiveCall(kind)
-        with run.collectives.call(name, call):
-            return fn(*args, **kwargs)
+        return _record_and_call(run, name, kind, call, fn, args, kwargs)
     wrapper._cpcheck = True  # type: ignore[attr-defined]
     return wrapper
 
