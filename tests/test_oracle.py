@@ -217,3 +217,47 @@ def test_0_5_13_forwards_stage_0_only_for_the_ack_checks() -> None:
     forwarded = {r: [2, 0, 0] for r in range(4)}
     found = check_oracle(s, _pp_logs("drain", drain_locals, forwarded))
     assert {r for r, _ in found} == {"reduce"} and "on ranks [2, 3]" in found[0][1], found
+
+
+@pytest.mark.parametrize("kind", ["writing_check", "loading_check", "drain", "can_terminate"])
+def test_0_5_20_releases_forward_stage_0s_scheduler_agreements(kind: str) -> None:
+    """1x2x2 (ranks 0, 1 = stage 0; 2, 3 = stage 1). A 0.5.20+ wheel reduces the scheduler's
+    checks on stage 0 and forwards the value (`_all_reduce` -> `_pp_sync`): on the release,
+    every stage holds stage 0's reduction; the reference's `sglang-0.5.20` profile reduces over
+    PP too (MIN / MAX over all four), and each is judged against its own model."""
+    width = 3 if kind == "drain" else 2 if kind == "can_terminate" else 1
+    locals_ = {0: [4] * width, 1: [3] * width, 2: [1] * width, 3: [5] * width}
+    pick = max if kind == "can_terminate" else min
+    stage0 = [pick(4, 3)] * width
+    everyone = [pick(4, 3, 1, 5)] * width
+    assert stage0 != everyone
+    # wait_complete: best_effort's can_terminate issues no collective
+    release = shaped("1x2x2", "wait_complete", "complete").with_(
+        protocol="sglang-0.5.20", sut="sglang==0.5.20")
+    forwarded = {r: stage0 for r in range(4)}
+    over_pp = {r: everyone for r in range(4)}
+    assert [r for r, _ in check_oracle(release, _pp_logs(kind, locals_, forwarded))
+            if r == "reduce"] == []
+    found = [m for r, m in check_oracle(release, _pp_logs(kind, locals_, over_pp))
+             if r == "reduce"]
+    assert found and "forwarded" in found[0], found
+    reference = release.with_(sut="reference")
+    assert [r for r, _ in check_oracle(reference, _pp_logs(kind, locals_, over_pp))
+            if r == "reduce"] == []
+    assert [r for r, _ in check_oracle(reference, _pp_logs(kind, locals_, forwarded))
+            if r == "reduce"]
+
+
+def test_0_5_20_releases_keep_pp_in_the_controllers_hit_reduce() -> None:
+    """The storage hit count is the controller's (`prefetch_hits_sync_groups` holds the PP
+    group): on the release too, the MIN runs over every stage."""
+    s = load_scenario("write_acks").with_(layout="1x2x2", protocol="sglang-0.5.20",
+                                          sut="sglang==0.5.20")
+    locals_ = {0: [4], 1: [3], 2: [1], 3: [5]}
+    logs = [RankResult(rank=r, decisions={"prefetch_sync": (Decision.of(
+        ("prefetch_hits", "q", locals_[r], agreed, "x")),)})
+        for r, agreed in {0: [3], 1: [3], 2: [3], 3: [3]}.items()]
+    assert [r for r, _ in check_oracle(s, logs) if r == "reduce"] == ["reduce"]
+    logs = [RankResult(rank=r, decisions={"prefetch_sync": (Decision.of(
+        ("prefetch_hits", "q", locals_[r], [1], "x")),)}) for r in range(4)]
+    assert [r for r, _ in check_oracle(s, logs) if r == "reduce"] == []

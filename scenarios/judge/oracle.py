@@ -16,7 +16,11 @@ Rules (each violation names the rule, the decision, the ranks, the locals, expec
                 forwards PP stage 0's value for `writing_check` / `loading_check` only (a
                 later stage's agreed ack count is its stage-0 counterpart's, decision by
                 decision), every other agreement stays inside the stage as in 0.5.11; 0.5.20
-                adds the PP group to every reduce. Before
+                adds the PP group to every reduce as the reference's profile models it; a
+                0.5.20+ release itself (an SGLang run) reduces the scheduler's checks
+                (write / load acks, the drain, can_terminate) on PP stage 0 and forwards
+                the value to the later stages, and puts PP in the controller's hit and
+                completion reduces. Before
                 0.5.13 `loading_check` is local: its agreed value is the local one; so is
                 `writing_check` under write-back eviction (it waits for every write, no
                 collective). best_effort `can_terminate` issues no collective (checked by
@@ -70,6 +74,10 @@ Stage = Callable[[int], tuple[int, ...]]
 #: the agreements 0.5.13 forwards from PP stage 0 (its `_all_reduce`); the rest of its
 #: agreements reduce over the stage's attention groups only (`_all_reduce_attn_groups`)
 FORWARDED_KINDS = ("writing_check", "loading_check")
+#: the scheduler's agreements that 0.5.20+'s wheels reduce on PP stage 0 and forward down the
+#: pipeline (`_all_reduce`: `_all_reduce_attn_groups` on stage 0, then `_pp_sync`'s recv /
+#: isend); the controller's hit and completion agreements put the PP group in the reduce
+STAGE0_FORWARDED_KINDS = ("writing_check", "loading_check", "drain", "can_terminate")
 
 
 #: variant names that stand for a whole configuration (the README's variant table): a run
@@ -96,6 +104,11 @@ def dp_attention_of(s: Any) -> bool:
     if str(getattr(s, "sut", "") or "").startswith("sglang=="):
         alias = None  # SGLang ran the Schedule's own setting: a reference variant means nothing
     return alias[1] if alias is not None else bool(getattr(s, "dp_attention", True))
+
+
+def _is_release_run(s: Any) -> bool:
+    """The Schedule ran on an SGLang release (not on the reference's profile of one)."""
+    return str(getattr(s, "sut", "") or "").startswith("sglang")
 
 
 def version_of(protocol: str) -> tuple[int, ...]:
@@ -170,6 +183,12 @@ class Oracle:
         self.stage_stages = [(n, f) for n, f in self.stages if n != "pp_forward"]
         self.world = s.layout_obj.world_size
         self.comps = _components(self.world, self.stage_stages)
+        #: 0.5.20+ run by the release under PP: the scheduler's agreements are stage 0's,
+        #: forwarded (the reference's `sglang-0.5.20` reduces them over PP instead)
+        lay = s.layout_obj
+        self.stage0_of: Callable[[int], int] | None = (
+            (lambda r: lay.rank_of(*lay.coords(r)[:2], 0))
+            if lay.pp > 1 and self.ver >= (0, 5, 20) and _is_release_run(s) else None)
         self.page = s.cache.page_size
         self.policy = s.cache.prefetch_stop_policy
         gated = not any(r.recorded is not None for r in results)
@@ -239,12 +258,19 @@ class Oracle:
                              and self.forward(comp[0])[0] != comp[0]):
             pass  # a later stage's forwarded ack count: check_forwarded_acks judges it
         else:
-            want = reduce_over(self.stage_stages, comp, locals_, op)
+            stages = self.stage_stages
+            if self.stage0_of is not None and kind in STAGE0_FORWARDED_KINDS:
+                stages = [(n, f) for n, f in stages if n != "pp"]
+            want = reduce_over(stages, comp, locals_, op)
+            if stages is not self.stage_stages:  # every stage takes its stage-0 rank's value
+                assert self.stage0_of is not None
+                want = {r: want[self.stage0_of(r)] for r in comp}
             bad = [r for r in comp if tuple(agreed[r]) != want[r]]
             if bad:
-                groups = [list(f(bad[0])) for _n, f in self.stage_stages]
+                groups = [list(f(bad[0])) for _n, f in stages]
+                fwd = ", on PP stage 0, forwarded" if stages is not self.stage_stages else ""
                 self.fail("reduce", f"{where} on ranks {bad}: locals {locals_} reduced with "
-                          f"{op.upper()} over {groups} ({self.protocol}) expects "
+                          f"{op.upper()} over {groups}{fwd} ({self.protocol}) expects "
                           f"{list(want[bad[0]])}, actual {agreed[bad[0]]}")
         for r in comp:
             self._consequences(where, kind, r, ents, effs, locals_, agreed, comp)
