@@ -134,7 +134,69 @@ def test_a_later_stage_short_of_the_forwarded_counts_is_unknown_not_a_hang() -> 
     with pytest.raises(CannotJudge, match="ack_backup_queue has 1 of 2"):
         pp_drain.wait_for_forwarded_counts(SimpleNamespace(pp_rank=1, pp_size=2), cc, counts,
                                            wait_s=0.05)
-    pp_drain.wait_for_forwarded_counts(SimpleNamespace(pp_rank=0, pp_size=2), cc, counts, 0.05)
-    pp_drain.wait_for_forwarded_counts(SimpleNamespace(pp_rank=0, pp_size=1), cc, counts, 0.05)
+    pp_drain.wait_for_forwarded_counts(SimpleNamespace(pp_rank=0, pp_size=2), cc, counts,
+                                       wait_s=0.05)
+    pp_drain.wait_for_forwarded_counts(SimpleNamespace(pp_rank=0, pp_size=1), cc, counts,
+                                       wait_s=0.05)
     q.put(2)
-    pp_drain.wait_for_forwarded_counts(SimpleNamespace(pp_rank=1, pp_size=2), cc, counts, 0.05)
+    pp_drain.wait_for_forwarded_counts(SimpleNamespace(pp_rank=1, pp_size=2), cc, counts,
+                                       wait_s=0.05)
+
+
+def test_a_later_stage_opens_the_gates_of_the_io_its_drain_waits_for() -> None:
+    """The item a later stage's drain waits for sits behind a gate of the stream that fills its
+    queue (the backup's `set`): that gate opens, one unit at a time, until the count is there;
+    a stream whose thread is not at its gate, or one that fills another queue, stays shut."""
+    from collections import defaultdict
+    from queue import Queue
+
+    from scenarios.sut.sglang import pp_drain
+
+    backups: Queue = Queue()
+
+    class Gates:
+        def __init__(self) -> None:
+            self.at_gate: dict[str, bool] = defaultdict(bool, {"set": True, "get": True})
+            self.opened: list[str] = []
+
+        def open_one(self, stream: str) -> None:
+            self.opened.append(stream)
+            if stream == "set":
+                backups.put(len(self.opened))
+
+    gates, opened = Gates(), []
+    cc = SimpleNamespace(ack_backup_queue=backups, ack_prefetch_queue=Queue())
+    counts = {"n_backup": ("ack_backup_queue", 2), "n_ack_prefetch": ("ack_prefetch_queue", 0)}
+    pp_drain.wait_for_forwarded_counts(SimpleNamespace(pp_rank=1, pp_size=2), cc, counts, gates,
+                                       opened, wait_s=5)
+    assert gates.opened == opened == ["set", "set"] and backups.qsize() == 2
+    gates.at_gate["set"] = False  # the thread is busy elsewhere: nothing to open, so 125
+    with pytest.raises(pp_drain.CannotJudge, match="ack_backup_queue has 2 of 3"):
+        pp_drain.wait_for_forwarded_counts(
+            SimpleNamespace(pp_rank=1, pp_size=2), cc, {"n_backup": ("ack_backup_queue", 3)},
+            gates, opened, wait_s=0.05)
+    assert gates.opened == ["set", "set"]
+
+
+@pytest.mark.sglang
+@pytest.mark.soak
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize(("version", "name"), [
+    ("0.5.20", "unknown-sglang-0.5.20-dpattn-1x1x2-c14c0c9783ad.json"),
+    ("0.5.23", "unknown-sglang-0.5.23-dpattn-1x1x2-6feb98d55141.json")])
+def test_a_pp_drain_waiting_on_gated_io_is_judged(version: str, name: str) -> None:
+    """The matrix's two unjudged PP Schedules (a later stage's drain waited for a backup held
+    at the harness's gate: 125 before pp_drain opened the awaited gates) are judged: both
+    stages agree."""
+    from scenarios.judge.checker import check
+    from scenarios.store.replay import read_replay
+    from scenarios.sut.sglang.executor import SglangExecutor, verdict_of
+    from tests.subprocess_env import REPO
+
+    need(version)
+    s, _ = read_replay(REPO / "docs" / "sglang-matrix" / name)
+    s = s.with_(sut=f"sglang=={version}")
+    with SglangExecutor(version, timeout_s=30, build=False) as ex:
+        results = ex.run(s, s.dp_attention)
+    assert all(r.error is None for r in results), [r.error for r in results]
+    assert check(s, results).ok and verdict_of(s, results, s.dp_attention).ok

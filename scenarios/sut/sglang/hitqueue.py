@@ -253,8 +253,10 @@ class HitQueuePipeline:
 
         def drain_impl(**kw: Any) -> Any:
             self.revoked = 0
+            opened: list[str] = []
             pp_drain.wait_for_forwarded_counts(cache, cc, {
-                p: (QUEUE_OF[p], kw.get(p)) for p in self.drain_params})
+                p: (QUEUE_OF[p], kw.get(p)) for p in self.drain_params}, d.gates, opened)
+            d.pacer.trace.extend(("pp_drain", stream, 1) for stream in opened)
             out = orig_impl(**kw)
             agreed = tuple(kw.get(n) for n in self.drain_params)
             if None not in agreed:  # a local drain (shutdown) agrees on nothing
