@@ -7,7 +7,7 @@ run tests go through the in-process harness (and torchrun where marked `cp`).
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import pytest
@@ -384,18 +384,25 @@ def test_generation_finds_sglang_0_5_10_with_dp_attention(seed: int) -> None:
 # -- Mooncake and soak, every profile x configuration -----------------------------------------
 
 
+@pytest.fixture(scope="module")
+def mooncake_torchrun(mooncake_master: str) -> Iterator:
+    """One torchrun executor on the session's master for every profile x configuration: its
+    2x2 pool starts once (a pool start per case cost 15-25 s on a loaded box)."""
+    from scenarios.sut.reference_executor import Executor
+
+    with Executor("torchrun", timeout_s=10.0, mooncake_master=mooncake_master) as ex:
+        yield ex
+
+
 @pytest.mark.cp
 @pytest.mark.mooncake
 @pytest.mark.parametrize("dp", [True, False])
 @pytest.mark.parametrize("protocol", RELEASES[1:])
-def test_mooncake_store_holds_the_keys_of_the_configuration(mooncake_master: str, protocol: str,
+def test_mooncake_store_holds_the_keys_of_the_configuration(mooncake_torchrun, protocol: str,
                                                              dp: bool) -> None:
-    from scenarios.sut.reference_executor import Executor
-
     s = load_scenario("write_acks").with_(layout="2x2", backend="mooncake", protocol=protocol,
                                           dp_attention=dp)
-    with Executor("torchrun", timeout_s=10.0, mooncake_master=mooncake_master) as ex:
-        results = ex.run(s)
+    results = mooncake_torchrun.run(s)
     assert check(s, results).ok
     stored = {r.rank: set(r.stored) for r in results}
     assert all(stored.values()), "no rank confirmed a stored key"

@@ -167,6 +167,7 @@ def test_stored_prefix_comes_back_through_per_batch_acks(ex, tmp_path) -> None:
 
 
 @pytest.mark.sglang
+@pytest.mark.soak  # the CLI's own pool start; the same file runs in the shared pool above
 @pytest.mark.timeout(900)
 def test_replay_exit_code_on_0_5_20() -> None:
     """0.5.20 is judged (0) where it used to answer "cannot run here"; a release older than
