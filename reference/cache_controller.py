@@ -64,10 +64,11 @@ class HiCacheAck:
 
 @dataclass
 class CacheOperation:
-    seq: int
+    seq: int  # the op's first unit on its pacer stream; its ack's seq is the last
     host_indices: torch.Tensor
     device_indices: torch.Tensor
     ack: HiCacheAck
+    units: int = 1
 
 
 @dataclass
@@ -342,10 +343,14 @@ class HiCacheController:
         device_indices = self.mem_pool_device.allocator.alloc(host_indices.numel())
         if device_indices is None:
             return None
-        ack = HiCacheAck(self.load_seq, [node_id])
+        # one unit per layer: SGLang's `start_loading` records a load event per layer
+        # (`LayerLoadingEvent.complete(i)`) and its ack's finish_event is the last layer's
+        layers = self.mem_pool_host.shape.layers
+        ack = HiCacheAck(self.load_seq + layers - 1, [node_id])
         self.ack_load_queue.append(ack)
-        self._load_queue.put(CacheOperation(self.load_seq, host_indices, device_indices, ack))
-        self.load_seq += 1
+        self._load_queue.put(CacheOperation(self.load_seq, host_indices, device_indices, ack,
+                                            layers))
+        self.load_seq += layers
         return device_indices, ack
 
     def _copy_loop(self, q: queue.Queue, stream_name: str, copy: Callable[[CacheOperation], None],
@@ -354,7 +359,10 @@ class HiCacheController:
             op = q.get()
             if op is None:
                 return
-            self.pacer.before(stream_name, op.seq)
+            for unit in range(op.seq, op.ack.seq):  # the layers before the last: the copy
+                self.pacer.before(stream_name, unit)  # runs whole (page-first host pool) at
+                self.pacer.after(stream_name, unit)   # the last one's gate
+            self.pacer.before(stream_name, op.ack.seq)
             if cuda_stream is not None:
                 # the KV was produced on the scheduler's stream: order the copy after it
                 cuda_stream.wait_stream(torch.cuda.default_stream(cuda_stream.device))
@@ -366,7 +374,7 @@ class HiCacheController:
             else:
                 copy(op)
             op.ack._done.set()
-            self.pacer.after(stream_name, op.seq)
+            self.pacer.after(stream_name, op.ack.seq)
 
     def _writer_thread_func(self) -> None:
         self._copy_loop(
