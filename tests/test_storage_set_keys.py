@@ -15,10 +15,15 @@ import threading
 
 import pytest
 
-from reference.api import CacheConfig, ParallelGroups, RankInfo, open_rank
-from reference.hashing import page_hashes
-from reference.pacing import FreeRunning
-from reference.storage.memory import clear_namespace
+from reference.api import (
+    CacheConfig,
+    FreeRunning,
+    ParallelGroups,
+    RankInfo,
+    clear_namespace,
+    open_rank,
+    page_hashes,
+)
 from scenarios.client.gates import GatedPacer
 from tests.test_single_rank_e2e import (
     DEADLINE_S,
