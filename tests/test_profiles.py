@@ -356,12 +356,15 @@ def test_generated_schedules_agree_without_pp(inprocess_executor, protocol, dp) 
     from hypothesis import given, settings
 
     from scenarios.generate.strategies import schedules
+    from tests.test_oracle_profiles import unsynchronised_loading_check
 
     @settings(max_examples=15, deadline=None)
     @given(s=schedules(layouts=("1x2", "2x2", "2x1"), protocol=protocol, dp_attention=dp))
     def run(s: Schedule) -> None:
         verdict = check(s, inprocess_executor.run(s))
-        assert verdict.ok, verdict.summary()
+        # to 0.5.11 only the unsynchronised loading_check may diverge (as 0.5.11 does)
+        assert verdict.ok or unsynchronised_loading_check(protocol, verdict.summary()), \
+            verdict.summary()
 
     run()
 
