@@ -417,7 +417,14 @@ def test_soak_agrees_per_profile(tmp_path, protocol: str, dp: bool, capsys) -> N
                "--protocol", protocol, "--dp-attention", "on" if dp else "off",
                "--out", str(tmp_path), "--seed", "1"])
     out = capsys.readouterr()
-    assert rc == 0, out.out + out.err
+    if rc == 1:  # to 0.5.11 a free-running soak may meet the unsynchronised loading_check
+        from tests.test_oracle_profiles import unsynchronised_loading_check
+
+        (replay,) = (tmp_path / "latest").glob("replay-*.json")
+        message = json.loads(replay.read_text())["verdict"]["message"]
+        assert unsynchronised_loading_check(protocol, message), message
+    else:
+        assert rc == 0, out.out + out.err
     report = json.loads((tmp_path / "latest" / "report.json").read_text())
     assert (report["protocol"], report["dp_attention"]) == (protocol, dp)
     assert report["runs"] >= 1
@@ -444,6 +451,14 @@ TABLE_DIVERGENCES = {  # (protocol, dp_attention, layout) -> invariant (benchmar
     ("sglang-0.5.10", False, "2x2x2"): "decisions",
     ("sglang-0.5.11", True, "2x2x2"): "decisions",
     ("sglang-0.5.11", False, "2x2x2"): "decisions",
+    # to 0.5.11 loading_check has no collective: a load the forward waited for is finished on
+    # one rank and not on another at the next check (as 0.5.11 itself shows)
+    ("sglang-0.5.10", False, "1x2"): "decisions",
+    ("sglang-0.5.10", False, "2x2"): "decisions",
+    ("sglang-0.5.11", True, "1x2"): "decisions",
+    ("sglang-0.5.11", True, "2x2"): "decisions",
+    ("sglang-0.5.11", False, "1x2"): "decisions",
+    ("sglang-0.5.11", False, "2x2"): "decisions",
     # 0.5.13 forwards only the write / load acks: prefetch decisions are per stage
     ("sglang-0.5.13", True, "2x2x2"): "decisions",
     ("sglang-0.5.13", False, "2x2x2"): "decisions",
