@@ -64,10 +64,11 @@ class HiCacheAck:
 
 @dataclass
 class CacheOperation:
-    seq: int
+    seq: int  # the op's first unit on its pacer stream; its ack's seq is the last
     host_indices: torch.Tensor
     device_indices: torch.Tensor
     ack: HiCacheAck
+    units: int = 1
 
 
 @dataclass
@@ -222,6 +223,12 @@ class HiCacheController:
         self.prefetch_revoke_queue: queue.Queue[str] = queue.Queue()
         self.ack_backup_queue: queue.Queue[StorageOperation] = queue.Queue()
         self.host_mem_release_queue: queue.Queue[torch.Tensor] = queue.Queue()
+        #: (prefetch_io unit, host pages) the IO thread gave back, held until a pacer has seen
+        #: that unit finish (`host_mem_releases` queues them then)
+        self._io_releases: list[tuple[int, torch.Tensor]] = []
+        self._io_release_lock = threading.Lock()
+        self.prefetch_ops_buffered = 0  # ops handed to the IO thread
+        self.prefetch_ops_finished = 0  # ops whose IO thread sent its final ack
 
         self._write_queue: queue.Queue[CacheOperation | None] = queue.Queue()
         self._load_queue: queue.Queue[CacheOperation | None] = queue.Queue()
@@ -336,10 +343,14 @@ class HiCacheController:
         device_indices = self.mem_pool_device.allocator.alloc(host_indices.numel())
         if device_indices is None:
             return None
-        ack = HiCacheAck(self.load_seq, [node_id])
+        # one unit per layer: SGLang's `start_loading` records a load event per layer
+        # (`LayerLoadingEvent.complete(i)`) and its ack's finish_event is the last layer's
+        layers = self.mem_pool_host.shape.layers
+        ack = HiCacheAck(self.load_seq + layers - 1, [node_id])
         self.ack_load_queue.append(ack)
-        self._load_queue.put(CacheOperation(self.load_seq, host_indices, device_indices, ack))
-        self.load_seq += 1
+        self._load_queue.put(CacheOperation(self.load_seq, host_indices, device_indices, ack,
+                                            layers))
+        self.load_seq += layers
         return device_indices, ack
 
     def _copy_loop(self, q: queue.Queue, stream_name: str, copy: Callable[[CacheOperation], None],
@@ -348,7 +359,10 @@ class HiCacheController:
             op = q.get()
             if op is None:
                 return
-            self.pacer.before(stream_name, op.seq)
+            for unit in range(op.seq, op.ack.seq):  # the layers before the last: the copy
+                self.pacer.before(stream_name, unit)  # runs whole (page-first host pool) at
+                self.pacer.after(stream_name, unit)   # the last one's gate
+            self.pacer.before(stream_name, op.ack.seq)
             if cuda_stream is not None:
                 # the KV was produced on the scheduler's stream: order the copy after it
                 cuda_stream.wait_stream(torch.cuda.default_stream(cuda_stream.device))
@@ -360,7 +374,7 @@ class HiCacheController:
             else:
                 copy(op)
             op.ack._done.set()
-            self.pacer.after(stream_name, op.seq)
+            self.pacer.after(stream_name, op.ack.seq)
 
     def _writer_thread_func(self) -> None:
         self._copy_loop(
@@ -437,6 +451,7 @@ class HiCacheController:
                 op.num_batches = (agreed + bp - 1) // bp
                 op.first_batch = self.prefetch_batches_issued
                 self.prefetch_batches_issued += op.num_batches
+                self.prefetch_ops_buffered += 1
                 self.prefetch_buffer.put(op)
                 outcome = f"fetch {agreed} pages"
             self.decide("prefetch", "prefetch_hits", op.request_id, (local,), (agreed,), outcome,
@@ -485,10 +500,36 @@ class HiCacheController:
         """The final ack; `io_done` is set before the last batch reports done to a pacer. The
         pages the IO did not fill (failed or terminated) go back from this thread, as SGLang's
         IO thread returns them after `_page_transfer`."""
-        self.append_host_mem_release(op.host_indices[op.completed_tokens :])
+        unfilled = op.host_indices[op.completed_tokens :]
+        if unfilled.numel():
+            with self._io_release_lock:
+                self._io_releases.append((op.first_batch + op.num_batches - 1, unfilled))
         if self.per_batch_acks:
             self.prefetch_sync_queue.put(PrefetchAck(op, op.completed_tokens, final=True))
         op.io_done = True
+        self.prefetch_ops_finished += 1
+
+    def host_mem_releases(self) -> int:
+        """The pages queued for the drain to release. Pages the IO thread gave back after a
+        batch no decision has seen finish stay out (a free-running recording runs ahead of its
+        replay there); gated or in production, every finished batch's pages are queued."""
+        seen = self.pacer.seen("prefetch_io")
+        with self._io_release_lock:
+            held = []
+            for unit, pages in self._io_releases:
+                if seen is not None and unit >= seen:
+                    held.append((unit, pages))
+                else:
+                    self.append_host_mem_release(pages)
+            self._io_releases = held
+        return self.host_mem_release_queue.qsize()
+
+    def prefetch_io_busy(self) -> bool:
+        """An op the IO thread has not finished, or pages it gave back not yet queued (an
+        aborted op's batch runs when its gate opens, after the abort)."""
+        with self._io_release_lock:
+            return (self.prefetch_ops_finished < self.prefetch_ops_buffered
+                    or bool(self._io_releases))
 
     def _page_transfer(self, op: PrefetchOperation, batch: int, first: int, last: int) -> bool:
         ps = self.page_size

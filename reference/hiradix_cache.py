@@ -136,6 +136,8 @@ class HiRadixCache:
         )
         self.enable_storage = storage is not None
         self.ongoing_write_through: dict[int, TreeNode] = {}
+        #: tokens each write-through covered when it was issued (its node may split meanwhile)
+        self.write_through_len: dict[int, int] = {}
         self._write_backups = 0  # write_backup calls so far: what a "host_alloc" fault counts
         #: prefetches that reached their host allocation: what a "prefetch_alloc" fault counts
         self._prefetch_allocs = 0
@@ -181,9 +183,10 @@ class HiRadixCache:
             self._synchronize(ack, "write")
             for node_id in ack.node_ids:
                 node = self.ongoing_write_through.pop(node_id)
+                backup_len = self.write_through_len.pop(node_id)
                 self.tree.dec_lock_ref(node)
                 if self.enable_storage:
-                    self.write_backup_storage(node)
+                    self.write_backup_storage(node, backup_len)
         return AckEffect(queued - len(cc.ack_write_queue), queued)
 
     def _synchronize(self, ack, stream: str) -> None:  # noqa: ANN001
@@ -215,8 +218,12 @@ class HiRadixCache:
     def drain_storage_control_queues(self) -> None:
         cc = self.cache_controller
         seen = self.pacer.at("drain", "backup", cc.backup_seq)
+        if self.pacer.drain and self.profile.prefetch_progress == "at_termination":
+            # the end of the run: every prefetch IO gate opens too (an aborted op's batch
+            # waits at its gate until then, or until a later progress check opens it)
+            self.pacer.at("drain", "prefetch_io", cc.prefetch_batches_issued)
         backup_acks = min(cc.ack_backup_queue.qsize(), seen - self._backup_acks_taken)
-        local = (cc.prefetch_revoke_queue.qsize(), backup_acks, cc.host_mem_release_queue.qsize())
+        local = (cc.prefetch_revoke_queue.qsize(), backup_acks, cc.host_mem_releases())
         agreed = cc.control_sync.reduce(local, "min")
         popped = [0, 0, 0]
         for _ in range(agreed[0]):
@@ -318,10 +325,13 @@ class HiRadixCache:
                 (agreed,) = self.cache_controller.control_sync.reduce([frozen], "min")
             else:
                 agreed = frozen
+            if not agree:
+                # an abort does not wait for the IO: SGLang's IO thread still reads the op's
+                # batch and gives its unfilled pages back (`prefetch_io_aux_func`) when its
+                # gate opens, at a later progress check or the end of the run
+                return agreed
             if op.num_batches:  # let the IO thread pass the op's remaining (skipped) batches
                 self.pacer.need("prefetch_io", op.first_batch + op.num_batches - 1)
-            if not agree:
-                return agreed
             self._decide("prefetch_done", op.request_id, (frozen,), (agreed,),
                          f"insert {agreed} tokens")
             return frozen if self.cfg.variant == "insert_local_completed" else agreed
@@ -371,10 +381,7 @@ class HiRadixCache:
 
     # -- request-level operations (called by the scheduler) ---------------------------------
     def match_prefix(self, tokens: list[int]) -> MatchResult:
-        result = self.tree.match_prefix(tokens)
-        if self.cfg.write_policy == "write_through_selective":
-            self._selective_write(result.last_device_node)
-        return result
+        return self.tree.match_prefix(tokens)
 
     def init_load_back(self, last_host_node: TreeNode, host_hit_length: int):
         """Load host-only nodes on the path to last_host_node back to the device."""
@@ -445,28 +452,32 @@ class HiRadixCache:
         self._release_prefetch(info, keep_tokens=0)
 
     def insert(self, tokens: list[int], device_indices: torch.Tensor) -> TreeNode:
-        """Cache a finished request's page-aligned prefix; write it through to host."""
-        node, dups = self.tree.insert(tokens, device_indices=device_indices)
+        """Cache a finished request's page-aligned prefix; write it through to host as
+        SGLang's `insert` does: a hit on every node of the path (`_inc_hit_count`), and a node
+        hit `write_through_threshold` times (1 under write_through) is written."""
+        hits: list[TreeNode] = []
+        node, dups = self.tree.insert(tokens, device_indices=device_indices, hits=hits)
         for d in dups:
             self.device_pool.allocator.free(d)
-        if self.cfg.write_policy == "write_through":
-            for n in reversed(self._path(node, self.tree.root)):
-                if not n.backuped and n.id not in self.ongoing_write_through:
+        if self.cfg.write_policy != "write_back":
+            threshold = (1 if self.cfg.write_policy == "write_through"
+                         else self.cfg.write_through_threshold)
+            for n in hits:
+                n.hit_count += 1
+                if not n.backuped and n.hit_count >= threshold:
                     self.write_backup(n)
         return node
 
-    def _selective_write(self, node: TreeNode) -> None:
-        for n in reversed(self._path(node, self.tree.root)):
-            n.hit_count += 1
-            if (n.hit_count >= self.cfg.write_through_threshold and not n.backuped
-                    and not n.evicted and n.id not in self.ongoing_write_through):
-                self.write_backup(n)
-
-    def write_backup(self, node: TreeNode) -> bool:
+    def write_backup(self, node: TreeNode, write_back: bool = False) -> bool:
         assert node.value is not None
         # a host pool under pressure on this rank only: both attempts find no memory
         refused = self.pacer.fail("host_alloc", self._write_backups)
         self._write_backups += 1
+        # SGLang keeps backed-up nodes a contiguous prefix from the root: a node whose parent
+        # is not on host is not written through (write-back writes whatever it evicts)
+        parent = node.parent
+        if not write_back and parent is not self.tree.root and not parent.backuped:
+            return False
         host_indices = None if refused else self.cache_controller.write(node.value, node.id)
         if host_indices is None:
             self.evict_host(node.value.numel())
@@ -475,13 +486,25 @@ class HiRadixCache:
             return False
         node.host_value = host_indices
         self.ongoing_write_through[node.id] = node
+        self.write_through_len[node.id] = len(node.key)
         self.tree.inc_lock_ref(node)
         return True
 
-    def write_backup_storage(self, node: TreeNode) -> None:
-        assert node.host_value is not None
-        seq = self.cache_controller.write_storage(node.host_value, list(node.key),
-                                                  node.hash_value, node.id)
+    def write_backup_storage(self, node: TreeNode, backup_len: int | None = None) -> None:
+        """Back `node` up to storage; with the profile's `backup_split_chain`, every page its
+        write-through covered (`backup_len` tokens): the node and the upper parts a split cut
+        off it since (SGLang's `_concat_split_chain`)."""
+        chain = [node]
+        if self.profile.backup_split_chain and backup_len is not None:
+            covered = len(node.key)
+            while covered < backup_len and chain[-1].parent is not self.tree.root:
+                chain.append(chain[-1].parent)  # type: ignore[arg-type]
+                covered += len(chain[-1].key)
+            chain.reverse()
+        assert all(n.host_value is not None for n in chain)
+        seq = self.cache_controller.write_storage(
+            torch.cat([n.host_value for n in chain]),  # type: ignore[misc]
+            [t for n in chain for t in n.key], [h for n in chain for h in n.hash_value], node.id)
         self.ongoing_backup[seq] = node
         self.tree.inc_host_ref(node)
 
@@ -490,7 +513,7 @@ class HiRadixCache:
             for n in list(self.tree.nodes()):
                 if (not n.evicted and not n.backuped and n.lock_ref == 0
                         and n.id not in self.ongoing_write_through):
-                    self.write_backup(n)
+                    self.write_backup(n, write_back=True)
             # once, whatever was written, as SGLang's `evict` does under write_back (it blocks
             # until every write finished)
             self.writing_check(write_back=True)

@@ -14,6 +14,7 @@ the one place each behaviour lives.
     prefetch_progress         at_termination  at_termination   at_termination    at_termination    per_batch_acks
     pp_agreement              none            none             pp0_forwards_acks pp0_forwards_acks in_groups
     prefetch_capacity         0.8(host-dev)   0.8(host-dev)    0.8(host-dev)     0.8(host-dev)     0.5 host
+    backup_split_chain        no              no               yes               yes               yes
 
 0.5.14 differs from 0.5.13.post1 only in `writing_check` (the diff of the two wheels'
 hiradix_cache.py and cache_controller.py, protocol paths only); 0.5.15 keeps it. 0.5.16 .. 0.5.18
@@ -45,6 +46,11 @@ and `can_terminate` can differ in value (the wheel pops PP rank 0's queue counts
 blocking on its own queue; it terminates when stage 0 can, where the model waits for the
 slowest stage). In both every stage acts on one value, so cross-stage agreement holds in both;
 the table's "agree" for 0.5.20 under PP is about that agreement, not about the exact value.
+
+backup_split_chain: a node split while its write-through was in flight keeps the write's ack;
+from 0.5.13 the storage backup that follows the ack writes every page the write covered
+(`_replace_pending_write_through_node`, `write_backup_storage(node, backup_len)` walking
+`_concat_split_chain`); before, only the pages the acked node kept after the split.
 
 `tp_cache_group` is what the scheduler hands the cache: the attention-TP group with
 `--enable-dp-attention`, else the full TP group of the stage (which holds the CP peers).
@@ -83,17 +89,22 @@ class ProtocolProfile:
     #: (`prefetch_rate_limited`): host_minus_device = 0.8 x (host - device pool tokens), to
     #: 0.5.18; half_host = 0.5 x the host pool (0.5.19+)
     prefetch_capacity: PrefetchCapacity = "host_minus_device"
+    #: the storage backup after a write-through ack covers the pages written, across a split
+    #: of the node since (0.5.13+); else only the acked node's own pages
+    backup_split_chain: bool = True
 
 
 PROFILES: dict[str, ProtocolProfile] = {p.name: p for p in (
     ProtocolProfile(
         "sglang-0.5.10", sync_groups="tp_cache_group", loading_check_agrees=False,
         writing_check_early_return=True, prefetch_progress="at_termination", pp_agreement="none",
+        backup_split_chain=False,
         summary="before PR #20460: every agreement over the cache's TP group only",
     ),
     ProtocolProfile(
         "sglang-0.5.11", sync_groups="attn_cp_then_attn_tp", loading_check_agrees=False,
         writing_check_early_return=True, prefetch_progress="at_termination", pp_agreement="none",
+        backup_split_chain=False,
         summary="PR #20460: reduce over attn-CP then attn-TP; loading_check unsynchronised",
     ),
     ProtocolProfile(

@@ -101,7 +101,8 @@ class RadixTree:
                     host_len += len(child.key)
                 else:
                     break
-            last_host = child
+            if child.backuped:  # SGLang's: the deepest matched node on host, not past it
+                last_host = child
             node = child
             pos += n
         dev = torch.cat(device_parts) if device_parts else _EMPTY
@@ -144,12 +145,15 @@ class RadixTree:
         host_indices: torch.Tensor | None = None,
         from_node: TreeNode | None = None,
         prior_hash: str | None = None,
+        hits: list[TreeNode] | None = None,
     ) -> tuple[TreeNode, list[torch.Tensor]]:
         """Insert pages below `from_node` (root by default); returns the last node and the
         slots the caller passed that were already cached (the caller frees them).
 
         Exactly one of device_indices / host_indices is given: a device insert (a finished
-        request) or a host insert (pages prefetched from storage).
+        request) or a host insert (pages prefetched from storage). `hits` collects, in path
+        order, the nodes SGLang's `insert` counts a hit on (`_inc_hit_count`): every node of
+        the path that was on the device, and the new leaf; not one the insert refilled.
         """
         assert (device_indices is None) != (host_indices is None)
         tokens = tuple(tokens)
@@ -175,6 +179,8 @@ class RadixTree:
                     new.host_value = values[pos:].clone()
                 node.children[self._page_key(new.key)] = new
                 self._touch(new)
+                if hits is not None:
+                    hits.append(new)
                 return new, duplicates
             n = self._common_len(child.key, tokens[pos:])
             if n < len(child.key):
@@ -189,6 +195,8 @@ class RadixTree:
                 child.host_value = seg.clone()
             else:
                 duplicates.append(seg)
+            if hits is not None and current is not None:
+                hits.append(child)
             self._touch(child)
             h = child.hash_value[-1]
             node = child

@@ -103,11 +103,13 @@ class MiniScheduler:
                 self.outcomes.append(RequestOutcome(req.rid, "rejected", prefix.numel(), host_hit))
                 return
             # the forward waits for every load issued so far (one FIFO load stream, SGLang's
-            # consumer index): a prefix may have been loaded by a request that was then rejected
+            # consumer index): a prefix may have been loaded by a request that was then
+            # rejected. It waits on the device stream: the next `loading_check` may still see
+            # the loads' events unfinished (not counted; SGLang reads them only there)
             pending = cache.cache_controller.ack_load_queue
             last = pending[-1] if pending else ack
             if last is not None:
-                cache.pacer.need("load", last.seq)
+                cache.pacer.need("load", last.seq, counted=False)
                 if not last.wait(cache.cfg.agree_timeout_s):
                     raise HiCacheError(f"load ack {last.seq} not finished in time")
             indices = torch.cat([prefix, new])
@@ -132,7 +134,7 @@ class MiniScheduler:
         return bool(
             self.waiting or self.ready or any(self.cache.in_flight().values())
             or cc.prefetch_revoke_queue.qsize() or cc.ack_backup_queue.qsize()
-            or cc.host_mem_release_queue.qsize()
+            or cc.host_mem_release_queue.qsize() or cc.prefetch_io_busy()
         )
 
     def snapshot(self) -> dict:

@@ -27,6 +27,14 @@ LAYOUTS = ("1x2", "2x2", "2x1x2")
 GENERATED = 25
 
 
+def unsynchronised_loading_check(protocol: str, summary: str) -> bool:
+    """A divergence at `loading_check` under a profile whose check has no collective (to
+    0.5.11): a load the forward waited for may be finished on one rank and not on another at
+    the next check, as 0.5.11 itself shows (scenarios/corpus/sglang/
+    replay-sglang-0.5.11-dpattn-2x2-cbb53d966a3f.json; the reference and 0.5.11 agree on it)."""
+    return not PROFILES[protocol].loading_check_agrees and "loading_check()" in summary
+
+
 def known_divergence(protocol: str, dp: bool, layout: str) -> bool:
     """The cells of the profile table (docs/measurements/profile-table.md) where the cross-rank invariants fire."""
     pp = len(layout.split("x")) == 3 and layout.split("x")[2] != "1"
@@ -50,7 +58,7 @@ def test_oracle_silent_on_every_profile(inprocess_executor, protocol: str, dp: b
         found = check_oracle(s, results)
         assert found == [], f"{s.name}: {found[:2]}"
         v = check(s, results)
-        if not v.ok:
+        if not v.ok and not unsynchronised_loading_check(protocol, v.summary()):
             diverged.append(f"{s.name}: {v.summary()}")
 
     for name in catalog_names():

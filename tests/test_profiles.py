@@ -356,12 +356,15 @@ def test_generated_schedules_agree_without_pp(inprocess_executor, protocol, dp) 
     from hypothesis import given, settings
 
     from scenarios.generate.strategies import schedules
+    from tests.test_oracle_profiles import unsynchronised_loading_check
 
     @settings(max_examples=15, deadline=None)
     @given(s=schedules(layouts=("1x2", "2x2", "2x1"), protocol=protocol, dp_attention=dp))
     def run(s: Schedule) -> None:
         verdict = check(s, inprocess_executor.run(s))
-        assert verdict.ok, verdict.summary()
+        # to 0.5.11 only the unsynchronised loading_check may diverge (as 0.5.11 does)
+        assert verdict.ok or unsynchronised_loading_check(protocol, verdict.summary()), \
+            verdict.summary()
 
     run()
 
@@ -421,7 +424,14 @@ def test_soak_agrees_per_profile(tmp_path, protocol: str, dp: bool, capsys) -> N
                "--protocol", protocol, "--dp-attention", "on" if dp else "off",
                "--out", str(tmp_path), "--seed", "1"])
     out = capsys.readouterr()
-    assert rc == 0, out.out + out.err
+    if rc == 1:  # to 0.5.11 a free-running soak may meet the unsynchronised loading_check
+        from tests.test_oracle_profiles import unsynchronised_loading_check
+
+        (replay,) = (tmp_path / "latest").glob("replay-*.json")
+        message = json.loads(replay.read_text())["verdict"]["message"]
+        assert unsynchronised_loading_check(protocol, message), message
+    else:
+        assert rc == 0, out.out + out.err
     report = json.loads((tmp_path / "latest" / "report.json").read_text())
     assert (report["protocol"], report["dp_attention"]) == (protocol, dp)
     assert report["runs"] >= 1
@@ -448,6 +458,14 @@ TABLE_DIVERGENCES = {  # (protocol, dp_attention, layout) -> invariant (benchmar
     ("sglang-0.5.10", False, "2x2x2"): "decisions",
     ("sglang-0.5.11", True, "2x2x2"): "decisions",
     ("sglang-0.5.11", False, "2x2x2"): "decisions",
+    # to 0.5.11 loading_check has no collective: a load the forward waited for is finished on
+    # one rank and not on another at the next check (as 0.5.11 itself shows)
+    ("sglang-0.5.10", False, "1x2"): "decisions",
+    ("sglang-0.5.10", False, "2x2"): "decisions",
+    ("sglang-0.5.11", True, "1x2"): "decisions",
+    ("sglang-0.5.11", True, "2x2"): "decisions",
+    ("sglang-0.5.11", False, "1x2"): "decisions",
+    ("sglang-0.5.11", False, "2x2"): "decisions",
     # 0.5.13 forwards only the write / load acks: prefetch decisions are per stage
     ("sglang-0.5.13", True, "2x2x2"): "decisions",
     ("sglang-0.5.13", False, "2x2x2"): "decisions",

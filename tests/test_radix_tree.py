@@ -144,7 +144,10 @@ class RadixTreeMachine(RuleBasedStateMachine):
         assert m.host_hit_length == want_host
         dev_len = len(want_dev) * PS
         assert path_tokens(m.last_device_node) == tuple(tokens[:dev_len])
-        assert path_tokens(m.last_host_node) == tuple(tokens[: dev_len + want_host])
+        # SGLang's last_host_node: the deepest matched node on host (the root if none)
+        on_host = [n for n in range(PS, dev_len + want_host + 1, PS)
+                   if tuple(tokens[:n]) in self.host]
+        assert path_tokens(m.last_host_node) == tuple(tokens[: max(on_host, default=0)])
         return m
 
     # -- rules ----------------------------------------------------------------------------------
@@ -189,7 +192,9 @@ class RadixTreeMachine(RuleBasedStateMachine):
 
     @rule(tokens=token_lists, pages=st.integers(1, 6))
     def insert_host(self, tokens: list[int], pages: int) -> None:
-        """Prefetched pages landing below the match's last host node (a storage hit)."""
+        """Prefetched pages landing below the match's last host node (a storage hit): the
+        pages after the whole match, hung from that node as SGLang's prefetch inserts them
+        (off their prefix when the match ends on device-only nodes)."""
         results = []
         for w in self.both():
             m = w.tree.match_prefix(tokens)
@@ -199,19 +204,21 @@ class RadixTreeMachine(RuleBasedStateMachine):
             if h is None:
                 results.append(None)
                 continue
+            base = path_tokens(m.last_host_node)
             node, dups = w.tree.insert(rest, host_indices=h, from_node=m.last_host_node)
-            assert path_tokens(node) == tuple(tokens[: start + len(rest)])
+            assert path_tokens(node) == base + tuple(rest)
             dup_pages = [p for d in dups for p in pages_of(d)]
             for d in dups:
                 w.host.free(d)
-            results.append((start, as_slots(h), dup_pages))
+            results.append((base + tuple(rest), as_slots(h), dup_pages))
         assert results[0] == results[1]
         if results[0] is None:
             return
-        start, h, dup_pages = results[0]
+        full, h, dup_pages = results[0]
+        start = len(full) - len(h)
         want_dups: list[Slots] = []
         for i in range(0, len(h), PS):
-            key, given = tuple(tokens[: start + i + PS]), h[i : i + PS]
+            key, given = full[: start + i + PS], h[i : i + PS]
             if key not in self.host:
                 self.host[key] = given
             elif self.host[key] != given:
@@ -435,7 +442,8 @@ def test_evict_device_keeps_host_protected_node() -> None:
     dev = PageAllocator(8, PS, "device")
     tree.insert([1, 1, 2, 2], device_indices=dev.alloc(4))
     m = tree.match_prefix([1, 1, 2, 2, 3, 3])
-    node = m.last_host_node
+    assert m.last_host_node is tree.root  # SGLang's: nothing on host is matched
+    node = m.last_device_node  # the tree's guard holds for any protected node
     assert path_tokens(node) == (1, 1, 2, 2) and not node.backuped
     tree.inc_host_ref(node)
     tree.evict_device(4, dev.free)

@@ -319,10 +319,13 @@ class PrefetchIOGate(FreeRunning):
         self.open.set()
 
 
-def test_eviction_during_prefetch_keeps_anchor() -> None:
-    """Regression: under write_through_selective the node a prefetch inserts below can be
-    device-only; evicting (and deleting) it mid-prefetch detached the fetched pages, whose
-    host slots were then held by no reachable node (host_used > tree_host_tokens)."""
+def test_a_prefetch_after_a_device_only_prefix_hangs_from_the_last_host_node() -> None:
+    """SGLang's `match_prefix` returns as `last_host_node` the deepest matched node on host,
+    and the scheduler prefetches what follows the whole match from it: after a device-only
+    prefix (write_through_selective, one hit) the pages are hashed from the root, so the tail
+    stored below the head is not found, the prefetch is revoked and no IO runs. (The reference
+    once anchored it at the device-only node, whose eviction mid-prefetch then detached the
+    fetched pages; that anchor no longer exists.)"""
     head, tail = tokens_for(10, pages=2), tokens_for(11, pages=2)
     store = stored_in_l3(head + tail)
     assert len(store.keys()) == 4 * 2
@@ -338,19 +341,18 @@ def test_eviction_during_prefetch_keeps_anchor() -> None:
         sched.add_request("r1", head, storage_prefetch=False)
         rank.run_until_idle()
         assert sched.snapshot()["host_used"] == 0  # head is device-only, not backed up
+        m = sched.cache.match_prefix(head + tail)
+        assert m.device_indices.numel() == len(head)
+        assert m.last_host_node is sched.cache.tree.root  # not head's device-only node
 
-        sched.add_request("r2", head + tail)  # prefetches tail below head's node
-        assert gate.io_waiting.wait(DEADLINE_S)
-        sched.add_request("r3", tokens_for(12, pages=7), storage_prefetch=False)
-        sched.step()  # r2 waits for its IO; r3 runs and needs head's device pages
-        assert [o.rid for o in sched.outcomes] == ["r1", "r3"]
-
-        gate.open.set()
+        sched.add_request("r2", head + tail)  # its tail hashed from the root: a miss
         rank.run_until_idle()
-        rank.check_clean()  # every host slot the prefetch filled is held by a reachable node
+        assert not gate.io_waiting.is_set()  # revoked: no batch ever reached the IO gate
+        rank.check_clean()
         out = rank.outcome("r2")
         assert out.status == "done" and out.bad_pages == []
-        assert out.device_hit + out.host_hit == len(head + tail)  # head on device, tail fetched
+        assert out.device_hit == len(head) and out.host_hit == 0 and out.computed == len(tail)
     finally:
+        gate.open.set()
         sched.shutdown()
         clear_namespace(store.backend.namespace)  # type: ignore[attr-defined]

@@ -14,6 +14,11 @@ from collections.abc import Callable
 
 from scenarios.core.errors import GateTimeout
 
+#: the reference's storage IO streams (prefetch batch reads, backups): a choice past what is
+#: pending lets all of it finish, as SGLang's driver does for its "get" and "set" calls
+#: (seams.SglangPacer.io), so a Schedule's choice means the same progress on both SUTs
+STORAGE_STREAMS = frozenset({"prefetch_io", "backup"})
+
 
 def wait_for(cond: threading.Condition, done: Callable[[], bool], timeout_s: float,
              why: Callable[[], str]) -> None:
@@ -54,10 +59,14 @@ class ChoiceStream:
         self._ticks += 1
 
     @staticmethod
-    def target(done: int, issued: int, choice: int | None) -> int:
-        """How far a stream may get at this point: `choice` more of what is pending."""
+    def target(done: int, issued: int, choice: int | None, clamp: bool = False) -> int:
+        """How far a stream may get at this point: `choice` more of what is pending, modulo
+        what is pending (copy events) or at most all of it (`clamp`: storage IO, which
+        SGLang's driver opens one call at a time while its thread waits at a gate)."""
         pending = max(issued - done, 0)
-        return done + (pending if choice is None else choice % (pending + 1))
+        if choice is None:
+            return done + pending
+        return done + (min(choice, pending) if clamp else choice % (pending + 1))
 
     def fail(self, call: str, seq: int) -> bool:
         return (call, seq) in self._faults
@@ -84,6 +93,9 @@ class GatedPacer(ChoiceStream):
         self._cond = threading.Condition()
         self._opened: dict[str, int] = defaultdict(int)
         self._done: dict[str, int] = defaultdict(int)
+        #: units a decision counted as finished: what a choice adds to (a `need` with
+        #: counted=False lets units run without raising it)
+        self._counted: dict[str, int] = defaultdict(int)
         self._released = False
         self.waiting_on: dict[str, str] = {}
         #: what this rank actually chose at each point, for reports
@@ -118,14 +130,22 @@ class GatedPacer(ChoiceStream):
     def at(self, point: str, stream: str, issued: int) -> int:
         self._tick()
         with self._cond:
-            done = self._done[stream]
-        target = self.target(done, issued, self._choice())
+            done = self._counted[stream]
+        target = self.target(done, issued, self._choice(), clamp=stream in STORAGE_STREAMS)
         self.trace.append((point, stream, issued, target))
         self._open_and_wait(stream, target)
+        with self._cond:
+            self._counted[stream] = max(self._counted[stream], target)
         return target
 
-    def need(self, stream: str, seq: int) -> None:
+    def need(self, stream: str, seq: int, counted: bool = True) -> None:
         self._open_and_wait(stream, seq + 1)
+        if counted:
+            with self._cond:
+                self._counted[stream] = max(self._counted[stream], seq + 1)
+
+    def seen(self, stream: str) -> int | None:
+        return None  # a unit runs only once a point opened it, and that point waited for it
 
     def _open_and_wait(self, stream: str, target: int) -> None:
         with self._cond:
@@ -196,9 +216,10 @@ class RecordingPacer:
             self._seen[stream] = done
         return done
 
-    def need(self, stream: str, seq: int) -> None:
+    def need(self, stream: str, seq: int, counted: bool = True) -> None:
         """Wait, as a gated replay does, for unit `seq`: the threads run free meanwhile, but
-        the scheduler reads nothing before it, so the recorded choices replay faithfully."""
+        the scheduler reads nothing before it, so the recorded choices replay faithfully
+        (`counted=False`: the next point's choice counts the unit)."""
         deadline = time.monotonic() + self._timeout
         with self._cond:
             while self._done[stream] <= seq and not self._released:
@@ -206,7 +227,14 @@ class RecordingPacer:
                 if left <= 0:
                     break  # the reference's own timeout names what is missing
                 self._cond.wait(min(left, 0.5))
-            self._seen[stream] = max(self._seen[stream], seq + 1)
+            if counted:
+                self._seen[stream] = max(self._seen[stream], seq + 1)
+
+    def seen(self, stream: str) -> int | None:
+        """Units of `stream` the points so far recorded as finished: a read that takes no
+        choice counts no unit past them (its replay has not run those yet)."""
+        with self._lock:
+            return self._seen[stream]
 
     def release_all(self) -> None:
         with self._cond:

@@ -55,24 +55,6 @@ KNOWN_DIFFERENCES: dict[str, str] = {
 #: Differences found and NOT closed yet: never filtered by the comparison (a run that meets
 #: one fails); listed so that tests which prove the comparison's power can steer clear of them.
 REMAINING_DIFFERENCES: dict[str, str] = {
-    "abort_io_pacing": (
-        "a prefetch aborted before its IO ran: SGLang's IO thread still reads the batch and "
-        "returns the unfilled host pages when its gate opens (`prefetch_io_aux_func` after "
-        "`_page_transfer`), one or more drains later; the reference lets the op's IO pass "
-        "inside the abort (`_terminate_prefetch`), so its drain releases them at once "
-        "(0.5.13: `release 5` vs `release 1` then `release 4`)"),
-    "suffix_prefetch_keys": (
-        "seen 2026-12-07 on 0.5.13 (1x2, write_through_selective, wait_complete, faults on "
-        "`exists`): a prefetch of the pages after a prefix the tree already holds looks up one "
-        "page key SGLang does not ask for, while every decision agrees; not yet explained "
-        "(suspect: the prior hash of a prefix node not yet backed up to storage)"),
-    "storage_set_keys": (
-        "seen 2026-12-07 on 0.5.13 (1x2): 0.5.13 writes more pages to storage than the "
-        "reference (`set` keys, 10 vs 2), and a `writing_check` that acks 1 write where the "
-        "reference logs none; not yet explained"),
-    "prefetch_partial_pacing": (
-        "a Schedule choice larger than the pending prefetch batches maps to other progress on "
-        "the two pacers (catalog `prefetch_partial`: `insert 0` vs `insert 24` tokens)"),
     "zero_hit_insert_0_5_20": (
         "0.5.20 inserts a prefetch with no storage hits with 0 tokens where the reference "
         "revokes it (0.5.20 `HiRadixCache` checks `storage_hit_count < self.prefetch_threshold`, "
