@@ -249,3 +249,20 @@ def test_the_timeout_seam_is_found_under_each_unified_name() -> None:
     bare = SimpleNamespace(tree_core=None)
     assert "_prefetch_deadline_expired" in server_cache.missing_seams(
         bare, hit_queue=True, timeout_policy=True)
+
+
+def test_the_per_batch_ack_seam_is_needed_only_where_the_controller_agrees_per_batch() -> None:
+    """0.5.16 .. 0.5.18's hit-queue HiRadixCache has no `_handle_prefetch_result` (0.5.19 added
+    it with the per-batch acks, `prefetch_sync_queue`): asking for it there made every run on
+    those three releases 125."""
+    from queue import Queue
+
+    def cache(per_batch: bool) -> SimpleNamespace:
+        cc = SimpleNamespace(prefetch_hit_queue=Queue(), **(
+            {"prefetch_sync_queue": Queue()} if per_batch else {}))
+        seams = {n: None for n in server_cache.SEAMS + server_cache.HIT_QUEUE_SEAMS}
+        return SimpleNamespace(**{**seams, "cache_controller": cc})
+
+    assert server_cache.missing_seams(cache(False), hit_queue=True, timeout_policy=False) == []
+    assert server_cache.missing_seams(cache(True), hit_queue=True, timeout_policy=False) == [
+        "_handle_prefetch_result"]

@@ -91,7 +91,7 @@ def test_a_tree_neither_walkable_nor_reporting_events_is_a_missing_seam() -> Non
     """The seam broken: the Rust tree core built without KV cache events (what the run asks
     for in `wants_events`) cannot be seen, and the class is not driven (125, naming it)."""
     assert tree_view.for_cache(_RustLikeCache(events_on=False)) is None
-    need = server_cache.SEAMS + server_cache.HIT_QUEUE_SEAMS
+    need = server_cache.SEAMS + server_cache.HIT_QUEUE_SEAMS + server_cache.PER_BATCH_ACK_SEAMS
     for on in (True, False):
         cache = _RustLikeCache(events_on=on)
         cache.tree_core.insert_host = None

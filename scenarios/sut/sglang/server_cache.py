@@ -29,7 +29,10 @@ SEAMS = ("writing_check", "loading_check", "drain_storage_control_queues",
 #: the tree view (tree_view.py): a walk from `root_node`, or the tree core's KV cache events
 TREE_SEAM = "root_node"
 #: what the hit-queue pipeline (0.5.16+) wraps in addition
-HIT_QUEUE_SEAMS = ("_revoke_pending_prefetch", "_handle_prefetch_result")
+HIT_QUEUE_SEAMS = ("_revoke_pending_prefetch",)
+#: where the controller agrees on every prefetch batch (0.5.19+: `prefetch_sync_queue`), the
+#: scheduler inserts the final ack's count here; 0.5.16 .. 0.5.18 have no such method
+PER_BATCH_ACK_SEAMS = ("_handle_prefetch_result",)
 #: the timeout stop policy's clock
 TIMEOUT_SEAMS = ("is_prefetch_timeout",)
 #: a seam's name in UnifiedRadixCache where it differs (read from the 0.5.20 / 0.5.23 wheels)
@@ -117,8 +120,10 @@ def _has_attr(obj: Any, name: str) -> bool:
 
 
 def missing_seams(cache: Any, *, hit_queue: bool, timeout_policy: bool) -> list[str]:
-    need = SEAMS + (HIT_QUEUE_SEAMS if hit_queue else ()) + (TIMEOUT_SEAMS if timeout_policy
-                                                             else ())
+    per_batch = hasattr(getattr(cache, "cache_controller", None), "prefetch_sync_queue")
+    need = (SEAMS + (HIT_QUEUE_SEAMS if hit_queue else ())
+            + (PER_BATCH_ACK_SEAMS if hit_queue and per_batch else ())
+            + (TIMEOUT_SEAMS if timeout_policy else ()))
     if hasattr(cache, "tree_core") and not hit_queue:  # the revoke-queue hooks: HiRadixCache
         return ["prefetch_hit_queue (UnifiedRadixCache with a revoke-queue controller)"]
     missing = [alias(cache, n) for n in need
