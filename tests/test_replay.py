@@ -19,6 +19,15 @@ def test_corpus_is_not_empty() -> None:
     assert len(CORPUS) >= 7
 
 
+def test_every_corpus_file_reads_without_a_warning(capsys: pytest.CaptureFixture) -> None:
+    """A field the reader does not know is ignored with a warning on every read: a corpus file
+    must use only known fields (a typo would silently drop what it says)."""
+    every = CORPUS + sorted((CORPUS[0].parent / "sglang").glob("*.json"))
+    for path in every:
+        read_replay(path)
+    assert capsys.readouterr().err == ""
+
+
 @pytest.mark.parametrize("path", CORPUS, ids=[p.stem for p in CORPUS])
 def test_corpus_reproduces_recorded_verdict(inprocess_executor, path: Path) -> None:
     s, data = read_replay(path)

@@ -39,8 +39,10 @@ KNOWN_FIELDS = frozenset({"kind", "schema", "schedule", "mode", "verdict", "vers
                           "git", "sut", "sut_tree", "profile", "confirmation",
                           # differential mode: {"release": V, "protocol": P} (`cpcheck diff`)
                           "differential",
-                          # corpus annotations: who found it, and its verdict per release
-                          "found_by", "expect_by_release", "expect_invariants_by_release"})
+                          # corpus annotations: who found it, its verdict per release, and a
+                          # person's note on what it is (what was wrong, where it was fixed)
+                          "found_by", "expect_by_release", "expect_invariants_by_release",
+                          "note"})
 
 
 def replay_name(s: Schedule, verdict: Verdict) -> str:
@@ -127,7 +129,7 @@ def read_replay(path: str | Path) -> tuple[Schedule, dict]:
 #: top-level fields and the JSON types they may have (None: absent or null is fine)
 _TYPES: dict[str, tuple[type, ...]] = {
     "kind": (str,), "mode": (str,), "sut": (str,), "profile": (str,), "written": (str,),
-    "found_by": (str,), "verdict": (dict,), "versions": (dict,), "git": (dict,),
+    "found_by": (str,), "note": (str,), "verdict": (dict,), "versions": (dict,), "git": (dict,),
     "confirmation": (dict,), "sut_tree": (dict,), "expect_by_release": (dict,),
     "differential": (dict,),
     "expect_invariants_by_release": (dict,)}
