@@ -127,6 +127,43 @@ def test_page_residency_is_per_page_whatever_the_node_splits() -> None:
     assert evicted != whole and sorted(x[-2:] for x in evicted) == ["-H", "DH"]
 
 
+def test_a_differential_hunt_counts_coverage_on_the_reference_side(inprocess_executor) -> None:
+    """SGLang's ranks do not log the prefetch thread's agreements, so coverage read off them
+    puts every prefetch in no class; a differential hunt reads the reference's run of the same
+    Schedule instead. Here the "release" is the reference with that channel taken out."""
+    from scenarios.campaigns.differential import DifferentialExecutor
+    from scenarios.campaigns.explore import hunt, observed
+    from scenarios.generate.strategies import prefetch_workloads
+
+    class AsSglangReports:
+        """The reference's ranks as SGLang's look: no prefetch-thread channel."""
+
+        def run(self, s: Any, gated: bool = True, nemesis: Any = None) -> list[RankResult]:
+            out = inprocess_executor.run(ex.reference_schedule(s), gated=gated)
+            return [dataclasses.replace(
+                r, decisions={c: d for c, d in r.decisions.items() if c != "prefetch"},
+                effects={c: e for c, e in r.effects.items() if c != "prefetch"}) for r in out]
+
+        def close(self) -> None: ...
+
+    ex = DifferentialExecutor(RELEASE, sglang=AsSglangReports(), reference=inprocess_executor)
+    strategy = prefetch_workloads(layouts=("1x2",)).map(lambda s: s.with_(sut=f"sglang=={RELEASE}"))
+    h = hunt(ex, strategy, 8, 0, shrink_s=5.0)
+    assert h.found is None, h.first_seen
+    assert sum(h.coverage.counts["prefetch"].values()) > 0, dict(h.coverage.counts)
+    from scenarios.generate.catalog import load_scenario
+    from scenarios.judge.coverage import Coverage
+
+    s = load_scenario("prefetch_batches").with_(sut=f"sglang=={RELEASE}")
+    results = ex.run(s)
+    assert observed(object(), s, results) == (s, results)
+    on_sglang, on_reference = Coverage(), Coverage()
+    on_sglang.add(s, results)
+    on_reference.add(*observed(ex, s, results))
+    assert sum(on_sglang.counts["prefetch"].values()) == 0
+    assert sum(on_reference.counts["prefetch"].values()) > 0
+
+
 # -- against a release -----------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def diff_ex() -> Iterator[Any]:

@@ -107,6 +107,13 @@ class DifferentialExecutor:
         self._ref_results = {s.digest(): ref}  # the last run's, for `judge`
         return self.sglang.run(s, gated=gated)
 
+    def observed(self, s: Any, results: list[Any]) -> tuple[Any, list[Any]]:
+        """What coverage reads: the reference's run of this Schedule (both sides ran it; the
+        reference logs every prefetch's hit query and ending, which SGLang's ranks do not
+        expose, so a hunt's prefetch classes would all read 0)."""
+        ref = self._ref_results.get(s.with_(sut=self.sut).digest())
+        return (self.reference_schedule(s), ref) if ref is not None else (s, results)
+
     def judge(self, s: Any, results: list[Any]) -> Any:
         from scenarios.core.verdict import Verdict
         from scenarios.judge.differential import differential_verdict

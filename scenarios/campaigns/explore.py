@@ -79,6 +79,14 @@ class _Spent(Exception):
     """The shrink budget is spent: keep the smallest failing Schedule seen."""
 
 
+def observed(ex: Any, s: Schedule, results: list) -> tuple[Schedule, list]:
+    """The Schedule and ranks coverage reads: the executor's own choice where it has one (a
+    differential run counts on the reference's ranks, which log the prefetch thread's
+    agreements SGLang's ranks do not expose), else the run's."""
+    pick = getattr(ex, "observed", None)
+    return pick(s, results) if pick is not None else (s, results)
+
+
 def hunt(ex: SutExecutor, strategy: Any, max_examples: int = 200, seed: int = 0, *,
          shrink_s: float | None = None, replays: int = 1) -> Hunt:
     """Generate Schedules from `strategy`, run each on `ex`, shrink the first divergence, then
@@ -102,7 +110,7 @@ def hunt(ex: SutExecutor, strategy: Any, max_examples: int = 200, seed: int = 0,
             out.infra_schedules.append(s)  # kept, to replay what broke the run
             return False
         steer(results, s)
-        out.coverage.add(s, results)
+        out.coverage.add(*observed(ex, s, results))
         if v.ok:
             return False
         if state["first"] is None:
