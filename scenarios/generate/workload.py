@@ -32,8 +32,10 @@ from scenarios.judge.coverage import PREFETCH_CLASSES, Coverage
 ALL = 2519
 #: the at-points of one scheduler step with storage: writing_check, loading_check, drain
 STEP_POINTS = 3
-#: steps after the warm-up add: run it and write it through, then ack and back it up
-WARM_STEPS = 2
+#: steps after the warm-up add: run it and write it through, ack it and back it up, then ack
+#: the backup (0.5.17+ read the drain's queues before `writing_check` starts the backup, so
+#: its ack comes a step later; an idle step for older profiles)
+WARM_STEPS = 3
 #: a prefetch class below this share of the prefetches so far gets a gated soak chunk
 LAGGING = 0.16  # just under 1/6: six classes can all stay above it
 #: intents a stop policy can realise (wait_complete never stops with IO outstanding); one key
@@ -118,9 +120,9 @@ def build_prefetch_schedule(layout: str, policy: str, intents: list[str], *, sha
                 gets[r] += fb + 1 if r == fr else nb
         for r in range(world):
             choices[r] += [ALL] * STEP_POINTS + ([] if progress[r] is None else [progress[r]])
-            choices[r] += [ALL] * (2 * STEP_POINTS)  # the two flush steps below
+            choices[r] += [ALL] * ((WARM_STEPS - 1) * STEP_POINTS)  # the flush steps below
         if k < len(intents) - 1:  # back to L3 only for the next fetch
-            ops += [Op(kind="step"), Op(kind="step"),
+            ops += [*[Op(kind="step")] * (WARM_STEPS - 1),
                     Op(kind="evict_device", n=1000), Op(kind="evict_host", n=1000)]
     cache = CachePolicy(page_size=PAGE, device_pages=64, host_pages=96, mla=mla,
                         write_policy="write_through", prefetch_stop_policy=policy,
