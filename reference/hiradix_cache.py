@@ -272,7 +272,9 @@ class HiRadixCache:
 
     def check_hicache_events(self) -> None:
         self.cache_controller.check_threads()
-        if self.profile.ready_counts_one_min and self.rank.pp_size == 1:
+        # writing_check_local_skip lives in a per-check MIN (0.5.14 .. 0.5.16, or PP > 1)
+        if (self.profile.ready_counts_one_min and self.rank.pp_size == 1
+                and self.cfg.variant != "writing_check_local_skip"):
             self._check_ready_counts_one_min()
             return
         self.writing_check()
@@ -290,8 +292,6 @@ class HiRadixCache:
         queues = self._drain_queue_sizes() if self.enable_storage else ()
         local = (_finished_prefix(cc.ack_write_queue, write_seen),
                  _finished_prefix(cc.ack_load_queue, load_seen), *queues)
-        if self.cfg.variant == "writing_check_local_skip" and local[0] == 0:
-            return  # the bug: the step's MIN skipped on LOCAL state; the peers issue it
         agreed = cc.control_sync.reduce(local, "min")
         self.writing_check(ready=(local[0], agreed[0]))
         self.loading_check(ready=(local[1], agreed[1]))

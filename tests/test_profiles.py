@@ -85,7 +85,9 @@ def test_each_release_differs_from_the_next_in_what_the_table_says() -> None:
     assert replace(p13, name=p14.name, summary=p14.summary,
                    writing_check_early_return=False) == p14
     assert replace(p14, name=p20.name, summary=p20.summary, prefetch_progress="per_batch_acks",
-                   pp_agreement="in_groups", prefetch_capacity="half_host") == p20
+                   pp_agreement="in_groups", prefetch_capacity="half_host",
+                   revoke_threshold="cache", ready_counts_one_min=True,
+                   unfetched_pages="never_taken") == p20
     assert p14.prefetch_capacity == "host_minus_device" != p20.prefetch_capacity
 
 

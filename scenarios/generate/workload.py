@@ -23,7 +23,7 @@ from typing import Any
 
 from hypothesis import strategies as st
 
-from reference.api import DEFAULT_PROFILE
+from reference.api import DEFAULT_PROFILE, get_profile
 from scenarios.core.config import CP_LAYOUTS, PAGE
 from scenarios.core.schedule import CachePolicy, Op, Schedule, tokens_for
 from scenarios.judge.coverage import PREFETCH_CLASSES, Coverage
@@ -32,10 +32,15 @@ from scenarios.judge.coverage import PREFETCH_CLASSES, Coverage
 ALL = 2519
 #: the at-points of one scheduler step with storage: writing_check, loading_check, drain
 STEP_POINTS = 3
-#: steps after the warm-up add: run it and write it through, ack it and back it up, then ack
-#: the backup (0.5.17+ read the drain's queues before `writing_check` starts the backup, so
-#: its ack comes a step later; an idle step for older profiles)
-WARM_STEPS = 3
+#: steps after the warm-up add: run it and write it through, then ack and back it up
+WARM_STEPS = 2
+
+
+def warm_steps(protocol: str) -> int:
+    """WARM_STEPS, plus one where the drain reads its queues before `writing_check` starts
+    the backup (0.5.17+'s single MIN): the backup is acked, and its host copy let go, a step
+    later."""
+    return WARM_STEPS + int(get_profile(protocol).ready_counts_one_min)
 #: a prefetch class below this share of the prefetches so far gets a gated soak chunk
 LAGGING = 0.16  # just under 1/6: six classes can all stay above it
 #: intents a stop policy can realise (wait_complete never stops with IO outstanding); one key
@@ -71,10 +76,11 @@ def build_prefetch_schedule(layout: str, policy: str, intents: list[str], *, sha
     hits = shared_len // PAGE
     nb = -(-hits // batch_pages)
     warm = tokens_for(0, shared_len, 0, 3)
+    steps = warm_steps(protocol)
     ops = [Op(kind="add", rid="warm", tokens=warm, prefetch=False),
-           *[Op(kind="step")] * WARM_STEPS,
+           *[Op(kind="step")] * steps,
            Op(kind="evict_device", n=1000), Op(kind="evict_host", n=1000)]
-    choices: dict[int, list[int]] = {r: [ALL] * (WARM_STEPS * STEP_POINTS) for r in range(world)}
+    choices: dict[int, list[int]] = {r: [ALL] * (steps * STEP_POINTS) for r in range(world)}
     faults: dict[int, list[tuple[str, int]]] = {}
     gets = [0] * world  # get calls so far per rank: a fault names the call by its index
     started = 0  # prefetches started so far (every rank the same): an exists fault's index
@@ -120,9 +126,9 @@ def build_prefetch_schedule(layout: str, policy: str, intents: list[str], *, sha
                 gets[r] += fb + 1 if r == fr else nb
         for r in range(world):
             choices[r] += [ALL] * STEP_POINTS + ([] if progress[r] is None else [progress[r]])
-            choices[r] += [ALL] * ((WARM_STEPS - 1) * STEP_POINTS)  # the flush steps below
+            choices[r] += [ALL] * ((steps - 1) * STEP_POINTS)  # the flush steps below
         if k < len(intents) - 1:  # back to L3 only for the next fetch
-            ops += [*[Op(kind="step")] * (WARM_STEPS - 1),
+            ops += [*[Op(kind="step")] * (steps - 1),
                     Op(kind="evict_device", n=1000), Op(kind="evict_host", n=1000)]
     cache = CachePolicy(page_size=PAGE, device_pages=64, host_pages=96, mla=mla,
                         write_policy="write_through", prefetch_stop_policy=policy,
