@@ -70,6 +70,10 @@ def build_prefetch_schedule(layout: str, policy: str, intents: list[str], *, sha
     threshold; a fetch whose stored pages fall below it is revoked whatever its intent, and one
     whose own page-aligned length falls below it starts no prefetch at all.
     """
+    if threshold < PAGE and get_profile(protocol).revoke_threshold == "cache":
+        # 0.5.18+ revoke below the threshold as configured: a never-stored prefix at 0 would
+        # be kept, not revoked; one page is what 0 meant before (the controller clamped it)
+        threshold = PAGE
     world = 1
     for x in layout.split("x"):
         world *= int(x)
