@@ -191,6 +191,11 @@ class HiCacheController:
         self.variant = config.variant
         self.backup_skip = backup_skip
         self.prefetch_threshold = max(config.prefetch_threshold, self.page_size)
+        #: what the agreed hit is revoked below: the clamped threshold above (to 0.5.17), or
+        #: the cache's own as configured (0.5.18+ revoke at the drain against it)
+        self.revoke_threshold = (config.prefetch_threshold
+                                 if config.profile.revoke_threshold == "cache"
+                                 else self.prefetch_threshold)
         # SGLang's rate limit on storage prefetches: tokens held by prefetches in flight,
         # updated by the scheduler thread only (so every rank refuses the same prefetch)
         host, device = host_pool.allocator.size, device_pool.allocator.size
@@ -434,18 +439,18 @@ class HiCacheController:
             self.pacer.before("prefetch_query", op.seq)
             local = self._storage_hit_query(op)
             (agreed,) = self.prefetch_hits_sync.reduce([local], "min")
-            if agreed * self.page_size < self.prefetch_threshold:
+            if agreed * self.page_size < self.revoke_threshold:
                 op.revoked = True
                 op.mark_terminate()
                 self.prefetch_revoke_queue.put(op.request_id)
                 if self.variant != "leak_on_revoke":  # the bug: never returns them
-                    self.append_host_mem_release(op.host_indices)
+                    self._return_unfetched(op.host_indices)
                 outcome = "revoke"
             else:
                 op.storage_hit_count = agreed
                 op.hash_value = op.hash_value[:agreed]
                 # the pages past the hit are released now, by this thread (as SGLang does)
-                self.append_host_mem_release(op.host_indices[agreed * self.page_size :])
+                self._return_unfetched(op.host_indices[agreed * self.page_size :])
                 op.host_indices = op.host_indices[: agreed * self.page_size]
                 bp = self.cfg.prefetch_batch_pages
                 op.num_batches = (agreed + bp - 1) // bp
@@ -460,6 +465,14 @@ class HiCacheController:
             op.query_done.set()
             self.pacer.after("prefetch_query", op.seq)
 
+    def _return_unfetched(self, host_indices: torch.Tensor) -> None:
+        """Pages of a prefetch past its agreed hit: queued for the drain to free (to 0.5.15),
+        or freed now, since 0.5.16+ never allocate them (the profile's `unfetched_pages`)."""
+        if self.profile.unfetched_pages == "never_taken":
+            self.mem_pool_host.allocator.free(host_indices)
+        else:
+            self.append_host_mem_release(host_indices)
+
     def prefetch_io_aux_func(self) -> None:
         """Transfer batches; with per_batch_acks, exactly one progress ack per batch whatever
         happens. Otherwise only count: a failed batch marks the op terminated."""
@@ -469,7 +482,9 @@ class HiCacheController:
             op = self.prefetch_buffer.get()
             if op is None:
                 return
-            assert op.num_batches >= 1  # revoked below the threshold (>= one page) otherwise
+            if op.num_batches == 0:  # 0 hits kept (cache threshold 0): the final ack only
+                self._finish_io(op)
+                continue
             failed = False
             for b in range(op.num_batches):
                 self.pacer.before("prefetch_io", op.first_batch + b)

@@ -152,7 +152,9 @@ class HiRadixCache:
         self.observer.on_tree_changed("scheduler", self.tree.digest)
 
     # -- decision points --------------------------------------------------------------------
-    def writing_check(self, write_back: bool = False) -> None:
+    def writing_check(self, write_back: bool = False,
+                      ready: tuple[int, int] | None = None) -> None:
+        """`ready`: (local, agreed) write acks, when the step agreed them in one MIN."""
         cc = self.cache_controller
         if write_back:  # write-back eviction blocks until every write finished: no collective
             self.pacer.need("write", cc.write_seq - 1)
@@ -163,13 +165,16 @@ class HiRadixCache:
             effect = self._ack_writes(n)
             self._decide("writing_check", "", (n,), (n,), f"ack {n} writes (write-back)", effect)
             return
-        seen = self.pacer.at("writing_check", "write", cc.write_seq)
-        if not self.ongoing_write_through and self.profile.writing_check_early_return:
-            return  # to 0.5.13: "the same on every rank" (unless host memory ran out on some)
-        finish_count = _finished_prefix(cc.ack_write_queue, seen)
-        if self.cfg.variant == "writing_check_local_skip" and finish_count == 0:
-            return  # the bug: an early return on LOCAL state; the peers issue the MIN below
-        (agreed,) = cc.ack_sync.reduce([finish_count], "min")
+        if ready is None:
+            seen = self.pacer.at("writing_check", "write", cc.write_seq)
+            if not self.ongoing_write_through and self.profile.writing_check_early_return:
+                return  # to 0.5.13: "the same on every rank" (unless host memory ran out)
+            finish_count = _finished_prefix(cc.ack_write_queue, seen)
+            if self.cfg.variant == "writing_check_local_skip" and finish_count == 0:
+                return  # the bug: an early return on LOCAL state; the peers issue the MIN below
+            (agreed,) = cc.ack_sync.reduce([finish_count], "min")
+        else:  # agreed with the step's other counts (`_sync_hicache_ready_counts`)
+            finish_count, agreed = ready
         effect = self._ack_writes(agreed)
         self._decide("writing_check", "", (finish_count,), (agreed,), f"ack {agreed} writes",
                      effect)
@@ -198,14 +203,18 @@ class HiRadixCache:
             if not ack.wait(self.cfg.agree_timeout_s):
                 raise HiCacheError(f"{stream} ack {ack.seq} not finished in time")
 
-    def loading_check(self) -> None:
+    def loading_check(self, ready: tuple[int, int] | None = None) -> None:
+        """`ready`: (local, agreed) load acks, when the step agreed them in one MIN."""
         cc = self.cache_controller
-        seen = self.pacer.at("loading_check", "load", cc.load_seq)
-        finish_count = _finished_prefix(cc.ack_load_queue, seen)
-        if self.profile.loading_check_agrees:
-            (agreed,) = cc.ack_sync.reduce([finish_count], "min")
-        else:  # before 0.5.13: no collective ("batch forwarding is synced")
-            agreed = finish_count
+        if ready is not None:  # agreed with the step's other counts
+            finish_count, agreed = ready
+        else:
+            seen = self.pacer.at("loading_check", "load", cc.load_seq)
+            finish_count = _finished_prefix(cc.ack_load_queue, seen)
+            if self.profile.loading_check_agrees:
+                (agreed,) = cc.ack_sync.reduce([finish_count], "min")
+            else:  # before 0.5.13: no collective ("batch forwarding is synced")
+                agreed = finish_count
         queued = len(cc.ack_load_queue)
         for _ in range(agreed):
             ack = cc.ack_load_queue.pop(0)
@@ -215,7 +224,9 @@ class HiRadixCache:
         self._decide("loading_check", "", (finish_count,), (agreed,), f"ack {agreed} loads",
                      AckEffect(queued - len(cc.ack_load_queue), queued))
 
-    def drain_storage_control_queues(self) -> None:
+    def _drain_queue_sizes(self) -> tuple[int, int, int]:
+        """This rank's drainable revoke / backup-ack / host-release items (backup acks as far
+        as the pacer's snapshot saw the backup thread)."""
         cc = self.cache_controller
         seen = self.pacer.at("drain", "backup", cc.backup_seq)
         if self.pacer.drain and self.profile.prefetch_progress == "at_termination":
@@ -223,8 +234,17 @@ class HiRadixCache:
             # waits at its gate until then, or until a later progress check opens it)
             self.pacer.at("drain", "prefetch_io", cc.prefetch_batches_issued)
         backup_acks = min(cc.ack_backup_queue.qsize(), seen - self._backup_acks_taken)
-        local = (cc.prefetch_revoke_queue.qsize(), backup_acks, cc.host_mem_releases())
-        agreed = cc.control_sync.reduce(local, "min")
+        return (cc.prefetch_revoke_queue.qsize(), backup_acks, cc.host_mem_releases())
+
+    def drain_storage_control_queues(
+            self, ready: tuple[tuple[int, ...], tuple[int, ...]] | None = None) -> None:
+        """`ready`: (local, agreed) queue sizes, when the step agreed them in one MIN."""
+        cc = self.cache_controller
+        if ready is None:
+            local = self._drain_queue_sizes()
+            agreed = cc.control_sync.reduce(local, "min")
+        else:
+            local, agreed = ready
         popped = [0, 0, 0]
         for _ in range(agreed[0]):
             rid = self._take(cc.prefetch_revoke_queue, "revoke")
@@ -259,10 +279,31 @@ class HiRadixCache:
 
     def check_hicache_events(self) -> None:
         self.cache_controller.check_threads()
+        # writing_check_local_skip lives in a per-check MIN (0.5.14 .. 0.5.16, or PP > 1)
+        if (self.profile.ready_counts_one_min and self.rank.pp_size == 1
+                and self.cfg.variant != "writing_check_local_skip"):
+            self._check_ready_counts_one_min()
+            return
         self.writing_check()
         self.loading_check()
         if self.enable_storage:
             self.drain_storage_control_queues()
+
+    def _check_ready_counts_one_min(self) -> None:
+        """0.5.17+ with PP 1 (`_sync_hicache_ready_counts`): the write / load ack counts and
+        the drain's queue sizes are read first and agreed in one MIN, then each acts on its
+        part; a backup that this step's write acks start is acked at a later drain."""
+        cc = self.cache_controller
+        write_seen = self.pacer.at("writing_check", "write", cc.write_seq)
+        load_seen = self.pacer.at("loading_check", "load", cc.load_seq)
+        queues = self._drain_queue_sizes() if self.enable_storage else ()
+        local = (_finished_prefix(cc.ack_write_queue, write_seen),
+                 _finished_prefix(cc.ack_load_queue, load_seen), *queues)
+        agreed = cc.control_sync.reduce(local, "min")
+        self.writing_check(ready=(local[0], agreed[0]))
+        self.loading_check(ready=(local[1], agreed[1]))
+        if self.enable_storage:
+            self.drain_storage_control_queues(ready=(local[2:], agreed[2:]))
 
     def can_terminate_prefetch(self, op: PrefetchOperation) -> bool:
         policy = self.cfg.prefetch_stop_policy

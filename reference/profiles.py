@@ -15,6 +15,9 @@ the one place each behaviour lives.
     pp_agreement              none            none             pp0_forwards_acks pp0_forwards_acks in_groups
     prefetch_capacity         0.8(host-dev)   0.8(host-dev)    0.8(host-dev)     0.8(host-dev)     0.5 host
     backup_split_chain        no              no               yes               yes               yes
+    revoke_threshold          controller      controller       controller        controller        cache
+    ready_counts_one_min      no              no               no                no                yes (PP 1)
+    unfetched_pages           release queue   release queue    release queue     release queue     never taken
 
 0.5.14 differs from 0.5.13.post1 only in `writing_check` (the diff of the two wheels'
 hiradix_cache.py and cache_controller.py, protocol paths only); 0.5.15 keeps it. 0.5.16 .. 0.5.18
@@ -51,6 +54,22 @@ backup_split_chain: a node split while its write-through was in flight keeps the
 from 0.5.13 the storage backup that follows the ack writes every page the write covered
 (`_replace_pending_write_through_node`, `write_backup_storage(node, backup_len)` walking
 `_concat_split_chain`); before, only the pages the acked node kept after the split.
+revoke_threshold: to 0.5.17 the controller's prefetch thread revokes below its own threshold,
+clamped to one page (`max(prefetch_threshold, page_size)`); from 0.5.18 the drain
+(`_drain_and_alloc_storage_hit`) revokes below the cache's `self.prefetch_threshold`, as
+configured: at threshold 0 a prefetch with no hits is fetched as 0 pages and inserted with 0
+tokens.
+
+ready_counts_one_min: from 0.5.17, with PP 1, `check_hicache_events` reads the write / load ack
+counts and the drain's queue sizes together (`_sync_hicache_ready_counts`, one MIN) before
+`writing_check` acts, so a storage backup that this step's write acks start is acked one
+drain later than when the drain read its queues after `writing_check`.
+
+unfetched_pages: from 0.5.16 a prefetch's host pages are allocated at the drain for the agreed
+hit only; the pages the reference takes up front past the hit (all of them on a revoke) never
+existed there, so they go straight back to the pool instead of through the drain's
+host-release queue (`release c` counts only what SGLang queues). The allocation itself still
+happens in `prefetch_from_storage` (its timing under host-pool pressure is not modelled).
 
 `tp_cache_group` is what the scheduler hands the cache: the attention-TP group with
 `--enable-dp-attention`, else the full TP group of the stage (which holds the CP peers).
@@ -65,6 +84,8 @@ SyncGroups = Literal["tp_cache_group", "attn_cp_then_attn_tp"]
 PrefetchProgress = Literal["at_termination", "per_batch_acks"]
 PrefetchCapacity = Literal["host_minus_device", "half_host"]
 PPAgreement = Literal["none", "pp0_forwards_acks", "in_groups"]
+RevokeThreshold = Literal["controller", "cache"]
+UnfetchedPages = Literal["release_queue", "never_taken"]
 
 
 @dataclass(frozen=True)
@@ -92,6 +113,15 @@ class ProtocolProfile:
     #: the storage backup after a write-through ack covers the pages written, across a split
     #: of the node since (0.5.13+); else only the acked node's own pages
     backup_split_chain: bool = True
+    #: controller: revoke when the agreed hit is below the controller's threshold, clamped to
+    #: one page (to 0.5.17); cache: below the cache's threshold as configured (0.5.18+)
+    revoke_threshold: RevokeThreshold = "controller"
+    #: with PP 1, one MIN of [write acks, load acks, drain queue sizes] read before
+    #: `writing_check` acts (0.5.17+ `_sync_hicache_ready_counts`)
+    ready_counts_one_min: bool = False
+    #: release_queue: a prefetch's pages past its agreed hit go back through the drain's
+    #: host-release queue; never_taken: straight to the pool (0.5.16+ allocate only the hit)
+    unfetched_pages: UnfetchedPages = "release_queue"
 
 
 PROFILES: dict[str, ProtocolProfile] = {p.name: p for p in (
@@ -124,7 +154,8 @@ PROFILES: dict[str, ProtocolProfile] = {p.name: p for p in (
         writing_check_early_return=False, prefetch_progress="per_batch_acks", pp_agreement="in_groups",
         summary="+ per-batch prefetch progress acks via the prefetch-sync thread (0.5.19); PP "
                 "in the groups",
-        prefetch_capacity="half_host",
+        prefetch_capacity="half_host", revoke_threshold="cache", ready_counts_one_min=True,
+        unfetched_pages="never_taken",
     ),
 )}
 

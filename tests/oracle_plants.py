@@ -39,7 +39,8 @@ def _config(**changes: Any):  # noqa: ANN202
     return cache_config
 
 
-def _writing_check_one_short(self: HiRadixCache, write_back: bool = False) -> None:
+def _writing_check_one_short(self: HiRadixCache, write_back: bool = False,
+                             ready: tuple[int, int] | None = None) -> None:
     """reference/'s writing_check itself, except that the agreed branch pops one ack fewer
     than agreed (when it agreed on 2 or more); write-back eviction is left alone."""
     if write_back:
@@ -50,7 +51,7 @@ def _writing_check_one_short(self: HiRadixCache, write_back: bool = False) -> No
 
     self._ack_writes = ack_writes  # type: ignore[method-assign]
     try:
-        return _writing_check(self, write_back)
+        return _writing_check(self, write_back, ready)
     finally:
         del self._ack_writes
 

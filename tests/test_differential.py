@@ -5,6 +5,7 @@ reference stops modelling SGLang; these tests pin that place, so a profile that 
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -13,6 +14,8 @@ from scenarios.campaigns import differential as diff_mod
 from scenarios.campaigns.differential import as_sglang_runs_it, differential, first_difference
 from scenarios.generate.catalog import load_scenario
 from tests.sglang_envs import driving_hiradix_cache, need
+
+DIFF_CORPUS = Path(__file__).parent.parent / "scenarios" / "corpus" / "differential"
 
 #: these tests pin down 0.5.20's HiRadixCache (the hit-queue pipeline as 0.5.16 .. 0.5.18
 #: servers build it), not the UnifiedRadixCache 0.5.20's own server builds
@@ -38,13 +41,30 @@ def test_first_difference_names_the_earliest_decision_on_any_rank() -> None:
 
 
 @pytest.mark.sglang
-def test_0_5_20_first_differs_at_the_drain() -> None:
-    """0.5.20 inserts a 0-hit prefetch with 0 tokens where the reference revokes it (docs/findings/
-    differential.md): decision #2, not #0 (the writing_check early return, now modelled)."""
+def test_0_5_20_agrees_on_write_acks() -> None:
+    """Every decision agrees (HiRadixCache here; the server's UnifiedRadixCache does too).
+    Before: the reference revoked the two no-hit prefetches at decision #2 (0.5.18+ keep them
+    at threshold 0 and insert 0 tokens), released their 8 pages there (0.5.16+ never allocate
+    past the hit), and acked the two backups at decision #12 (0.5.17+'s one MIN reads the
+    drain's queues before writing_check starts them: #15)."""
     need("0.5.20")
     same, msg = differential(load_scenario("write_acks"), "0.5.20")
-    assert not same
-    assert "decision #2" in msg and "'drain'" in msg, msg
+    assert same, msg
+
+
+@pytest.mark.sglang
+def test_0_5_20_first_differs_at_the_extra_step_of_a_queued_prefetch_ack() -> None:
+    """REMAINING_DIFFERENCES["prefetch_ack_drain_0_5_20"], from its replay file: the drain, the
+    termination and the 0-token insert agree; SGLang steps once more (its final prefetch ack
+    waits on `ack_prefetch_queue` for a drain), the reference does not."""
+    from scenarios.judge.differential import REMAINING_DIFFERENCES
+
+    need("0.5.20")
+    assert "prefetch_ack_drain_0_5_20" in REMAINING_DIFFERENCES
+    s, _ = diff_mod._load(str(DIFF_CORPUS / "replay-diff-sglang-0.5.20-dpattn-2x2-"
+                                            "be0755e300e9.json"))
+    same, msg = differential(s, "0.5.20")
+    assert not same and "decision #5" in msg and "<nothing>" in msg, msg
 
 
 @pytest.mark.sglang

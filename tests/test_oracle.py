@@ -8,18 +8,18 @@ from types import SimpleNamespace
 
 import pytest
 
-from reference.api import AckEffect, DrainEffect
+from reference.api import DEFAULT_PROFILE, AckEffect, DrainEffect
 from scenarios.core.layout import Layout
 from scenarios.core.records import Decision, RankResult
 from scenarios.core.schedule import Schedule
 from scenarios.generate.catalog import catalog_names, load_scenario
-from scenarios.generate.workload import ALL, STEP_POINTS, WARM_STEPS, build_prefetch_schedule
+from scenarios.generate.workload import ALL, STEP_POINTS, build_prefetch_schedule, warm_steps
 from scenarios.judge.checker import INVARIANTS, check
 from scenarios.judge.oracle import FREE_RUNNING_TICK_S, check_oracle, reduce_over, sync_stages
 from scenarios.sut.reference_rank import RunEnv, cache_config
 from tests.oracle_plants import planted
 
-PROGRESS_AT = WARM_STEPS * STEP_POINTS + STEP_POINTS  # warm-up steps, then the first fetch's
+PROGRESS_AT = warm_steps(DEFAULT_PROFILE) * STEP_POINTS + STEP_POINTS  # warm-up steps, then the first fetch's
 
 
 def shaped(layout: str, policy: str, intent: str, **kw) -> Schedule:  # noqa: ANN003

@@ -68,7 +68,9 @@ def make_chunk(rng: random.Random, index: int, layout: str, variant: str,
         mla=rng.random() < 0.3,
         write_policy=rng.choice([WRITE_POLICIES[0], *WRITE_POLICIES]),  # write_through twice
         prefetch_stop_policy=rng.choice(STOP_POLICIES),
-        prefetch_threshold=rng.choice([0, 0, 8]),
+        # 0, one page (what 0 meant up to 0.5.17, whose controller clamps it: 0.5.18+ keep
+        # a prefetch with no hit at 0, so revokes need a threshold), two pages
+        prefetch_threshold=rng.choice([0, PAGE, 8]),
         prefetch_batch_pages=rng.randint(1, 3),
         prefetch_timeout_ticks=rng.randint(1, 8),
     )

@@ -23,7 +23,7 @@ from typing import Any
 
 from hypothesis import strategies as st
 
-from reference.api import DEFAULT_PROFILE
+from reference.api import DEFAULT_PROFILE, get_profile
 from scenarios.core.config import CP_LAYOUTS, PAGE
 from scenarios.core.schedule import CachePolicy, Op, Schedule, tokens_for
 from scenarios.judge.coverage import PREFETCH_CLASSES, Coverage
@@ -34,6 +34,13 @@ ALL = 2519
 STEP_POINTS = 3
 #: steps after the warm-up add: run it and write it through, then ack and back it up
 WARM_STEPS = 2
+
+
+def warm_steps(protocol: str) -> int:
+    """WARM_STEPS, plus one where the drain reads its queues before `writing_check` starts
+    the backup (0.5.17+'s single MIN): the backup is acked, and its host copy let go, a step
+    later."""
+    return WARM_STEPS + int(get_profile(protocol).ready_counts_one_min)
 #: a prefetch class below this share of the prefetches so far gets a gated soak chunk
 LAGGING = 0.16  # just under 1/6: six classes can all stay above it
 #: intents a stop policy can realise (wait_complete never stops with IO outstanding); one key
@@ -63,16 +70,21 @@ def build_prefetch_schedule(layout: str, policy: str, intents: list[str], *, sha
     threshold; a fetch whose stored pages fall below it is revoked whatever its intent, and one
     whose own page-aligned length falls below it starts no prefetch at all.
     """
+    if threshold < PAGE and get_profile(protocol).revoke_threshold == "cache":
+        # 0.5.18+ revoke below the threshold as configured: a never-stored prefix at 0 would
+        # be kept, not revoked; one page is what 0 meant before (the controller clamped it)
+        threshold = PAGE
     world = 1
     for x in layout.split("x"):
         world *= int(x)
     hits = shared_len // PAGE
     nb = -(-hits // batch_pages)
     warm = tokens_for(0, shared_len, 0, 3)
+    steps = warm_steps(protocol)
     ops = [Op(kind="add", rid="warm", tokens=warm, prefetch=False),
-           *[Op(kind="step")] * WARM_STEPS,
+           *[Op(kind="step")] * steps,
            Op(kind="evict_device", n=1000), Op(kind="evict_host", n=1000)]
-    choices: dict[int, list[int]] = {r: [ALL] * (WARM_STEPS * STEP_POINTS) for r in range(world)}
+    choices: dict[int, list[int]] = {r: [ALL] * (steps * STEP_POINTS) for r in range(world)}
     faults: dict[int, list[tuple[str, int]]] = {}
     gets = [0] * world  # get calls so far per rank: a fault names the call by its index
     started = 0  # prefetches started so far (every rank the same): an exists fault's index
@@ -118,9 +130,9 @@ def build_prefetch_schedule(layout: str, policy: str, intents: list[str], *, sha
                 gets[r] += fb + 1 if r == fr else nb
         for r in range(world):
             choices[r] += [ALL] * STEP_POINTS + ([] if progress[r] is None else [progress[r]])
-            choices[r] += [ALL] * (2 * STEP_POINTS)  # the two flush steps below
+            choices[r] += [ALL] * ((steps - 1) * STEP_POINTS)  # the flush steps below
         if k < len(intents) - 1:  # back to L3 only for the next fetch
-            ops += [Op(kind="step"), Op(kind="step"),
+            ops += [*[Op(kind="step")] * (steps - 1),
                     Op(kind="evict_device", n=1000), Op(kind="evict_host", n=1000)]
     cache = CachePolicy(page_size=PAGE, device_pages=64, host_pages=96, mla=mla,
                         write_policy="write_through", prefetch_stop_policy=policy,

@@ -29,7 +29,8 @@ Rules (each violation names the rule, the decision, the ranks, the locals, expec
   acks          the acks popped equal the agreed count (writing_check, loading_check, and the
                 revoke / backup-ack / host-release queues of drain_storage_control_queues)
   revoke        a prefetch is revoked iff the agreed hit pages x page size are below the
-                threshold (clamped to one page); otherwise exactly the agreed pages are fetched
+                threshold (clamped to one page to 0.5.17; as configured from 0.5.18, so at
+                threshold 0 nothing is revoked); otherwise exactly the agreed pages are fetched
   insert        the tokens a prefetch inserts equal its agreed completed count (0 for a revoked
                 prefetch or an aborted request), and the count the scheduler acts on is the
                 final progress ack's agreed count where per-batch acks exist (0.5.20)
@@ -286,7 +287,9 @@ class Oracle:
                 self.fail("acks", f"{where} on rank {r}: agreed {ag}, so pop exactly that many; "
                           f"locals {locals_}, expected {ag} popped, actual {popped}")
         elif isinstance(eff, HitsEffect) and ag:
-            thr = max(self.s.cache.prefetch_threshold, self.page)
+            thr = self.s.cache.prefetch_threshold  # 0.5.18+: the cache's, as configured
+            if self.ver < (0, 5, 18):  # the controller's, clamped to one page
+                thr = max(thr, self.page)
             revoked = bool(eff.revoked)
             expect = ag[0] * self.page < thr
             if revoked != expect:

@@ -317,8 +317,31 @@ class HitQueuePipeline:
         with can = 1 only under best_effort (every rank can always stop there) and 0
         otherwise: the MAX of that is [1 - can, MAX stop], and "terminate iff can or MAX stop"
         is exactly this release's decision."""
-        cache, d, p = self.cache, self.d, self.pacer
+        cache, cc, d, p = self.cache, self.cc, self.d, self.pacer
         orig_check = cache.check_prefetch_progress
+        orig_terminate = cc.terminate_prefetch
+        can = int(cache.prefetch_stop_policy == "best_effort")
+
+        def log_stop(rid: Any, out: bool) -> None:
+            cap = self.capture or []
+            if cap:
+                (stop_l,), (stop_a,) = cap[0]
+                d._decide("can_terminate", rid, (1 - can, int(stop_l)), (1 - can, int(stop_a)),
+                          "terminate" if stop_a else "wait")
+            else:  # UnifiedRadixCache: `terminated or can` with no collective (but under the
+                # timeout policy): each rank's own decision, which every rank must share
+                d._decide("can_terminate", rid, (1 - can, int(out)), (1 - can, int(out)),
+                          "terminate" if out else "wait")
+
+        def terminate_prefetch(operation: Any) -> Any:
+            # the release decided to stop (`should_terminate`): logged here, before the
+            # insert `_handle_prefetch_result` logs, in the order the release decides them
+            pending, self.stop_pending = self.stop_pending, None
+            if pending is not None:
+                log_stop(pending, True)
+            return orig_terminate(operation)
+        cc.terminate_prefetch = terminate_prefetch
+        self.stop_pending = None
 
         @functools.wraps(orig_check)  # keeps the parameter name adapters reads (`handle`)
         def check_prefetch_progress(arg: Any) -> bool:
@@ -326,21 +349,13 @@ class HitQueuePipeline:
             if rid not in cache.ongoing_prefetch and arg not in cache.ongoing_prefetch:
                 return orig_check(arg)  # (UnifiedRadixCache keys by the handle)
             p.io("prefetch_progress", "get")
-            self.capture = []
+            self.capture, self.stop_pending = [], rid
             try:
                 out = orig_check(arg)
+                if self.stop_pending is not None:  # no terminate_prefetch: "wait"
+                    log_stop(rid, out)
             finally:
-                cap, self.capture = self.capture, None
-            if cap:
-                (stop_l,), (stop_a,) = cap[0]
-                can = int(cache.prefetch_stop_policy == "best_effort")
-                d._decide("can_terminate", rid, (1 - can, int(stop_l)), (1 - can, int(stop_a)),
-                          "terminate" if stop_a else "wait")
-            else:  # UnifiedRadixCache: `terminated or can` with no collective (but under the
-                # timeout policy): each rank's own decision, which every rank must share
-                can = int(cache.prefetch_stop_policy == "best_effort")
-                d._decide("can_terminate", rid, (1 - can, int(out)), (1 - can, int(out)),
-                          "terminate" if out else "wait")
+                self.capture, self.stop_pending = None, None
             return out
         cache.check_prefetch_progress = check_prefetch_progress
 
