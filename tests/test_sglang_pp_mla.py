@@ -200,3 +200,20 @@ def test_a_pp_drain_waiting_on_gated_io_is_judged(version: str, name: str) -> No
         results = ex.run(s, s.dp_attention)
     assert all(r.error is None for r in results), [r.error for r in results]
     assert check(s, results).ok and verdict_of(s, results, s.dp_attention).ok
+
+
+@pytest.mark.sglang
+@pytest.mark.soak
+@pytest.mark.timeout(900)
+def test_0_5_19_under_pp_counts_stage_0s_acks_where_the_release_does() -> None:
+    """0.5.19's UnifiedRadixCache under PP counts stage 0's ready acks itself
+    (`_count_ready_acks`, then one MIN and `writing_check(finish_count=...)`) instead of
+    `_sync_hicache_ready_counts`: the driver's hooks read the count there (a KeyError in the
+    harness, 125 on every PP run of 0.5.19, before). The stages agree on write_acks."""
+    s, results, v = _pp_run("0.5.19")
+    assert all(r.error is None for r in results), [r.error for r in results]
+    assert v.ok, v.summary()
+    acks = [[d.local for d in r.decisions["scheduler"] if d.kind == "writing_check"]
+            for r in results]
+    assert acks[0] and all(loc != (None,) for loc in acks[0])  # stage 0 counted
+    assert all(loc == (None,) for loc in acks[1])  # stage 1 takes stage 0's count

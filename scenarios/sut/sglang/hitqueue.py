@@ -68,6 +68,7 @@ class HitQueuePipeline:
         self.combined = hasattr(cache, "_sync_hicache_ready_counts")
         self.per_batch_acks = hasattr(cc, "prefetch_sync_queue")
         self.local: dict[str, Any] = {}
+        self.in_sync = False  # inside the release's _sync_hicache_ready_counts
         # per-batch acks: produced (into prefetch_sync_queue) / agreed (into ack_prefetch_queue)
         self.lock = threading.Lock()
         self.acks_in: list[bool] = []  # per ack in order: does the sync thread all-reduce it?
@@ -185,6 +186,32 @@ class HitQueuePipeline:
         self.settle_acks()
 
     # -- decision points -----------------------------------------------------------------------
+    def _hook_ready_counts(self) -> None:
+        """0.5.19 under PP counts stage 0's ready acks itself (`_count_ready_acks`, outside
+        `_sync_hicache_ready_counts`) before one MIN and `writing_check(finish_count=...)`:
+        the Schedule's events open, and the local count is taken, where the release counts."""
+        cache, cc, p = self.cache, self.cc, self.pacer
+        orig_count = getattr(cache, "_count_ready_acks", None)
+        if orig_count is None:
+            return
+
+        def count_ready_acks(queue: Any) -> Any:
+            if not self.in_sync:
+                key = "write" if queue is cc.ack_write_queue else "load"
+                p.events(f"{'writing' if key == 'write' else 'loading'}_check", key)
+                self.local[key] = sum(1 for _ in leading_done(queue))
+            return orig_count(queue)
+        cache._count_ready_acks = count_ready_acks
+
+    def _counted(self, key: str) -> Any:
+        """The ack count this step read for `key` ("write" / "load"), once. A later PP stage
+        that took stage 0's count without counting (0.5.19) opens its events here: None, as
+        the release reads no local count there."""
+        if key in self.local:
+            return self.local.pop(key)
+        self.pacer.events(f"{'writing' if key == 'write' else 'loading'}_check", key)
+        return None
+
     def _hook_decisions(self) -> None:
 
         cache, cc, d, p = self.cache, self.cc, self.d, self.pacer
@@ -198,7 +225,7 @@ class HitQueuePipeline:
                 p.events("writing_check", "write")
                 local = sum(1 for _ in leading_done(cc.ack_write_queue))
             else:
-                local = self.local["write"]
+                local = self._counted("write")
             before = len(cc.ack_write_queue)
             out = (orig_writing() if finish_count is None
                    else orig_writing(finish_count=finish_count))
@@ -211,7 +238,7 @@ class HitQueuePipeline:
                 p.events("loading_check", "load")
                 local = sum(1 for _ in leading_done(cc.ack_load_queue))
             else:
-                local = self.local["load"]
+                local = self._counted("load")
             before = len(cc.ack_load_queue)
             out = orig_loading() if finish_count is None else orig_loading(finish_count=finish_count)
             agreed = before - len(cc.ack_load_queue)
@@ -231,8 +258,13 @@ class HitQueuePipeline:
                 self.local["write"] = sum(1 for _ in leading_done(cc.ack_write_queue))
                 self.local["load"] = sum(1 for _ in leading_done(cc.ack_load_queue))
                 self.local["queues"] = self._queue_sizes()
-                return orig_sync()
+                self.in_sync = True
+                try:
+                    return orig_sync()
+                finally:
+                    self.in_sync = False
             cache._sync_hicache_ready_counts = sync_hicache_ready_counts
+            self._hook_ready_counts()
         # the separate drain (0.5.16; with PP in later releases)
         orig_drain = cache.drain_storage_control_queues
 
