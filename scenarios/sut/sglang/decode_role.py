@@ -7,16 +7,22 @@ unchanged, on a stand-in for the prealloc and transfer queues, in the order SGLa
 event loop calls them (`process_decode_queue`):
 
 1. `check_hicache_events()` (the driver's step does it first, as on any server);
-2. prealloc: match and lock the prefix, `_build_decode_prefix_match` (the storage hit query:
-   `query_storage_hit_length`, a MIN over the attention groups), `_start_hicache_prefetch`;
+2. prealloc: match and lock the prefix (to 0.5.20 `match_prefix_for_req` and a lock receipt;
+   0.5.23+ `match_kv_cache` and a lock handle, `tree_cache.lock`/`unlock`),
+   `_build_decode_prefix_match` (the storage hit query: `query_storage_hit_length`, a MIN over
+   the attention groups), `_start_hicache_prefetch`;
 3. transfer: `_process_hicache_local_restores` (the load-back event checks,
-   `is_load_back_event_done`, which run `loading_check` when this rank's event is done; the
-   L3 prefetch's `check_prefetch_progress`; `init_load_back`; `ready_to_load_host_cache`);
+   `is_load_back_event_done`: to 0.5.20 it runs `loading_check` when this rank's event is done,
+   0.5.23 only queries the event; the L3 prefetch's `check_prefetch_progress`;
+   `init_load_back`; `ready_to_load_host_cache`);
 4. the KV poll: each request's poll gated on its restore (`HiCacheRestoreGatedKVReceiver`),
    MIN-reduced over the attention TP then CP groups as `poll_and_all_reduce*` does; the
    prefill's KV is taken to have arrived at once (only the HiCache restore is modelled).
    A request whose agreed poll is Success and whose restore is READY runs (the driver's
-   `_run`: match, fill, verify every page, insert); one whose restore FAILED is aborted.
+   `_run`: match, fill, verify every page, insert); one whose restore FAILED, or whose agreed
+   poll is Failed (0.5.23+: a FAILED restore polls Failed), is aborted. The restore status is
+   rank-local (each rank's own copy event): `decode_poll` logs it as a local value and what
+   the rank does with the agreed poll (wait, commit, abort) as its outcome.
 
 The Schedule decides how far the load-back copies got before step 3 (a choice point,
 "load_back_event"), through the same GatedDevice events as `loading_check`.
