@@ -7,16 +7,22 @@ unchanged, on a stand-in for the prealloc and transfer queues, in the order SGLa
 event loop calls them (`process_decode_queue`):
 
 1. `check_hicache_events()` (the driver's step does it first, as on any server);
-2. prealloc: match and lock the prefix, `_build_decode_prefix_match` (the storage hit query:
-   `query_storage_hit_length`, a MIN over the attention groups), `_start_hicache_prefetch`;
+2. prealloc: match and lock the prefix (to 0.5.20 `match_prefix_for_req` and a lock receipt;
+   0.5.23+ `match_kv_cache` and a lock handle, `tree_cache.lock`/`unlock`),
+   `_build_decode_prefix_match` (the storage hit query: `query_storage_hit_length`, a MIN over
+   the attention groups), `_start_hicache_prefetch`;
 3. transfer: `_process_hicache_local_restores` (the load-back event checks,
-   `is_load_back_event_done`, which run `loading_check` when this rank's event is done; the
-   L3 prefetch's `check_prefetch_progress`; `init_load_back`; `ready_to_load_host_cache`);
+   `is_load_back_event_done`: to 0.5.20 it runs `loading_check` when this rank's event is done,
+   0.5.23 only queries the event; the L3 prefetch's `check_prefetch_progress`;
+   `init_load_back`; `ready_to_load_host_cache`);
 4. the KV poll: each request's poll gated on its restore (`HiCacheRestoreGatedKVReceiver`),
    MIN-reduced over the attention TP then CP groups as `poll_and_all_reduce*` does; the
    prefill's KV is taken to have arrived at once (only the HiCache restore is modelled).
    A request whose agreed poll is Success and whose restore is READY runs (the driver's
-   `_run`: match, fill, verify every page, insert); one whose restore FAILED is aborted.
+   `_run`: match, fill, verify every page, insert); one whose restore FAILED, or whose agreed
+   poll is Failed (0.5.23+: a FAILED restore polls Failed), is aborted. The restore status is
+   rank-local (each rank's own copy event): `decode_poll` logs it as a local value and what
+   the rank does with the agreed poll (wait, commit, abort) as its outcome.
 
 The Schedule decides how far the load-back copies got before step 3 (a choice point,
 "load_back_event"), through the same GatedDevice events as `loading_check`.
@@ -46,6 +52,18 @@ class _Received:
         return self.success
 
 
+def _match_kv_cache(mixin: Any, cache: Any) -> Any:
+    """0.5.23+: the prealloc matches with `mem_cache.common.match_kv_cache` and holds the
+    prefix through a lock handle (`tree_cache.lock` -> TreeLock, `unlock(handle)`); the
+    restore's lock is `hicache_restore_lock`. None where the mixin predates it."""
+    if hasattr(mixin, "match_prefix_for_req") or not hasattr(cache, "unlock"):
+        return None
+    import importlib
+
+    common = importlib.import_module("sglang.srt.mem_cache.common")
+    return getattr(common, "match_kv_cache", None)
+
+
 def _load_mixin(version: str) -> Any:
     import importlib
 
@@ -65,11 +83,11 @@ class DecodeRole:
         self.d = driver
         self.cache = driver.cache
         self.m = m = _load_mixin(driver.st["version"])
-        if not hasattr(m, "match_prefix_for_req"):  # 0.5.23: lock handles, match_kv_cache
-            raise MissingSeam(f"sglang {driver.st['version']}'s decode_hicache_mixin matches and "
-                              "locks through the tree cache's lock handles (no "
-                              "match_prefix_for_req): its decode side is not mapped onto "
-                              "cpcheck's seams yet (driven: 0.5.13 .. 0.5.20)")
+        self.match_kv_cache = _match_kv_cache(m, self.cache)
+        if self.match_kv_cache is None and not hasattr(m, "match_prefix_for_req"):
+            raise MissingSeam(f"sglang {driver.st['version']}'s decode_hicache_mixin matches "
+                              "neither through match_prefix_for_req nor through match_kv_cache "
+                              "and the tree cache's lock handles")
         from sglang.srt.disaggregation.base import KVPoll
 
         self.KVPoll = KVPoll
@@ -122,18 +140,29 @@ class DecodeRole:
         agreed = self._poll_min(polls)
         failed = self.m.HiCacheRestoreResult.FAILED
         pending = self.m.HiCacheRestoreResult.PENDING
+        codes = list(self.m.HiCacheRestoreResult)
         for dr, local, got in zip(list(queue), polls, agreed, strict=True):
             status = dr.hicache_restore_status
-            self.d._decide("decode_poll", dr.req.rid, (local,), (got,),
-                           f"poll {self._poll_name(got)}, restore {status.value}")
-            if status == failed:  # SGLang: `poll == Failed or restore FAILED` aborts
+            # SGLang: `poll == Failed or restore FAILED` aborts (0.5.23+: the gated poll
+            # reports a FAILED restore as Failed, so the MIN makes every rank abort it)
+            if status == failed or got == int(self.KVPoll.Failed):
+                action = "abort"
+            elif got == int(self.KVPoll.Success) and status != pending:
+                action = "commit"
+            else:
+                action = "wait"
+            # the restore status is rank-local (each rank's own load-back event), so it is a
+            # local value; the outcome is what this rank does with the agreed poll
+            self.d._decide("decode_poll", dr.req.rid, (local, codes.index(status)), (got,),
+                           f"poll {self._poll_name(got)}: {action}")
+            if action == "abort":
                 self.q._clean_hicache_prefetch_resources(dr)
                 self._release_prefix_lock(dr)
                 queue.remove(dr)
                 self.d.outcomes.append({"rid": dr.req.rid, "status": "restore_failed",
                                         "device_hit": 0, "host_hit": 0, "computed": 0,
                                         "bad_pages": []})
-            elif got == int(self.KVPoll.Success) and status != pending:
+            elif action == "commit":
                 queue.remove(dr)
                 self._commit(dr)
 
@@ -142,7 +171,10 @@ class DecodeRole:
         cache = self.cache
         self.d._current_rid = req.rid
         result = self._match(req)
-        req.lock_receipt = adapters.lock(cache, result.last_device_node)
+        if self.match_kv_cache is not None:
+            req.lock = cache.lock(result.last_device_node)
+        else:
+            req.lock_receipt = adapters.lock(cache, result.last_device_node)
         pm = self.q._build_decode_prefix_match(req, result)
         self.d._decide("decode_prefix", req.rid, (), (pm.l1_prefix_len, pm.l2_host_hit_length,
                                                      pm.l3_storage_hit_length),
@@ -151,6 +183,7 @@ class DecodeRole:
         dr = SimpleNamespace(req=req, kv_receiver=_Received(self.KVPoll.Success),
                              prefix_match=pm, hicache_restored_kv_indices=None,
                              hicache_restored_node=None, hicache_restore_lock_receipt=None,
+                             hicache_restore_lock=None,
                              hicache_load_consumer_index=-1,
                              hicache_restore_status=self.m.HiCacheRestoreResult.PENDING)
         self.q._start_hicache_prefetch(req, pm)
@@ -159,7 +192,10 @@ class DecodeRole:
         self.q.transfer_queue.queue.append(dr)
 
     def _match(self, req: Any) -> Any:
-        """The release's `match_prefix_for_req` (imported by the mixin) on the request."""
+        """The release's prealloc match on the request: `match_kv_cache` (0.5.23+, no SWA
+        tail: no max_prefix_len; no Mamba: cow_mamba False) or `match_prefix_for_req`."""
+        if self.match_kv_cache is not None:
+            return self.match_kv_cache(req, self.cache, req.origin_input_ids, cow_mamba=False)
         return adapters.call_filtered(self.m.match_prefix_for_req, tree_cache=self.cache, req=req,
                                       token_ids=req.origin_input_ids, cow_mamba=False,
                                       include_req=True)
@@ -169,6 +205,9 @@ class DecodeRole:
         restored lock to the request) and run the request as the driver runs any: the restored
         prefix must now match on device, with the KV the prefill side computed."""
         cache = self.cache
+        if self.match_kv_cache is not None:  # SGLang hands this lock to the request
+            cache.unlock(dr.hicache_restore_lock)
+            dr.hicache_restore_lock = None
         if dr.hicache_restored_node is not None:
             adapters.unlock(cache, dr.hicache_restored_node,
                             getattr(dr, "hicache_restore_lock_receipt", None))
@@ -179,6 +218,10 @@ class DecodeRole:
 
     def _release_prefix_lock(self, dr: Any) -> None:
         pm = dr.prefix_match
+        if self.match_kv_cache is not None:
+            self.cache.unlock(dr.req.lock)
+            dr.req.lock = None
+            return
         if pm is not None and getattr(dr.req, "lock_receipt", "") != "":
             adapters.unlock(self.cache, pm.last_device_node, dr.req.lock_receipt)
             dr.req.lock_receipt = ""
@@ -201,7 +244,8 @@ class DecodeRole:
     def _req(self, rid: str, tokens: list[int]) -> Any:
         handle = adapters._rid_arg(self.cache.check_prefetch_progress, rid)
         return adapters.RequestStandIn(
-            rid=rid, origin_input_ids=adapters.token_seq(tokens), output_ids=[],
+            rid=rid, origin_input_ids=adapters.token_seq(tokens), output_ids=[], prefix_len=0,
+            lock=None,
             extra_key=None, cache_salt=None, cache_request_handle=handle, last_node=None,
             last_host_node=None, best_match_node=None, prefix_indices=None, host_hit_length=0,
             swa_host_hit_length=0, mamba_host_hit_length=0, lock_receipt="",
