@@ -10,6 +10,7 @@ the pages of batches its decisions saw, so its replay releases them at the same 
 
 from __future__ import annotations
 
+import threading
 import time
 
 from reference.api import CacheConfig, ParallelGroups, RankInfo, clear_namespace, open_rank
@@ -63,11 +64,27 @@ def test_an_aborted_prefetch_gives_its_pages_back_when_its_gate_opens() -> None:
         clear_namespace(backend.namespace)
 
 
+class _IoAfterTheAbort(RecordingPacer):
+    """Free-running, but the prefetch IO starts only once the test has aborted the request: on
+    a loaded box the IO could otherwise finish first, and the abort would release the filled
+    pages itself (another case than the one under test)."""
+
+    def __init__(self) -> None:
+        super().__init__(rank=0)
+        self.go = threading.Event()
+
+    def before(self, stream: str, seq: int) -> None:
+        if stream == "prefetch_io":
+            self.go.wait(DEADLINE_S)
+        super().before(stream, seq)
+
+
 def test_a_recording_counts_only_the_released_pages_its_decisions_saw() -> None:
     """Free-running, the IO thread gives the pages back at once; the drain does not count them
     until a decision saw that batch finish (the replay's gate opens no earlier)."""
-    pacer = RecordingPacer(rank=0)
+    pacer = _IoAfterTheAbort()
     sched, backend, seen = _aborted(pacer)
+    pacer.go.set()
     cc = sched.cache.cache_controller
     try:
         deadline = time.monotonic() + DEADLINE_S

@@ -190,6 +190,35 @@ def test_sigterm_ends_the_time_limit_early_and_keeps_the_entries(tmp_path: Path)
         runner.communicate()
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_stop_inside_popen_still_stops_the_started_tool_and_keeps_the_entries(
+        tmp_path: Path) -> None:
+    """A SIGTERM whose handler runs inside Popen, after `cosmic-ray exec` started (seen on a
+    loaded CI box: `_raise_stopped` raised from `_execute_child`): the run stops the tool by
+    its recorded group and still returns what was judged."""
+    code = ("import os, time; from scenarios.campaigns import mutation as m\n"
+            "real = m._spawn\n"
+            "def spawn(cmd, *a, **k):\n"
+            "    p = real(cmd, *a, **k)\n"
+            "    if 'exec' in cmd:\n"
+            "        while not (os.path.exists(os.environ['FAKE_PIDS']) and\n"
+            "                   len(open(os.environ['FAKE_PIDS']).read().split()) == 2):\n"
+            "            time.sleep(0.05)\n"
+            "        time.sleep(1.0)  # the test has seen the tool and its child alive\n"
+            "        raise m.Stopped('SIGTERM')\n"
+            "    return p\n"
+            "m._spawn = spawn\n"
+            "print('entries', len(m.run_target('hashing', 300)))")
+    runner, pids, trees = _fake_run(tmp_path, "exec", code)
+    try:
+        out, _ = runner.communicate(timeout=60)
+        assert runner.returncode == 0 and "entries 0" in out
+        _nothing_left(pids, trees)
+    finally:
+        runner.kill()
+        runner.communicate()
+
+
 def _session(path: Path, specs: list[tuple]) -> None:
     """The two tables of cosmic-ray's session database the run writes to (its schema)."""
     import sqlite3

@@ -399,13 +399,17 @@ def run_target(target: str, seconds: float, diff_release: str | None = None,
                 _skip_outside(root / "session.sqlite", TARGET_FUNCTIONS[target])
             if judged:
                 _skip_judged(root / "session.sqlite", judged)
-            proc = _spawn([_cr("cosmic-ray"), "exec", "cr.toml", "session.sqlite"], root, env,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            try:
+            proc = None
+            try:  # a stop may land inside Popen itself, after the tool started
+                proc = _spawn([_cr("cosmic-ray"), "exec", "cr.toml", "session.sqlite"], root,
+                              env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 proc.wait(timeout=max(seconds, 1))
             except (subprocess.TimeoutExpired, Stopped):
-                _stop_group(proc.pid)
-                proc.wait()
+                if proc is not None:
+                    _stop_group(proc.pid)
+                    proc.wait()
+                else:  # the tool recorded its group before it ran (_spawn)
+                    _stop_recorded(root)
             dump = _tool([_cr("cosmic-ray"), "dump", "session.sqlite"], root, env)
         finally:
             _stop_recorded(root)
