@@ -56,6 +56,7 @@ from typing import Any
 from reference.api import AckEffect, DrainEffect, Effect, HitsEffect, ProgressSeen
 from scenarios.core.layout import Layout
 from scenarios.core.records import Decision, RankResult
+from scenarios.core.suts import is_sglang
 
 DEFAULT_PROTOCOL = "sglang-0.5.20"
 #: seconds per prefetch_timeout_tick when free-running (gated runs count pacer ticks);
@@ -107,9 +108,9 @@ def dp_attention_of(s: Any) -> bool:
     return alias[1] if alias is not None else bool(getattr(s, "dp_attention", True))
 
 
-def _is_release_run(s: Any) -> bool:
-    """The Schedule ran on an SGLang release (not on the reference's profile of one)."""
-    return str(getattr(s, "sut", "") or "").startswith("sglang")
+def stage0_rank(lay: Layout, r: int) -> int:
+    """The rank at rank `r`'s attention coordinates on PP stage 0: where a forward starts."""
+    return lay.rank_of(*lay.coords(r)[:2], 0)
 
 
 def version_of(protocol: str) -> tuple[int, ...]:
@@ -134,7 +135,7 @@ def sync_stages(s: Any) -> list[tuple[str, Stage]]:
         if lay.pp > 1 and ver >= (0, 5, 20):
             stages.append(("pp", lay.pp_group))
         elif lay.pp > 1 and ver >= (0, 5, 13):
-            stages.append(("pp_forward", lambda r: (lay.rank_of(*lay.coords(r)[:2], 0),)))
+            stages.append(("pp_forward", lambda r: (stage0_rank(lay, r),)))
     return [(n, f) for n, f in stages if len(f(0)) > 1 or n == "pp_forward"]
 
 
@@ -187,9 +188,8 @@ class Oracle:
         #: 0.5.20+ run by the release under PP: the scheduler's agreements are stage 0's,
         #: forwarded (the reference's `sglang-0.5.20` reduces them over PP instead)
         lay = s.layout_obj
-        self.stage0_of: Callable[[int], int] | None = (
-            (lambda r: lay.rank_of(*lay.coords(r)[:2], 0))
-            if lay.pp > 1 and self.ver >= (0, 5, 20) and _is_release_run(s) else None)
+        self.stage0_forwards = (lay.pp > 1 and self.ver >= (0, 5, 20)
+                                and is_sglang(getattr(s, "sut", None)))
         self.page = s.cache.page_size
         self.policy = s.cache.prefetch_stop_policy
         gated = not any(r.recorded is not None for r in results)
@@ -259,17 +259,17 @@ class Oracle:
                              and self.forward(comp[0])[0] != comp[0]):
             pass  # a later stage's forwarded ack count: check_forwarded_acks judges it
         else:
-            stages = self.stage_stages
-            if self.stage0_of is not None and kind in STAGE0_FORWARDED_KINDS:
-                stages = [(n, f) for n, f in stages if n != "pp"]
+            forwarded = self.stage0_forwards and kind in STAGE0_FORWARDED_KINDS
+            stages = ([(n, f) for n, f in self.stage_stages if n != "pp"] if forwarded
+                      else self.stage_stages)
             want = reduce_over(stages, comp, locals_, op)
-            if stages is not self.stage_stages:  # every stage takes its stage-0 rank's value
-                assert self.stage0_of is not None
-                want = {r: want[self.stage0_of(r)] for r in comp}
+            if forwarded:  # every stage takes its stage-0 rank's value
+                lay = self.s.layout_obj
+                want = {r: want[stage0_rank(lay, r)] for r in comp}
             bad = [r for r in comp if tuple(agreed[r]) != want[r]]
             if bad:
                 groups = [list(f(bad[0])) for _n, f in stages]
-                fwd = ", on PP stage 0, forwarded" if stages is not self.stage_stages else ""
+                fwd = ", on PP stage 0, forwarded" if forwarded else ""
                 self.fail("reduce", f"{where} on ranks {bad}: locals {locals_} reduced with "
                           f"{op.upper()} over {groups}{fwd} ({self.protocol}) expects "
                           f"{list(want[bad[0]])}, actual {agreed[bad[0]]}")

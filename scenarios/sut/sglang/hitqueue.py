@@ -48,6 +48,9 @@ from scenarios.sut.sglang.seams import GateTimeout, count_puts, leading_done, re
 QUEUE_OF = {"n_revoke": "prefetch_revoke_queue", "n_storage_hit": "prefetch_hit_queue",
             "n_ack_prefetch": "ack_prefetch_queue", "n_backup": "ack_backup_queue",
             "n_release": "host_mem_release_queue"}
+#: each ack kind: the decision point whose Schedule choice opens its copy events, its queue
+ACK_POINT = {"write": ("writing_check", "ack_write_queue"),
+             "load": ("loading_check", "ack_load_queue")}
 
 
 def uses_hit_queue(cc: Any) -> bool:
@@ -190,7 +193,7 @@ class HitQueuePipeline:
         """0.5.19 under PP counts stage 0's ready acks itself (`_count_ready_acks`, outside
         `_sync_hicache_ready_counts`) before one MIN and `writing_check(finish_count=...)`:
         the Schedule's events open, and the local count is taken, where the release counts."""
-        cache, cc, p = self.cache, self.cc, self.pacer
+        cache, cc = self.cache, self.cc
         orig_count = getattr(cache, "_count_ready_acks", None)
         if orig_count is None:
             return
@@ -198,10 +201,16 @@ class HitQueuePipeline:
         def count_ready_acks(queue: Any) -> Any:
             if not self.in_sync:
                 key = "write" if queue is cc.ack_write_queue else "load"
-                p.events(f"{'writing' if key == 'write' else 'loading'}_check", key)
-                self.local[key] = sum(1 for _ in leading_done(queue))
+                self.local[key] = self._paced_count(key)
             return orig_count(queue)
         cache._count_ready_acks = count_ready_acks
+
+    def _paced_count(self, key: str) -> int:
+        """Open the Schedule's copy events of ack kind `key` ("write" / "load") at its decision
+        point, then count the acks at the head of its queue whose events fired."""
+        point, queue = ACK_POINT[key]
+        self.pacer.events(point, key)
+        return sum(1 for _ in leading_done(getattr(self.cc, queue)))
 
     def _counted(self, key: str) -> Any:
         """The ack count this step read for `key` ("write" / "load"), once. A later PP stage
@@ -209,7 +218,7 @@ class HitQueuePipeline:
         the release reads no local count there."""
         if key in self.local:
             return self.local.pop(key)
-        self.pacer.events(f"{'writing' if key == 'write' else 'loading'}_check", key)
+        self.pacer.events(ACK_POINT[key][0], key)
         return None
 
     def _hook_decisions(self) -> None:
@@ -221,11 +230,8 @@ class HitQueuePipeline:
         def writing_check(write_back: bool = False, finish_count: int | None = None) -> Any:
             if write_back:
                 return orig_writing(write_back=True)
-            if finish_count is None:
-                p.events("writing_check", "write")
-                local = sum(1 for _ in leading_done(cc.ack_write_queue))
-            else:
-                local = self._counted("write")
+            local = (self._paced_count("write") if finish_count is None
+                     else self._counted("write"))
             before = len(cc.ack_write_queue)
             out = (orig_writing() if finish_count is None
                    else orig_writing(finish_count=finish_count))
@@ -234,11 +240,8 @@ class HitQueuePipeline:
             return out
 
         def loading_check(finish_count: int | None = None) -> Any:
-            if finish_count is None:
-                p.events("loading_check", "load")
-                local = sum(1 for _ in leading_done(cc.ack_load_queue))
-            else:
-                local = self._counted("load")
+            local = (self._paced_count("load") if finish_count is None
+                     else self._counted("load"))
             before = len(cc.ack_load_queue)
             out = orig_loading() if finish_count is None else orig_loading(finish_count=finish_count)
             agreed = before - len(cc.ack_load_queue)
